@@ -1,0 +1,130 @@
+//! `MeshPolicy`: NetworkPolicy-style ingress rules for the pods it selects, each rule optionally
+//! requiring an authenticated peer.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Ingress rules for the pods that `selector` picks in the policy's namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "meshauth.io",
+    version = "v1alpha1",
+    kind = "MeshPolicy",
+    plural = "meshpolicies",
+    singular = "meshpolicy",
+    shortname = "mp",
+    namespaced,
+    status = "MeshPolicyStatus",
+    derive = "PartialEq",
+    doc = "Ingress rules, optionally requiring authenticated peers, for the pods a selector picks.",
+    printcolumn(name = "Selector", type_ = "string", json_path = ".spec.selector.matchLabels", description = "labels of the selected pods"),
+    printcolumn(name = "Selected", type_ = "integer", json_path = ".status.selectedPods", description = "pods selected"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPolicySpec {
+    /// Pods of this namespace the policy applies to. Required; `{}` selects every pod.
+    pub selector: LabelSelector,
+    /// Allowed ingress. A selected pod accepts only traffic some rule matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<IngressRule>,
+}
+
+/// One ingress rule: which sources, which ports, and whether they must authenticate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressRule {
+    /// Sources this rule admits. Omitted or empty: any source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<PeerSelector>,
+    /// Destination ports this rule admits. Omitted or empty: every port and protocol.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRule>,
+    /// Whether traffic this rule admits must come from an authenticated peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<Authentication>,
+}
+
+/// A set of source pods (by labels, in this or selected namespaces) or one exact SPIFFE ID.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "has(self.identity) != (has(self.podSelector) || has(self.namespaceSelector))"
+).message("a from entry has either podSelector/namespaceSelector or identity, not both and not neither"))]
+pub struct PeerSelector {
+    /// Source pods by labels; in the policy's namespace unless `namespaceSelector` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// Namespaces whose pods are sources (combined with `podSelector` when both are set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// One exact source SPIFFE ID, e.g. `spiffe://cluster.local/ns/shop/sa/order`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('spiffe://')").message("identity must be a SPIFFE ID starting with spiffe://"))]
+    #[schemars(length(max = 2048))]
+    pub identity: Option<String>,
+}
+
+/// A destination port or port range.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.endPort) || self.endPort >= self.port").message("endPort must be greater than or equal to port"))]
+pub struct PortRule {
+    /// The destination port (1–65535), or the first of a range when `endPort` is set.
+    #[schemars(range(min = 1, max = 65535))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("port must be between 1 and 65535"))]
+    pub port: i32,
+    /// The last port of the range, inclusive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub end_port: Option<i32>,
+    /// `TCP` (default) or `UDP`.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// A transport protocol a port rule applies to.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+/// Whether the sources of a rule must authenticate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Authentication {
+    /// `Required` or `Disabled` (default).
+    #[serde(default)]
+    pub mode: AuthenticationMode,
+}
+
+/// A rule's authentication requirement.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuthenticationMode {
+    Required,
+    #[default]
+    Disabled,
+}
+
+/// What the operator observed of a `MeshPolicy`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPolicyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// How many pods the selector picks right now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected_pods: Option<i32>,
+    /// `Accepted` and `Ready`.
+    #[serde(default)]
+    #[schemars(schema_with = "crate::conditions::conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
