@@ -6,5 +6,8 @@
 //! Every other crate (datapath, agent, operator, webhook, CLI) uses this one; none keeps a copy
 //! of these rules. It must not do I/O: no API server, no files, no maps.
 
+pub mod compile;
+pub mod manifests;
+pub mod model;
 pub mod tables;
 pub mod validate;

@@ -1,7 +1,38 @@
 //! Spec validation beyond what the CRD schema and CEL rules can say.
-//! (Being written: see the webhook work.)
+//!
+//! This module is the single place the rules of a `MeshPolicy` or `MutualAuth` spec live: the
+//! admission webhook denies what [`validate_mesh_policy`] and [`validate_mutual_auth`] report and
+//! passes on what [`mesh_policy_warnings`] and [`mutual_auth_warnings`] report as warnings; the
+//! policy model and the operator call the same functions, so no other crate keeps a copy.
+//!
+//! Errors are what can never be right: malformed label selectors (keys, values and operators per
+//! Kubernetes' rules), SPIFFE IDs that break the SPIFFE ID specification or lie outside the mesh's
+//! trust domain, ports outside 1–65535, ranges that end before they start, `from` entries with
+//! both selectors and an identity, and duplicate or contradictory entries and rules. Warnings are
+//! legal but suspicious: selectors no pod can ever satisfy, identities no mesh workload can
+//! have, ports that another entry of the same rule already covers.
 
-use meshauth_crds::{MeshPolicySpec, MutualAuthSpec, TrustDomain};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use meshauth_crds::{
+    AuthenticationMode, IngressRule, MeshPolicySpec, MutualAuthSpec, PeerSelector, PortRule,
+    Protocol, SpiffeId, TrustDomain,
+};
+
+/// The longest label name (the part after an optional prefix) and label value.
+pub const MAX_LABEL_NAME_LEN: usize = 63;
+/// The longest label value.
+pub const MAX_LABEL_VALUE_LEN: usize = 63;
+/// The longest DNS subdomain (label key prefixes, service account names).
+pub const MAX_DNS_SUBDOMAIN_LEN: usize = 253;
+/// The longest DNS label (namespace names).
+pub const MAX_DNS_LABEL_LEN: usize = 63;
+/// The lowest valid port.
+pub const MIN_PORT: i32 = 1;
+/// The highest valid port.
+pub const MAX_PORT: i32 = 65535;
 
 /// One problem in a spec: the field path (e.g. `spec.ingress[0].from[1].identity`) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,12 +41,900 @@ pub struct FieldError {
     pub reason: String,
 }
 
-/// Every problem of a MeshPolicy spec.
-pub fn validate_mesh_policy(_spec: &MeshPolicySpec, _trust_domain: &TrustDomain) -> Vec<FieldError> {
-    Vec::new()
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: reason.into() }
+    }
 }
 
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MeshPolicy
+
+/// Every problem of a MeshPolicy spec.
+pub fn validate_mesh_policy(spec: &MeshPolicySpec, trust_domain: &TrustDomain) -> Vec<FieldError> {
+    let mut errors = validate_label_selector(&spec.selector, "spec.selector");
+    for (ri, rule) in spec.ingress.iter().enumerate() {
+        let field = format!("spec.ingress[{ri}]");
+        validate_rule(rule, &field, trust_domain, &mut errors);
+    }
+    validate_rules_distinct(&spec.ingress, &mut errors);
+    errors
+}
+
+fn validate_rule(rule: &IngressRule, field: &str, trust_domain: &TrustDomain, errors: &mut Vec<FieldError>) {
+    let mut seen_peers: Vec<(PeerKey, usize)> = Vec::new();
+    for (fi, peer) in rule.from.iter().enumerate() {
+        let peer_field = format!("{field}.from[{fi}]");
+        let before = errors.len();
+        validate_peer(peer, &peer_field, trust_domain, errors);
+        if errors.len() > before {
+            continue;
+        }
+        let key = PeerKey::of(peer);
+        if let Some((_, first)) = seen_peers.iter().find(|(k, _)| *k == key) {
+            errors.push(FieldError::new(peer_field, format!("duplicates {field}.from[{first}]")));
+        } else {
+            seen_peers.push((key, fi));
+        }
+    }
+    let mut seen_ports: Vec<(PortKey, usize)> = Vec::new();
+    for (pi, port) in rule.ports.iter().enumerate() {
+        let port_field = format!("{field}.ports[{pi}]");
+        let before = errors.len();
+        validate_port(port, &port_field, errors);
+        if errors.len() > before {
+            continue;
+        }
+        let key = PortKey::of(port);
+        if let Some((_, first)) = seen_ports.iter().find(|(k, _)| *k == key) {
+            errors.push(FieldError::new(port_field, format!("duplicates {field}.ports[{first}]")));
+        } else {
+            seen_ports.push((key, pi));
+        }
+    }
+}
+
+/// Problems of one `from` entry.
+pub fn validate_peer(peer: &PeerSelector, field: &str, trust_domain: &TrustDomain, errors: &mut Vec<FieldError>) {
+    let has_selector = peer.pod_selector.is_some() || peer.namespace_selector.is_some();
+    match (&peer.identity, has_selector) {
+        (Some(_), true) => errors.push(FieldError::new(
+            field,
+            "has both an identity and a podSelector/namespaceSelector; a from entry names either \
+             pods by labels or one SPIFFE ID, so put them in separate from entries",
+        )),
+        (None, false) => errors.push(FieldError::new(
+            field,
+            "names no podSelector, namespaceSelector or identity; omit the whole from list to \
+             admit any source",
+        )),
+        _ => {}
+    }
+    if let Some(selector) = &peer.pod_selector {
+        errors.extend(validate_label_selector(selector, &format!("{field}.podSelector")));
+    }
+    if let Some(selector) = &peer.namespace_selector {
+        errors.extend(validate_label_selector(selector, &format!("{field}.namespaceSelector")));
+    }
+    if let Some(identity) = &peer.identity {
+        if let Err(reason) = validate_identity(identity, trust_domain) {
+            errors.push(FieldError::new(format!("{field}.identity"), reason));
+        }
+    }
+}
+
+/// Checks a source identity: a valid SPIFFE ID in the mesh's trust domain.
+pub fn validate_identity(identity: &str, trust_domain: &TrustDomain) -> Result<SpiffeId, String> {
+    let id = SpiffeId::parse(identity)
+        .map_err(|e| format!("{:?} is not a valid SPIFFE ID: it {e}", truncate(identity, 80)))?;
+    if id.trust_domain() != trust_domain.as_str() {
+        return Err(format!(
+            "{:?} is in trust domain {:?}, not in the mesh's trust domain {:?}",
+            truncate(identity, 80),
+            id.trust_domain(),
+            trust_domain.as_str()
+        ));
+    }
+    Ok(id)
+}
+
+/// Problems of one port entry.
+pub fn validate_port(port: &PortRule, field: &str, errors: &mut Vec<FieldError>) {
+    if !(MIN_PORT..=MAX_PORT).contains(&port.port) {
+        errors.push(FieldError::new(
+            format!("{field}.port"),
+            format!("must be between {MIN_PORT} and {MAX_PORT}, not {}", port.port),
+        ));
+    }
+    if let Some(end) = port.end_port {
+        if !(MIN_PORT..=MAX_PORT).contains(&end) {
+            errors.push(FieldError::new(
+                format!("{field}.endPort"),
+                format!("must be between {MIN_PORT} and {MAX_PORT}, not {end}"),
+            ));
+        } else if end < port.port {
+            errors.push(FieldError::new(
+                format!("{field}.endPort"),
+                format!("must be greater than or equal to port ({}), not {end}", port.port),
+            ));
+        }
+    }
+}
+
+/// Two rules with the same sources and ports are duplicates (same authentication) or
+/// contradict each other (different authentication).
+fn validate_rules_distinct(rules: &[IngressRule], errors: &mut Vec<FieldError>) {
+    let mut seen: Vec<(RuleKey, AuthenticationMode, usize)> = Vec::new();
+    for (ri, rule) in rules.iter().enumerate() {
+        let key = RuleKey::of(rule);
+        let mode = rule_mode(rule);
+        match seen.iter().find(|(k, _, _)| *k == key) {
+            Some((_, first_mode, first)) if *first_mode == mode => errors.push(FieldError::new(
+                format!("spec.ingress[{ri}]"),
+                format!("duplicates spec.ingress[{first}]: same sources and ports"),
+            )),
+            Some((_, first_mode, first)) => errors.push(FieldError::new(
+                format!("spec.ingress[{ri}]"),
+                format!(
+                    "contradicts spec.ingress[{first}]: same sources and ports, but authentication \
+                     {} here and {} there; keep one rule",
+                    mode_name(mode),
+                    mode_name(*first_mode)
+                ),
+            )),
+            None => seen.push((key, mode, ri)),
+        }
+    }
+}
+
+/// Legal but suspicious parts of a MeshPolicy spec: selectors no pod can satisfy, identities no
+/// mesh workload can have, ports another entry of the same rule already covers. Only parts that
+/// [`validate_mesh_policy`] finds valid are looked at.
+pub fn mesh_policy_warnings(spec: &MeshPolicySpec, trust_domain: &TrustDomain) -> Vec<FieldError> {
+    let mut warnings = Vec::new();
+    if validate_label_selector(&spec.selector, "spec.selector").is_empty() {
+        if let Some(why) = selector_contradiction(&spec.selector) {
+            warnings.push(FieldError::new("spec.selector", format!("can never select a pod: {why}")));
+        }
+    }
+    for (ri, rule) in spec.ingress.iter().enumerate() {
+        for (fi, peer) in rule.from.iter().enumerate() {
+            let field = format!("spec.ingress[{ri}].from[{fi}]");
+            let mut errors = Vec::new();
+            validate_peer(peer, &field, trust_domain, &mut errors);
+            if !errors.is_empty() {
+                continue;
+            }
+            for (name, selector) in [("podSelector", &peer.pod_selector), ("namespaceSelector", &peer.namespace_selector)] {
+                if let Some(why) = selector.as_ref().and_then(selector_contradiction) {
+                    warnings.push(FieldError::new(format!("{field}.{name}"), format!("can never match: {why}")));
+                }
+            }
+            if let Some(identity) = &peer.identity {
+                if let Some(why) = identity_never_matches(identity, trust_domain) {
+                    warnings.push(FieldError::new(format!("{field}.identity"), format!("can never match: {why}")));
+                }
+            }
+        }
+        let valid: Vec<(usize, &PortRule)> = rule
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(pi, p)| {
+                let mut errors = Vec::new();
+                validate_port(p, &format!("spec.ingress[{ri}].ports[{pi}]"), &mut errors);
+                errors.is_empty()
+            })
+            .collect();
+        for &(pi, port) in &valid {
+            let (start, end) = (port.port, port.end_port.unwrap_or(port.port));
+            let covering = valid.iter().find(|&&(other, p)| {
+                let (s, e) = (p.port, p.end_port.unwrap_or(p.port));
+                let same = PortKey::of(p) == PortKey::of(port);
+                other != pi && p.protocol == port.protocol && s <= start && end <= e && !same
+            });
+            if let Some((other, _)) = covering {
+                warnings.push(FieldError::new(
+                    format!("spec.ingress[{ri}].ports[{pi}]"),
+                    format!("is already covered by spec.ingress[{ri}].ports[{other}]"),
+                ));
+            }
+        }
+    }
+    warnings
+}
+
+/// Why a valid identity in the mesh's trust domain can never be a mesh workload's, if so.
+fn identity_never_matches(identity: &str, trust_domain: &TrustDomain) -> Option<String> {
+    let id = SpiffeId::parse(identity).ok()?;
+    if id.trust_domain() != trust_domain.as_str() {
+        return None;
+    }
+    let shape = format!("mesh workloads have identities spiffe://{trust_domain}/ns/<namespace>/sa/<service account>");
+    let Some((namespace, service_account)) = id.service_account() else {
+        return Some(shape);
+    };
+    if let Err(why) = check_dns_label(namespace) {
+        return Some(format!("{namespace:?} is not a valid namespace name: it {why}"));
+    }
+    if let Err(why) = check_dns_subdomain(service_account) {
+        return Some(format!("{service_account:?} is not a valid service account name: it {why}"));
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// MutualAuth
+
 /// Every problem of a MutualAuth spec.
-pub fn validate_mutual_auth(_spec: &MutualAuthSpec) -> Vec<FieldError> {
-    Vec::new()
+pub fn validate_mutual_auth(spec: &MutualAuthSpec) -> Vec<FieldError> {
+    spec.selector
+        .as_ref()
+        .map(|s| validate_label_selector(s, "spec.selector"))
+        .unwrap_or_default()
+}
+
+/// Legal but suspicious parts of a MutualAuth spec: an empty selector (it makes the MutualAuth
+/// namespace-wide, like an omitted one) and a selector no pod can satisfy.
+pub fn mutual_auth_warnings(spec: &MutualAuthSpec) -> Vec<FieldError> {
+    let Some(selector) = &spec.selector else {
+        return Vec::new();
+    };
+    if !validate_label_selector(selector, "spec.selector").is_empty() {
+        return Vec::new();
+    }
+    if SelectorKey::of(selector).is_empty() {
+        return vec![FieldError::new(
+            "spec.selector",
+            "is empty, which selects every pod of the namespace: this MutualAuth is namespace-wide, \
+             as if the selector were omitted",
+        )];
+    }
+    selector_contradiction(selector)
+        .map(|why| FieldError::new("spec.selector", format!("can never select a pod: {why}")))
+        .into_iter()
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Label selectors
+
+/// Every problem of a label selector per Kubernetes' rules: keys are qualified names (an optional
+/// DNS-subdomain prefix and `/`, then a name of at most 63 characters), values are at most 63
+/// characters, `In`/`NotIn` need values, `Exists`/`DoesNotExist` take none, no other operator.
+/// `field` is the selector's path, e.g. `spec.selector`.
+pub fn validate_label_selector(selector: &LabelSelector, field: &str) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    for (key, value) in selector.match_labels.iter().flatten() {
+        if let Err(why) = check_label_key(key) {
+            errors.push(FieldError::new(
+                format!("{field}.matchLabels"),
+                format!("key {:?} is not a valid label key: it {why}", truncate(key, 80)),
+            ));
+        }
+        if let Err(why) = check_label_value(value) {
+            errors.push(FieldError::new(
+                format!("{field}.matchLabels[{:?}]", truncate(key, 80)),
+                format!("{:?} is not a valid label value: it {why}", truncate(value, 80)),
+            ));
+        }
+    }
+    for (i, req) in selector.match_expressions.iter().flatten().enumerate() {
+        let req_field = format!("{field}.matchExpressions[{i}]");
+        if let Err(why) = check_label_key(&req.key) {
+            errors.push(FieldError::new(
+                format!("{req_field}.key"),
+                format!("{:?} is not a valid label key: it {why}", truncate(&req.key, 80)),
+            ));
+        }
+        let values = req.values.as_deref().unwrap_or_default();
+        match req.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => errors.push(FieldError::new(
+                format!("{req_field}.values"),
+                format!("must not be empty when operator is {}", req.operator),
+            )),
+            "Exists" | "DoesNotExist" if !values.is_empty() => errors.push(FieldError::new(
+                format!("{req_field}.values"),
+                format!("must be empty when operator is {}", req.operator),
+            )),
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => errors.push(FieldError::new(
+                format!("{req_field}.operator"),
+                format!(
+                    "{:?} is not a label selector operator; use In, NotIn, Exists or DoesNotExist",
+                    truncate(other, 40)
+                ),
+            )),
+        }
+        for (j, value) in values.iter().enumerate() {
+            if let Err(why) = check_label_value(value) {
+                errors.push(FieldError::new(
+                    format!("{req_field}.values[{j}]"),
+                    format!("{:?} is not a valid label value: it {why}", truncate(value, 80)),
+                ));
+            }
+        }
+    }
+    errors
+}
+
+/// Why no set of labels can satisfy a (valid) selector, if none can: a key that must both exist
+/// and not exist, or whose allowed values the other requirements exclude.
+pub fn selector_contradiction(selector: &LabelSelector) -> Option<String> {
+    #[derive(Default)]
+    struct KeyRequirements<'a> {
+        exists: bool,
+        absent: bool,
+        allowed: Option<BTreeSet<&'a str>>,
+        excluded: BTreeSet<&'a str>,
+    }
+    let mut keys: BTreeMap<&str, KeyRequirements<'_>> = BTreeMap::new();
+    fn allow<'a>(r: &mut KeyRequirements<'a>, values: BTreeSet<&'a str>) {
+        r.exists = true;
+        r.allowed = Some(match r.allowed.take() {
+            Some(current) => current.intersection(&values).copied().collect(),
+            None => values,
+        });
+    }
+    for (key, value) in selector.match_labels.iter().flatten() {
+        let r = keys.entry(key.as_str()).or_default();
+        allow(r, BTreeSet::from([value.as_str()]));
+    }
+    for req in selector.match_expressions.iter().flatten() {
+        let values: BTreeSet<&str> = req.values.iter().flatten().map(String::as_str).collect();
+        let r = keys.entry(req.key.as_str()).or_default();
+        match req.operator.as_str() {
+            "In" => allow(r, values),
+            "NotIn" => r.excluded.extend(values),
+            "Exists" => r.exists = true,
+            "DoesNotExist" => r.absent = true,
+            _ => {}
+        }
+    }
+    for (key, r) in keys {
+        if r.exists && r.absent {
+            return Some(format!("label {key:?} must both exist and not exist"));
+        }
+        if let Some(allowed) = &r.allowed {
+            if allowed.iter().all(|v| r.excluded.contains(v)) {
+                return Some(format!("no value of label {key:?} satisfies all of its requirements"));
+            }
+        }
+    }
+    None
+}
+
+/// Whether two selectors select the same pods, whatever the order or form (`matchLabels` or
+/// `In` with one value) their requirements are written in.
+pub fn same_selector(a: &LabelSelector, b: &LabelSelector) -> bool {
+    SelectorKey::of(a) == SelectorKey::of(b)
+}
+
+/// A label key: `[prefix/]name`, the prefix a DNS subdomain, the name a label name.
+pub fn check_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        if prefix.is_empty() {
+            return Err("has an empty prefix before '/'".into());
+        }
+        check_dns_subdomain(prefix).map_err(|why| format!("has a prefix that {why}"))?;
+        if name.contains('/') {
+            return Err("has more than one '/'".into());
+        }
+    }
+    check_label_name(name).map_err(|why| match prefix {
+        Some(_) => format!("has a name part that {why}"),
+        None => why,
+    })
+}
+
+/// A label name (a key without prefix): 1–63 characters, alphanumerics, `-`, `_` and `.`,
+/// beginning and ending with an alphanumeric.
+pub fn check_label_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    check_label_chars(name, MAX_LABEL_NAME_LEN)
+}
+
+/// A label value: empty, or up to 63 characters like a label name.
+pub fn check_label_value(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    check_label_chars(value, MAX_LABEL_VALUE_LEN)
+}
+
+fn check_label_chars(s: &str, max: usize) -> Result<(), String> {
+    if s.len() > max {
+        return Err(format!("is {} characters long, more than {max}", s.len()));
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("has character {c:?}; only letters, digits, '-', '_' and '.' are allowed"));
+    }
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !alnum(s.chars().next()) || !alnum(s.chars().last()) {
+        return Err("must begin and end with a letter or digit".into());
+    }
+    Ok(())
+}
+
+/// A lower-case RFC 1123 subdomain: dot-separated DNS labels, at most 253 characters.
+pub fn check_dns_subdomain(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("is empty".into());
+    }
+    if s.len() > MAX_DNS_SUBDOMAIN_LEN {
+        return Err(format!("is {} characters long, more than {MAX_DNS_SUBDOMAIN_LEN}", s.len()));
+    }
+    for part in s.split('.') {
+        check_dns_label_chars(part).map_err(|why| format!("is not a lower-case RFC 1123 subdomain: {why}"))?;
+    }
+    Ok(())
+}
+
+/// A lower-case RFC 1123 label (a namespace name): at most 63 characters.
+pub fn check_dns_label(s: &str) -> Result<(), String> {
+    if s.len() > MAX_DNS_LABEL_LEN {
+        return Err(format!("is {} characters long, more than {MAX_DNS_LABEL_LEN}", s.len()));
+    }
+    check_dns_label_chars(s).map_err(|why| format!("is not a lower-case RFC 1123 label: {why}"))
+}
+
+fn check_dns_label_chars(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("a part is empty".into());
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+        return Err(format!("character {c:?} is not a lower-case letter, digit or '-'"));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err("a part begins or ends with '-'".into());
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Canonical forms, for duplicate detection
+
+/// A selector's requirements as a set: `matchLabels` entries become `In` with one value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SelectorKey(BTreeSet<(String, String, BTreeSet<String>)>);
+
+impl SelectorKey {
+    fn of(selector: &LabelSelector) -> Self {
+        let labels = selector
+            .match_labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), "In".to_owned(), BTreeSet::from([v.clone()])));
+        let expressions = selector.match_expressions.iter().flatten().map(|r| {
+            (r.key.clone(), r.operator.clone(), r.values.iter().flatten().cloned().collect())
+        });
+        Self(labels.chain(expressions).collect())
+    }
+
+    fn empty() -> Self {
+        Self(BTreeSet::new())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum PeerKey {
+    Identity(String),
+    /// Pods by labels; `namespaces` `None` means the policy's own namespace.
+    Pods { pods: SelectorKey, namespaces: Option<SelectorKey> },
+}
+
+impl PeerKey {
+    fn of(peer: &PeerSelector) -> Self {
+        match &peer.identity {
+            Some(id) => Self::Identity(id.clone()),
+            None => Self::Pods {
+                pods: peer.pod_selector.as_ref().map(SelectorKey::of).unwrap_or_else(SelectorKey::empty),
+                namespaces: peer.namespace_selector.as_ref().map(SelectorKey::of),
+            },
+        }
+    }
+}
+
+/// A port entry as `(protocol, first, last)`: `port: 80` and `port: 80, endPort: 80` are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct PortKey(Protocol, i32, i32);
+
+impl PortKey {
+    fn of(port: &PortRule) -> Self {
+        Self(port.protocol, port.port, port.end_port.unwrap_or(port.port))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RuleKey {
+    from: BTreeSet<PeerKey>,
+    ports: BTreeSet<PortKey>,
+}
+
+impl RuleKey {
+    fn of(rule: &IngressRule) -> Self {
+        Self {
+            from: rule.from.iter().map(PeerKey::of).collect(),
+            ports: rule.ports.iter().map(PortKey::of).collect(),
+        }
+    }
+}
+
+fn rule_mode(rule: &IngressRule) -> AuthenticationMode {
+    rule.authentication.as_ref().map(|a| a.mode).unwrap_or_default()
+}
+
+fn mode_name(mode: AuthenticationMode) -> &'static str {
+    match mode {
+        AuthenticationMode::Required => "Required",
+        AuthenticationMode::Disabled => "Disabled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use meshauth_crds::{Authentication, MutualAuthMode};
+
+    fn td() -> TrustDomain {
+        TrustDomain::default()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            match_expressions: None,
+        }
+    }
+
+    fn expr(key: &str, operator: &str, values: &[&str]) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: (!values.is_empty()).then(|| values.iter().map(|v| v.to_string()).collect()),
+        }
+    }
+
+    fn exprs(reqs: Vec<LabelSelectorRequirement>) -> LabelSelector {
+        LabelSelector { match_labels: None, match_expressions: Some(reqs) }
+    }
+
+    fn pods(pairs: &[(&str, &str)]) -> PeerSelector {
+        PeerSelector { pod_selector: Some(labels(pairs)), ..Default::default() }
+    }
+
+    fn identity(id: &str) -> PeerSelector {
+        PeerSelector { identity: Some(id.into()), ..Default::default() }
+    }
+
+    fn port(p: i32) -> PortRule {
+        PortRule { port: p, end_port: None, protocol: Protocol::Tcp }
+    }
+
+    fn range(p: i32, end: i32) -> PortRule {
+        PortRule { port: p, end_port: Some(end), protocol: Protocol::Tcp }
+    }
+
+    fn rule(from: Vec<PeerSelector>, ports: Vec<PortRule>) -> IngressRule {
+        IngressRule { from, ports, authentication: None }
+    }
+
+    fn required(mut r: IngressRule) -> IngressRule {
+        r.authentication = Some(Authentication { mode: AuthenticationMode::Required });
+        r
+    }
+
+    fn policy(ingress: Vec<IngressRule>) -> MeshPolicySpec {
+        MeshPolicySpec { selector: labels(&[("app", "payment")]), ingress }
+    }
+
+    fn fields(errors: &[FieldError]) -> Vec<&str> {
+        errors.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    /// Runs `validate_mesh_policy` and checks the errors' fields and that each reason contains
+    /// the expected text.
+    fn assert_errors(name: &str, spec: &MeshPolicySpec, want: &[(&str, &str)]) {
+        let errors = validate_mesh_policy(spec, &td());
+        assert_eq!(fields(&errors), want.iter().map(|(f, _)| *f).collect::<Vec<_>>(), "{name}: {errors:#?}");
+        for (e, (_, reason)) in errors.iter().zip(want) {
+            assert!(e.reason.contains(reason), "{name}: {:?} lacks {reason:?}", e.reason);
+        }
+    }
+
+    #[test]
+    fn label_keys() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("app", None),
+            ("app.kubernetes.io/name", None),
+            ("example.com/a_b-c.d", None),
+            ("A1", None),
+            (&"k".repeat(63), None),
+            ("", Some("is empty")),
+            (&"k".repeat(64), Some("64 characters long, more than 63")),
+            ("-app", Some("must begin and end")),
+            ("app_", Some("must begin and end")),
+            ("app name", Some("character ' '")),
+            ("/app", Some("empty prefix")),
+            ("example.com/", Some("name part that is empty")),
+            ("Example.com/app", Some("prefix that is not a lower-case RFC 1123 subdomain")),
+            ("ex..com/app", Some("prefix that")),
+            ("a/b/c", Some("more than one '/'")),
+            (&format!("{}/app", "a".repeat(254)), Some("prefix that is 254 characters long")),
+        ];
+        for (key, want) in cases {
+            match (check_label_key(key), want) {
+                (Ok(()), None) => {}
+                (Err(why), Some(want)) => assert!(why.contains(want), "{key:?}: {why:?} lacks {want:?}"),
+                (got, want) => panic!("{key:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn label_values() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("", None),
+            ("v1", None),
+            ("a.b_c-d", None),
+            (&"v".repeat(63), None),
+            (&"v".repeat(64), Some("more than 63")),
+            ("-v", Some("must begin and end")),
+            ("v/1", Some("character '/'")),
+            ("ünïcode", Some("character 'ü'")),
+        ];
+        for (value, want) in cases {
+            match (check_label_value(value), want) {
+                (Ok(()), None) => {}
+                (Err(why), Some(want)) => assert!(why.contains(want), "{value:?}: {why:?} lacks {want:?}"),
+                (got, want) => panic!("{value:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn label_selectors() {
+        let cases: Vec<(&str, LabelSelector, Vec<(&str, &str)>)> = vec![
+            ("empty selects all", LabelSelector::default(), vec![]),
+            ("match labels", labels(&[("app", "a"), ("tier", "")]), vec![]),
+            (
+                "every operator",
+                exprs(vec![expr("a", "In", &["x"]), expr("b", "NotIn", &["y", "z"]), expr("c", "Exists", &[]), expr("d", "DoesNotExist", &[])]),
+                vec![],
+            ),
+            ("bad key", labels(&[("bad key", "a")]), vec![("s.matchLabels", "key \"bad key\" is not a valid label key")]),
+            ("bad value", labels(&[("app", "a b")]), vec![("s.matchLabels[\"app\"]", "\"a b\" is not a valid label value")]),
+            ("bad expression key", exprs(vec![expr("-a", "Exists", &[])]), vec![("s.matchExpressions[0].key", "not a valid label key")]),
+            ("unknown operator", exprs(vec![expr("a", "Equals", &["x"])]), vec![("s.matchExpressions[0].operator", "\"Equals\" is not a label selector operator")]),
+            ("lower-case operator", exprs(vec![expr("a", "in", &["x"])]), vec![("s.matchExpressions[0].operator", "use In, NotIn")]),
+            ("In without values", exprs(vec![expr("a", "In", &[])]), vec![("s.matchExpressions[0].values", "must not be empty when operator is In")]),
+            ("NotIn without values", exprs(vec![expr("a", "NotIn", &[])]), vec![("s.matchExpressions[0].values", "must not be empty when operator is NotIn")]),
+            ("Exists with values", exprs(vec![expr("a", "Exists", &["x"])]), vec![("s.matchExpressions[0].values", "must be empty when operator is Exists")]),
+            ("DoesNotExist with values", exprs(vec![expr("a", "DoesNotExist", &["x"])]), vec![("s.matchExpressions[0].values", "must be empty when operator is DoesNotExist")]),
+            ("bad expression value", exprs(vec![expr("a", "In", &["ok", "not ok"])]), vec![("s.matchExpressions[0].values[1]", "not a valid label value")]),
+        ];
+        for (name, selector, want) in cases {
+            let errors = validate_label_selector(&selector, "s");
+            assert_eq!(fields(&errors), want.iter().map(|(f, _)| *f).collect::<Vec<_>>(), "{name}: {errors:#?}");
+            for (e, (_, reason)) in errors.iter().zip(&want) {
+                assert!(e.reason.contains(reason), "{name}: {:?} lacks {reason:?}", e.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn selector_contradictions() {
+        let cases: Vec<(&str, LabelSelector, Option<&str>)> = vec![
+            ("empty", LabelSelector::default(), None),
+            ("labels", labels(&[("app", "a")]), None),
+            ("In and NotIn overlap", exprs(vec![expr("a", "In", &["x", "y"]), expr("a", "NotIn", &["x"])]), None),
+            ("NotIn and DoesNotExist", exprs(vec![expr("a", "NotIn", &["x"]), expr("a", "DoesNotExist", &[])]), None),
+            ("Exists and DoesNotExist", exprs(vec![expr("a", "Exists", &[]), expr("a", "DoesNotExist", &[])]), Some("must both exist and not exist")),
+            ("In and DoesNotExist", exprs(vec![expr("a", "In", &["x"]), expr("a", "DoesNotExist", &[])]), Some("must both exist and not exist")),
+            ("In and NotIn the same", exprs(vec![expr("a", "In", &["x"]), expr("a", "NotIn", &["x"])]), Some("no value of label \"a\"")),
+            ("disjoint In", exprs(vec![expr("a", "In", &["x"]), expr("a", "In", &["y"])]), Some("no value of label \"a\"")),
+            (
+                "matchLabels against NotIn",
+                LabelSelector { match_labels: labels(&[("a", "x")]).match_labels, match_expressions: Some(vec![expr("a", "NotIn", &["x"])]) },
+                Some("no value of label \"a\""),
+            ),
+        ];
+        for (name, selector, want) in cases {
+            match (selector_contradiction(&selector), want) {
+                (None, None) => {}
+                (Some(why), Some(want)) => assert!(why.contains(want), "{name}: {why:?} lacks {want:?}"),
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn same_selector_ignores_form_and_order() {
+        let a = LabelSelector {
+            match_labels: labels(&[("app", "a")]).match_labels,
+            match_expressions: Some(vec![expr("tier", "Exists", &[]), expr("env", "In", &["b", "a"])]),
+        };
+        let b = exprs(vec![expr("env", "In", &["a", "b"]), expr("app", "In", &["a"]), expr("tier", "Exists", &[])]);
+        assert!(same_selector(&a, &b));
+        assert!(!same_selector(&a, &labels(&[("app", "a")])));
+    }
+
+    #[test]
+    fn mesh_policy_rules() {
+        let id = "spiffe://cluster.local/ns/shop/sa/order";
+        let both = PeerSelector { pod_selector: Some(labels(&[("app", "a")])), identity: Some(id.into()), ..Default::default() };
+        let ns_and_id = PeerSelector { namespace_selector: Some(labels(&[("team", "a")])), identity: Some(id.into()), ..Default::default() };
+        let ns_only = PeerSelector { namespace_selector: Some(labels(&[("team", "shop")])), ..Default::default() };
+        let ns_with_empty_pods = PeerSelector {
+            namespace_selector: Some(labels(&[("team", "shop")])),
+            pod_selector: Some(LabelSelector::default()),
+            ..Default::default()
+        };
+        let udp = PortRule { port: 53, end_port: None, protocol: Protocol::Udp };
+        let cases: Vec<(&str, MeshPolicySpec, Vec<(&str, &str)>)> = vec![
+            ("no rules (deny all)", policy(vec![]), vec![]),
+            ("any source any port", policy(vec![rule(vec![], vec![])]), vec![]),
+            ("the mission's example", policy(vec![required(rule(vec![pods(&[("app", "order")]), ns_only.clone(), identity(id)], vec![port(8080), udp.clone()]))]), vec![]),
+            ("bad policy selector", MeshPolicySpec { selector: labels(&[("app", "-x")]), ingress: vec![] }, vec![("spec.selector.matchLabels[\"app\"]", "not a valid label value")]),
+            ("bad pod selector", policy(vec![rule(vec![pods(&[("a b", "x")])], vec![])]), vec![("spec.ingress[0].from[0].podSelector.matchLabels", "not a valid label key")]),
+            (
+                "bad namespace selector",
+                policy(vec![rule(vec![PeerSelector { namespace_selector: Some(exprs(vec![expr("team", "Has", &[])])), ..Default::default() }], vec![])]),
+                vec![("spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].operator", "not a label selector operator")],
+            ),
+            ("selector and identity", policy(vec![rule(vec![both], vec![])]), vec![("spec.ingress[0].from[0]", "has both an identity and a podSelector/namespaceSelector")]),
+            ("namespace selector and identity", policy(vec![rule(vec![ns_and_id], vec![])]), vec![("spec.ingress[0].from[0]", "has both")]),
+            ("empty from entry", policy(vec![rule(vec![PeerSelector::default()], vec![])]), vec![("spec.ingress[0].from[0]", "names no podSelector, namespaceSelector or identity")]),
+            ("identity wrong scheme", policy(vec![rule(vec![identity("https://cluster.local/ns/a/sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "is not a valid SPIFFE ID: it must start with the scheme")]),
+            ("identity upper-case trust domain", policy(vec![rule(vec![identity("spiffe://Cluster.local/ns/a/sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "trust domain has character 'C'")]),
+            ("identity with port", policy(vec![rule(vec![identity("spiffe://cluster.local:443/ns/a")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character ':'")]),
+            ("identity with user info", policy(vec![rule(vec![identity("spiffe://u@cluster.local/ns/a")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character '@'")]),
+            ("identity empty segment", policy(vec![rule(vec![identity("spiffe://cluster.local/ns//sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "empty segment")]),
+            ("identity dot segment", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/../sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "\".\" or \"..\" segment")]),
+            ("identity trailing slash", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a/sa/b/")], vec![])]), vec![("spec.ingress[0].from[0].identity", "ends with a slash")]),
+            ("identity query", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a/sa/b?x=1")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character '?'")]),
+            ("identity fragment", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a/sa/b#f")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character '#'")]),
+            ("identity percent-encoded", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a%2Fb")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character '%'")]),
+            ("identity empty", policy(vec![rule(vec![identity("")], vec![])]), vec![("spec.ingress[0].from[0].identity", "is empty")]),
+            (
+                "identity too long",
+                policy(vec![rule(vec![identity(&format!("spiffe://cluster.local/{}", "a".repeat(2048)))], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "more than the 2048")],
+            ),
+            ("identity other trust domain", policy(vec![rule(vec![identity("spiffe://example.org/ns/a/sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "is in trust domain \"example.org\", not in the mesh's trust domain \"cluster.local\"")]),
+            ("port zero", policy(vec![rule(vec![], vec![port(0)])]), vec![("spec.ingress[0].ports[0].port", "must be between 1 and 65535, not 0")]),
+            ("port too high", policy(vec![rule(vec![], vec![port(65536)])]), vec![("spec.ingress[0].ports[0].port", "not 65536")]),
+            ("port negative", policy(vec![rule(vec![], vec![port(-1)])]), vec![("spec.ingress[0].ports[0].port", "not -1")]),
+            ("port bounds", policy(vec![rule(vec![], vec![port(1), port(65535), range(1, 65535)])]), vec![]),
+            ("endPort too high", policy(vec![rule(vec![], vec![range(80, 70000)])]), vec![("spec.ingress[0].ports[0].endPort", "not 70000")]),
+            ("endPort before port", policy(vec![rule(vec![], vec![range(8080, 80)])]), vec![("spec.ingress[0].ports[0].endPort", "greater than or equal to port (8080), not 80")]),
+            ("endPort equal to port", policy(vec![rule(vec![], vec![range(80, 80)])]), vec![]),
+            ("duplicate peer", policy(vec![rule(vec![pods(&[("app", "a")]), identity(id), pods(&[("app", "a")])], vec![])]), vec![("spec.ingress[0].from[2]", "duplicates spec.ingress[0].from[0]")]),
+            ("duplicate identity", policy(vec![rule(vec![identity(id), identity(id)], vec![])]), vec![("spec.ingress[0].from[1]", "duplicates spec.ingress[0].from[0]")]),
+            ("duplicate peer, other form", policy(vec![rule(vec![ns_only.clone(), ns_with_empty_pods], vec![])]), vec![("spec.ingress[0].from[1]", "duplicates spec.ingress[0].from[0]")]),
+            ("same labels, other namespaces", policy(vec![rule(vec![pods(&[("app", "a")]), PeerSelector { namespace_selector: Some(LabelSelector::default()), ..pods(&[("app", "a")]) }], vec![])]), vec![]),
+            ("duplicate port", policy(vec![rule(vec![], vec![port(80), port(443), port(80)])]), vec![("spec.ingress[0].ports[2]", "duplicates spec.ingress[0].ports[0]")]),
+            ("duplicate port, range form", policy(vec![rule(vec![], vec![port(80), range(80, 80)])]), vec![("spec.ingress[0].ports[1]", "duplicates spec.ingress[0].ports[0]")]),
+            ("same port, other protocol", policy(vec![rule(vec![], vec![port(53), PortRule { protocol: Protocol::Udp, ..port(53) }])]), vec![]),
+            ("duplicate rule", policy(vec![rule(vec![pods(&[("app", "a")])], vec![port(80)]), rule(vec![pods(&[("app", "a")])], vec![port(80)])]), vec![("spec.ingress[1]", "duplicates spec.ingress[0]: same sources and ports")]),
+            ("duplicate rule, any source", policy(vec![rule(vec![], vec![]), rule(vec![], vec![])]), vec![("spec.ingress[1]", "duplicates spec.ingress[0]")]),
+            (
+                "duplicate rule, other order",
+                policy(vec![rule(vec![pods(&[("app", "a")]), identity(id)], vec![port(80), port(81)]), rule(vec![identity(id), pods(&[("app", "a")])], vec![port(81), port(80)])]),
+                vec![("spec.ingress[1]", "duplicates spec.ingress[0]")],
+            ),
+            (
+                "contradictory rules",
+                policy(vec![rule(vec![pods(&[("app", "a")])], vec![port(80)]), required(rule(vec![pods(&[("app", "a")])], vec![port(80)]))]),
+                vec![("spec.ingress[1]", "contradicts spec.ingress[0]: same sources and ports, but authentication Required here and Disabled there")],
+            ),
+            ("distinct rules", policy(vec![rule(vec![pods(&[("app", "a")])], vec![port(80)]), required(rule(vec![pods(&[("app", "a")])], vec![port(81)]))]), vec![]),
+            (
+                "several errors at once",
+                policy(vec![rule(vec![identity("spiffe://example.org/x"), PeerSelector::default()], vec![port(0), range(10, 5)])]),
+                vec![
+                    ("spec.ingress[0].from[0].identity", "not in the mesh's trust domain"),
+                    ("spec.ingress[0].from[1]", "names no"),
+                    ("spec.ingress[0].ports[0].port", "not 0"),
+                    ("spec.ingress[0].ports[1].endPort", "not 5"),
+                ],
+            ),
+        ];
+        for (name, spec, want) in cases {
+            assert_errors(name, &spec, &want);
+        }
+    }
+
+    #[test]
+    fn mesh_policy_trust_domain_is_configuration() {
+        let spec = policy(vec![rule(vec![identity("spiffe://example.org/ns/a/sa/b")], vec![])]);
+        let example = TrustDomain::new("example.org").expect("valid");
+        assert_eq!(validate_mesh_policy(&spec, &example), vec![]);
+        assert_eq!(fields(&validate_mesh_policy(&spec, &td())), ["spec.ingress[0].from[0].identity"]);
+    }
+
+    #[test]
+    fn mesh_policy_warning_rules() {
+        let never = exprs(vec![expr("app", "In", &["a"]), expr("app", "NotIn", &["a"])]);
+        let cases: Vec<(&str, MeshPolicySpec, Vec<(&str, &str)>)> = vec![
+            ("clean", policy(vec![rule(vec![pods(&[("app", "a")]), identity("spiffe://cluster.local/ns/shop/sa/order")], vec![port(80), range(8000, 8100)])]), vec![]),
+            ("policy selector never selects", MeshPolicySpec { selector: never.clone(), ingress: vec![] }, vec![("spec.selector", "can never select a pod: no value of label \"app\"")]),
+            ("pod selector never matches", policy(vec![rule(vec![PeerSelector { pod_selector: Some(never.clone()), ..Default::default() }], vec![])]), vec![("spec.ingress[0].from[0].podSelector", "can never match")]),
+            ("namespace selector never matches", policy(vec![rule(vec![PeerSelector { namespace_selector: Some(never.clone()), ..Default::default() }], vec![])]), vec![("spec.ingress[0].from[0].namespaceSelector", "can never match")]),
+            ("identity not a service account", policy(vec![rule(vec![identity("spiffe://cluster.local/workload/x")], vec![])]), vec![("spec.ingress[0].from[0].identity", "can never match: mesh workloads have identities spiffe://cluster.local/ns/<namespace>/sa/<service account>")]),
+            ("identity of the trust domain itself", policy(vec![rule(vec![identity("spiffe://cluster.local")], vec![])]), vec![("spec.ingress[0].from[0].identity", "can never match")]),
+            ("identity with a bad namespace", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/Shop/sa/order")], vec![])]), vec![("spec.ingress[0].from[0].identity", "\"Shop\" is not a valid namespace name")]),
+            ("identity with a bad service account", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/shop/sa/Order_1")], vec![])]), vec![("spec.ingress[0].from[0].identity", "\"Order_1\" is not a valid service account name")]),
+            ("port inside a range", policy(vec![rule(vec![], vec![range(8000, 9000), port(8080)])]), vec![("spec.ingress[0].ports[1]", "is already covered by spec.ingress[0].ports[0]")]),
+            ("port inside a range of the other protocol", policy(vec![rule(vec![], vec![range(8000, 9000), PortRule { protocol: Protocol::Udp, ..port(8080) }])]), vec![]),
+            ("invalid parts get no warning", policy(vec![rule(vec![PeerSelector { pod_selector: Some(never), identity: Some("x".into()), ..Default::default() }], vec![port(0)])]), vec![]),
+        ];
+        for (name, spec, want) in cases {
+            let warnings = mesh_policy_warnings(&spec, &td());
+            assert_eq!(fields(&warnings), want.iter().map(|(f, _)| *f).collect::<Vec<_>>(), "{name}: {warnings:#?}");
+            for (w, (_, reason)) in warnings.iter().zip(&want) {
+                assert!(w.reason.contains(reason), "{name}: {:?} lacks {reason:?}", w.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn mutual_auth_rules() {
+        let spec = |selector: Option<LabelSelector>| MutualAuthSpec { selector, mode: MutualAuthMode::Strict };
+        let cases: Vec<(&str, MutualAuthSpec, Vec<&str>, Vec<&str>)> = vec![
+            ("namespace-wide", spec(None), vec![], vec![]),
+            ("selector", spec(Some(labels(&[("app", "payment")]))), vec![], vec![]),
+            ("bad selector key", spec(Some(labels(&[("app!", "payment")]))), vec!["spec.selector.matchLabels"], vec![]),
+            ("bad operator", spec(Some(exprs(vec![expr("app", "Is", &["x"])]))), vec!["spec.selector.matchExpressions[0].operator"], vec![]),
+            ("empty selector", spec(Some(LabelSelector::default())), vec![], vec!["spec.selector"]),
+            ("empty maps", spec(Some(LabelSelector { match_labels: Some(Default::default()), match_expressions: Some(vec![]) })), vec![], vec!["spec.selector"]),
+            ("never selects", spec(Some(exprs(vec![expr("app", "Exists", &[]), expr("app", "DoesNotExist", &[])]))), vec![], vec!["spec.selector"]),
+        ];
+        for (name, spec, want_errors, want_warnings) in cases {
+            assert_eq!(fields(&validate_mutual_auth(&spec)), want_errors, "{name}");
+            assert_eq!(fields(&mutual_auth_warnings(&spec)), want_warnings, "{name}");
+        }
+    }
+
+    #[test]
+    fn field_errors_display_field_and_reason() {
+        let e = FieldError::new("spec.selector", "is wrong");
+        assert_eq!(e.to_string(), "spec.selector: is wrong");
+    }
+
+    #[test]
+    fn long_inputs_are_truncated_in_messages() {
+        let key = "k".repeat(500);
+        let errors = validate_label_selector(&labels(&[(&key, "v")]), "s");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].reason.len() < 250, "{}", errors[0].reason);
+    }
 }

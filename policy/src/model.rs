@@ -1,0 +1,686 @@
+//! The decision model: MISSION.md §3 as code.
+//!
+//! - A pod selected by no MeshPolicy accepts every source; a pod selected by at least one accepts
+//!   only traffic that some rule of some selecting policy matches (source and port).
+//! - The authentication a packet needs is the maximum of the strictest matching rule's
+//!   (`Required` or none) and the destination's MutualAuth mode (`Strict` → required,
+//!   `Permissive` → permissive, `Disabled` or none → none). A MutualAuth never relaxes what a
+//!   MeshPolicy rule requires.
+//! - The MutualAuth of a pod is the most specific one: with a selector that matches the pod, else
+//!   namespace-wide (no selector), else mesh-wide (no selector, in the mesh namespace). Two at
+//!   the same level that disagree: the oldest wins, the others are conflicted.
+//! - A source that can never authenticate (not a mesh pod) is denied where authentication is
+//!   required.
+//!
+//! Specs that cannot be used fail closed: a rule with an invalid peer or port loses that peer
+//! or port (it matches less, never more), and the policy still isolates the pods it selects. A
+//! policy whose own selector is unusable selects nothing and is reported.
+
+use crate::tables::{AuthRequirement, TableProtocol};
+use crate::validate::{self, FieldError};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube_core::{Selector, SelectorExt};
+use meshauth_crds::{
+    AuthenticationMode, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode, MutualAuthSpec,
+    Protocol, SpiffeId, TrustDomain,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// The namespace a mesh-wide MutualAuth lives in unless configured otherwise.
+pub const DEFAULT_MESH_NAMESPACE: &str = "meshauth-system";
+/// The label Kubernetes puts on every namespace with its own name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Errors of model queries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown pod {0}")]
+    UnknownPod(ObjectRef),
+}
+
+/// Settings of the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// The mesh's trust domain (default `cluster.local`).
+    pub trust_domain: TrustDomain,
+    /// Where mesh-wide MutualAuths live (default `meshauth-system`).
+    pub mesh_namespace: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { trust_domain: TrustDomain::default(), mesh_namespace: DEFAULT_MESH_NAMESPACE.into() }
+    }
+}
+
+/// `namespace/name` of a namespaced object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+
+    /// Parses `NS/NAME`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ns, name) = s.split_once('/')?;
+        (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then(|| Self::new(ns, name))
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A namespace as the model needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NamespaceInfo {
+    pub fn from_namespace(ns: &Namespace) -> Self {
+        Self {
+            name: ns.metadata.name.clone().unwrap_or_default(),
+            labels: ns.metadata.labels.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// A pod as the model needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub ip: Option<Ipv4Addr>,
+    pub node: Option<String>,
+}
+
+impl PodInfo {
+    /// Reads a Kubernetes Pod. The IP is the first IPv4 of `status.podIPs`/`status.podIP`.
+    pub fn from_pod(pod: &Pod) -> Self {
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|ip| ip.ip.as_str())
+            .chain(status.and_then(|s| s.pod_ip.as_deref()));
+        let ip = ips.filter_map(|ip| ip.parse::<Ipv4Addr>().ok()).next();
+        Self {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+            ip,
+            node: spec.and_then(|s| s.node_name.clone()),
+        }
+    }
+
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(&self.namespace, &self.name)
+    }
+}
+
+/// A namespaced resource with what ordering ties needs: when it was created.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource<S> {
+    pub namespace: String,
+    pub name: String,
+    /// RFC 3339 creation time; `None` sorts as the newest (not yet created).
+    pub created: Option<String>,
+    pub spec: S,
+}
+
+impl<S> Resource<S> {
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(&self.namespace, &self.name)
+    }
+
+    /// Oldest first; name breaks ties so the order never depends on input order.
+    fn age_key(&self) -> (bool, Option<&str>, &str, &str) {
+        (self.created.is_none(), self.created.as_deref(), &self.namespace, &self.name)
+    }
+}
+
+impl Resource<MeshPolicySpec> {
+    pub fn from_mesh_policy(p: &MeshPolicy) -> Self {
+        Self {
+            namespace: p.metadata.namespace.clone().unwrap_or_default(),
+            name: p.metadata.name.clone().unwrap_or_default(),
+            created: p.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+            spec: p.spec.clone(),
+        }
+    }
+}
+
+impl Resource<MutualAuthSpec> {
+    pub fn from_mutual_auth(m: &MutualAuth) -> Self {
+        Self {
+            namespace: m.metadata.namespace.clone().unwrap_or_default(),
+            name: m.metadata.name.clone().unwrap_or_default(),
+            created: m.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+            spec: m.spec.clone(),
+        }
+    }
+}
+
+/// Everything the model is built from.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    pub namespaces: Vec<NamespaceInfo>,
+    pub pods: Vec<PodInfo>,
+    pub mesh_policies: Vec<Resource<MeshPolicySpec>>,
+    pub mutual_auths: Vec<Resource<MutualAuthSpec>>,
+}
+
+/// Which kind a reported problem is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    MeshPolicy,
+    MutualAuth,
+}
+
+/// A spec problem: which object, which field, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: Kind,
+    pub object: ObjectRef,
+    pub error: FieldError,
+}
+
+/// What a MutualAuth lost: the pods it would have decided and the older one that won them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub loser: ObjectRef,
+    pub winner: ObjectRef,
+    pub pods: Vec<ObjectRef>,
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// The model's answer for one kind of packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// For `allow`: what the pair must have to pass. For `deny`: `required` when the source was
+    /// denied only because it cannot authenticate, else `none`.
+    pub authentication: AuthRequirement,
+}
+
+/// Where traffic comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A pod of the model.
+    Pod(ObjectRef),
+    /// A workload known only by its SPIFFE ID (no labels).
+    Identity(SpiffeId),
+    /// Anything outside the mesh: no identity.
+    World,
+}
+
+#[derive(Debug, Clone)]
+enum Peer {
+    Pods { namespace: String, pods: Option<Selector>, namespaces: Option<Selector> },
+    Identity(SpiffeId),
+}
+
+#[derive(Debug, Clone)]
+struct PortMatch {
+    protocol: TableProtocol,
+    start: u16,
+    end: u16,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Rule {
+    /// `None`: any source.
+    from: Option<Vec<Peer>>,
+    ports: Vec<PortMatch>,
+    pub(crate) auth: AuthRequirement,
+}
+
+#[derive(Debug, Clone)]
+struct Policy {
+    object: ObjectRef,
+    selector: Selector,
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+struct MutualAuthEntry {
+    resource: Resource<MutualAuthSpec>,
+    selector: Option<Selector>,
+    level: u8,
+}
+
+/// A source as rules see it.
+pub(crate) struct SourceView<'a> {
+    pub(crate) namespace: Option<&'a str>,
+    pub(crate) labels: Option<&'a BTreeMap<String, String>>,
+    pub(crate) spiffe_id: Option<String>,
+}
+
+/// The policy model built from one snapshot of inputs.
+#[derive(Debug, Clone)]
+pub struct PolicyModel {
+    config: ModelConfig,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pods: BTreeMap<ObjectRef, PodInfo>,
+    policies: Vec<Policy>,
+    mutual_auths: Vec<MutualAuthEntry>,
+    problems: Vec<Problem>,
+}
+
+impl PolicyModel {
+    /// Builds the model. Never fails: problems of single objects are kept in [`Self::problems`]
+    /// and the objects are used as far as they safely can be (see the module doc).
+    pub fn new(config: ModelConfig, inputs: Inputs) -> Self {
+        let mut namespaces: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for ns in inputs.namespaces {
+            let mut labels = ns.labels;
+            labels.insert(NAMESPACE_NAME_LABEL.into(), ns.name.clone());
+            namespaces.insert(ns.name, labels);
+        }
+        let pods: BTreeMap<_, _> = inputs.pods.into_iter().map(|p| (p.object_ref(), p)).collect();
+        for pod in pods.values() {
+            namespaces.entry(pod.namespace.clone()).or_insert_with(|| {
+                BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())])
+            });
+        }
+        let mut model = Self {
+            config,
+            namespaces,
+            pods,
+            policies: Vec::new(),
+            mutual_auths: Vec::new(),
+            problems: Vec::new(),
+        };
+        let mut mesh_policies = inputs.mesh_policies;
+        mesh_policies.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        for p in &mesh_policies {
+            model.add_mesh_policy(p);
+        }
+        let mut mutual_auths = inputs.mutual_auths;
+        mutual_auths.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        for m in mutual_auths {
+            model.add_mutual_auth(m);
+        }
+        model
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Spec problems found while building the model.
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    /// Every pod, by `namespace/name`.
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
+        self.pods.values()
+    }
+
+    pub fn pod(&self, pod: &ObjectRef) -> Option<&PodInfo> {
+        self.pods.get(pod)
+    }
+
+    /// Labels of a namespace (with `kubernetes.io/metadata.name`).
+    pub(crate) fn namespace_labels(&self, ns: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(ns)
+    }
+
+    /// The SPIFFE ID of a pod.
+    pub fn spiffe_id(&self, pod: &PodInfo) -> SpiffeId {
+        self.config.trust_domain.service_account_id(&pod.namespace, &pod.service_account)
+    }
+
+    fn report(&mut self, kind: Kind, object: &ObjectRef, field: String, reason: String) {
+        self.problems.push(Problem { kind, object: object.clone(), error: FieldError { field, reason } });
+    }
+
+    fn add_mesh_policy(&mut self, p: &Resource<MeshPolicySpec>) {
+        let object = p.object_ref();
+        let errors = validate::validate_mesh_policy(&p.spec, &self.config.trust_domain);
+        let selector = match parse_selector(&p.spec.selector) {
+            Ok(s) => s,
+            Err(reason) => {
+                self.report(Kind::MeshPolicy, &object, "spec.selector".into(), reason);
+                return;
+            }
+        };
+        // Fields the validator rejects are dropped below: a rule keeps only what is valid,
+        // so it can match less but never more than the author meant.
+        let bad = |field: &str| errors.iter().any(|e| e.field == field || e.field.starts_with(&format!("{field}.")) || e.field.starts_with(&format!("{field}[")));
+        let mut rules = Vec::new();
+        for (ri, rule) in p.spec.ingress.iter().enumerate() {
+            let mut from = Vec::new();
+            for (fi, peer) in rule.from.iter().enumerate() {
+                let field = format!("spec.ingress[{ri}].from[{fi}]");
+                if bad(&field) {
+                    continue;
+                }
+                match self.parse_peer(peer, &p.namespace) {
+                    Ok(peer) => from.push(peer),
+                    Err(reason) => self.report(Kind::MeshPolicy, &object, field, reason),
+                }
+            }
+            let mut ports = Vec::new();
+            for (pi, port) in rule.ports.iter().enumerate() {
+                let field = format!("spec.ingress[{ri}].ports[{pi}]");
+                if bad(&field) {
+                    continue;
+                }
+                match parse_port(port.port, port.end_port, port.protocol) {
+                    Ok(m) => ports.push(m),
+                    Err(reason) => self.report(Kind::MeshPolicy, &object, field, reason),
+                }
+            }
+            if (!rule.from.is_empty() && from.is_empty()) || (!rule.ports.is_empty() && ports.is_empty()) {
+                // Every peer or every port was invalid: the rule matches nothing.
+                continue;
+            }
+            if ports.is_empty() {
+                ports = every_port();
+            }
+            let auth = match rule.authentication.as_ref().map(|a| a.mode) {
+                Some(AuthenticationMode::Required) => AuthRequirement::Required,
+                _ => AuthRequirement::None,
+            };
+            rules.push(Rule { from: (!rule.from.is_empty()).then_some(from), ports, auth });
+        }
+        for e in errors {
+            if !self.problems.iter().any(|p| p.object == object && p.error == e) {
+                self.problems.push(Problem { kind: Kind::MeshPolicy, object: object.clone(), error: e });
+            }
+        }
+        self.policies.push(Policy { object, selector, rules });
+    }
+
+    fn parse_peer(&self, peer: &meshauth_crds::PeerSelector, namespace: &str) -> Result<Peer, String> {
+        match (&peer.identity, &peer.pod_selector, &peer.namespace_selector) {
+            (Some(id), None, None) => {
+                SpiffeId::parse(id).map(Peer::Identity).map_err(|e| format!("identity {e}"))
+            }
+            (None, None, None) => Err("names no podSelector, namespaceSelector or identity".into()),
+            (Some(_), _, _) => Err("has both an identity and a selector".into()),
+            (None, pods, namespaces) => Ok(Peer::Pods {
+                namespace: namespace.to_owned(),
+                pods: pods.as_ref().map(parse_selector).transpose()?,
+                namespaces: namespaces.as_ref().map(parse_selector).transpose()?,
+            }),
+        }
+    }
+
+    fn add_mutual_auth(&mut self, m: Resource<MutualAuthSpec>) {
+        let object = m.object_ref();
+        for e in validate::validate_mutual_auth(&m.spec) {
+            self.problems.push(Problem { kind: Kind::MutualAuth, object: object.clone(), error: e });
+        }
+        let selector = match m.spec.selector.as_ref().map(parse_selector).transpose() {
+            Ok(s) => s.filter(|s| !s.selects_all()),
+            Err(reason) => {
+                self.report(Kind::MutualAuth, &object, "spec.selector".into(), reason);
+                return;
+            }
+        };
+        let level = match (&selector, m.namespace == self.config.mesh_namespace) {
+            (Some(_), _) => 3,
+            (None, false) => 2,
+            (None, true) => 1,
+        };
+        self.mutual_auths.push(MutualAuthEntry { resource: m, selector, level });
+    }
+
+    /// The MeshPolicies whose selector picks the pod.
+    pub fn selecting_policies(&self, pod: &PodInfo) -> Vec<ObjectRef> {
+        self.policies_for(pod).map(|p| p.object.clone()).collect()
+    }
+
+    fn policies_for<'a>(&'a self, pod: &'a PodInfo) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.policies
+            .iter()
+            .filter(move |p| p.object.namespace == pod.namespace && p.selector.matches(&pod.labels))
+    }
+
+    /// Candidates of the most specific level that has any, oldest first.
+    fn mutual_auth_candidates(&self, pod: &PodInfo) -> Vec<&MutualAuthEntry> {
+        let applies = |m: &&MutualAuthEntry| match m.level {
+            3 => m.resource.namespace == pod.namespace
+                && m.selector.as_ref().is_some_and(|s| s.matches(&pod.labels)),
+            2 => m.resource.namespace == pod.namespace,
+            _ => true,
+        };
+        // `mutual_auths` is sorted oldest first, so each level's candidates are too.
+        for level in [3, 2, 1] {
+            let found: Vec<_> =
+                self.mutual_auths.iter().filter(|m| m.level == level).filter(applies).collect();
+            if !found.is_empty() {
+                return found;
+            }
+        }
+        Vec::new()
+    }
+
+    /// The MutualAuth that decides the pod's mode, if any.
+    pub fn mutual_auth_for(&self, pod: &PodInfo) -> Option<(ObjectRef, MutualAuthMode)> {
+        self.mutual_auth_candidates(pod)
+            .first()
+            .map(|m| (m.resource.object_ref(), m.resource.spec.mode))
+    }
+
+    /// The pod's MutualAuth requirement.
+    pub fn mutual_auth_requirement(&self, pod: &PodInfo) -> AuthRequirement {
+        match self.mutual_auth_candidates(pod).first().map(|m| m.resource.spec.mode) {
+            Some(MutualAuthMode::Strict) => AuthRequirement::Required,
+            Some(MutualAuthMode::Permissive) => AuthRequirement::Permissive,
+            Some(MutualAuthMode::Disabled) | None => AuthRequirement::None,
+        }
+    }
+
+    /// MutualAuths that lost a tie: for each, which older one won and on which pods.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        let mut lost: BTreeMap<(ObjectRef, ObjectRef), Vec<ObjectRef>> = BTreeMap::new();
+        for pod in self.pods.values() {
+            let candidates = self.mutual_auth_candidates(pod);
+            let Some(winner) = candidates.first() else { continue };
+            for loser in &candidates[1..] {
+                if loser.resource.spec.mode != winner.resource.spec.mode {
+                    lost.entry((loser.resource.object_ref(), winner.resource.object_ref()))
+                        .or_default()
+                        .push(pod.object_ref());
+                }
+            }
+        }
+        // Namespace- and mesh-wide ties conflict even before any pod exists. The list is
+        // sorted oldest first, so the first of each scope is its winner.
+        for (i, a) in self.mutual_auths.iter().enumerate() {
+            if a.level == 3 {
+                continue;
+            }
+            let same_scope = |b: &&MutualAuthEntry| {
+                b.level == a.level && (a.level == 1 || a.resource.namespace == b.resource.namespace)
+            };
+            if self.mutual_auths[..i].iter().any(|b| same_scope(&b)) {
+                continue;
+            }
+            for b in self.mutual_auths[i + 1..].iter().filter(same_scope) {
+                if b.resource.spec.mode != a.resource.spec.mode {
+                    lost.entry((b.resource.object_ref(), a.resource.object_ref())).or_default();
+                }
+            }
+        }
+        lost.into_iter().map(|((loser, winner), pods)| Conflict { loser, winner, pods }).collect()
+    }
+
+    /// How many pods each MeshPolicy selects.
+    pub fn mesh_policy_selected_pods(&self, policy: &ObjectRef) -> usize {
+        self.policies
+            .iter()
+            .find(|p| &p.object == policy)
+            .map(|p| {
+                self.pods
+                    .values()
+                    .filter(|pod| pod.namespace == p.object.namespace && p.selector.matches(&pod.labels))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// How many pods each MutualAuth decides the mode of.
+    pub fn mutual_auth_selected_pods(&self, mutual_auth: &ObjectRef) -> usize {
+        self.pods
+            .values()
+            .filter(|pod| {
+                self.mutual_auth_candidates(pod).first().is_some_and(|m| &m.resource.object_ref() == mutual_auth)
+            })
+            .count()
+    }
+
+    pub(crate) fn source_view<'a>(&'a self, source: &'a Source) -> Result<SourceView<'a>, ModelError> {
+        Ok(match source {
+            Source::Pod(r) => {
+                let pod = self.pods.get(r).ok_or_else(|| ModelError::UnknownPod(r.clone()))?;
+                SourceView {
+                    namespace: Some(&pod.namespace),
+                    labels: Some(&pod.labels),
+                    spiffe_id: Some(self.spiffe_id(pod).to_string()),
+                }
+            }
+            Source::Identity(id) => SourceView { namespace: None, labels: None, spiffe_id: Some(id.to_string()) },
+            Source::World => SourceView { namespace: None, labels: None, spiffe_id: None },
+        })
+    }
+
+    fn peer_matches(&self, peer: &Peer, src: &SourceView<'_>) -> bool {
+        match peer {
+            Peer::Identity(id) => src.spiffe_id.as_deref() == Some(id.as_str()),
+            Peer::Pods { namespace, pods, namespaces } => {
+                let (Some(src_ns), Some(labels)) = (src.namespace, src.labels) else { return false };
+                let ns_ok = match namespaces {
+                    None => src_ns == namespace,
+                    Some(sel) => self.namespace_labels(src_ns).is_some_and(|l| sel.matches(l)),
+                };
+                ns_ok && pods.as_ref().is_none_or(|sel| sel.matches(labels))
+            }
+        }
+    }
+
+    /// Whether a rule admits the source (ignoring ports).
+    pub(crate) fn rule_matches_source(&self, rule: &Rule, src: &SourceView<'_>) -> bool {
+        match &rule.from {
+            None => true,
+            Some(peers) => peers.iter().any(|p| self.peer_matches(p, src)),
+        }
+    }
+
+    /// Port intervals of a rule for one protocol.
+    pub(crate) fn rule_ports(rule: &Rule, protocol: TableProtocol) -> impl Iterator<Item = (u16, u16)> + '_ {
+        rule.ports.iter().filter(move |p| p.protocol == protocol).map(|p| (p.start, p.end))
+    }
+
+    /// The rules of every policy selecting the pod; `None` when no policy selects it.
+    pub(crate) fn rules_for<'a>(&'a self, pod: &'a PodInfo) -> Option<Vec<&'a Rule>> {
+        let mut selected = false;
+        let mut rules = Vec::new();
+        for p in self.policies_for(pod) {
+            selected = true;
+            rules.extend(p.rules.iter());
+        }
+        selected.then_some(rules)
+    }
+
+    /// The decision for traffic from `source` to `dst` on `protocol`/`port` (port ignored for
+    /// ICMP and other protocols).
+    pub fn decide(
+        &self,
+        source: &Source,
+        dst: &ObjectRef,
+        protocol: TableProtocol,
+        port: u16,
+    ) -> Result<Decision, ModelError> {
+        let dst_pod = self.pods.get(dst).ok_or_else(|| ModelError::UnknownPod(dst.clone()))?;
+        let src = self.source_view(source)?;
+        let port = if protocol.has_ports() { port } else { 0 };
+        let (allowed, rule_auth) = match self.rules_for(dst_pod) {
+            None => (true, AuthRequirement::None),
+            Some(rules) => {
+                let matching = rules.iter().filter(|r| {
+                    self.rule_matches_source(r, &src)
+                        && Self::rule_ports(r, protocol).any(|(s, e)| s <= port && port <= e)
+                });
+                matching.fold((false, AuthRequirement::None), |(_, auth), r| (true, auth.max(r.auth)))
+            }
+        };
+        Ok(finish(allowed, rule_auth, self.mutual_auth_requirement(dst_pod), src.spiffe_id.is_some()))
+    }
+}
+
+/// The last step shared by the model and the table evaluator, so both end the same way.
+pub(crate) fn finish(allowed: bool, rule_auth: AuthRequirement, mutual_auth: AuthRequirement, src_has_identity: bool) -> Decision {
+    let auth = rule_auth.max(mutual_auth);
+    if !allowed {
+        Decision { verdict: Verdict::Deny, authentication: AuthRequirement::None }
+    } else if auth == AuthRequirement::Required && !src_has_identity {
+        Decision { verdict: Verdict::Deny, authentication: AuthRequirement::Required }
+    } else {
+        Decision { verdict: Verdict::Allow, authentication: auth }
+    }
+}
+
+fn parse_selector(s: &LabelSelector) -> Result<Selector, String> {
+    Selector::try_from(s.clone()).map_err(|e| format!("invalid label selector: {}", e.0))
+}
+
+fn parse_port(port: i32, end_port: Option<i32>, protocol: Protocol) -> Result<PortMatch, String> {
+    let start = u16::try_from(port).ok().filter(|p| *p >= 1).ok_or_else(|| format!("port {port} is not in 1-65535"))?;
+    let end = match end_port {
+        None => start,
+        Some(e) => u16::try_from(e)
+            .ok()
+            .filter(|e| *e >= start)
+            .ok_or_else(|| format!("endPort {e} is not in {start}-65535"))?,
+    };
+    let protocol = match protocol {
+        Protocol::Tcp => TableProtocol::Tcp,
+        Protocol::Udp => TableProtocol::Udp,
+    };
+    Ok(PortMatch { protocol, start, end })
+}
+
+fn every_port() -> Vec<PortMatch> {
+    TableProtocol::ALL
+        .iter()
+        .map(|&protocol| {
+            let end = if protocol.has_ports() { u16::MAX } else { 0 };
+            PortMatch { protocol, start: 0, end }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
