@@ -1,0 +1,190 @@
+//! `meshauthctl policy check`: what the datapath would do for one packet, decided offline from
+//! a directory of YAML manifests by the same model the agents compile into their maps.
+
+use meshauth_crds::TrustDomain;
+use meshauth_policy::manifests::{ManifestError, Manifests};
+use meshauth_policy::model::{Decision, Kind, ModelConfig, ObjectRef, PolicyModel, Source, Verdict};
+use meshauth_policy::tables::{AuthRequirement, TableProtocol};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Why a check could not be answered. Every variant exits with status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{0} holds no .yaml, .yml or .json file")]
+    NoManifests(PathBuf),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{0:?} is not NS/POD")]
+    BadPodRef(String),
+    #[error("pod {0} is not in the manifests")]
+    UnknownPod(ObjectRef),
+    #[error("pod {0} has no status.podIP: the datapath only sees pods with an IP")]
+    NoPodIp(ObjectRef),
+    #[error("{}", .0.join("\n"))]
+    InvalidSpecs(Vec<String>),
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// One check.
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    pub manifests: PathBuf,
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: TableProtocol,
+    pub trust_domain: TrustDomain,
+    pub mesh_namespace: String,
+}
+
+/// The answer, in the JSON shape of MISSION.md §4.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckResult {
+    pub verdict: Verdict,
+    pub authentication: AuthRequirement,
+    #[serde(skip)]
+    pub explanation: Vec<String>,
+}
+
+/// Reads every manifest file under `dir` (recursively, in name order).
+pub fn load_manifests(dir: &Path) -> Result<Manifests, CheckError> {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files)?;
+    if files.is_empty() {
+        return Err(CheckError::NoManifests(dir.to_owned()));
+    }
+    files.sort();
+    let mut manifests = Manifests::default();
+    for path in files {
+        let text = std::fs::read_to_string(&path).map_err(|error| CheckError::Read { path: path.clone(), error })?;
+        manifests.add_source(&path.display().to_string(), &text)?;
+    }
+    Ok(manifests)
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), CheckError> {
+    let read = |path: &Path| std::fs::read_dir(path).map_err(|error| CheckError::Read { path: path.to_owned(), error });
+    for entry in read(dir)? {
+        let path = entry.map_err(|error| CheckError::Read { path: dir.to_owned(), error })?.path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Builds the model from manifests, refusing any spec problem (naming file, object and field).
+pub fn build_model(manifests: &Manifests, config: ModelConfig) -> Result<PolicyModel, CheckError> {
+    let model = PolicyModel::new(config, manifests.inputs.clone());
+    if !model.problems().is_empty() {
+        let lines = model
+            .problems()
+            .iter()
+            .map(|p| {
+                let kind = match p.kind {
+                    Kind::MeshPolicy => "MeshPolicy",
+                    Kind::MutualAuth => "MutualAuth",
+                };
+                let file = manifests.origin(kind, &p.object).unwrap_or("(unknown file)");
+                format!("{file}: {kind} {}: {}: {}", p.object, p.error.field, p.error.reason)
+            })
+            .collect();
+        return Err(CheckError::InvalidSpecs(lines));
+    }
+    Ok(model)
+}
+
+/// Answers one check.
+pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
+    let manifests = load_manifests(&req.manifests)?;
+    let config = ModelConfig { trust_domain: req.trust_domain.clone(), mesh_namespace: req.mesh_namespace.clone() };
+    let model = build_model(&manifests, config)?;
+    let pod_with_ip = |s: &str| {
+        let r = ObjectRef::parse(s).ok_or_else(|| CheckError::BadPodRef(s.to_owned()))?;
+        let pod = model.pod(&r).ok_or_else(|| CheckError::UnknownPod(r.clone()))?;
+        if pod.ip.is_none() {
+            return Err(CheckError::NoPodIp(r));
+        }
+        Ok(r)
+    };
+    let from = pod_with_ip(&req.from)?;
+    let to = pod_with_ip(&req.to)?;
+    let Decision { verdict, authentication } = model
+        .decide(&Source::Pod(from.clone()), &to, req.protocol, req.port)
+        .map_err(|e| match e {
+            meshauth_policy::model::ModelError::UnknownPod(r) => CheckError::UnknownPod(r),
+        })?;
+    Ok(CheckResult { verdict, authentication, explanation: explain(&model, &from, &to) })
+}
+
+fn explain(model: &PolicyModel, from: &ObjectRef, to: &ObjectRef) -> Vec<String> {
+    let mut lines = Vec::new();
+    let (Some(src), Some(dst)) = (model.pod(from), model.pod(to)) else { return lines };
+    lines.push(format!("source identity: {}", model.spiffe_id(src)));
+    lines.push(format!("destination identity: {}", model.spiffe_id(dst)));
+    let policies = model.selecting_policies(dst);
+    if policies.is_empty() {
+        lines.push(format!("{to} is selected by no MeshPolicy: it accepts every source"));
+    } else {
+        let names: Vec<_> = policies.iter().map(ToString::to_string).collect();
+        lines.push(format!("{to} is selected by MeshPolicy {}", names.join(", ")));
+    }
+    match model.mutual_auth_for(dst) {
+        Some((ma, mode)) => lines.push(format!("{to} takes its mode from MutualAuth {ma}: {mode:?}")),
+        None => lines.push(format!("no MutualAuth applies to {to}")),
+    }
+    lines
+}
+
+/// Renders a result.
+pub fn render(req: &CheckRequest, result: &CheckResult, output: Output) -> String {
+    match output {
+        // Two plain enums: serialization cannot fail.
+        Output::Json => serde_json::to_string(result).unwrap_or_default(),
+        Output::Table => {
+            let proto = match req.protocol {
+                TableProtocol::Tcp => "TCP",
+                TableProtocol::Udp => "UDP",
+                TableProtocol::Icmp => "ICMP",
+                TableProtocol::Other => "OTHER",
+            };
+            let verdict = match result.verdict {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+            };
+            let auth = match result.authentication {
+                AuthRequirement::None => "none",
+                AuthRequirement::Permissive => "permissive",
+                AuthRequirement::Required => "required",
+            };
+            let meaning = match (result.verdict, result.authentication) {
+                (Verdict::Allow, AuthRequirement::Required) => "passes once the pair is mutually authenticated",
+                (Verdict::Allow, AuthRequirement::Permissive) => "passes; handshakes happen and would-be drops are counted",
+                (Verdict::Allow, AuthRequirement::None) => "passes",
+                (Verdict::Deny, AuthRequirement::Required) => "dropped: authentication is required and the source has no identity",
+                (Verdict::Deny, _) => "dropped: no rule of the destination's MeshPolicies matches",
+            };
+            let port = format!("{}/{proto}", req.port);
+            let mut out = format!(
+                "{:<24} {:<24} {:<10} {:<8} AUTHENTICATION\n{:<24} {:<24} {:<10} {:<8} {auth}\n\n{meaning}\n",
+                "FROM", "TO", "PORT", "VERDICT", req.from, req.to, port, verdict
+            );
+            for line in &result.explanation {
+                out.push_str(&format!("  {line}\n"));
+            }
+            out
+        }
+    }
+}
