@@ -1,0 +1,379 @@
+//! The auth manager keeps the auth map true: every pair the policy model says needs
+//! authentication (destination pod on this node, source anywhere) is handshaken before any
+//! traffic, re-authenticated before its entry expires and whenever a local SVID rotates, and
+//! removed when the pair is no longer needed. Pairs the datapath reports as "auth required"
+//! that the model also wants are handshaken at once.
+//!
+//! One task owns all state; callers talk to it through a cloneable [`AuthManagerHandle`].
+//! Handshakes and the map are behind traits so the logic is unit-tested with in-process doubles.
+//! Fails closed: an entry is only ever written with the expiry a successful handshake proved,
+//! and a failed re-authentication leaves the old entry to expire on its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// (destination SPIFFE-ID number, source SPIFFE-ID number): the auth map's key.
+pub type PairKey = (u32, u32);
+
+/// A pair that needs authentication, with where to reach the source's agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPair {
+    pub dst_number: u32,
+    pub src_number: u32,
+    /// The local identity presented (the destination pod's).
+    pub dst_id: String,
+    /// The identity the peer must prove (the source pod's).
+    pub src_id: String,
+    /// Agents of the nodes hosting a pod of the source identity, tried in order.
+    pub peers: Vec<SocketAddr>,
+}
+
+impl DesiredPair {
+    pub fn key(&self) -> PairKey {
+        (self.dst_number, self.src_number)
+    }
+}
+
+/// Why a handshake failed, with a short reason for metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AuthFailure {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A boxed future, so the traits stay object safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Proves a pair by a mutual handshake with the peer's agent.
+pub trait Authenticator: Send + Sync + 'static {
+    /// Returns the expiry of the proof: no later than either certificate.
+    fn authenticate<'a>(&'a self, local: &'a str, peer: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<SystemTime, AuthFailure>>;
+}
+
+/// The auth map.
+pub trait AuthTable: Send + 'static {
+    fn set(&mut self, key: PairKey, expiry: SystemTime) -> Result<(), String>;
+    fn remove(&mut self, key: PairKey) -> Result<(), String>;
+    /// Entries already in the map (after an agent restart, the pinned map's).
+    fn list(&self) -> Result<Vec<(PairKey, SystemTime)>, String>;
+}
+
+/// What happened to a handshake, for metrics and logs.
+pub trait AuthObserver: Send + Sync + 'static {
+    fn handshake(&self, result: Result<(), &AuthFailure>, duration: Duration);
+    fn entries(&self, count: usize);
+}
+
+/// Tuning of the manager.
+#[derive(Debug, Clone)]
+pub struct AuthManagerConfig {
+    /// Handshakes in flight at once.
+    pub max_concurrent: usize,
+    /// Re-authenticate when this fraction of an entry's lifetime has passed.
+    pub refresh_fraction: f64,
+    /// ...and in any case this long before it expires.
+    pub refresh_margin: Duration,
+    /// First retry delay after a failure; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for AuthManagerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 64,
+            refresh_fraction: 0.5,
+            refresh_margin: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+enum Command {
+    SetDesired(Vec<DesiredPair>),
+    Rotated(String),
+    AuthRequired(PairKey),
+    Done { key: PairKey, started: SystemTime, result: Result<SystemTime, AuthFailure>, took: Duration },
+    Snapshot(tokio::sync::oneshot::Sender<Vec<PairStatus>>),
+}
+
+/// What the manager knows of one pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairStatus {
+    pub key: PairKey,
+    pub desired: bool,
+    pub expiry: Option<SystemTime>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+/// A cloneable handle to the manager task.
+#[derive(Clone)]
+pub struct AuthManagerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl AuthManagerHandle {
+    /// Replaces the set of pairs that need authentication.
+    pub fn set_desired(&self, pairs: Vec<DesiredPair>) {
+        let _ = self.tx.send(Command::SetDesired(pairs));
+    }
+
+    /// A local SVID rotated: re-authenticate every pair it is part of.
+    pub fn rotated(&self, spiffe_id: String) {
+        let _ = self.tx.send(Command::Rotated(spiffe_id));
+    }
+
+    /// The datapath dropped a packet of this pair for lack of authentication.
+    pub fn auth_required(&self, key: PairKey) {
+        let _ = self.tx.send(Command::AuthRequired(key));
+    }
+
+    /// The state of every known pair.
+    pub async fn status(&self) -> Vec<PairStatus> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Command::Snapshot(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+struct PairState {
+    desired: Option<DesiredPair>,
+    expiry: Option<SystemTime>,
+    refresh_at: Option<Instant>,
+    in_flight: bool,
+    failures: u32,
+    next_attempt: Instant,
+    last_error: Option<String>,
+}
+
+impl PairState {
+    fn new(now: Instant) -> Self {
+        Self { desired: None, expiry: None, refresh_at: None, in_flight: false, failures: 0, next_attempt: now, last_error: None }
+    }
+}
+
+/// Starts the manager. Entries already in `table` are adopted with their expiries, so a
+/// restarted agent does not re-handshake (or drop) pairs that are still proven.
+pub fn spawn(
+    config: AuthManagerConfig,
+    authenticator: Arc<dyn Authenticator>,
+    mut table: Box<dyn AuthTable>,
+    observer: Arc<dyn AuthObserver>,
+) -> AuthManagerHandle {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handle = AuthManagerHandle { tx: tx.clone() };
+    tokio::spawn(async move {
+        let mut pairs: BTreeMap<PairKey, PairState> = BTreeMap::new();
+        let now = Instant::now();
+        match table.list() {
+            Ok(existing) => {
+                for (key, expiry) in existing {
+                    let mut state = PairState::new(now);
+                    state.expiry = Some(expiry);
+                    state.refresh_at = Some(refresh_instant(&config, SystemTime::now(), expiry, now));
+                    pairs.insert(key, state);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot list existing auth entries"),
+        }
+        // Adopted entries stay until the first desired set says whether they are still needed.
+        let mut have_desired = false;
+        let mut in_flight = 0usize;
+        loop {
+            let wake = next_wake(&pairs, in_flight < config.max_concurrent);
+            let command = tokio::select! {
+                c = rx.recv() => match c { Some(c) => Some(c), None => return },
+                _ = sleep_until(wake) => None,
+            };
+            let now = Instant::now();
+            match command {
+                Some(Command::SetDesired(list)) => {
+                    have_desired = true;
+                    let wanted: BTreeSet<PairKey> = list.iter().map(DesiredPair::key).collect();
+                    for p in list {
+                        let key = p.key();
+                        pairs.entry(key).or_insert_with(|| PairState::new(now)).desired = Some(p);
+                    }
+                    for (key, state) in pairs.iter_mut() {
+                        if !wanted.contains(key) {
+                            state.desired = None;
+                        }
+                    }
+                }
+                Some(Command::Rotated(id)) => {
+                    for state in pairs.values_mut() {
+                        if state.desired.as_ref().is_some_and(|d| d.dst_id == id || d.src_id == id) {
+                            state.refresh_at = Some(now);
+                            state.next_attempt = now;
+                        }
+                    }
+                }
+                Some(Command::AuthRequired(key)) => {
+                    if let Some(state) = pairs.get_mut(&key).filter(|s| s.desired.is_some()) {
+                        // The datapath is dropping this pair's packets: no backoff.
+                        state.next_attempt = now;
+                        if state.expiry.is_none_or(|e| e <= SystemTime::now()) {
+                            state.refresh_at = Some(now);
+                        }
+                    }
+                }
+                Some(Command::Done { key, started, result, took }) => {
+                    in_flight = in_flight.saturating_sub(1);
+                    observer.handshake(result.as_ref().map(|_| ()), took);
+                    if let Some(state) = pairs.get_mut(&key) {
+                        state.in_flight = false;
+                        match result {
+                            Ok(expiry) if state.desired.is_some() => {
+                                match table.set(key, expiry) {
+                                    Ok(()) => {
+                                        state.expiry = Some(expiry);
+                                        state.refresh_at = Some(refresh_instant(&config, started, expiry, now));
+                                        state.failures = 0;
+                                        state.last_error = None;
+                                    }
+                                    Err(error) => {
+                                        tracing::error!(%error, ?key, "cannot write auth entry");
+                                        state.last_error = Some(error);
+                                        backoff(&config, state, now);
+                                    }
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(failure) => {
+                                tracing::warn!(?key, reason = failure.reason, error = %failure.message, "handshake failed");
+                                state.last_error = Some(failure.message);
+                                backoff(&config, state, now);
+                            }
+                        }
+                    }
+                }
+                Some(Command::Snapshot(reply)) => {
+                    let status = pairs
+                        .iter()
+                        .map(|(key, s)| PairStatus {
+                            key: *key,
+                            desired: s.desired.is_some(),
+                            expiry: s.expiry,
+                            failures: s.failures,
+                            last_error: s.last_error.clone(),
+                        })
+                        .collect();
+                    let _ = reply.send(status);
+                }
+                None => {}
+            }
+
+            // Garbage-collect: pairs no longer wanted, and entries that expired.
+            if have_desired {
+                let wall = SystemTime::now();
+                pairs.retain(|key, state| {
+                    let expired = state.expiry.is_some_and(|e| e <= wall);
+                    if state.desired.is_none() && !state.in_flight {
+                        if state.expiry.is_some() {
+                            if let Err(error) = table.remove(*key) {
+                                tracing::warn!(%error, ?key, "cannot remove auth entry");
+                            }
+                        }
+                        return false;
+                    }
+                    if expired {
+                        if let Err(error) = table.remove(*key) {
+                            tracing::warn!(%error, ?key, "cannot remove expired auth entry");
+                        }
+                        state.expiry = None;
+                        state.refresh_at = Some(now);
+                    }
+                    true
+                });
+            }
+            observer.entries(pairs.values().filter(|s| s.expiry.is_some()).count());
+
+            // Start what is due, within the concurrency bound.
+            for (key, state) in pairs.iter_mut() {
+                if in_flight >= config.max_concurrent {
+                    break;
+                }
+                let Some(desired) = state.desired.clone() else { continue };
+                let due = state.refresh_at.is_none_or(|r| r <= now) && state.next_attempt <= now;
+                if state.in_flight || !due {
+                    continue;
+                }
+                state.in_flight = true;
+                in_flight += 1;
+                let tx = tx.clone();
+                let authenticator = authenticator.clone();
+                let key = *key;
+                tokio::spawn(async move {
+                    let started = SystemTime::now();
+                    let clock = Instant::now();
+                    let result = authenticate_any(&*authenticator, &desired).await;
+                    let _ = tx.send(Command::Done { key, started, result, took: clock.elapsed() });
+                });
+            }
+        }
+    });
+    handle
+}
+
+async fn authenticate_any(authenticator: &dyn Authenticator, pair: &DesiredPair) -> Result<SystemTime, AuthFailure> {
+    let mut last = AuthFailure { reason: "no_peer", message: format!("no node hosting {} is known", pair.src_id) };
+    for addr in &pair.peers {
+        match authenticator.authenticate(&pair.dst_id, &pair.src_id, *addr).await {
+            Ok(expiry) => return Ok(expiry),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn refresh_instant(config: &AuthManagerConfig, started: SystemTime, expiry: SystemTime, now: Instant) -> Instant {
+    let lifetime = expiry.duration_since(started).unwrap_or_default();
+    let by_fraction = lifetime.mul_f64(config.refresh_fraction.clamp(0.0, 1.0));
+    let by_margin = lifetime.saturating_sub(config.refresh_margin);
+    now + by_fraction.min(by_margin)
+}
+
+fn backoff(config: &AuthManagerConfig, state: &mut PairState, now: Instant) {
+    state.failures = state.failures.saturating_add(1);
+    let exp = config.initial_backoff.saturating_mul(1u32 << state.failures.min(16).saturating_sub(1));
+    let capped = exp.min(config.max_backoff);
+    // Up to 20% jitter so many pairs failing together do not retry in lockstep.
+    let jitter = capped.mul_f64(fastrand::f64() * 0.2);
+    state.next_attempt = now + capped + jitter;
+}
+
+fn next_wake(pairs: &BTreeMap<PairKey, PairState>, can_start: bool) -> Option<Instant> {
+    let wall = SystemTime::now();
+    let now = Instant::now();
+    pairs
+        .values()
+        .flat_map(|s| {
+            let start = (can_start && s.desired.is_some() && !s.in_flight)
+                .then(|| s.refresh_at.map_or(s.next_attempt, |r| r.max(s.next_attempt)));
+            let expire = s.expiry.map(|e| now + e.duration_since(wall).unwrap_or_default());
+            [start, expire]
+        })
+        .flatten()
+        .min()
+}
+
+async fn sleep_until(wake: Option<Instant>) {
+    match wake {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;
