@@ -2,7 +2,6 @@
 //!
 //! CNI plugins that give every pod a veth (Calico, the ptp plugin, the demo) install a host
 //! route per pod address; the most specific route in `/proc/net/route` names the interface.
-//! A Pod annotation `meshauth.io/host-interface` overrides the lookup for plugins that do not.
 
 use std::net::Ipv4Addr;
 

@@ -6,7 +6,9 @@
 //! It must not decide policy itself (that is `meshauth-policy`) nor write to the API server.
 
 pub mod auth_manager;
+pub mod config;
 pub mod inputs;
 pub mod interfaces;
 pub mod metrics;
+pub mod plan;
 pub mod verify;

@@ -1,0 +1,151 @@
+//! The agent's configuration: one typed struct with defaults, each setting also readable from
+//! an environment variable `MESHAUTH_<NAME>`, and errors that name the setting, the value and
+//! the reason. The whole configuration is logged once at start.
+
+use meshauth_crds::TrustDomain;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const NODE_NAME: &str = "MESHAUTH_NODE_NAME";
+pub const LISTEN: &str = "MESHAUTH_LISTEN";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4250";
+pub const METRICS_ADDR: &str = "MESHAUTH_METRICS_ADDR";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
+pub const WORKLOAD_API_SOCKET: &str = "MESHAUTH_WORKLOAD_API_SOCKET";
+pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/spire/sockets/agent.sock";
+pub const STATE_DIR: &str = "MESHAUTH_STATE_DIR";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshauth";
+pub const TRUST_DOMAIN: &str = "MESHAUTH_TRUST_DOMAIN";
+pub const MESH_NAMESPACE: &str = "MESHAUTH_MESH_NAMESPACE";
+pub const MANIFESTS: &str = "MESHAUTH_MANIFESTS";
+pub const MAX_CONCURRENT_HANDSHAKES: &str = "MESHAUTH_MAX_CONCURRENT_HANDSHAKES";
+pub const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 64;
+pub const HANDSHAKE_TIMEOUT: &str = "MESHAUTH_HANDSHAKE_TIMEOUT_MS";
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Where the agent learns the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum InputMode {
+    /// The Kubernetes API (in-cluster, or `KUBECONFIG`).
+    Kubernetes,
+    /// A directory of YAML manifests, re-read when it changes.
+    Manifests(PathBuf),
+}
+
+/// Everything `meshauth-agent run` needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentConfig {
+    /// The node this agent runs on; its pods are the destinations it authenticates for.
+    pub node_name: String,
+    pub inputs: InputMode,
+    /// Where peers' agents reach this one for handshakes.
+    pub listen: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub workload_api_socket: PathBuf,
+    /// Survives restarts: the security-identity and SPIFFE-ID numbering.
+    pub state_dir: PathBuf,
+    #[serde(serialize_with = "display")]
+    pub trust_domain: TrustDomain,
+    pub mesh_namespace: String,
+    pub max_concurrent_handshakes: usize,
+    pub handshake_timeout: Duration,
+}
+
+fn display<S: serde::Serializer>(v: &TrustDomain, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_str())
+}
+
+impl AgentConfig {
+    /// The defaults for `node_name`, overridden by the `MESHAUTH_*` variables `get` knows.
+    pub fn from_lookup(node_name: Option<String>, get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let node_name = node_name.or_else(|| get(NODE_NAME)).unwrap_or_default();
+        if node_name.is_empty() {
+            return Err(ConfigError { setting: NODE_NAME, value: String::new(), reason: "the node name is required".into() });
+        }
+        let addr = |setting: &'static str, default: &str| -> Result<SocketAddr, ConfigError> {
+            let value = get(setting).unwrap_or_else(|| default.to_owned());
+            value.parse().map_err(|e| ConfigError { setting, value: value.clone(), reason: format!("not an address: {e}") })
+        };
+        let trust_domain = match get(TRUST_DOMAIN) {
+            None => TrustDomain::default(),
+            Some(v) => TrustDomain::new(&v).map_err(|e| ConfigError { setting: TRUST_DOMAIN, value: v.clone(), reason: e.to_string() })?,
+        };
+        let max_concurrent_handshakes = match get(MAX_CONCURRENT_HANDSHAKES) {
+            None => DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ConfigError { setting: MAX_CONCURRENT_HANDSHAKES, value: v.clone(), reason: "expected a whole number above 0".into() })?,
+        };
+        let handshake_timeout = match get(HANDSHAKE_TIMEOUT) {
+            None => DEFAULT_HANDSHAKE_TIMEOUT,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .map(Duration::from_millis)
+                .ok_or_else(|| ConfigError { setting: HANDSHAKE_TIMEOUT, value: v.clone(), reason: "expected milliseconds above 0".into() })?,
+        };
+        Ok(Self {
+            node_name,
+            inputs: get(MANIFESTS).map_or(InputMode::Kubernetes, |d| InputMode::Manifests(PathBuf::from(d))),
+            listen: addr(LISTEN, DEFAULT_LISTEN)?,
+            metrics_addr: addr(METRICS_ADDR, DEFAULT_METRICS_ADDR)?,
+            workload_api_socket: PathBuf::from(get(WORKLOAD_API_SOCKET).unwrap_or_else(|| DEFAULT_WORKLOAD_API_SOCKET.into())),
+            state_dir: PathBuf::from(get(STATE_DIR).unwrap_or_else(|| DEFAULT_STATE_DIR.into())),
+            trust_domain,
+            mesh_namespace: get(MESH_NAMESPACE).unwrap_or_else(|| meshauth_policy::model::DEFAULT_MESH_NAMESPACE.into()),
+            max_concurrent_handshakes,
+            handshake_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = AgentConfig::from_lookup(Some("node-1".into()), lookup(&[])).expect("valid");
+        assert_eq!(c.listen.port(), 4250);
+        assert_eq!(c.trust_domain.as_str(), "cluster.local");
+        assert_eq!(c.inputs, InputMode::Kubernetes);
+        assert_eq!(c.mesh_namespace, "meshauth-system");
+    }
+
+    #[test]
+    fn errors_name_the_setting_the_value_and_the_reason() {
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (&[(LISTEN, "4250")], "MESHAUTH_LISTEN=\"4250\": not an address"),
+            (&[(TRUST_DOMAIN, "Cluster.Local")], "MESHAUTH_TRUST_DOMAIN=\"Cluster.Local\": trust domain has character 'C'"),
+            (&[(MAX_CONCURRENT_HANDSHAKES, "0")], "MESHAUTH_MAX_CONCURRENT_HANDSHAKES=\"0\": expected a whole number above 0"),
+            (&[(HANDSHAKE_TIMEOUT, "soon")], "MESHAUTH_HANDSHAKE_TIMEOUT_MS=\"soon\""),
+            (&[(METRICS_ADDR, "::9090")], "MESHAUTH_METRICS_ADDR"),
+        ];
+        for (vars, want) in cases {
+            let err = AgentConfig::from_lookup(Some("n".into()), lookup(vars)).expect_err(want).to_string();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+        let err = AgentConfig::from_lookup(None, lookup(&[])).expect_err("no node").to_string();
+        assert!(err.contains("MESHAUTH_NODE_NAME"), "{err}");
+    }
+}
