@@ -1,0 +1,467 @@
+//! One running environment: starting it through `tests/testenv up`, reading what it wrote,
+//! and stopping it through `tests/testenv down` when the [`TestEnv`] is dropped.
+//!
+//! This module only drives the script and reads its directory layout; it does not start
+//! processes itself, so the shell (`tests/testenv`) and Rust users get the same environment.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::spire::SpireServer;
+
+/// The script that does the work; it lives next to this crate's manifest.
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testenv");
+
+/// Set to `1` to keep an environment's directory (logs, data) after it stops.
+pub const KEEP_VAR: &str = "MESHAUTH_TESTENV_KEEP";
+
+/// Where temporary environment directories are created (default `/tmp`; keep it short,
+/// Unix socket paths are limited to about 100 bytes).
+pub const TMP_VAR: &str = "MESHAUTH_TESTENV_TMP";
+
+/// Errors of starting, reading and stopping an environment.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    /// The script could not be executed at all.
+    #[error("cannot run {script}: {source}")]
+    Spawn {
+        script: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `tests/testenv up` exited non-zero; `output` is what it printed (the failing
+    /// component's log tail included).
+    #[error(
+        "`tests/testenv up --dir {dir}` failed ({status}).\n\
+         The test environment must run as root (or with MESHAUTH_TESTENV_CACHE pointing at a \
+         writable directory) and builds its pinned Go binaries on first use (about 10 minutes, \
+         through the Go module proxy).\n--- output ---\n{output}"
+    )]
+    Up {
+        dir: PathBuf,
+        status: String,
+        output: String,
+    },
+    /// `tests/testenv down` exited non-zero.
+    #[error("`tests/testenv down --dir {dir}` failed ({status}):\n{output}")]
+    Down {
+        dir: PathBuf,
+        status: String,
+        output: String,
+    },
+    /// A temporary directory for the environment could not be created.
+    #[error("cannot create a directory for the test environment under {parent}: {source}")]
+    TempDir {
+        parent: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the script should have written is missing or unreadable.
+    #[error("cannot read {path} (written by `tests/testenv up`): {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the script wrote has unexpected content.
+    #[error("{path}: {reason}")]
+    Layout { path: PathBuf, reason: String },
+    /// The options are not usable.
+    #[error("invalid test environment options: {0}")]
+    Options(String),
+    /// The kubeconfig could not be loaded.
+    #[error("cannot load the kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// A client could not be built from the kubeconfig.
+    #[error("cannot build a Kubernetes client from {path}: {source}")]
+    Client {
+        path: PathBuf,
+        #[source]
+        source: kube::Error,
+    },
+    /// No node of that name.
+    #[error("the test environment has no node named {0:?}")]
+    NoSuchNode(String),
+    /// The shared environment of this test binary failed to start (the first error, repeated
+    /// for every test that asks for it).
+    #[error("the shared test environment failed to start: {0}")]
+    Shared(String),
+    /// A blocking task could not complete.
+    #[error("the test environment task did not complete: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Number of nodes (SPIRE agents and Node objects), named `node-1` … `node-N`.
+    pub nodes: usize,
+    /// The SPIFFE trust domain of the SPIRE server.
+    pub trust_domain: String,
+    /// The environment directory; `None` creates a fresh one under `$MESHAUTH_TESTENV_TMP`
+    /// (default `/tmp`) that is removed when the environment stops, unless
+    /// `MESHAUTH_TESTENV_KEEP=1` or the stopping thread is panicking.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            trust_domain: "cluster.local".to_owned(),
+            dir: None,
+        }
+    }
+}
+
+/// One node of the environment: a SPIRE agent and a Node object.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// `node-1` …
+    pub name: String,
+    /// The node's SPIFFE Workload API socket.
+    pub agent_socket: PathBuf,
+    /// The SPIFFE ID of the node's SPIRE agent (the parent of node-scoped entries; also the
+    /// Node object's `meshauth.io/spire-agent-id` annotation).
+    pub agent_id: String,
+}
+
+impl Node {
+    /// The Workload API endpoint in the form the `spiffe` crate takes (`unix:/path`).
+    pub fn workload_api_endpoint(&self) -> String {
+        format!("unix:{}", self.agent_socket.display())
+    }
+}
+
+/// A running environment: etcd, kube-apiserver, a SPIRE server and one SPIRE agent per node.
+/// Dropping it stops every process (also while unwinding from a panic); if the test process
+/// dies without unwinding, a watchdog started by `tests/testenv up --owner-pid` stops it.
+#[derive(Debug)]
+pub struct TestEnv {
+    dir: PathBuf,
+    temporary: bool,
+    trust_domain: String,
+    nodes: Vec<Node>,
+    stopped: AtomicBool,
+}
+
+static SHARED: OnceLock<Result<TestEnv, String>> = OnceLock::new();
+
+impl TestEnv {
+    /// Starts an environment (blocking work runs on the blocking thread pool). The first
+    /// call on a machine may build the Go binaries, which takes about 10 minutes.
+    pub async fn start(opts: Options) -> Result<Self, EnvError> {
+        tokio::task::spawn_blocking(move || Self::start_blocking(opts)).await?
+    }
+
+    /// [`TestEnv::start`] without async.
+    pub fn start_blocking(opts: Options) -> Result<Self, EnvError> {
+        if opts.nodes == 0 {
+            return Err(EnvError::Options("nodes must be at least 1".into()));
+        }
+        let (dir, temporary) = match opts.dir {
+            Some(d) => (d, false),
+            None => (temp_dir()?, true),
+        };
+        let purge_on_exit = temporary && !keep();
+        let mut args: Vec<String> = vec![
+            "up".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--nodes".into(),
+            opts.nodes.to_string(),
+            "--trust-domain".into(),
+            opts.trust_domain.clone(),
+            "--owner-pid".into(),
+            std::process::id().to_string(),
+        ];
+        if purge_on_exit {
+            args.push("--purge-on-exit".into());
+        }
+        let (ok, status, output) = match run_script(&args) {
+            Ok(r) => r,
+            Err(e) => {
+                if temporary {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                return Err(e);
+            }
+        };
+        if !ok {
+            if temporary && !keep() {
+                // Keep nothing but the message: `up` already stopped what it started.
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            return Err(EnvError::Up {
+                dir,
+                status,
+                output,
+            });
+        }
+        let mut env = TestEnv {
+            dir,
+            temporary,
+            trust_domain: String::new(),
+            nodes: Vec::new(),
+            stopped: AtomicBool::new(false),
+        };
+        // If reading the layout fails, `env` is dropped and stops what `up` started.
+        env.trust_domain = read_trimmed(&env.dir.join("trust-domain"))?;
+        for i in 1..=opts.nodes {
+            let name = format!("node-{i}");
+            let ndir = env.dir.join("nodes").join(&name);
+            let agent_id = read_trimmed(&ndir.join("agent-id"))?;
+            if !agent_id.starts_with("spiffe://") {
+                return Err(EnvError::Layout {
+                    path: ndir.join("agent-id"),
+                    reason: format!("not a SPIFFE ID: {agent_id:?}"),
+                });
+            }
+            env.nodes.push(Node {
+                name,
+                agent_socket: ndir.join("agent.sock"),
+                agent_id,
+            });
+        }
+        Ok(env)
+    }
+
+    /// The environment shared by every test of this test binary (2 nodes, trust domain
+    /// `cluster.local`), started on first use. It is never dropped: the watchdog stops it and
+    /// removes its directory when the test binary exits. A start failure is returned to
+    /// every caller.
+    pub fn shared_blocking() -> Result<&'static TestEnv, EnvError> {
+        let slot = SHARED
+            .get_or_init(|| TestEnv::start_blocking(Options::default()).map_err(|e| e.to_string()));
+        match slot {
+            Ok(env) => Ok(env),
+            Err(msg) => Err(EnvError::Shared(msg.clone())),
+        }
+    }
+
+    /// [`TestEnv::shared_blocking`] from async code.
+    pub async fn shared() -> Result<&'static TestEnv, EnvError> {
+        tokio::task::spawn_blocking(Self::shared_blocking).await?
+    }
+
+    /// A new Kubernetes client (cluster-admin). Make one per test (per tokio runtime): a
+    /// client's connections belong to the runtime that created them.
+    pub async fn client(&self) -> Result<kube::Client, EnvError> {
+        crate::install_crypto_provider();
+        let path = self.kubeconfig();
+        let kc = Kubeconfig::read_from(&path).map_err(|source| EnvError::Kubeconfig {
+            path: path.clone(),
+            source,
+        })?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|source| EnvError::Kubeconfig {
+                path: path.clone(),
+                source,
+            })?;
+        kube::Client::try_from(config).map_err(|source| EnvError::Client { path, source })
+    }
+
+    /// The environment directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `DIR/kubeconfig` (cluster-admin).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// `DIR/env`: shell exports of the environment.
+    pub fn env_file(&self) -> PathBuf {
+        self.dir.join("env")
+    }
+
+    /// A binary of the environment: `etcd`, `kube-apiserver`, `kubectl`, `spire-server`,
+    /// `spire-agent`.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.dir.join("bin").join(name)
+    }
+
+    /// The log of a component: `etcd`, `kube-apiserver`, `spire-server`,
+    /// `spire-agent-node-1`, …
+    pub fn log(&self, component: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{component}.log"))
+    }
+
+    /// The SPIRE server API socket (`DIR/spire/server.sock`).
+    pub fn spire_server_socket(&self) -> PathBuf {
+        self.dir.join("spire").join("server.sock")
+    }
+
+    /// The SPIRE trust bundle as PEM (`DIR/spire/bundle.pem`), as of `up`.
+    pub fn spire_bundle_pem(&self) -> PathBuf {
+        self.dir.join("spire").join("bundle.pem")
+    }
+
+    /// The SPIRE server's CLI, bound to this environment's socket.
+    pub fn spire(&self) -> SpireServer {
+        SpireServer::new(
+            self.bin("spire-server"),
+            self.spire_server_socket(),
+            self.trust_domain.clone(),
+        )
+    }
+
+    /// The SPIFFE trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub fn workload_id(&self, namespace: &str, service_account: &str) -> String {
+        format!(
+            "spiffe://{}/ns/{namespace}/sa/{service_account}",
+            self.trust_domain
+        )
+    }
+
+    /// Every node, in order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The node of that name.
+    pub fn node(&self, name: &str) -> Result<&Node, EnvError> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| EnvError::NoSuchNode(name.to_owned()))
+    }
+
+    /// Stops every process now (idempotent). Removes the directory if it was temporary,
+    /// unless `MESHAUTH_TESTENV_KEEP=1`.
+    pub fn stop(&self) -> Result<(), EnvError> {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let keep_dir = !self.temporary || keep() || std::thread::panicking();
+        let mut args = vec![
+            "down".to_owned(),
+            "--dir".to_owned(),
+            self.dir.display().to_string(),
+        ];
+        if !keep_dir {
+            args.push("--purge".into());
+        }
+        let (ok, status, output) = run_script(&args)?;
+        if !ok {
+            return Err(EnvError::Down {
+                dir: self.dir.clone(),
+                status,
+                output,
+            });
+        }
+        if keep_dir && self.temporary {
+            let _ = writeln!(
+                std::io::stderr(),
+                "meshauth-testenv: kept {} (logs in {}/logs)",
+                self.dir.display(),
+                self.dir.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "meshauth-testenv: stopping {}: {e}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+fn keep() -> bool {
+    std::env::var(KEEP_VAR).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+fn temp_dir() -> Result<PathBuf, EnvError> {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let parent = std::env::var_os(TMP_VAR).map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    loop {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = parent.join(format!("meshauth-te-{}-{n}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
+            Err(source) => return Err(EnvError::TempDir { parent, source }),
+        }
+    }
+}
+
+fn read_trimmed(path: &Path) -> Result<String, EnvError> {
+    let s = std::fs::read_to_string(path).map_err(|source| EnvError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let s = s.trim().to_owned();
+    if s.is_empty() {
+        return Err(EnvError::Layout {
+            path: path.to_owned(),
+            reason: "empty".into(),
+        });
+    }
+    Ok(s)
+}
+
+/// Runs the script; its stderr is passed through live (build progress, errors) and also
+/// collected. Returns (success, exit status text, stdout + stderr).
+fn run_script(args: &[String]) -> Result<(bool, String, String), EnvError> {
+    let spawn_err = |source| EnvError::Spawn {
+        script: PathBuf::from(SCRIPT),
+        source,
+    };
+    let mut child = Command::new(SCRIPT)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    let stdout = child.stdout.take();
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut o) = stdout {
+            let _ = std::io::Read::read_to_string(&mut o, &mut s);
+        }
+        s
+    });
+    let mut collected = String::new();
+    if let Some(err) = child.stderr.take() {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            // Written to the real stderr (not captured by the test harness) so a long first
+            // build shows its progress.
+            let _ = writeln!(std::io::stderr(), "{line}");
+            collected.push_str(&line);
+            collected.push('\n');
+        }
+    }
+    let status = child.wait().map_err(spawn_err)?;
+    let stdout = out_thread.join().unwrap_or_default();
+    let output = if stdout.is_empty() {
+        collected
+    } else {
+        format!("{stdout}{collected}")
+    };
+    Ok((status.success(), status.to_string(), output))
+}
