@@ -4,4 +4,5 @@
 //!
 //! It must not hold policy logic of its own: decisions come from `meshauth-policy`.
 
+pub mod demo;
 pub mod policy_check;

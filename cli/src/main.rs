@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use meshauth_crds::TrustDomain;
 use meshauth_policy::tables::TableProtocol;
+use meshauth_datapath::cli::{self as datapath_cli, OutputFormat};
+use meshauthctl::demo::{self, DemoOptions};
 use meshauthctl::policy_check::{self, CheckRequest, Output};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +22,78 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// X.509-SVID tools.
+    Svid {
+        #[command(subcommand)]
+        command: SvidCommand,
+    },
+    /// What this node's auth map holds.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+    /// This node's datapath: endpoints, interfaces, counters by reason.
+    Status {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = OutputArg::Table)]
+        output: OutputArg,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// A mesh in a box: two nodes and five pods as network namespaces, real agents and
+    /// datapath, live checks and a summary (root).
+    Demo {
+        /// Directory for logs and state (default: a new one under the temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The meshauth-agent binary (default: next to meshauthctl, else on PATH).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// SVID lifetime in seconds (a rotation happens during the demo).
+        #[arg(long, default_value_t = 8)]
+        svid_ttl: u64,
+    },
+}
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshauth";
+
+#[derive(Subcommand)]
+enum SvidCommand {
+    /// Validate an X.509-SVID chain (leaf first) per the SPIFFE X509-SVID spec.
+    Verify {
+        /// PEM trust bundle of the trust domain.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Require this trust domain.
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// PEM chain, leaf first.
+        chain: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Authenticated pairs with their remaining lifetime.
+    List {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = OutputArg::Table)]
+        output: OutputArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// ns/packet of the TC program through BPF_PROG_TEST_RUN, against an empty program.
+    Datapath {
+        #[arg(long, value_enum, default_value_t = OutputArg::Table)]
+        output: OutputArg,
     },
 }
 
@@ -64,6 +138,15 @@ enum ProtocolArg {
 enum OutputArg {
     Table,
     Json,
+}
+
+impl From<OutputArg> for OutputFormat {
+    fn from(o: OutputArg) -> Self {
+        match o {
+            OutputArg::Table => OutputFormat::Table,
+            OutputArg::Json => OutputFormat::Json,
+        }
+    }
 }
 
 impl From<OutputArg> for Output {
@@ -114,6 +197,41 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Svid { command: SvidCommand::Verify { bundle, trust_domain, chain } } => {
+            ExitCode::from(meshauth_agent::verify::cli::svid_verify(&bundle, &chain, trust_domain.as_deref()))
+        }
+        Command::Auth { command: AuthCommand::List { pin_dir, output } } => {
+            report("auth list", datapath_cli::auth_list(&pin_dir, output.into(), &mut std::io::stdout()))
+        }
+        Command::Status { pin_dir, output } => report("status", datapath_cli::status(&pin_dir, output.into(), &mut std::io::stdout())),
+        Command::Bench { command: BenchCommand::Datapath { output } } => report(
+            "bench datapath",
+            datapath_cli::bench_datapath(&Default::default(), output.into(), &mut std::io::stdout()).map(|_| ()),
+        ),
+        Command::Demo { dir, agent_bin, svid_ttl } => {
+            let mut options = DemoOptions { agent_bin, svid_ttl: std::time::Duration::from_secs(svid_ttl), ..DemoOptions::default() };
+            if let Some(dir) = dir {
+                options.dir = dir;
+            }
+            match demo::run(options, &mut std::io::stdout()) {
+                Ok(checks) if checks.iter().all(|c| c.passed) => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("meshauthctl demo: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+fn report<E: std::fmt::Display>(what: &str, result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshauthctl {what}: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `meshauthctl policy check`: what the datapath would do for one packet, decided offline from
 //! a directory of YAML manifests by the same model the agents compile into their maps.
 
+use meshauth_agent::inputs::InputError;
 use meshauth_crds::TrustDomain;
 use meshauth_policy::manifests::{ManifestError, Manifests};
 use meshauth_policy::model::{Decision, Kind, ModelConfig, ObjectRef, PolicyModel, Source, Verdict};
@@ -58,31 +59,11 @@ pub struct CheckResult {
 
 /// Reads every manifest file under `dir` (recursively, in name order).
 pub fn load_manifests(dir: &Path) -> Result<Manifests, CheckError> {
-    let mut files = Vec::new();
-    collect_files(dir, &mut files)?;
-    if files.is_empty() {
-        return Err(CheckError::NoManifests(dir.to_owned()));
-    }
-    files.sort();
-    let mut manifests = Manifests::default();
-    for path in files {
-        let text = std::fs::read_to_string(&path).map_err(|error| CheckError::Read { path: path.clone(), error })?;
-        manifests.add_source(&path.display().to_string(), &text)?;
-    }
-    Ok(manifests)
-}
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), CheckError> {
-    let read = |path: &Path| std::fs::read_dir(path).map_err(|error| CheckError::Read { path: path.to_owned(), error });
-    for entry in read(dir)? {
-        let path = entry.map_err(|error| CheckError::Read { path: dir.to_owned(), error })?.path();
-        if path.is_dir() {
-            collect_files(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json") {
-            out.push(path);
-        }
-    }
-    Ok(())
+    meshauth_agent::inputs::read_manifest_dir(dir).map_err(|e| match e {
+        InputError::Read { path, error } => CheckError::Read { path, error },
+        InputError::NoManifests(p) => CheckError::NoManifests(p),
+        InputError::Manifest(m) => CheckError::Manifest(m),
+    })
 }
 
 /// Builds the model from manifests, refusing any spec problem (naming file, object and field).

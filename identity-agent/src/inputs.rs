@@ -50,6 +50,20 @@ impl Snapshot {
     }
 }
 
+/// The SPIFFE IDs of the pods on `node` (what a node-scoped issuer may hand that node).
+pub fn node_identities(snapshot: &Snapshot, node: &str, trust_domain: &meshauth_crds::TrustDomain) -> Vec<meshauth_crds::SpiffeId> {
+    let mut ids: Vec<_> = snapshot
+        .inputs
+        .pods
+        .iter()
+        .filter(|p| p.node.as_deref() == Some(node))
+        .map(|p| trust_domain.service_account_id(&p.namespace, &p.service_account))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 /// Reads every manifest file under `dir` (recursively, in name order).
 pub fn read_manifest_dir(dir: &Path) -> Result<Manifests, InputError> {
     let mut files = Vec::new();
@@ -258,6 +272,8 @@ mod tests {
         assert_eq!(s.inputs.pods.len(), 5);
         assert_eq!(s.node_address("node-2").as_deref(), Some("192.168.77.2"));
         assert_eq!(s.node_address("node-9"), None);
+        let ids: Vec<_> = node_identities(&s, "node-2", &Default::default()).iter().map(|i| i.to_string()).collect();
+        assert_eq!(ids, ["spiffe://cluster.local/ns/shop/sa/payment", "spiffe://cluster.local/ns/tools/sa/default"]);
     }
 
     #[tokio::test]

@@ -7,8 +7,13 @@
 
 pub mod auth_manager;
 pub mod config;
+pub mod dev_issuer;
+pub mod handshake;
+pub mod handshake_glue;
 pub mod inputs;
 pub mod interfaces;
 pub mod metrics;
+pub mod node_agent;
 pub mod plan;
+pub mod svid;
 pub mod verify;

@@ -1,0 +1,276 @@
+//! A mesh in a box: nodes and pods as network namespaces on this machine, wired the way CNIs
+//! do it (a /32 route and proxy ARP per pod on its node, node-to-node routes over an underlay
+//! veth), with a development issuer and a real meshauth agent per node.
+
+use meshauth_datapath::testing::{Netns, Pod, sh};
+use meshauth_policy::manifests::Manifests;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why the box could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("{what}: {error}")]
+    Io { what: String, error: io::Error },
+    #[error("the manifests: {0}")]
+    Manifests(String),
+    #[error("{0} did not become ready in time; its log is {1}")]
+    NotReady(String, PathBuf),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MeshError {
+    let what = what.into();
+    move |error| MeshError::Io { what, error }
+}
+
+/// A node of the box.
+pub struct BoxNode {
+    pub name: String,
+    pub ns: Netns,
+    pub address: Ipv4Addr,
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
+    pub metrics_port: u16,
+    pub agent: Option<Child>,
+    pub issuer: Option<Child>,
+}
+
+/// The whole box: nodes, pods (by `namespace/name`), and where things live on disk.
+pub struct MeshBox {
+    pub dir: PathBuf,
+    pub manifests: PathBuf,
+    pub agent_bin: PathBuf,
+    pub svid_ttl: Duration,
+    pub nodes: Vec<BoxNode>,
+    pub pods: BTreeMap<String, Pod>,
+}
+
+impl MeshBox {
+    /// Builds the namespaces of every node and pod of `manifests` (Nodes need an address,
+    /// Pods a node and an IP). `tag` keeps names unique when several boxes run at once.
+    pub fn build(tag: &str, dir: PathBuf, manifests_dir: PathBuf, parsed: &Manifests, agent_bin: PathBuf, svid_ttl: Duration) -> Result<Self, MeshError> {
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let mut nodes = Vec::new();
+        for (i, n) in parsed.nodes.iter().enumerate() {
+            let address: Ipv4Addr = n
+                .address
+                .as_deref()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| MeshError::Manifests(format!("node {} has no IPv4 InternalIP", n.name)))?;
+            let ns = Netns::new(&format!("{tag}-n{}", i + 1)).map_err(io_err(format!("creating node {}", n.name)))?;
+            let run = |args: &[&str]| sh(args).map_err(io_err(format!("setting up node {}", n.name)));
+            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).map_err(io_err("ip_forward"))?;
+            run(&["ip", "-n", &ns.name, "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
+            nodes.push(BoxNode {
+                name: n.name.clone(),
+                address,
+                pin_dir: PathBuf::from(format!("/sys/fs/bpf/meshauth-{tag}/{}", n.name)),
+                socket: dir.join(&n.name).join("workload.sock"),
+                metrics_port: 0,
+                agent: None,
+                issuer: None,
+                ns,
+            });
+        }
+        // The underlay: a bridge namespace with one veth per node.
+        let underlay = nodes.first().map(|n| n.ns.name.clone()).ok_or_else(|| MeshError::Manifests("no Node objects".into()))?;
+        let bridge = format!("{tag}-br");
+        sh(&["ip", "-n", &underlay, "link", "add", &bridge, "type", "bridge"]).map_err(io_err("underlay bridge"))?;
+        sh(&["ip", "-n", &underlay, "link", "set", &bridge, "up"]).map_err(io_err("underlay bridge"))?;
+        for (i, n) in nodes.iter().enumerate() {
+            let port = format!("{tag}u{}", i + 1);
+            let addr = format!("{}/24", n.address);
+            if n.ns.name == underlay {
+                sh(&["ip", "-n", &underlay, "addr", "add", &addr, "dev", &bridge]).map_err(io_err("underlay address"))?;
+                continue;
+            }
+            sh(&["ip", "-n", &underlay, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.ns.name]).map_err(io_err("underlay veth"))?;
+            sh(&["ip", "-n", &underlay, "link", "set", &port, "master", &bridge, "up"]).map_err(io_err("underlay port"))?;
+            sh(&["ip", "-n", &n.ns.name, "addr", "add", &addr, "dev", "eth0"]).map_err(io_err("underlay address"))?;
+            sh(&["ip", "-n", &n.ns.name, "link", "set", "eth0", "up"]).map_err(io_err("underlay link"))?;
+        }
+        let mut pods = BTreeMap::new();
+        for (i, p) in parsed.inputs.pods.iter().enumerate() {
+            let (Some(ip), Some(node_name)) = (p.ip, p.node.as_deref()) else { continue };
+            let node = nodes
+                .iter()
+                .find(|n| n.name == node_name)
+                .ok_or_else(|| MeshError::Manifests(format!("pod {}/{} is on unknown node {node_name}", p.namespace, p.name)))?;
+            let pod_ns = Netns::new(&format!("{tag}-p{i}")).map_err(io_err(format!("creating pod {}", p.name)))?;
+            let host_if = format!("{tag}h{i}");
+            let (n, pn, ip_s) = (node.ns.name.as_str(), pod_ns.name.as_str(), ip.to_string());
+            let what = format!("wiring pod {}/{}", p.namespace, p.name);
+            for args in [
+                vec!["ip", "-n", n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", pn],
+                vec!["ip", "-n", pn, "addr", "add", &format!("{ip_s}/32"), "dev", "eth0"],
+                vec!["ip", "-n", pn, "link", "set", "eth0", "up"],
+                vec!["ip", "-n", pn, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"],
+                vec!["ip", "-n", pn, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"],
+                vec!["ip", "-n", n, "link", "set", &host_if, "up"],
+                vec!["ip", "-n", n, "route", "add", &format!("{ip_s}/32"), "dev", &host_if],
+            ] {
+                sh(&args).map_err(io_err(what.clone()))?;
+            }
+            node.ns.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]).map_err(io_err(what.clone()))?;
+            // Pods on other nodes: routed through that node's underlay address.
+            for other in nodes.iter().filter(|o| o.name != node_name) {
+                sh(&["ip", "-n", &other.ns.name, "route", "add", &format!("{ip_s}/32"), "via", &node.address.to_string()]).map_err(io_err(what.clone()))?;
+            }
+            pods.insert(format!("{}/{}", p.namespace, p.name), Pod { ns: pod_ns, ip, host_if });
+        }
+        Ok(Self { dir, manifests: manifests_dir, agent_bin, svid_ttl, nodes, pods })
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        // The scenario names pods of the embedded example mesh, which build() created.
+        &self.pods[name]
+    }
+
+    pub fn node(&self, name: &str) -> Option<&BoxNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    fn node_mut(&mut self, name: &str) -> Option<&mut BoxNode> {
+        self.nodes.iter_mut().find(|n| n.name == name)
+    }
+
+    /// Starts the development issuer of one node (its CA state is shared by all nodes: one
+    /// trust domain), and waits for its socket.
+    pub fn start_issuer(&mut self, node: &str) -> Result<(), MeshError> {
+        let (bin, dir, manifests, ttl) = (self.agent_bin.clone(), self.dir.clone(), self.manifests.clone(), self.svid_ttl);
+        let Some(n) = self.node_mut(node) else { return Err(MeshError::Manifests(format!("no node {node}"))) };
+        let node_dir = dir.join(&n.name);
+        std::fs::create_dir_all(&node_dir).map_err(io_err("node dir"))?;
+        let log = node_dir.join("issuer.log");
+        let mut cmd = Command::new(&bin);
+        cmd.args(["dev-issuer", "--socket"])
+            .arg(&n.socket)
+            .arg("--state-dir")
+            .arg(dir.join("ca"))
+            .args(["--svid-ttl", &ttl.as_secs().to_string(), "--node", &n.name, "--manifests"])
+            .arg(&manifests);
+        let child = spawn_logged(cmd, &log, None)?;
+        n.issuer = Some(child);
+        wait_for(&format!("{node} dev issuer"), &log, Duration::from_secs(10), || n.socket.exists())
+    }
+
+    /// Starts the agent of one node inside the node's network namespace (its own mount
+    /// namespace, so the pinned maps under /sys/fs/bpf stay visible to later agents).
+    pub fn start_agent(&mut self, node: &str) -> Result<(), MeshError> {
+        let (bin, dir, manifests) = (self.agent_bin.clone(), self.dir.clone(), self.manifests.clone());
+        let Some(n) = self.node_mut(node) else { return Err(MeshError::Manifests(format!("no node {node}"))) };
+        let node_dir = dir.join(&n.name);
+        std::fs::create_dir_all(&node_dir).map_err(io_err("node dir"))?;
+        let log = node_dir.join("agent.log");
+        if n.metrics_port == 0 {
+            n.metrics_port = free_port().map_err(io_err("picking a metrics port"))?;
+        }
+        let mut cmd = Command::new(&bin);
+        cmd.args(["run", "--node-name", &n.name, "--manifests"])
+            .arg(&manifests)
+            .args(["--listen", &format!("{}:4250", n.address)])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", n.metrics_port)])
+            .arg("--workload-api-socket")
+            .arg(&n.socket)
+            .arg("--state-dir")
+            .arg(node_dir.join("state"))
+            .arg("--pin-dir")
+            .arg(&n.pin_dir)
+            .env("RUST_LOG", "info,meshauth_agent=debug");
+        let netns = File::open(format!("/run/netns/{}", n.ns.name)).map_err(io_err("opening the node namespace"))?;
+        let readies = || std::fs::read_to_string(&log).map_or(0, |l| l.matches("meshauth-agent ready").count());
+        let before = readies();
+        let child = spawn_logged(cmd, &log, Some(netns))?;
+        n.agent = Some(child);
+        wait_for(&format!("{node} agent"), &log, Duration::from_secs(20), || readies() > before)
+    }
+
+    /// Stops a node's agent with SIGTERM, as a rolling update does.
+    pub fn stop_agent(&mut self, node: &str) {
+        if let Some(child) = self.node_mut(node).and_then(|n| n.agent.take()) {
+            terminate(child);
+        }
+    }
+
+    /// The node's agent log so far.
+    pub fn agent_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir.join(node).join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for MeshBox {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            for child in [n.agent.take(), n.issuer.take()].into_iter().flatten() {
+                terminate(child);
+            }
+        }
+        // Pods before nodes: deleting a pod namespace removes its veth pair.
+        self.pods.clear();
+        let pin_roots: Vec<PathBuf> = self.nodes.iter().filter_map(|n| n.pin_dir.parent().map(Path::to_path_buf)).collect();
+        self.nodes.clear();
+        for root in pin_roots {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
+}
+
+fn spawn_logged(mut cmd: Command, log: &Path, netns: Option<File>) -> Result<Child, MeshError> {
+    // Appended: a restarted process's log follows the previous one's.
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err(format!("creating {}", log.display())))?;
+    let err = out.try_clone().map_err(io_err("log file"))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    if let Some(ns) = netns {
+        // SAFETY: setns is async-signal-safe; it runs in the child between fork and exec and
+        // only changes that child's network namespace.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().map_err(io_err(format!("starting {:?}", cmd.get_program())))
+}
+
+fn terminate(mut child: Child) {
+    // SAFETY: kill with a pid we own and have not reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn wait_for(what: &str, log: &Path, timeout: Duration, ready: impl Fn() -> bool) -> Result<(), MeshError> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(MeshError::NotReady(what.to_owned(), log.to_owned()))
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
