@@ -1,0 +1,599 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * meshauth TC programs, attached to the host side of each pod's veth:
+ *   to_pod   (tcx egress: traffic on its way into the pod)  policy and authentication
+ *   from_pod (tcx ingress: traffic the pod sent)             anti-spoofing, conntrack for replies
+ *
+ * The logic is deliberately thin: parse, look up, decide, count. Every table is computed in
+ * userspace (meshauth_policy::tables), every rule the lookups implement is described there and
+ * in the datapath crate's documentation. A pass returns TC_ACT_UNSPEC (TCX_NEXT), not
+ * TC_ACT_OK, so other programs on the same hook still get their say; a drop is TC_ACT_SHOT.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/icmpv6.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "meshauth.h"
+
+#define PASS TC_ACT_UNSPEC
+#define DROP TC_ACT_SHOT
+
+/* linux/icmp.h drags in glibc headers a BPF target cannot build; these are all we need. */
+#define ICMP_ECHOREPLY 0
+#define ICMP_ECHO 8
+struct icmp_echo_hdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 id;
+	__be16 sequence;
+};
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+#define NSEC_PER_SEC 1000000000ULL
+
+/* Default sizes; the loader sets the real ones from its configuration. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __be32);
+	__type(value, struct ma_endpoint_value);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ma_policy_key);
+	__type(value, struct ma_policy_value);
+} policy SEC(".maps");
+
+/* Not preallocated: pairs arrive at handshake rate, and half a million preallocated
+ * elements would pin tens of MB of kernel memory on every node whatever its size. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 524288);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ma_auth_key);
+	__type(value, struct ma_auth_value);
+} auth SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct ma_ct_key);
+	__type(value, struct ma_ct_value);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct ma_frag_key);
+	__type(value, struct ma_frag_value);
+} fragments SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct ma_iface_value);
+} interfaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ma_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ma_event_budget);
+} event_budget SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MA_COUNTER_SLOTS);
+	__type(key, __u32);
+	__type(value, struct ma_counter);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+/* Read by userspace only (meshauthctl shows names instead of numbers); the programs never
+ * touch it. Living in the same object keeps its pinning and sizing with the other maps. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct ma_spiffe_name);
+} spiffe_names SEC(".maps");
+
+/* The parts of an IPv4 packet the decision needs. */
+struct flow {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport; /* ICMP echo: the echo id, in both */
+	__be16 dport;
+	__be16 frag_id;
+	__u8 protocol; /* IP protocol number */
+	__u8 table_proto; /* MA_PROTO_* */
+	__u8 tracked; /* TCP, UDP, ICMP echo: has a conntrack tuple */
+	__u8 tcp_syn; /* SYN without ACK: a new TCP connection */
+	__u8 first_fragment; /* MF set, offset 0 */
+	__u8 later_fragment; /* offset != 0: no L4 header */
+};
+
+static __always_inline void count(__u32 idx, __u64 bytes)
+{
+	struct ma_counter *c = bpf_map_lookup_elem(&counters, &idx);
+
+	if (c) { /* per-CPU: no atomics needed */
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
+static __always_inline void emit(const struct ma_config *cfg, __u32 ifindex, __u8 kind, __u8 counter,
+				 const struct flow *f, __u32 src_identity, __u32 dst_identity,
+				 __u32 src_spiffe, __u32 dst_spiffe, __u8 auth_req)
+{
+	__u32 zero = 0;
+	struct ma_event_budget *b = bpf_map_lookup_elem(&event_budget, &zero);
+	struct ma_event *e;
+	__u64 now;
+
+	if (!b)
+		return;
+	/* A fixed one-second window per CPU: a flood of drops costs the ring buffer at most
+	 * events_per_sec records per CPU, so the agent always sees the other CPUs' events. */
+	now = bpf_ktime_get_boot_ns();
+	if (now - b->window_start_ns >= NSEC_PER_SEC) {
+		b->window_start_ns = now;
+		b->sent = 0;
+	}
+	if (b->sent >= cfg->events_per_sec) {
+		count(MA_C_EVENTS_RATE_LIMITED, 0);
+		return;
+	}
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(MA_C_EVENTS_LOST, 0);
+		return;
+	}
+	b->sent++;
+	e->timestamp_ns = now;
+	e->saddr = f->saddr;
+	e->daddr = f->daddr;
+	e->sport = f->sport;
+	e->dport = f->dport;
+	e->ifindex = ifindex;
+	e->src_identity = src_identity;
+	e->dst_identity = dst_identity;
+	e->src_spiffe_id = src_spiffe;
+	e->dst_spiffe_id = dst_spiffe;
+	e->kind = kind;
+	e->counter = counter;
+	e->protocol = f->protocol;
+	e->auth = auth_req;
+	e->pad = 0;
+	bpf_ringbuf_submit(e, 0);
+	count(MA_C_EVENTS_SENT, sizeof(*e));
+}
+
+static __always_inline int drop(const struct ma_config *cfg, struct __sk_buff *skb, __u8 kind,
+				__u8 counter, const struct flow *f)
+{
+	count(counter, skb->len);
+	emit(cfg, skb->ifindex, kind, counter, f, 0, 0, 0, 0, MA_AUTH_NONE);
+	return DROP;
+}
+
+/* Makes the Ethernet, the largest IPv4 and a TCP header readable with direct packet access
+ * (forwarded packets can arrive with only part of them in the linear area). */
+static __always_inline void ensure_linear(struct __sk_buff *skb)
+{
+	__u32 want = ETH_HLEN + 60 + sizeof(struct tcphdr);
+
+	if ((long)skb->data + want <= (long)skb->data_end)
+		return;
+	if (want > skb->len)
+		want = skb->len;
+	bpf_skb_pull_data(skb, want);
+}
+
+/* 0: parsed; -1: truncated. */
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 ihl;
+	__u16 frag;
+	void *l4;
+
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return -1;
+	f->saddr = ip->saddr;
+	f->daddr = ip->daddr;
+	f->protocol = ip->protocol;
+	f->frag_id = ip->id;
+	frag = bpf_ntohs(ip->frag_off);
+	f->later_fragment = (frag & IP_OFFSET) != 0;
+	f->first_fragment = (frag & IP_MF) && !f->later_fragment;
+	f->table_proto = MA_PROTO_OTHER;
+	if (f->later_fragment)
+		return 0; /* no L4 header: decided by the fragments map */
+
+	l4 = (void *)ip + ihl;
+	switch (ip->protocol) {
+	case IPPROTO_TCP: {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > data_end)
+			return -1;
+		f->sport = th->source;
+		f->dport = th->dest;
+		f->table_proto = MA_PROTO_TCP;
+		f->tracked = 1;
+		f->tcp_syn = th->syn && !th->ack;
+		break;
+	}
+	case IPPROTO_UDP: {
+		struct udphdr *uh = l4;
+
+		if ((void *)(uh + 1) > data_end)
+			return -1;
+		f->sport = uh->source;
+		f->dport = uh->dest;
+		f->table_proto = MA_PROTO_UDP;
+		f->tracked = 1;
+		break;
+	}
+	case IPPROTO_ICMP: {
+		struct icmp_echo_hdr *ic = l4;
+
+		if ((void *)(ic + 1) > data_end)
+			return -1;
+		f->table_proto = MA_PROTO_ICMP;
+		if (ic->type == ICMP_ECHO || ic->type == ICMP_ECHOREPLY) {
+			/* The echo id plays both ports, so a reply's reversed tuple is the request's. */
+			f->sport = ic->id;
+			f->dport = ic->id;
+			f->tracked = 1;
+		}
+		break;
+	}
+	default:
+		break;
+	}
+	return 0;
+}
+
+/* IPv6: the tables are IPv4 only, so IPv6 cannot be enforced. By default it is dropped, except
+ * neighbour discovery (ICMPv6 133-137, no extension headers) that keeps the link working;
+ * MA_IPV6_PASS lets it all through for clusters that accept unenforced IPv6. */
+static __always_inline int handle_ipv6(struct __sk_buff *skb, const struct ma_config *cfg)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
+	struct flow f = {};
+
+	if (cfg->ipv6_mode == MA_IPV6_PASS) {
+		count(MA_C_PASS_IPV6, skb->len);
+		return PASS;
+	}
+	if ((void *)(ip6 + 1) > data_end)
+		return drop(cfg, skb, MA_EV_IPV6, MA_C_DROP_MALFORMED, &f);
+	f.protocol = ip6->nexthdr;
+	if (ip6->nexthdr == IPPROTO_ICMPV6) {
+		struct icmp6hdr *ic = (void *)(ip6 + 1);
+
+		if ((void *)(ic + 1) > data_end)
+			return drop(cfg, skb, MA_EV_IPV6, MA_C_DROP_MALFORMED, &f);
+		if (ic->icmp6_type >= 133 && ic->icmp6_type <= 137) {
+			count(MA_C_PASS_IPV6, skb->len);
+			return PASS;
+		}
+	}
+	return drop(cfg, skb, MA_EV_IPV6, MA_C_DROP_IPV6, &f);
+}
+
+/* 0: pass; MA_C_DROP_AUTH_MISSING or MA_C_DROP_AUTH_EXPIRED otherwise. */
+static __always_inline __u32 auth_check(__u32 dst_spiffe, __u32 src_spiffe)
+{
+	struct ma_auth_key key = { .dst_spiffe_id = dst_spiffe, .src_spiffe_id = src_spiffe };
+	struct ma_auth_value *v;
+
+	if (src_spiffe == MA_NO_SPIFFE_ID || dst_spiffe == MA_NO_SPIFFE_ID)
+		return MA_C_DROP_AUTH_MISSING;
+	v = bpf_map_lookup_elem(&auth, &key);
+	if (!v)
+		return MA_C_DROP_AUTH_MISSING;
+	if (v->expiry_ns <= bpf_ktime_get_boot_ns())
+		return MA_C_DROP_AUTH_EXPIRED;
+	return 0;
+}
+
+static __always_inline void remember_fragment(const struct flow *f)
+{
+	struct ma_frag_key key = {
+		.saddr = f->saddr, .daddr = f->daddr, .id = f->frag_id, .protocol = f->protocol,
+	};
+	struct ma_frag_value v = { .seen = 1 };
+
+	if (f->first_fragment)
+		bpf_map_update_elem(&fragments, &key, &v, BPF_ANY);
+}
+
+/* Authentication outcome for a requirement: PASS or DROP, counted and reported. */
+static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_config *cfg,
+					const struct flow *f, __u8 req, __u32 src_identity,
+					__u32 dst_identity, __u32 src_spiffe, __u32 dst_spiffe,
+					__u32 pass_counter)
+{
+	__u32 failed = auth_check(dst_spiffe, src_spiffe);
+
+	if (!failed) {
+		count(pass_counter, skb->len);
+		return PASS;
+	}
+	if (req == MA_AUTH_REQUIRED) {
+		count(failed, skb->len);
+		emit(cfg, skb->ifindex, MA_EV_AUTH_REQUIRED, failed, f, src_identity, dst_identity,
+		     src_spiffe, dst_spiffe, req);
+		return DROP;
+	}
+	/* Permissive: what Strict would drop is counted and reported, so the agent
+	 * authenticates the pair, and it passes. */
+	count(MA_C_PASS_PERMISSIVE, skb->len);
+	emit(cfg, skb->ifindex, MA_EV_AUTH_REQUIRED, MA_C_PASS_PERMISSIVE, f, src_identity,
+	     dst_identity, src_spiffe, dst_spiffe, req);
+	return PASS;
+}
+
+SEC("classifier")
+int to_pod(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct ma_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct ma_endpoint_value *dst, *src;
+	struct ma_policy_value *rule;
+	struct ma_ct_value *ct = 0;
+	struct ma_ct_key ct_key = {};
+	struct flow f = {};
+	void *data, *data_end;
+	struct ethhdr *eth;
+	__u32 src_identity, src_spiffe;
+	__u8 req = MA_AUTH_NONE;
+	int verdict;
+
+	if (!cfg) /* an array always has its element; keeps the verifier happy */
+		return PASS;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		count(MA_C_PASS_ARP, skb->len);
+		return PASS;
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return handle_ipv6(skb, cfg);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_UNSUPPORTED_L2, &f);
+
+	ensure_linear(skb);
+	if (parse_ipv4(skb, &f) < 0)
+		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
+
+	dst = bpf_map_lookup_elem(&endpoints, &f.daddr);
+	if (!dst) {
+		count(MA_C_PASS_NOT_MESH, skb->len);
+		return PASS;
+	}
+	if (!(dst->flags & MA_EP_ISOLATED) && dst->mutual_auth == MA_AUTH_NONE) {
+		count(MA_C_PASS_NO_POLICY, skb->len);
+		return PASS;
+	}
+
+	if (f.later_fragment) {
+		struct ma_frag_key fk = {
+			.saddr = f.saddr, .daddr = f.daddr, .id = f.frag_id, .protocol = f.protocol,
+		};
+
+		if (bpf_map_lookup_elem(&fragments, &fk)) {
+			count(MA_C_PASS_FRAGMENT, skb->len);
+			return PASS;
+		}
+		return drop(cfg, skb, MA_EV_FRAGMENT, MA_C_DROP_FRAGMENT, &f);
+	}
+
+	if (f.tracked) {
+		/* A reply of a flow the pod started: the tuple as the pod sent it. */
+		ct_key.saddr = f.daddr;
+		ct_key.daddr = f.saddr;
+		ct_key.sport = f.dport;
+		ct_key.dport = f.sport;
+		ct_key.protocol = f.protocol;
+		ct_key.dir = MA_CT_OUT;
+		if (bpf_map_lookup_elem(&conntrack, &ct_key)) {
+			count(MA_C_PASS_CT_REPLY, skb->len);
+			remember_fragment(&f);
+			return PASS;
+		}
+		/* A later packet of a flow admitted under the current tables: only the pair's
+		 * authentication can have changed since, so only that is checked again. */
+		ct_key.saddr = f.saddr;
+		ct_key.daddr = f.daddr;
+		ct_key.sport = f.sport;
+		ct_key.dport = f.dport;
+		ct_key.dir = MA_CT_IN;
+		ct = bpf_map_lookup_elem(&conntrack, &ct_key);
+		if (ct && ct->policy_epoch == cfg->policy_epoch) {
+			if (ct->auth == MA_AUTH_NONE) {
+				count(MA_C_PASS_CT_ESTABLISHED, skb->len);
+				verdict = PASS;
+			} else {
+				verdict = authenticate(skb, cfg, &f, ct->auth, 0, dst->security_identity,
+						       ct->src_spiffe_id, ct->dst_spiffe_id,
+						       MA_C_PASS_CT_ESTABLISHED);
+			}
+			if (verdict == PASS)
+				remember_fragment(&f);
+			return verdict;
+		}
+	}
+
+	/* The full check (meshauth_policy::tables, steps 2-4). */
+	src = bpf_map_lookup_elem(&endpoints, &f.saddr);
+	src_identity = src ? src->security_identity : MA_WORLD_IDENTITY;
+	src_spiffe = src ? src->spiffe_id : MA_NO_SPIFFE_ID;
+	if (dst->flags & MA_EP_ISOLATED) {
+		struct ma_policy_key pk = {
+			.prefixlen = MA_POLICY_FIXED_BITS + 16,
+			.dst_identity = dst->security_identity,
+			.src_identity = src_identity,
+			.protocol = f.table_proto,
+			.port = (f.table_proto == MA_PROTO_TCP || f.table_proto == MA_PROTO_UDP) ? f.dport : 0,
+		};
+
+		__u8 matched = 0;
+
+		/* Each pointer is tested on its own: clang would otherwise OR the two and the
+		 * verifier rejects arithmetic on maybe-null pointers. */
+		rule = bpf_map_lookup_elem(&policy, &pk);
+		if (rule) {
+			matched = 1;
+			req = rule->auth;
+		}
+		pk.src_identity = MA_ANY_IDENTITY;
+		rule = bpf_map_lookup_elem(&policy, &pk);
+		if (rule) {
+			matched = 1;
+			if (rule->auth > req)
+				req = rule->auth;
+		}
+		if (!matched) {
+			count(MA_C_DROP_DENIED, skb->len);
+			emit(cfg, skb->ifindex, MA_EV_DENIED, MA_C_DROP_DENIED, &f, src_identity,
+			     dst->security_identity, src_spiffe, dst->spiffe_id, MA_AUTH_NONE);
+			return DROP;
+		}
+	}
+	if (dst->mutual_auth > req)
+		req = dst->mutual_auth;
+
+	if (req == MA_AUTH_NONE) {
+		count(MA_C_PASS_POLICY, skb->len);
+		verdict = PASS;
+	} else {
+		verdict = authenticate(skb, cfg, &f, req, src_identity, dst->security_identity,
+				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED);
+	}
+	if (verdict != PASS)
+		return verdict;
+
+	/* Cache the admission: new flows (a TCP SYN, any UDP or ICMP echo) and flows whose entry
+	 * an older policy epoch wrote. A mid-stream TCP packet without an entry is checked in full
+	 * every time rather than admitted into the cache on its own word. */
+	if (f.tracked && (ct || f.protocol != IPPROTO_TCP || f.tcp_syn)) {
+		struct ma_ct_value v = {
+			.policy_epoch = cfg->policy_epoch,
+			.dst_spiffe_id = dst->spiffe_id,
+			.src_spiffe_id = src_spiffe,
+			.auth = req,
+		};
+
+		bpf_map_update_elem(&conntrack, &ct_key, &v, BPF_ANY);
+	}
+	remember_fragment(&f);
+	return PASS;
+}
+
+SEC("classifier")
+int from_pod(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct ma_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct ma_iface_value *iface;
+	struct ma_ct_key key = {};
+	struct flow f = {};
+	void *data, *data_end;
+	struct ethhdr *eth;
+	__u32 ifindex = skb->ifindex;
+
+	if (!cfg)
+		return PASS;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		count(MA_C_PASS_ARP, skb->len);
+		return PASS;
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return handle_ipv6(skb, cfg);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_UNSUPPORTED_L2, &f);
+
+	ensure_linear(skb);
+	if (parse_ipv4(skb, &f) < 0)
+		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
+
+	/* Anti-spoofing: a pod speaks only with its own address. An interface the loader did not
+	 * register is treated the same way: failing closed beats letting an unknown source ride
+	 * another pod's authentication. */
+	iface = bpf_map_lookup_elem(&interfaces, &ifindex);
+	if (!iface || iface->pod_ip != f.saddr)
+		return drop(cfg, skb, MA_EV_SPOOFED, MA_C_DROP_SPOOFED, &f);
+
+	if (f.tracked) {
+		/* A reply of a flow to_pod admitted needs no entry of its own. */
+		key.saddr = f.daddr;
+		key.daddr = f.saddr;
+		key.sport = f.dport;
+		key.dport = f.sport;
+		key.protocol = f.protocol;
+		key.dir = MA_CT_IN;
+		if (!bpf_map_lookup_elem(&conntrack, &key)) {
+			key.saddr = f.saddr;
+			key.daddr = f.daddr;
+			key.sport = f.sport;
+			key.dport = f.dport;
+			key.dir = MA_CT_OUT;
+			/* Written once per flow, not per packet: the lookup also refreshes the LRU. */
+			if (!bpf_map_lookup_elem(&conntrack, &key)) {
+				struct ma_ct_value v = {};
+
+				bpf_map_update_elem(&conntrack, &key, &v, BPF_ANY);
+			}
+		}
+	}
+	count(MA_C_PASS_FROM_POD, skb->len);
+	return PASS;
+}
+
+char LICENSE[] SEC("license") = "Apache-2.0";

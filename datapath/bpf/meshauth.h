@@ -1,0 +1,200 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The meshauth datapath ABI: every map key, map value, event and constant that the TC programs
+ * share with the Rust loader. This header is the one definition. `src/abi.rs` mirrors it field
+ * for field, and `abi::tests::layout_matches_c_header` compares the Rust sizes and offsets with
+ * what the C compiler lays out for the structs below (build.rs compiles bpf/layout.c, which
+ * prints them). Change a struct here, change it there, and the test tells you if they differ.
+ *
+ * Byte order: IPv4 addresses and L4 ports are network order (__be*), as they sit in the packet,
+ * so the programs never swap bytes. Everything else is host order.
+ *
+ * Time: every timestamp and expiry is CLOCK_BOOTTIME in nanoseconds (bpf_ktime_get_boot_ns in
+ * the program, clock_gettime(CLOCK_BOOTTIME) in userspace), so the agent can compute expiries
+ * the program checks, and a suspended machine does not extend an authentication.
+ */
+#ifndef MESHAUTH_H
+#define MESHAUTH_H
+
+#include <linux/types.h>
+
+/* Mirrors meshauth_policy::tables. */
+#define MA_ANY_IDENTITY 0
+#define MA_WORLD_IDENTITY 1
+#define MA_NO_SPIFFE_ID 0
+
+/* Authentication requirement, ordered: the stricter one is the larger number. */
+#define MA_AUTH_NONE 0
+#define MA_AUTH_PERMISSIVE 1
+#define MA_AUTH_REQUIRED 2
+
+/* Table protocol numbers (meshauth_policy::tables::TableProtocol). */
+#define MA_PROTO_OTHER 0
+#define MA_PROTO_ICMP 1
+#define MA_PROTO_TCP 6
+#define MA_PROTO_UDP 17
+
+/* endpoints: pod IPv4 address (__be32) -> ma_endpoint_value. */
+#define MA_EP_ISOLATED (1 << 0) /* some MeshPolicy selects the pod */
+struct ma_endpoint_value {
+	__u32 security_identity;
+	__u32 spiffe_id;
+	__u32 ifindex; /* host-side interface of a pod on this node; 0 for other pods */
+	__u8 flags;
+	__u8 mutual_auth; /* MA_AUTH_* */
+	__u16 pad;
+};
+
+/*
+ * policy: LPM trie. The prefix covers dst_identity, src_identity and protocol completely (80
+ * bits) and then the leading bits of the big-endian port, so a port range is stored as the
+ * aligned blocks of meshauth_policy::tables::port_range_prefixes.
+ */
+#define MA_POLICY_FIXED_BITS 80
+struct ma_policy_key {
+	__u32 prefixlen;
+	__u32 dst_identity;
+	__u32 src_identity; /* or MA_ANY_IDENTITY */
+	__u16 protocol; /* MA_PROTO_* */
+	__be16 port; /* 0 for ICMP and other protocols */
+};
+struct ma_policy_value {
+	__u8 auth; /* MA_AUTH_*; every entry allows, absence denies */
+	__u8 pad[3];
+};
+
+/* auth: an authenticated pair and when it stops being one. */
+struct ma_auth_key {
+	__u32 dst_spiffe_id;
+	__u32 src_spiffe_id;
+};
+struct ma_auth_value {
+	__u64 expiry_ns; /* CLOCK_BOOTTIME */
+};
+
+/*
+ * conntrack: LRU. MA_CT_OUT entries are written by from_pod for flows a pod starts (the key
+ * is the tuple as the pod sends it); MA_CT_IN entries by to_pod for flows it admitted (the key
+ * is the tuple as the peer sends it). The direction is part of the key so that the two pods of
+ * a same-node connection never share an entry.
+ */
+#define MA_CT_OUT 1
+#define MA_CT_IN 2
+struct ma_ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 protocol; /* IP protocol number */
+	__u8 dir; /* MA_CT_* */
+	__u16 pad;
+};
+struct ma_ct_value {
+	__u32 policy_epoch; /* ma_config.policy_epoch when admitted; stale -> re-evaluate */
+	__u32 dst_spiffe_id; /* the pair to re-check when auth is not MA_AUTH_NONE */
+	__u32 src_spiffe_id;
+	__u8 auth;
+	__u8 pad[3];
+};
+
+/* fragments: LRU, IPv4 first fragments that passed; later fragments pass only when listed. */
+struct ma_frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 protocol;
+	__u8 pad;
+};
+struct ma_frag_value {
+	__u32 seen;
+};
+
+/* interfaces: host-side ifindex -> the only source address its pod may use. */
+#define MA_ATTACH_TCX 1
+#define MA_ATTACH_NETLINK 2
+struct ma_iface_value {
+	__be32 pod_ip;
+	__u8 attach_mode; /* MA_ATTACH_* */
+	__u8 pad[3];
+};
+
+/* config: a one-element array the loader writes. */
+#define MA_IPV6_DROP 0 /* drop IPv6 except neighbour discovery (the default) */
+#define MA_IPV6_PASS 1 /* pass all IPv6 unchecked */
+struct ma_config {
+	__u32 policy_epoch; /* bumped by the loader whenever endpoints or policy change */
+	__u32 events_per_sec; /* per CPU; 0 = no events */
+	__u8 ipv6_mode; /* MA_IPV6_* */
+	__u8 pad[7];
+};
+
+/* event_budget: per-CPU rate limit of the ring buffer. */
+struct ma_event_budget {
+	__u64 window_start_ns;
+	__u32 sent;
+	__u32 pad;
+};
+
+/* counters: per-CPU array indexed by MA_C_*, what happened to how many packets. */
+#define MA_C_PASS_NOT_MESH 0 /* destination is not a meshauth pod */
+#define MA_C_PASS_NO_POLICY 1 /* destination neither isolated nor requiring auth */
+#define MA_C_PASS_POLICY 2 /* allowed by policy, no authentication needed */
+#define MA_C_PASS_AUTHENTICATED 3 /* allowed, authenticated pair present */
+#define MA_C_PASS_PERMISSIVE 4 /* would be dropped for missing auth, passed (Permissive) */
+#define MA_C_PASS_CT_REPLY 5 /* reply of a flow the pod started */
+#define MA_C_PASS_CT_ESTABLISHED 6 /* later packet of an admitted flow */
+#define MA_C_PASS_FRAGMENT 7 /* later fragment of a passed first fragment */
+#define MA_C_PASS_FROM_POD 8 /* from the pod, source address is its own */
+#define MA_C_PASS_ARP 9
+#define MA_C_PASS_IPV6 10
+#define MA_C_DROP_DENIED 11 /* no policy entry allows it */
+#define MA_C_DROP_AUTH_MISSING 12 /* authentication required, pair not authenticated */
+#define MA_C_DROP_AUTH_EXPIRED 13 /* authentication required, pair's entry expired */
+#define MA_C_DROP_SPOOFED 14 /* from a pod with a source address not its own */
+#define MA_C_DROP_FRAGMENT 15 /* later fragment whose first fragment did not pass */
+#define MA_C_DROP_IPV6 16
+#define MA_C_DROP_MALFORMED 17 /* truncated headers */
+#define MA_C_DROP_UNSUPPORTED_L2 18 /* neither IPv4, IPv6 nor ARP */
+#define MA_C_EVENTS_SENT 19
+#define MA_C_EVENTS_RATE_LIMITED 20
+#define MA_C_EVENTS_LOST 21 /* ring buffer full */
+#define MA_C_COUNT 22
+#define MA_COUNTER_SLOTS 32 /* map size: room for new counters without a layout change */
+struct ma_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* events: ring buffer records. */
+#define MA_EV_DENIED 1
+#define MA_EV_AUTH_REQUIRED 2 /* pair not authenticated (dropped, or passed when Permissive) */
+#define MA_EV_SPOOFED 3
+#define MA_EV_FRAGMENT 4
+#define MA_EV_IPV6 5
+#define MA_EV_UNSUPPORTED 6
+struct ma_event {
+	__u64 timestamp_ns; /* CLOCK_BOOTTIME */
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u32 ifindex;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 src_spiffe_id;
+	__u32 dst_spiffe_id;
+	__u8 kind; /* MA_EV_* */
+	__u8 counter; /* MA_C_* the packet was counted under: tells drop from permissive pass */
+	__u8 protocol;
+	__u8 auth; /* the requirement that applied */
+	__u32 pad;
+};
+
+/* spiffe_names: SPIFFE-ID number -> the ID, for people reading the maps (unused by the programs). */
+#define MA_SPIFFE_ID_MAX 2048 /* the SPIFFE ID spec's limit */
+struct ma_spiffe_name {
+	__u32 len;
+	__u8 id[MA_SPIFFE_ID_MAX];
+};
+
+#endif /* MESHAUTH_H */
