@@ -7,7 +7,7 @@
 //! traffic with zero failed requests. It ends with a summary table and exits 0 only when every
 //! check passed.
 
-mod mesh;
+pub mod mesh;
 
 use mesh::{MeshBox, MeshError};
 use meshauth_datapath::testing::{Server, tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip, udp_echo_server, udp_request};

@@ -42,10 +42,21 @@ pub struct BoxNode {
     pub issuer: Option<Child>,
 }
 
+/// Where the box's agents learn the cluster.
+#[derive(Debug, Clone)]
+pub enum AgentInputs {
+    /// A manifest directory (the demo).
+    Manifests(PathBuf),
+    /// A real API server (integration tests).
+    Kubeconfig(PathBuf),
+}
+
 /// The whole box: nodes, pods (by `namespace/name`), and where things live on disk.
 pub struct MeshBox {
     pub dir: PathBuf,
+    /// What the development issuers read their nodes' identities from.
     pub manifests: PathBuf,
+    pub agent_inputs: AgentInputs,
     pub agent_bin: PathBuf,
     pub svid_ttl: Duration,
     pub nodes: Vec<BoxNode>,
@@ -125,7 +136,8 @@ impl MeshBox {
             }
             pods.insert(format!("{}/{}", p.namespace, p.name), Pod { ns: pod_ns, ip, host_if });
         }
-        Ok(Self { dir, manifests: manifests_dir, agent_bin, svid_ttl, nodes, pods })
+        let agent_inputs = AgentInputs::Manifests(manifests_dir.clone());
+        Ok(Self { dir, manifests: manifests_dir, agent_inputs, agent_bin, svid_ttl, nodes, pods })
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -139,6 +151,13 @@ impl MeshBox {
 
     fn node_mut(&mut self, name: &str) -> Option<&mut BoxNode> {
         self.nodes.iter_mut().find(|n| n.name == name)
+    }
+
+    /// Points a node's agent at another Workload API (e.g. a real SPIRE agent's socket).
+    pub fn set_workload_socket(&mut self, node: &str, socket: PathBuf) {
+        if let Some(n) = self.node_mut(node) {
+            n.socket = socket;
+        }
     }
 
     /// Starts the development issuer of one node (its CA state is shared by all nodes: one
@@ -164,7 +183,7 @@ impl MeshBox {
     /// Starts the agent of one node inside the node's network namespace (its own mount
     /// namespace, so the pinned maps under /sys/fs/bpf stay visible to later agents).
     pub fn start_agent(&mut self, node: &str) -> Result<(), MeshError> {
-        let (bin, dir, manifests) = (self.agent_bin.clone(), self.dir.clone(), self.manifests.clone());
+        let (bin, dir, inputs) = (self.agent_bin.clone(), self.dir.clone(), self.agent_inputs.clone());
         let Some(n) = self.node_mut(node) else { return Err(MeshError::Manifests(format!("no node {node}"))) };
         let node_dir = dir.join(&n.name);
         std::fs::create_dir_all(&node_dir).map_err(io_err("node dir"))?;
@@ -173,9 +192,12 @@ impl MeshBox {
             n.metrics_port = free_port().map_err(io_err("picking a metrics port"))?;
         }
         let mut cmd = Command::new(&bin);
-        cmd.args(["run", "--node-name", &n.name, "--manifests"])
-            .arg(&manifests)
-            .args(["--listen", &format!("{}:4250", n.address)])
+        cmd.args(["run", "--node-name", &n.name]);
+        match &inputs {
+            AgentInputs::Manifests(dir) => cmd.arg("--manifests").arg(dir),
+            AgentInputs::Kubeconfig(path) => cmd.env("KUBECONFIG", path),
+        };
+        cmd.args(["--listen", &format!("{}:4250", n.address)])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", n.metrics_port)])
             .arg("--workload-api-socket")
             .arg(&n.socket)
