@@ -24,6 +24,9 @@ pub const GROUP: &str = "meshauth.io";
 /// The served and stored version.
 pub const VERSION: &str = "v1alpha1";
 
+/// Where the generated CRD YAML is committed, relative to the repository root.
+pub const CRD_DIRS: &[&str] = &["config/crds", "config/helm/meshauth/crds"];
+
 /// Every CRD meshauth installs, with the file name it is committed under in `config/crds/`.
 pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
@@ -45,22 +48,16 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    fn committed(file: &str) -> String {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../config/crds")
-            .join(file);
-        std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-    }
-
     #[test]
     fn committed_crd_yaml_is_current() {
-        for (file, crd) in all_crds() {
-            let generated = crd_yaml(&crd).expect("serialize CRD");
-            assert!(
-                committed(file) == generated,
-                "config/crds/{file} is stale: run `cargo run -p meshauth-crds --bin crdgen`"
-            );
+        for dir in CRD_DIRS {
+            for (file, crd) in all_crds() {
+                let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(dir).join(file);
+                let committed = std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+                let generated = crd_yaml(&crd).expect("serialize CRD");
+                assert!(committed == generated, "{dir}/{file} is stale: run `cargo run -p meshauth-crds --bin crdgen`");
+            }
         }
     }
 

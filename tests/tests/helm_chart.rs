@@ -1,0 +1,74 @@
+//! The Helm chart renders, and the real kube-apiserver accepts every object it renders
+//! (server-side dry run: schemas, RBAC objects, the webhook configuration), in both
+//! certificate modes.
+
+use meshauth_testenv::TestEnv;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The cached helm binary (built by scripts/testenv-build with the other test binaries).
+fn helm() -> PathBuf {
+    let out = Command::new(repo().join("scripts/testenv-build"))
+        .arg("--print-bin-dirs")
+        .output()
+        .expect("run scripts/testenv-build");
+    assert!(out.status.success(), "scripts/testenv-build failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|d| Path::new(d).join("helm"))
+        .find(|p| p.exists())
+        .expect("helm is among the test binaries")
+}
+
+fn render(extra: &[&str]) -> String {
+    let out = Command::new(helm())
+        .args(["template", "meshauth"])
+        .arg(repo().join("config/helm/meshauth"))
+        .args(["--namespace", "meshauth-system", "--include-crds"])
+        .args(extra)
+        .output()
+        .expect("run helm");
+    assert!(out.status.success(), "helm template failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn kubectl(env: &TestEnv, args: &[&str], stdin: &str) -> (bool, String) {
+    let mut child = Command::new(env.bin("kubectl"))
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).expect("write manifests");
+    }
+    let out = child.wait_with_output().expect("kubectl output");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn the_api_server_accepts_everything_the_chart_renders() {
+    let env = TestEnv::shared_blocking().expect("test environment");
+    let (ok, out) = kubectl(env, &["create", "namespace", "meshauth-system"], "");
+    assert!(ok || out.contains("AlreadyExists"), "{out}");
+    for (mode, extra) in [("self-managed certificates", vec![]), ("certificates from a Secret", vec!["--set", "webhook.existingSecret=my-tls"])] {
+        let manifests = render(&extra);
+        for kind in ["kind: DaemonSet", "kind: Deployment", "kind: ValidatingWebhookConfiguration", "kind: CustomResourceDefinition", "kind: ClusterRole"] {
+            assert!(manifests.contains(kind), "{mode}: no {kind} rendered");
+        }
+        let (ok, out) = kubectl(env, &["apply", "--dry-run=server", "-f", "-"], &manifests);
+        assert!(ok, "{mode}: the API server refused the chart:\n{out}");
+        assert!(out.contains("daemonset.apps/meshauth-agent created (server dry run)"), "{out}");
+    }
+    let manifests = render(&[]);
+    assert!(manifests.contains("hostNetwork: true") && manifests.contains("privileged: true"), "the agent needs the host network and BPF");
+    assert!(manifests.contains("MESHAUTH_SPIRE_ENTRY_SELECTOR"), "the operator gets its SPIRE entry selectors");
+}
