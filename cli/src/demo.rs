@@ -138,6 +138,7 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
         tcp_echo_server(mesh.pod("shop/payment-0"), 8080).map_err(|error| DemoError::Io { what: "payment server".into(), error })?,
         udp_echo_server(mesh.pod("shop/payment-0"), 8080).map_err(|error| DemoError::Io { what: "payment server".into(), error })?,
         tcp_echo_server(mesh.pod("shop/order-0"), 8080).map_err(|error| DemoError::Io { what: "order server".into(), error })?,
+        udp_echo_server(mesh.pod("tools/debug"), 5353).map_err(|error| DemoError::Io { what: "debug server".into(), error })?,
     ];
 
     // 1. Agents up, but node-1's issuer is not: order's identity cannot be proven.
@@ -167,7 +168,7 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     r.check(
         "handshake wrote the pair into node-2's auth map",
         authenticated.is_some(),
-        authenticated.map_or("no entry within 15 s".into(), |d| format!("{} ms after node-1's SVIDs appeared", d.as_millis())),
+        authenticated.map_or("no entry within 15 s".into(), |d| format!("{} ms after node-1's issuer started (retries back off while the peer has no SVID)", d.as_millis())),
     );
     let ok = tcp_request(mesh.pod("shop/order-0"), payment, 8080, Duration::from_secs(2));
     r.check("authenticated pair allowed", ok, format!("order-0 → payment-0:8080 {}", if ok { "answered" } else { "failed" }));
@@ -200,8 +201,32 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     let retrans = ns.tcp_retransmits().unwrap_or(u64::MAX).saturating_sub(retrans_before);
     r.check("new connection, first packet through", ok && retrans == 0 && connect_ms < 500.0, format!("frontend-0 → order-0:8080 connected in {connect_ms:.2} ms, {retrans} retransmissions"));
 
-    // 6. Continuous traffic through an SVID rotation and an agent restart.
-    r.say(&format!("\n== 5. continuous traffic across SVID rotation (TTL {} s) and an agent restart", options.svid_ttl.as_secs()));
+    // 6. A policy change reaches every node's maps.
+    r.say("\n== 5. a new MeshPolicy isolates tools/debug: how fast every node enforces it");
+    let debug_ip = mesh.pod("tools/debug").ip;
+    let allowed_before = udp_request(mesh.pod("tools/metrics"), None, debug_ip, 5353, Duration::from_millis(500));
+    let lockdown = "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: debug-lockdown, namespace: tools}\nspec:\n  selector: {matchLabels: {app: debug}}\n";
+    let applied = Instant::now();
+    std::fs::write(options.dir.join("manifests").join("50-debug-lockdown.yaml"), lockdown)
+        .map_err(|error| DemoError::Io { what: "writing the new policy".into(), error })?;
+    let isolated = |m: &Maps| m.endpoints().map(|e| e.iter().any(|ep| ep.ip == debug_ip && ep.isolated)).unwrap_or(false);
+    let mut enforced = None;
+    while applied.elapsed() < Duration::from_secs(5) {
+        if isolated(&maps) && isolated(&maps1) {
+            enforced = Some(applied.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let denied_after = !udp_request(mesh.pod("tools/metrics"), None, debug_ip, 5353, Duration::from_millis(500));
+    r.check(
+        "policy applied, enforced on every node",
+        allowed_before && denied_after && enforced.is_some_and(|d| d < Duration::from_secs(1)),
+        enforced.map_or("not in the maps after 5 s".into(), |d| format!("in both nodes' maps {} ms after the file was written; metrics → debug now dropped: {denied_after}", d.as_millis())),
+    );
+
+    // 7. Continuous traffic through an SVID rotation and an agent restart.
+    r.say(&format!("\n== 6. continuous traffic across SVID rotation (TTL {} s) and an agent restart", options.svid_ttl.as_secs()));
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     // The client pod leaves the box while the flow runs, so the box can restart agents.

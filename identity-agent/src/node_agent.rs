@@ -198,7 +198,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     );
 
     let mut snapshots: watch::Receiver<Arc<Snapshot>> = match &config.inputs {
-        InputMode::Manifests(dir) => inputs::watch_dir(dir.clone(), Duration::from_millis(500))?,
+        InputMode::Manifests(dir) => inputs::watch_dir(dir.clone(), Duration::from_millis(100))?,
         InputMode::Kubernetes => inputs::watch_kubernetes(kube::Client::try_default().await?, Duration::from_millis(50)).await,
     };
     let model_config = ModelConfig { trust_domain: config.trust_domain.clone(), mesh_namespace: config.mesh_namespace.clone() };
