@@ -92,7 +92,8 @@ impl Default for AuthManagerConfig {
             refresh_fraction: 0.5,
             refresh_margin: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(30),
+            // Short: a pair waiting here is unproven and, under Strict, dropped.
+            max_backoff: Duration::from_secs(5),
         }
     }
 }

@@ -685,7 +685,14 @@ impl HandshakeServer {
                 }
                 Some(id) => match self.store.current(&id) {
                     Some(svid) => Ok((id, svid)),
-                    None => Err(HandshakeError::UnknownIdentity),
+                    // Known, hosted, but its SVID expired or was withdrawn: fail closed.
+                    None => Err(HandshakeError::NoLocalSvid(SvidError::Unavailable {
+                        id: id.to_string(),
+                        reason: match self.store.state(&id) {
+                            crate::svid::SvidState::Unavailable(reason) => reason,
+                            _ => crate::svid::Unavailable::Expired,
+                        },
+                    })),
                 },
             }
         };

@@ -44,8 +44,10 @@ use crate::verify::{self, BundleSet, TrustBundle, Usage, VerifyError};
 
 /// Defaults of [`StoreConfig`].
 pub const DEFAULT_INITIAL_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(500);
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// Small: the Workload API is a local socket, and while the agent waits every pair it should
+/// authenticate stays unproven (fail closed), so a long wait after SPIRE is back costs traffic.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3);
 /// Rotation notifications buffered per subscriber before the slowest one starts losing them.
 const ROTATION_CHANNEL_CAPACITY: usize = 1024;
 

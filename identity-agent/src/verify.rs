@@ -67,8 +67,8 @@ pub enum VerifyError {
     SignerKeyUsage(usize),
     #[error("SPIFFE ID {id} is not in the expected trust domain {expected}")]
     WrongTrustDomain { id: String, expected: String },
-    #[error("SPIFFE ID {id} is {got}, not the expected {expected}")]
-    WrongSpiffeId { id: String, got: String, expected: String },
+    #[error("SPIFFE ID {got} is not the expected {expected}")]
+    WrongSpiffeId { got: String, expected: String },
     #[error("no trust bundle for trust domain {0}")]
     NoBundle(String),
     #[error("a certificate of the chain expired at {0} (unix seconds)")]
@@ -235,7 +235,6 @@ pub fn verify_svid_for(
     let verified = verify_svid(chain, bundles, Some(expected.trust_domain()), usage, now)?;
     if &verified.id != expected {
         return Err(VerifyError::WrongSpiffeId {
-            id: verified.id.to_string(),
             got: verified.id.to_string(),
             expected: expected.to_string(),
         });

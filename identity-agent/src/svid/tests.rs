@@ -23,10 +23,15 @@ fn start(source: &FakeSource) -> (SvidStore, tokio::task::JoinHandle<()>) {
     SvidStore::spawn(Arc::new(source.clone()), config(), Arc::new(TokioClock::new()))
 }
 
-/// Lets the worker run until it waits on something again.
+/// Lets the worker run until it waits on something again. Yielding alone is not enough: the
+/// current-thread scheduler polls the timer driver only when it parks (or every few dozen
+/// ticks), so sleep a paused millisecond to make it process expired timers.
 async fn settle() {
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -87,7 +92,14 @@ async fn the_last_svid_is_kept_while_the_source_is_down_until_it_expires() {
     let left = svid.not_after().duration_since(store.now()).expect("not expired yet");
     tokio::time::advance(left + Duration::from_secs(1)).await;
     settle().await;
-    assert!(matches!(store.state(&id(ORDER)), SvidState::Unavailable(Unavailable::Expired)));
+    let state = store.state(&id(ORDER));
+    assert!(
+        matches!(state, SvidState::Unavailable(Unavailable::Expired)),
+        "{state:?} now={:?} not_after={:?} connects={}",
+        store.now(),
+        svid.not_after(),
+        source.connects()
+    );
     assert!(store.current(&id(ORDER)).is_none());
 
     // Back up with a fresh SVID: available again.

@@ -6,7 +6,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
     IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::CertificateDer;
 
 use super::{BundleSet, TrustBundle};
 
@@ -26,11 +26,6 @@ pub(crate) struct TestSvid {
     pub key_der: Vec<u8>,
 }
 
-impl TestSvid {
-    pub fn key(&self) -> PrivatePkcs8KeyDer<'static> {
-        PrivatePkcs8KeyDer::from(self.key_der.clone())
-    }
-}
 
 pub(crate) fn now() -> SystemTime {
     SystemTime::now()

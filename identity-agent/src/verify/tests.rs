@@ -119,7 +119,7 @@ fn refuses_substituted_chains() {
     assert_eq!(err.reason(), "leaf_not_first", "{err}");
 
     // Only CAs.
-    let err = verify_svid(&[inter.cert.clone()], &ca.bundle_set(), None, Usage::Client, now())
+    let err = verify_svid(std::slice::from_ref(&inter.cert), &ca.bundle_set(), None, Usage::Client, now())
         .expect_err("no leaf");
     assert_eq!(err.reason(), "no_leaf", "{err}");
 
