@@ -89,7 +89,8 @@ impl Reporter<'_> {
     }
 }
 
-fn find_agent(explicit: Option<PathBuf>) -> Result<PathBuf, DemoError> {
+/// The meshauth-agent binary: `explicit`, else next to meshauthctl, else on PATH.
+pub fn find_agent(explicit: Option<PathBuf>) -> Result<PathBuf, DemoError> {
     if let Some(p) = explicit {
         return Ok(p);
     }

@@ -4,5 +4,6 @@
 //!
 //! It must not hold policy logic of its own: decisions come from `meshauth-policy`.
 
+pub mod bench_agent;
 pub mod demo;
 pub mod policy_check;

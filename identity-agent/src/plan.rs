@@ -89,7 +89,7 @@ pub fn plan(snapshot: &Snapshot, config: &ModelConfig, node_name: &str, peer_por
         .collect();
 
     let mut desired: BTreeMap<(u32, u32), DesiredPair> = BTreeMap::new();
-    for pair in compile::auth_pairs(&model, |p| p.node.as_deref() == Some(node_name)) {
+    for pair in compile::auth_identity_pairs(&model, |p| p.node.as_deref() == Some(node_name)) {
         let (Some(&dst_number), Some(&src_number)) =
             (numbers.get(pair.dst_spiffe_id.as_str()), numbers.get(pair.src_spiffe_id.as_str()))
         else {

@@ -2,7 +2,7 @@
 //!
 //! Job: from the policy model and the nodes, the node-scoped entries the mesh needs — for every
 //! SPIFFE ID on either side of a pair that needs authentication
-//! ([`meshauth_policy::compile::auth_pairs`]), one entry per node that hosts a pod of that
+//! ([`meshauth_policy::compile::auth_identity_pairs`]), one entry per node that hosts a pod of that
 //! identity, parented to the node's SPIRE agent — and the create/update/delete plan that turns
 //! the operator's current entries into those. Pure: it must not talk to SPIRE or Kubernetes,
 //! and it must not decide policy itself (the model does).
@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Node;
 use meshauth_crds::{SpiffeId, TrustDomain};
-use meshauth_policy::compile::auth_pairs;
+use meshauth_policy::compile::auth_identity_pairs;
 use meshauth_policy::model::{ObjectRef, PolicyModel};
 
 use crate::spire::{EntryKey, EntrySpec, Registered, Selector};
@@ -96,7 +96,7 @@ impl Ord for RegistrationError {
 /// authentication (required or permissive).
 pub fn identities_needing_auth(model: &PolicyModel) -> BTreeSet<String> {
     let mut ids = BTreeSet::new();
-    for pair in auth_pairs(model, |_| true) {
+    for pair in auth_identity_pairs(model, |_| true) {
         ids.insert(pair.dst_spiffe_id);
         ids.insert(pair.src_spiffe_id);
     }

@@ -201,39 +201,19 @@ pub struct AuthPair {
 }
 
 /// Every pair of distinct pods with IPs where some traffic the policy allows needs
-/// authentication (required or permissive): what the agents handshake for ahead of traffic.
-/// `dst_filter` narrows the destinations (e.g. to the pods of one node).
+/// authentication (required or permissive). `dst_filter` narrows the destinations (e.g. to the
+/// pods of one node). Quadratic in pods: for people and tests; the agent and operator use
+/// [`auth_identity_pairs`].
 pub fn auth_pairs(model: &PolicyModel, dst_filter: impl Fn(&PodInfo) -> bool) -> Vec<AuthPair> {
-    let mut cache: BTreeMap<(SecurityIdentityKey, SecurityIdentityKey), AuthRequirement> = BTreeMap::new();
+    let mut evaluator = PairEvaluator::new(model);
     let sources: Vec<&PodInfo> = model.pods().filter(|p| p.ip.is_some()).collect();
     let mut pairs = Vec::new();
     for dst in model.pods().filter(|p| p.ip.is_some() && dst_filter(p)) {
-        let mutual_auth = model.mutual_auth_requirement(dst);
-        let rules = model.rules_for(dst);
-        if rules.is_none() && mutual_auth == AuthRequirement::None {
-            continue;
-        }
-        let dst_key = security_identity_key(dst);
         for src in &sources {
             if src.object_ref() == dst.object_ref() {
                 continue;
             }
-            let requirement = *cache.entry((dst_key.clone(), security_identity_key(src))).or_insert_with(|| {
-                let view = SourceView {
-                    namespace: Some(&src.namespace),
-                    labels: Some(&src.labels),
-                    spiffe_id: Some(model.spiffe_id(src).to_string()),
-                };
-                match &rules {
-                    None => mutual_auth,
-                    Some(rules) => rules
-                        .iter()
-                        .filter(|r| model.rule_matches_source(r, &view))
-                        .map(|r| r.auth.max(mutual_auth))
-                        .max()
-                        .unwrap_or(AuthRequirement::None),
-                }
-            });
+            let requirement = evaluator.requirement(dst, src);
             if requirement != AuthRequirement::None {
                 pairs.push(AuthPair {
                     dst_pod: dst.object_ref(),
@@ -246,6 +226,83 @@ pub fn auth_pairs(model: &PolicyModel, dst_filter: impl Fn(&PodInfo) -> bool) ->
         }
     }
     pairs
+}
+
+/// A pair of SPIFFE IDs to authenticate: what an auth-map entry binds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IdentityPair {
+    pub dst_spiffe_id: String,
+    pub src_spiffe_id: String,
+    /// The strictest requirement over the pod pairs behind it.
+    pub requirement: AuthRequirement,
+}
+
+/// [`auth_pairs`] projected onto SPIFFE IDs, computed once per pair of security identities
+/// rather than per pair of pods, so a node with a thousand pods stays cheap.
+pub fn auth_identity_pairs(model: &PolicyModel, dst_filter: impl Fn(&PodInfo) -> bool) -> Vec<IdentityPair> {
+    // One representative pod per security identity; a pod's pair with itself is the only
+    // case where identity and pod pairs differ, so count how many pods share each key.
+    let mut dsts: BTreeMap<SecurityIdentityKey, (&PodInfo, usize)> = BTreeMap::new();
+    for p in model.pods().filter(|p| p.ip.is_some() && dst_filter(p)) {
+        dsts.entry(security_identity_key(p)).or_insert((p, 0)).1 += 1;
+    }
+    let mut srcs: BTreeMap<SecurityIdentityKey, (&PodInfo, usize)> = BTreeMap::new();
+    for p in model.pods().filter(|p| p.ip.is_some()) {
+        srcs.entry(security_identity_key(p)).or_insert((p, 0)).1 += 1;
+    }
+    let mut evaluator = PairEvaluator::new(model);
+    let mut out: BTreeMap<(String, String), AuthRequirement> = BTreeMap::new();
+    for (dst_key, (dst, _)) in &dsts {
+        for (src_key, (src, src_count)) in &srcs {
+            // A lone pod is not its own peer (its traffic to itself never leaves it).
+            if dst_key == src_key && *src_count == 1 {
+                continue;
+            }
+            let requirement = evaluator.requirement(dst, src);
+            if requirement != AuthRequirement::None {
+                let key = (model.spiffe_id(dst).to_string(), model.spiffe_id(src).to_string());
+                let slot = out.entry(key).or_default();
+                *slot = (*slot).max(requirement);
+            }
+        }
+    }
+    out.into_iter()
+        .map(|((dst_spiffe_id, src_spiffe_id), requirement)| IdentityPair { dst_spiffe_id, src_spiffe_id, requirement })
+        .collect()
+}
+
+/// The strongest requirement of any allowed traffic between two pods, cached per pair of
+/// security identities (pods of one identity get the same answer).
+struct PairEvaluator<'a> {
+    model: &'a PolicyModel,
+    cache: BTreeMap<(SecurityIdentityKey, SecurityIdentityKey), AuthRequirement>,
+}
+
+impl<'a> PairEvaluator<'a> {
+    fn new(model: &'a PolicyModel) -> Self {
+        Self { model, cache: BTreeMap::new() }
+    }
+
+    fn requirement(&mut self, dst: &PodInfo, src: &PodInfo) -> AuthRequirement {
+        let model = self.model;
+        *self.cache.entry((security_identity_key(dst), security_identity_key(src))).or_insert_with(|| {
+            let mutual_auth = model.mutual_auth_requirement(dst);
+            let view = SourceView {
+                namespace: Some(&src.namespace),
+                labels: Some(&src.labels),
+                spiffe_id: Some(model.spiffe_id(src).to_string()),
+            };
+            match model.rules_for(dst) {
+                None => mutual_auth,
+                Some(rules) => rules
+                    .iter()
+                    .filter(|r| model.rule_matches_source(r, &view))
+                    .map(|r| r.auth.max(mutual_auth))
+                    .max()
+                    .unwrap_or(AuthRequirement::None),
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -122,17 +122,17 @@ pub fn validate_peer(peer: &PeerSelector, field: &str, trust_domain: &TrustDomai
     if let Some(selector) = &peer.namespace_selector {
         errors.extend(validate_label_selector(selector, &format!("{field}.namespaceSelector")));
     }
-    if let Some(identity) = &peer.identity {
-        if let Err(reason) = validate_identity(identity, trust_domain) {
-            errors.push(FieldError::new(format!("{field}.identity"), reason));
-        }
+    if let Some(identity) = &peer.identity
+        && let Err(reason) = validate_identity(identity, trust_domain)
+    {
+        errors.push(FieldError::new(format!("{field}.identity"), reason));
     }
 }
 
 /// Checks a source identity: a valid SPIFFE ID in the mesh's trust domain.
 pub fn validate_identity(identity: &str, trust_domain: &TrustDomain) -> Result<SpiffeId, String> {
     let id = SpiffeId::parse(identity)
-        .map_err(|e| format!("{:?} is not a valid SPIFFE ID: it {e}", truncate(identity, 80)))?;
+        .map_err(|e| format!("{:?} is not a valid SPIFFE ID: {e}", truncate(identity, 80)))?;
     if id.trust_domain() != trust_domain.as_str() {
         return Err(format!(
             "{:?} is in trust domain {:?}, not in the mesh's trust domain {:?}",
@@ -198,10 +198,10 @@ fn validate_rules_distinct(rules: &[IngressRule], errors: &mut Vec<FieldError>) 
 /// [`validate_mesh_policy`] finds valid are looked at.
 pub fn mesh_policy_warnings(spec: &MeshPolicySpec, trust_domain: &TrustDomain) -> Vec<FieldError> {
     let mut warnings = Vec::new();
-    if validate_label_selector(&spec.selector, "spec.selector").is_empty() {
-        if let Some(why) = selector_contradiction(&spec.selector) {
-            warnings.push(FieldError::new("spec.selector", format!("can never select a pod: {why}")));
-        }
+    if validate_label_selector(&spec.selector, "spec.selector").is_empty()
+        && let Some(why) = selector_contradiction(&spec.selector)
+    {
+        warnings.push(FieldError::new("spec.selector", format!("can never select a pod: {why}")));
     }
     for (ri, rule) in spec.ingress.iter().enumerate() {
         for (fi, peer) in rule.from.iter().enumerate() {
@@ -216,10 +216,10 @@ pub fn mesh_policy_warnings(spec: &MeshPolicySpec, trust_domain: &TrustDomain) -
                     warnings.push(FieldError::new(format!("{field}.{name}"), format!("can never match: {why}")));
                 }
             }
-            if let Some(identity) = &peer.identity {
-                if let Some(why) = identity_never_matches(identity, trust_domain) {
-                    warnings.push(FieldError::new(format!("{field}.identity"), format!("can never match: {why}")));
-                }
+            if let Some(identity) = &peer.identity
+                && let Some(why) = identity_never_matches(identity, trust_domain)
+            {
+                warnings.push(FieldError::new(format!("{field}.identity"), format!("can never match: {why}")));
             }
         }
         let valid: Vec<(usize, &PortRule)> = rule
@@ -401,10 +401,10 @@ pub fn selector_contradiction(selector: &LabelSelector) -> Option<String> {
         if r.exists && r.absent {
             return Some(format!("label {key:?} must both exist and not exist"));
         }
-        if let Some(allowed) = &r.allowed {
-            if allowed.iter().all(|v| r.excluded.contains(v)) {
-                return Some(format!("no value of label {key:?} satisfies all of its requirements"));
-            }
+        if let Some(allowed) = &r.allowed
+            && allowed.iter().all(|v| r.excluded.contains(v))
+        {
+            return Some(format!("no value of label {key:?} satisfies all of its requirements"));
         }
     }
     None
@@ -599,6 +599,7 @@ fn mode_name(mode: AuthenticationMode) -> &'static str {
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)] // the case tables
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
@@ -813,7 +814,7 @@ mod tests {
             ("selector and identity", policy(vec![rule(vec![both], vec![])]), vec![("spec.ingress[0].from[0]", "has both an identity and a podSelector/namespaceSelector")]),
             ("namespace selector and identity", policy(vec![rule(vec![ns_and_id], vec![])]), vec![("spec.ingress[0].from[0]", "has both")]),
             ("empty from entry", policy(vec![rule(vec![PeerSelector::default()], vec![])]), vec![("spec.ingress[0].from[0]", "names no podSelector, namespaceSelector or identity")]),
-            ("identity wrong scheme", policy(vec![rule(vec![identity("https://cluster.local/ns/a/sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "is not a valid SPIFFE ID: it must start with the scheme")]),
+            ("identity wrong scheme", policy(vec![rule(vec![identity("https://cluster.local/ns/a/sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "is not a valid SPIFFE ID: must start with the scheme")]),
             ("identity upper-case trust domain", policy(vec![rule(vec![identity("spiffe://Cluster.local/ns/a/sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "trust domain has character 'C'")]),
             ("identity with port", policy(vec![rule(vec![identity("spiffe://cluster.local:443/ns/a")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character ':'")]),
             ("identity with user info", policy(vec![rule(vec![identity("spiffe://u@cluster.local/ns/a")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character '@'")]),

@@ -169,6 +169,17 @@ proptest! {
                 prop_assert!(listed.map_or(AuthRequirement::None, |p| p.requirement) >= strongest);
             }
         }
+        // The identity-level list is exactly the pod-level one projected onto SPIFFE IDs.
+        let mut projected: BTreeMap<(String, String), AuthRequirement> = BTreeMap::new();
+        for p in &pairs {
+            let slot = projected.entry((p.dst_spiffe_id.clone(), p.src_spiffe_id.clone())).or_default();
+            *slot = (*slot).max(p.requirement);
+        }
+        let identity: BTreeMap<(String, String), AuthRequirement> = auth_identity_pairs(&model, |_| true)
+            .into_iter()
+            .map(|p| ((p.dst_spiffe_id, p.src_spiffe_id), p.requirement))
+            .collect();
+        prop_assert_eq!(identity, projected);
     }
 }
 

@@ -1,0 +1,422 @@
+//! Warnings that need the API: a policy that selects no pod or namespace right now, and a
+//! MutualAuth that ties with an existing one (it or the other will be `Conflicted`). Lookups are
+//! bounded in time; one that fails or times out only loses its warning, never the admission.
+//! Without API access (standalone) these warnings are skipped.
+//!
+//! Fetching is here; deciding is in pure functions ([`tie_warnings`]) over what was fetched, and
+//! ties are decided by the shared policy model, not by a copy of its rules.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ListParams};
+use kube::core::Selector;
+use kube::{Client, ResourceExt};
+use meshauth_crds::{MeshPolicy, MutualAuth, MutualAuthMode};
+use meshauth_policy::model::{Inputs, ModelConfig, ObjectRef, PodInfo, PolicyModel, Resource};
+use meshauth_policy::validate::{self, FieldError};
+use tracing::{debug, warn};
+
+use crate::admission::{Review, Subject};
+
+/// Most pods fetched to decide MutualAuth ties on pods.
+pub const MAX_PODS: u32 = 500;
+/// Most namespace selectors looked up for one MeshPolicy.
+pub const MAX_NAMESPACE_LOOKUPS: usize = 16;
+
+/// Why a lookup gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("{what} timed out after {after:?}")]
+    Timeout { what: String, after: Duration },
+    #[error("{what} failed: {source}")]
+    Api { what: String, source: kube::Error },
+    #[error("selector cannot be sent to the API: {0}")]
+    Selector(String),
+}
+
+/// API access for warnings, or none (standalone).
+#[derive(Clone)]
+pub struct Cluster {
+    client: Option<Client>,
+    timeout: Duration,
+    mesh: ModelConfig,
+}
+
+impl Cluster {
+    pub fn new(client: Option<Client>, timeout: Duration, mesh: ModelConfig) -> Self {
+        Self { client, timeout, mesh }
+    }
+
+    /// Whether API-based warnings are on.
+    pub fn has_api(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// The API-based warnings for a review that passed the static checks.
+    pub async fn warnings(&self, review: &Review) -> Vec<FieldError> {
+        let Some(client) = &self.client else {
+            debug!("no API access: API-based warnings skipped");
+            return Vec::new();
+        };
+        match &review.subject {
+            Subject::MeshPolicy(p) => self.mesh_policy_warnings(client, p).await,
+            Subject::MutualAuth(m) => self.mutual_auth_warnings(client, m).await,
+            Subject::Skip(_) | Subject::Unreadable(_) => Vec::new(),
+        }
+    }
+
+    async fn bounded<T>(&self, what: String, f: impl Future<Output = Result<T, kube::Error>>) -> Result<T, LookupError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => Err(LookupError::Api { what, source }),
+            Err(_) => Err(LookupError::Timeout { what, after: self.timeout }),
+        }
+    }
+
+    /// Pods of `namespace` that `selector` picks, at most `limit`.
+    async fn pods(&self, client: &Client, namespace: &str, selector: &LabelSelector, limit: u32) -> Result<Vec<PodInfo>, LookupError> {
+        let selector = selector_string(selector)?;
+        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let params = ListParams::default().labels(&selector).limit(limit);
+        let list = self.bounded(format!("listing pods of {namespace}"), api.list_metadata(&params)).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|pod| PodInfo {
+                namespace: namespace.to_owned(),
+                name: pod.name_any(),
+                labels: pod.metadata.labels.unwrap_or_default(),
+                service_account: "default".into(),
+                ip: None,
+                node: None,
+            })
+            .collect())
+    }
+
+    async fn any_namespace(&self, client: &Client, selector: &LabelSelector) -> Result<bool, LookupError> {
+        let selector = selector_string(selector)?;
+        let api: Api<Namespace> = Api::all(client.clone());
+        let params = ListParams::default().labels(&selector).limit(1);
+        let list = self.bounded("listing namespaces".into(), api.list_metadata(&params)).await?;
+        Ok(!list.items.is_empty())
+    }
+
+    async fn mesh_policy_warnings(&self, client: &Client, policy: &MeshPolicy) -> Vec<FieldError> {
+        let namespace = policy.namespace().unwrap_or_default();
+        let mut warnings = Vec::new();
+        if usable(&policy.spec.selector) {
+            match self.pods(client, &namespace, &policy.spec.selector, 1).await {
+                Ok(pods) if pods.is_empty() => warnings.push(FieldError::new(
+                    "spec.selector",
+                    format!("selects no pod in namespace {namespace} right now"),
+                )),
+                Ok(_) => {}
+                Err(err) => warn!(error = %err, "lookup for a warning failed; warning skipped"),
+            }
+        }
+        let namespace_selectors: Vec<(String, &LabelSelector)> = policy
+            .spec
+            .ingress
+            .iter()
+            .enumerate()
+            .flat_map(|(ri, rule)| {
+                rule.from.iter().enumerate().filter_map(move |(fi, peer)| {
+                    let selector = peer.namespace_selector.as_ref().filter(|s| usable(s))?;
+                    (peer.identity.is_none())
+                        .then(|| (format!("spec.ingress[{ri}].from[{fi}].namespaceSelector"), selector))
+                })
+            })
+            .take(MAX_NAMESPACE_LOOKUPS)
+            .collect();
+        let lookups = namespace_selectors.iter().map(|(_, s)| self.any_namespace(client, s));
+        for ((field, _), found) in namespace_selectors.iter().zip(futures::future::join_all(lookups).await) {
+            match found {
+                Ok(false) => warnings.push(FieldError::new(field.clone(), "matches no namespace right now")),
+                Ok(true) => {}
+                Err(err) => warn!(error = %err, "lookup for a warning failed; warning skipped"),
+            }
+        }
+        warnings
+    }
+
+    async fn mutual_auth_warnings(&self, client: &Client, me: &MutualAuth) -> Vec<FieldError> {
+        let namespace = me.namespace().unwrap_or_default();
+        let mut warnings = Vec::new();
+        let selector = me.spec.selector.as_ref().filter(|s| !selects_all(s));
+        let pods = match selector {
+            Some(s) if usable(s) => match self.pods(client, &namespace, s, MAX_PODS).await {
+                Ok(pods) => {
+                    if pods.is_empty() {
+                        warnings.push(FieldError::new(
+                            "spec.selector",
+                            format!("selects no pod in namespace {namespace} right now"),
+                        ));
+                    }
+                    pods
+                }
+                Err(err) => {
+                    warn!(error = %err, "lookup for a warning failed; warning skipped");
+                    Vec::new()
+                }
+            },
+            _ => Vec::new(),
+        };
+        let api: Api<MutualAuth> = Api::namespaced(client.clone(), &namespace);
+        match self.bounded(format!("listing MutualAuths of {namespace}"), api.list(&ListParams::default())).await {
+            Ok(existing) => warnings.extend(tie_warnings(me, &existing.items, &pods, &self.mesh)),
+            Err(err) => warn!(error = %err, "lookup for a warning failed; warning skipped"),
+        }
+        warnings
+    }
+}
+
+fn selector_string(selector: &LabelSelector) -> Result<String, LookupError> {
+    Selector::try_from(selector.clone())
+        .map(|s| s.to_string())
+        .map_err(|e| LookupError::Selector(e.to_string()))
+}
+
+/// A selector worth asking the API about: valid and satisfiable.
+fn usable(selector: &LabelSelector) -> bool {
+    validate::validate_label_selector(selector, "").is_empty() && validate::selector_contradiction(selector).is_none()
+}
+
+fn selects_all(selector: &LabelSelector) -> bool {
+    validate::same_selector(selector, &LabelSelector::default())
+}
+
+/// The level a MutualAuth decides at, for same-scope ties the model reports only through pods.
+#[derive(Debug, PartialEq)]
+enum Scope<'a> {
+    Mesh,
+    Namespace,
+    Selector(&'a LabelSelector),
+}
+
+fn scope<'a>(m: &'a MutualAuth, mesh: &ModelConfig) -> Scope<'a> {
+    match m.spec.selector.as_ref().filter(|s| !selects_all(s)) {
+        Some(s) => Scope::Selector(s),
+        None if m.namespace().as_deref() == Some(mesh.mesh_namespace.as_str()) => Scope::Mesh,
+        None => Scope::Namespace,
+    }
+}
+
+fn same_scope(a: &Scope<'_>, b: &Scope<'_>) -> bool {
+    match (a, b) {
+        (Scope::Selector(a), Scope::Selector(b)) => validate::same_selector(a, b),
+        (a, b) => a == b,
+    }
+}
+
+fn mode_name(mode: MutualAuthMode) -> &'static str {
+    match mode {
+        MutualAuthMode::Strict => "Strict",
+        MutualAuthMode::Permissive => "Permissive",
+        MutualAuthMode::Disabled => "Disabled",
+    }
+}
+
+/// Warnings for a MutualAuth `me` (being created or updated) against the `existing` ones of its
+/// namespace and the `pods` its selector picks: ties that make it or another `Conflicted`
+/// (decided by the policy model), and same-scope duplicates.
+pub fn tie_warnings(me: &MutualAuth, existing: &[MutualAuth], pods: &[PodInfo], mesh: &ModelConfig) -> Vec<FieldError> {
+    let me_res = Resource::from_mutual_auth(me);
+    let me_ref = me_res.object_ref();
+    let others: Vec<&MutualAuth> = existing
+        .iter()
+        .filter(|o| ObjectRef::new(o.namespace().unwrap_or_default(), o.name_any()) != me_ref)
+        .collect();
+    let mode_of = |r: &ObjectRef| {
+        others
+            .iter()
+            .find(|o| o.name_any() == r.name && o.namespace().unwrap_or_default() == r.namespace)
+            .map(|o| mode_name(o.spec.mode))
+            .unwrap_or("?")
+    };
+    let mut inputs = Inputs { pods: pods.to_vec(), ..Default::default() };
+    inputs.mutual_auths = others.iter().map(|o| Resource::from_mutual_auth(o)).collect();
+    inputs.mutual_auths.push(me_res.clone());
+    let model = PolicyModel::new(mesh.clone(), inputs);
+
+    let mut warnings = Vec::new();
+    let mut reported = BTreeSet::new();
+    let on_pods = |pods: &[ObjectRef]| match pods.len() {
+        0 => String::new(),
+        1..=3 => format!(" on pods {}", pods.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")),
+        n => format!(" on {n} pods"),
+    };
+    for conflict in model.conflicts() {
+        if conflict.loser == me_ref && reported.insert(conflict.winner.clone()) {
+            warnings.push(FieldError::new(
+                "spec",
+                format!(
+                    "ties with the older MutualAuth {} (mode {}) at the same level{}: this one will be Conflicted and not used there",
+                    conflict.winner,
+                    mode_of(&conflict.winner),
+                    on_pods(&conflict.pods)
+                ),
+            ));
+        } else if conflict.winner == me_ref && reported.insert(conflict.loser.clone()) {
+            warnings.push(FieldError::new(
+                "spec",
+                format!(
+                    "ties with the newer MutualAuth {} (mode {}) at the same level{}: that one will be Conflicted",
+                    conflict.loser,
+                    mode_of(&conflict.loser),
+                    on_pods(&conflict.pods)
+                ),
+            ));
+        }
+    }
+    // Same scope, not reported above: identical selectors with no pod yet, or the same mode.
+    let my_scope = scope(me, mesh);
+    for other in &others {
+        let other_ref = ObjectRef::new(other.namespace().unwrap_or_default(), other.name_any());
+        if reported.contains(&other_ref) || !same_scope(&my_scope, &scope(other, mesh)) {
+            continue;
+        }
+        let other_mode = mode_name(other.spec.mode);
+        let reason = if other.spec.mode == me.spec.mode {
+            format!("has the same scope and mode ({other_mode}) as MutualAuth {other_ref}: one of them is redundant")
+        } else if older(&me_res, &Resource::from_mutual_auth(other)) {
+            format!("ties with the newer MutualAuth {other_ref} (mode {other_mode}) at the same level: that one will be Conflicted")
+        } else {
+            format!(
+                "ties with the older MutualAuth {other_ref} (mode {other_mode}) at the same level: this one will be Conflicted and not used"
+            )
+        };
+        warnings.push(FieldError::new("spec", reason));
+    }
+    warnings
+}
+
+/// Whether `a` was created before `b` (not yet created is newest; name breaks ties), as the
+/// model orders them.
+fn older<S>(a: &Resource<S>, b: &Resource<S>) -> bool {
+    let key = |r: &Resource<S>| (r.created.is_none(), r.created.clone(), r.namespace.clone(), r.name.clone());
+    key(a) < key(b)
+}
+
+#[cfg(test)]
+#[allow(clippy::type_complexity)] // the case tables
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use meshauth_crds::MutualAuthSpec;
+    use std::collections::BTreeMap;
+
+    fn ma(ns: &str, name: &str, created: Option<&str>, selector: Option<&[(&str, &str)]>, mode: MutualAuthMode) -> MutualAuth {
+        let mut m = MutualAuth::new(
+            name,
+            MutualAuthSpec {
+                selector: selector.map(|pairs| LabelSelector {
+                    match_labels: Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                    match_expressions: None,
+                }),
+                mode,
+            },
+        );
+        m.metadata.namespace = Some(ns.into());
+        m.metadata.creation_timestamp = created.map(|t| Time(t.parse().expect("timestamp")));
+        m
+    }
+
+    fn pod(ns: &str, name: &str, labels: &[(&str, &str)]) -> PodInfo {
+        PodInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            service_account: "default".into(),
+            ip: None,
+            node: None,
+        }
+    }
+
+    const T1: Option<&str> = Some("2025-01-01T00:00:00Z");
+    const T2: Option<&str> = Some("2025-02-01T00:00:00Z");
+    use MutualAuthMode::{Disabled, Permissive, Strict};
+
+    #[test]
+    fn ties() {
+        let app_a: &[(&str, &str)] = &[("app", "a")];
+        let team: &[(&str, &str)] = &[("team", "x")];
+        let pods = [pod("prod", "a-1", &[("app", "a"), ("team", "x")])];
+        let cases: Vec<(&str, MutualAuth, Vec<MutualAuth>, &[PodInfo], Vec<&str>)> = vec![
+            ("alone", ma("prod", "new", None, None, Strict), vec![], &[], vec![]),
+            ("update of itself", ma("prod", "x", T1, None, Strict), vec![ma("prod", "x", T1, None, Permissive)], &[], vec![]),
+            (
+                "new namespace-wide loses to the older one",
+                ma("prod", "new", None, None, Strict),
+                vec![ma("prod", "old", T1, None, Permissive)],
+                &[],
+                vec!["ties with the older MutualAuth prod/old (mode Permissive) at the same level: this one will be Conflicted"],
+            ),
+            (
+                "older namespace-wide being updated wins",
+                ma("prod", "old", T1, None, Disabled),
+                vec![ma("prod", "old", T1, None, Strict), ma("prod", "newer", T2, None, Strict)],
+                &[],
+                vec!["ties with the newer MutualAuth prod/newer (mode Strict) at the same level: that one will be Conflicted"],
+            ),
+            (
+                "mesh-wide ties",
+                ma("meshauth-system", "new", None, None, Strict),
+                vec![ma("meshauth-system", "old", T1, None, Disabled)],
+                &[],
+                vec!["ties with the older MutualAuth meshauth-system/old (mode Disabled)"],
+            ),
+            (
+                "empty selector is namespace-wide",
+                ma("prod", "new", None, Some(&[]), Strict),
+                vec![ma("prod", "old", T1, None, Permissive)],
+                &[],
+                vec!["this one will be Conflicted"],
+            ),
+            ("namespace-wide and selector do not tie", ma("prod", "new", None, Some(app_a), Strict), vec![ma("prod", "old", T1, None, Permissive)], &pods, vec![]),
+            (
+                "same selector, no pods yet",
+                ma("prod", "new", None, Some(app_a), Strict),
+                vec![ma("prod", "old", T1, Some(app_a), Permissive)],
+                &[],
+                vec!["ties with the older MutualAuth prod/old (mode Permissive) at the same level: this one will be Conflicted"],
+            ),
+            (
+                "overlapping selectors on a pod",
+                ma("prod", "new", None, Some(app_a), Strict),
+                vec![ma("prod", "old", T1, Some(team), Disabled)],
+                &pods,
+                vec!["ties with the older MutualAuth prod/old (mode Disabled) at the same level on pods a-1: this one will be Conflicted"],
+            ),
+            ("overlapping selectors, same mode", ma("prod", "new", None, Some(app_a), Strict), vec![ma("prod", "old", T1, Some(team), Strict)], &pods, vec![]),
+            (
+                "same scope and mode",
+                ma("prod", "new", None, None, Strict),
+                vec![ma("prod", "old", T1, None, Strict)],
+                &[],
+                vec!["has the same scope and mode (Strict) as MutualAuth prod/old: one of them is redundant"],
+            ),
+        ];
+        let mesh = ModelConfig::default();
+        for (name, me, existing, pods, want) in cases {
+            let got = tie_warnings(&me, &existing, pods, &mesh);
+            assert_eq!(got.len(), want.len(), "{name}: {got:#?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.field, "spec", "{name}");
+                assert!(g.reason.contains(w), "{name}: {:?} lacks {w:?}", g.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn selectors_become_api_strings() {
+        let s = LabelSelector {
+            match_labels: Some([("app".to_string(), "a".to_string())].into()),
+            match_expressions: None,
+        };
+        assert_eq!(selector_string(&s).expect("valid"), "app=a");
+    }
+}
