@@ -3,7 +3,7 @@
 
 use meshauth_agent::inputs::InputError;
 use meshauth_crds::TrustDomain;
-use meshauth_policy::manifests::{ManifestError, Manifests};
+use meshauth_policy::manifests::Manifests;
 use meshauth_policy::model::{Decision, Kind, ModelConfig, ObjectRef, PolicyModel, Source, Verdict};
 use meshauth_policy::tables::{AuthRequirement, TableProtocol};
 use serde::Serialize;
@@ -12,12 +12,8 @@ use std::path::{Path, PathBuf};
 /// Why a check could not be answered. Every variant exits with status 2.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("cannot read {path}: {error}")]
-    Read { path: PathBuf, error: std::io::Error },
-    #[error("{0} holds no .yaml, .yml or .json file")]
-    NoManifests(PathBuf),
     #[error(transparent)]
-    Manifest(#[from] ManifestError),
+    Input(#[from] InputError),
     #[error("{0:?} is not NS/POD")]
     BadPodRef(String),
     #[error("pod {0} is not in the manifests")]
@@ -59,11 +55,7 @@ pub struct CheckResult {
 
 /// Reads every manifest file under `dir` (recursively, in name order).
 pub fn load_manifests(dir: &Path) -> Result<Manifests, CheckError> {
-    meshauth_agent::inputs::read_manifest_dir(dir).map_err(|e| match e {
-        InputError::Read { path, error } => CheckError::Read { path, error },
-        InputError::NoManifests(p) => CheckError::NoManifests(p),
-        InputError::Manifest(m) => CheckError::Manifest(m),
-    })
+    Ok(meshauth_agent::inputs::read_manifest_dir(dir)?)
 }
 
 /// Builds the model from manifests, refusing any spec problem (naming file, object and field).

@@ -503,7 +503,9 @@ fn check_dns_label_chars(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// Cuts `s` to at most `max` bytes (on a character boundary), marking the cut: user input
+/// quoted in a message stays bounded.
+pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }

@@ -294,17 +294,7 @@ pub fn encode(response: AdmissionResponse) -> Result<Vec<u8>, serde_json::Error>
     serde_json::to_vec(&response.into_review())
 }
 
-/// Cuts `s` to at most `max` bytes (on a character boundary), marking the cut.
-pub fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
+pub use meshauth_policy::validate::truncate;
 
 #[cfg(test)]
 pub(crate) mod testing {
