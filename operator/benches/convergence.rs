@@ -7,6 +7,7 @@
 //!
 //! Needs root and the Go-built cache (see the `meshauth-testenv` crate).
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,7 +55,15 @@ async fn all_entries(env: &TestEnv) -> Result<BTreeSet<(String, String)>, String
         .collect())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// `cargo bench -p meshauth-operator --bench convergence` (root).
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    match runtime {
+        Ok(rt) => rt.block_on(benchmark_300_pods_50_policies_3_nodes()),
+        Err(e) => eprintln!("cannot start a tokio runtime: {e}"),
+    }
+}
+
 async fn benchmark_300_pods_50_policies_3_nodes() {
     let env = TestEnv::start(Options { nodes: NODES, ..Default::default() }).await.or_panic("test environment");
     let client = env.client().await.or_panic("client");
