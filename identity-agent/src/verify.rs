@@ -503,6 +503,8 @@ pub mod cli {
 #[path = "verify/tests.rs"]
 mod tests;
 
-#[cfg(test)]
+/// rcgen-made CAs and SVIDs, good and malformed (feature `testing`, shared with other crates'
+/// tests).
+#[cfg(any(test, feature = "testing"))]
 #[path = "verify/test_certs.rs"]
-pub(crate) mod test_certs;
+pub mod test_certs;

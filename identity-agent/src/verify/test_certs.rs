@@ -11,7 +11,7 @@ use rustls_pki_types::CertificateDer;
 use super::{BundleSet, TrustBundle};
 
 /// A test CA of one trust domain.
-pub(crate) struct TestCa {
+pub struct TestCa {
     pub trust_domain: String,
     pub cert: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
@@ -21,13 +21,13 @@ pub(crate) struct TestCa {
 
 /// A certificate chain (leaf first) and its key.
 #[derive(Clone)]
-pub(crate) struct TestSvid {
+pub struct TestSvid {
     pub chain: Vec<CertificateDer<'static>>,
     pub key_der: Vec<u8>,
 }
 
 
-pub(crate) fn now() -> SystemTime {
+pub fn now() -> SystemTime {
     SystemTime::now()
 }
 
@@ -58,7 +58,7 @@ fn uri(s: &str) -> SanType {
 }
 
 /// Parameters of a well-formed leaf SVID valid from an hour ago for an hour.
-pub(crate) fn leaf_params(id: &str) -> CertificateParams {
+pub fn leaf_params(id: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -133,7 +133,7 @@ impl TestCa {
     }
 }
 
-pub(crate) fn pem_certs(certs: &[CertificateDer<'_>]) -> String {
+pub fn pem_certs(certs: &[CertificateDer<'_>]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     for cert in certs {
