@@ -45,11 +45,15 @@ fn main() {
         ("/usr/include/linux/bpf.h", "linux-libc-dev"),
     ] {
         if !Path::new(header).exists() {
-            fail(&format!("{header} is missing (package {package}); {APT_HINT}"));
+            fail(&format!(
+                "{header} is missing (package {package}); {APT_HINT}"
+            ));
         }
     }
     if !Path::new(&multiarch).join("asm/types.h").exists() {
-        fail(&format!("{multiarch}/asm/types.h is missing (package linux-libc-dev); {APT_HINT}"));
+        fail(&format!(
+            "{multiarch}/asm/types.h is missing (package linux-libc-dev); {APT_HINT}"
+        ));
     }
 
     for name in ["meshauth", "empty"] {

@@ -37,13 +37,14 @@ int main(void)
 	F(ma_ct_key, sport);
 	F(ma_ct_key, dport);
 	F(ma_ct_key, protocol);
-	F(ma_ct_key, dir);
 	S(ma_ct_value);
 	F(ma_ct_value, policy_epoch);
 	F(ma_ct_value, dst_spiffe_id);
 	F(ma_ct_value, src_spiffe_id);
 	F(ma_ct_value, auth);
+	F(ma_ct_value, kind);
 	S(ma_frag_key);
+	S(ma_clock);
 	S(ma_iface_value);
 	F(ma_iface_value, pod_ip);
 	F(ma_iface_value, attach_mode);
@@ -103,8 +104,10 @@ int main(void)
 	C(MA_AUTH_NONE);
 	C(MA_AUTH_PERMISSIVE);
 	C(MA_AUTH_REQUIRED);
-	C(MA_CT_OUT);
-	C(MA_CT_IN);
+	C(MA_CT_REPLY);
+	C(MA_CT_ADMITTED);
+	C(MA_CLOCK_SLACK_NS);
+	C(MA_ATTACH_NONE);
 	C(MA_ATTACH_TCX);
 	C(MA_ATTACH_NETLINK);
 	C(MA_IPV6_DROP);

@@ -104,6 +104,13 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ma_clock);
+} clock SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, MA_COUNTER_SLOTS);
 	__type(key, __u32);
 	__type(value, struct ma_counter);
@@ -149,6 +156,22 @@ static __always_inline void count(__u32 idx, __u64 bytes)
 	}
 }
 
+/* CLOCK_BOOTTIME at most one tick old (see struct ma_clock). */
+static __always_inline __u64 boot_ns_coarse(void)
+{
+	__u32 zero = 0;
+	struct ma_clock *c = bpf_map_lookup_elem(&clock, &zero);
+	__u64 j = bpf_jiffies64();
+
+	if (!c)
+		return bpf_ktime_get_boot_ns();
+	if (c->jiffies != j) {
+		c->boot_ns = bpf_ktime_get_boot_ns();
+		c->jiffies = j;
+	}
+	return c->boot_ns;
+}
+
 static __always_inline void emit(const struct ma_config *cfg, __u32 ifindex, __u8 kind, __u8 counter,
 				 const struct flow *f, __u32 src_identity, __u32 dst_identity,
 				 __u32 src_spiffe, __u32 dst_spiffe, __u8 auth_req)
@@ -162,7 +185,7 @@ static __always_inline void emit(const struct ma_config *cfg, __u32 ifindex, __u
 		return;
 	/* A fixed one-second window per CPU: a flood of drops costs the ring buffer at most
 	 * events_per_sec records per CPU, so the agent always sees the other CPUs' events. */
-	now = bpf_ktime_get_boot_ns();
+	now = boot_ns_coarse();
 	if (now - b->window_start_ns >= NSEC_PER_SEC) {
 		b->window_start_ns = now;
 		b->sent = 0;
@@ -210,10 +233,11 @@ static __always_inline void ensure_linear(struct __sk_buff *skb)
 {
 	__u32 want = ETH_HLEN + 60 + sizeof(struct tcphdr);
 
-	if ((long)skb->data + want <= (long)skb->data_end)
-		return;
+	/* Clamp first: a short packet that is already linear must not pay for the helper. */
 	if (want > skb->len)
 		want = skb->len;
+	if ((long)skb->data + want <= (long)skb->data_end)
+		return;
 	bpf_skb_pull_data(skb, want);
 }
 
@@ -329,7 +353,7 @@ static __always_inline __u32 auth_check(__u32 dst_spiffe, __u32 src_spiffe)
 	v = bpf_map_lookup_elem(&auth, &key);
 	if (!v)
 		return MA_C_DROP_AUTH_MISSING;
-	if (v->expiry_ns <= bpf_ktime_get_boot_ns())
+	if (v->expiry_ns <= boot_ns_coarse() + MA_CLOCK_SLACK_NS)
 		return MA_C_DROP_AUTH_EXPIRED;
 	return 0;
 }
@@ -407,13 +431,40 @@ int to_pod(struct __sk_buff *skb)
 	if (parse_ipv4(skb, &f) < 0)
 		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
 
+	/* Conntrack first: most packets belong to established flows, and for them this one
+	 * lookup is the whole decision. */
+	if (f.tracked) {
+		ct_key.saddr = f.saddr;
+		ct_key.daddr = f.daddr;
+		ct_key.sport = f.sport;
+		ct_key.dport = f.dport;
+		ct_key.protocol = f.protocol;
+		ct = bpf_map_lookup_elem(&conntrack, &ct_key);
+		if (ct && ct->kind == MA_CT_REPLY) {
+			/* An answer in a flow the pod started. */
+			count(MA_C_PASS_CT_REPLY, skb->len);
+			remember_fragment(&f);
+			return PASS;
+		}
+		if (ct && ct->policy_epoch == cfg->policy_epoch) {
+			/* A flow admitted under the current tables: only the pair's authentication
+			 * can have changed since, so only that is checked again. */
+			if (ct->auth == MA_AUTH_NONE) {
+				count(MA_C_PASS_CT_ESTABLISHED, skb->len);
+				verdict = PASS;
+			} else {
+				verdict = authenticate(skb, cfg, &f, ct->auth, 0, 0, ct->src_spiffe_id,
+						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED);
+			}
+			if (verdict == PASS)
+				remember_fragment(&f);
+			return verdict;
+		}
+	}
+
 	dst = bpf_map_lookup_elem(&endpoints, &f.daddr);
 	if (!dst) {
 		count(MA_C_PASS_NOT_MESH, skb->len);
-		return PASS;
-	}
-	if (!(dst->flags & MA_EP_ISOLATED) && dst->mutual_auth == MA_AUTH_NONE) {
-		count(MA_C_PASS_NO_POLICY, skb->len);
 		return PASS;
 	}
 
@@ -422,6 +473,10 @@ int to_pod(struct __sk_buff *skb)
 			.saddr = f.saddr, .daddr = f.daddr, .id = f.frag_id, .protocol = f.protocol,
 		};
 
+		if (!(dst->flags & MA_EP_ISOLATED) && dst->mutual_auth == MA_AUTH_NONE) {
+			count(MA_C_PASS_NO_POLICY, skb->len);
+			return PASS;
+		}
 		if (bpf_map_lookup_elem(&fragments, &fk)) {
 			count(MA_C_PASS_FRAGMENT, skb->len);
 			return PASS;
@@ -429,40 +484,11 @@ int to_pod(struct __sk_buff *skb)
 		return drop(cfg, skb, MA_EV_FRAGMENT, MA_C_DROP_FRAGMENT, &f);
 	}
 
-	if (f.tracked) {
-		/* A reply of a flow the pod started: the tuple as the pod sent it. */
-		ct_key.saddr = f.daddr;
-		ct_key.daddr = f.saddr;
-		ct_key.sport = f.dport;
-		ct_key.dport = f.sport;
-		ct_key.protocol = f.protocol;
-		ct_key.dir = MA_CT_OUT;
-		if (bpf_map_lookup_elem(&conntrack, &ct_key)) {
-			count(MA_C_PASS_CT_REPLY, skb->len);
-			remember_fragment(&f);
-			return PASS;
-		}
-		/* A later packet of a flow admitted under the current tables: only the pair's
-		 * authentication can have changed since, so only that is checked again. */
-		ct_key.saddr = f.saddr;
-		ct_key.daddr = f.daddr;
-		ct_key.sport = f.sport;
-		ct_key.dport = f.dport;
-		ct_key.dir = MA_CT_IN;
-		ct = bpf_map_lookup_elem(&conntrack, &ct_key);
-		if (ct && ct->policy_epoch == cfg->policy_epoch) {
-			if (ct->auth == MA_AUTH_NONE) {
-				count(MA_C_PASS_CT_ESTABLISHED, skb->len);
-				verdict = PASS;
-			} else {
-				verdict = authenticate(skb, cfg, &f, ct->auth, 0, dst->security_identity,
-						       ct->src_spiffe_id, ct->dst_spiffe_id,
-						       MA_C_PASS_CT_ESTABLISHED);
-			}
-			if (verdict == PASS)
-				remember_fragment(&f);
-			return verdict;
-		}
+	if (!(dst->flags & MA_EP_ISOLATED) && dst->mutual_auth == MA_AUTH_NONE) {
+		count(MA_C_PASS_NO_POLICY, skb->len);
+		verdict = PASS;
+		src_spiffe = MA_NO_SPIFFE_ID;
+		goto admitted;
 	}
 
 	/* The full check (meshauth_policy::tables, steps 2-4). */
@@ -477,7 +503,6 @@ int to_pod(struct __sk_buff *skb)
 			.protocol = f.table_proto,
 			.port = (f.table_proto == MA_PROTO_TCP || f.table_proto == MA_PROTO_UDP) ? f.dport : 0,
 		};
-
 		__u8 matched = 0;
 
 		/* Each pointer is tested on its own: clang would otherwise OR the two and the
@@ -487,12 +512,16 @@ int to_pod(struct __sk_buff *skb)
 			matched = 1;
 			req = rule->auth;
 		}
-		pk.src_identity = MA_ANY_IDENTITY;
-		rule = bpf_map_lookup_elem(&policy, &pk);
-		if (rule) {
-			matched = 1;
-			if (rule->auth > req)
-				req = rule->auth;
+		/* An exact-source match that already requires authentication is the strictest
+		 * answer there is: the "any source" lookup could not change it. */
+		if (!matched || req != MA_AUTH_REQUIRED) {
+			pk.src_identity = MA_ANY_IDENTITY;
+			rule = bpf_map_lookup_elem(&policy, &pk);
+			if (rule) {
+				matched = 1;
+				if (rule->auth > req)
+					req = rule->auth;
+			}
 		}
 		if (!matched) {
 			count(MA_C_DROP_DENIED, skb->len);
@@ -514,6 +543,7 @@ int to_pod(struct __sk_buff *skb)
 	if (verdict != PASS)
 		return verdict;
 
+admitted:
 	/* Cache the admission: new flows (a TCP SYN, any UDP or ICMP echo) and flows whose entry
 	 * an older policy epoch wrote. A mid-stream TCP packet without an entry is checked in full
 	 * every time rather than admitted into the cache on its own word. */
@@ -523,6 +553,7 @@ int to_pod(struct __sk_buff *skb)
 			.dst_spiffe_id = dst->spiffe_id,
 			.src_spiffe_id = src_spiffe,
 			.auth = req,
+			.kind = MA_CT_ADMITTED,
 		};
 
 		bpf_map_update_elem(&conntrack, &ct_key, &v, BPF_ANY);
@@ -571,25 +602,18 @@ int from_pod(struct __sk_buff *skb)
 		return drop(cfg, skb, MA_EV_SPOOFED, MA_C_DROP_SPOOFED, &f);
 
 	if (f.tracked) {
-		/* A reply of a flow to_pod admitted needs no entry of its own. */
+		/* The flow as the peer's answers will arrive at to_pod. An entry already there is
+		 * this flow's (an admitted flow the pod answers, or one it started): nothing to
+		 * write, and the lookup refreshes the LRU. */
 		key.saddr = f.daddr;
 		key.daddr = f.saddr;
 		key.sport = f.dport;
 		key.dport = f.sport;
 		key.protocol = f.protocol;
-		key.dir = MA_CT_IN;
 		if (!bpf_map_lookup_elem(&conntrack, &key)) {
-			key.saddr = f.saddr;
-			key.daddr = f.daddr;
-			key.sport = f.sport;
-			key.dport = f.dport;
-			key.dir = MA_CT_OUT;
-			/* Written once per flow, not per packet: the lookup also refreshes the LRU. */
-			if (!bpf_map_lookup_elem(&conntrack, &key)) {
-				struct ma_ct_value v = {};
+			struct ma_ct_value v = { .kind = MA_CT_REPLY };
 
-				bpf_map_update_elem(&conntrack, &key, &v, BPF_ANY);
-			}
+			bpf_map_update_elem(&conntrack, &key, &v, BPF_ANY);
 		}
 	}
 	count(MA_C_PASS_FROM_POD, skb->len);

@@ -73,28 +73,31 @@ struct ma_auth_value {
 };
 
 /*
- * conntrack: LRU. MA_CT_OUT entries are written by from_pod for flows a pod starts (the key
- * is the tuple as the pod sends it); MA_CT_IN entries by to_pod for flows it admitted (the key
- * is the tuple as the peer sends it). The direction is part of the key so that the two pods of
- * a same-node connection never share an entry.
+ * conntrack: LRU, keyed on the tuple as it arrives at the pod's to_pod hook (source = the
+ * peer, destination = the pod), so to_pod needs one lookup whichever side started the flow.
+ *   MA_CT_REPLY: written by from_pod for a flow the pod started; the peer's answers pass.
+ *   MA_CT_ADMITTED: written by to_pod for a flow it admitted; later packets pass after the
+ *   pair's authentication is checked again, as long as the policy epoch is unchanged.
+ * A key's destination is always the pod that owns the entry, so the two pods of a same-node
+ * connection never share one.
  */
-#define MA_CT_OUT 1
-#define MA_CT_IN 2
+#define MA_CT_REPLY 1
+#define MA_CT_ADMITTED 2
 struct ma_ct_key {
 	__be32 saddr;
 	__be32 daddr;
 	__be16 sport;
 	__be16 dport;
 	__u8 protocol; /* IP protocol number */
-	__u8 dir; /* MA_CT_* */
-	__u16 pad;
+	__u8 pad[3];
 };
 struct ma_ct_value {
-	__u32 policy_epoch; /* ma_config.policy_epoch when admitted; stale -> re-evaluate */
+	__u32 policy_epoch; /* ma_config.policy_epoch when admitted; stale -> full check */
 	__u32 dst_spiffe_id; /* the pair to re-check when auth is not MA_AUTH_NONE */
 	__u32 src_spiffe_id;
 	__u8 auth;
-	__u8 pad[3];
+	__u8 kind; /* MA_CT_* */
+	__u8 pad[2];
 };
 
 /* fragments: LRU, IPv4 first fragments that passed; later fragments pass only when listed. */
@@ -109,7 +112,10 @@ struct ma_frag_value {
 	__u32 seen;
 };
 
-/* interfaces: host-side ifindex -> the only source address its pod may use. */
+/* interfaces: host-side ifindex -> the only source address its pod may use. An interface
+ * stays listed (MA_ATTACH_NONE) after its programs are detached: packets already inside a
+ * program when it is detached must still find their pod's address. */
+#define MA_ATTACH_NONE 0
 #define MA_ATTACH_TCX 1
 #define MA_ATTACH_NETLINK 2
 struct ma_iface_value {
@@ -126,6 +132,18 @@ struct ma_config {
 	__u32 events_per_sec; /* per CPU; 0 = no events */
 	__u8 ipv6_mode; /* MA_IPV6_* */
 	__u8 pad[7];
+};
+
+/*
+ * clock: per-CPU cache of CLOCK_BOOTTIME, refreshed when jiffies move. Reading the clock
+ * costs more than any map lookup on a virtual machine; a value at most one tick old is read
+ * for free. Authentications are therefore treated as expired MA_CLOCK_SLACK_NS early (a tick
+ * is at most 10 ms, HZ >= 100), so a pair never passes after its expiry.
+ */
+#define MA_CLOCK_SLACK_NS 10000000ULL
+struct ma_clock {
+	__u64 jiffies;
+	__u64 boot_ns;
 };
 
 /* event_budget: per-CPU rate limit of the ring buffer. */

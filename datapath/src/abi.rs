@@ -13,10 +13,15 @@ use meshauth_policy::tables::{AuthRequirement, TableProtocol};
 pub const EP_ISOLATED: u8 = 1;
 /// `MA_POLICY_FIXED_BITS`: the prefix bits of a policy key before the port.
 pub const POLICY_FIXED_BITS: u32 = 80;
-/// `MA_CT_OUT`: a conntrack entry of a flow a pod started.
-pub const CT_OUT: u8 = 1;
-/// `MA_CT_IN`: a conntrack entry of a flow `to_pod` admitted.
-pub const CT_IN: u8 = 2;
+/// `MA_CT_REPLY`: a conntrack entry of a flow a pod started.
+pub const CT_REPLY: u8 = 1;
+/// `MA_CT_ADMITTED`: a conntrack entry of a flow `to_pod` admitted.
+pub const CT_ADMITTED: u8 = 2;
+/// `MA_CLOCK_SLACK_NS`: authentications count as expired this much early (the program's
+/// clock may be one tick old).
+pub const CLOCK_SLACK_NS: u64 = 10_000_000;
+/// `MA_ATTACH_NONE`: listed, programs detached.
+pub const ATTACH_NONE: u8 = 0;
 /// `MA_ATTACH_TCX`.
 pub const ATTACH_TCX: u8 = 1;
 /// `MA_ATTACH_NETLINK`.
@@ -97,8 +102,7 @@ pub struct CtKey {
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,
-    pub dir: u8,
-    pub pad: u16,
+    pub pad: [u8; 3],
 }
 
 /// `struct ma_ct_value`.
@@ -109,7 +113,8 @@ pub struct CtValue {
     pub dst_spiffe_id: u32,
     pub src_spiffe_id: u32,
     pub auth: u8,
-    pub pad: [u8; 3],
+    pub kind: u8,
+    pub pad: [u8; 2],
 }
 
 /// `struct ma_iface_value`.
@@ -176,7 +181,10 @@ impl SpiffeName {
         if bytes.len() > SPIFFE_ID_MAX {
             return None;
         }
-        let mut name = SpiffeName { len: bytes.len() as u32, id: [0; SPIFFE_ID_MAX] };
+        let mut name = SpiffeName {
+            len: bytes.len() as u32,
+            id: [0; SPIFFE_ID_MAX],
+        };
         name.id[..bytes.len()].copy_from_slice(bytes);
         Some(name)
     }
@@ -310,7 +318,14 @@ mod tests {
                 field!($c, $t, $f, 0)
             };
             ($c:literal, $t:ty, $f:ident, $shift:expr) => {
-                writeln!(s, "{}.{} {}", $c, stringify!($f), offset_of!($t, $f) + $shift).unwrap()
+                writeln!(
+                    s,
+                    "{}.{} {}",
+                    $c,
+                    stringify!($f),
+                    offset_of!($t, $f) + $shift
+                )
+                .unwrap()
             };
         }
         macro_rules! constant {
@@ -344,14 +359,15 @@ mod tests {
         field!("ma_ct_key", CtKey, sport);
         field!("ma_ct_key", CtKey, dport);
         field!("ma_ct_key", CtKey, protocol);
-        field!("ma_ct_key", CtKey, dir);
         size!("ma_ct_value", CtValue);
         field!("ma_ct_value", CtValue, policy_epoch);
         field!("ma_ct_value", CtValue, dst_spiffe_id);
         field!("ma_ct_value", CtValue, src_spiffe_id);
         field!("ma_ct_value", CtValue, auth);
+        field!("ma_ct_value", CtValue, kind);
         // The fragments map is the program's alone; only its size matters to the loader.
         writeln!(s, "ma_frag_key size 12").unwrap();
+        writeln!(s, "ma_clock size 16").unwrap();
         size!("ma_iface_value", IfaceValue);
         field!("ma_iface_value", IfaceValue, pod_ip);
         field!("ma_iface_value", IfaceValue, attach_mode);
@@ -388,10 +404,15 @@ mod tests {
             writeln!(s, "{} {}", k.c_name(), *k as u8).unwrap();
         }
         constant!("MA_AUTH_NONE", auth_number(AuthRequirement::None));
-        constant!("MA_AUTH_PERMISSIVE", auth_number(AuthRequirement::Permissive));
+        constant!(
+            "MA_AUTH_PERMISSIVE",
+            auth_number(AuthRequirement::Permissive)
+        );
         constant!("MA_AUTH_REQUIRED", auth_number(AuthRequirement::Required));
-        constant!("MA_CT_OUT", CT_OUT);
-        constant!("MA_CT_IN", CT_IN);
+        constant!("MA_CT_REPLY", CT_REPLY);
+        constant!("MA_CT_ADMITTED", CT_ADMITTED);
+        constant!("MA_CLOCK_SLACK_NS", CLOCK_SLACK_NS);
+        constant!("MA_ATTACH_NONE", ATTACH_NONE);
         constant!("MA_ATTACH_TCX", ATTACH_TCX);
         constant!("MA_ATTACH_NETLINK", ATTACH_NETLINK);
         constant!("MA_IPV6_DROP", IPV6_DROP);
@@ -410,7 +431,11 @@ mod tests {
         for (c, r) in C_LAYOUT.lines().zip(rust.lines()) {
             assert_eq!(c, r, "C layout (left) and Rust layout (right) differ");
         }
-        assert_eq!(C_LAYOUT.lines().count(), rust.lines().count(), "C:\n{C_LAYOUT}\nRust:\n{rust}");
+        assert_eq!(
+            C_LAYOUT.lines().count(),
+            rust.lines().count(),
+            "C:\n{C_LAYOUT}\nRust:\n{rust}"
+        );
     }
 
     #[test]

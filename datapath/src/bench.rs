@@ -71,7 +71,11 @@ pub enum BenchError {
     #[error("loading the empty baseline program: {0}")]
     Baseline(String),
     #[error("path {path} is not what it claims: expected {expected}, the program {got}")]
-    WrongPath { path: &'static str, expected: String, got: String },
+    WrongPath {
+        path: &'static str,
+        expected: String,
+        got: String,
+    },
 }
 
 /// A path: a packet and what the program must do with it.
@@ -103,8 +107,20 @@ fn endpoint(ip: [u8; 4], identity: u32, spiffe_id: u32, isolated: bool) -> Endpo
     }
 }
 
-fn rule(src: u32, protocol: TableProtocol, ports: (u16, u16), auth: AuthRequirement) -> PolicyEntry {
-    PolicyEntry { dst_identity: 301, src_identity: src, protocol, port_start: ports.0, port_end: ports.1, auth }
+fn rule(
+    src: u32,
+    protocol: TableProtocol,
+    ports: (u16, u16),
+    auth: AuthRequirement,
+) -> PolicyEntry {
+    PolicyEntry {
+        dst_identity: 301,
+        src_identity: src,
+        protocol,
+        port_start: ports.0,
+        port_end: ports.1,
+        auth,
+    }
 }
 
 fn tables() -> CompiledTables {
@@ -118,13 +134,33 @@ fn tables() -> CompiledTables {
             endpoint(IP_SRC_CT, 403, 13, false),
         ],
         policy: vec![
-            rule(400, TableProtocol::Tcp, (8080, 8080), AuthRequirement::Required),
-            rule(401, TableProtocol::Tcp, (8080, 8080), AuthRequirement::Required),
+            rule(
+                400,
+                TableProtocol::Tcp,
+                (8080, 8080),
+                AuthRequirement::Required,
+            ),
+            rule(
+                401,
+                TableProtocol::Tcp,
+                (8080, 8080),
+                AuthRequirement::Required,
+            ),
             rule(403, TableProtocol::Tcp, (8080, 8080), AuthRequirement::None),
             // A few more entries so the trie has the shape of a real one.
-            rule(ANY_IDENTITY, TableProtocol::Tcp, (9000, 9999), AuthRequirement::None),
+            rule(
+                ANY_IDENTITY,
+                TableProtocol::Tcp,
+                (9000, 9999),
+                AuthRequirement::None,
+            ),
             rule(400, TableProtocol::Udp, (1, 1023), AuthRequirement::None),
-            rule(402, TableProtocol::Tcp, (10000, 10100), AuthRequirement::None),
+            rule(
+                402,
+                TableProtocol::Tcp,
+                (10000, 10100),
+                AuthRequirement::None,
+            ),
         ],
         spiffe_ids: Vec::new(),
         security_identities: Vec::new(),
@@ -134,13 +170,39 @@ fn tables() -> CompiledTables {
 fn paths() -> Vec<Path> {
     // Mid-stream segments (ACK): they take the full check every time, where a SYN would be
     // cached in conntrack after the first run.
-    let ack = |src: [u8; 4], dst: [u8; 4]| packet::tcp(src.into(), dst.into(), 40000, 8080, TCP_ACK);
+    let ack =
+        |src: [u8; 4], dst: [u8; 4]| packet::tcp(src.into(), dst.into(), 40000, 8080, TCP_ACK);
     vec![
-        Path { name: "no-policy", packet: ack(IP_SRC_AUTH, IP_NO_POLICY), passes: true, counter: Counter::PassNoPolicy },
-        Path { name: "conntrack-hit", packet: ack(IP_SRC_CT, IP_DST), passes: true, counter: Counter::PassCtEstablished },
-        Path { name: "auth-present", packet: ack(IP_SRC_AUTH, IP_DST), passes: true, counter: Counter::PassAuthenticated },
-        Path { name: "auth-missing", packet: ack(IP_SRC_NOAUTH, IP_DST), passes: false, counter: Counter::DropAuthMissing },
-        Path { name: "denied", packet: ack(IP_SRC_DENIED, IP_DST), passes: false, counter: Counter::DropDenied },
+        Path {
+            name: "no-policy",
+            packet: ack(IP_SRC_AUTH, IP_NO_POLICY),
+            passes: true,
+            counter: Counter::PassNoPolicy,
+        },
+        Path {
+            name: "conntrack-hit",
+            packet: ack(IP_SRC_CT, IP_DST),
+            passes: true,
+            counter: Counter::PassCtEstablished,
+        },
+        Path {
+            name: "auth-present",
+            packet: ack(IP_SRC_AUTH, IP_DST),
+            passes: true,
+            counter: Counter::PassAuthenticated,
+        },
+        Path {
+            name: "auth-missing",
+            packet: ack(IP_SRC_NOAUTH, IP_DST),
+            passes: false,
+            counter: Counter::DropAuthMissing,
+        },
+        Path {
+            name: "denied",
+            packet: ack(IP_SRC_DENIED, IP_DST),
+            passes: false,
+            counter: Counter::DropDenied,
+        },
     ]
 }
 
@@ -167,7 +229,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let _cleanup = Cleanup(opts.pin_dir.clone());
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&opts.pin_dir))?;
     dp.apply_tables(&tables())?;
-    dp.set_auth(DST_SPIFFE, SRC_AUTH_SPIFFE, BootTime::after(Duration::from_secs(24 * 3600)))?;
+    dp.set_auth(
+        DST_SPIFFE,
+        SRC_AUTH_SPIFFE,
+        BootTime::after(Duration::from_secs(24 * 3600)),
+    )?;
     // The conntrack-hit flow starts with a SYN, as a real one does.
     let syn = packet::tcp(IP_SRC_CT.into(), IP_DST.into(), 40000, 8080, TCP_SYN);
     dp.test_run(Hook::ToPod, &syn, 1)?;
@@ -178,7 +244,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         .ok_or_else(|| BenchError::Baseline("no program named empty".into()))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| BenchError::Baseline(e.to_string()))?;
-    empty.load().map_err(|e| BenchError::Baseline(e.to_string()))?;
+    empty
+        .load()
+        .map_err(|e| BenchError::Baseline(e.to_string()))?;
 
     let paths = paths();
     for p in &paths {
@@ -198,17 +266,25 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         let mut samples: Vec<Vec<u64>> = vec![Vec::new(); paths.len()];
         for _ in 0..opts.rounds {
             // Interleaved, so drifts (frequency, other load) hit every path alike.
-            baseline.push(loader::test_run(empty, "empty", &paths[0].packet, opts.repeat)?.ns_per_run);
+            baseline
+                .push(loader::test_run(empty, "empty", &paths[0].packet, opts.repeat)?.ns_per_run);
             for (i, p) in paths.iter().enumerate() {
                 samples[i].push(dp.test_run(Hook::ToPod, &p.packet, opts.repeat)?.ns_per_run);
             }
         }
         for (p, s) in paths.iter().zip(samples) {
-            results.push(PathResult { path: p.name, entries, ns_per_packet: median(s) });
+            results.push(PathResult {
+                path: p.name,
+                entries,
+                ns_per_packet: median(s),
+            });
         }
     }
     dp.uninstall()?;
-    Ok(BenchReport { baseline_ns: median(baseline), paths: results })
+    Ok(BenchReport {
+        baseline_ns: median(baseline),
+        paths: results,
+    })
 }
 
 /// Runs a path once and checks the verdict and the counter it moved.
@@ -219,7 +295,11 @@ fn check_path(dp: &Datapath, p: &Path) -> Result<(), BenchError> {
     if out.passed() != p.passes {
         return Err(BenchError::WrongPath {
             path: p.name,
-            expected: if p.passes { "pass".into() } else { "drop".into() },
+            expected: if p.passes {
+                "pass".into()
+            } else {
+                "drop".into()
+            },
             got: format!("returned {}", out.retval),
         });
     }
@@ -227,7 +307,15 @@ fn check_path(dp: &Datapath, p: &Path) -> Result<(), BenchError> {
         return Err(BenchError::WrongPath {
             path: p.name,
             expected: format!("counter {}", p.counter.name()),
-            got: format!("counted {:?}", after.0.iter().filter(|(k, v)| before.0.get(*k) != Some(*v)).map(|(k, _)| *k).collect::<Vec<_>>()),
+            got: format!(
+                "counted {:?}",
+                after
+                    .0
+                    .iter()
+                    .filter(|(k, v)| before.0.get(*k) != Some(*v))
+                    .map(|(k, _)| *k)
+                    .collect::<Vec<_>>()
+            ),
         });
     }
     Ok(())

@@ -4,6 +4,8 @@
 //! `clock_gettime(CLOCK_BOOTTIME)`: the same clock on both sides, so an expiry the agent writes
 //! is exactly the instant the program stops passing the pair. Unlike CLOCK_MONOTONIC it keeps
 //! counting while the machine is suspended, so a suspend cannot stretch an authentication.
+//! (The program caches the clock per CPU for one scheduler tick and compares expiries with
+//! 10 ms of slack, see `bpf/meshauth.h`, `struct ma_clock`.)
 
 use std::time::{Duration, SystemTime};
 
@@ -17,11 +19,18 @@ pub struct BootTime(pub u64);
 impl BootTime {
     /// Now.
     pub fn now() -> Self {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: `ts` is a valid out-pointer; CLOCK_BOOTTIME exists on every Linux this
         // crate runs on (2.6.39+), so the call cannot fail.
         unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-        BootTime((ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64))
+        BootTime(
+            (ts.tv_sec as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(ts.tv_nsec as u64),
+        )
     }
 
     /// `d` from now.

@@ -109,13 +109,20 @@ impl Default for DatapathConfig {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{var}={value:?}: {reason}")]
-    Invalid { var: &'static str, value: String, reason: String },
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 impl DatapathConfig {
     /// The default configuration with a different pin directory (tests, benchmarks).
     pub fn with_pin_dir(pin_dir: impl Into<PathBuf>) -> Self {
-        DatapathConfig { pin_dir: pin_dir.into(), ..Self::default() }
+        DatapathConfig {
+            pin_dir: pin_dir.into(),
+            ..Self::default()
+        }
     }
 
     /// The defaults, overridden by the `MESHAUTH_BPF_*` environment variables that are set.
@@ -221,8 +228,13 @@ mod tests {
 
     #[test]
     fn env_errors_name_the_variable_and_value() {
-        let err = DatapathConfig::from_lookup(|v| (v == AUTH_ENTRIES).then(|| "1000".into())).unwrap_err();
-        assert!(err.to_string().contains("MESHAUTH_BPF_AUTH_ENTRIES=\"1000\""), "{err}");
+        let err = DatapathConfig::from_lookup(|v| (v == AUTH_ENTRIES).then(|| "1000".into()))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("MESHAUTH_BPF_AUTH_ENTRIES=\"1000\""),
+            "{err}"
+        );
         let err = DatapathConfig::from_lookup(|v| (v == IPV6).then(|| "maybe".into())).unwrap_err();
         assert!(err.to_string().contains("MESHAUTH_BPF_IPV6"), "{err}");
         let c = DatapathConfig::from_lookup(|v| (v == IPV6).then(|| "pass".into())).unwrap();

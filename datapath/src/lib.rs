@@ -14,39 +14,50 @@
 //!
 //! # What the programs do
 //! `to_pod` (traffic into a pod), on an IPv4 packet:
-//! 1. destination not in `endpoints`: pass (not a meshauth pod).
-//! 2. destination neither isolated nor requiring authentication: pass.
-//! 3. a reply of a flow the pod started (conntrack `OUT` entry): pass.
-//! 4. a later packet of a flow admitted under the current policy epoch (conntrack `IN`): pass,
-//!    after checking the pair's authentication again when the flow needs it — an expired pair
-//!    stops established flows too.
-//! 5. otherwise the full check of `meshauth_policy::tables`: source endpoint (or world), two
-//!    longest-prefix policy lookups (exact source identity and any), the stricter
-//!    authentication of the matches and the destination's MutualAuth; `Required` passes only
-//!    with an unexpired `auth[(dst SPIFFE number, src SPIFFE number)]`, `Permissive` passes and
-//!    counts. Allowed new flows (TCP SYN, UDP, ICMP echo) enter conntrack.
+//! 1. conntrack (one lookup, keyed on the tuple as it arrives): an answer in a flow the pod
+//!    started passes; a later packet of a flow admitted under the current policy epoch passes,
+//!    after the pair's authentication is checked again when the flow needs it (an expired pair
+//!    stops established flows too).
+//! 2. destination not in `endpoints`: pass (not a meshauth pod).
+//! 3. destination neither isolated nor requiring authentication: pass.
+//! 4. otherwise the full check of `meshauth_policy::tables`: source endpoint (or world), the
+//!    longest-prefix policy lookups (exact source identity, then any source unless the first
+//!    already answered `Required`), the stricter authentication of the matches and the
+//!    destination's MutualAuth; `Required` passes only with an unexpired
+//!    `auth[(dst SPIFFE number, src SPIFFE number)]`, `Permissive` passes and counts.
+//!
+//! Allowed new flows (TCP SYN, UDP, ICMP echo) to meshauth pods enter conntrack; a mid-stream
+//! TCP segment without an entry (a flow older than the program, an evicted entry) takes the
+//! full check every time instead of being admitted on its own word.
 //!
 //! `from_pod` (traffic a pod sends): a source address other than the pod's own (registered
-//! by [`Datapath::attach`]) is dropped as spoofed; flows the pod starts enter conntrack so
-//! their replies pass step 3.
+//! by [`Datapath::attach`]) is dropped as spoofed, and so is anything from an interface the
+//! loader never registered; flows the pod starts enter conntrack so their answers pass.
 //!
 //! # Rules for everything else
 //! - ARP passes. Link-layer protocols other than IPv4, IPv6 and ARP are dropped.
 //! - IPv6 ([`config::Ipv6Mode`]): the tables are IPv4 only. By default IPv6 is dropped except
-//!   ICMPv6 neighbour discovery (types 133–137); `pass` lets all IPv6 through unchecked.
+//!   ICMPv6 neighbour discovery (types 133–137, no extension headers); `pass` lets all IPv6
+//!   through unchecked. Both directions.
 //! - IPv4 fragments: the first fragment carries the ports and is checked like any packet; a
 //!   fragment that passes is remembered (source, destination, IP id, protocol) in an LRU map,
 //!   and later fragments pass only when their first fragment did. Later fragments arriving
 //!   before the first are dropped. Towards pods that are neither isolated nor require
-//!   authentication, fragments pass unchecked (step 2).
+//!   authentication, fragments pass unchecked.
 //! - Protocols other than TCP, UDP and ICMP are checked with the table protocol `Other` and
-//!   port 0; ICMP with protocol `Icmp` and port 0 (echo request/reply are tracked by echo id).
+//!   port 0; ICMP with protocol `Icmp` and port 0 (echo request/reply are tracked by echo id;
+//!   ICMP errors about a flow are not related to it, so under Strict a peer's "unreachable"
+//!   needs an authenticated pair too).
+//! - Truncated headers are dropped.
 //! - Conntrack entries are never expired by time, only evicted by the LRU; a policy change
 //!   (new epoch) makes cached admissions go through the full check again.
 //! - Every drop is counted ([`Counter`]) and reported as an [`events::Event`], at most
-//!   [`config::DatapathConfig::events_per_sec_per_cpu`] events per second per CPU.
+//!   [`config::DatapathConfig::events_per_sec_per_cpu`] events per second per CPU; the rest
+//!   are counted as rate-limited.
 //!
-//! Time is CLOCK_BOOTTIME everywhere ([`clock::BootTime`]).
+//! Time is CLOCK_BOOTTIME everywhere ([`clock::BootTime`]). The program reads it through a
+//! per-CPU cache refreshed once per scheduler tick (a clock read costs more than a map lookup
+//! on a VM), and counts an authentication as expired 10 ms early so it never passes late.
 
 pub mod abi;
 pub mod bench;
@@ -63,4 +74,7 @@ pub use abi::Counter;
 pub use clock::BootTime;
 pub use config::{AttachMode, DatapathConfig, Ipv6Mode};
 pub use events::{Event, EventKind, EventStream};
-pub use loader::{ApplyStats, AuthEntry, Counters, Datapath, DatapathError, Endpoint, Hook, Interface, Maps, PROGRAM_VERSION, TestRunOutcome};
+pub use loader::{
+    ApplyStats, AuthEntry, Counters, Datapath, DatapathError, Endpoint, Hook, Interface, Maps,
+    PROGRAM_VERSION, TestRunOutcome,
+};

@@ -34,7 +34,8 @@ use crate::config::{AttachMode, BPFFS_ROOT, ConfigError, DatapathConfig, Ipv6Mod
 use crate::events::{EventError, EventStream};
 
 /// The program object compiled by build.rs.
-static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshauth.bpf.o"));
+static PROGRAM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshauth.bpf.o"));
 /// Names the pinned programs of this build: a hash of the C sources and the compiler.
 pub const PROGRAM_VERSION: &str = env!("MESHAUTH_BPF_VERSION");
 
@@ -56,17 +57,90 @@ struct MapSpec {
 }
 
 const MAPS: &[MapSpec] = &[
-    MapSpec { name: "endpoints", kind: MapType::Hash, key_size: 4, value_size: size_of::<EndpointValue>(), entries: |c| c.endpoint_entries },
-    MapSpec { name: "policy", kind: MapType::LpmTrie, key_size: 4 + size_of::<PolicyKeyData>(), value_size: size_of::<PolicyValue>(), entries: |c| c.policy_entries },
-    MapSpec { name: "auth", kind: MapType::Hash, key_size: size_of::<AuthKey>(), value_size: size_of::<AuthValue>(), entries: |c| c.auth_entries },
-    MapSpec { name: "conntrack", kind: MapType::LruHash, key_size: size_of::<CtKey>(), value_size: size_of::<CtValue>(), entries: |c| c.conntrack_entries },
-    MapSpec { name: "fragments", kind: MapType::LruHash, key_size: 12, value_size: 4, entries: |c| c.fragment_entries },
-    MapSpec { name: "interfaces", kind: MapType::Hash, key_size: 4, value_size: size_of::<IfaceValue>(), entries: |c| c.interface_entries },
-    MapSpec { name: "config", kind: MapType::Array, key_size: 4, value_size: size_of::<ConfigValue>(), entries: |_| 1 },
-    MapSpec { name: "event_budget", kind: MapType::PerCpuArray, key_size: 4, value_size: 16, entries: |_| 1 },
-    MapSpec { name: "counters", kind: MapType::PerCpuArray, key_size: 4, value_size: size_of::<CounterValue>(), entries: |_| abi::COUNTER_SLOTS },
-    MapSpec { name: "events", kind: MapType::RingBuf, key_size: 0, value_size: 0, entries: |c| c.event_ring_bytes },
-    MapSpec { name: "spiffe_names", kind: MapType::Hash, key_size: 4, value_size: size_of::<SpiffeName>(), entries: |c| c.spiffe_name_entries },
+    MapSpec {
+        name: "endpoints",
+        kind: MapType::Hash,
+        key_size: 4,
+        value_size: size_of::<EndpointValue>(),
+        entries: |c| c.endpoint_entries,
+    },
+    MapSpec {
+        name: "policy",
+        kind: MapType::LpmTrie,
+        key_size: 4 + size_of::<PolicyKeyData>(),
+        value_size: size_of::<PolicyValue>(),
+        entries: |c| c.policy_entries,
+    },
+    MapSpec {
+        name: "auth",
+        kind: MapType::Hash,
+        key_size: size_of::<AuthKey>(),
+        value_size: size_of::<AuthValue>(),
+        entries: |c| c.auth_entries,
+    },
+    MapSpec {
+        name: "conntrack",
+        kind: MapType::LruHash,
+        key_size: size_of::<CtKey>(),
+        value_size: size_of::<CtValue>(),
+        entries: |c| c.conntrack_entries,
+    },
+    MapSpec {
+        name: "fragments",
+        kind: MapType::LruHash,
+        key_size: 12,
+        value_size: 4,
+        entries: |c| c.fragment_entries,
+    },
+    MapSpec {
+        name: "interfaces",
+        kind: MapType::Hash,
+        key_size: 4,
+        value_size: size_of::<IfaceValue>(),
+        entries: |c| c.interface_entries,
+    },
+    MapSpec {
+        name: "config",
+        kind: MapType::Array,
+        key_size: 4,
+        value_size: size_of::<ConfigValue>(),
+        entries: |_| 1,
+    },
+    MapSpec {
+        name: "clock",
+        kind: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: 16,
+        entries: |_| 1,
+    },
+    MapSpec {
+        name: "event_budget",
+        kind: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: 16,
+        entries: |_| 1,
+    },
+    MapSpec {
+        name: "counters",
+        kind: MapType::PerCpuArray,
+        key_size: 4,
+        value_size: size_of::<CounterValue>(),
+        entries: |_| abi::COUNTER_SLOTS,
+    },
+    MapSpec {
+        name: "events",
+        kind: MapType::RingBuf,
+        key_size: 0,
+        value_size: 0,
+        entries: |c| c.event_ring_bytes,
+    },
+    MapSpec {
+        name: "spiffe_names",
+        kind: MapType::Hash,
+        key_size: 4,
+        value_size: size_of::<SpiffeName>(),
+        entries: |c| c.spiffe_name_entries,
+    },
 ];
 
 /// What went wrong loading, attaching or writing the datapath.
@@ -81,16 +155,33 @@ pub enum DatapathError {
     #[error("loading the BPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
-    #[error("pinned map {name} is incompatible with this loader ({what}: pinned {pinned}, expected {expected}); \
-             remove {path} to recreate it (its state is lost)")]
-    IncompatibleMap { name: &'static str, what: &'static str, pinned: String, expected: String, path: PathBuf },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error(
+        "pinned map {name} is incompatible with this loader ({what}: pinned {pinned}, expected {expected}); \
+             remove {path} to recreate it (its state is lost)"
+    )]
+    IncompatibleMap {
+        name: &'static str,
+        what: &'static str,
+        pinned: String,
+        expected: String,
+        path: PathBuf,
+    },
     #[error("link {path}: {source}")]
     Link { path: PathBuf, source: LinkError },
     #[error("pinning {path}: {source}")]
-    Pin { path: PathBuf, source: aya::pin::PinError },
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
     #[error("interface {name}: {source}")]
     Interface { name: String, source: io::Error },
     #[error("interface {name}: {source}")]
@@ -158,7 +249,11 @@ impl Counters {
 
     /// All packets dropped, whatever the reason.
     pub fn dropped(&self) -> u64 {
-        Counter::ALL.iter().filter(|c| c.is_drop()).map(|c| self.packets(*c)).sum()
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_drop())
+            .map(|c| self.packets(*c))
+            .sum()
     }
 }
 
@@ -193,8 +288,13 @@ fn open_pinned(maps_dir: &Path, name: &'static str) -> Result<MapData, DatapathE
 }
 
 /// Every key of a map, read before changing it (aya's key iterator borrows the map).
-fn keys_of<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, name: &'static str) -> Result<Vec<K>, DatapathError> {
-    map.keys().collect::<Result<Vec<_>, _>>().map_err(map_err(name))
+fn keys_of<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<K>, DatapathError> {
+    map.keys()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err(name))
 }
 
 impl Maps {
@@ -204,14 +304,19 @@ impl Maps {
         let hash = |name| -> Result<MapData, DatapathError> { open_pinned(&dir, name) };
         Ok(Maps {
             pin_dir: pin_dir.to_path_buf(),
-            endpoints: HashMap::try_from(Map::HashMap(hash("endpoints")?)).map_err(map_err("endpoints"))?,
+            endpoints: HashMap::try_from(Map::HashMap(hash("endpoints")?))
+                .map_err(map_err("endpoints"))?,
             policy: LpmTrie::try_from(Map::LpmTrie(hash("policy")?)).map_err(map_err("policy"))?,
             auth: HashMap::try_from(Map::HashMap(hash("auth")?)).map_err(map_err("auth"))?,
-            conntrack: HashMap::try_from(Map::LruHashMap(hash("conntrack")?)).map_err(map_err("conntrack"))?,
-            interfaces: HashMap::try_from(Map::HashMap(hash("interfaces")?)).map_err(map_err("interfaces"))?,
+            conntrack: HashMap::try_from(Map::LruHashMap(hash("conntrack")?))
+                .map_err(map_err("conntrack"))?,
+            interfaces: HashMap::try_from(Map::HashMap(hash("interfaces")?))
+                .map_err(map_err("interfaces"))?,
             config: Array::try_from(Map::Array(hash("config")?)).map_err(map_err("config"))?,
-            counters: PerCpuArray::try_from(Map::PerCpuArray(hash("counters")?)).map_err(map_err("counters"))?,
-            spiffe_names: HashMap::try_from(Map::HashMap(hash("spiffe_names")?)).map_err(map_err("spiffe_names"))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(hash("counters")?))
+                .map_err(map_err("counters"))?,
+            spiffe_names: HashMap::try_from(Map::HashMap(hash("spiffe_names")?))
+                .map_err(map_err("spiffe_names"))?,
         })
     }
 
@@ -220,7 +325,11 @@ impl Maps {
         let mut out = Vec::new();
         for item in self.auth.iter() {
             let (k, v) = item.map_err(map_err("auth"))?;
-            out.push(AuthEntry { dst_spiffe_id: k.dst_spiffe_id, src_spiffe_id: k.src_spiffe_id, expiry: BootTime(v.expiry_ns) });
+            out.push(AuthEntry {
+                dst_spiffe_id: k.dst_spiffe_id,
+                src_spiffe_id: k.src_spiffe_id,
+                expiry: BootTime(v.expiry_ns),
+            });
         }
         out.sort_by_key(|e| (e.dst_spiffe_id, e.src_spiffe_id));
         Ok(out)
@@ -253,7 +362,11 @@ impl Maps {
                 ifindex,
                 name: if_name(ifindex),
                 pod_ip: abi::key_ip(v.pod_ip),
-                attach: if v.attach_mode == abi::ATTACH_NETLINK { "clsact" } else { "tcx" },
+                attach: match v.attach_mode {
+                    abi::ATTACH_TCX => "tcx",
+                    abi::ATTACH_NETLINK => "clsact",
+                    _ => "detached",
+                },
             });
         }
         out.sort_by_key(|i| i.ifindex);
@@ -274,7 +387,10 @@ impl Maps {
     pub fn counters(&self) -> Result<Counters, DatapathError> {
         let mut out = Counters::default();
         for c in Counter::ALL {
-            let per_cpu = self.counters.get(&(*c as u32), 0).map_err(map_err("counters"))?;
+            let per_cpu = self
+                .counters
+                .get(&(*c as u32), 0)
+                .map_err(map_err("counters"))?;
             let mut sum = CounterValue::default();
             for v in per_cpu.iter() {
                 sum.packets += v.packets;
@@ -346,7 +462,14 @@ impl Datapath {
             AttachMode::Tcx => true,
             AttachMode::Auto => kernel_has_tcx(),
         };
-        let mut dp = Datapath { config, to_pod, from_pod, maps, adopted, tcx };
+        let mut dp = Datapath {
+            config,
+            to_pod,
+            from_pod,
+            maps,
+            adopted,
+            tcx,
+        };
         dp.write_runtime_config()?;
         dp.repoint_links()?;
         dp.forget_vanished_interfaces()?;
@@ -380,7 +503,10 @@ impl Datapath {
     }
 
     fn link_path(&self, ifindex: u32, direction: &str) -> PathBuf {
-        self.config.pin_dir.join("links").join(format!("{ifindex}-{direction}"))
+        self.config
+            .pin_dir
+            .join("links")
+            .join(format!("{ifindex}-{direction}"))
     }
 
     /// Guards `ifname`, the host side of the veth of the pod whose address is `pod_ip`:
@@ -390,12 +516,26 @@ impl Datapath {
         let ifindex = if_index(ifname)?;
         // The pod's address is registered before from_pod runs, which drops (as spoofed)
         // anything from an interface it does not know.
-        let mode = if self.tcx { abi::ATTACH_TCX } else { abi::ATTACH_NETLINK };
-        let value = IfaceValue { pod_ip: abi::ip_key(pod_ip), attach_mode: mode, pad: [0; 3] };
-        self.maps.interfaces.insert(ifindex, value, 0).map_err(map_err("interfaces"))?;
-        if let Some(mut ep) = self.maps.endpoints.get(&abi::ip_key(pod_ip), 0).ok() {
+        let mode = if self.tcx {
+            abi::ATTACH_TCX
+        } else {
+            abi::ATTACH_NETLINK
+        };
+        let value = IfaceValue {
+            pod_ip: abi::ip_key(pod_ip),
+            attach_mode: mode,
+            pad: [0; 3],
+        };
+        self.maps
+            .interfaces
+            .insert(ifindex, value, 0)
+            .map_err(map_err("interfaces"))?;
+        if let Ok(mut ep) = self.maps.endpoints.get(&abi::ip_key(pod_ip), 0) {
             ep.ifindex = ifindex;
-            self.maps.endpoints.insert(abi::ip_key(pod_ip), ep, 0).map_err(map_err("endpoints"))?;
+            self.maps
+                .endpoints
+                .insert(abi::ip_key(pod_ip), ep, 0)
+                .map_err(map_err("endpoints"))?;
         }
         if self.tcx {
             self.attach_tcx(ifname, ifindex, TcAttachType::Ingress)?;
@@ -415,7 +555,12 @@ impl Datapath {
         }
     }
 
-    fn attach_tcx(&mut self, ifname: &str, ifindex: u32, t: TcAttachType) -> Result<(), DatapathError> {
+    fn attach_tcx(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        t: TcAttachType,
+    ) -> Result<(), DatapathError> {
         let path = self.link_path(ifindex, direction_name(t));
         let (name, prog) = self.program(t);
         let prog_id = prog.info().map_err(prog_err(name))?.id();
@@ -426,7 +571,8 @@ impl Datapath {
             if attached.iter().any(|p| p.id() == prog_id) {
                 return Ok(());
             }
-            std::fs::remove_file(&path).map_err(io_err(format!("removing stale {}", path.display())))?;
+            std::fs::remove_file(&path)
+                .map_err(io_err(format!("removing stale {}", path.display())))?;
         }
         // First: meshauth decides before other tcx programs, and passes with TCX_NEXT so
         // they still run.
@@ -434,27 +580,46 @@ impl Datapath {
             .attach_with_options(ifname, t, TcAttachOptions::TcxOrder(LinkOrder::first()))
             .map_err(prog_err(name))?;
         let link = prog.take_link(id).map_err(prog_err(name))?;
-        let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::Link { path: path.clone(), source })?;
+        let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+            path: path.clone(),
+            source,
+        })?;
         // Dropping the returned PinnedLink closes our descriptor; the pin keeps it attached.
-        fd_link.pin(&path).map_err(|source| DatapathError::Pin { path: path.clone(), source })?;
+        fd_link.pin(&path).map_err(|source| DatapathError::Pin {
+            path: path.clone(),
+            source,
+        })?;
         Ok(())
     }
 
-    fn attach_netlink(&mut self, ifname: &str, t: TcAttachType, replace: bool) -> Result<(), DatapathError> {
+    fn attach_netlink(
+        &mut self,
+        ifname: &str,
+        t: TcAttachType,
+        replace: bool,
+    ) -> Result<(), DatapathError> {
         if let Err(e) = tc::qdisc_add_clsact(ifname) {
             // "Exists" is the normal case after the first attach.
             tracing::trace!(ifname, error = %e, "clsact qdisc not added");
         }
         let (name, prog) = self.program(t);
         let id = if replace {
-            let old = SchedClassifierLink::attached(ifname, t, NETLINK_PRIORITY, NETLINK_HANDLE, None)
-                .map_err(|source| DatapathError::Interface { name: ifname.into(), source })?;
+            let old =
+                SchedClassifierLink::attached(ifname, t, NETLINK_PRIORITY, NETLINK_HANDLE, None)
+                    .map_err(|source| DatapathError::Interface {
+                        name: ifname.into(),
+                        source,
+                    })?;
             prog.attach_to_link(old).map_err(prog_err(name))?
         } else {
             match prog.attach_with_options(
                 ifname,
                 t,
-                TcAttachOptions::Netlink(NlOptions { priority: NETLINK_PRIORITY, handle: NETLINK_HANDLE, classid: None }),
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: NETLINK_PRIORITY,
+                    handle: NETLINK_HANDLE,
+                    classid: None,
+                }),
             ) {
                 Ok(id) => id,
                 // Already attached by us (an adopted loader): replace keeps it current.
@@ -468,43 +633,66 @@ impl Datapath {
         Ok(())
     }
 
-    /// Stops guarding `ifname` (a deleted pod). Detaches both programs.
+    /// Stops guarding `ifname`: detaches both programs. The pod's address stays registered
+    /// (packets inside the programs at this instant must still find it, or they would be
+    /// dropped as spoofed); the entry goes when the interface does.
     pub fn detach(&mut self, ifname: &str) -> Result<(), DatapathError> {
         let ifindex = if_index(ifname)?;
-        self.detach_index(ifindex, Some(ifname))
+        self.detach_links(ifindex, Some(ifname))?;
+        if let Ok(mut v) = self.maps.interfaces.get(&ifindex, 0) {
+            v.attach_mode = abi::ATTACH_NONE;
+            self.maps
+                .interfaces
+                .insert(ifindex, v, 0)
+                .map_err(map_err("interfaces"))?;
+        }
+        Ok(())
     }
 
-    fn detach_index(&mut self, ifindex: u32, ifname: Option<&str>) -> Result<(), DatapathError> {
+    fn detach_links(&mut self, ifindex: u32, ifname: Option<&str>) -> Result<(), DatapathError> {
         let iface = self.maps.interfaces.get(&ifindex, 0).ok();
         for t in [TcAttachType::Ingress, TcAttachType::Egress] {
             let path = self.link_path(ifindex, direction_name(t));
             if path.exists() {
-                std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+                // The pin was the link's last reference: removing it detaches.
+                std::fs::remove_file(&path)
+                    .map_err(io_err(format!("removing {}", path.display())))?;
             }
-            if let (Some(v), Some(name)) = (iface, ifname) {
-                if v.attach_mode == abi::ATTACH_NETLINK {
-                    if let Ok(link) = SchedClassifierLink::attached(name, t, NETLINK_PRIORITY, NETLINK_HANDLE, None) {
-                        // Dropping detaches.
-                        drop(link);
-                    }
-                }
+            if let (Some(v), Some(name)) = (iface, ifname)
+                && v.attach_mode == abi::ATTACH_NETLINK
+                && let Ok(link) =
+                    SchedClassifierLink::attached(name, t, NETLINK_PRIORITY, NETLINK_HANDLE, None)
+            {
+                // Dropping aya's handle of a clsact filter deletes the filter.
+                drop(link);
             }
         }
+        Ok(())
+    }
+
+    fn forget_interface(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        self.detach_links(ifindex, None)?;
         remove_ignoring_missing(self.maps.interfaces.remove(&ifindex), "interfaces")
     }
 
     /// Points every pinned link (and clsact filter) at this loader's programs.
     fn repoint_links(&mut self) -> Result<(), DatapathError> {
         let dir = self.config.pin_dir.join("links");
-        let entries = std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?;
+        let entries =
+            std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?;
         for entry in entries {
-            let path = entry.map_err(io_err(format!("reading {}", dir.display())))?.path();
+            let path = entry
+                .map_err(io_err(format!("reading {}", dir.display())))?
+                .path();
             let t = match path.file_name().and_then(|n| n.to_str()) {
                 Some(n) if n.ends_with("-ingress") => TcAttachType::Ingress,
                 Some(n) if n.ends_with("-egress") => TcAttachType::Egress,
                 _ => continue,
             };
-            let link_err = |source| DatapathError::Link { path: path.clone(), source };
+            let link_err = |source| DatapathError::Link {
+                path: path.clone(),
+                source,
+            };
             let pinned = PinnedLink::from_pin(&path).map_err(link_err)?;
             let fd_link = FdLink::from(pinned);
             let (name, prog) = self.program(t);
@@ -519,11 +707,11 @@ impl Datapath {
             tracing::info!(link = %path.display(), "link moved to program version {PROGRAM_VERSION}");
         }
         for iface in self.maps.interfaces()? {
-            if iface.attach == "clsact" {
-                if let Some(name) = iface.name {
-                    self.attach_netlink(&name, TcAttachType::Ingress, true)?;
-                    self.attach_netlink(&name, TcAttachType::Egress, true)?;
-                }
+            if iface.attach == "clsact"
+                && let Some(name) = iface.name
+            {
+                self.attach_netlink(&name, TcAttachType::Ingress, true)?;
+                self.attach_netlink(&name, TcAttachType::Egress, true)?;
             }
         }
         Ok(())
@@ -535,7 +723,7 @@ impl Datapath {
         for iface in self.maps.interfaces()? {
             if iface.name.is_none() {
                 tracing::info!(ifindex = iface.ifindex, "interface gone, forgetting it");
-                self.detach_index(iface.ifindex, None)?;
+                self.forget_interface(iface.ifindex)?;
             }
         }
         Ok(())
@@ -546,26 +734,36 @@ impl Datapath {
     /// Bumps the policy epoch when anything changed, so cached admissions are checked again.
     pub fn apply_tables(&mut self, tables: &CompiledTables) -> Result<ApplyStats, DatapathError> {
         let mut stats = ApplyStats::default();
-        let local: StdHashMap<u32, u32> =
-            self.maps.interfaces()?.into_iter().map(|i| (abi::ip_key(i.pod_ip), i.ifindex)).collect();
+        let local: StdHashMap<u32, u32> = self
+            .maps
+            .interfaces()?
+            .into_iter()
+            .map(|i| (abi::ip_key(i.pod_ip), i.ifindex))
+            .collect();
 
         // Endpoints.
         let mut want: StdHashMap<u32, EndpointValue> = StdHashMap::new();
         for e in &tables.endpoints {
             let key = abi::ip_key(e.ip);
-            want.insert(key, EndpointValue {
-                security_identity: e.security_identity,
-                spiffe_id: e.spiffe_id,
-                ifindex: local.get(&key).copied().unwrap_or(0),
-                flags: if e.isolated { abi::EP_ISOLATED } else { 0 },
-                mutual_auth: abi::auth_number(e.mutual_auth),
-                pad: 0,
-            });
+            want.insert(
+                key,
+                EndpointValue {
+                    security_identity: e.security_identity,
+                    spiffe_id: e.spiffe_id,
+                    ifindex: local.get(&key).copied().unwrap_or(0),
+                    flags: if e.isolated { abi::EP_ISOLATED } else { 0 },
+                    mutual_auth: abi::auth_number(e.mutual_auth),
+                    pad: 0,
+                },
+            );
         }
         let have = keys_of(&self.maps.endpoints, "endpoints")?;
         for (k, v) in &want {
             if self.maps.endpoints.get(k, 0).ok().as_ref() != Some(v) {
-                self.maps.endpoints.insert(*k, *v, 0).map_err(map_err("endpoints"))?;
+                self.maps
+                    .endpoints
+                    .insert(*k, *v, 0)
+                    .map_err(map_err("endpoints"))?;
                 stats.endpoints_written += 1;
             }
         }
@@ -585,22 +783,42 @@ impl Datapath {
                     protocol: abi::protocol_number(p.protocol),
                     port: port.to_be(),
                 };
-                let slot = want.entry((abi::POLICY_FIXED_BITS + u32::from(bits), data)).or_insert(0);
+                let slot = want
+                    .entry((abi::POLICY_FIXED_BITS + u32::from(bits), data))
+                    .or_insert(0);
                 *slot = (*slot).max(abi::auth_number(p.auth));
             }
         }
-        let have: Vec<_> = self.maps.policy.keys().collect::<Result<_, _>>().map_err(map_err("policy"))?;
+        let have: Vec<_> = self
+            .maps
+            .policy
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("policy"))?;
         for ((bits, data), auth) in &want {
             let key = aya::maps::lpm_trie::Key::new(*bits, *data);
-            let value = PolicyValue { auth: *auth, pad: [0; 3] };
+            let value = PolicyValue {
+                auth: *auth,
+                pad: [0; 3],
+            };
             // An exact-key get: the trie answers the longest match, so compare the value only
             // when the stored key is this one.
-            if self.maps.policy.get(&key, 0).ok() != Some(value) || !have.iter().any(|k| k.prefix_len() == *bits && k.data() == *data) {
-                self.maps.policy.insert(&key, value, 0).map_err(map_err("policy"))?;
+            if self.maps.policy.get(&key, 0).ok() != Some(value)
+                || !have
+                    .iter()
+                    .any(|k| k.prefix_len() == *bits && k.data() == *data)
+            {
+                self.maps
+                    .policy
+                    .insert(&key, value, 0)
+                    .map_err(map_err("policy"))?;
                 stats.policy_written += 1;
             }
         }
-        for k in have.iter().filter(|k| !want.contains_key(&(k.prefix_len(), k.data()))) {
+        for k in have
+            .iter()
+            .filter(|k| !want.contains_key(&(k.prefix_len(), k.data())))
+        {
             remove_ignoring_missing(self.maps.policy.remove(k), "policy")?;
             stats.policy_removed += 1;
         }
@@ -612,9 +830,21 @@ impl Datapath {
         }
         let have = keys_of(&self.maps.spiffe_names, "spiffe_names")?;
         for (n, id) in &want {
-            if self.maps.spiffe_names.get(n, 0).ok().map(|v| v.as_string()).as_deref() != Some(*id) {
-                let name = SpiffeName::new(id).ok_or(DatapathError::SpiffeIdTooLong { number: *n })?;
-                self.maps.spiffe_names.insert(*n, name, 0).map_err(map_err("spiffe_names"))?;
+            if self
+                .maps
+                .spiffe_names
+                .get(n, 0)
+                .ok()
+                .map(|v| v.as_string())
+                .as_deref()
+                != Some(*id)
+            {
+                let name =
+                    SpiffeName::new(id).ok_or(DatapathError::SpiffeIdTooLong { number: *n })?;
+                self.maps
+                    .spiffe_names
+                    .insert(*n, name, 0)
+                    .map_err(map_err("spiffe_names"))?;
                 stats.spiffe_names_written += 1;
             }
         }
@@ -624,7 +854,12 @@ impl Datapath {
         }
 
         let mut cfg = self.maps.runtime_config()?;
-        if stats.endpoints_written + stats.endpoints_removed + stats.policy_written + stats.policy_removed > 0 {
+        if stats.endpoints_written
+            + stats.endpoints_removed
+            + stats.policy_written
+            + stats.policy_removed
+            > 0
+        {
             cfg.policy_epoch = cfg.policy_epoch.wrapping_add(1);
             self.maps.config.set(0, cfg, 0).map_err(map_err("config"))?;
         }
@@ -633,15 +868,41 @@ impl Datapath {
         Ok(stats)
     }
 
-    /// Records that `(dst, src)` authenticated each other until `expiry`.
-    pub fn set_auth(&mut self, dst_spiffe_id: u32, src_spiffe_id: u32, expiry: BootTime) -> Result<(), DatapathError> {
-        let key = AuthKey { dst_spiffe_id, src_spiffe_id };
-        self.maps.auth.insert(key, AuthValue { expiry_ns: expiry.0 }, 0).map_err(map_err("auth"))
+    /// Records that `(dst, src)` authenticated each other until `expiry`. The program stops
+    /// passing the pair [`abi::CLOCK_SLACK_NS`] (10 ms) before `expiry`: its clock may be one
+    /// tick old, and a pair must never pass late.
+    pub fn set_auth(
+        &mut self,
+        dst_spiffe_id: u32,
+        src_spiffe_id: u32,
+        expiry: BootTime,
+    ) -> Result<(), DatapathError> {
+        let key = AuthKey {
+            dst_spiffe_id,
+            src_spiffe_id,
+        };
+        self.maps
+            .auth
+            .insert(
+                key,
+                AuthValue {
+                    expiry_ns: expiry.0,
+                },
+                0,
+            )
+            .map_err(map_err("auth"))
     }
 
     /// Forgets a pair; `Ok(false)` when it was not there.
-    pub fn remove_auth(&mut self, dst_spiffe_id: u32, src_spiffe_id: u32) -> Result<bool, DatapathError> {
-        match self.maps.auth.remove(&AuthKey { dst_spiffe_id, src_spiffe_id }) {
+    pub fn remove_auth(
+        &mut self,
+        dst_spiffe_id: u32,
+        src_spiffe_id: u32,
+    ) -> Result<bool, DatapathError> {
+        match self.maps.auth.remove(&AuthKey {
+            dst_spiffe_id,
+            src_spiffe_id,
+        }) {
             Ok(()) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(map_err("auth")(e)),
@@ -660,12 +921,19 @@ impl Datapath {
 
     /// The event stream (one reader per node: the agent). Needs a tokio runtime.
     pub fn events(&self) -> Result<EventStream, DatapathError> {
-        Ok(EventStream::open(&self.config.pin_dir.join("maps").join("events"))?)
+        Ok(EventStream::open(
+            &self.config.pin_dir.join("maps").join("events"),
+        )?)
     }
 
     /// Runs a program on `packet` `repeat` times with `BPF_PROG_TEST_RUN`, against the live
     /// maps (the run counts and may write conntrack like real traffic).
-    pub fn test_run(&self, hook: Hook, packet: &[u8], repeat: u32) -> Result<TestRunOutcome, DatapathError> {
+    pub fn test_run(
+        &self,
+        hook: Hook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome, DatapathError> {
         let (name, prog) = match hook {
             Hook::ToPod => (TO_POD, &self.to_pod),
             Hook::FromPod => (FROM_POD, &self.from_pod),
@@ -676,7 +944,7 @@ impl Datapath {
     /// Detaches everything and removes every pin: the datapath is gone from the node.
     pub fn uninstall(mut self) -> Result<(), DatapathError> {
         for iface in self.maps.interfaces()? {
-            self.detach_index(iface.ifindex, iface.name.as_deref())?;
+            self.detach_links(iface.ifindex, iface.name.as_deref())?;
         }
         let dir = self.config.pin_dir.clone();
         drop(self);
@@ -709,15 +977,30 @@ impl TestRunOutcome {
     }
 }
 
-pub(crate) fn test_run(prog: &SchedClassifier, name: &'static str, packet: &[u8], repeat: u32) -> Result<TestRunOutcome, DatapathError> {
+pub(crate) fn test_run(
+    prog: &SchedClassifier,
+    name: &'static str,
+    packet: &[u8],
+    repeat: u32,
+) -> Result<TestRunOutcome, DatapathError> {
     use aya::programs::{TestRun as _, TestRunOptions};
     let r = prog
-        .test_run(TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..TestRunOptions::default()
+        })
         .map_err(prog_err(name))?;
-    Ok(TestRunOutcome { retval: r.return_value as i32, ns_per_run: u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX) })
+    Ok(TestRunOutcome {
+        retval: r.return_value as i32,
+        ns_per_run: u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX),
+    })
 }
 
-fn remove_ignoring_missing(r: Result<(), MapError>, name: &'static str) -> Result<(), DatapathError> {
+fn remove_ignoring_missing(
+    r: Result<(), MapError>,
+    name: &'static str,
+) -> Result<(), DatapathError> {
     match r {
         Err(e) if !is_not_found(&e) => Err(map_err(name)(e)),
         _ => Ok(()),
@@ -742,7 +1025,10 @@ fn direction_name(t: TcAttachType) -> &'static str {
 }
 
 /// Adopts or loads the programs of this version; returns `(to_pod, from_pod, adopted)`.
-fn install_programs(config: &DatapathConfig, force: bool) -> Result<(SchedClassifier, SchedClassifier, bool), DatapathError> {
+fn install_programs(
+    config: &DatapathConfig,
+    force: bool,
+) -> Result<(SchedClassifier, SchedClassifier, bool), DatapathError> {
     let programs = config.pin_dir.join("programs");
     let current = programs.join(PROGRAM_VERSION);
     let open = |dir: &Path| -> Result<(SchedClassifier, SchedClassifier), DatapathError> {
@@ -764,34 +1050,46 @@ fn install_programs(config: &DatapathConfig, force: bool) -> Result<(SchedClassi
         loader.map_pin_path(spec.name, maps_dir.join(spec.name));
         loader.map_max_entries(spec.name, (spec.entries)(config));
     }
-    let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
+    let mut ebpf = loader
+        .load(PROGRAM_OBJECT)
+        .map_err(|e| DatapathError::Load(Box::new(e)))?;
     // bpffs refuses names with a dot in them.
     let staging = programs.join(format!("staging-{}", std::process::id()));
     if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io_err(format!("removing {}", staging.display())))?;
+        std::fs::remove_dir_all(&staging)
+            .map_err(io_err(format!("removing {}", staging.display())))?;
     }
     std::fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
     for name in [TO_POD, FROM_POD] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
-            .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?
+            .ok_or(DatapathError::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?
             .try_into()
             .map_err(prog_err(name))?;
         prog.load().map_err(prog_err(name))?;
         let path = staging.join(name);
-        prog.pin(&path).map_err(|source| DatapathError::Pin { path, source })?;
+        prog.pin(&path)
+            .map_err(|source| DatapathError::Pin { path, source })?;
     }
     drop(ebpf);
     // Older versions stay loaded as long as a link still points at them; the caller moves
     // the links, and then nothing holds them.
-    let entries = std::fs::read_dir(&programs).map_err(io_err(format!("reading {}", programs.display())))?;
+    let entries =
+        std::fs::read_dir(&programs).map_err(io_err(format!("reading {}", programs.display())))?;
     for entry in entries.flatten() {
         let p = entry.path();
         if p != staging {
             std::fs::remove_dir_all(&p).map_err(io_err(format!("removing {}", p.display())))?;
         }
     }
-    std::fs::rename(&staging, &current).map_err(io_err(format!("renaming {} to {}", staging.display(), current.display())))?;
+    std::fs::rename(&staging, &current).map_err(io_err(format!(
+        "renaming {} to {}",
+        staging.display(),
+        current.display()
+    )))?;
     let (to_pod, from_pod) = open(&current)?;
     Ok((to_pod, from_pod, false))
 }
@@ -805,25 +1103,46 @@ fn check_pinned_maps(config: &DatapathConfig) -> Result<(), DatapathError> {
             continue;
         }
         let info = MapInfo::from_pin(&path).map_err(map_err(spec.name))?;
-        let incompatible = |what, pinned: String, expected: String| DatapathError::IncompatibleMap {
-            name: spec.name, what, pinned, expected, path: path.clone(),
-        };
+        let incompatible =
+            |what, pinned: String, expected: String| DatapathError::IncompatibleMap {
+                name: spec.name,
+                what,
+                pinned,
+                expected,
+                path: path.clone(),
+            };
         let kind = info.map_type().map_err(map_err(spec.name))?;
         if kind != spec.kind {
-            return Err(incompatible("type", format!("{kind:?}"), format!("{:?}", spec.kind)));
+            return Err(incompatible(
+                "type",
+                format!("{kind:?}"),
+                format!("{:?}", spec.kind),
+            ));
         }
         if spec.kind != MapType::RingBuf {
             if info.key_size() as usize != spec.key_size {
-                return Err(incompatible("key size", info.key_size().to_string(), spec.key_size.to_string()));
+                return Err(incompatible(
+                    "key size",
+                    info.key_size().to_string(),
+                    spec.key_size.to_string(),
+                ));
             }
             if info.value_size() as usize != spec.value_size {
-                return Err(incompatible("value size", info.value_size().to_string(), spec.value_size.to_string()));
+                return Err(incompatible(
+                    "value size",
+                    info.value_size().to_string(),
+                    spec.value_size.to_string(),
+                ));
             }
         }
         let want = (spec.entries)(config);
         if info.max_entries() != want {
-            tracing::warn!(map = spec.name, pinned = info.max_entries(), configured = want,
-                "pinned map keeps its size; remove the pin to resize it");
+            tracing::warn!(
+                map = spec.name,
+                pinned = info.max_entries(),
+                configured = want,
+                "pinned map keeps its size; remove the pin to resize it"
+            );
         }
     }
     Ok(())
@@ -844,9 +1163,20 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
         let src = c"bpf";
         let target = c"/sys/fs/bpf";
         // SAFETY: all pointers are valid C strings; no data argument.
-        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
         if rc != 0 {
-            return Err(DatapathError::Bpffs { path: pin_dir.into(), source: io::Error::last_os_error() });
+            return Err(DatapathError::Bpffs {
+                path: pin_dir.into(),
+                source: io::Error::last_os_error(),
+            });
         }
         tracing::info!("mounted bpffs on {BPFFS_ROOT}");
     }
@@ -861,7 +1191,10 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     if statfs_type(probe) != Some(BPF_FS_MAGIC) {
         return Err(DatapathError::Bpffs {
             path: pin_dir.into(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not on a bpffs", probe.display())),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not on a bpffs", probe.display()),
+            ),
         });
     }
     Ok(())
@@ -880,7 +1213,10 @@ pub fn if_index(name: &str) -> Result<u32, DatapathError> {
     })?;
     // SAFETY: `c` is a valid C string.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(DatapathError::Interface { name: name.into(), source: io::Error::last_os_error() }),
+        0 => Err(DatapathError::Interface {
+            name: name.into(),
+            source: io::Error::last_os_error(),
+        }),
         i => Ok(i),
     }
 }
@@ -894,5 +1230,9 @@ pub fn if_name(index: u32) -> Option<String> {
         return None;
     }
     // SAFETY: on success the buffer holds a NUL-terminated name.
-    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    Some(
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }

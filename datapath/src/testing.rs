@@ -33,7 +33,11 @@ pub fn sh(args: &[&str]) -> io::Result<String> {
 /// Fails the test early with a clear message when not root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests load BPF programs and create network namespaces: run them as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests load BPF programs and create network namespaces: run them as root"
+    );
 }
 
 /// A named network namespace, deleted on drop.
@@ -49,8 +53,17 @@ impl Netns {
         sh(&["ip", "-n", name, "link", "set", "lo", "up"])?;
         // IPv6 stays out of the way (router solicitations, MLD): IPv6 rules are tested with
         // BPF_PROG_TEST_RUN instead.
-        sh(&["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
-        Ok(Netns { name: name.into() })
+        let ns = Netns { name: name.into() };
+        ns.sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
+        ns.sysctl("net/ipv6/conf/default/disable_ipv6", "1")?;
+        Ok(ns)
+    }
+
+    /// Writes `/proc/sys/<key>` inside the namespace (network sysctls are per namespace, as
+    /// seen by the thread that opens them).
+    pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        let path = format!("/proc/sys/{key}");
+        self.run(|| std::fs::write(&path, value))?
     }
 
     fn open(&self) -> io::Result<File> {
@@ -142,25 +155,85 @@ impl Node {
     /// Creates `<prefix>-node` and `<prefix>-p1..=pN` (keep `prefix` short and unique per test).
     pub fn new(prefix: &str, pods: usize) -> io::Result<Self> {
         let ns = Netns::new(&format!("{prefix}-node"))?;
-        ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        ns.sysctl("net/ipv4/ip_forward", "1")?;
         // The pods' gateway: a node address, so the host sides answer ARP for it.
-        sh(&["ip", "-n", &ns.name, "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
-        let mut node = Node { pods: Vec::new(), ns };
+        sh(&[
+            "ip",
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            "169.254.1.1/32",
+            "dev",
+            "lo",
+        ])?;
+        let mut node = Node {
+            pods: Vec::new(),
+            ns,
+        };
         for i in 1..=pods {
             let pod_ns = Netns::new(&format!("{prefix}-p{i}"))?;
             let ip = Ipv4Addr::new(10, 77, 0, i as u8);
             let host_if = format!("h{i}");
             let (n, p) = (node.ns.name.as_str(), pod_ns.name.as_str());
             let ip_s = ip.to_string();
-            sh(&["ip", "-n", n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", p])?;
-            sh(&["ip", "-n", p, "addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
+            sh(&[
+                "ip", "-n", n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+                "netns", p,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                p,
+                "addr",
+                "add",
+                &format!("{ip_s}/32"),
+                "dev",
+                "eth0",
+            ])?;
             sh(&["ip", "-n", p, "link", "set", "eth0", "up"])?;
-            sh(&["ip", "-n", p, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-            sh(&["ip", "-n", p, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+            sh(&[
+                "ip",
+                "-n",
+                p,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                p,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ])?;
             sh(&["ip", "-n", n, "link", "set", &host_if, "up"])?;
-            sh(&["ip", "-n", n, "route", "add", &format!("{ip_s}/32"), "dev", &host_if])?;
-            node.ns.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")])?;
-            node.pods.push(Pod { ns: pod_ns, ip, host_if });
+            sh(&[
+                "ip",
+                "-n",
+                n,
+                "route",
+                "add",
+                &format!("{ip_s}/32"),
+                "dev",
+                &host_if,
+            ])?;
+            node.ns
+                .sysctl(&format!("net/ipv4/conf/{host_if}/proxy_arp"), "1")?;
+            node.pods.push(Pod {
+                ns: pod_ns,
+                ip,
+                host_if,
+            });
         }
         Ok(node)
     }
@@ -171,7 +244,10 @@ pub struct PinDir(pub PathBuf);
 
 impl PinDir {
     pub fn new(test: &str) -> Self {
-        let p = PathBuf::from(format!("/sys/fs/bpf/meshauth-test-{test}-{}", std::process::id()));
+        let p = PathBuf::from(format!(
+            "/sys/fs/bpf/meshauth-test-{test}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&p);
         PinDir(p)
     }
@@ -223,7 +299,11 @@ pub fn tcp_echo_server(pod: &Pod, port: u16) -> io::Result<Server> {
                                         break;
                                     }
                                 }
-                                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                                    ) => {}
                                 Err(_) => break,
                             }
                         }
@@ -233,7 +313,10 @@ pub fn tcp_echo_server(pod: &Pod, port: u16) -> io::Result<Server> {
             }
         }
     });
-    Ok(Server { stop, thread: Some(thread) })
+    Ok(Server {
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// A UDP echo server on `pod:port`.
@@ -251,13 +334,23 @@ pub fn udp_echo_server(pod: &Pod, port: u16) -> io::Result<Server> {
             }
         }
     });
-    Ok(Server { stop, thread: Some(thread) })
+    Ok(Server {
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// A TCP connection from `pod` to `dst:port`, or the connect error (a drop shows as a timeout).
-pub fn tcp_connect(pod: &Pod, dst: Ipv4Addr, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+pub fn tcp_connect(
+    pod: &Pod,
+    dst: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     let addr = SocketAddr::V4(SocketAddrV4::new(dst, port));
-    let conn = pod.ns.run(|| TcpStream::connect_timeout(&addr, timeout))??;
+    let conn = pod
+        .ns
+        .run(|| TcpStream::connect_timeout(&addr, timeout))??;
     conn.set_read_timeout(Some(timeout))?;
     conn.set_nodelay(true)?;
     Ok(conn)
@@ -288,9 +381,21 @@ pub fn udp_socket(pod: &Pod, src: Option<Ipv4Addr>) -> io::Result<UdpSocket> {
 
 /// One datagram from `pod` (from `src`, when given) to `dst:port`: `true` when its echo came
 /// back within `timeout`.
-pub fn udp_request(pod: &Pod, src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16, timeout: Duration) -> bool {
-    let Ok(sock) = udp_socket(pod, src) else { return false };
-    if sock.set_read_timeout(Some(timeout)).is_err() || sock.send_to(b"meshauth", SocketAddrV4::new(dst, port)).is_err() {
+pub fn udp_request(
+    pod: &Pod,
+    src: Option<Ipv4Addr>,
+    dst: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> bool {
+    let Ok(sock) = udp_socket(pod, src) else {
+        return false;
+    };
+    if sock.set_read_timeout(Some(timeout)).is_err()
+        || sock
+            .send_to(b"meshauth", SocketAddrV4::new(dst, port))
+            .is_err()
+    {
         return false;
     }
     let mut buf = [0u8; 64];

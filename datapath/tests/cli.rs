@@ -17,9 +17,16 @@ fn auth_list_and_status_read_the_pinned_maps() {
     require_root();
     let pins = PinDir::new("cli");
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).unwrap();
-    dp.apply_tables(&tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::Required)], vec![rule(2, 1, P::Tcp, 80, Auth::None)]))
+    dp.apply_tables(&tables(
+        vec![
+            endpoint(1, false, Auth::None),
+            endpoint(2, true, Auth::Required),
+        ],
+        vec![rule(2, 1, P::Tcp, 80, Auth::None)],
+    ))
+    .unwrap();
+    dp.set_auth(2, 1, BootTime::after(Duration::from_secs(3600)))
         .unwrap();
-    dp.set_auth(2, 1, BootTime::after(Duration::from_secs(3600))).unwrap();
     dp.set_auth(1, 2, BootTime::now()).unwrap();
 
     let mut out = Vec::new();
@@ -27,14 +34,23 @@ fn auth_list_and_status_read_the_pinned_maps() {
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let pairs = v["pairs"].as_array().unwrap();
     assert_eq!(pairs.len(), 2);
-    assert_eq!(pairs[0]["remaining_seconds"], serde_json::Value::Null, "expired pair");
+    assert_eq!(
+        pairs[0]["remaining_seconds"],
+        serde_json::Value::Null,
+        "expired pair"
+    );
     assert_eq!(pairs[1]["dst"], "spiffe://cluster.local/ns/test/sa/pod-2");
     assert!(pairs[1]["remaining_seconds"].as_f64().unwrap() > 3590.0);
 
     let mut out = Vec::new();
     auth_list(&pins.0, OutputFormat::Table, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains("spiffe://cluster.local/ns/test/sa/pod-1") && text.contains("expired") && text.contains("2 pair(s)"), "{text}");
+    assert!(
+        text.contains("spiffe://cluster.local/ns/test/sa/pod-1")
+            && text.contains("expired")
+            && text.contains("2 pair(s)"),
+        "{text}"
+    );
 
     let mut out = Vec::new();
     status(&pins.0, OutputFormat::Json, &mut out).unwrap();
@@ -48,7 +64,10 @@ fn auth_list_and_status_read_the_pinned_maps() {
     let mut out = Vec::new();
     status(&pins.0, OutputFormat::Table, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains("ENDPOINTS") && text.contains("10.77.0.2") && text.contains("drop_spoofed"), "{text}");
+    assert!(
+        text.contains("ENDPOINTS") && text.contains("10.77.0.2") && text.contains("drop_spoofed"),
+        "{text}"
+    );
 
     let missing = std::path::Path::new("/sys/fs/bpf/meshauth-test-no-such-dir");
     let err = status(missing, OutputFormat::Table, &mut Vec::new()).unwrap_err();
@@ -59,17 +78,30 @@ fn auth_list_and_status_read_the_pinned_maps() {
 fn bench_reports_every_path_at_both_sizes_in_the_documented_shape() {
     require_root();
     let pins = PinDir::new("bench");
-    let opts = BenchOptions { repeat: 1000, rounds: 1, pin_dir: pins.0.clone() };
+    let opts = BenchOptions {
+        repeat: 1000,
+        rounds: 1,
+        pin_dir: pins.0.clone(),
+    };
     let mut out = Vec::new();
     bench_datapath(&opts, OutputFormat::Json, &mut out).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert!(v["baseline_ns"].is_number());
     let paths = v["paths"].as_array().unwrap();
-    let names = ["no-policy", "conntrack-hit", "auth-present", "auth-missing", "denied"];
+    let names = [
+        "no-policy",
+        "conntrack-hit",
+        "auth-present",
+        "auth-missing",
+        "denied",
+    ];
     assert_eq!(paths.len(), names.len() * ENTRY_COUNTS.len());
     for n in names {
         for e in ENTRY_COUNTS {
-            let p = paths.iter().find(|p| p["path"] == n && p["entries"] == e).unwrap_or_else(|| panic!("{n} at {e}"));
+            let p = paths
+                .iter()
+                .find(|p| p["path"] == n && p["entries"] == e)
+                .unwrap_or_else(|| panic!("{n} at {e}"));
             assert!(p["ns_per_packet"].as_f64().unwrap() > 0.0);
             assert_eq!(p.as_object().unwrap().len(), 3);
         }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use meshauth_datapath::testing::{Netns, NetnsGuard, Node, PinDir, require_root};
 use meshauth_datapath::{Counters, Datapath, DatapathConfig, Event, EventKind, EventStream};
-use meshauth_policy::tables::{AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol};
+use meshauth_policy::tables::{
+    AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol,
+};
 
 pub const SHORT: Duration = Duration::from_millis(700);
 pub const LONG: Duration = Duration::from_secs(3);
@@ -25,16 +27,28 @@ pub struct Fixture {
 impl Fixture {
     /// `prefix`: a short name unique to the test (namespaces and pins are named after it).
     pub fn new(prefix: &str) -> Self {
+        Self::with_config(prefix, |_| {})
+    }
+
+    /// [`Fixture::new`] with a changed configuration.
+    pub fn with_config(prefix: &str, change: impl FnOnce(&mut DatapathConfig)) -> Self {
         require_root();
         let node = Node::new(&format!("ma-{prefix}"), 3).expect("creating namespaces");
         // The test thread lives in the node namespace: the loader attaches by interface name.
         let guard = node.ns.enter().expect("entering the node namespace");
         let pins = PinDir::new(prefix);
-        let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).expect("loading the datapath");
+        let mut config = DatapathConfig::with_pin_dir(&pins.0);
+        change(&mut config);
+        let mut dp = Datapath::load_or_adopt(config).expect("loading the datapath");
         for pod in &node.pods {
             dp.attach(&pod.host_if, pod.ip).expect("attaching");
         }
-        Fixture { dp: Some(dp), pins, _guard: guard, node }
+        Fixture {
+            dp: Some(dp),
+            pins,
+            _guard: guard,
+            node,
+        }
     }
 
     pub fn dp(&mut self) -> &mut Datapath {
@@ -54,11 +68,19 @@ impl Fixture {
     }
 
     pub fn counters(&self) -> Counters {
-        self.dp.as_ref().expect("datapath").counters().expect("counters")
+        self.dp
+            .as_ref()
+            .expect("datapath")
+            .counters()
+            .expect("counters")
     }
 
     pub fn events(&self) -> EventStream {
-        self.dp.as_ref().expect("datapath").events().expect("event stream")
+        self.dp
+            .as_ref()
+            .expect("datapath")
+            .events()
+            .expect("event stream")
     }
 }
 
@@ -80,13 +102,39 @@ pub fn identity(i: usize) -> u32 {
 }
 
 /// A rule: traffic from pod `src` to pod `dst` on `protocol`/`port`.
-pub fn rule(dst: usize, src: usize, protocol: TableProtocol, port: u16, auth: AuthRequirement) -> PolicyEntry {
-    PolicyEntry { dst_identity: identity(dst), src_identity: identity(src), protocol, port_start: port, port_end: port, auth }
+pub fn rule(
+    dst: usize,
+    src: usize,
+    protocol: TableProtocol,
+    port: u16,
+    auth: AuthRequirement,
+) -> PolicyEntry {
+    PolicyEntry {
+        dst_identity: identity(dst),
+        src_identity: identity(src),
+        protocol,
+        port_start: port,
+        port_end: port,
+        auth,
+    }
 }
 
 pub fn tables(endpoints: Vec<EndpointEntry>, policy: Vec<PolicyEntry>) -> CompiledTables {
-    let spiffe_ids = endpoints.iter().map(|e| (e.spiffe_id, format!("spiffe://cluster.local/ns/test/sa/pod-{}", e.spiffe_id))).collect();
-    CompiledTables { endpoints, policy, spiffe_ids, security_identities: Vec::new() }
+    let spiffe_ids = endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.spiffe_id,
+                format!("spiffe://cluster.local/ns/test/sa/pod-{}", e.spiffe_id),
+            )
+        })
+        .collect();
+    CompiledTables {
+        endpoints,
+        policy,
+        spiffe_ids,
+        security_identities: Vec::new(),
+    }
 }
 
 /// Every event already written, of the given kind.
