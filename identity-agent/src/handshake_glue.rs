@@ -4,6 +4,7 @@
 
 use crate::auth_manager::{AuthFailure, Authenticator, BoxFuture};
 use crate::handshake::{HandshakeClient, HandshakeServer, HostedIdentities};
+use crate::metrics::AgentMetrics;
 use crate::node_agent::SharedView;
 use crate::svid::SvidStore;
 use meshauth_crds::SpiffeId;
@@ -25,9 +26,9 @@ impl HostedIdentities for ViewHosted {
     }
 }
 
-/// Answers peers' handshakes until the listener fails.
-pub async fn serve(listener: TcpListener, store: SvidStore, hosted: Arc<ViewHosted>) {
-    HandshakeServer::new(store, hosted).serve(listener).await;
+/// Answers peers' handshakes until the listener fails, counting each in the metrics.
+pub async fn serve(listener: TcpListener, store: SvidStore, hosted: Arc<ViewHosted>, metrics: Arc<AgentMetrics>) {
+    HandshakeServer::new(store, hosted).with_observer(metrics).serve(listener).await;
 }
 
 /// The handshake client as the auth manager's authenticator.

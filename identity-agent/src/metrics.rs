@@ -29,6 +29,8 @@ pub enum MetricsError {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
+    /// `client`: this agent dialed (for its destination pod); `server`: a peer dialed it.
+    pub side: &'static str,
     pub result: &'static str,
     pub reason: &'static str,
 }
@@ -140,11 +142,22 @@ impl AgentMetrics {
     }
 }
 
+impl crate::handshake::HandshakeObserver for AgentMetrics {
+    fn served(&self, result: &Result<crate::handshake::Authenticated, crate::handshake::HandshakeError>, took: Duration) {
+        let labels = match result {
+            Ok(_) => HandshakeLabels { side: "server", result: "success", reason: "" },
+            Err(e) => HandshakeLabels { side: "server", result: "failure", reason: e.reason() },
+        };
+        self.handshakes.get_or_create(&labels).inc();
+        self.handshake_duration.observe(took.as_secs_f64());
+    }
+}
+
 impl AuthObserver for AgentMetrics {
     fn handshake(&self, result: Result<(), &AuthFailure>, duration: Duration) {
         let labels = match result {
-            Ok(()) => HandshakeLabels { result: "success", reason: "" },
-            Err(f) => HandshakeLabels { result: "failure", reason: f.reason },
+            Ok(()) => HandshakeLabels { side: "client", result: "success", reason: "" },
+            Err(f) => HandshakeLabels { side: "client", result: "failure", reason: f.reason },
         };
         self.handshakes.get_or_create(&labels).inc();
         self.handshake_duration.observe(duration.as_secs_f64());
@@ -170,8 +183,8 @@ mod tests {
         m.svid_expiry_seconds.get_or_create(&IdentityLabels { spiffe_id: "spiffe://td/a".into() }).set(30);
         let text = m.encode();
         for want in [
-            "meshauth_agent_handshakes_total{result=\"success\",reason=\"\"} 1",
-            "meshauth_agent_handshakes_total{result=\"failure\",reason=\"wrong_identity\"} 1",
+            "meshauth_agent_handshakes_total{side=\"client\",result=\"success\",reason=\"\"} 1",
+            "meshauth_agent_handshakes_total{side=\"client\",result=\"failure\",reason=\"wrong_identity\"} 1",
             "meshauth_agent_auth_entries 3",
             "meshauth_agent_datapath_packets_total{counter=\"drop_auth_missing\"} 7",
             "meshauth_agent_svid_expiry_seconds{spiffe_id=\"spiffe://td/a\"} 30",

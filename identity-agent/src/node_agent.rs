@@ -187,7 +187,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         .await
         .map_err(|error| AgentError::Listen { addr: config.listen, error })?;
     let hosted = Arc::new(crate::handshake_glue::ViewHosted(view.clone()));
-    tokio::spawn(crate::handshake_glue::serve(listener, store.clone(), hosted.clone()));
+    tokio::spawn(crate::handshake_glue::serve(listener, store.clone(), hosted.clone(), metrics.clone()));
 
     let authenticator = Arc::new(crate::handshake_glue::HandshakeAuthenticator::new(store.clone(), hosted, config.handshake_timeout));
     let manager = auth_manager::spawn(
