@@ -8,7 +8,8 @@
 //! - [`config`], [`metrics`].
 //!
 //! The spec rules themselves live in `meshauth_policy::validate`, shared with the policy model
-//! and the operator.
+//! and the operator: this crate must not keep rules of its own, and never writes to the API
+//! server beyond its certificate Secret and its webhook configuration's `caBundle`.
 
 pub mod admission;
 pub mod certs;
