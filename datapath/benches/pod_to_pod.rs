@@ -3,13 +3,19 @@
 //!   - no program attached,
 //!   - the program attached, no policy (destination neither isolated nor Strict),
 //!   - a Strict, authenticated pair (destination isolated, rule and MutualAuth Required),
+//!   - no program attached, the traffic going instead through a sidecar-style pair of mutual-TLS
+//!     proxies (what an Envoy/Istio sidecar mesh does): the client connects to an outbound proxy
+//!     on 127.0.0.1 in its own pod, which opens a TLS 1.3 connection with mutual authentication
+//!     (test CA, SPIFFE URI SANs, server DNS SAN checked) to an inbound proxy on the server pod's
+//!     address, which forwards plaintext to the server in that pod,
 //!
 //! reported as ratios to "no program". Rounds are interleaved so drift hits every setup alike.
 //!
 //! `cargo bench -p meshauth-datapath --bench pod_to_pod [-- --json] [-- --quick]` (root).
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshauth_datapath::testing::{Node, PinDir, require_root, tcp_connect, tcp_echo_server};
@@ -20,6 +26,12 @@ use meshauth_policy::tables::{
 
 const RR_PORT: u16 = 8080;
 const BULK_PORT: u16 = 8081;
+/// The sidecar pair, per application port: the outbound proxy listens on 127.0.0.1:<app port> in
+/// the client pod, the inbound proxy on <server pod ip>:<inbound port> in the server pod.
+const SIDECAR_PORTS: [(u16, u16); 2] = [(RR_PORT, 15080), (BULK_PORT, 15081)];
+const SERVER_DNS: &str = "echo.bench.svc.cluster.local";
+const SERVER_SPIFFE: &str = "spiffe://cluster.local/ns/bench/sa/echo";
+const CLIENT_SPIFFE: &str = "spiffe://cluster.local/ns/bench/sa/client";
 
 struct Settings {
     rounds: usize,
@@ -86,15 +98,11 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Latency of `n` 64-byte request/responses on one connection, after a warm-up.
-fn request_response(node: &Node, n: usize) -> (f64, f64) {
-    let mut conn = tcp_connect(
-        &node.pods[0],
-        node.pods[1].ip,
-        RR_PORT,
-        Duration::from_secs(3),
-    )
-    .expect("connect");
+/// Latency of `n` 64-byte request/responses on one connection from pod 1 to `dst`, after a
+/// warm-up.
+fn request_response(node: &Node, dst: SocketAddrV4, n: usize) -> (f64, f64) {
+    let mut conn =
+        tcp_connect(&node.pods[0], *dst.ip(), dst.port(), Duration::from_secs(3)).expect("connect");
     let msg = [0x5au8; 64];
     let mut buf = [0u8; 64];
     let mut rtt = Vec::with_capacity(n);
@@ -110,9 +118,9 @@ fn request_response(node: &Node, n: usize) -> (f64, f64) {
     (percentile(&rtt, 0.50), percentile(&rtt, 0.99))
 }
 
-/// Bulk TCP from pod 1 to pod 2 for `d`; Gbit/s as the receiver counted it.
-fn bulk(node: &Node, listener: &TcpListener, d: Duration) -> f64 {
-    let dst = SocketAddrV4::new(node.pods[1].ip, BULK_PORT);
+/// Bulk TCP from pod 1 to `dst` (pod 2's server, or the local outbound proxy in front of it)
+/// for `d`; Gbit/s as pod 2's server counted it.
+fn bulk(node: &Node, listener: &TcpListener, dst: SocketAddrV4, d: Duration) -> f64 {
     let sender = node.pods[0]
         .ns
         .run(|| TcpStream::connect(dst))
@@ -143,6 +151,191 @@ fn bulk(node: &Node, listener: &TcpListener, d: Duration) -> f64 {
     bytes as f64 * 8.0 / secs / 1e9
 }
 
+/// The two sides' TLS configurations: one test CA, a leaf per side, each verifying the other's
+/// chain against the CA; rustls with the ring provider, TLS 1.3 only.
+struct MeshTls {
+    connector: tokio_rustls::TlsConnector,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+fn mesh_tls() -> MeshTls {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, "meshauth bench mesh CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |dns: &[&str], spiffe: &str, usage| {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut params =
+            CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
+        params
+            .subject_alt_names
+            .push(SanType::URI(spiffe.try_into().expect("SPIFFE URI")));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![CertificateDer::from(cert.der().to_vec())], key)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(ca_cert.der().to_vec()))
+        .expect("CA root");
+    let roots = Arc::new(roots);
+
+    let (chain, key) = leaf(
+        &[SERVER_DNS],
+        SERVER_SPIFFE,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .expect("client verifier");
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("server protocol versions")
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(chain, key)
+        .expect("server certificate");
+
+    let (chain, key) = leaf(&[], CLIENT_SPIFFE, ExtendedKeyUsagePurpose::ClientAuth);
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("client protocol versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client certificate");
+    MeshTls {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+    }
+}
+
+/// Connects to `dst` from inside `pod`'s namespace (a blocking connect on a namespace thread,
+/// off the runtime's workers), as a tokio stream with Nagle off.
+async fn connect_in(
+    node: Arc<Node>,
+    pod: usize,
+    dst: SocketAddrV4,
+) -> io::Result<tokio::net::TcpStream> {
+    let conn =
+        tokio::task::spawn_blocking(move || node.pods[pod].ns.run(|| TcpStream::connect(dst)))
+            .await
+            .map_err(io::Error::other)???;
+    conn.set_nodelay(true)?;
+    conn.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(conn)
+}
+
+/// One connection through the outbound proxy: TLS to the inbound proxy, then bytes both ways.
+async fn outbound_conn(
+    mut app: tokio::net::TcpStream,
+    node: Arc<Node>,
+    upstream: SocketAddrV4,
+    connector: tokio_rustls::TlsConnector,
+) -> io::Result<()> {
+    app.set_nodelay(true)?;
+    let tcp = connect_in(node, 0, upstream).await?;
+    let name = rustls_pki_types::ServerName::try_from(SERVER_DNS).map_err(io::Error::other)?;
+    let mut tls = connector.connect(name, tcp).await?;
+    // Errors once both sides are up are the peers closing (resets at teardown), not failures.
+    let _ = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+    Ok(())
+}
+
+/// One connection through the inbound proxy: the TLS handshake, then plaintext to the server.
+async fn inbound_conn(
+    tcp: tokio::net::TcpStream,
+    node: Arc<Node>,
+    backend: SocketAddrV4,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let mut tls = acceptor.accept(tcp).await?;
+    let mut app = connect_in(node, 1, backend).await?;
+    let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
+    Ok(())
+}
+
+/// The sidecar-style proxy pair, for every port of [`SIDECAR_PORTS`], on a runtime of its own
+/// (2 workers); listening until dropped.
+struct Sidecars {
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Sidecars {
+    fn start(node: &Arc<Node>) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sidecar")
+            .enable_all()
+            .build()
+            .expect("sidecar runtime");
+        let tls = mesh_tls();
+        // `from_std` registers the sockets with this runtime's reactor.
+        let entered = runtime.enter();
+        for (app_port, inbound_port) in SIDECAR_PORTS {
+            let backend = SocketAddrV4::new(node.pods[1].ip, app_port);
+            let upstream = SocketAddrV4::new(node.pods[1].ip, inbound_port);
+            let listen = |pod: usize, addr: SocketAddrV4| {
+                let l = node.pods[pod]
+                    .ns
+                    .run(|| TcpListener::bind(addr))
+                    .expect("netns")
+                    .expect("bind proxy");
+                l.set_nonblocking(true).expect("nonblocking");
+                tokio::net::TcpListener::from_std(l).expect("proxy listener")
+            };
+            let outbound = listen(0, SocketAddrV4::new(Ipv4Addr::LOCALHOST, app_port));
+            let inbound = listen(1, upstream);
+            let (n, connector) = (node.clone(), tls.connector.clone());
+            runtime.spawn(async move {
+                loop {
+                    let Ok((app, _)) = outbound.accept().await else {
+                        continue;
+                    };
+                    let (n, connector) = (n.clone(), connector.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = outbound_conn(app, n, upstream, connector).await {
+                            eprintln!("outbound proxy to {upstream}: {e}");
+                        }
+                    });
+                }
+            });
+            let (n, acceptor) = (node.clone(), tls.acceptor.clone());
+            runtime.spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = inbound.accept().await else {
+                        continue;
+                    };
+                    let (n, acceptor) = (n.clone(), acceptor.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = inbound_conn(tcp, n, backend, acceptor).await {
+                            eprintln!("inbound proxy to {backend}: {e}");
+                        }
+                    });
+                }
+            });
+        }
+        drop(entered);
+        Sidecars { runtime }
+    }
+}
+
 fn main() {
     require_root();
     let args: Vec<String> = std::env::args().collect();
@@ -160,7 +353,8 @@ fn main() {
             bulk: Duration::from_secs(1),
         }
     };
-    let node = Node::new("ma-bench", 2).expect("namespaces");
+    // Shared with the sidecar proxies, which create their upstream sockets in the pods.
+    let node = Arc::new(Node::new("ma-bench", 2).expect("namespaces"));
     let _guard = node.ns.enter().expect("enter node namespace");
     let pins = PinDir::new("latency");
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).expect("load");
@@ -172,8 +366,14 @@ fn main() {
         .run(|| TcpListener::bind((node.pods[1].ip, BULK_PORT)))
         .expect("netns")
         .expect("bind");
+    let sidecars = Sidecars::start(&node);
 
-    let setups = ["no-program", "program-no-policy", "strict-authenticated"];
+    let setups = [
+        "no-program",
+        "program-no-policy",
+        "strict-authenticated",
+        "sidecar-mtls-proxies",
+    ];
     let mut samples = vec![Sample::default(); setups.len()];
     for round in 0..settings.rounds {
         for (i, setup) in setups.iter().enumerate() {
@@ -189,12 +389,26 @@ fn main() {
                     }
                     dp.apply_tables(&no_policy()).expect("tables");
                 }
-                _ => {
+                2 => {
                     dp.apply_tables(&strict()).expect("tables");
                 }
+                _ => {
+                    // Detaching takes effect shortly after the call (the kernel frees the link
+                    // from a work queue): without the Strict tables, the proxies' first SYN to
+                    // their own port cannot be denied meanwhile.
+                    dp.apply_tables(&no_policy()).expect("tables");
+                    for pod in &node.pods {
+                        let _ = dp.detach(&pod.host_if);
+                    }
+                }
             }
-            let (p50, p99) = request_response(&node, settings.round_trips);
-            let gbit = bulk(&node, &bulk_listener, settings.bulk);
+            // The sidecar setup talks to its local outbound proxy; the others to the pod.
+            let dst = |port| match i {
+                3 => SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+                _ => SocketAddrV4::new(node.pods[1].ip, port),
+            };
+            let (p50, p99) = request_response(&node, dst(RR_PORT), settings.round_trips);
+            let gbit = bulk(&node, &bulk_listener, dst(BULK_PORT), settings.bulk);
             eprintln!(
                 "round {round} {setup:<22} p50 {p50:7.1} us  p99 {p99:7.1} us  {gbit:6.2} Gbit/s"
             );
@@ -268,5 +482,6 @@ fn main() {
             );
         }
     }
+    drop(sidecars.runtime);
     dp.uninstall().expect("uninstall");
 }
