@@ -267,7 +267,7 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     r.check("SVIDs rotated and the pair re-authenticated", rotation_seen, format!("auth entry expiry moved forward: {rotation_seen}"));
     r.check("zero failed requests across rotation and restart", failed == 0 && sent > 0 && restart_ok, format!("{sent} new connections, {failed} failed; agent restarted: {restart_ok}"));
     let log = mesh.agent_log("node-2");
-    let adopted = log.lines().filter(|l| l.contains("datapath ready")).last().is_some_and(|l| l.contains("adopted=true"));
+    let adopted = log.lines().rfind(|l| l.contains("datapath ready")).is_some_and(|l| l.contains("adopted=true"));
     r.check("restarted agent adopted the pinned datapath", adopted, "programs, maps and links stayed pinned".into());
 
     r.say("\n== summary");

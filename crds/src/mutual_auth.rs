@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 /// The authentication requirement for the pods `selector` picks (every pod of the namespace
 /// when omitted; every pod of the mesh when omitted in the operator's namespace).
+// Clippy reads two printer columns of the same type as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "meshauth.io",

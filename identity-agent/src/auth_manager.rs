@@ -281,10 +281,10 @@ pub fn spawn(
                 pairs.retain(|key, state| {
                     let expired = state.expiry.is_some_and(|e| e <= wall);
                     if state.desired.is_none() && !state.in_flight {
-                        if state.expiry.is_some() {
-                            if let Err(error) = table.remove(*key) {
-                                tracing::warn!(%error, ?key, "cannot remove auth entry");
-                            }
+                        if state.expiry.is_some()
+                            && let Err(error) = table.remove(*key)
+                        {
+                            tracing::warn!(%error, ?key, "cannot remove auth entry");
                         }
                         return false;
                     }

@@ -45,6 +45,10 @@ impl NumberAllocator {
     }
 }
 
+type PolicyKey = (u32, u32, TableProtocol);
+/// First port, last port, the rule's authentication.
+type PortRange = (u16, u16, AuthRequirement);
+
 /// Key of the security identity of a pod.
 pub fn security_identity_key(pod: &PodInfo) -> SecurityIdentityKey {
     SecurityIdentityKey {
@@ -102,7 +106,8 @@ pub fn compile(model: &PolicyModel, allocator: &mut NumberAllocator) -> Compiled
         })
         .collect();
 
-    let mut intervals: BTreeMap<(u32, u32, TableProtocol), Vec<(u16, u16, AuthRequirement)>> = BTreeMap::new();
+    // (dst identity, src identity or any, protocol) → the port ranges of every rule, overlapping.
+    let mut intervals: BTreeMap<PolicyKey, Vec<PortRange>> = BTreeMap::new();
     for (dst, pod) in &representative {
         let Some(rules) = model.rules_for(pod) else { continue };
         for rule in rules {
@@ -139,14 +144,14 @@ pub fn compile(model: &PolicyModel, allocator: &mut NumberAllocator) -> Compiled
 
 /// Splits overlapping intervals into disjoint ones, each with the strictest requirement of the
 /// intervals covering it, and merges neighbours with the same requirement.
-fn disjoint(list: Vec<(u16, u16, AuthRequirement)>) -> Vec<(u16, u16, AuthRequirement)> {
+fn disjoint(list: Vec<PortRange>) -> Vec<PortRange> {
     let mut bounds: BTreeSet<u32> = BTreeSet::new();
     for (s, e, _) in &list {
         bounds.insert(u32::from(*s));
         bounds.insert(u32::from(*e) + 1);
     }
     let bounds: Vec<u32> = bounds.into_iter().collect();
-    let mut out: Vec<(u16, u16, AuthRequirement)> = Vec::new();
+    let mut out: Vec<PortRange> = Vec::new();
     for w in bounds.windows(2) {
         let (lo, hi) = (w[0], w[1] - 1);
         let covering = list.iter().filter(|(s, e, _)| u32::from(*s) <= lo && hi <= u32::from(*e));
