@@ -36,6 +36,8 @@ pub enum AgentError {
     Listen { addr: std::net::SocketAddr, error: std::io::Error },
     #[error("state directory {path}: {error}")]
     State { path: PathBuf, error: std::io::Error },
+    #[error("cannot install the SIGTERM handler: {0}")]
+    Signal(std::io::Error),
 }
 
 /// The datapath shared by the apply loop and the auth manager.
@@ -219,7 +221,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     let mut rotations = store.subscribe_rotations();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|error| AgentError::State { path: PathBuf::from("SIGTERM"), error })?;
+        .map_err(AgentError::Signal)?;
     loop {
         tokio::select! {
             changed = snapshots.changed() => {
