@@ -343,6 +343,41 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb, const struct ma_co
 }
 
 /* 0: pass; MA_C_DROP_AUTH_MISSING or MA_C_DROP_AUTH_EXPIRED otherwise. */
+/* The link layer, the same in both directions: ARP passes, IPv6 takes its own rule, other
+ * protocols and truncated frames are dropped, and an IPv4 packet is parsed into `f`. Returns
+ * 1 when the caller goes on with `f`; otherwise `*verdict` is the packet's verdict. */
+static __always_inline int link_layer(struct __sk_buff *skb, const struct ma_config *cfg,
+				       struct flow *f, int *verdict)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end) {
+		*verdict = drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, f);
+		return 0;
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		count(MA_C_PASS_ARP, skb->len);
+		*verdict = PASS;
+		return 0;
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		*verdict = handle_ipv6(skb, cfg);
+		return 0;
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
+		*verdict = drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_UNSUPPORTED_L2, f);
+		return 0;
+	}
+	ensure_linear(skb);
+	if (parse_ipv4(skb, f) < 0) {
+		*verdict = drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, f);
+		return 0;
+	}
+	return 1;
+}
+
 static __always_inline __u32 auth_check(__u32 dst_spiffe, __u32 src_spiffe)
 {
 	struct ma_auth_key key = { .dst_spiffe_id = dst_spiffe, .src_spiffe_id = src_spiffe };
@@ -405,31 +440,14 @@ int to_pod(struct __sk_buff *skb)
 	struct ma_ct_value *ct = 0;
 	struct ma_ct_key ct_key = {};
 	struct flow f = {};
-	void *data, *data_end;
-	struct ethhdr *eth;
 	__u32 src_identity, src_spiffe;
 	__u8 req = MA_AUTH_NONE;
 	int verdict;
 
 	if (!cfg) /* an array always has its element; keeps the verifier happy */
 		return PASS;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
-	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
-		count(MA_C_PASS_ARP, skb->len);
-		return PASS;
-	}
-	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return handle_ipv6(skb, cfg);
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_UNSUPPORTED_L2, &f);
-
-	ensure_linear(skb);
-	if (parse_ipv4(skb, &f) < 0)
-		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
+	if (!link_layer(skb, cfg, &f, &verdict))
+		return verdict;
 
 	/* Conntrack first: most packets belong to established flows, and for them this one
 	 * lookup is the whole decision. */
@@ -570,29 +588,13 @@ int from_pod(struct __sk_buff *skb)
 	struct ma_iface_value *iface;
 	struct ma_ct_key key = {};
 	struct flow f = {};
-	void *data, *data_end;
-	struct ethhdr *eth;
 	__u32 ifindex = skb->ifindex;
+	int verdict;
 
 	if (!cfg)
 		return PASS;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end)
-		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
-	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
-		count(MA_C_PASS_ARP, skb->len);
-		return PASS;
-	}
-	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return handle_ipv6(skb, cfg);
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_UNSUPPORTED_L2, &f);
-
-	ensure_linear(skb);
-	if (parse_ipv4(skb, &f) < 0)
-		return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
+	if (!link_layer(skb, cfg, &f, &verdict))
+		return verdict;
 
 	/* Anti-spoofing: a pod speaks only with its own address. An interface the loader did not
 	 * register is treated the same way: failing closed beats letting an unknown source ride
