@@ -7,7 +7,7 @@ use rustls::sign::CertifiedKey;
 use tokio::io::AsyncReadExt;
 
 use super::*;
-use crate::svid::{Clock, StaticSource, StoreConfig, SvidMaterial, SvidStore, SystemClock, X509Update};
+use crate::svid::{Clock, StaticSource, StoreConfig, SvidStore, SystemClock, X509Update};
 use crate::verify::test_certs::{leaf_params, TestCa, TestSvid};
 
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order"; // the source
@@ -58,18 +58,7 @@ async fn store_of(
     bundles: Vec<(String, Vec<CertificateDer<'static>>)>,
     clock: Arc<dyn Clock>,
 ) -> SvidStore {
-    let update = X509Update {
-        svids: svids
-            .iter()
-            .map(|(id, svid)| SvidMaterial {
-                spiffe_id: (*id).to_owned(),
-                chain: svid.chain.clone(),
-                key_pkcs8: svid.key_der.clone(),
-                hint: None,
-            })
-            .collect(),
-        bundles,
-    };
+    let update = X509Update { svids: crate::svid::fake::materials(svids), bundles };
     let (store, _task) =
         SvidStore::spawn(Arc::new(StaticSource::new(update)), StoreConfig::default(), clock);
     for (s, _) in svids {

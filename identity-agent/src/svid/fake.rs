@@ -81,18 +81,20 @@ impl SvidSource for FakeSource {
     }
 }
 
+/// The Workload API form of test SVIDs, each under the SPIFFE ID it is delivered for.
+pub(crate) fn materials(svids: &[(&str, &TestSvid)]) -> Vec<SvidMaterial> {
+    svids
+        .iter()
+        .map(|(id, svid)| SvidMaterial {
+            spiffe_id: (*id).to_owned(),
+            chain: svid.chain.clone(),
+            key_pkcs8: svid.key_der.clone(),
+            hint: None,
+        })
+        .collect()
+}
+
 /// An update carrying `svids` of `ca` and its bundle.
 pub(crate) fn update(ca: &TestCa, svids: &[(&str, &TestSvid)]) -> X509Update {
-    X509Update {
-        svids: svids
-            .iter()
-            .map(|(id, svid)| SvidMaterial {
-                spiffe_id: (*id).to_owned(),
-                chain: svid.chain.clone(),
-                key_pkcs8: svid.key_der.clone(),
-                hint: None,
-            })
-            .collect(),
-        bundles: vec![(ca.trust_domain.clone(), vec![ca.root_cert()])],
-    }
+    X509Update { svids: materials(svids), bundles: vec![(ca.trust_domain.clone(), vec![ca.root_cert()])] }
 }
