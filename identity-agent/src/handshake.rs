@@ -180,6 +180,21 @@ fn refused(slot: &OutcomeSlot, error: HandshakeError) -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
 }
 
+/// The last check of either side, once the peer's chain verified for the identity it must
+/// have: that identity runs on the node the connection is with. Records the verified peer.
+fn accept_hosted(
+    slot: &OutcomeSlot,
+    hosted: &dyn HostedIdentities,
+    verified: verify::VerifiedSvid,
+    node: IpAddr,
+) -> Result<(), rustls::Error> {
+    if !hosted.identity_hosted_at(&verified.id, node) {
+        return Err(refused(slot, HandshakeError::PeerNotHosted { id: verified.id.to_string(), node }));
+    }
+    lock(slot).verified = Some(verified);
+    Ok(())
+}
+
 fn chain_of<'a>(
     end_entity: &CertificateDer<'a>,
     intermediates: &[CertificateDer<'a>],
@@ -236,13 +251,7 @@ impl ServerCertVerifier for ServerVerifier {
         let verified =
             verify::verify_svid_for(&chain, &self.bundles, &self.expected, Usage::Server, self.now)
                 .map_err(|e| refused(&self.slot, e.into()))?;
-        if !self.hosted.identity_hosted_at(&verified.id, self.node) {
-            return Err(refused(
-                &self.slot,
-                HandshakeError::PeerNotHosted { id: verified.id.to_string(), node: self.node },
-            ));
-        }
-        lock(&self.slot).verified = Some(verified);
+        accept_hosted(&self.slot, &*self.hosted, verified, self.node)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -304,13 +313,7 @@ impl ClientCertVerifier for ClientVerifier {
         let chain = chain_of(end_entity, intermediates);
         let verified = verify::verify_svid(&chain, &self.bundles, None, Usage::Client, self.now)
             .map_err(|e| refused(&self.slot, e.into()))?;
-        if !self.hosted.identity_hosted_at(&verified.id, self.node) {
-            return Err(refused(
-                &self.slot,
-                HandshakeError::PeerNotHosted { id: verified.id.to_string(), node: self.node },
-            ));
-        }
-        lock(&self.slot).verified = Some(verified);
+        accept_hosted(&self.slot, &*self.hosted, verified, self.node)?;
         Ok(ClientCertVerified::assertion())
     }
 
