@@ -120,7 +120,7 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     let agent_bin = find_agent(options.agent_bin.clone())?;
     let manifests_dir = options.dir.join("manifests");
     std::fs::create_dir_all(&manifests_dir).map_err(|error| DemoError::Io { what: format!("creating {}", manifests_dir.display()), error })?;
-    let mut parsed = meshauth_policy::manifests::Manifests::default();
+    let mut parsed = meshauth_cluster::manifests::Manifests::default();
     for (name, text) in EXAMPLES {
         std::fs::write(manifests_dir.join(name), text).map_err(|error| DemoError::Io { what: format!("writing {name}"), error })?;
         parsed.add_source(name, text).map_err(|e| DemoError::Manifests(e.to_string()))?;

@@ -3,7 +3,7 @@
 
 use meshauth_agent::inputs::InputError;
 use meshauth_crds::TrustDomain;
-use meshauth_policy::manifests::Manifests;
+use meshauth_cluster::manifests::Manifests;
 use meshauth_policy::model::{Decision, Kind, ModelConfig, ObjectRef, PolicyModel, Source, Verdict};
 use meshauth_policy::tables::{AuthRequirement, TableProtocol};
 use serde::Serialize;
@@ -60,7 +60,7 @@ pub fn load_manifests(dir: &Path) -> Result<Manifests, CheckError> {
 
 /// Builds the model from manifests, refusing any spec problem (naming file, object and field).
 pub fn build_model(manifests: &Manifests, config: ModelConfig) -> Result<PolicyModel, CheckError> {
-    let model = PolicyModel::new(config, manifests.inputs.clone());
+    let model = PolicyModel::new(config, manifests.snapshot().inputs);
     if !model.problems().is_empty() {
         let lines = model
             .problems()

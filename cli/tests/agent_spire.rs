@@ -293,7 +293,7 @@ impl Fixture {
             .collect();
 
         // The box, from the same objects.
-        let mut parsed = meshauth_policy::manifests::Manifests::default();
+        let mut parsed = meshauth_cluster::manifests::Manifests::default();
         parsed
             .add_source("mesh.yaml", MESH)
             .map_err(|e| e.to_string())?;

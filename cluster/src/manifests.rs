@@ -1,11 +1,13 @@
-//! Reads the model's inputs from Kubernetes YAML manifests (multi-document text): Namespaces,
-//! Pods, MeshPolicies, MutualAuths and Nodes. Used offline by `meshauthctl policy check` and by
-//! the agent when it runs without an API server. The caller reads the files; this module only
-//! parses text, so every error names the source it was given, the object and the field.
+//! Reads the cluster from Kubernetes YAML manifests (multi-document text): Namespaces, Pods,
+//! MeshPolicies, MutualAuths and Nodes. Used offline by `meshauthctl policy check` and by the
+//! agent when it runs without an API server. The caller reads the files; this module only
+//! parses text, so every error names the source it was given, the object and the field. The
+//! objects become a [`Snapshot`] by the same rules as the API's ([`Manifests::snapshot`]).
 
-use crate::model::{Inputs, NamespaceInfo, ObjectRef, PodInfo, Resource};
+use crate::snapshot::Snapshot;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use meshauth_crds::{MeshPolicy, MutualAuth};
+use meshauth_policy::model::ObjectRef;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 
@@ -26,25 +28,25 @@ pub enum ManifestError {
     Duplicate { source_name: String, kind: String, name: String, first: String },
 }
 
-/// A node as the agent needs it without an API server: its name and the address its agent
-/// listens on (the first InternalIP, else the first address).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeInfo {
-    pub name: String,
-    pub address: Option<String>,
-    pub annotations: BTreeMap<String, String>,
-}
-
-/// Parsed manifests: the model inputs, the nodes, and where each object came from.
+/// Parsed manifests: the objects, and where each came from.
 #[derive(Debug, Clone, Default)]
 pub struct Manifests {
-    pub inputs: Inputs,
-    pub nodes: Vec<NodeInfo>,
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
+    pub mesh_policies: Vec<MeshPolicy>,
+    pub mutual_auths: Vec<MutualAuth>,
     /// `(kind, namespace/name)` → the source name it was read from.
     pub origins: BTreeMap<(String, String), String>,
 }
 
 impl Manifests {
+    /// The cluster these manifests describe, pods that are not endpoints left out.
+    pub fn snapshot(&self) -> Snapshot {
+        let nodes: Vec<&Node> = self.nodes.iter().collect();
+        Snapshot::from_objects(&self.namespaces, &self.pods, &nodes, &self.mesh_policies, &self.mutual_auths)
+    }
+
     /// Where an object was defined, for error messages.
     pub fn origin(&self, kind: &str, object: &ObjectRef) -> Option<&str> {
         self.origins.get(&(kind.to_owned(), object.to_string())).map(String::as_str)
@@ -121,40 +123,30 @@ impl Manifests {
             "Namespace" => {
                 expect_version("v1")?;
                 let ns: Namespace = from_value(value).map_err(ctx)?;
-                self.inputs.namespaces.push(NamespaceInfo::from_namespace(&ns));
+                self.namespaces.push(ns);
             }
             "Pod" => {
                 expect_version("v1")?;
                 let mut pod: Pod = from_value(value).map_err(ctx)?;
                 pod.metadata.namespace = Some(namespace);
-                self.inputs.pods.push(PodInfo::from_pod(&pod));
+                self.pods.push(pod);
             }
             "Node" => {
                 expect_version("v1")?;
                 let node: Node = from_value(value).map_err(ctx)?;
-                let addresses = node.status.as_ref().and_then(|s| s.addresses.clone()).unwrap_or_default();
-                let address = addresses
-                    .iter()
-                    .find(|a| a.type_ == "InternalIP")
-                    .or_else(|| addresses.first())
-                    .map(|a| a.address.clone());
-                self.nodes.push(NodeInfo {
-                    name: name.clone(),
-                    address,
-                    annotations: node.metadata.annotations.clone().unwrap_or_default(),
-                });
+                self.nodes.push(node);
             }
             "MeshPolicy" => {
                 expect_version("meshauth.io/v1alpha1")?;
                 let mut p: MeshPolicy = from_value(value).map_err(ctx)?;
                 p.metadata.namespace = Some(namespace);
-                self.inputs.mesh_policies.push(Resource::from_mesh_policy(&p));
+                self.mesh_policies.push(p);
             }
             "MutualAuth" => {
                 expect_version("meshauth.io/v1alpha1")?;
                 let mut m: MutualAuth = from_value(value).map_err(ctx)?;
                 m.metadata.namespace = Some(namespace);
-                self.inputs.mutual_auths.push(Resource::from_mutual_auth(&m));
+                self.mutual_auths.push(m);
             }
             _ => {
                 return Err(ManifestError::UnknownKind { source_name: source_name.to_owned(), kind, name: display });
@@ -197,10 +189,11 @@ metadata: {name: default, namespace: shop}
 spec: {mode: Strict}
 "#;
         m.add_source("a.yaml", text).expect("parses");
-        assert_eq!(m.inputs.namespaces.len(), 1);
-        assert_eq!(m.inputs.pods[0].ip, Some("10.0.0.5".parse().expect("ip")));
-        assert_eq!(m.inputs.pods[0].service_account, "web");
-        assert_eq!(m.inputs.mutual_auths.len(), 1);
+        let s = m.snapshot();
+        assert_eq!(s.inputs.namespaces.len(), 1);
+        assert_eq!(s.inputs.pods[0].ip, Some("10.0.0.5".parse().expect("ip")));
+        assert_eq!(s.inputs.pods[0].service_account, "web");
+        assert_eq!(s.inputs.mutual_auths.len(), 1);
         assert_eq!(m.origin("Pod", &ObjectRef::new("shop", "web")), Some("a.yaml"));
     }
 

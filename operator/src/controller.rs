@@ -13,23 +13,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
-use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, stream};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource, ResourceExt as _};
 use meshauth_crds::{MeshPolicy, MutualAuth};
-use meshauth_policy::model::{Inputs, ModelConfig, NamespaceInfo, ObjectRef, PodInfo, PolicyModel};
+use meshauth_policy::model::{ModelConfig, ObjectRef, PolicyModel};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -86,42 +81,17 @@ impl<S: EntryApi> Context<S> {
     }
 }
 
-/// The caches the reconciler reads.
-#[derive(Clone)]
-pub struct Stores {
-    pub pods: Store<Pod>,
-    pub namespaces: Store<Namespace>,
-    pub nodes: Store<Node>,
-    pub mesh_policies: Store<MeshPolicy>,
-    pub mutual_auths: Store<MutualAuth>,
+/// The caches the reconciler reads (shared with the agent: the same endpoint rules).
+pub use meshauth_cluster::reflect::Stores;
+
+/// Registration helpers over the caches.
+pub trait StoresExt {
+    fn agents(&self, settings: &EntrySettings) -> BTreeMap<String, Result<String, RegistrationError>>;
 }
 
-impl Stores {
-    /// The model's inputs. Pods that finished (`Succeeded`/`Failed`) no longer count.
-    pub fn inputs(&self) -> Inputs {
-        let terminal = |p: &Pod| {
-            matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
-        };
-        Inputs {
-            namespaces: self.namespaces.state().iter().map(|n| NamespaceInfo::from_namespace(n)).collect(),
-            pods: self.pods.state().iter().filter(|p| !terminal(p)).map(|p| PodInfo::from_pod(p)).collect(),
-            mesh_policies: self
-                .mesh_policies
-                .state()
-                .iter()
-                .map(|p| meshauth_policy::model::Resource::from_mesh_policy(p))
-                .collect(),
-            mutual_auths: self
-                .mutual_auths
-                .state()
-                .iter()
-                .map(|m| meshauth_policy::model::Resource::from_mutual_auth(m))
-                .collect(),
-        }
-    }
-
+impl StoresExt for Stores {
     /// Each node's SPIRE agent ID, or why it has none.
-    pub fn agents(&self, settings: &EntrySettings) -> BTreeMap<String, Result<String, RegistrationError>> {
+    fn agents(&self, settings: &EntrySettings) -> BTreeMap<String, Result<String, RegistrationError>> {
         self.nodes.state().iter().map(|n| (n.name_any(), registration::node_agent_id(n, settings))).collect()
     }
 }
@@ -157,49 +127,8 @@ impl State {
 /// Starts the watches; the returned future runs them all and ends (with an error) only when
 /// one ends. Every change notifies `notify`.
 pub fn watch_all(client: &Client, notify: Arc<Notify>) -> (Stores, impl Future<Output = ControllerError> + Send + 'static) {
-    let (pods, pods_w) = watch::<Pod>(Api::all(client.clone()), notify.clone(), "pods");
-    let (namespaces, ns_w) = watch::<Namespace>(Api::all(client.clone()), notify.clone(), "namespaces");
-    let (nodes, nodes_w) = watch::<Node>(Api::all(client.clone()), notify.clone(), "nodes");
-    let (mesh_policies, mp_w) = watch::<MeshPolicy>(Api::all(client.clone()), notify.clone(), "meshpolicies");
-    let (mutual_auths, ma_w) = watch::<MutualAuth>(Api::all(client.clone()), notify, "mutualauths");
-    let stores = Stores { pods, namespaces, nodes, mesh_policies, mutual_auths };
-    let all = async move {
-        tokio::select! {
-            e = pods_w => e,
-            e = ns_w => e,
-            e = nodes_w => e,
-            e = mp_w => e,
-            e = ma_w => e,
-        }
-    };
-    (stores, all)
-}
-
-fn watch<K>(
-    api: Api<K>,
-    notify: Arc<Notify>,
-    what: &'static str,
-) -> (Store<K>, impl Future<Output = ControllerError> + Send + 'static)
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
-{
-    let (reader, writer) = reflector::store();
-    let run = async move {
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .modify(|o: &mut K| o.managed_fields_mut().clear())
-            .reflect(writer);
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => notify.notify_one(),
-                Err(error) => warn!(%error, resource = what, "watch failed; retrying"),
-            }
-        }
-        ControllerError::WatchEnded(what)
-    };
-    (reader, run)
+    let (stores, all) = meshauth_cluster::reflect::watch_all(client, notify);
+    (stores, async move { ControllerError::WatchEnded(all.await) })
 }
 
 /// Runs the reconciler until `stop` fires or a watch ends. `ready` becomes true once the caches

@@ -7,7 +7,6 @@
 //! of these rules. It must not do I/O: no API server, no files, no maps.
 
 pub mod compile;
-pub mod manifests;
 pub mod model;
 pub mod tables;
 pub mod validate;

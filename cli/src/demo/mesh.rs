@@ -3,7 +3,7 @@
 //! veth), with a development issuer and a real meshauth agent per node.
 
 use meshauth_datapath::testing::{Netns, Pod, sh};
-use meshauth_policy::manifests::Manifests;
+use meshauth_cluster::manifests::Manifests;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
@@ -68,8 +68,9 @@ impl MeshBox {
     /// Pods a node and an IP). `tag` keeps names unique when several boxes run at once.
     pub fn build(tag: &str, dir: PathBuf, manifests_dir: PathBuf, parsed: &Manifests, agent_bin: PathBuf, svid_ttl: Duration) -> Result<Self, MeshError> {
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let snapshot = parsed.snapshot();
         let mut nodes = Vec::new();
-        for (i, n) in parsed.nodes.iter().enumerate() {
+        for (i, n) in snapshot.nodes.iter().enumerate() {
             let address: Ipv4Addr = n
                 .address
                 .as_deref()
@@ -108,7 +109,7 @@ impl MeshBox {
             sh(&["ip", "-n", &n.ns.name, "link", "set", "eth0", "up"]).map_err(io_err("underlay link"))?;
         }
         let mut pods = BTreeMap::new();
-        for (i, p) in parsed.inputs.pods.iter().enumerate() {
+        for (i, p) in snapshot.inputs.pods.iter().enumerate() {
             let (Some(ip), Some(node_name)) = (p.ip, p.node.as_deref()) else { continue };
             let node = nodes
                 .iter()

@@ -1,6 +1,7 @@
 //! The reconciler against a scripted API server (`tower_test::mock`, in the controller-rs
 //! style: every request is asserted by method, path and body) and the in-memory SPIRE.
 
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::client::Body;
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector;
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use meshauth_crds::{
     Authentication, AuthenticationMode, IngressRule, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode,

@@ -1,0 +1,16 @@
+//! Reads the cluster into the policy model's inputs, once for every component: the reflectors
+//! on the Kubernetes API ([`reflect`]), YAML manifests read offline ([`manifests`]), and the
+//! rules that decide which pods are endpoints at all ([`endpoints`]): hostNetwork pods, pods
+//! using a node's address, finished pods, pods without an IP and mirror pods never are.
+//!
+//! The agent, the operator, the webhook and the CLI use this crate; none keeps its own copy of
+//! these rules. It must not write to the API server and must not decide policy (that is
+//! `meshauth-policy`).
+
+pub mod endpoints;
+pub mod manifests;
+pub mod reflect;
+pub mod snapshot;
+
+pub use endpoints::NotEndpoint;
+pub use snapshot::{NodeInfo, Snapshot};
