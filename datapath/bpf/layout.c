@@ -52,6 +52,7 @@ int main(void)
 	F(ma_config, policy_epoch);
 	F(ma_config, events_per_sec);
 	F(ma_config, ipv6_mode);
+	F(ma_config, allow_host);
 	S(ma_counter);
 	F(ma_counter, packets);
 	F(ma_counter, bytes);

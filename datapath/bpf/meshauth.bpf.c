@@ -37,6 +37,17 @@ struct icmp_echo_hdr {
 	__be16 sequence;
 };
 
+/* An ARP packet for IPv4 over Ethernet, up to the sender's protocol address. */
+struct arp_ipv4 {
+	__be16 hw_type;
+	__be16 proto_type;
+	__u8 hw_len;
+	__u8 proto_len;
+	__be16 op;
+	__u8 sender_mac[ETH_ALEN];
+	__be32 sender_ip;
+} __attribute__((packed));
+
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 #define NSEC_PER_SEC 1000000000ULL
@@ -120,6 +131,14 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
+
+/* The node's own IPv4 addresses (value unused): sources the kubelet's probes come from. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __be32);
+	__type(value, __u32);
+} host_addrs SEC(".maps");
 
 /* Read by userspace only (meshauthctl shows names instead of numbers); the programs never
  * touch it. Living in the same object keeps its pinning and sizing with the other maps. */
@@ -485,6 +504,10 @@ int to_pod(struct __sk_buff *skb)
 		count(MA_C_PASS_NOT_MESH, skb->len);
 		return PASS;
 	}
+	/* A mesh pod's packets leave only through that pod's own veth: a frame a bridge floods to
+	 * every port, or one routed to the wrong veth, is not delivered to another pod. */
+	if (dst->ifindex != skb->ifindex)
+		return drop(cfg, skb, MA_EV_DENIED, MA_C_DROP_WRONG_IFACE, &f);
 
 	if (f.later_fragment) {
 		struct ma_frag_key fk = {
@@ -513,6 +536,12 @@ int to_pod(struct __sk_buff *skb)
 	src = bpf_map_lookup_elem(&endpoints, &f.saddr);
 	src_identity = src ? src->security_identity : MA_WORLD_IDENTITY;
 	src_spiffe = src ? src->spiffe_id : MA_NO_SPIFFE_ID;
+	/* The node itself (the kubelet's probes): node addresses are never endpoints, and a
+	 * packet from a pod with a node's address is dropped as spoofed before it gets here. */
+	if (!src && cfg->allow_host && bpf_map_lookup_elem(&host_addrs, &f.saddr)) {
+		count(MA_C_PASS_HOST, skb->len);
+		goto admitted;
+	}
 	if (dst->flags & MA_EP_ISOLATED) {
 		struct ma_policy_key pk = {
 			.prefixlen = MA_POLICY_FIXED_BITS + 16,
@@ -593,6 +622,25 @@ int from_pod(struct __sk_buff *skb)
 
 	if (!cfg)
 		return PASS;
+	{
+		/* ARP from a pod claims only the pod's own address (or none: a probe), so it cannot
+		 * take over another pod's or the node's address in a neighbour cache. */
+		void *data = (void *)(long)skb->data;
+		void *data_end = (void *)(long)skb->data_end;
+		struct ethhdr *eth = data;
+		struct arp_ipv4 *arp = data + ETH_HLEN;
+
+		if ((void *)(eth + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_ARP)) {
+			iface = bpf_map_lookup_elem(&interfaces, &ifindex);
+			if ((void *)(arp + 1) > data_end)
+				return drop(cfg, skb, MA_EV_UNSUPPORTED, MA_C_DROP_MALFORMED, &f);
+			f.saddr = arp->sender_ip;
+			if (!iface || (arp->sender_ip != iface->pod_ip && arp->sender_ip != 0))
+				return drop(cfg, skb, MA_EV_SPOOFED, MA_C_DROP_SPOOFED, &f);
+			count(MA_C_PASS_ARP, skb->len);
+			return PASS;
+		}
+	}
 	if (!link_layer(skb, cfg, &f, &verdict))
 		return verdict;
 

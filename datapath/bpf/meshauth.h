@@ -131,7 +131,8 @@ struct ma_config {
 	__u32 policy_epoch; /* bumped by the loader whenever endpoints or policy change */
 	__u32 events_per_sec; /* per CPU; 0 = no events */
 	__u8 ipv6_mode; /* MA_IPV6_* */
-	__u8 pad[7];
+	__u8 allow_host; /* 1: this node's own addresses reach its pods (kubelet probes) */
+	__u8 pad[6];
 };
 
 /*
@@ -176,7 +177,9 @@ struct ma_event_budget {
 #define MA_C_EVENTS_SENT 19
 #define MA_C_EVENTS_RATE_LIMITED 20
 #define MA_C_EVENTS_LOST 21 /* ring buffer full */
-#define MA_C_COUNT 22
+#define MA_C_PASS_HOST 22 /* from this node's own address (allow_host) */
+#define MA_C_DROP_WRONG_IFACE 23 /* leaving through an interface not registered for the destination */
+#define MA_C_COUNT 24
 #define MA_COUNTER_SLOTS 32 /* map size: room for new counters without a layout change */
 struct ma_counter {
 	__u64 packets;

@@ -134,7 +134,8 @@ pub struct ConfigValue {
     pub policy_epoch: u32,
     pub events_per_sec: u32,
     pub ipv6_mode: u8,
-    pub pad: [u8; 7],
+    pub allow_host: u8,
+    pub pad: [u8; 6],
 }
 
 /// `struct ma_counter`.
@@ -295,6 +296,8 @@ counters! {
     EventsSent = 19, "MA_C_EVENTS_SENT", "events_sent", "Events written to the ring buffer.";
     EventsRateLimited = 20, "MA_C_EVENTS_RATE_LIMITED", "events_rate_limited", "Events not written: the per-CPU budget was spent.";
     EventsLost = 21, "MA_C_EVENTS_LOST", "events_lost", "Events not written: the ring buffer was full.";
+    PassHost = 22, "MA_C_PASS_HOST", "pass_host", "From this node's own address to its pod (the kubelet's probes).";
+    DropWrongIface = 23, "MA_C_DROP_WRONG_IFACE", "drop_wrong_interface", "Leaving through an interface not registered for the destination pod.";
 }
 
 #[cfg(test)]
@@ -375,6 +378,7 @@ mod tests {
         field!("ma_config", ConfigValue, policy_epoch);
         field!("ma_config", ConfigValue, events_per_sec);
         field!("ma_config", ConfigValue, ipv6_mode);
+        field!("ma_config", ConfigValue, allow_host);
         size!("ma_counter", CounterValue);
         field!("ma_counter", CounterValue, packets);
         field!("ma_counter", CounterValue, bytes);

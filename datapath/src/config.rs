@@ -22,6 +22,11 @@ pub const EVENTS_PER_SEC: &str = "MESHAUTH_BPF_EVENTS_PER_SEC";
 pub const IPV6: &str = "MESHAUTH_BPF_IPV6";
 /// Environment variable of [`DatapathConfig::attach_mode`]: `auto`, `tcx` or `netlink`.
 pub const ATTACH_MODE: &str = "MESHAUTH_BPF_ATTACH_MODE";
+/// Environment variable of [`DatapathConfig::allow_host`]: `true` or `false`.
+pub const ALLOW_HOST: &str = "MESHAUTH_BPF_ALLOW_HOST";
+/// The node's own addresses reach its pods unless switched off (as Cilium's
+/// `allow-localhost` and Calico do), so the kubelet's probes keep working.
+pub const DEFAULT_ALLOW_HOST: bool = true;
 
 /// Where the datapath pins its maps, programs and links.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshauth";
@@ -84,6 +89,9 @@ pub struct DatapathConfig {
     pub events_per_sec_per_cpu: u32,
     pub ipv6: Ipv6Mode,
     pub attach_mode: AttachMode,
+    /// Traffic from this node's own addresses to its pods passes, whatever the policy (the
+    /// kubelet's probes). A hostNetwork process on the same node is the node.
+    pub allow_host: bool,
 }
 
 impl Default for DatapathConfig {
@@ -101,6 +109,7 @@ impl Default for DatapathConfig {
             events_per_sec_per_cpu: DEFAULT_EVENTS_PER_SEC,
             ipv6: Ipv6Mode::Drop,
             attach_mode: AttachMode::Auto,
+            allow_host: DEFAULT_ALLOW_HOST,
         }
     }
 }
@@ -174,6 +183,19 @@ impl DatapathConfig {
                         var: ATTACH_MODE,
                         value: v,
                         reason: "expected auto, tcx or netlink".into(),
+                    });
+                }
+            };
+        }
+        if let Some(v) = get(ALLOW_HOST) {
+            c.allow_host = match v.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: ALLOW_HOST,
+                        value: v,
+                        reason: "expected true or false".into(),
                     });
                 }
             };

@@ -44,6 +44,8 @@ const FROM_POD: &str = "from_pod";
 /// clsact filters (the netlink fallback) sit at a fixed priority and handle, so a restarted
 /// loader can find and replace them without any state of its own.
 const NETLINK_PRIORITY: u16 = 1;
+/// Entries of `host_addrs`: a node has a handful of addresses (uplink, bridge, ptp gateways).
+const HOST_ADDR_ENTRIES: u32 = 256;
 const NETLINK_HANDLE: TcHandle = TcHandle::new(0x4d41, 1);
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -133,6 +135,13 @@ const MAPS: &[MapSpec] = &[
         key_size: 0,
         value_size: 0,
         entries: |c| c.event_ring_bytes,
+    },
+    MapSpec {
+        name: "host_addrs",
+        kind: MapType::Hash,
+        key_size: 4,
+        value_size: 4,
+        entries: |_| HOST_ADDR_ENTRIES,
     },
     MapSpec {
         name: "spiffe_names",
@@ -281,6 +290,7 @@ pub struct Maps {
     config: Array<MapData, ConfigValue>,
     counters: PerCpuArray<MapData, CounterValue>,
     spiffe_names: HashMap<MapData, u32, SpiffeName>,
+    host_addrs: HashMap<MapData, u32, u32>,
 }
 
 fn open_pinned(maps_dir: &Path, name: &'static str) -> Result<MapData, DatapathError> {
@@ -317,6 +327,8 @@ impl Maps {
                 .map_err(map_err("counters"))?,
             spiffe_names: HashMap::try_from(Map::HashMap(hash("spiffe_names")?))
                 .map_err(map_err("spiffe_names"))?,
+            host_addrs: HashMap::try_from(Map::HashMap(hash("host_addrs")?))
+                .map_err(map_err("host_addrs"))?,
         })
     }
 
@@ -471,8 +483,9 @@ impl Datapath {
             tcx,
         };
         dp.write_runtime_config()?;
-        dp.repoint_links()?;
+        // Vanished interfaces first: a pin of a deleted veth cannot be repointed.
         dp.forget_vanished_interfaces()?;
+        dp.repoint_links()?;
         tracing::info!(version = PROGRAM_VERSION, adopted, pin_dir = %dp.config.pin_dir.display(), "datapath ready");
         Ok(dp)
     }
@@ -495,6 +508,7 @@ impl Datapath {
     fn write_runtime_config(&mut self) -> Result<(), DatapathError> {
         let mut v = self.maps.runtime_config()?;
         v.events_per_sec = self.config.events_per_sec_per_cpu;
+        v.allow_host = u8::from(self.config.allow_host);
         v.ipv6_mode = match self.config.ipv6 {
             Ipv6Mode::Drop => abi::IPV6_DROP,
             Ipv6Mode::Pass => abi::IPV6_PASS,
@@ -666,6 +680,28 @@ impl Datapath {
                 // Dropping aya's handle of a clsact filter deletes the filter.
                 drop(link);
             }
+        }
+        Ok(())
+    }
+
+    /// Stops guarding the interface `ifindex` for good (its pod is gone): detaches both
+    /// programs, removes their pins and its `interfaces` entry. Idempotent.
+    pub fn release_interface(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        self.forget_interface(ifindex)
+    }
+
+    /// Makes the `host_addrs` map hold exactly `addrs`: the node's own addresses, whose
+    /// traffic reaches local pods when `allow_host` is set.
+    pub fn set_host_addresses(&mut self, addrs: &std::collections::BTreeSet<Ipv4Addr>) -> Result<(), DatapathError> {
+        let want: std::collections::BTreeSet<u32> = addrs.iter().map(|a| abi::ip_key(*a)).take(HOST_ADDR_ENTRIES as usize).collect();
+        for key in &want {
+            if self.maps.host_addrs.get(key, 0).is_err() {
+                self.maps.host_addrs.insert(*key, 1, 0).map_err(map_err("host_addrs"))?;
+            }
+        }
+        let have = keys_of(&self.maps.host_addrs, "host_addrs")?;
+        for key in have.iter().filter(|k| !want.contains(k)) {
+            remove_ignoring_missing(self.maps.host_addrs.remove(key), "host_addrs")?;
         }
         Ok(())
     }
