@@ -95,6 +95,17 @@ pub enum EnvError {
     /// for every test that asks for it).
     #[error("the shared test environment failed to start: {0}")]
     Shared(String),
+    /// A kubelet-mode operation on an environment started without [`Options::kubelet`].
+    #[error("the test environment was not started with kubelets (Options::kubelet)")]
+    NotKubelet,
+    /// `tests/testenv load-image` failed.
+    #[error("`tests/testenv load-image --dir {dir} {image}` failed ({status}):\n{output}")]
+    LoadImage {
+        dir: PathBuf,
+        image: PathBuf,
+        status: String,
+        output: String,
+    },
     /// A blocking task could not complete.
     #[error("the test environment task did not complete: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -111,6 +122,11 @@ pub struct Options {
     /// (default `/tmp`) that is removed when the environment stops, unless
     /// `MESHAUTH_TESTENV_KEEP=1` or the stopping thread is panicking.
     pub dir: Option<PathBuf>,
+    /// A real cluster (`tests/testenv up --kubelet`): kube-controller-manager, kube-scheduler
+    /// and per node a network + mount namespace with containerd, a kubelet, kube-proxy and the
+    /// SPIRE agent (workload attestors `unix` and `k8s`). One such environment per machine;
+    /// the Node objects are the kubelets' own. See [`Kubelet`] for addresses and paths.
+    pub kubelet: bool,
 }
 
 impl Default for Options {
@@ -119,6 +135,7 @@ impl Default for Options {
             nodes: 2,
             trust_domain: "cluster.local".to_owned(),
             dir: None,
+            kubelet: false,
         }
     }
 }
@@ -133,6 +150,63 @@ pub struct Node {
     /// The SPIFFE ID of the node's SPIRE agent (the parent of node-scoped entries; also the
     /// Node object's `meshauth.io/spire-agent-id` annotation).
     pub agent_id: String,
+    /// The node's namespaces and paths when the environment runs kubelets.
+    pub kubelet: Option<Kubelet>,
+}
+
+/// A kubelet-mode node: a network namespace (`eth0` with [`Kubelet::ip`] on the host's bridge
+/// `mtk0`, 10.213.0.1) and a mount namespace in which `/sys/fs/bpf` (own bpffs),
+/// `/etc/cni/net.d`, `/opt/cni/bin`, `/var/lib/meshauth`, `/run/spire/sockets` (`agent.sock`)
+/// and `/run/spire/server-sockets` (`api.sock`) are the node's own; the host paths below are
+/// the same directories seen from outside.
+#[derive(Clone, Debug)]
+pub struct Kubelet {
+    /// The node's first process: `nsenter -t PID -n -m` enters the node.
+    pub pid: u32,
+    /// The node's network namespace (`/proc/PID/ns/net`).
+    pub netns: PathBuf,
+    /// The node IP (InternalIP), 10.213.0.(10+i).
+    pub ip: String,
+    /// The node's pod subnet, 10.214.i.0/24 (node-1: CNI `bridge`, others `ptp`).
+    pub pod_cidr: String,
+    /// The node's containerd socket (namespace `k8s.io` holds the kubelet's images).
+    pub containerd_socket: PathBuf,
+    /// The node's `/etc/cni/net.d` (holds [`Kubelet::CNI_CONFLIST`]).
+    pub cni_conf_dir: PathBuf,
+    /// The node's `/opt/cni/bin`.
+    pub cni_bin_dir: PathBuf,
+    /// The node's `/var/lib/meshauth`.
+    pub state_dir: PathBuf,
+}
+
+impl Kubelet {
+    /// The file name of every node's single CNI conflist in its `/etc/cni/net.d`.
+    pub const CNI_CONFLIST: &str = "10-meshauth-testenv.conflist";
+    /// The pause image every node's containerd runs as sandbox (loaded by `up`).
+    pub const PAUSE_IMAGE: &str = "docker.io/meshauth/testenv-pause:1";
+    /// The test app image (busybox: `sh`, `httpd`, `nc`; default command: HTTP on :8080
+    /// answering with the host name), loaded into every node by `up`. Its busybox `wget`
+    /// is left out (it segfaults on these machines): send requests with `nc`.
+    pub const TEST_IMAGE: &str = "docker.io/meshauth/testenv-app:1";
+    /// The address of the host on the nodes' bridge: kube-apiserver and the SPIRE server.
+    pub const HOST_IP: &str = "10.213.0.1";
+    /// The node IPs.
+    pub const NODE_CIDR: &str = "10.213.0.0/24";
+    /// Every node's pod subnet lies in this range.
+    pub const POD_CIDR: &str = "10.214.0.0/16";
+    /// The Service range (the `kubernetes` Service is 10.96.0.1:443).
+    pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+
+    /// `nsenter -t PID -n -m -- PROGRAM`: a command run inside the node (its network and
+    /// mounts; host PID namespace and cgroups).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("-t")
+            .arg(self.pid.to_string())
+            .args(["-n", "-m", "--"])
+            .arg(program);
+        c
+    }
 }
 
 impl Node {
@@ -149,6 +223,7 @@ impl Node {
 pub struct TestEnv {
     dir: PathBuf,
     temporary: bool,
+    kubelet: bool,
     trust_domain: String,
     nodes: Vec<Node>,
     stopped: AtomicBool,
@@ -173,6 +248,9 @@ impl TestEnv {
             None => (temp_dir()?, true),
         };
         let purge_on_exit = temporary && !keep();
+        if opts.kubelet && opts.nodes > 50 {
+            return Err(EnvError::Options("kubelet mode supports at most 50 nodes".into()));
+        }
         let mut args: Vec<String> = vec![
             "up".into(),
             "--dir".into(),
@@ -186,6 +264,9 @@ impl TestEnv {
         ];
         if purge_on_exit {
             args.push("--purge-on-exit".into());
+        }
+        if opts.kubelet {
+            args.push("--kubelet".into());
         }
         let (ok, status, output) = match run_script(&args) {
             Ok(r) => r,
@@ -210,6 +291,7 @@ impl TestEnv {
         let mut env = TestEnv {
             dir,
             temporary,
+            kubelet: opts.kubelet,
             trust_domain: String::new(),
             nodes: Vec::new(),
             stopped: AtomicBool::new(false),
@@ -226,10 +308,16 @@ impl TestEnv {
                     reason: format!("not a SPIFFE ID: {agent_id:?}"),
                 });
             }
+            let kubelet = if opts.kubelet {
+                Some(read_kubelet(&ndir)?)
+            } else {
+                None
+            };
             env.nodes.push(Node {
                 name,
                 agent_socket: ndir.join("agent.sock"),
                 agent_id,
+                kubelet,
             });
         }
         Ok(env)
@@ -343,6 +431,40 @@ impl TestEnv {
             .ok_or_else(|| EnvError::NoSuchNode(name.to_owned()))
     }
 
+    /// Whether the environment runs kubelets ([`Options::kubelet`]).
+    pub fn is_kubelet(&self) -> bool {
+        self.kubelet
+    }
+
+    /// The kubelet-mode view of a node (namespaces, IP, pod subnet, paths).
+    pub fn kubelet_node(&self, name: &str) -> Result<&Kubelet, EnvError> {
+        self.node(name)?.kubelet.as_ref().ok_or(EnvError::NotKubelet)
+    }
+
+    /// The test app image tarball `up` built and loaded (`DIR/images/test-app.tar`).
+    pub fn test_image_tar(&self) -> PathBuf {
+        self.dir.join("images").join("test-app.tar")
+    }
+
+    /// Imports an image tarball (docker-archive or OCI layout, e.g. `target/images/meshauth.tar`
+    /// from `scripts/images`) into every node's containerd (`k8s.io` namespace), so that pods
+    /// with `imagePullPolicy: IfNotPresent` or `Never` use it. Kubelet mode only.
+    pub fn load_image_blocking(&self, image: &Path) -> Result<(), EnvError> {
+        if !self.kubelet {
+            return Err(EnvError::NotKubelet);
+        }
+        load_image_into(&self.dir, image)
+    }
+
+    /// [`TestEnv::load_image_blocking`] from async code.
+    pub async fn load_image(&self, image: impl Into<PathBuf>) -> Result<(), EnvError> {
+        if !self.kubelet {
+            return Err(EnvError::NotKubelet);
+        }
+        let (dir, image) = (self.dir.clone(), image.into());
+        tokio::task::spawn_blocking(move || load_image_into(&dir, &image)).await?
+    }
+
     /// Stops every process now (idempotent). Removes the directory if it was temporary,
     /// unless `MESHAUTH_TESTENV_KEEP=1`.
     pub fn stop(&self) -> Result<(), EnvError> {
@@ -406,6 +528,46 @@ fn temp_dir() -> Result<PathBuf, EnvError> {
             Err(source) => return Err(EnvError::TempDir { parent, source }),
         }
     }
+}
+
+fn load_image_into(dir: &Path, image: &Path) -> Result<(), EnvError> {
+    let args = vec![
+        "load-image".to_owned(),
+        "--dir".to_owned(),
+        dir.display().to_string(),
+        image.display().to_string(),
+    ];
+    let (ok, status, output) = run_script(&args)?;
+    if !ok {
+        return Err(EnvError::LoadImage {
+            dir: dir.to_owned(),
+            image: image.to_owned(),
+            status,
+            output,
+        });
+    }
+    Ok(())
+}
+
+/// The kubelet-mode files `up` writes in `DIR/nodes/<node>/`.
+fn read_kubelet(ndir: &Path) -> Result<Kubelet, EnvError> {
+    let pid_path = ndir.join("pid");
+    let pid: u32 = read_trimmed(&pid_path)?
+        .parse()
+        .map_err(|e| EnvError::Layout {
+            path: pid_path,
+            reason: format!("not a process id: {e}"),
+        })?;
+    Ok(Kubelet {
+        pid,
+        netns: PathBuf::from(format!("/proc/{pid}/ns/net")),
+        ip: read_trimmed(&ndir.join("node-ip"))?,
+        pod_cidr: read_trimmed(&ndir.join("pod-cidr"))?,
+        containerd_socket: ndir.join("containerd-run").join("containerd.sock"),
+        cni_conf_dir: ndir.join("cni-conf"),
+        cni_bin_dir: ndir.join("cni-bin"),
+        state_dir: ndir.join("meshauth"),
+    })
 }
 
 fn read_trimmed(path: &Path) -> Result<String, EnvError> {

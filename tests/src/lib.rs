@@ -38,6 +38,11 @@
 //! ```
 //! Or a private one: `let env = TestEnv::start(Options::default()).await?;` (stopped on drop).
 //!
+//! A real cluster (kubelets, containerd, kube-proxy, CNI; one per machine):
+//! `TestEnv::start(Options { kubelet: true, ..Default::default() })`, then
+//! `env.load_image("target/images/meshauth.tar")` and [`Kubelet`] (`env.kubelet_node("node-1")`)
+//! for each node's IP, pod subnet, namespaces and CNI directories.
+//!
 //! Set `MESHAUTH_TESTENV_KEEP=1` to keep the environment directories (logs under
 //! `DIR/logs/`) after the tests.
 
@@ -46,7 +51,7 @@ pub mod k8s;
 pub mod spire;
 pub mod svid;
 
-pub use env::{EnvError, Node, Options, TestEnv};
+pub use env::{EnvError, Kubelet, Node, Options, TestEnv};
 pub use spire::{Entry, EntrySpec, SpireError, SpireServer};
 pub use svid::{SvidError, SvidWatch, VerifiedSvid};
 
