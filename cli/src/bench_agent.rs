@@ -165,6 +165,7 @@ fn measure(agent_bin: &Path, work: &Path, local_pods: usize, local_ids: usize, r
         .arg(&state)
         .arg("--pin-dir")
         .arg(&pin_dir)
+        .env("MESHAUTH_CNI_SOCKET", work.join("cni.sock"))
         .env("RUST_LOG", "warn")
         .stdout(log)
         .stderr(err)

@@ -4,7 +4,7 @@
 use crate::endpoints::{self, NotEndpoint};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use meshauth_crds::{MeshPolicy, MutualAuth, SpiffeId, TrustDomain};
-use meshauth_policy::model::{Inputs, NamespaceInfo, ObjectRef, Resource};
+use meshauth_policy::model::{Inputs, NamespaceInfo, ObjectRef, PodInfo, Resource};
 use std::collections::BTreeMap;
 
 /// The annotation on a Node that names its SPIRE agent's SPIFFE ID.
@@ -43,6 +43,9 @@ pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
     /// Pods that are not endpoints, and why (for logs and `meshauthctl`).
     pub not_endpoints: Vec<(ObjectRef, NotEndpoint)>,
+    /// Pods that would be endpoints but for their address, which the API does not show yet:
+    /// a node's agent that has just set up such a pod's network knows it first.
+    pub unaddressed: Vec<PodInfo>,
 }
 
 impl Snapshot {
@@ -65,10 +68,18 @@ impl Snapshot {
             },
             nodes: nodes.iter().map(|n| NodeInfo::from_node(n)).collect(),
             not_endpoints: Vec::new(),
+            unaddressed: Vec::new(),
         };
         for pod in pods {
             match endpoints::endpoint(pod, &node_addresses) {
                 Ok(info) => snapshot.inputs.pods.push(info),
+                Err(NotEndpoint::NoAddress) => {
+                    snapshot.unaddressed.push(PodInfo::from_pod(pod));
+                    snapshot.not_endpoints.push((ObjectRef::new(
+                        pod.metadata.namespace.clone().unwrap_or_default(),
+                        pod.metadata.name.clone().unwrap_or_default(),
+                    ), NotEndpoint::NoAddress));
+                }
                 Err(why) => snapshot.not_endpoints.push((
                     ObjectRef::new(
                         pod.metadata.namespace.clone().unwrap_or_default(),

@@ -12,7 +12,9 @@ pub const NODE_NAME: &str = "MESHAUTH_NODE_NAME";
 pub const LISTEN: &str = "MESHAUTH_LISTEN";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4250";
 pub const METRICS_ADDR: &str = "MESHAUTH_METRICS_ADDR";
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
+/// 4251, beside the handshake port: clear of Prometheus (9090), node-exporter (9100),
+/// Cilium (9962–9965), the kubelet (10248/10250) and kube-proxy (10249/10256).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:4251";
 pub const WORKLOAD_API_SOCKET: &str = "MESHAUTH_WORKLOAD_API_SOCKET";
 pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/spire/sockets/agent.sock";
 pub const STATE_DIR: &str = "MESHAUTH_STATE_DIR";
@@ -22,6 +24,11 @@ pub const MESH_NAMESPACE: &str = "MESHAUTH_MESH_NAMESPACE";
 pub const MANIFESTS: &str = "MESHAUTH_MANIFESTS";
 pub const MAX_CONCURRENT_HANDSHAKES: &str = "MESHAUTH_MAX_CONCURRENT_HANDSHAKES";
 pub const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 64;
+pub const CNI_SOCKET: &str = "MESHAUTH_CNI_SOCKET";
+pub const DEFAULT_CNI_SOCKET: &str = meshauth_cni::protocol::DEFAULT_SOCKET;
+/// Colon-separated directories of pinned network namespaces, looked through for pods that
+/// started before the agent (beside every process's namespace).
+pub const NETNS_DIRS: &str = "MESHAUTH_NETNS_DIRS";
 pub const HANDSHAKE_TIMEOUT: &str = "MESHAUTH_HANDSHAKE_TIMEOUT_MS";
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -60,6 +67,9 @@ pub struct AgentConfig {
     pub mesh_namespace: String,
     pub max_concurrent_handshakes: usize,
     pub handshake_timeout: Duration,
+    /// Where the CNI plugin reaches this agent.
+    pub cni_socket: PathBuf,
+    pub netns_dirs: Vec<PathBuf>,
 }
 
 fn display<S: serde::Serializer>(v: &TrustDomain, s: S) -> Result<S::Ok, S::Error> {
@@ -109,6 +119,11 @@ impl AgentConfig {
             mesh_namespace: get(MESH_NAMESPACE).unwrap_or_else(|| meshauth_policy::model::DEFAULT_MESH_NAMESPACE.into()),
             max_concurrent_handshakes,
             handshake_timeout,
+            cni_socket: PathBuf::from(get(CNI_SOCKET).unwrap_or_else(|| DEFAULT_CNI_SOCKET.into())),
+            netns_dirs: match get(NETNS_DIRS) {
+                Some(v) => v.split(':').filter(|d| !d.is_empty()).map(PathBuf::from).collect(),
+                None => crate::pod_net::DEFAULT_NETNS_DIRS.iter().map(PathBuf::from).collect(),
+            },
         })
     }
 }

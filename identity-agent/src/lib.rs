@@ -11,7 +11,7 @@ pub mod dev_issuer;
 pub mod handshake;
 pub mod handshake_glue;
 pub mod inputs;
-pub mod interfaces;
+pub mod pod_net;
 pub mod metrics;
 pub mod node_agent;
 pub mod plan;

@@ -15,10 +15,16 @@ use crate::svid::{StoreConfig, SvidStore, SystemClock, WorkloadApiSource};
 use meshauth_datapath::{BootTime, Datapath, DatapathConfig, DatapathError};
 use meshauth_policy::compile::NumberAllocator;
 use meshauth_policy::model::ModelConfig;
-use std::collections::BTreeSet;
+use crate::plan::LocalPod;
+use crate::pod_net::{self, HostVeth};
+use meshauth_cni::protocol::{AgentRequest, AgentResponse, Command as CniCommand};
+use meshauth_policy::model::ObjectRef;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 /// Why the agent stopped.
@@ -98,7 +104,22 @@ fn save_allocator(state_dir: &Path, allocator: &NumberAllocator) -> Result<(), A
     std::fs::rename(&tmp, &path).map_err(state_err)
 }
 
-/// Applies one snapshot: maps, interfaces, desired pairs, view.
+/// A pod interface this agent guards: the host side of the pod's veth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub ifindex: u32,
+    pub ifname: String,
+    /// The pod, when the CNI plugin named it (its address may not be in the API yet).
+    pub pod: Option<ObjectRef>,
+    pub container_id: Option<String>,
+}
+
+/// How often at most the agent looks through network namespaces for pods it does not guard.
+const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Applies snapshots: maps, guarded interfaces, desired pairs, view. Owns the registry of
+/// guarded pod interfaces, which the CNI plugin (ADD/DEL), the namespace scan (pods that
+/// started before the agent) and link removals change.
 pub struct Applier {
     pub node_name: String,
     pub model_config: ModelConfig,
@@ -108,10 +129,16 @@ pub struct Applier {
     pub datapath: SharedDatapath,
     pub view: SharedView,
     pub manager: AuthManagerHandle,
-    attached: BTreeSet<String>,
+    pub netns_dirs: Vec<PathBuf>,
+    registry: BTreeMap<Ipv4Addr, Registration>,
+    last: Arc<Snapshot>,
+    last_scan: Option<Instant>,
+    /// Addresses whose interface the last apply could not attach to.
+    failed: BTreeSet<Ipv4Addr>,
 }
 
 impl Applier {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node_name: String,
         model_config: ModelConfig,
@@ -120,50 +147,332 @@ impl Applier {
         datapath: SharedDatapath,
         view: SharedView,
         manager: AuthManagerHandle,
+        netns_dirs: Vec<PathBuf>,
     ) -> Self {
         let allocator = load_allocator(&state_dir);
-        Self { node_name, model_config, peer_port, state_dir, allocator, datapath, view, manager, attached: BTreeSet::new() }
+        // The pinned interfaces are the registry a previous agent left: adopt them.
+        let mut registry = BTreeMap::new();
+        match lock(&datapath).maps().interfaces() {
+            Ok(interfaces) => {
+                for i in interfaces {
+                    if let Some(ifname) = i.name {
+                        registry.insert(i.pod_ip, Registration { ifindex: i.ifindex, ifname, pod: None, container_id: None });
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the pinned interfaces; pods are found again"),
+        }
+        Self {
+            node_name,
+            model_config,
+            peer_port,
+            state_dir,
+            allocator,
+            datapath,
+            view,
+            manager,
+            netns_dirs,
+            registry,
+            last: Arc::new(Snapshot::default()),
+            last_scan: None,
+            failed: BTreeSet::new(),
+        }
+    }
+
+    /// The guarded interfaces, by pod address.
+    pub fn registry(&self) -> &BTreeMap<Ipv4Addr, Registration> {
+        &self.registry
     }
 
     /// Makes the node match `snapshot`.
-    pub fn apply(&mut self, snapshot: &Snapshot) -> Result<(), AgentError> {
-        let plan = plan::plan(snapshot, &self.model_config, &self.node_name, self.peer_port, &mut self.allocator);
+    pub fn apply(&mut self, snapshot: Arc<Snapshot>) -> Result<(), AgentError> {
+        self.last = snapshot;
+        self.reapply()
+    }
+
+    /// The last snapshot with the addresses the CNI plugin reported for local pods whose
+    /// address the API does not show yet.
+    fn effective_snapshot(&self) -> Snapshot {
+        let mut s = (*self.last).clone();
+        for (ip, reg) in &self.registry {
+            let Some(pod) = &reg.pod else { continue };
+            if let Some(i) = s.unaddressed.iter().position(|p| &p.object_ref() == pod && p.node.as_deref() == Some(self.node_name.as_str())) {
+                let mut info = s.unaddressed.swap_remove(i);
+                info.ip = Some(*ip);
+                s.inputs.pods.push(info);
+            }
+        }
+        s
+    }
+
+    /// Applies the last snapshot again (after the registry changed).
+    pub fn reapply(&mut self) -> Result<(), AgentError> {
+        let snapshot = self.effective_snapshot();
+        let mut plan = plan::plan(&snapshot, &self.model_config, &self.node_name, self.peer_port, &mut self.allocator);
         save_allocator(&self.state_dir, &self.allocator)?;
         for problem in &plan.problems {
             tracing::warn!(%problem, "spec problem: the offending part is ignored (fail closed)");
         }
+        let unguarded: Vec<&LocalPod> = plan.local_pods.iter().filter(|p| !self.registry.contains_key(&p.ip)).collect();
+        if !unguarded.is_empty() && self.last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL) {
+            let wanted: BTreeSet<Ipv4Addr> = unguarded.iter().map(|p| p.ip).collect();
+            self.scan(&wanted);
+        }
+        // A local pod's address names its identity only once its own veth is guarded: until
+        // then anything could send with it, so it is no endpoint (no source identity, and
+        // no destination this node's programs would see).
+        let local: BTreeSet<Ipv4Addr> = plan.local_pods.iter().map(|p| p.ip).collect();
+        plan.tables.endpoints.retain(|e| !local.contains(&e.ip) || self.registry.contains_key(&e.ip));
         {
             let mut dp = lock(&self.datapath);
             let stats = dp.apply_tables(&plan.tables)?;
             tracing::debug!(?stats, "tables applied");
-            let mut attached = BTreeSet::new();
-            for pod in &plan.local_pods {
-                let iface = match crate::interfaces::route_interface(pod.ip) {
-                    Ok(Some(iface)) => iface,
-                    Ok(None) => {
-                        tracing::debug!(pod = %pod.pod, ip = %pod.ip, "no route to the pod yet");
-                        continue;
+            let mut failed = BTreeSet::new();
+            for (ip, reg) in &self.registry {
+                match dp.attach(&reg.ifname, *ip) {
+                    Ok(()) => {
+                        if self.failed.contains(ip) {
+                            tracing::info!(%ip, iface = %reg.ifname, "guarding pod interface");
+                        }
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "cannot read routes");
-                        continue;
+                        tracing::warn!(%ip, iface = %reg.ifname, %error, "cannot attach");
+                        failed.insert(*ip);
                     }
-                };
-                match dp.attach(&iface, pod.ip) {
-                    Ok(()) => {
-                        if !self.attached.contains(&iface) {
-                            tracing::info!(pod = %pod.pod, %iface, "guarding pod interface");
-                        }
-                        attached.insert(iface);
-                    }
-                    Err(error) => tracing::warn!(pod = %pod.pod, %iface, %error, "cannot attach"),
                 }
             }
-            self.attached = attached;
+            self.failed = failed;
         }
         *self.view.write().unwrap_or_else(PoisonError::into_inner) = plan.view;
         self.manager.set_desired(plan.desired);
         Ok(())
+    }
+
+    /// Looks through the node's network namespaces for the veths of `wanted` pod addresses.
+    fn scan(&mut self, wanted: &BTreeSet<Ipv4Addr>) {
+        self.last_scan = Some(Instant::now());
+        let found = match pod_net::scan(&self.netns_dirs) {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%error, "cannot look through network namespaces");
+                return;
+            }
+        };
+        for ip in wanted {
+            match found.get(ip).map(Vec::as_slice) {
+                None | Some([]) => tracing::debug!(%ip, "no veth with this pod address yet"),
+                Some([veth]) => {
+                    if let Err(reason) = self.register(*ip, veth.clone(), None, None) {
+                        tracing::warn!(%ip, %reason, "pod interface found but refused");
+                    } else {
+                        tracing::info!(%ip, iface = %veth.name, "found the veth of a pod that started before this agent");
+                    }
+                }
+                Some(many) => {
+                    tracing::warn!(%ip, interfaces = ?many, "several namespaces claim this pod address: none is guarded (fail closed)");
+                }
+            }
+        }
+    }
+
+    /// Records that `veth` is the interface of the pod with address `ip`, refusing an
+    /// interface registered for another address and an address guarded on another live one.
+    fn register(&mut self, ip: Ipv4Addr, veth: HostVeth, pod: Option<ObjectRef>, container_id: Option<String>) -> Result<(), String> {
+        if let Some((other, _)) = self.registry.iter().find(|(a, r)| r.ifindex == veth.ifindex && **a != ip) {
+            return Err(format!("interface {} is already registered for {other}", veth.name));
+        }
+        if let Some(existing) = self.registry.get(&ip)
+            && existing.ifindex != veth.ifindex
+        {
+            if pod_net::link_exists(existing.ifindex) {
+                return Err(format!("{ip} is already guarded on interface {}", existing.ifname));
+            }
+            self.release(existing.ifindex);
+        }
+        self.registry.insert(ip, Registration { ifindex: veth.ifindex, ifname: veth.name, pod, container_id });
+        Ok(())
+    }
+
+    fn release(&mut self, ifindex: u32) {
+        self.registry.retain(|_, r| r.ifindex != ifindex);
+        if let Err(error) = lock(&self.datapath).release_interface(ifindex) {
+            tracing::warn!(ifindex, %error, "cannot release interface");
+        }
+    }
+
+    fn knows_local_pod(&self, pod: &ObjectRef) -> bool {
+        let here = |p: &meshauth_policy::model::PodInfo| &p.object_ref() == pod && p.node.as_deref() == Some(self.node_name.as_str());
+        self.last.inputs.pods.iter().any(here) || self.last.unaddressed.iter().any(here)
+    }
+
+    /// Carries out one request of the CNI plugin. `Err(Retry)` means "not yet": the caller
+    /// asks again for a while before it gives up.
+    pub fn cni(&mut self, request: &AgentRequest, netns: Option<OwnedFd>) -> Result<(), CniRefusal> {
+        match request.command {
+            CniCommand::Status => Ok(()),
+            CniCommand::Add => {
+                let ip = *request.ips.first().ok_or_else(|| CniRefusal::Final("the request has no IPv4 address".into()))?;
+                let netns = netns.ok_or_else(|| CniRefusal::Final("the request carries no network namespace".into()))?;
+                let pod = match (&request.pod_namespace, &request.pod_name) {
+                    (Some(ns), Some(name)) => Some(ObjectRef::new(ns.clone(), name.clone())),
+                    _ => None,
+                };
+                if let Some(pod) = &pod
+                    && !self.knows_local_pod(pod)
+                {
+                    return Err(CniRefusal::Retry(format!("pod {pod} is not known to the agent of {} yet", self.node_name)));
+                }
+                let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(&netns), &request.ifname, ip).map_err(|e| CniRefusal::Final(e.to_string()))?;
+                self.register(ip, veth.clone(), pod, Some(request.container_id.clone())).map_err(CniRefusal::Final)?;
+                self.reapply().map_err(|e| CniRefusal::Final(e.to_string()))?;
+                if self.failed.contains(&ip) {
+                    self.release(veth.ifindex);
+                    return Err(CniRefusal::Final(format!("cannot attach the datapath to {}", veth.name)));
+                }
+                tracing::info!(%ip, iface = %veth.name, container = %request.container_id, "guarding pod interface (CNI ADD)");
+                Ok(())
+            }
+            CniCommand::Del => {
+                let gone: Vec<u32> = self
+                    .registry
+                    .iter()
+                    .filter(|(ip, r)| r.container_id.as_deref() == Some(request.container_id.as_str()) || request.ips.contains(ip))
+                    .map(|(_, r)| r.ifindex)
+                    .collect();
+                for ifindex in &gone {
+                    self.release(*ifindex);
+                }
+                if !gone.is_empty() {
+                    tracing::info!(container = %request.container_id, interfaces = ?gone, "pod interface released (CNI DEL)");
+                    self.reapply().map_err(|e| CniRefusal::Final(e.to_string()))?;
+                }
+                Ok(())
+            }
+            CniCommand::Check => {
+                let ok = request.ips.iter().all(|ip| self.registry.contains_key(ip) && !self.failed.contains(ip));
+                if ok { Ok(()) } else { Err(CniRefusal::Final("the pod's interface is not guarded".into())) }
+            }
+        }
+    }
+
+    /// An interface vanished: forget it.
+    pub fn link_removed(&mut self, ifindex: u32) -> Result<(), AgentError> {
+        let registered = self.registry.values().any(|r| r.ifindex == ifindex);
+        self.release(ifindex);
+        if registered {
+            tracing::info!(ifindex, "pod interface vanished; released");
+            self.reapply()?;
+        }
+        Ok(())
+    }
+
+    /// Periodic work: interfaces that vanished unnoticed, the node's own addresses, and pods
+    /// still waiting to be found.
+    pub fn housekeeping(&mut self) -> Result<(), AgentError> {
+        let vanished: Vec<u32> = self.registry.values().map(|r| r.ifindex).filter(|i| !pod_net::link_exists(*i)).collect();
+        for ifindex in &vanished {
+            self.release(*ifindex);
+        }
+        match pod_net::host_addresses() {
+            Ok(addrs) => {
+                if let Err(error) = lock(&self.datapath).set_host_addresses(&addrs) {
+                    tracing::warn!(%error, "cannot write the node's addresses");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot list the node's addresses"),
+        }
+        let waiting = self
+            .last
+            .inputs
+            .pods
+            .iter()
+            .any(|p| p.node.as_deref() == Some(self.node_name.as_str()) && p.ip.is_some_and(|ip| !self.registry.contains_key(&ip)));
+        if !vanished.is_empty() || waiting || !self.failed.is_empty() {
+            self.reapply()?;
+        }
+        Ok(())
+    }
+}
+
+/// Why the agent did not carry out a CNI request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CniRefusal {
+    /// Not yet (the pod is not in the agent's view): ask again shortly.
+    Retry(String),
+    Final(String),
+}
+
+/// One CNI request on its way to the apply loop.
+pub struct CniCall {
+    pub request: AgentRequest,
+    pub netns: Option<OwnedFd>,
+    pub reply: tokio::sync::oneshot::Sender<Result<(), CniRefusal>>,
+}
+
+/// How long ADD waits for the pod to appear in the agent's view before it fails.
+const CNI_RETRY_FOR: Duration = Duration::from_secs(15);
+
+/// Serves the CNI plugin on `path`: every request goes to the apply loop through `calls`.
+pub fn serve_cni(path: &Path, calls: tokio::sync::mpsc::Sender<CniCall>) -> Result<tokio::task::JoinHandle<()>, AgentError> {
+    let state_err = |error| AgentError::State { path: path.to_owned(), error };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(state_err)?;
+    }
+    // A socket left by an agent that died: nobody listens on it any more.
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).map_err(state_err)?;
+    // Root only: the plugin runs as root, and a request can guard or release any interface.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(state_err)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let Ok(std_stream) = stream.into_std() else { return };
+                if std_stream.set_nonblocking(false).is_err() {
+                    return;
+                }
+                let _ = std_stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(Ok((std_stream, request, netns))) = tokio::task::spawn_blocking(move || {
+                    meshauth_cni::protocol::read_request(&std_stream).map(|(r, fd)| (std_stream, r, fd))
+                })
+                .await
+                else {
+                    return;
+                };
+                let answer = call_with_retry(&calls, request, netns).await;
+                let _ = tokio::task::spawn_blocking(move || meshauth_cni::protocol::write_response(&std_stream, &answer)).await;
+            });
+        }
+    }))
+}
+
+async fn call_with_retry(calls: &tokio::sync::mpsc::Sender<CniCall>, request: AgentRequest, mut netns: Option<OwnedFd>) -> AgentResponse {
+    let deadline = Instant::now() + CNI_RETRY_FOR;
+    loop {
+        let fd = match &netns {
+            Some(fd) => match fd.try_clone() {
+                Ok(c) => Some(c),
+                Err(e) => return AgentResponse::failed(format!("cannot keep the namespace descriptor: {e}")),
+            },
+            None => None,
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if calls.send(CniCall { request: request.clone(), netns: fd, reply }).await.is_err() {
+            return AgentResponse::failed("the agent is stopping");
+        }
+        match answer.await {
+            Ok(Ok(())) => return AgentResponse::ok(),
+            Ok(Err(CniRefusal::Retry(reason))) if Instant::now() < deadline => {
+                tracing::debug!(%reason, "CNI request waits");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Err(CniRefusal::Retry(reason) | CniRefusal::Final(reason))) => {
+                netns.take();
+                return AgentResponse::failed(reason);
+            }
+            Err(_) => return AgentResponse::failed("the agent is stopping"),
+        }
     }
 }
 
@@ -212,9 +521,15 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         datapath.clone(),
         view.clone(),
         manager.clone(),
+        config.netns_dirs.clone(),
     );
+    let mut removed_links = pod_net::watch_removed_links().map_err(|e| AgentError::State { path: PathBuf::from("netlink"), error: std::io::Error::other(e.to_string()) })?;
     let first = snapshots.borrow_and_update().clone();
-    applier.apply(&first)?;
+    applier.housekeeping()?;
+    applier.apply(first)?;
+    let (cni_tx, mut cni_calls) = tokio::sync::mpsc::channel::<CniCall>(64);
+    let _cni_task = serve_cni(&config.cni_socket, cni_tx)?;
+    tracing::info!(socket = %config.cni_socket.display(), "serving the CNI plugin");
     metrics.set_healthy(true);
     tracing::info!(node = %config.node_name, "meshauth-agent ready");
 
@@ -227,7 +542,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
             changed = snapshots.changed() => {
                 if changed.is_err() { break; }
                 let snapshot = snapshots.borrow_and_update().clone();
-                if let Err(error) = applier.apply(&snapshot) {
+                if let Err(error) = applier.apply(snapshot) {
                     tracing::error!(%error, "cannot apply the new cluster state; keeping the previous maps");
                 }
             }
@@ -249,7 +564,22 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
+            Some(call) = cni_calls.recv() => {
+                let outcome = applier.cni(&call.request, call.netns);
+                if let Err(CniRefusal::Final(reason)) = &outcome {
+                    tracing::warn!(command = ?call.request.command, container = %call.request.container_id, %reason, "CNI request refused");
+                }
+                let _ = call.reply.send(outcome);
+            }
+            Some(ifindex) = removed_links.recv() => {
+                if let Err(error) = applier.link_removed(ifindex) {
+                    tracing::error!(%error, "cannot apply after an interface vanished");
+                }
+            }
             _ = tick.tick() => {
+                if let Err(error) = applier.housekeeping() {
+                    tracing::error!(%error, "housekeeping failed");
+                }
                 if let Ok(counters) = lock(&datapath).counters() {
                     metrics.observe_datapath_counters(counters.0.iter().map(|(k, v)| ((*k).to_owned(), v.packets)));
                 }

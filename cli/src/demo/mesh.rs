@@ -206,6 +206,7 @@ impl MeshBox {
             .arg(node_dir.join("state"))
             .arg("--pin-dir")
             .arg(&n.pin_dir)
+            .env("MESHAUTH_CNI_SOCKET", node_dir.join("cni.sock"))
             .env("RUST_LOG", "info,meshauth_agent=debug");
         let netns = File::open(format!("/run/netns/{}", n.ns.name)).map_err(io_err("opening the node namespace"))?;
         let readies = || std::fs::read_to_string(&log).map_or(0, |l| l.matches("meshauth-agent ready").count());
