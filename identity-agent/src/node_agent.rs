@@ -322,6 +322,9 @@ impl Applier {
                 {
                     return Err(CniRefusal::Retry(format!("pod {pod} is not known to the agent of {} yet", self.node_name)));
                 }
+                // The plugins before this one may just have given the node a new address (a
+                // bridge's or a ptp veth's gateway): probes from it must pass from the start.
+                self.sync_host_addresses();
                 let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(&netns), &request.ifname, ip).map_err(|e| CniRefusal::Final(e.to_string()))?;
                 self.register(ip, veth.clone(), pod, Some(request.container_id.clone())).map_err(CniRefusal::Final)?;
                 self.reapply().map_err(|e| CniRefusal::Final(e.to_string()))?;
@@ -355,6 +358,17 @@ impl Applier {
         }
     }
 
+    fn sync_host_addresses(&self) {
+        match pod_net::host_addresses() {
+            Ok(addrs) => {
+                if let Err(error) = lock(&self.datapath).set_host_addresses(&addrs) {
+                    tracing::warn!(%error, "cannot write the node's addresses");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot list the node's addresses"),
+        }
+    }
+
     /// An interface vanished: forget it.
     pub fn link_removed(&mut self, ifindex: u32) -> Result<(), AgentError> {
         let registered = self.registry.values().any(|r| r.ifindex == ifindex);
@@ -373,14 +387,7 @@ impl Applier {
         for ifindex in &vanished {
             self.release(*ifindex);
         }
-        match pod_net::host_addresses() {
-            Ok(addrs) => {
-                if let Err(error) = lock(&self.datapath).set_host_addresses(&addrs) {
-                    tracing::warn!(%error, "cannot write the node's addresses");
-                }
-            }
-            Err(error) => tracing::warn!(%error, "cannot list the node's addresses"),
-        }
+        self.sync_host_addresses();
         let waiting = self
             .last
             .inputs

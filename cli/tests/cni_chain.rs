@@ -1,0 +1,281 @@
+//! The real CNI chain as the kubelet's runtime runs it: the standard `bridge` or `ptp` plugin
+//! (with `host-local` IPAM) creates a pod's veth, then `meshauth-cni` hands it to a real agent
+//! running in the node's network namespace. The pod's first packet is already enforced, the
+//! node's own address (the kubelet's probes) reaches a policed pod, DEL releases everything,
+//! and 5,000 pods created and deleted leave the maps and pins bounded by the live pods.
+//! Root only; the plugins come from Debian's `containernetworking-plugins`.
+
+use meshauth_datapath::Maps;
+use meshauth_datapath::testing::{Netns, PinDir, require_root};
+use std::fs::File;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+fn meshauth_bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meshauthctl")).with_file_name(name)
+}
+
+/// A node: its network namespace, a real agent inside it, its pin directory and CNI socket.
+struct NodeUnderTest {
+    ns: Netns,
+    pins: PinDir,
+    dir: tempfile::TempDir,
+    agent: Child,
+}
+
+impl NodeUnderTest {
+    fn start(tag: &str, manifests: &str) -> Self {
+        require_root();
+        for plugin in ["bridge", "ptp", "host-local"] {
+            assert!(Path::new(CNI_BIN_DIR).join(plugin).exists(), "{CNI_BIN_DIR}/{plugin} is missing: apt-get install containernetworking-plugins");
+        }
+        let ns = Netns::new(&format!("cc{}-{tag}", std::process::id() % 100_000)).expect("node netns");
+        ns.sysctl("net/ipv4/ip_forward", "1").expect("forwarding");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("manifests")).expect("manifests dir");
+        std::fs::write(dir.path().join("manifests/mesh.yaml"), manifests).expect("manifests");
+        let pins = PinDir::new(&format!("cni-{tag}"));
+        let log = File::create(dir.path().join("agent.log")).expect("log");
+        let mut cmd = Command::new(meshauth_bin("meshauth-agent"));
+        cmd.args(["run", "--node-name", "node-1", "--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--manifests"])
+            .arg(dir.path().join("manifests"))
+            .arg("--workload-api-socket")
+            .arg(dir.path().join("no-workload-api.sock"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--pin-dir")
+            .arg(&pins.0)
+            .env("MESHAUTH_CNI_SOCKET", dir.path().join("cni.sock"))
+            .env("MESHAUTH_NETNS_DIRS", dir.path().join("no-netns"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        in_netns(&mut cmd, &ns);
+        let agent = cmd.spawn().expect("start the agent");
+        let node = NodeUnderTest { ns, pins, dir, agent };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !node.log().contains("serving the CNI plugin") {
+            assert!(Instant::now() < deadline, "agent not ready:\n{}", node.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        node
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn maps(&self) -> Maps {
+        Maps::open(&self.pins.0).expect("pinned maps")
+    }
+
+    /// The `interfaces` map, names resolved in the node's namespace.
+    fn interfaces(&self) -> Vec<meshauth_datapath::Interface> {
+        self.ns.run(|| self.maps().interfaces().expect("interfaces")).expect("node netns")
+    }
+
+    fn link_pins(&self) -> usize {
+        std::fs::read_dir(self.pins.0.join("links")).map_or(0, |d| d.count())
+    }
+
+    /// Runs one plugin as a runtime does: in the node's namespace, the CNI variables set, the
+    /// network configuration on stdin. Returns (success, stdout).
+    fn cni(&self, plugin: &Path, command: &str, container: &str, pod_ns: &str, args: &str, conf: &serde_json::Value) -> (bool, String) {
+        let mut cmd = Command::new(plugin);
+        cmd.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", format!("/run/netns/{pod_ns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", args)
+            .env("CNI_PATH", CNI_BIN_DIR)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        in_netns(&mut cmd, &self.ns);
+        let mut child = cmd.spawn().expect("run plugin");
+        child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("write conf");
+        let out = child.wait_with_output().expect("plugin output");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success(), format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// ADD through the whole chain (`first` then meshauth-cni); the pod's IPv4 address.
+    fn add(&self, first: &serde_json::Value, container: &str, pod_ns: &str, pod: &str) -> Ipv4Addr {
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}");
+        let plugin = Path::new(CNI_BIN_DIR).join(first["type"].as_str().expect("type"));
+        let (ok, out) = self.cni(&plugin, "ADD", container, pod_ns, &args, first);
+        assert!(ok, "{} ADD failed: {out}", first["type"]);
+        let prev: serde_json::Value = serde_json::from_str(&out).expect("plugin result");
+        let (ok, out) = self.cni(&meshauth_bin("meshauth-cni"), "ADD", container, pod_ns, &args, &self.meshauth_conf(Some(prev.clone())));
+        assert!(ok, "meshauth-cni ADD failed: {out}\nagent log:\n{}", self.log());
+        let result: serde_json::Value = serde_json::from_str(&out).expect("meshauth-cni result");
+        assert_eq!(result["ips"], prev["ips"], "a chained plugin passes the previous result on");
+        prev["ips"][0]["address"].as_str().and_then(|a| a.split('/').next()).and_then(|a| a.parse().ok()).expect("pod address")
+    }
+
+    /// DEL through the chain in reverse order.
+    fn del(&self, first: &serde_json::Value, container: &str, pod_ns: &str, pod: &str, ip: Ipv4Addr) {
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}");
+        let prev = serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{ip}/24"), "interface": 0}], "interfaces": [{"name": "eth0", "sandbox": format!("/run/netns/{pod_ns}")}]});
+        let (ok, out) = self.cni(&meshauth_bin("meshauth-cni"), "DEL", container, pod_ns, &args, &self.meshauth_conf(Some(prev)));
+        assert!(ok, "meshauth-cni DEL failed: {out}");
+        let plugin = Path::new(CNI_BIN_DIR).join(first["type"].as_str().expect("type"));
+        let (ok, out) = self.cni(&plugin, "DEL", container, pod_ns, &args, first);
+        assert!(ok, "{} DEL failed: {out}", first["type"]);
+    }
+
+    fn meshauth_conf(&self, prev: Option<serde_json::Value>) -> serde_json::Value {
+        let mut c = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "type": "meshauth-cni", "socket": self.dir.path().join("cni.sock")});
+        if let Some(p) = prev {
+            c["prevResult"] = p;
+        }
+        c
+    }
+
+    fn ipam(&self, subnet: &str) -> serde_json::Value {
+        serde_json::json!({"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": self.dir.path().join("ipam")})
+    }
+}
+
+impl Drop for NodeUnderTest {
+    fn drop(&mut self) {
+        // SAFETY: a pid we spawned and have not reaped.
+        unsafe { libc::kill(self.agent.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.agent.wait();
+    }
+}
+
+fn in_netns(cmd: &mut Command, ns: &Netns) {
+    let file = File::open(format!("/run/netns/{}", ns.name)).expect("open netns");
+    // SAFETY: setns is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn connects(from: &Netns, to: Ipv4Addr, port: u16) -> bool {
+    from.run(|| TcpStream::connect_timeout(&SocketAddrV4::new(to, port).into(), Duration::from_millis(700)).is_ok()).expect("netns")
+}
+
+const BRIDGE_MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-1, serviceAccountName: web, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {nodeName: node-1, serviceAccountName: client, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stranger, namespace: shop, labels: {app: stranger}}
+spec: {nodeName: node-1, serviceAccountName: stranger, containers: []}
+---
+apiVersion: meshauth.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: web-ingress, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 8080}]
+"#;
+
+#[test]
+fn a_bridge_chain_guards_each_pod_from_its_first_packet_and_lets_the_node_probe() {
+    let node = NodeUnderTest::start("br", BRIDGE_MESH);
+    let bridge = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "type": "bridge", "bridge": "cni-ma", "isGateway": true, "ipMasq": false, "ipam": node.ipam("10.251.1.0/24")});
+    let tag = std::process::id() % 100_000;
+    let pods: Vec<Netns> = ["web", "client", "stranger"].iter().map(|p| Netns::new(&format!("cc{tag}-{p}")).expect("pod netns")).collect();
+    let ips: Vec<Ipv4Addr> = ["web", "client", "stranger"].iter().zip(&pods).map(|(p, ns)| node.add(&bridge, &format!("c-{p}"), &ns.name, p)).collect();
+    let interfaces = node.interfaces();
+    assert_eq!(interfaces.len(), 3, "one entry per pod veth, none for the bridge: {interfaces:?}");
+    assert!(interfaces.iter().all(|i| i.name.as_deref().is_some_and(|n| n.starts_with("veth"))), "{interfaces:?}");
+
+    let listener = pods[0].run(|| TcpListener::bind("0.0.0.0:8080")).expect("netns").expect("listen");
+    let _server = std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    // The stranger's very first connection: the pods were attached before ADD returned.
+    let denied_before = node.maps().counters().expect("counters").packets(meshauth_datapath::Counter::DropDenied);
+    assert!(!connects(&pods[2], ips[0], 8080), "a pod outside the policy is dropped from its first packet");
+    let denied = node.maps().counters().expect("counters").packets(meshauth_datapath::Counter::DropDenied);
+    assert!(denied > denied_before, "the drop was the policy's ({denied_before} → {denied})");
+    assert!(connects(&pods[1], ips[0], 8080), "the permitted pod connects across the bridge");
+    // The kubelet's probe: from the node's own address (the bridge's gateway address).
+    assert!(connects(&node.ns, ips[0], 8080), "the node's own address reaches a policed pod");
+    assert!(node.maps().counters().expect("counters").packets(meshauth_datapath::Counter::PassHost) > 0);
+
+    for ((p, ns), ip) in ["web", "client", "stranger"].iter().zip(&pods).zip(&ips) {
+        node.del(&bridge, &format!("c-{p}"), &ns.name, p, *ip);
+    }
+    assert!(node.interfaces().is_empty(), "DEL released every interface");
+    assert_eq!(node.link_pins(), 0, "DEL removed every link pin");
+}
+
+const CHURN_MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: churn, namespace: shop, labels: {app: churn}}
+spec: {nodeName: node-1, serviceAccountName: churn, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: steady, namespace: shop, labels: {app: steady}}
+spec: {nodeName: node-1, serviceAccountName: steady, containers: []}
+"#;
+
+#[test]
+fn five_thousand_pods_through_the_ptp_chain_leave_the_maps_bounded_by_live_pods() {
+    let pods: usize = std::env::var("MESHAUTH_CHURN_PODS").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000);
+    let node = NodeUnderTest::start("ptp", CHURN_MESH);
+    let ptp = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "type": "ptp", "ipMasq": false, "ipam": node.ipam("10.252.0.0/16")});
+    let tag = std::process::id() % 100_000;
+    let steady_ns = Netns::new(&format!("cc{tag}-steady")).expect("pod netns");
+    let steady_ip = node.add(&ptp, "steady", &steady_ns.name, "steady");
+    let churn_ns = Netns::new(&format!("cc{tag}-churn")).expect("pod netns");
+    let start = Instant::now();
+    for i in 0..pods {
+        let container = format!("churn-{i}");
+        let ip = node.add(&ptp, &container, &churn_ns.name, "churn");
+        // Guarded when ADD returned: its entry and both link pins exist.
+        let interfaces = node.interfaces();
+        assert_eq!(interfaces.len(), 2, "pod {i}: the steady pod and this one, nothing left of earlier pods: {interfaces:?}");
+        assert!(interfaces.iter().any(|e| e.pod_ip == ip && e.attach != "none"), "pod {i} ({ip}) guarded when ADD returned: {interfaces:?}");
+        assert_eq!(node.link_pins(), 4, "pod {i}: two links per live pod");
+        node.del(&ptp, &container, &churn_ns.name, "churn", ip);
+    }
+    eprintln!("{pods} pods added and deleted through ptp + meshauth-cni in {:.1} s", start.elapsed().as_secs_f64());
+    let interfaces = node.interfaces();
+    assert_eq!(interfaces.len(), 1, "only the steady pod is left: {interfaces:?}");
+    assert_eq!(interfaces[0].pod_ip, steady_ip);
+    assert_eq!(node.link_pins(), 2);
+    let endpoints = node.maps().endpoints().expect("endpoints");
+    assert_eq!(endpoints.iter().map(|e| e.ip).collect::<Vec<_>>(), vec![steady_ip], "endpoints of deleted pods are gone");
+}
