@@ -29,6 +29,11 @@ pub const DEFAULT_CNI_SOCKET: &str = meshauth_cni::protocol::DEFAULT_SOCKET;
 /// Colon-separated directories of pinned network namespaces, looked through for pods that
 /// started before the agent (beside every process's namespace).
 pub const NETNS_DIRS: &str = "MESHAUTH_NETNS_DIRS";
+/// The agent's DaemonSet: when it is gone as the agent stops (the chart was uninstalled, not
+/// restarted), the agent takes meshauth-cni out of the node's CNI configuration.
+pub const DAEMONSET: &str = "MESHAUTH_DAEMONSET";
+pub const CNI_BIN_DIR: &str = "MESHAUTH_CNI_BIN_DIR";
+pub const CNI_CONF_DIR: &str = "MESHAUTH_CNI_CONF_DIR";
 pub const HANDSHAKE_TIMEOUT: &str = "MESHAUTH_HANDSHAKE_TIMEOUT_MS";
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -70,6 +75,9 @@ pub struct AgentConfig {
     /// Where the CNI plugin reaches this agent.
     pub cni_socket: PathBuf,
     pub netns_dirs: Vec<PathBuf>,
+    pub daemonset: Option<String>,
+    pub cni_bin_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
 }
 
 fn display<S: serde::Serializer>(v: &TrustDomain, s: S) -> Result<S::Ok, S::Error> {
@@ -120,6 +128,9 @@ impl AgentConfig {
             max_concurrent_handshakes,
             handshake_timeout,
             cni_socket: PathBuf::from(get(CNI_SOCKET).unwrap_or_else(|| DEFAULT_CNI_SOCKET.into())),
+            daemonset: get(DAEMONSET).filter(|d| !d.is_empty()),
+            cni_bin_dir: PathBuf::from(get(CNI_BIN_DIR).unwrap_or_else(|| crate::cni_install::DEFAULT_BIN_DIR.into())),
+            cni_conf_dir: PathBuf::from(get(CNI_CONF_DIR).unwrap_or_else(|| crate::cni_install::DEFAULT_CONF_DIR.into())),
             netns_dirs: match get(NETNS_DIRS) {
                 Some(v) => v.split(':').filter(|d| !d.is_empty()).map(PathBuf::from).collect(),
                 None => crate::pod_net::DEFAULT_NETNS_DIRS.iter().map(PathBuf::from).collect(),

@@ -6,6 +6,7 @@
 //! It must not decide policy itself (that is `meshauth-policy`) nor write to the API server.
 
 pub mod auth_manager;
+pub mod cni_install;
 pub mod config;
 pub mod dev_issuer;
 pub mod handshake;

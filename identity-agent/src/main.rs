@@ -56,6 +56,26 @@ enum Command {
         #[arg(long)]
         pin_dir: Option<String>,
     },
+    /// Chain meshauth-cni into the node's CNI configuration (the DaemonSet's init container).
+    CniInstall {
+        /// The plugin binary to install.
+        #[arg(long, default_value = "/usr/local/bin/meshauth-cni")]
+        plugin: PathBuf,
+        #[arg(long, default_value = meshauth_agent::cni_install::DEFAULT_BIN_DIR, env = "MESHAUTH_CNI_BIN_DIR")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = meshauth_agent::cni_install::DEFAULT_CONF_DIR, env = "MESHAUTH_CNI_CONF_DIR")]
+        conf_dir: PathBuf,
+        /// The agent's CNI socket, written into the plugin's configuration.
+        #[arg(long, default_value = meshauth_agent::config::DEFAULT_CNI_SOCKET, env = "MESHAUTH_CNI_SOCKET")]
+        socket: String,
+    },
+    /// Take meshauth-cni out of the node's CNI configuration again.
+    CniUninstall {
+        #[arg(long, default_value = meshauth_agent::cni_install::DEFAULT_BIN_DIR, env = "MESHAUTH_CNI_BIN_DIR")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = meshauth_agent::cni_install::DEFAULT_CONF_DIR, env = "MESHAUTH_CNI_CONF_DIR")]
+        conf_dir: PathBuf,
+    },
     /// Serve the SPIFFE Workload API from a local development CA (no SPIRE needed).
     DevIssuer {
         /// Unix socket to serve on.
@@ -120,6 +140,14 @@ async fn main() -> anyhow::Result<()> {
             let agent = AgentConfig::from_lookup(node_name, lookup)?;
             let datapath = DatapathConfig::from_lookup(lookup)?;
             meshauth_agent::node_agent::run(agent, datapath).await?;
+        }
+        Command::CniInstall { plugin, bin_dir, conf_dir, socket } => {
+            let list = meshauth_agent::cni_install::install(&plugin, &bin_dir, &conf_dir, &socket)?;
+            tracing::info!(conflist = %list.display(), "meshauth-cni chained last");
+        }
+        Command::CniUninstall { bin_dir, conf_dir } => {
+            let changed = meshauth_agent::cni_install::uninstall(&bin_dir, &conf_dir)?;
+            tracing::info!(?changed, "meshauth-cni taken out of the CNI configuration");
         }
         Command::DevIssuer { socket, state_dir, trust_domain, svid_ttl, identities, manifests, node } => {
             let trust_domain = TrustDomain::new(&trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain {trust_domain:?} {e}"))?;

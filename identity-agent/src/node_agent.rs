@@ -602,6 +602,36 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
             _ = terminate.recv() => break,
         }
     }
+    if let (InputMode::Kubernetes, Some(daemonset)) = (&config.inputs, &config.daemonset) {
+        uninstall_if_removed(&config, daemonset).await;
+    }
     tracing::info!("meshauth-agent stopping; maps and links stay pinned, traffic keeps flowing");
     Ok(())
+}
+
+/// Takes meshauth-cni out of the node's CNI configuration when the agent's DaemonSet is gone
+/// or being deleted (the chart was uninstalled). A restart or an upgrade keeps it: while no
+/// agent runs, new pods wait (ADD fails closed) rather than start unguarded.
+async fn uninstall_if_removed(config: &AgentConfig, daemonset: &str) {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let removed = match kube::Client::try_default().await {
+        Ok(client) => match kube::Api::<DaemonSet>::namespaced(client, &config.mesh_namespace).get_opt(daemonset).await {
+            Ok(None) => true,
+            Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot tell whether the DaemonSet is being removed; the CNI chaining stays");
+                false
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "no API access; the CNI chaining stays");
+            false
+        }
+    };
+    if removed {
+        match crate::cni_install::uninstall(&config.cni_bin_dir, &config.cni_conf_dir) {
+            Ok(changed) => tracing::info!(?changed, "DaemonSet removed: meshauth-cni taken out of the CNI configuration"),
+            Err(error) => tracing::error!(%error, "cannot take meshauth-cni out of the CNI configuration"),
+        }
+    }
 }
