@@ -95,7 +95,7 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Vec<PathBuf>, CniIns
     let mut changed = Vec::new();
     for entry in std::fs::read_dir(conf_dir).map_err(io(conf_dir))?.flatten() {
         let path = entry.path();
-        if !path.extension().is_some_and(|e| e == "conflist") {
+        if path.extension().is_none_or(|e| e != "conflist") {
             continue;
         }
         let Ok(conf) = read_conflist(&path) else { continue };

@@ -39,7 +39,7 @@ enum Command {
         /// Handshake listen address (default 0.0.0.0:4250).
         #[arg(long)]
         listen: Option<String>,
-        /// /metrics and /healthz address (default 0.0.0.0:9090).
+        /// /metrics and /healthz address (default 0.0.0.0:4251).
         #[arg(long)]
         metrics_addr: Option<String>,
         /// SPIFFE Workload API socket.
