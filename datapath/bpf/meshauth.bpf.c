@@ -504,9 +504,11 @@ int to_pod(struct __sk_buff *skb)
 		count(MA_C_PASS_NOT_MESH, skb->len);
 		return PASS;
 	}
-	/* A mesh pod's packets leave only through that pod's own veth: a frame a bridge floods to
-	 * every port, or one routed to the wrong veth, is not delivered to another pod. */
-	if (dst->ifindex != skb->ifindex)
+	/* A local mesh pod's packets leave only through that pod's own veth: a frame a bridge
+	 * floods to every port, or one routed to the wrong veth, is not delivered to another pod.
+	 * (Pods of other nodes have no interface here, ifindex 0; the agent writes a local pod's
+	 * endpoint only once its veth is registered.) */
+	if (dst->ifindex && dst->ifindex != skb->ifindex)
 		return drop(cfg, skb, MA_EV_DENIED, MA_C_DROP_WRONG_IFACE, &f);
 
 	if (f.later_fragment) {

@@ -612,3 +612,63 @@ async fn clsact_fallback_attaches_survives_restarts_and_upgrades() {
     f.dp().detach(&h2).unwrap();
     assert!(tcp_request(f.pod(3), f.ip(2), 8080, LONG), "detached");
 }
+
+/// Sends one raw Ethernet frame out of `ifname` in the calling thread's namespace.
+fn send_raw_frame(ifname: &str, frame: &[u8]) -> std::io::Result<()> {
+    let name = std::ffi::CString::new(ifname).map_err(std::io::Error::other)?;
+    // SAFETY: plain socket calls on a descriptor this function owns and closes.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        addr.sll_halen = 6;
+        let sent = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if sent < 0 { Err(err) } else { Ok(()) }
+    }
+}
+
+/// A gratuitous ARP reply claiming `ip` for the sender.
+fn arp_claim(ip: Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06]);
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&ip.octets());
+    f
+}
+
+#[tokio::test]
+async fn arp_claiming_another_pods_address_is_dropped() {
+    let mut f = Fixture::new("arp");
+    let t = tables(
+        vec![endpoint(1, false, Auth::None), endpoint(2, false, Auth::None), endpoint(3, false, Auth::None)],
+        vec![],
+    );
+    f.dp().apply_tables(&t).unwrap();
+    let before = f.counters();
+    let (own, other) = (f.ip(1), f.ip(3));
+    f.ns(1).run(|| send_raw_frame("eth0", &arp_claim(own))).unwrap().unwrap();
+    f.ns(1).run(|| send_raw_frame("eth0", &arp_claim(other))).unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = f.counters();
+    assert!(
+        after.packets(Counter::DropSpoofed) > before.packets(Counter::DropSpoofed),
+        "an ARP claim of pod 3's address from pod 1 is dropped: {after:?}"
+    );
+    assert!(after.packets(Counter::PassArp) > before.packets(Counter::PassArp), "its own address passes");
+}
