@@ -1,0 +1,245 @@
+//! The chart on a real cluster: `tests/testenv up --kubelet` (two nodes, each with its own
+//! kubelet, containerd, kube-proxy, CNI — `bridge` on node-1, `ptp` on node-2 — and SPIRE agent
+//! with the `k8s` workload attestor), the meshauth image built by `scripts/images` and loaded
+//! into both nodes, `helm install` with the chart's defaults. Then, as a user would see it:
+//! every meshauth pod Running and Ready, the nodes still reachable, a Strict mesh between app
+//! pods the kubelet started (the permitted pair connects first time once pre-authenticated,
+//! another service account is dropped, the policed pod's readiness probe keeps it Ready), the
+//! webhook called through its Service refuses an invalid MeshPolicy, and `helm uninstall`
+//! leaves each node's CNI configuration as it was. Root only.
+
+use meshauth_testenv::{Kubelet, Options, TestEnv};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The workspace's binaries (`cargo build --workspace --bins`, as scripts/test does first).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/real_cluster-<hash>
+    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+struct Cluster {
+    env: TestEnv,
+    work: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn kubectl(&self, args: &[&str]) -> (bool, String) {
+        run(Command::new(self.env.bin("kubectl")).arg("--kubeconfig").arg(self.env.kubeconfig()).args(args))
+    }
+
+    fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> (bool, String) {
+        let mut child = Command::new(self.env.bin("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.env.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write");
+        let out = child.wait_with_output().expect("kubectl output");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    fn helm(&self, args: &[&str]) -> (bool, String) {
+        run(Command::new(self.env.bin("helm")).arg("--kubeconfig").arg(self.env.kubeconfig()).args(args))
+    }
+
+    /// What the cluster looks like, for failure messages.
+    fn describe(&self) -> String {
+        let (_, pods) = self.kubectl(&["get", "pods", "-A", "-o", "wide"]);
+        let (_, events) = self.kubectl(&["get", "events", "-A", "--sort-by=.lastTimestamp"]);
+        let (_, logs) = self.kubectl(&["logs", "-n", "meshauth-system", "-l", "app.kubernetes.io/name=meshauth-agent", "--tail=40", "--all-containers"]);
+        format!("pods:\n{pods}\nevents:\n{}\nagent logs:\n{logs}", events.lines().rev().take(40).collect::<Vec<_>>().join("\n"))
+    }
+
+    fn wait(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}: not after {timeout:?}\n{}", self.describe());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// An HTTP request from `pod` to `ip:port` through busybox `nc` (its `wget` segfaults on
+    /// this machine kind).
+    fn http_from(&self, pod: &str, ip: &str, port: u16) -> bool {
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} {port}");
+        let (ok, out) = self.kubectl(&["exec", "-n", "shop", pod, "--", "sh", "-c", &script]);
+        ok && out.contains("HTTP/1")
+    }
+
+    fn pod_ip(&self, pod: &str) -> String {
+        let (ok, out) = self.kubectl(&["get", "pod", "-n", "shop", pod, "-o", "jsonpath={.status.podIP}"]);
+        assert!(ok && !out.is_empty(), "{pod} has no IP: {out}");
+        out.trim().to_owned()
+    }
+
+    fn conflist(&self, node: &str) -> String {
+        let k = self.env.kubelet_node(node).expect("kubelet node");
+        std::fs::read_to_string(k.cni_conf_dir.join(Kubelet::CNI_CONFLIST)).expect("node conflist")
+    }
+}
+
+/// Strips the debug builds into a directory for the image (a release build would double the
+/// test command's build time).
+fn image(work: &Path) -> PathBuf {
+    let bins = work.join("bin");
+    std::fs::create_dir_all(&bins).expect("bin dir");
+    for b in ["meshauth-agent", "meshauth-cni", "meshauth-operator", "meshauth-webhook", "meshauthctl"] {
+        let from = bin_dir().join(b);
+        assert!(from.exists(), "{} is missing: run `cargo build --workspace --bins` first", from.display());
+        let (ok, out) = run(Command::new("objcopy").arg("--strip-debug").arg(&from).arg(bins.join(b)));
+        assert!(ok, "objcopy {b}: {out}");
+    }
+    let out_dir = work.join("images");
+    let (ok, out) = run(Command::new(repo().join("scripts/images")).arg("--bin-dir").arg(&bins).arg("--out").arg(&out_dir));
+    assert!(ok, "scripts/images: {out}");
+    out_dir.join("meshauth.tar")
+}
+
+const APPS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: server, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: stranger, namespace: shop}
+---
+apiVersion: meshauth.io/v1alpha1
+kind: MutualAuth
+metadata: {name: default, namespace: shop}
+spec: {mode: Strict}
+---
+apiVersion: meshauth.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: server-ingress, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server}}
+  ingress:
+  - from: [{identity: spiffe://cluster.local/ns/shop/sa/client}]
+    ports: [{port: 8080}]
+    authentication: {mode: Required}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: shop, labels: {app: server}}
+spec:
+  serviceAccountName: server
+  nodeName: node-2
+  containers:
+  - name: app
+    image: IMAGE
+    imagePullPolicy: IfNotPresent
+    readinessProbe:
+      tcpSocket: {port: 8080}
+      periodSeconds: 2
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec:
+  serviceAccountName: client
+  nodeName: node-1
+  containers: [{name: app, image: IMAGE, imagePullPolicy: IfNotPresent}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stranger, namespace: shop, labels: {app: stranger}}
+spec:
+  serviceAccountName: stranger
+  nodeName: node-1
+  containers: [{name: app, image: IMAGE, imagePullPolicy: IfNotPresent}]
+"#;
+
+#[test]
+fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
+    let env = TestEnv::start_blocking(Options { kubelet: true, ..Options::default() }).expect("kubelet test environment");
+    let work = tempfile::tempdir().expect("tempdir");
+    let c = Cluster { env, work };
+    let tar = image(c.work.path());
+    c.env.load_image_blocking(&tar).expect("load the meshauth image");
+    let before: Vec<String> = ["node-1", "node-2"].iter().map(|n| c.conflist(n)).collect();
+
+    let (ok, out) = c.helm(&["install", "meshauth", repo().join("config/helm/meshauth").to_str().expect("path"), "-n", "meshauth-system", "--create-namespace"]);
+    assert!(ok, "helm install: {out}");
+    c.wait("every meshauth pod Running and Ready", Duration::from_secs(240), || {
+        let (ok, out) = c.kubectl(&["get", "pods", "-n", "meshauth-system", "-o", "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"]);
+        let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+        // 2 agents, 2 operators, 2 webhooks.
+        ok && lines.len() == 6 && lines.iter().all(|l| l.ends_with(" True"))
+    });
+    for node in ["node-1", "node-2"] {
+        assert!(c.conflist(node).contains("meshauth-cni"), "{node}: meshauth-cni chained into the conflist");
+    }
+    let (ok, out) = c.kubectl(&["get", "nodes", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"]);
+    assert!(ok && out.lines().filter(|l| *l == "True").count() == 2, "both nodes still Ready and reachable: {out}");
+
+    let apps = APPS.replace("IMAGE", Kubelet::TEST_IMAGE);
+    let (ok, out) = c.kubectl_stdin(&["apply", "-f", "-"], &apps);
+    assert!(ok, "apply the apps: {out}");
+    // The readiness probe comes from node-2's own address: the policed pod still goes Ready.
+    c.wait("the policed server Ready through its probe", Duration::from_secs(120), || {
+        let (_, out) = c.kubectl(&["get", "pod", "-n", "shop", "server", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
+        out.trim() == "True"
+    });
+    c.wait("client and stranger Running", Duration::from_secs(120), || {
+        let (_, out) = c.kubectl(&["get", "pods", "-n", "shop", "-o", "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}"]);
+        out.lines().filter(|l| *l == "Running").count() == 3
+    });
+    let server = c.pod_ip("server");
+
+    // Pre-authentication: node-2's agent writes the pair before the client sends anything.
+    let agent_on_node_2 = {
+        let (ok, out) = c.kubectl(&["get", "pods", "-n", "meshauth-system", "-l", "app.kubernetes.io/name=meshauth-agent", "--field-selector", "spec.nodeName=node-2", "-o", "jsonpath={.items[0].metadata.name}"]);
+        assert!(ok && !out.is_empty(), "the agent pod on node-2: {out}");
+        out.trim().to_owned()
+    };
+    c.wait("the pair (server ← client) authenticated on node-2", Duration::from_secs(120), || {
+        let (ok, out) = c.kubectl(&["exec", "-n", "meshauth-system", &agent_on_node_2, "--", "meshauthctl", "auth", "list", "--output", "json"]);
+        ok && out.contains("spiffe://cluster.local/ns/shop/sa/server") && out.contains("spiffe://cluster.local/ns/shop/sa/client")
+    });
+    assert!(c.http_from("client", &server, 8080), "the permitted, pre-authenticated pair connects first time\n{}", c.describe());
+    assert!(!c.http_from("stranger", &server, 8080), "a pod of another service account is dropped");
+    let (_, status) = c.kubectl(&["exec", "-n", "meshauth-system", &agent_on_node_2, "--", "meshauthctl", "status", "--output", "json"]);
+    assert!(status.contains("drop_denied") || status.contains("drop_auth_missing"), "{status}");
+
+    // The webhook, called by the API server through its Service.
+    let bad = "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: bad, namespace: shop}\nspec:\n  selector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{identity: 'spiffe://Cluster.Local/ns/shop/sa/x'}]\n";
+    let (ok, out) = c.kubectl_stdin(&["apply", "-f", "-"], bad);
+    assert!(!ok && out.contains("denied the request"), "the webhook refuses an invalid MeshPolicy: {out}");
+
+    let (ok, out) = c.kubectl(&["delete", "namespace", "shop", "--wait=true", "--timeout=120s"]);
+    assert!(ok, "delete the apps: {out}");
+    let (ok, out) = c.helm(&["uninstall", "meshauth", "-n", "meshauth-system", "--wait", "--timeout", "120s"]);
+    assert!(ok, "helm uninstall: {out}");
+    c.wait("each node's CNI configuration as it was", Duration::from_secs(60), || {
+        ["node-1", "node-2"].iter().zip(&before).all(|(n, b)| {
+            let now = c.conflist(n);
+            serde_json::from_str::<serde_json::Value>(&now).ok() == serde_json::from_str::<serde_json::Value>(b).ok()
+        })
+    });
+}
