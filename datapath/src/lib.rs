@@ -18,9 +18,13 @@
 //!    started passes; a later packet of a flow admitted under the current policy epoch passes,
 //!    after the pair's authentication is checked again when the flow needs it (an expired pair
 //!    stops established flows too).
-//! 2. destination not in `endpoints`: pass (not a meshauth pod).
+//! 2. destination not in `endpoints`: pass (not a meshauth pod). A destination registered on
+//!    another interface of this node (its `ifindex`) is dropped: a bridge's flood or a wrong
+//!    route never delivers one pod's traffic to another.
 //! 3. destination neither isolated nor requiring authentication: pass.
-//! 4. otherwise the full check of `meshauth_policy::tables`: source endpoint (or world), the
+//! 4. otherwise the full check of `meshauth_policy::tables`: source endpoint (or world; a
+//!    source that is no endpoint but one of this node's own addresses in `host_addrs` passes
+//!    when [`config::DatapathConfig::allow_host`] is set: the kubelet's probes), the
 //!    longest-prefix policy lookups (exact source identity, then any source unless the first
 //!    already answered `Required`), the stricter authentication of the matches and the
 //!    destination's MutualAuth; `Required` passes only with an unexpired
@@ -32,10 +36,11 @@
 //!
 //! `from_pod` (traffic a pod sends): a source address other than the pod's own (registered
 //! by [`Datapath::attach`]) is dropped as spoofed, and so is anything from an interface the
-//! loader never registered; flows the pod starts enter conntrack so their answers pass.
+//! loader never registered; flows the pod starts enter conntrack so their answers pass. ARP
+//! from a pod must claim the pod's own address (or none: a probe), or it is dropped as spoofed.
 //!
 //! # Rules for everything else
-//! - ARP passes. Link-layer protocols other than IPv4, IPv6 and ARP are dropped.
+//! - ARP to a pod passes; ARP from a pod follows the anti-spoofing rule. Link-layer protocols other than IPv4, IPv6 and ARP are dropped.
 //! - IPv6 ([`config::Ipv6Mode`]): the tables are IPv4 only. By default IPv6 is dropped except
 //!   ICMPv6 neighbour discovery (types 133–137, no extension headers); `pass` lets all IPv6
 //!   through unchecked. Both directions.
