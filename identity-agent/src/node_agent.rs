@@ -610,7 +610,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
 }
 
 /// Takes meshauth-cni out of the node's CNI configuration when the agent's DaemonSet is gone
-/// or being deleted (the chart was uninstalled). A restart or an upgrade keeps it: while no
+/// or being deleted (the chart was uninstalled), or the agent's access went with it. A restart or an upgrade keeps it: while no
 /// agent runs, new pods wait (ADD fails closed) rather than start unguarded.
 async fn uninstall_if_removed(config: &AgentConfig, daemonset: &str) {
     use k8s_openapi::api::apps::v1::DaemonSet;
@@ -618,6 +618,13 @@ async fn uninstall_if_removed(config: &AgentConfig, daemonset: &str) {
         Ok(client) => match kube::Api::<DaemonSet>::namespaced(client, &config.mesh_namespace).get_opt(daemonset).await {
             Ok(None) => true,
             Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
+            // `helm uninstall` deletes the agent's ServiceAccount and Role together with the
+            // DaemonSet, before its pods stop: losing them means the same. A restart or an
+            // upgrade keeps both, so it reads the DaemonSet.
+            Err(kube::Error::Api(status)) if matches!(status.code, 401 | 403) => {
+                tracing::info!(code = status.code, "the agent's own access is gone with its DaemonSet");
+                true
+            }
             Err(error) => {
                 tracing::warn!(%error, "cannot tell whether the DaemonSet is being removed; the CNI chaining stays");
                 false
