@@ -20,6 +20,8 @@ pub enum CheckError {
     UnknownPod(ObjectRef),
     #[error("pod {0} has no status.podIP: the datapath only sees pods with an IP")]
     NoPodIp(ObjectRef),
+    #[error("pod {0} is not a mesh endpoint: it {1}")]
+    NotEndpoint(ObjectRef, meshauth_cluster::NotEndpoint),
     #[error("{}", .0.join("\n"))]
     InvalidSpecs(Vec<String>),
 }
@@ -84,8 +86,14 @@ pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
     let manifests = load_manifests(&req.manifests)?;
     let config = ModelConfig { trust_domain: req.trust_domain.clone(), mesh_namespace: req.mesh_namespace.clone() };
     let model = build_model(&manifests, config)?;
+    let excluded = manifests.snapshot().not_endpoints;
     let pod_with_ip = |s: &str| {
         let r = ObjectRef::parse(s).ok_or_else(|| CheckError::BadPodRef(s.to_owned()))?;
+        match excluded.iter().find(|(p, _)| *p == r) {
+            Some((_, meshauth_cluster::NotEndpoint::NoAddress)) => return Err(CheckError::NoPodIp(r)),
+            Some((_, why)) => return Err(CheckError::NotEndpoint(r, *why)),
+            None => {}
+        }
         let pod = model.pod(&r).ok_or_else(|| CheckError::UnknownPod(r.clone()))?;
         if pod.ip.is_none() {
             return Err(CheckError::NoPodIp(r));

@@ -73,15 +73,17 @@ fn bad_input_exits_2_and_names_the_problem() {
     let missing = Path::new("/nonexistent/meshauth");
     let unknown_kind = dir_with(&[("k.yaml", "apiVersion: v1\nkind: Gadget\nmetadata: {name: g}\n")]);
     let no_ip = dir_with(&[("p.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x}\nspec: {containers: []}\n"), ("a.yaml", POD)]);
+    let host_network = dir_with(&[("p.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: h, namespace: x}\nspec: {hostNetwork: true, containers: []}\nstatus: {podIP: 192.168.1.10}\n"), ("a.yaml", POD)]);
     let bad_spec = dir_with(&[
         ("a.yaml", POD),
         ("mp.yaml", "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: bad, namespace: x}\nspec:\n  selector: {}\n  ingress:\n  - from: [{identity: 'spiffe://cluster.local/ns/x/sa/'}]\n"),
     ]);
     let bad_enum = dir_with(&[("a.yaml", POD), ("ma.yaml", "apiVersion: meshauth.io/v1alpha1\nkind: MutualAuth\nmetadata: {name: m, namespace: x}\nspec: {mode: Sometimes}\n")]);
-    let cases: [(&Path, &str, &str, &[&str]); 6] = [
+    let cases: [(&Path, &str, &str, &[&str]); 7] = [
         (missing, "x/a", "x/a", &["cannot read /nonexistent/meshauth"]),
         (unknown_kind.path(), "x/a", "x/a", &["k.yaml", "Gadget default/g", "unknown kind"]),
         (no_ip.path(), "x/b", "x/a", &["pod x/b has no status.podIP"]),
+        (host_network.path(), "x/h", "x/a", &["pod x/h is not a mesh endpoint: it uses the host network"]),
         (&examples(), "shop/nope", "shop/order-0", &["pod shop/nope is not in the manifests"]),
         (bad_spec.path(), "x/a", "x/a", &["mp.yaml", "MeshPolicy x/bad", "spec.ingress[0].from[0].identity"]),
         (bad_enum.path(), "x/a", "x/a", &["ma.yaml", "MutualAuth x/m", "spec.mode", "Sometimes"]),
