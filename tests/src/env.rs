@@ -431,6 +431,28 @@ impl TestEnv {
             .ok_or_else(|| EnvError::NoSuchNode(name.to_owned()))
     }
 
+    /// Runs this environment's `kubectl` (cluster-admin) with `stdin`; (success, stdout and
+    /// stderr). Panics only when kubectl cannot be started at all (a broken environment).
+    pub fn kubectl(&self, args: &[&str], stdin: &str) -> (bool, String) {
+        let mut child = Command::new(self.bin("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin("kubectl").display()));
+        if let Some(mut input) = child.stdin.take() {
+            // A kubectl that exits before reading its input reports why on stderr.
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        match child.wait_with_output() {
+            Ok(out) => (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))),
+            Err(e) => (false, format!("kubectl: {e}")),
+        }
+    }
+
     /// Whether the environment runs kubelets ([`Options::kubelet`]).
     pub fn is_kubelet(&self) -> bool {
         self.kubelet

@@ -3,9 +3,8 @@
 //! certificate modes.
 
 use meshauth_testenv::TestEnv;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -37,34 +36,17 @@ fn render(extra: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn kubectl(env: &TestEnv, args: &[&str], stdin: &str) -> (bool, String) {
-    let mut child = Command::new(env.bin("kubectl"))
-        .arg("--kubeconfig")
-        .arg(env.kubeconfig())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes()).expect("write manifests");
-    }
-    let out = child.wait_with_output().expect("kubectl output");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
 #[test]
 fn the_api_server_accepts_everything_the_chart_renders() {
     let env = TestEnv::shared_blocking().expect("test environment");
-    let (ok, out) = kubectl(env, &["create", "namespace", "meshauth-system"], "");
+    let (ok, out) = env.kubectl(&["create", "namespace", "meshauth-system"], "");
     assert!(ok || out.contains("AlreadyExists"), "{out}");
     for (mode, extra) in [("self-managed certificates", vec![]), ("certificates from a Secret", vec!["--set", "webhook.existingSecret=my-tls"])] {
         let manifests = render(&extra);
         for kind in ["kind: DaemonSet", "kind: Deployment", "kind: ValidatingWebhookConfiguration", "kind: CustomResourceDefinition", "kind: ClusterRole"] {
             assert!(manifests.contains(kind), "{mode}: no {kind} rendered");
         }
-        let (ok, out) = kubectl(env, &["apply", "--dry-run=server", "-f", "-"], &manifests);
+        let (ok, out) = env.kubectl(&["apply", "--dry-run=server", "-f", "-"], &manifests);
         assert!(ok, "{mode}: the API server refused the chart:\n{out}");
         assert!(out.contains("daemonset.apps/meshauth-agent created (server dry run)"), "{out}");
     }

@@ -9,7 +9,6 @@
 //! leaves each node's CNI configuration as it was. Root only.
 
 use meshauth_testenv::{Kubelet, Options, TestEnv};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,22 +36,11 @@ struct Cluster {
 
 impl Cluster {
     fn kubectl(&self, args: &[&str]) -> (bool, String) {
-        run(Command::new(self.env.bin("kubectl")).arg("--kubeconfig").arg(self.env.kubeconfig()).args(args))
+        self.env.kubectl(args, "")
     }
 
     fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> (bool, String) {
-        let mut child = Command::new(self.env.bin("kubectl"))
-            .arg("--kubeconfig")
-            .arg(self.env.kubeconfig())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kubectl");
-        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write");
-        let out = child.wait_with_output().expect("kubectl output");
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        self.env.kubectl(args, stdin)
     }
 
     fn helm(&self, args: &[&str]) -> (bool, String) {
