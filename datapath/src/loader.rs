@@ -456,6 +456,7 @@ impl Datapath {
         self.to_pod = to_pod;
         self.from_pod = from_pod;
         self.adopted = false;
+        self.forget_vanished_interfaces()?;
         self.repoint_links()
     }
 

@@ -672,3 +672,27 @@ async fn arp_claiming_another_pods_address_is_dropped() {
     );
     assert!(after.packets(Counter::PassArp) > before.packets(Counter::PassArp), "its own address passes");
 }
+
+#[tokio::test]
+async fn an_upgrade_after_a_pods_veth_vanished_forgets_it_and_moves_the_rest() {
+    let mut f = Fixture::new("gone");
+    let config = f.dp().config().clone();
+    drop(f.dp.take());
+    // Pod 3 is deleted while no loader runs: its veth goes, its pins stay.
+    let gone = f.pod(3).host_if.clone();
+    meshauth_datapath::testing::sh(&["ip", "link", "del", &gone]).unwrap();
+    let programs = f.pins.0.join("programs");
+    std::fs::rename(programs.join(meshauth_datapath::PROGRAM_VERSION), programs.join("0000000000000000")).unwrap();
+    let dp = Datapath::load_or_adopt(config).expect("the upgrade is not stopped by a vanished veth");
+    let interfaces = dp.maps().interfaces().unwrap();
+    assert_eq!(interfaces.len(), 2, "{interfaces:?}");
+    assert!(interfaces.iter().all(|i| i.pod_ip != f.ip(3)));
+    let links = std::fs::read_dir(f.pins.0.join("links")).unwrap().count();
+    assert_eq!(links, 4, "the vanished veth's link pins are gone");
+    f.dp = Some(dp);
+    let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)], vec![rule(2, 1, P::Tcp, 8080, Auth::None)]);
+    f.dp().apply_tables(&t).unwrap();
+    assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG), "the remaining pods run on the new programs");
+    f.dp().reload_programs().expect("an on-demand upgrade too");
+}
