@@ -42,32 +42,29 @@ impl NodeUnderTest {
         std::fs::create_dir_all(dir.path().join("manifests")).expect("manifests dir");
         std::fs::write(dir.path().join("manifests/mesh.yaml"), manifests).expect("manifests");
         let pins = PinDir::new(&format!("cni-{tag}"));
-        let log = File::create(dir.path().join("agent.log")).expect("log");
-        let mut cmd = Command::new(meshauth_bin("meshauth-agent"));
-        cmd.args(["run", "--node-name", "node-1", "--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--manifests"])
-            .arg(dir.path().join("manifests"))
-            .arg("--workload-api-socket")
-            .arg(dir.path().join("no-workload-api.sock"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--pin-dir")
-            .arg(&pins.0)
-            .env("MESHAUTH_CNI_SOCKET", dir.path().join("cni.sock"))
-            .env("MESHAUTH_NETNS_DIRS", dir.path().join("no-netns"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        in_netns(&mut cmd, &ns);
-        let agent = cmd.spawn().expect("start the agent");
+        let agent = spawn_agent(&ns, dir.path(), &pins);
         let node = NodeUnderTest { ns, pins, dir, agent };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !node.log().contains("serving the CNI plugin") {
-            assert!(Instant::now() < deadline, "agent not ready:\n{}", node.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        node.wait_ready(1);
         node
     }
+
+    fn wait_ready(&self, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches("serving the CNI plugin").count() < times {
+            assert!(Instant::now() < deadline, "agent not ready:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent with SIGTERM (as a rolling update does) and starts it again.
+    fn restart_agent(&mut self) {
+        // SAFETY: a pid we spawned and have not reaped.
+        unsafe { libc::kill(self.agent.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.agent.wait();
+        self.agent = spawn_agent(&self.ns, self.dir.path(), &self.pins);
+        self.wait_ready(2);
+    }
+
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
@@ -110,7 +107,12 @@ impl NodeUnderTest {
 
     /// ADD through the whole chain (`first` then meshauth-cni); the pod's IPv4 address.
     fn add(&self, first: &serde_json::Value, container: &str, pod_ns: &str, pod: &str) -> Ipv4Addr {
-        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}");
+        self.add_with_args(first, container, pod_ns, &format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}"))
+    }
+
+    /// [`Self::add`] with the runtime's `CNI_ARGS` as given.
+    fn add_with_args(&self, first: &serde_json::Value, container: &str, pod_ns: &str, args: &str) -> Ipv4Addr {
+        let args = args.to_owned();
         let plugin = Path::new(CNI_BIN_DIR).join(first["type"].as_str().expect("type"));
         let (ok, out) = self.cni(&plugin, "ADD", container, pod_ns, &args, first);
         assert!(ok, "{} ADD failed: {out}", first["type"]);
@@ -152,6 +154,28 @@ impl Drop for NodeUnderTest {
         unsafe { libc::kill(self.agent.id() as libc::pid_t, libc::SIGTERM) };
         let _ = self.agent.wait();
     }
+}
+
+/// A real agent in the node's namespace, reading `dir/manifests`, serving `dir/cni.sock`.
+fn spawn_agent(ns: &Netns, dir: &Path, pins: &PinDir) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log")).expect("log");
+    let mut cmd = Command::new(meshauth_bin("meshauth-agent"));
+    cmd.args(["run", "--node-name", "node-1", "--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--manifests"])
+        .arg(dir.join("manifests"))
+        .arg("--workload-api-socket")
+        .arg(dir.join("no-workload-api.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--pin-dir")
+        .arg(&pins.0)
+        .env("MESHAUTH_CNI_SOCKET", dir.join("cni.sock"))
+        .env("MESHAUTH_NETNS_DIRS", dir.join("no-netns"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    in_netns(&mut cmd, ns);
+    cmd.spawn().expect("start the agent")
 }
 
 fn in_netns(cmd: &mut Command, ns: &Netns) {
@@ -228,11 +252,38 @@ fn a_bridge_chain_guards_each_pod_from_its_first_packet_and_lets_the_node_probe(
     assert!(connects(&node.ns, ips[0], 8080), "the node's own address reaches a policed pod");
     assert!(node.maps().counters().expect("counters").packets(meshauth_datapath::Counter::PassHost) > 0);
 
+    // An agent restart keeps every pod guarded, and DEL still finds them (by address: the
+    // restarted agent never saw their container IDs).
+    let mut node = node;
+    node.restart_agent();
+    assert_eq!(node.interfaces().len(), 3, "the restarted agent adopted the pinned interfaces");
+    assert!(!connects(&pods[2], ips[0], 8080), "still dropped after the restart");
+    assert!(connects(&pods[1], ips[0], 8080), "still allowed after the restart");
     for ((p, ns), ip) in ["web", "client", "stranger"].iter().zip(&pods).zip(&ips) {
         node.del(&bridge, &format!("c-{p}"), &ns.name, p, *ip);
     }
     assert!(node.interfaces().is_empty(), "DEL released every interface");
     assert_eq!(node.link_pins(), 0, "DEL removed every link pin");
+}
+
+#[test]
+fn an_interface_whose_pod_nobody_names_is_isolated_not_passed() {
+    let node = NodeUnderTest::start("anon", BRIDGE_MESH);
+    let bridge = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "type": "bridge", "bridge": "cni-mb", "isGateway": true, "ipMasq": false, "ipam": node.ipam("10.251.2.0/24")});
+    let tag = std::process::id() % 100_000;
+    let client = Netns::new(&format!("cc{tag}-aclient")).expect("pod netns");
+    let anon = Netns::new(&format!("cc{tag}-nameless")).expect("pod netns");
+    node.add(&bridge, "c-client", &client.name, "client");
+    // No K8S_POD_* arguments: the agent guards the veth but knows no pod for it.
+    let anon_ip = node.add_with_args(&bridge, "c-anon", &anon.name, "IgnoreUnknown=1");
+    let listener = anon.run(|| TcpListener::bind("0.0.0.0:8080")).expect("netns").expect("listen");
+    let _server = std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    assert!(!connects(&client, anon_ip, 8080), "a pod the model does not know accepts no mesh traffic");
+    assert!(connects(&node.ns, anon_ip, 8080), "the node itself still reaches it");
 }
 
 const CHURN_MESH: &str = r#"

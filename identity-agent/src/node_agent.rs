@@ -19,6 +19,7 @@ use crate::plan::LocalPod;
 use crate::pod_net::{self, HostVeth};
 use meshauth_cni::protocol::{AgentRequest, AgentResponse, Command as CniCommand};
 use meshauth_policy::model::ObjectRef;
+use meshauth_policy::tables::{AuthRequirement, EndpointEntry, NO_SPIFFE_ID, WORLD_IDENTITY};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
@@ -105,13 +106,38 @@ fn save_allocator(state_dir: &Path, allocator: &NumberAllocator) -> Result<(), A
 }
 
 /// A pod interface this agent guards: the host side of the pod's veth.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Registration {
     pub ifindex: u32,
     pub ifname: String,
     /// The pod, when the CNI plugin named it (its address may not be in the API yet).
     pub pod: Option<ObjectRef>,
     pub container_id: Option<String>,
+}
+
+const REGISTRY_FILE: &str = "interfaces.json";
+
+/// What the pinned `interfaces` map cannot hold: which pod (and container) each guarded
+/// interface belongs to. A restarted agent needs it for pods whose address the API does not
+/// show yet; without it such a pod would be no endpoint, and its policy would not apply.
+fn load_registry_details(state_dir: &Path) -> BTreeMap<Ipv4Addr, Registration> {
+    let path = state_dir.join(REGISTRY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+            // Only pods the API shows without an address lose their overlay until the kubelet
+            // reports it; the guarded interfaces themselves come from the pinned map.
+            tracing::warn!(%error, path = %path.display(), "registered pods unreadable; using the pinned interfaces alone");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+fn save_registry(state_dir: &Path, registry: &BTreeMap<Ipv4Addr, Registration>) -> Result<(), std::io::Error> {
+    let path = state_dir.join(REGISTRY_FILE);
+    let tmp = state_dir.join(format!("{REGISTRY_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(registry).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, &path)
 }
 
 /// How often at most the agent looks through network namespaces for pods it does not guard.
@@ -150,13 +176,21 @@ impl Applier {
         netns_dirs: Vec<PathBuf>,
     ) -> Self {
         let allocator = load_allocator(&state_dir);
-        // The pinned interfaces are the registry a previous agent left: adopt them.
+        // The pinned interfaces are the registry a previous agent left: adopt them, with the
+        // pods it recorded for them.
+        let details = load_registry_details(&state_dir);
         let mut registry = BTreeMap::new();
         match lock(&datapath).maps().interfaces() {
             Ok(interfaces) => {
                 for i in interfaces {
                     if let Some(ifname) = i.name {
-                        registry.insert(i.pod_ip, Registration { ifindex: i.ifindex, ifname, pod: None, container_id: None });
+                        let known = details.get(&i.pod_ip).filter(|d| d.ifindex == i.ifindex);
+                        registry.insert(i.pod_ip, Registration {
+                            ifindex: i.ifindex,
+                            ifname,
+                            pod: known.and_then(|d| d.pod.clone()),
+                            container_id: known.and_then(|d| d.container_id.clone()),
+                        });
                     }
                 }
             }
@@ -223,6 +257,21 @@ impl Applier {
         // no destination this node's programs would see).
         let local: BTreeSet<Ipv4Addr> = plan.local_pods.iter().map(|p| p.ip).collect();
         plan.tables.endpoints.retain(|e| !local.contains(&e.ip) || self.registry.contains_key(&e.ip));
+        // A guarded interface whose pod the model does not know (deleted from the API while its
+        // sandbox lingers, or named by nobody) is isolated with no identity: it accepts only
+        // the node itself, never "not a mesh pod, pass".
+        let present: BTreeSet<Ipv4Addr> = plan.tables.endpoints.iter().map(|e| e.ip).collect();
+        for (ip, reg) in self.registry.iter().filter(|(ip, _)| !present.contains(ip)) {
+            plan.tables.endpoints.push(EndpointEntry {
+                ip: *ip,
+                security_identity: WORLD_IDENTITY,
+                spiffe_id: NO_SPIFFE_ID,
+                isolated: true,
+                mutual_auth: AuthRequirement::None,
+                pod: format!("(unknown pod on {})", reg.ifname),
+                node: Some(self.node_name.clone()),
+            });
+        }
         {
             let mut dp = lock(&self.datapath);
             let stats = dp.apply_tables(&plan.tables)?;
@@ -290,11 +339,22 @@ impl Applier {
             self.release(existing.ifindex);
         }
         self.registry.insert(ip, Registration { ifindex: veth.ifindex, ifname: veth.name, pod, container_id });
+        self.persist();
         Ok(())
     }
 
+    fn persist(&self) {
+        if let Err(error) = save_registry(&self.state_dir, &self.registry) {
+            tracing::warn!(%error, "cannot record the registered pods in the state directory");
+        }
+    }
+
     fn release(&mut self, ifindex: u32) {
+        let before = self.registry.len();
         self.registry.retain(|_, r| r.ifindex != ifindex);
+        if self.registry.len() != before {
+            self.persist();
+        }
         if let Err(error) = lock(&self.datapath).release_interface(ifindex) {
             tracing::warn!(ifindex, %error, "cannot release interface");
         }
