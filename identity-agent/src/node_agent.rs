@@ -250,6 +250,7 @@ impl Applier {
         let unguarded: Vec<&LocalPod> = plan.local_pods.iter().filter(|p| !self.registry.contains_key(&p.ip)).collect();
         if !unguarded.is_empty() && self.last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL) {
             let wanted: BTreeSet<Ipv4Addr> = unguarded.iter().map(|p| p.ip).collect();
+            // Whatever it finds is attached below, in this same apply.
             self.scan(&wanted);
         }
         // A local pod's address names its identity only once its own veth is guarded: until
@@ -297,16 +298,18 @@ impl Applier {
         Ok(())
     }
 
-    /// Looks through the node's network namespaces for the veths of `wanted` pod addresses.
-    fn scan(&mut self, wanted: &BTreeSet<Ipv4Addr>) {
+    /// Looks through the node's network namespaces for the veths of `wanted` pod addresses;
+    /// how many it registered.
+    fn scan(&mut self, wanted: &BTreeSet<Ipv4Addr>) -> usize {
         self.last_scan = Some(Instant::now());
         let found = match pod_net::scan(&self.netns_dirs) {
             Ok(found) => found,
             Err(error) => {
                 tracing::warn!(%error, "cannot look through network namespaces");
-                return;
+                return 0;
             }
         };
+        let mut registered = 0;
         for ip in wanted {
             match found.get(ip).map(Vec::as_slice) {
                 None | Some([]) => tracing::debug!(%ip, "no veth with this pod address yet"),
@@ -314,6 +317,7 @@ impl Applier {
                     if let Err(reason) = self.register(*ip, veth.clone(), None, None) {
                         tracing::warn!(%ip, %reason, "pod interface found but refused");
                     } else {
+                        registered += 1;
                         tracing::info!(%ip, iface = %veth.name, "found the veth of a pod that started before this agent");
                     }
                 }
@@ -322,6 +326,7 @@ impl Applier {
                 }
             }
         }
+        registered
     }
 
     /// Records that `veth` is the interface of the pod with address `ip`, refusing an
@@ -448,13 +453,19 @@ impl Applier {
             self.release(*ifindex);
         }
         self.sync_host_addresses();
-        let waiting = self
+        // Local pods still unguarded: only a scan that finds their veths is worth a new apply
+        // (a pod whose veth cannot be found costs a scan every SCAN_INTERVAL, not a compile).
+        let waiting: BTreeSet<Ipv4Addr> = self
             .last
             .inputs
             .pods
             .iter()
-            .any(|p| p.node.as_deref() == Some(self.node_name.as_str()) && p.ip.is_some_and(|ip| !self.registry.contains_key(&ip)));
-        if !vanished.is_empty() || waiting || !self.failed.is_empty() {
+            .filter(|p| p.node.as_deref() == Some(self.node_name.as_str()))
+            .filter_map(|p| p.ip)
+            .filter(|ip| !self.registry.contains_key(ip))
+            .collect();
+        let found = !waiting.is_empty() && self.last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL) && self.scan(&waiting) > 0;
+        if !vanished.is_empty() || found || !self.failed.is_empty() {
             self.reapply()?;
         }
         Ok(())
