@@ -226,7 +226,14 @@ impl Applier {
 
     /// The last snapshot with the addresses the CNI plugin reported for local pods whose
     /// address the API does not show yet.
-    fn effective_snapshot(&self) -> Snapshot {
+    fn effective_snapshot(&self) -> Arc<Snapshot> {
+        let overlaid = |reg: &Registration| {
+            reg.pod.as_ref().is_some_and(|pod| self.last.unaddressed.iter().any(|p| &p.object_ref() == pod))
+        };
+        // Copying the whole view costs memory at a thousand pods: only when a pod needs it.
+        if !self.registry.values().any(overlaid) {
+            return self.last.clone();
+        }
         let mut s = (*self.last).clone();
         for (ip, reg) in &self.registry {
             let Some(pod) = &reg.pod else { continue };
@@ -236,7 +243,7 @@ impl Applier {
                 s.inputs.pods.push(info);
             }
         }
-        s
+        Arc::new(s)
     }
 
     /// Applies the last snapshot again (after the registry changed).
