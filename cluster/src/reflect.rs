@@ -42,9 +42,14 @@ impl Stores {
         )
     }
 
-    /// The model's inputs (the endpoint rules applied).
+    /// The model's inputs for the control plane (status, SPIRE entries): the endpoints, and
+    /// the pods that will be endpoints as soon as the kubelet reports their address, so their
+    /// SVIDs are ready by the time they first send.
     pub fn inputs(&self) -> Inputs {
-        self.snapshot().inputs
+        let snapshot = self.snapshot();
+        let mut inputs = snapshot.inputs;
+        inputs.pods.extend(snapshot.unaddressed);
+        inputs
     }
 
     /// Waits until every cache has listed its kind once; `Err` names a kind whose reflector
@@ -128,4 +133,46 @@ pub async fn watch_snapshots(client: Client, debounce: Duration) -> watch::Recei
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher::Event;
+
+    fn store_of<K>(items: Vec<K>) -> Store<K>
+    where
+        K: Resource + Clone + 'static,
+        K::DynamicType: Default + Eq + Hash + Clone,
+    {
+        let (reader, mut writer) = reflector::store();
+        for item in items {
+            writer.apply_watcher_event(&Event::Apply(item));
+        }
+        reader
+    }
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).expect("pod")
+    }
+
+    #[test]
+    fn the_control_plane_counts_pods_about_to_get_an_address_the_datapath_does_not() {
+        let stores = Stores {
+            pods: store_of(vec![
+                pod("metadata: {name: web, namespace: shop}\nspec: {nodeName: node-1, containers: []}\nstatus: {phase: Running, podIP: 10.244.1.5}"),
+                pod("metadata: {name: new, namespace: shop}\nspec: {nodeName: node-1, containers: []}\nstatus: {phase: Pending}"),
+                pod("metadata: {name: proxy, namespace: kube-system}\nspec: {hostNetwork: true, nodeName: node-1, containers: []}\nstatus: {phase: Running, podIP: 192.168.1.10}"),
+            ]),
+            namespaces: store_of(vec![]),
+            nodes: store_of(vec![]),
+            mesh_policies: store_of(vec![]),
+            mutual_auths: store_of(vec![]),
+        };
+        let names = |pods: &[meshauth_policy::model::PodInfo]| pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&stores.snapshot().inputs.pods), ["web"]);
+        let mut control = names(&stores.inputs().pods);
+        control.sort();
+        assert_eq!(control, ["new", "web"], "never the hostNetwork pod");
+    }
 }
