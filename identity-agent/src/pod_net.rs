@@ -308,6 +308,8 @@ pub fn watch_removed_links() -> Result<tokio::sync::mpsc::UnboundedReceiver<u32>
             loop {
                 let Ok(size) = sock.recv(&mut &mut rx_buf[..], 0) else {
                     // ENOBUFS: events were lost; the periodic check still finds vanished links.
+                    // A pause keeps a socket that keeps failing from spinning a core.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
                 };
                 let mut offset = 0;
