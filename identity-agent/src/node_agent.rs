@@ -510,7 +510,15 @@ pub fn serve_cni(path: &Path, calls: tokio::sync::mpsc::Sender<CniCall>) -> Resu
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(state_err)?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (stream, _) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Out of descriptors, say: wait rather than spin; the plugin retries.
+                    tracing::warn!(%error, "cannot accept a CNI connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let calls = calls.clone();
             tokio::spawn(async move {
                 let Ok(std_stream) = stream.into_std() else { return };
