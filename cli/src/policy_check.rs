@@ -4,7 +4,7 @@
 use meshauth_agent::inputs::InputError;
 use meshauth_crds::TrustDomain;
 use meshauth_cluster::manifests::Manifests;
-use meshauth_policy::model::{Decision, Kind, ModelConfig, ObjectRef, PolicyModel, Source, Verdict};
+use meshauth_policy::model::{Decision, Inputs, Kind, ModelConfig, ObjectRef, PolicyModel, Source, Verdict};
 use meshauth_policy::tables::{AuthRequirement, TableProtocol};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -60,9 +60,10 @@ pub fn load_manifests(dir: &Path) -> Result<Manifests, CheckError> {
     Ok(meshauth_agent::inputs::read_manifest_dir(dir)?)
 }
 
-/// Builds the model from manifests, refusing any spec problem (naming file, object and field).
-pub fn build_model(manifests: &Manifests, config: ModelConfig) -> Result<PolicyModel, CheckError> {
-    let model = PolicyModel::new(config, manifests.snapshot().inputs);
+/// Builds the model from the manifests' `inputs`, refusing any spec problem (naming file,
+/// object and field).
+pub fn build_model(manifests: &Manifests, inputs: Inputs, config: ModelConfig) -> Result<PolicyModel, CheckError> {
+    let model = PolicyModel::new(config, inputs);
     if !model.problems().is_empty() {
         let lines = model
             .problems()
@@ -85,8 +86,9 @@ pub fn build_model(manifests: &Manifests, config: ModelConfig) -> Result<PolicyM
 pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
     let manifests = load_manifests(&req.manifests)?;
     let config = ModelConfig { trust_domain: req.trust_domain.clone(), mesh_namespace: req.mesh_namespace.clone() };
-    let model = build_model(&manifests, config)?;
-    let excluded = manifests.snapshot().not_endpoints;
+    let snapshot = manifests.snapshot();
+    let model = build_model(&manifests, snapshot.inputs, config)?;
+    let excluded = snapshot.not_endpoints;
     let pod_with_ip = |s: &str| {
         let r = ObjectRef::parse(s).ok_or_else(|| CheckError::BadPodRef(s.to_owned()))?;
         match excluded.iter().find(|(p, _)| *p == r) {

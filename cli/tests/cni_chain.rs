@@ -191,6 +191,17 @@ fn in_netns(cmd: &mut Command, ns: &Netns) {
     }
 }
 
+/// A listener on `port` in `ns` that accepts and closes every connection, for the life of the
+/// test process.
+fn accept_on(ns: &Netns, port: u16) {
+    let listener = ns.run(|| TcpListener::bind(("0.0.0.0", port))).expect("netns").expect("listen");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+}
+
 fn connects(from: &Netns, to: Ipv4Addr, port: u16) -> bool {
     from.run(|| TcpStream::connect_timeout(&SocketAddrV4::new(to, port).into(), Duration::from_millis(700)).is_ok()).expect("netns")
 }
@@ -236,12 +247,7 @@ fn a_bridge_chain_guards_each_pod_from_its_first_packet_and_lets_the_node_probe(
     assert_eq!(interfaces.len(), 3, "one entry per pod veth, none for the bridge: {interfaces:?}");
     assert!(interfaces.iter().all(|i| i.name.as_deref().is_some_and(|n| n.starts_with("veth"))), "{interfaces:?}");
 
-    let listener = pods[0].run(|| TcpListener::bind("0.0.0.0:8080")).expect("netns").expect("listen");
-    let _server = std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            drop(conn);
-        }
-    });
+    accept_on(&pods[0], 8080);
     // The stranger's very first connection: the pods were attached before ADD returned.
     let denied_before = node.maps().counters().expect("counters").packets(meshauth_datapath::Counter::DropDenied);
     assert!(!connects(&pods[2], ips[0], 8080), "a pod outside the policy is dropped from its first packet");
@@ -276,12 +282,7 @@ fn an_interface_whose_pod_nobody_names_is_isolated_not_passed() {
     node.add(&bridge, "c-client", &client.name, "client");
     // No K8S_POD_* arguments: the agent guards the veth but knows no pod for it.
     let anon_ip = node.add_with_args(&bridge, "c-anon", &anon.name, "IgnoreUnknown=1");
-    let listener = anon.run(|| TcpListener::bind("0.0.0.0:8080")).expect("netns").expect("listen");
-    let _server = std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            drop(conn);
-        }
-    });
+    accept_on(&anon, 8080);
     assert!(!connects(&client, anon_ip, 8080), "a pod the model does not know accepts no mesh traffic");
     assert!(connects(&node.ns, anon_ip, 8080), "the node itself still reaches it");
 }

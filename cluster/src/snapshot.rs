@@ -73,20 +73,16 @@ impl Snapshot {
         for pod in pods {
             match endpoints::endpoint(pod, &node_addresses) {
                 Ok(info) => snapshot.inputs.pods.push(info),
-                Err(NotEndpoint::NoAddress) => {
-                    snapshot.unaddressed.push(PodInfo::from_pod(pod));
-                    snapshot.not_endpoints.push((ObjectRef::new(
+                Err(why) => {
+                    if why == NotEndpoint::NoAddress {
+                        snapshot.unaddressed.push(PodInfo::from_pod(pod));
+                    }
+                    let pod_ref = ObjectRef::new(
                         pod.metadata.namespace.clone().unwrap_or_default(),
                         pod.metadata.name.clone().unwrap_or_default(),
-                    ), NotEndpoint::NoAddress));
+                    );
+                    snapshot.not_endpoints.push((pod_ref, why));
                 }
-                Err(why) => snapshot.not_endpoints.push((
-                    ObjectRef::new(
-                        pod.metadata.namespace.clone().unwrap_or_default(),
-                        pod.metadata.name.clone().unwrap_or_default(),
-                    ),
-                    why,
-                )),
             }
         }
         snapshot

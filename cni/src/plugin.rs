@@ -7,7 +7,7 @@ use crate::protocol::{self, AgentRequest, Command, DEFAULT_SOCKET};
 use serde_json::{Value, json};
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// CNI versions this plugin speaks.
@@ -187,14 +187,10 @@ fn ask(inv: &Invocation, request: &AgentRequest, netns: Option<&std::fs::File>) 
             Err(CniError::new(
                 code::TRY_AGAIN_LATER,
                 format!("the meshauth agent is unreachable, so the pod cannot be guarded: {e}"),
-                format!("is the meshauth-agent DaemonSet pod running on this node? (socket {})", display(&socket)),
+                format!("is the meshauth-agent DaemonSet pod running on this node? (socket {})", socket.display()),
             ))
         }
     }
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
 }
 
 #[cfg(test)]

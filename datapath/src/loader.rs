@@ -685,12 +685,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// Stops guarding the interface `ifindex` for good (its pod is gone): detaches both
-    /// programs, removes their pins and its `interfaces` entry. Idempotent.
-    pub fn release_interface(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        self.forget_interface(ifindex)
-    }
-
     /// Makes the `host_addrs` map hold exactly `addrs`: the node's own addresses, whose
     /// traffic reaches local pods when `allow_host` is set.
     pub fn set_host_addresses(&mut self, addrs: &std::collections::BTreeSet<Ipv4Addr>) -> Result<(), DatapathError> {
@@ -707,7 +701,9 @@ impl Datapath {
         Ok(())
     }
 
-    fn forget_interface(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+    /// Stops guarding the interface `ifindex` for good (its pod is gone): detaches both
+    /// programs, removes their pins and its `interfaces` entry. Idempotent.
+    pub fn release_interface(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         self.detach_links(ifindex, None)?;
         remove_ignoring_missing(self.maps.interfaces.remove(&ifindex), "interfaces")
     }
@@ -760,7 +756,7 @@ impl Datapath {
         for iface in self.maps.interfaces()? {
             if iface.name.is_none() {
                 tracing::info!(ifindex = iface.ifindex, "interface gone, forgetting it");
-                self.forget_interface(iface.ifindex)?;
+                self.release_interface(iface.ifindex)?;
             }
         }
         Ok(())

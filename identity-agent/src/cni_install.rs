@@ -68,6 +68,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CniInstallError> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
+fn write_conflist(path: &Path, conf: &Value) -> Result<(), CniInstallError> {
+    let text = serde_json::to_string_pretty(conf).map_err(|e| CniInstallError::Malformed { path: path.to_owned(), reason: e.to_string() })?;
+    write_atomically(path, text.as_bytes())
+}
+
 fn read_conflist(path: &Path) -> Result<Value, CniInstallError> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     serde_json::from_str(&text).map_err(|e| CniInstallError::Malformed { path: path.to_owned(), reason: e.to_string() })
@@ -84,8 +89,7 @@ pub fn install(plugin_binary: &Path, bin_dir: &Path, conf_dir: &Path, socket: &s
     let conf = read_conflist(&list)?;
     let chained = with_plugin(&conf, socket).map_err(|reason| CniInstallError::Malformed { path: list.clone(), reason })?;
     if chained != conf {
-        let text = serde_json::to_string_pretty(&chained).map_err(|e| CniInstallError::Malformed { path: list.clone(), reason: e.to_string() })?;
-        write_atomically(&list, text.as_bytes())?;
+        write_conflist(&list, &chained)?;
     }
     Ok(list)
 }
@@ -101,8 +105,7 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Vec<PathBuf>, CniIns
         let Ok(conf) = read_conflist(&path) else { continue };
         let cleaned = without_plugin(&conf);
         if cleaned != conf {
-            let text = serde_json::to_string_pretty(&cleaned).map_err(|e| CniInstallError::Malformed { path: path.clone(), reason: e.to_string() })?;
-            write_atomically(&path, text.as_bytes())?;
+            write_conflist(&path, &cleaned)?;
             changed.push(path);
         }
     }

@@ -24,11 +24,6 @@ pub enum InputError {
     Manifest(#[from] ManifestError),
 }
 
-/// The SPIFFE IDs of the pods on `node` (what a node-scoped issuer may hand that node).
-pub fn node_identities(snapshot: &Snapshot, node: &str, trust_domain: &meshauth_crds::TrustDomain) -> Vec<meshauth_crds::SpiffeId> {
-    snapshot.node_identities(node, trust_domain)
-}
-
 /// Reads every manifest file under `dir` (recursively, in name order).
 pub fn read_manifest_dir(dir: &Path) -> Result<Manifests, InputError> {
     let mut files = Vec::new();
@@ -127,7 +122,7 @@ mod tests {
         assert_eq!(s.inputs.pods.len(), 5);
         assert_eq!(s.node_address("node-2").as_deref(), Some("192.168.77.2"));
         assert_eq!(s.node_address("node-9"), None);
-        let ids: Vec<_> = node_identities(&s, "node-2", &Default::default()).iter().map(|i| i.to_string()).collect();
+        let ids: Vec<_> = s.node_identities("node-2", &Default::default()).iter().map(|i| i.to_string()).collect();
         assert_eq!(ids, ["spiffe://cluster.local/ns/shop/sa/payment", "spiffe://cluster.local/ns/tools/sa/default"]);
     }
 

@@ -165,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
                 let issuer = issuer.clone();
                 let set = move |s: &inputs::Snapshot| {
                     let mut ids = fixed.clone();
-                    ids.extend(inputs::node_identities(s, &node, &trust_domain));
+                    ids.extend(s.node_identities(&node, &trust_domain));
                     ids.sort();
                     ids.dedup();
                     if let Err(error) = issuer.set_identities(ids) {

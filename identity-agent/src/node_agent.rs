@@ -43,6 +43,8 @@ pub enum AgentError {
     Listen { addr: std::net::SocketAddr, error: std::io::Error },
     #[error("state directory {path}: {error}")]
     State { path: PathBuf, error: std::io::Error },
+    #[error("cannot watch the node's interfaces: {0}")]
+    LinkWatch(#[from] pod_net::PodNetError),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
 }
@@ -211,11 +213,6 @@ impl Applier {
             last_scan: None,
             failed: BTreeSet::new(),
         }
-    }
-
-    /// The guarded interfaces, by pod address.
-    pub fn registry(&self) -> &BTreeMap<Ipv4Addr, Registration> {
-        &self.registry
     }
 
     /// Makes the node match `snapshot`.
@@ -540,7 +537,7 @@ pub fn serve_cni(path: &Path, calls: tokio::sync::mpsc::Sender<CniCall>) -> Resu
     }))
 }
 
-async fn call_with_retry(calls: &tokio::sync::mpsc::Sender<CniCall>, request: AgentRequest, mut netns: Option<OwnedFd>) -> AgentResponse {
+async fn call_with_retry(calls: &tokio::sync::mpsc::Sender<CniCall>, request: AgentRequest, netns: Option<OwnedFd>) -> AgentResponse {
     let deadline = Instant::now() + CNI_RETRY_FOR;
     loop {
         let fd = match &netns {
@@ -560,10 +557,7 @@ async fn call_with_retry(calls: &tokio::sync::mpsc::Sender<CniCall>, request: Ag
                 tracing::debug!(%reason, "CNI request waits");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Ok(Err(CniRefusal::Retry(reason) | CniRefusal::Final(reason))) => {
-                netns.take();
-                return AgentResponse::failed(reason);
-            }
+            Ok(Err(CniRefusal::Retry(reason) | CniRefusal::Final(reason))) => return AgentResponse::failed(reason),
             Err(_) => return AgentResponse::failed("the agent is stopping"),
         }
     }
@@ -616,7 +610,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         manager.clone(),
         config.netns_dirs.clone(),
     );
-    let mut removed_links = pod_net::watch_removed_links().map_err(|e| AgentError::State { path: PathBuf::from("netlink"), error: std::io::Error::other(e.to_string()) })?;
+    let mut removed_links = pod_net::watch_removed_links()?;
     let first = snapshots.borrow_and_update().clone();
     applier.housekeeping()?;
     applier.apply(first)?;

@@ -18,7 +18,7 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Where network namespaces are pinned: `ip netns` and container runtimes (containerd's
 /// `cni-*` namespaces).
@@ -330,11 +330,6 @@ pub fn watch_removed_links() -> Result<tokio::sync::mpsc::UnboundedReceiver<u32>
         })
         .map_err(|e| PodNetError::Netlink(format!("cannot start the link watcher: {e}")))?;
     Ok(rx)
-}
-
-/// The namespace at `path`, opened for [`find_pod_veth`].
-pub fn open_netns(path: &Path) -> Result<File, PodNetError> {
-    File::open(path).map_err(PodNetError::Enter)
 }
 
 #[cfg(test)]
