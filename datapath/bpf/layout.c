@@ -38,11 +38,13 @@ int main(void)
 	F(ma_ct_key, dport);
 	F(ma_ct_key, protocol);
 	S(ma_ct_value);
+	F(ma_ct_value, last_seen_ns);
 	F(ma_ct_value, policy_epoch);
 	F(ma_ct_value, dst_spiffe_id);
 	F(ma_ct_value, src_spiffe_id);
 	F(ma_ct_value, auth);
 	F(ma_ct_value, kind);
+	F(ma_ct_value, closing);
 	S(ma_frag_key);
 	S(ma_clock);
 	S(ma_iface_value);
@@ -53,6 +55,10 @@ int main(void)
 	F(ma_config, events_per_sec);
 	F(ma_config, ipv6_mode);
 	F(ma_config, allow_host);
+	F(ma_config, ct_tcp_s);
+	F(ma_config, ct_udp_s);
+	F(ma_config, ct_icmp_s);
+	F(ma_config, ct_closing_s);
 	S(ma_counter);
 	F(ma_counter, packets);
 	F(ma_counter, bytes);

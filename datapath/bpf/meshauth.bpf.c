@@ -161,6 +161,9 @@ struct flow {
 	__u8 table_proto; /* MA_PROTO_* */
 	__u8 tracked; /* TCP, UDP, ICMP echo: has a conntrack tuple */
 	__u8 tcp_syn; /* SYN without ACK: a new TCP connection */
+	__u8 tcp_fin;
+	__u8 tcp_rst;
+	__u8 icmp_request; /* ICMP echo request (starts a flow; a reply never does) */
 	__u8 first_fragment; /* MF set, offset 0 */
 	__u8 later_fragment; /* offset != 0: no L4 header */
 };
@@ -272,6 +275,9 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 
 	if ((void *)(ip + 1) > data_end)
 		return -1;
+	/* The EtherType says IPv4; a header that says otherwise is not one we can read. */
+	if (ip->version != 4)
+		return -1;
 	ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return -1;
@@ -298,6 +304,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 		f->table_proto = MA_PROTO_TCP;
 		f->tracked = 1;
 		f->tcp_syn = th->syn && !th->ack;
+		f->tcp_fin = th->fin;
+		f->tcp_rst = th->rst;
 		break;
 	}
 	case IPPROTO_UDP: {
@@ -317,9 +325,16 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 		if ((void *)(ic + 1) > data_end)
 			return -1;
 		f->table_proto = MA_PROTO_ICMP;
-		if (ic->type == ICMP_ECHO || ic->type == ICMP_ECHOREPLY) {
-			/* The echo id plays both ports, so a reply's reversed tuple is the request's. */
+		/* The echo id is a request's source "port" and a reply's destination "port": a
+		 * reply's reversed tuple is its request's, and a request never matches the entry
+		 * that a reply (or a request in the other direction) would need. */
+		if (ic->type == ICMP_ECHO) {
 			f->sport = ic->id;
+			f->dport = 0;
+			f->tracked = 1;
+			f->icmp_request = 1;
+		} else if (ic->type == ICMP_ECHOREPLY) {
+			f->sport = 0;
 			f->dport = ic->id;
 			f->tracked = 1;
 		}
@@ -397,7 +412,7 @@ static __always_inline int link_layer(struct __sk_buff *skb, const struct ma_con
 	return 1;
 }
 
-static __always_inline __u32 auth_check(__u32 dst_spiffe, __u32 src_spiffe)
+static __always_inline __u32 auth_check(__u32 dst_spiffe, __u32 src_spiffe, __u64 now)
 {
 	struct ma_auth_key key = { .dst_spiffe_id = dst_spiffe, .src_spiffe_id = src_spiffe };
 	struct ma_auth_value *v;
@@ -407,7 +422,7 @@ static __always_inline __u32 auth_check(__u32 dst_spiffe, __u32 src_spiffe)
 	v = bpf_map_lookup_elem(&auth, &key);
 	if (!v)
 		return MA_C_DROP_AUTH_MISSING;
-	if (v->expiry_ns <= boot_ns_coarse() + MA_CLOCK_SLACK_NS)
+	if (v->expiry_ns <= now + MA_CLOCK_SLACK_NS)
 		return MA_C_DROP_AUTH_EXPIRED;
 	return 0;
 }
@@ -427,9 +442,9 @@ static __always_inline void remember_fragment(const struct flow *f)
 static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_config *cfg,
 					const struct flow *f, __u8 req, __u32 src_identity,
 					__u32 dst_identity, __u32 src_spiffe, __u32 dst_spiffe,
-					__u32 pass_counter)
+					__u32 pass_counter, __u64 now)
 {
-	__u32 failed = auth_check(dst_spiffe, src_spiffe);
+	__u32 failed = auth_check(dst_spiffe, src_spiffe, now);
 
 	if (!failed) {
 		count(pass_counter, skb->len);
@@ -449,6 +464,39 @@ static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_c
 	return PASS;
 }
 
+/* Whether an entry has been idle longer than its protocol's timeout. */
+static __always_inline int ct_expired(const struct ma_config *cfg, const struct ma_ct_value *ct,
+				      __u8 protocol, __u64 now)
+{
+	__u64 timeout_s;
+
+	if (ct->closing)
+		timeout_s = cfg->ct_closing_s;
+	else if (protocol == IPPROTO_TCP)
+		timeout_s = cfg->ct_tcp_s;
+	else if (protocol == IPPROTO_UDP)
+		timeout_s = cfg->ct_udp_s;
+	else
+		timeout_s = cfg->ct_icmp_s;
+	return now > ct->last_seen_ns && now - ct->last_seen_ns > timeout_s * NSEC_PER_SEC;
+}
+
+/* A packet of the entry's flow, in either direction, passed: keep the entry alive (written at
+ * most once a second, so established flows do not bounce the cache line on every packet), end
+ * it on a RST and start the closing timeout on a FIN. */
+static __always_inline void ct_seen(struct ma_ct_value *ct, const struct ma_ct_key *key,
+				    const struct flow *f, __u64 now)
+{
+	if (f->tcp_rst) {
+		bpf_map_delete_elem(&conntrack, key);
+		return;
+	}
+	if (f->tcp_fin)
+		ct->closing = 1;
+	if (now - ct->last_seen_ns > NSEC_PER_SEC)
+		ct->last_seen_ns = now;
+}
+
 SEC("classifier")
 int to_pod(struct __sk_buff *skb)
 {
@@ -461,6 +509,7 @@ int to_pod(struct __sk_buff *skb)
 	struct flow f = {};
 	__u32 src_identity, src_spiffe;
 	__u8 req = MA_AUTH_NONE;
+	__u64 now = 0;
 	int verdict;
 
 	if (!cfg) /* an array always has its element; keeps the verifier happy */
@@ -477,9 +526,32 @@ int to_pod(struct __sk_buff *skb)
 		ct_key.dport = f.dport;
 		ct_key.protocol = f.protocol;
 		ct = bpf_map_lookup_elem(&conntrack, &ct_key);
+		if (ct) {
+			now = boot_ns_coarse();
+			/* A SYN starts a new connection on the tuple: it is checked in full, whatever
+			 * the old flow had earned. An idle entry is forgotten. */
+			if (f.tcp_syn || ct_expired(cfg, ct, f.protocol, now)) {
+				bpf_map_delete_elem(&conntrack, &ct_key);
+				ct = 0;
+			}
+		}
+		if (ct && ct->kind == MA_CT_REPLY && ct->policy_epoch != cfg->policy_epoch) {
+			/* The tables moved: the answer passes only while the pod and its peer are
+			 * still the endpoints the pod spoke to (not a new pod on a reused address). */
+			dst = bpf_map_lookup_elem(&endpoints, &f.daddr);
+			src = bpf_map_lookup_elem(&endpoints, &f.saddr);
+			src_spiffe = src ? src->spiffe_id : MA_NO_SPIFFE_ID;
+			if (dst && dst->spiffe_id == ct->dst_spiffe_id && src_spiffe == ct->src_spiffe_id) {
+				ct->policy_epoch = cfg->policy_epoch;
+			} else {
+				bpf_map_delete_elem(&conntrack, &ct_key);
+				ct = 0;
+			}
+		}
 		if (ct && ct->kind == MA_CT_REPLY) {
 			/* An answer in a flow the pod started. */
 			count(MA_C_PASS_CT_REPLY, skb->len);
+			ct_seen(ct, &ct_key, &f, now);
 			remember_fragment(&f);
 			return PASS;
 		}
@@ -491,10 +563,12 @@ int to_pod(struct __sk_buff *skb)
 				verdict = PASS;
 			} else {
 				verdict = authenticate(skb, cfg, &f, ct->auth, 0, 0, ct->src_spiffe_id,
-						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED);
+						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED, now);
 			}
-			if (verdict == PASS)
+			if (verdict == PASS) {
+				ct_seen(ct, &ct_key, &f, now);
 				remember_fragment(&f);
+			}
 			return verdict;
 		}
 	}
@@ -586,8 +660,10 @@ int to_pod(struct __sk_buff *skb)
 		count(MA_C_PASS_POLICY, skb->len);
 		verdict = PASS;
 	} else {
+		if (!now)
+			now = boot_ns_coarse();
 		verdict = authenticate(skb, cfg, &f, req, src_identity, dst->security_identity,
-				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED);
+				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED, now);
 	}
 	if (verdict != PASS)
 		return verdict;
@@ -595,14 +671,16 @@ int to_pod(struct __sk_buff *skb)
 admitted:
 	/* Cache the admission: new flows (a TCP SYN, any UDP or ICMP echo) and flows whose entry
 	 * an older policy epoch wrote. A mid-stream TCP packet without an entry is checked in full
-	 * every time rather than admitted into the cache on its own word. */
-	if (f.tracked && (ct || f.protocol != IPPROTO_TCP || f.tcp_syn)) {
+	 * every time rather than admitted into the cache on its own word; a RST is never cached. */
+	if (f.tracked && !f.tcp_rst && (ct || f.protocol != IPPROTO_TCP || f.tcp_syn)) {
 		struct ma_ct_value v = {
+			.last_seen_ns = now ? now : boot_ns_coarse(),
 			.policy_epoch = cfg->policy_epoch,
 			.dst_spiffe_id = dst->spiffe_id,
 			.src_spiffe_id = src_spiffe,
 			.auth = req,
 			.kind = MA_CT_ADMITTED,
+			.closing = f.tcp_fin,
 		};
 
 		bpf_map_update_elem(&conntrack, &ct_key, &v, BPF_ANY);
@@ -654,16 +732,32 @@ int from_pod(struct __sk_buff *skb)
 		return drop(cfg, skb, MA_EV_SPOOFED, MA_C_DROP_SPOOFED, &f);
 
 	if (f.tracked) {
+		struct ma_ct_value *ct;
+		__u64 now = boot_ns_coarse();
+
 		/* The flow as the peer's answers will arrive at to_pod. An entry already there is
-		 * this flow's (an admitted flow the pod answers, or one it started): nothing to
-		 * write, and the lookup refreshes the LRU. */
+		 * this flow's (an admitted flow the pod answers, or one it started): it is kept as
+		 * it is, never turned into a reply, and only its age and TCP state move. */
 		key.saddr = f.daddr;
 		key.daddr = f.saddr;
 		key.sport = f.dport;
 		key.dport = f.sport;
 		key.protocol = f.protocol;
-		if (!bpf_map_lookup_elem(&conntrack, &key)) {
-			struct ma_ct_value v = { .kind = MA_CT_REPLY };
+		ct = bpf_map_lookup_elem(&conntrack, &key);
+		if (ct) {
+			ct_seen(ct, &key, &f, now);
+		} else if (f.tcp_syn || f.protocol == IPPROTO_UDP || f.icmp_request) {
+			/* Only a flow the pod itself starts earns a reply entry: its answer to a stray
+			 * segment (a RST, an ACK) or to a peer's echo request must not let the peer in. */
+			struct ma_endpoint_value *pod = bpf_map_lookup_elem(&endpoints, &f.saddr);
+			struct ma_endpoint_value *peer = bpf_map_lookup_elem(&endpoints, &f.daddr);
+			struct ma_ct_value v = {
+				.last_seen_ns = now,
+				.policy_epoch = cfg->policy_epoch,
+				.dst_spiffe_id = pod ? pod->spiffe_id : MA_NO_SPIFFE_ID,
+				.src_spiffe_id = peer ? peer->spiffe_id : MA_NO_SPIFFE_ID,
+				.kind = MA_CT_REPLY,
+			};
 
 			bpf_map_update_elem(&conntrack, &key, &v, BPF_ANY);
 		}

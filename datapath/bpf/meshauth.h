@@ -75,11 +75,18 @@ struct ma_auth_value {
 /*
  * conntrack: LRU, keyed on the tuple as it arrives at the pod's to_pod hook (source = the
  * peer, destination = the pod), so to_pod needs one lookup whichever side started the flow.
- *   MA_CT_REPLY: written by from_pod for a flow the pod started; the peer's answers pass.
+ *   MA_CT_REPLY: written by from_pod only for a flow the pod itself starts (a TCP SYN, a UDP
+ *   datagram or an ICMP echo request with no entry yet); the peer's answers pass while the
+ *   pod and the peer are still the endpoints they were (checked again when the epoch moves).
  *   MA_CT_ADMITTED: written by to_pod for a flow it admitted; later packets pass after the
  *   pair's authentication is checked again, as long as the policy epoch is unchanged.
+ * from_pod never writes over an entry, so an admission is never turned into a reply. An entry
+ * ends on a TCP RST, a TCP SYN starts the flow afresh (full check), a FIN shortens its idle
+ * timeout to ct_closing_s; an entry idle longer than its protocol's timeout is ignored and
+ * deleted. The loader flushes the entries of a pod address when the pod goes.
  * A key's destination is always the pod that owns the entry, so the two pods of a same-node
- * connection never share one.
+ * connection never share one. ICMP echo: the id is the source "port" of a request and the
+ * destination "port" of a reply, so a pod's echo reply never admits the peer's requests.
  */
 #define MA_CT_REPLY 1
 #define MA_CT_ADMITTED 2
@@ -92,12 +99,14 @@ struct ma_ct_key {
 	__u8 pad[3];
 };
 struct ma_ct_value {
-	__u32 policy_epoch; /* ma_config.policy_epoch when admitted; stale -> full check */
-	__u32 dst_spiffe_id; /* the pair to re-check when auth is not MA_AUTH_NONE */
+	__u64 last_seen_ns; /* CLOCK_BOOTTIME (coarse), refreshed at most once a second */
+	__u32 policy_epoch; /* ma_config.policy_epoch when written; stale -> checked again */
+	__u32 dst_spiffe_id; /* the pair: the pod's and the peer's SPIFFE-ID numbers */
 	__u32 src_spiffe_id;
-	__u8 auth;
+	__u8 auth; /* MA_AUTH_* the admission required (MA_AUTH_NONE for replies) */
 	__u8 kind; /* MA_CT_* */
-	__u8 pad[2];
+	__u8 closing; /* a FIN was seen: the closing timeout applies */
+	__u8 pad;
 };
 
 /* fragments: LRU, IPv4 first fragments that passed; later fragments pass only when listed. */
@@ -132,7 +141,12 @@ struct ma_config {
 	__u32 events_per_sec; /* per CPU; 0 = no events */
 	__u8 ipv6_mode; /* MA_IPV6_* */
 	__u8 allow_host; /* 1: this node's own addresses reach its pods (kubelet probes) */
-	__u8 pad[6];
+	__u8 pad[2];
+	/* conntrack idle timeouts, seconds */
+	__u32 ct_tcp_s;
+	__u32 ct_udp_s;
+	__u32 ct_icmp_s;
+	__u32 ct_closing_s; /* TCP after a FIN */
 };
 
 /*

@@ -109,12 +109,14 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CtValue {
+    pub last_seen_ns: u64,
     pub policy_epoch: u32,
     pub dst_spiffe_id: u32,
     pub src_spiffe_id: u32,
     pub auth: u8,
     pub kind: u8,
-    pub pad: [u8; 2],
+    pub closing: u8,
+    pub pad: u8,
 }
 
 /// `struct ma_iface_value`.
@@ -135,7 +137,11 @@ pub struct ConfigValue {
     pub events_per_sec: u32,
     pub ipv6_mode: u8,
     pub allow_host: u8,
-    pub pad: [u8; 6],
+    pub pad: [u8; 2],
+    pub ct_tcp_s: u32,
+    pub ct_udp_s: u32,
+    pub ct_icmp_s: u32,
+    pub ct_closing_s: u32,
 }
 
 /// `struct ma_counter`.
@@ -363,11 +369,13 @@ mod tests {
         field!("ma_ct_key", CtKey, dport);
         field!("ma_ct_key", CtKey, protocol);
         size!("ma_ct_value", CtValue);
+        field!("ma_ct_value", CtValue, last_seen_ns);
         field!("ma_ct_value", CtValue, policy_epoch);
         field!("ma_ct_value", CtValue, dst_spiffe_id);
         field!("ma_ct_value", CtValue, src_spiffe_id);
         field!("ma_ct_value", CtValue, auth);
         field!("ma_ct_value", CtValue, kind);
+        field!("ma_ct_value", CtValue, closing);
         // The fragments map is the program's alone; only its size matters to the loader.
         writeln!(s, "ma_frag_key size 12").unwrap();
         writeln!(s, "ma_clock size 16").unwrap();
@@ -379,6 +387,10 @@ mod tests {
         field!("ma_config", ConfigValue, events_per_sec);
         field!("ma_config", ConfigValue, ipv6_mode);
         field!("ma_config", ConfigValue, allow_host);
+        field!("ma_config", ConfigValue, ct_tcp_s);
+        field!("ma_config", ConfigValue, ct_udp_s);
+        field!("ma_config", ConfigValue, ct_icmp_s);
+        field!("ma_config", ConfigValue, ct_closing_s);
         size!("ma_counter", CounterValue);
         field!("ma_counter", CounterValue, packets);
         field!("ma_counter", CounterValue, bytes);

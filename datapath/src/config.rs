@@ -24,6 +24,14 @@ pub const IPV6: &str = "MESHAUTH_BPF_IPV6";
 pub const ATTACH_MODE: &str = "MESHAUTH_BPF_ATTACH_MODE";
 /// Environment variable of [`DatapathConfig::allow_host`]: `true` or `false`.
 pub const ALLOW_HOST: &str = "MESHAUTH_BPF_ALLOW_HOST";
+/// Environment variable of [`DatapathConfig::conntrack_timeouts`]' `tcp_s`.
+pub const CT_TCP_TIMEOUT: &str = "MESHAUTH_BPF_CT_TCP_TIMEOUT_SECONDS";
+/// Environment variable of [`DatapathConfig::conntrack_timeouts`]' `udp_s`.
+pub const CT_UDP_TIMEOUT: &str = "MESHAUTH_BPF_CT_UDP_TIMEOUT_SECONDS";
+/// Environment variable of [`DatapathConfig::conntrack_timeouts`]' `icmp_s`.
+pub const CT_ICMP_TIMEOUT: &str = "MESHAUTH_BPF_CT_ICMP_TIMEOUT_SECONDS";
+/// Environment variable of [`DatapathConfig::conntrack_timeouts`]' `closing_s`.
+pub const CT_CLOSING_TIMEOUT: &str = "MESHAUTH_BPF_CT_CLOSING_TIMEOUT_SECONDS";
 /// The node's own addresses reach its pods unless switched off (as Cilium's
 /// `allow-localhost` and Calico do), so the kubelet's probes keep working.
 pub const DEFAULT_ALLOW_HOST: bool = true;
@@ -46,6 +54,24 @@ pub const DEFAULT_SPIFFE_NAME_ENTRIES: u32 = 65_536;
 pub const DEFAULT_EVENT_RING_BYTES: u32 = 256 * 1024;
 /// Events per second per CPU before the program stops writing (and counts instead).
 pub const DEFAULT_EVENTS_PER_SEC: u32 = 1_000;
+
+/// How long a conntrack entry lives without a packet, per protocol (Cilium's defaults: six
+/// hours for TCP, a minute for other protocols, ten seconds after a FIN). An entry that idled
+/// out is forgotten: the flow's next packet is checked in full, as a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ConntrackTimeouts {
+    pub tcp_s: u32,
+    pub udp_s: u32,
+    pub icmp_s: u32,
+    /// A TCP flow after either side's FIN.
+    pub closing_s: u32,
+}
+
+impl Default for ConntrackTimeouts {
+    fn default() -> Self {
+        ConntrackTimeouts { tcp_s: 21_600, udp_s: 60, icmp_s: 60, closing_s: 10 }
+    }
+}
 
 /// What happens to IPv6 on pod interfaces. The tables are IPv4 only, so IPv6 cannot be
 /// enforced: either it is dropped (except neighbour discovery) or it passes unchecked.
@@ -92,6 +118,7 @@ pub struct DatapathConfig {
     /// Traffic from this node's own addresses to its pods passes, whatever the policy (the
     /// kubelet's probes). A hostNetwork process on the same node is the node.
     pub allow_host: bool,
+    pub conntrack_timeouts: ConntrackTimeouts,
 }
 
 impl Default for DatapathConfig {
@@ -110,6 +137,7 @@ impl Default for DatapathConfig {
             ipv6: Ipv6Mode::Drop,
             attach_mode: AttachMode::Auto,
             allow_host: DEFAULT_ALLOW_HOST,
+            conntrack_timeouts: ConntrackTimeouts::default(),
         }
     }
 }
@@ -160,6 +188,11 @@ impl DatapathConfig {
         c.policy_entries = number(POLICY_ENTRIES, c.policy_entries)?;
         c.conntrack_entries = number(CONNTRACK_ENTRIES, c.conntrack_entries)?;
         c.events_per_sec_per_cpu = number(EVENTS_PER_SEC, c.events_per_sec_per_cpu)?;
+        let t = &mut c.conntrack_timeouts;
+        t.tcp_s = number(CT_TCP_TIMEOUT, t.tcp_s)?;
+        t.udp_s = number(CT_UDP_TIMEOUT, t.udp_s)?;
+        t.icmp_s = number(CT_ICMP_TIMEOUT, t.icmp_s)?;
+        t.closing_s = number(CT_CLOSING_TIMEOUT, t.closing_s)?;
         if let Some(v) = get(IPV6) {
             c.ipv6 = match v.as_str() {
                 "drop" => Ipv6Mode::Drop,
@@ -217,6 +250,10 @@ impl DatapathConfig {
             (ENDPOINT_ENTRIES, self.endpoint_entries),
             (POLICY_ENTRIES, self.policy_entries),
             (CONNTRACK_ENTRIES, self.conntrack_entries),
+            (CT_TCP_TIMEOUT, self.conntrack_timeouts.tcp_s),
+            (CT_UDP_TIMEOUT, self.conntrack_timeouts.udp_s),
+            (CT_ICMP_TIMEOUT, self.conntrack_timeouts.icmp_s),
+            (CT_CLOSING_TIMEOUT, self.conntrack_timeouts.closing_s),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid {

@@ -15,9 +15,13 @@
 //! # What the programs do
 //! `to_pod` (traffic into a pod), on an IPv4 packet:
 //! 1. conntrack (one lookup, keyed on the tuple as it arrives): an answer in a flow the pod
-//!    started passes; a later packet of a flow admitted under the current policy epoch passes,
-//!    after the pair's authentication is checked again when the flow needs it (an expired pair
-//!    stops established flows too).
+//!    started passes (after a policy-epoch change only while the pod and its peer still have
+//!    the SPIFFE IDs they had: no new pod on a reused address inherits it); a later packet of a
+//!    flow admitted under the current policy epoch passes, after the pair's authentication is
+//!    checked again when the flow needs it (an expired pair stops established flows too). A
+//!    TCP SYN never rides an entry (a new connection is checked in full), a RST ends the entry,
+//!    and an entry idle longer than its protocol's timeout
+//!    ([`config::ConntrackTimeouts`]; shorter after a FIN) is forgotten.
 //! 2. destination not in `endpoints`: pass (not a meshauth pod). A destination registered on
 //!    another interface of this node (its `ifindex`) is dropped: a bridge's flood or a wrong
 //!    route never delivers one pod's traffic to another.
@@ -36,7 +40,10 @@
 //!
 //! `from_pod` (traffic a pod sends): a source address other than the pod's own (registered
 //! by [`Datapath::attach`]) is dropped as spoofed, and so is anything from an interface the
-//! loader never registered; flows the pod starts enter conntrack so their answers pass. ARP
+//! loader never registered; flows the pod itself starts (a TCP SYN, a UDP datagram or an
+//! ICMP echo request with no entry yet) enter conntrack so their answers pass — its answer to
+//! someone else's packet (a RST to a stray segment, an echo reply) never does, and an entry
+//! already there (an admission) is never turned into a reply. ARP
 //! from a pod must claim the pod's own address (or none: a probe), or it is dropped as spoofed.
 //!
 //! # Rules for everything else
@@ -53,9 +60,13 @@
 //!   port 0; ICMP with protocol `Icmp` and port 0 (echo request/reply are tracked by echo id;
 //!   ICMP errors about a flow are not related to it, so under Strict a peer's "unreachable"
 //!   needs an authenticated pair too).
-//! - Truncated headers are dropped.
-//! - Conntrack entries are never expired by time, only evicted by the LRU; a policy change
-//!   (new epoch) makes cached admissions go through the full check again.
+//! - Truncated headers, and IPv4 EtherType frames whose IP header is not version 4, are
+//!   dropped.
+//! - Conntrack entries idle out per protocol, end on a RST, and are evicted by the LRU when the
+//!   map is full; a policy change (new epoch) makes cached admissions go through the full check
+//!   again; [`Datapath::apply_tables`] flushes the entries of an address whose pod left or
+//!   changed. ICMP echo: the id is a request's source "port" and a reply's destination
+//!   "port", so a request never matches the entry a reply would need.
 //! - Every drop is counted ([`Counter`]) and reported as an [`events::Event`], at most
 //!   [`config::DatapathConfig::events_per_sec_per_cpu`] events per second per CPU; the rest
 //!   are counted as rate-limited.

@@ -56,6 +56,10 @@ struct MapSpec {
     key_size: usize,
     value_size: usize,
     entries: fn(&DatapathConfig) -> u32,
+    /// A cache or a value the loader writes anew: a pinned map of another layout (an upgrade
+    /// that changed it) is replaced by a fresh one instead of stopping the load. Live flows
+    /// are then checked in full once, as new ones.
+    rebuildable: bool,
 }
 
 const MAPS: &[MapSpec] = &[
@@ -65,6 +69,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size_of::<EndpointValue>(),
         entries: |c| c.endpoint_entries,
+        rebuildable: false,
     },
     MapSpec {
         name: "policy",
@@ -72,6 +77,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 4 + size_of::<PolicyKeyData>(),
         value_size: size_of::<PolicyValue>(),
         entries: |c| c.policy_entries,
+        rebuildable: false,
     },
     MapSpec {
         name: "auth",
@@ -79,6 +85,7 @@ const MAPS: &[MapSpec] = &[
         key_size: size_of::<AuthKey>(),
         value_size: size_of::<AuthValue>(),
         entries: |c| c.auth_entries,
+        rebuildable: false,
     },
     MapSpec {
         name: "conntrack",
@@ -86,6 +93,7 @@ const MAPS: &[MapSpec] = &[
         key_size: size_of::<CtKey>(),
         value_size: size_of::<CtValue>(),
         entries: |c| c.conntrack_entries,
+        rebuildable: true,
     },
     MapSpec {
         name: "fragments",
@@ -93,6 +101,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 12,
         value_size: 4,
         entries: |c| c.fragment_entries,
+        rebuildable: true,
     },
     MapSpec {
         name: "interfaces",
@@ -100,6 +109,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size_of::<IfaceValue>(),
         entries: |c| c.interface_entries,
+        rebuildable: false,
     },
     MapSpec {
         name: "config",
@@ -107,6 +117,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size_of::<ConfigValue>(),
         entries: |_| 1,
+        rebuildable: true,
     },
     MapSpec {
         name: "clock",
@@ -114,6 +125,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: 16,
         entries: |_| 1,
+        rebuildable: true,
     },
     MapSpec {
         name: "event_budget",
@@ -121,6 +133,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: 16,
         entries: |_| 1,
+        rebuildable: true,
     },
     MapSpec {
         name: "counters",
@@ -128,6 +141,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size_of::<CounterValue>(),
         entries: |_| abi::COUNTER_SLOTS,
+        rebuildable: false,
     },
     MapSpec {
         name: "events",
@@ -135,6 +149,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 0,
         value_size: 0,
         entries: |c| c.event_ring_bytes,
+        rebuildable: false,
     },
     MapSpec {
         name: "host_addrs",
@@ -142,6 +157,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: 4,
         entries: |_| HOST_ADDR_ENTRIES,
+        rebuildable: false,
     },
     MapSpec {
         name: "spiffe_names",
@@ -149,6 +165,7 @@ const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size_of::<SpiffeName>(),
         entries: |c| c.spiffe_name_entries,
+        rebuildable: false,
     },
 ];
 
@@ -267,7 +284,7 @@ impl Counters {
 }
 
 /// What [`Datapath::apply_tables`] changed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ApplyStats {
     pub endpoints_written: usize,
     pub endpoints_removed: usize,
@@ -277,6 +294,22 @@ pub struct ApplyStats {
     pub spiffe_names_removed: usize,
     /// The policy epoch after the change (cached admissions of older epochs are re-checked).
     pub policy_epoch: u32,
+    /// Destination security identities whose policy entries did not fit in the map (or could
+    /// not be written): none of their entries is in the map and their pods are isolated, so
+    /// they accept nothing until the policy shrinks. Empty when the tables were applied whole.
+    pub denied_destinations: Vec<u32>,
+    /// Endpoints of other nodes left out because the map was full: their pods are sources
+    /// without an identity (as the rest of the world) until there is room.
+    pub endpoints_left_out: usize,
+    /// Conntrack entries flushed because their pod address left or changed hands.
+    pub conntrack_flushed: usize,
+}
+
+impl ApplyStats {
+    /// Whether everything the tables asked for is in the maps.
+    pub fn complete(&self) -> bool {
+        self.denied_destinations.is_empty() && self.endpoints_left_out == 0
+    }
 }
 
 /// Typed handles on the pinned maps: what the loader writes and `meshauthctl` reads.
@@ -291,6 +324,9 @@ pub struct Maps {
     counters: PerCpuArray<MapData, CounterValue>,
     spiffe_names: HashMap<MapData, u32, SpiffeName>,
     host_addrs: HashMap<MapData, u32, u32>,
+    /// What the pinned maps hold at most (a pinned map keeps its size across restarts).
+    endpoint_capacity: usize,
+    policy_capacity: usize,
 }
 
 fn open_pinned(maps_dir: &Path, name: &'static str) -> Result<MapData, DatapathError> {
@@ -312,7 +348,13 @@ impl Maps {
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         let dir = pin_dir.join("maps");
         let hash = |name| -> Result<MapData, DatapathError> { open_pinned(&dir, name) };
+        let capacity = |name: &'static str| -> Result<usize, DatapathError> {
+            let info = MapInfo::from_pin(dir.join(name)).map_err(map_err(name))?;
+            Ok(info.max_entries() as usize)
+        };
         Ok(Maps {
+            endpoint_capacity: capacity("endpoints")?,
+            policy_capacity: capacity("policy")?,
             pin_dir: pin_dir.to_path_buf(),
             endpoints: HashMap::try_from(Map::HashMap(hash("endpoints")?))
                 .map_err(map_err("endpoints"))?,
@@ -510,6 +552,8 @@ impl Datapath {
         let mut v = self.maps.runtime_config()?;
         v.events_per_sec = self.config.events_per_sec_per_cpu;
         v.allow_host = u8::from(self.config.allow_host);
+        let t = self.config.conntrack_timeouts;
+        (v.ct_tcp_s, v.ct_udp_s, v.ct_icmp_s, v.ct_closing_s) = (t.tcp_s, t.udp_s, t.icmp_s, t.closing_s);
         v.ipv6_mode = match self.config.ipv6 {
             Ipv6Mode::Drop => abi::IPV6_DROP,
             Ipv6Mode::Pass => abi::IPV6_PASS,
@@ -764,7 +808,14 @@ impl Datapath {
 
     /// Makes the endpoints, policy and SPIFFE-name maps hold exactly `tables`: writes what is
     /// new or different, then deletes what is gone, so a lookup never meets an empty map.
-    /// Bumps the policy epoch when anything changed, so cached admissions are checked again.
+    /// Bumps the policy epoch when anything changed, so cached admissions are checked again,
+    /// and flushes the conntrack entries of addresses that left or now name another pod.
+    ///
+    /// Fails closed when the tables do not fit: a destination whose policy entries cannot all
+    /// be written gets none and its pods are isolated (they accept nothing, never more than
+    /// before), this node's pods are written before other nodes' (a missing local endpoint
+    /// would pass everything), and [`ApplyStats::complete`] says what was left out. Only a
+    /// failure to read or delete is an error.
     pub fn apply_tables(&mut self, tables: &CompiledTables) -> Result<ApplyStats, DatapathError> {
         let mut stats = ApplyStats::default();
         let local: StdHashMap<u32, u32> = self
@@ -773,6 +824,26 @@ impl Datapath {
             .into_iter()
             .map(|i| (abi::ip_key(i.pod_ip), i.ifindex))
             .collect();
+
+        // Policy entries first (written after the endpoints), to know which destinations fit.
+        let mut want_policy: BTreeMap<(u32, PolicyKeyData), u8> = BTreeMap::new();
+        for p in &tables.policy {
+            for (port, bits) in p.prefixes() {
+                let data = PolicyKeyData {
+                    dst_identity: p.dst_identity,
+                    src_identity: p.src_identity,
+                    protocol: abi::protocol_number(p.protocol),
+                    port: port.to_be(),
+                };
+                // The compiler's ranges are disjoint; should two entries still land on one
+                // key, the stricter authentication wins.
+                let slot = want_policy
+                    .entry((abi::POLICY_FIXED_BITS + u32::from(bits), data))
+                    .or_insert(0);
+                *slot = (*slot).max(abi::auth_number(p.auth));
+            }
+        }
+        let mut denied = fit_destinations(&mut want_policy, self.maps.policy_capacity);
 
         // Endpoints.
         let mut want: StdHashMap<u32, EndpointValue> = StdHashMap::new();
@@ -790,45 +861,75 @@ impl Datapath {
                 },
             );
         }
-        let have = keys_of(&self.maps.endpoints, "endpoints")?;
-        for (k, v) in &want {
-            if self.maps.endpoints.get(k, 0).ok().as_ref() != Some(v) {
-                self.maps
-                    .endpoints
-                    .insert(*k, *v, 0)
-                    .map_err(map_err("endpoints"))?;
-                stats.endpoints_written += 1;
+        isolate(&mut want, &denied);
+        let have_endpoints: StdHashMap<u32, EndpointValue> = self
+            .maps
+            .endpoints
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("endpoints"))?;
+        // Addresses that left, or now name another SPIFFE ID (a new pod on a reused address):
+        // no flow cached for the old owner may carry on with the new one.
+        let moved: std::collections::BTreeSet<u32> = have_endpoints
+            .iter()
+            .filter(|(k, v)| want.get(k).is_none_or(|w| w.spiffe_id != v.spiffe_id))
+            .map(|(k, _)| *k)
+            .collect();
+        // Locals before the rest, and the stale ones out first when both would not fit.
+        let mut order: Vec<(&u32, &EndpointValue)> = want.iter().collect();
+        order.sort_by_key(|(k, v)| (v.ifindex == 0, **k));
+        let stale: Vec<u32> = have_endpoints.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        let union = have_endpoints.len() + want.keys().filter(|k| !have_endpoints.contains_key(k)).count();
+        let remove_stale_first = union > self.maps.endpoint_capacity;
+        if remove_stale_first {
+            for k in &stale {
+                remove_ignoring_missing(self.maps.endpoints.remove(k), "endpoints")?;
+                stats.endpoints_removed += 1;
             }
         }
-        for k in have.iter().filter(|k| !want.contains_key(k)) {
-            remove_ignoring_missing(self.maps.endpoints.remove(k), "endpoints")?;
-            stats.endpoints_removed += 1;
+        for (k, v) in order {
+            if have_endpoints.get(k) == Some(v) {
+                continue;
+            }
+            match self.maps.endpoints.insert(*k, *v, 0) {
+                Ok(()) => stats.endpoints_written += 1,
+                Err(error) if v.ifindex == 0 => {
+                    tracing::warn!(%error, ip = %abi::key_ip(*k), "endpoint of another node left out");
+                    stats.endpoints_left_out += 1;
+                }
+                Err(e) => return Err(map_err("endpoints")(e)),
+            }
+        }
+        if !remove_stale_first {
+            for k in &stale {
+                remove_ignoring_missing(self.maps.endpoints.remove(k), "endpoints")?;
+                stats.endpoints_removed += 1;
+            }
         }
 
-        // Policy: one trie entry per port block; the compiler's ranges are disjoint, and
-        // should two entries still land on one key the stricter authentication wins.
-        let mut want: BTreeMap<(u32, PolicyKeyData), u8> = BTreeMap::new();
-        for p in &tables.policy {
-            for (port, bits) in p.prefixes() {
-                let data = PolicyKeyData {
-                    dst_identity: p.dst_identity,
-                    src_identity: p.src_identity,
-                    protocol: abi::protocol_number(p.protocol),
-                    port: port.to_be(),
-                };
-                let slot = want
-                    .entry((abi::POLICY_FIXED_BITS + u32::from(bits), data))
-                    .or_insert(0);
-                *slot = (*slot).max(abi::auth_number(p.auth));
-            }
-        }
+        // Policy: one trie entry per port block.
         let have: Vec<_> = self
             .maps
             .policy
             .keys()
             .collect::<Result<_, _>>()
             .map_err(map_err("policy"))?;
-        for ((bits, data), auth) in &want {
+        let is_stale =
+            |k: &aya::maps::lpm_trie::Key<PolicyKeyData>| !want_policy.contains_key(&(k.prefix_len(), k.data()));
+        let union = have.len() + want_policy.len() - have.iter().filter(|k| !is_stale(k)).count();
+        // Stale entries only ever allow: removing them first is stricter, never looser.
+        let remove_stale_first = union > self.maps.policy_capacity;
+        if remove_stale_first {
+            for k in have.iter().filter(|k| is_stale(k)) {
+                remove_ignoring_missing(self.maps.policy.remove(k), "policy")?;
+                stats.policy_removed += 1;
+            }
+        }
+        let mut failed: std::collections::BTreeSet<u32> = std::collections::BTreeSet::new();
+        for ((bits, data), auth) in &want_policy {
+            if failed.contains(&data.dst_identity) {
+                continue;
+            }
             let key = aya::maps::lpm_trie::Key::new(*bits, *data);
             let value = PolicyValue {
                 auth: *auth,
@@ -841,19 +942,45 @@ impl Datapath {
                     .iter()
                     .any(|k| k.prefix_len() == *bits && k.data() == *data)
             {
-                self.maps
-                    .policy
-                    .insert(&key, value, 0)
-                    .map_err(map_err("policy"))?;
-                stats.policy_written += 1;
+                match self.maps.policy.insert(&key, value, 0) {
+                    Ok(()) => stats.policy_written += 1,
+                    Err(error) => {
+                        tracing::error!(%error, dst_identity = data.dst_identity, "policy entry not written: the destination accepts nothing");
+                        failed.insert(data.dst_identity);
+                    }
+                }
             }
         }
-        for k in have
-            .iter()
-            .filter(|k| !want.contains_key(&(k.prefix_len(), k.data())))
-        {
-            remove_ignoring_missing(self.maps.policy.remove(k), "policy")?;
-            stats.policy_removed += 1;
+        if !failed.is_empty() {
+            // Half a destination's rules could deny what another rule was meant to allow,
+            // or keep what the policy took away: it gets none, and its pods are isolated.
+            want_policy.retain(|(_, d), _| !failed.contains(&d.dst_identity));
+            isolate(&mut want, &failed);
+            for (k, v) in want.iter().filter(|(_, v)| failed.contains(&v.security_identity)) {
+                if v.ifindex != 0 || self.maps.endpoints.get(k, 0).is_ok() {
+                    self.maps.endpoints.insert(*k, *v, 0).map_err(map_err("endpoints"))?;
+                }
+            }
+        }
+        // A failed destination's entries written before the failure are not in `have`.
+        let have: Vec<_> = if failed.is_empty() {
+            have
+        } else {
+            self.maps.policy.keys().collect::<Result<_, _>>().map_err(map_err("policy"))?
+        };
+        if !remove_stale_first || !failed.is_empty() {
+            for k in have
+                .iter()
+                .filter(|k| !want_policy.contains_key(&(k.prefix_len(), k.data())))
+            {
+                remove_ignoring_missing(self.maps.policy.remove(k), "policy")?;
+                stats.policy_removed += 1;
+            }
+        }
+        denied.extend(failed);
+        stats.denied_destinations = denied.into_iter().collect();
+        if !moved.is_empty() {
+            stats.conntrack_flushed = self.flush_conntrack(&moved)?;
         }
 
         // SPIFFE names, for people.
@@ -899,6 +1026,22 @@ impl Datapath {
         stats.policy_epoch = cfg.policy_epoch;
         tracing::debug!(?stats, "tables applied");
         Ok(stats)
+    }
+
+    /// Deletes every conntrack entry to or from one of `ips` (keys as [`abi::ip_key`]):
+    /// what a pod that left, or a new pod on its address, must not inherit. Returns how many.
+    pub fn flush_conntrack(&mut self, ips: &std::collections::BTreeSet<u32>) -> Result<usize, DatapathError> {
+        let keys: Vec<CtKey> = self
+            .maps
+            .conntrack
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| ips.contains(&k.saddr) || ips.contains(&k.daddr))
+            .collect();
+        for k in &keys {
+            remove_ignoring_missing(self.maps.conntrack.remove(k), "conntrack")?;
+        }
+        Ok(keys.len())
     }
 
     /// Records that `(dst, src)` authenticated each other until `expiry`. The program stops
@@ -1030,6 +1173,48 @@ pub(crate) fn test_run(
     })
 }
 
+/// Keeps the policy entries of whole destinations, in identity order, while they fit in
+/// `capacity`; returns the destinations left out (their entries are removed from `want`).
+/// Fewer rules for a destination could allow what a missing stricter rule meant to guard,
+/// so a destination is in whole or not at all.
+fn fit_destinations(
+    want: &mut BTreeMap<(u32, PolicyKeyData), u8>,
+    capacity: usize,
+) -> std::collections::BTreeSet<u32> {
+    let mut per_destination: BTreeMap<u32, usize> = BTreeMap::new();
+    for (_, data) in want.keys() {
+        *per_destination.entry(data.dst_identity).or_default() += 1;
+    }
+    let mut used = 0usize;
+    let mut denied = std::collections::BTreeSet::new();
+    for (dst, n) in per_destination {
+        if used + n <= capacity {
+            used += n;
+        } else {
+            denied.insert(dst);
+        }
+    }
+    if !denied.is_empty() {
+        tracing::error!(
+            capacity,
+            denied = ?denied,
+            "the policy needs more entries than the policy map holds: these destinations accept nothing"
+        );
+        want.retain(|(_, d), _| !denied.contains(&d.dst_identity));
+    }
+    denied
+}
+
+/// Marks the endpoints of `identities` isolated: with none of their policy entries in the
+/// map, they accept nothing (the node's own probes aside, as for any isolated pod).
+fn isolate(want: &mut StdHashMap<u32, EndpointValue>, identities: &std::collections::BTreeSet<u32>) {
+    for v in want.values_mut() {
+        if identities.contains(&v.security_identity) {
+            v.flags |= abi::EP_ISOLATED;
+        }
+    }
+}
+
 fn remove_ignoring_missing(
     r: Result<(), MapError>,
     name: &'static str,
@@ -1145,28 +1330,42 @@ fn check_pinned_maps(config: &DatapathConfig) -> Result<(), DatapathError> {
                 path: path.clone(),
             };
         let kind = info.map_type().map_err(map_err(spec.name))?;
-        if kind != spec.kind {
-            return Err(incompatible(
+        let mismatch = if kind != spec.kind {
+            Some(incompatible(
                 "type",
                 format!("{kind:?}"),
                 format!("{:?}", spec.kind),
-            ));
-        }
-        if spec.kind != MapType::RingBuf {
-            if info.key_size() as usize != spec.key_size {
-                return Err(incompatible(
-                    "key size",
-                    info.key_size().to_string(),
-                    spec.key_size.to_string(),
-                ));
+            ))
+        } else if spec.kind != MapType::RingBuf && info.key_size() as usize != spec.key_size {
+            Some(incompatible(
+                "key size",
+                info.key_size().to_string(),
+                spec.key_size.to_string(),
+            ))
+        } else if spec.kind != MapType::RingBuf && info.value_size() as usize != spec.value_size {
+            Some(incompatible(
+                "value size",
+                info.value_size().to_string(),
+                spec.value_size.to_string(),
+            ))
+        } else {
+            None
+        };
+        if let Some(error) = mismatch {
+            if !spec.rebuildable {
+                return Err(error);
             }
-            if info.value_size() as usize != spec.value_size {
-                return Err(incompatible(
-                    "value size",
-                    info.value_size().to_string(),
-                    spec.value_size.to_string(),
-                ));
+            tracing::warn!(%error, "replacing the pinned map with one of this loader's layout");
+            std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+            // A new config map starts its policy epoch again: conntrack entries stamped with
+            // the old epochs must not meet a number they once had.
+            if spec.name == "config" {
+                let ct = config.pin_dir.join("maps").join("conntrack");
+                if ct.exists() {
+                    std::fs::remove_file(&ct).map_err(io_err(format!("removing {}", ct.display())))?;
+                }
             }
+            continue;
         }
         let want = (spec.entries)(config);
         if info.max_entries() != want {

@@ -229,3 +229,16 @@ fn from_pod_on_an_unregistered_interface_fails_closed() {
     ));
     assert_eq!(dp.counters().unwrap().packets(Counter::DropSpoofed), 1);
 }
+
+#[test]
+fn an_ipv4_ethertype_carrying_another_ip_version_is_dropped() {
+    let (dp, _pins) = datapath("ipver", Ipv6Mode::Pass);
+    // To pod 3 (not isolated): a real IPv4 packet passes, the same bytes claiming version 6
+    // in the IP header (an IPv6 packet smuggled under the IPv4 EtherType) are dropped.
+    let good = packet::tcp(ip(1), ip(3), 1, 8080, TCP_SYN);
+    assert!(passes(&dp, Hook::ToPod, &good));
+    let mut smuggled = good.clone();
+    smuggled[14] = 0x65;
+    assert!(!passes(&dp, Hook::ToPod, &smuggled), "version 6 under the IPv4 EtherType");
+    assert_eq!(dp.counters().unwrap().packets(Counter::DropMalformed), 1);
+}
