@@ -30,8 +30,11 @@ use serde::{Deserialize, Serialize};
 pub struct MeshPolicySpec {
     /// Pods of this namespace the policy applies to. Required; `{}` selects every pod.
     pub selector: LabelSelector,
-    /// Allowed ingress. A selected pod accepts only traffic some rule matches.
+    /// Allowed ingress. A selected pod accepts only traffic some rule matches. At most 64 rules.
+    // The size limits are `meshauth_policy::validate::MAX_*` (a test there keeps these equal);
+    // the webhook also checks the totals over all rules, which a schema cannot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub ingress: Vec<IngressRule>,
 }
 
@@ -39,11 +42,13 @@ pub struct MeshPolicySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressRule {
-    /// Sources this rule admits. Omitted or empty: any source.
+    /// Sources this rule admits. Omitted or empty: any source. At most 64.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub from: Vec<PeerSelector>,
-    /// Destination ports this rule admits. Omitted or empty: every port and protocol.
+    /// Destination ports this rule admits. Omitted or empty: every port and protocol. At most 64.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub ports: Vec<PortRule>,
     /// Whether traffic this rule admits must come from an authenticated peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]

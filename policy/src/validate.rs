@@ -5,12 +5,14 @@
 //! passes on what [`mesh_policy_warnings`] and [`mutual_auth_warnings`] report as warnings; the
 //! policy model and the operator call the same functions, so no other crate keeps a copy.
 //!
-//! Errors are what can never be right: malformed label selectors (keys, values and operators per
-//! Kubernetes' rules), SPIFFE IDs that break the SPIFFE ID specification or lie outside the mesh's
-//! trust domain, ports outside 1–65535, ranges that end before they start, `from` entries with
-//! both selectors and an identity, and duplicate or contradictory entries and rules. Warnings are
-//! legal but suspicious: selectors no pod can ever satisfy, identities no mesh workload can
-//! have, ports that another entry of the same rule already covers.
+//! Errors are what can never be right: objects past a size limit (rules, peers, ports, the port
+//! blocks they multiply into, selector requirements: the `MAX_*` constants below), malformed
+//! label selectors (keys, values and operators per Kubernetes' rules), SPIFFE IDs that break the
+//! SPIFFE ID specification, ports outside 1–65535, ranges that end before they start, `from`
+//! entries with both selectors and an identity, and duplicate or contradictory entries and rules.
+//! Warnings are legal but suspicious: selectors no pod can ever satisfy, identities no mesh
+//! workload can have (other trust domains included: no peer can prove them until federation),
+//! ports that another entry of the same rule already covers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -34,6 +36,32 @@ pub const MIN_PORT: i32 = 1;
 /// The highest valid port.
 pub const MAX_PORT: i32 = 65535;
 
+// Size limits of one MeshPolicy. Every rule, peer and port becomes policy-map entries on every
+// node, so one tenant's object must not be able to fill the map (or the agent's memory) for
+// everyone. The values sit far above what NetworkPolicy and Cilium users write (a handful of
+// rules, peers and ports each) and the CRD's `maxItems` repeat the per-list ones.
+
+/// Most ingress rules in one MeshPolicy.
+pub const MAX_INGRESS_RULES: usize = 64;
+/// Most `from` entries in one rule.
+pub const MAX_PEERS_PER_RULE: usize = 64;
+/// Most `ports` entries in one rule.
+pub const MAX_PORTS_PER_RULE: usize = 64;
+/// Most `from` entries over all rules of one MeshPolicy.
+pub const MAX_PEERS_PER_POLICY: usize = 256;
+/// Most `ports` entries over all rules of one MeshPolicy.
+pub const MAX_PORTS_PER_POLICY: usize = 256;
+/// Most port blocks one MeshPolicy can add for one (destination, source) identity pair: the sum,
+/// over its rules, of the aligned power-of-two blocks its port ranges split into (how the
+/// datapath's longest-prefix table stores them; a rule without ports is one block per protocol).
+/// The policy map holds at most this many entries per pair from one object; how many pairs
+/// there are depends on the pods its selectors match.
+pub const MAX_PORT_BLOCKS_PER_POLICY: usize = 1024;
+/// Most requirements (`matchLabels` entries plus `matchExpressions`) in one label selector.
+pub const MAX_SELECTOR_REQUIREMENTS: usize = 64;
+/// Most values in one `matchExpressions` requirement.
+pub const MAX_SELECTOR_VALUES: usize = 256;
+
 /// One problem in a spec: the field path (e.g. `spec.ingress[0].from[1].identity`) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -56,23 +84,127 @@ impl fmt::Display for FieldError {
 // ---------------------------------------------------------------------------------------------
 // MeshPolicy
 
-/// Every problem of a MeshPolicy spec.
-pub fn validate_mesh_policy(spec: &MeshPolicySpec, trust_domain: &TrustDomain) -> Vec<FieldError> {
+/// Every problem of a MeshPolicy spec. No rule depends on the mesh's trust domain any more (an
+/// identity of another trust domain is valid SPIFFE and only warned about); the parameter stays
+/// so that the model and the webhook call both checks alike.
+pub fn validate_mesh_policy(spec: &MeshPolicySpec, _trust_domain: &TrustDomain) -> Vec<FieldError> {
+    let limits = mesh_policy_limits(spec);
+    if !limits.is_empty() {
+        // Past a limit the whole object is refused; the per-entry checks below (the duplicate
+        // searches are quadratic) must not run on an object of any size a client sends.
+        return limits;
+    }
     let mut errors = validate_label_selector(&spec.selector, "spec.selector");
     for (ri, rule) in spec.ingress.iter().enumerate() {
         let field = format!("spec.ingress[{ri}]");
-        validate_rule(rule, &field, trust_domain, &mut errors);
+        validate_rule(rule, &field, &mut errors);
     }
     validate_rules_distinct(&spec.ingress, &mut errors);
     errors
 }
 
-fn validate_rule(rule: &IngressRule, field: &str, trust_domain: &TrustDomain, errors: &mut Vec<FieldError>) {
+/// The size limits a MeshPolicy breaks, each naming the limit and its value. Empty when the
+/// object is within all of them; only then do [`validate_mesh_policy`] and
+/// [`mesh_policy_warnings`] look at its entries.
+pub fn mesh_policy_limits(spec: &MeshPolicySpec) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let over = |field: String, what: &str, count: usize, limit: usize, scope: &str| {
+        FieldError::new(field, format!("has {count} {what}, more than the limit of {limit} {what} {scope}"))
+    };
+    if spec.ingress.len() > MAX_INGRESS_RULES {
+        errors.push(over("spec.ingress".into(), "rules", spec.ingress.len(), MAX_INGRESS_RULES, "per MeshPolicy"));
+    }
+    selector_limits(&spec.selector, "spec.selector", &mut errors);
+    let (mut peers, mut ports, mut blocks) = (0usize, 0usize, 0usize);
+    for (ri, rule) in spec.ingress.iter().enumerate() {
+        let field = format!("spec.ingress[{ri}]");
+        if rule.from.len() > MAX_PEERS_PER_RULE {
+            errors.push(over(format!("{field}.from"), "entries", rule.from.len(), MAX_PEERS_PER_RULE, "per rule"));
+        }
+        if rule.ports.len() > MAX_PORTS_PER_RULE {
+            errors.push(over(format!("{field}.ports"), "entries", rule.ports.len(), MAX_PORTS_PER_RULE, "per rule"));
+        }
+        // Within the limits only: an oversized list gets one error, not one per entry.
+        let checked_peers = if ri < MAX_INGRESS_RULES { MAX_PEERS_PER_RULE } else { 0 };
+        for (fi, peer) in rule.from.iter().enumerate().take(checked_peers) {
+            for (name, selector) in [("podSelector", &peer.pod_selector), ("namespaceSelector", &peer.namespace_selector)] {
+                if let Some(selector) = selector {
+                    selector_limits(selector, &format!("{field}.from[{fi}].{name}"), &mut errors);
+                }
+            }
+        }
+        peers += rule.from.len();
+        ports += rule.ports.len();
+        blocks += rule_port_blocks(rule);
+    }
+    if peers > MAX_PEERS_PER_POLICY {
+        errors.push(over("spec.ingress".into(), "from entries", peers, MAX_PEERS_PER_POLICY, "over all rules of a MeshPolicy"));
+    }
+    if ports > MAX_PORTS_PER_POLICY {
+        errors.push(over("spec.ingress".into(), "ports entries", ports, MAX_PORTS_PER_POLICY, "over all rules of a MeshPolicy"));
+    }
+    if blocks > MAX_PORT_BLOCKS_PER_POLICY {
+        errors.push(FieldError::new(
+            "spec.ingress",
+            format!(
+                "its ports split into {blocks} port blocks (aligned power-of-two ranges, as the datapath \
+                 stores them; a rule without ports counts one per protocol), more than the limit of \
+                 {MAX_PORT_BLOCKS_PER_POLICY} port blocks per MeshPolicy; use fewer ranges or ranges \
+                 aligned to powers of two"
+            ),
+        ));
+    }
+    errors
+}
+
+/// The port blocks one rule adds per (destination, source) pair; invalid port entries (refused
+/// elsewhere) count as one.
+fn rule_port_blocks(rule: &IngressRule) -> usize {
+    if rule.ports.is_empty() {
+        return crate::tables::TableProtocol::ALL.len();
+    }
+    rule.ports
+        .iter()
+        .map(|p| {
+            let end = p.end_port.unwrap_or(p.port);
+            match (u16::try_from(p.port), u16::try_from(end)) {
+                (Ok(start), Ok(end)) if start <= end => crate::tables::port_range_prefixes(start, end).len(),
+                _ => 1,
+            }
+        })
+        .sum()
+}
+
+fn selector_limits(selector: &LabelSelector, field: &str, errors: &mut Vec<FieldError>) {
+    let labels = selector.match_labels.as_ref().map_or(0, BTreeMap::len);
+    let expressions = selector.match_expressions.as_deref().unwrap_or_default();
+    if labels + expressions.len() > MAX_SELECTOR_REQUIREMENTS {
+        errors.push(FieldError::new(
+            field,
+            format!(
+                "has {} requirements (matchLabels plus matchExpressions), more than the limit of \
+                 {MAX_SELECTOR_REQUIREMENTS} requirements per selector",
+                labels + expressions.len()
+            ),
+        ));
+    }
+    for (i, req) in expressions.iter().enumerate().take(MAX_SELECTOR_REQUIREMENTS) {
+        let values = req.values.as_ref().map_or(0, Vec::len);
+        if values > MAX_SELECTOR_VALUES {
+            errors.push(FieldError::new(
+                format!("{field}.matchExpressions[{i}].values"),
+                format!("has {values} values, more than the limit of {MAX_SELECTOR_VALUES} values per requirement"),
+            ));
+        }
+    }
+}
+
+fn validate_rule(rule: &IngressRule, field: &str, errors: &mut Vec<FieldError>) {
     let mut seen_peers: Vec<(PeerKey, usize)> = Vec::new();
     for (fi, peer) in rule.from.iter().enumerate() {
         let peer_field = format!("{field}.from[{fi}]");
         let before = errors.len();
-        validate_peer(peer, &peer_field, trust_domain, errors);
+        validate_peer(peer, &peer_field, errors);
         if errors.len() > before {
             continue;
         }
@@ -101,7 +233,7 @@ fn validate_rule(rule: &IngressRule, field: &str, trust_domain: &TrustDomain, er
 }
 
 /// Problems of one `from` entry.
-pub fn validate_peer(peer: &PeerSelector, field: &str, trust_domain: &TrustDomain, errors: &mut Vec<FieldError>) {
+pub fn validate_peer(peer: &PeerSelector, field: &str, errors: &mut Vec<FieldError>) {
     let has_selector = peer.pod_selector.is_some() || peer.namespace_selector.is_some();
     match (&peer.identity, has_selector) {
         (Some(_), true) => errors.push(FieldError::new(
@@ -123,25 +255,16 @@ pub fn validate_peer(peer: &PeerSelector, field: &str, trust_domain: &TrustDomai
         errors.extend(validate_label_selector(selector, &format!("{field}.namespaceSelector")));
     }
     if let Some(identity) = &peer.identity
-        && let Err(reason) = validate_identity(identity, trust_domain)
+        && let Err(reason) = validate_identity(identity)
     {
         errors.push(FieldError::new(format!("{field}.identity"), reason));
     }
 }
 
-/// Checks a source identity: a valid SPIFFE ID in the mesh's trust domain.
-pub fn validate_identity(identity: &str, trust_domain: &TrustDomain) -> Result<SpiffeId, String> {
-    let id = SpiffeId::parse(identity)
-        .map_err(|e| format!("{:?} is not a valid SPIFFE ID: {e}", truncate(identity, 80)))?;
-    if id.trust_domain() != trust_domain.as_str() {
-        return Err(format!(
-            "{:?} is in trust domain {:?}, not in the mesh's trust domain {:?}",
-            truncate(identity, 80),
-            id.trust_domain(),
-            trust_domain.as_str()
-        ));
-    }
-    Ok(id)
+/// Checks a source identity: a valid SPIFFE ID. One of another trust domain is valid (a
+/// federated peer may hold it one day); [`mesh_policy_warnings`] says that nobody can prove it yet.
+pub fn validate_identity(identity: &str) -> Result<SpiffeId, String> {
+    SpiffeId::parse(identity).map_err(|e| format!("{:?} is not a valid SPIFFE ID: {e}", truncate(identity, 80)))
 }
 
 /// Problems of one port entry.
@@ -198,6 +321,9 @@ fn validate_rules_distinct(rules: &[IngressRule], errors: &mut Vec<FieldError>) 
 /// [`validate_mesh_policy`] finds valid are looked at.
 pub fn mesh_policy_warnings(spec: &MeshPolicySpec, trust_domain: &TrustDomain) -> Vec<FieldError> {
     let mut warnings = Vec::new();
+    if !mesh_policy_limits(spec).is_empty() {
+        return warnings;
+    }
     if validate_label_selector(&spec.selector, "spec.selector").is_empty()
         && let Some(why) = selector_contradiction(&spec.selector)
     {
@@ -207,7 +333,7 @@ pub fn mesh_policy_warnings(spec: &MeshPolicySpec, trust_domain: &TrustDomain) -
         for (fi, peer) in rule.from.iter().enumerate() {
             let field = format!("spec.ingress[{ri}].from[{fi}]");
             let mut errors = Vec::new();
-            validate_peer(peer, &field, trust_domain, &mut errors);
+            validate_peer(peer, &field, &mut errors);
             if !errors.is_empty() {
                 continue;
             }
@@ -250,11 +376,19 @@ pub fn mesh_policy_warnings(spec: &MeshPolicySpec, trust_domain: &TrustDomain) -
     warnings
 }
 
-/// Why a valid identity in the mesh's trust domain can never be a mesh workload's, if so.
+/// Why a valid identity can never be a mesh workload's, if so.
 fn identity_never_matches(identity: &str, trust_domain: &TrustDomain) -> Option<String> {
     let id = SpiffeId::parse(identity).ok()?;
     if id.trust_domain() != trust_domain.as_str() {
-        return None;
+        // The agents hold no bundle for it, and the compiled tables give only pods of the mesh
+        // a SPIFFE number: such an entry admits nobody, with or without authentication.
+        return Some(format!(
+            "{:?} is in trust domain {:?}, not in the mesh's trust domain {:?}: no peer can prove it \
+             until that trust domain is federated",
+            truncate(identity, 80),
+            id.trust_domain(),
+            trust_domain.as_str()
+        ));
     }
     let shape = format!("mesh workloads have identities spiffe://{trust_domain}/ns/<namespace>/sa/<service account>");
     let Some((namespace, service_account)) = id.service_account() else {
@@ -832,7 +966,7 @@ mod tests {
                 policy(vec![rule(vec![identity(&format!("spiffe://cluster.local/{}", "a".repeat(2048)))], vec![])]),
                 vec![("spec.ingress[0].from[0].identity", "more than the 2048")],
             ),
-            ("identity other trust domain", policy(vec![rule(vec![identity("spiffe://example.org/ns/a/sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "is in trust domain \"example.org\", not in the mesh's trust domain \"cluster.local\"")]),
+            ("identity other trust domain is valid SPIFFE", policy(vec![rule(vec![identity("spiffe://example.org/ns/a/sa/b")], vec![])]), vec![]),
             ("port zero", policy(vec![rule(vec![], vec![port(0)])]), vec![("spec.ingress[0].ports[0].port", "must be between 1 and 65535, not 0")]),
             ("port too high", policy(vec![rule(vec![], vec![port(65536)])]), vec![("spec.ingress[0].ports[0].port", "not 65536")]),
             ("port negative", policy(vec![rule(vec![], vec![port(-1)])]), vec![("spec.ingress[0].ports[0].port", "not -1")]),
@@ -862,9 +996,9 @@ mod tests {
             ("distinct rules", policy(vec![rule(vec![pods(&[("app", "a")])], vec![port(80)]), required(rule(vec![pods(&[("app", "a")])], vec![port(81)]))]), vec![]),
             (
                 "several errors at once",
-                policy(vec![rule(vec![identity("spiffe://example.org/x"), PeerSelector::default()], vec![port(0), range(10, 5)])]),
+                policy(vec![rule(vec![identity("spiffe://example.org/x/"), PeerSelector::default()], vec![port(0), range(10, 5)])]),
                 vec![
-                    ("spec.ingress[0].from[0].identity", "not in the mesh's trust domain"),
+                    ("spec.ingress[0].from[0].identity", "ends with a slash"),
                     ("spec.ingress[0].from[1]", "names no"),
                     ("spec.ingress[0].ports[0].port", "not 0"),
                     ("spec.ingress[0].ports[1].endPort", "not 5"),
@@ -877,11 +1011,117 @@ mod tests {
     }
 
     #[test]
-    fn mesh_policy_trust_domain_is_configuration() {
-        let spec = policy(vec![rule(vec![identity("spiffe://example.org/ns/a/sa/b")], vec![])]);
+    fn an_identity_of_another_trust_domain_is_admitted_with_a_warning_that_nobody_can_prove_it() {
+        let spec = policy(vec![required(rule(vec![identity("spiffe://example.org/ns/a/sa/b")], vec![port(80)]))]);
         let example = TrustDomain::new("example.org").expect("valid");
-        assert_eq!(validate_mesh_policy(&spec, &example), vec![]);
-        assert_eq!(fields(&validate_mesh_policy(&spec, &td())), ["spec.ingress[0].from[0].identity"]);
+        for mesh in [&example, &td()] {
+            assert_eq!(validate_mesh_policy(&spec, mesh), vec![], "valid SPIFFE in mesh {mesh}");
+        }
+        assert_eq!(mesh_policy_warnings(&spec, &example), vec![], "the mesh's own trust domain");
+        let warnings = mesh_policy_warnings(&spec, &td());
+        assert_eq!(fields(&warnings), ["spec.ingress[0].from[0].identity"]);
+        assert!(
+            warnings[0].reason.contains("in trust domain \"example.org\", not in the mesh's trust domain \"cluster.local\": no peer can prove it until that trust domain is federated"),
+            "{}",
+            warnings[0].reason
+        );
+        // Malformed IDs stay errors, whatever their trust domain.
+        let bad = policy(vec![rule(vec![identity("spiffe://example.org/ns//sa/b")], vec![])]);
+        assert_eq!(fields(&validate_mesh_policy(&bad, &td())), ["spec.ingress[0].from[0].identity"]);
+    }
+
+    fn any_namespace() -> PeerSelector {
+        PeerSelector { namespace_selector: Some(LabelSelector::default()), ..Default::default() }
+    }
+
+    /// The attack of a tenant who wants to fill the policy map: every namespace as source, and
+    /// so many rules, peers or ports that the entries they multiply into outgrow the map.
+    #[test]
+    fn oversized_policies_are_refused_naming_the_limit() {
+        let ports = |n: i32| (0..n).map(|i| port(1000 + i)).collect::<Vec<_>>();
+        let peers = |n: usize| (0..n).map(|i| pods(&[("app", &format!("a{i}"))])).collect::<Vec<_>>();
+        // Odd ranges split into many blocks: 1..=65534 is 30 blocks.
+        let odd_ranges = |n: i32| (0..n).map(|i| PortRule { protocol: if i % 2 == 0 { Protocol::Tcp } else { Protocol::Udp }, ..range(1 + i / 2, 65534 - i / 2) }).collect::<Vec<_>>();
+        let many_labels = LabelSelector {
+            match_labels: Some((0..65).map(|i| (format!("k{i}"), "v".to_owned())).collect()),
+            match_expressions: None,
+        };
+        let many_values: Vec<String> = (0..257).map(|i| format!("v{i}")).collect();
+        let many_values: Vec<&str> = many_values.iter().map(String::as_str).collect();
+        let cases: Vec<(&str, MeshPolicySpec, Vec<(&str, &str)>)> = vec![
+            ("at every per-rule limit", policy(vec![rule(peers(MAX_PEERS_PER_RULE), ports(MAX_PORTS_PER_RULE as i32))]), vec![]),
+            ("at the rule limit", policy((0..MAX_INGRESS_RULES as i32).map(|i| rule(vec![any_namespace()], vec![port(1 + i)])).collect()), vec![]),
+            (
+                "one namespaced policy, every namespace, 10,000 ports",
+                policy(vec![rule(vec![any_namespace()], ports(10_000))]),
+                vec![
+                    ("spec.ingress[0].ports", "has 10000 entries, more than the limit of 64 entries per rule"),
+                    ("spec.ingress", "has 10000 ports entries, more than the limit of 256 ports entries over all rules of a MeshPolicy"),
+                    ("spec.ingress", "split into 10000 port blocks"),
+                ],
+            ),
+            ("too many rules", policy((0..65).map(|i| rule(vec![], vec![port(1 + i)])).collect()), vec![("spec.ingress", "has 65 rules, more than the limit of 64 rules per MeshPolicy")]),
+            ("too many peers in a rule", policy(vec![rule(peers(65), vec![])]), vec![("spec.ingress[0].from", "has 65 entries, more than the limit of 64 entries per rule")]),
+            (
+                "too many peers over the rules",
+                policy((0..5).map(|i| rule(peers(60), vec![port(1 + i)])).collect()),
+                vec![("spec.ingress", "has 300 from entries, more than the limit of 256 from entries over all rules of a MeshPolicy")],
+            ),
+            (
+                "too many ports over the rules",
+                policy((0..5).map(|i| rule(vec![pods(&[("app", &format!("a{i}"))])], ports(60))).collect()),
+                vec![("spec.ingress", "has 300 ports entries, more than the limit of 256 ports entries over all rules of a MeshPolicy")],
+            ),
+            (
+                "ranges that split into too many blocks",
+                policy((0..2).map(|i| rule(vec![pods(&[("app", &format!("a{i}"))])], odd_ranges(20))).collect()),
+                vec![("spec.ingress", "more than the limit of 1024 port blocks per MeshPolicy")],
+            ),
+            ("too many selector requirements", MeshPolicySpec { selector: many_labels.clone(), ingress: vec![] }, vec![("spec.selector", "has 65 requirements (matchLabels plus matchExpressions), more than the limit of 64")]),
+            (
+                "too many peer selector requirements",
+                policy(vec![rule(vec![PeerSelector { namespace_selector: Some(many_labels), ..Default::default() }], vec![])]),
+                vec![("spec.ingress[0].from[0].namespaceSelector", "more than the limit of 64 requirements per selector")],
+            ),
+            (
+                "too many values",
+                policy(vec![rule(vec![PeerSelector { pod_selector: Some(exprs(vec![expr("app", "In", &many_values)])), ..Default::default() }], vec![])]),
+                vec![("spec.ingress[0].from[0].podSelector.matchExpressions[0].values", "has 257 values, more than the limit of 256 values per requirement")],
+            ),
+        ];
+        for (name, spec, want) in cases {
+            assert_errors(name, &spec, &want);
+            if !want.is_empty() {
+                assert_eq!(mesh_policy_warnings(&spec, &td()), vec![], "{name}: an oversized object gets no warnings");
+            }
+        }
+    }
+
+    #[test]
+    fn the_crd_caps_each_list_at_the_same_limits() {
+        let (_, crd) = meshauth_crds::all_crds().into_iter().find(|(file, _)| file.contains("meshpolicies")).expect("MeshPolicy CRD");
+        let schema = crd.spec.versions[0].schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).expect("schema");
+        let property = |s: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps, name: &str| {
+            s.properties.as_ref().and_then(|p| p.get(name)).cloned().unwrap_or_else(|| panic!("no property {name}"))
+        };
+        let items = |s: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps| match &s.items {
+            Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(item)) => (**item).clone(),
+            other => panic!("not a list schema: {other:?}"),
+        };
+        let ingress = property(&property(schema, "spec"), "ingress");
+        assert_eq!(ingress.max_items, Some(MAX_INGRESS_RULES as i64));
+        let rule = items(&ingress);
+        assert_eq!(property(&rule, "from").max_items, Some(MAX_PEERS_PER_RULE as i64));
+        assert_eq!(property(&rule, "ports").max_items, Some(MAX_PORTS_PER_RULE as i64));
+    }
+
+    #[test]
+    fn port_blocks_count_what_the_datapath_stores() {
+        assert_eq!(rule_port_blocks(&rule(vec![], vec![])), 4, "every port of every protocol");
+        assert_eq!(rule_port_blocks(&rule(vec![], vec![port(80), range(8080, 8083)])), 2);
+        assert_eq!(rule_port_blocks(&rule(vec![], vec![range(1, 65535)])), 16);
+        assert_eq!(rule_port_blocks(&rule(vec![], vec![range(1, 65534)])), 30);
+        assert_eq!(rule_port_blocks(&rule(vec![], vec![port(0), range(9, 3)])), 2, "invalid entries count one each");
     }
 
     #[test]
