@@ -12,5 +12,5 @@ pub mod manifests;
 pub mod reflect;
 pub mod snapshot;
 
-pub use endpoints::NotEndpoint;
+pub use endpoints::{EndpointRules, NotEndpoint, SharedAddress};
 pub use snapshot::{NodeInfo, Snapshot};

@@ -4,6 +4,7 @@
 //! parses text, so every error names the source it was given, the object and the field. The
 //! objects become a [`Snapshot`] by the same rules as the API's ([`Manifests::snapshot`]).
 
+use crate::endpoints::EndpointRules;
 use crate::snapshot::Snapshot;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use meshauth_crds::{MeshPolicy, MutualAuth};
@@ -43,8 +44,13 @@ pub struct Manifests {
 impl Manifests {
     /// The cluster these manifests describe, pods that are not endpoints left out.
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_with(&EndpointRules::default())
+    }
+
+    /// [`Manifests::snapshot`] with the given endpoint rules.
+    pub fn snapshot_with(&self, rules: &EndpointRules) -> Snapshot {
         let nodes: Vec<&Node> = self.nodes.iter().collect();
-        Snapshot::from_objects(&self.namespaces, &self.pods, &nodes, &self.mesh_policies, &self.mutual_auths)
+        Snapshot::from_objects(rules, &self.namespaces, &self.pods, &nodes, &self.mesh_policies, &self.mutual_auths)
     }
 
     /// Where an object was defined, for error messages.

@@ -2,6 +2,7 @@
 //! [`Snapshot`] built from those caches. Objects are cached without their managed fields, which
 //! nothing here reads and which are often the larger half of an object.
 
+use crate::endpoints::EndpointRules;
 use crate::snapshot::Snapshot;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -31,9 +32,15 @@ pub struct Stores {
 impl Stores {
     /// The cluster as the caches hold it now.
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_with(&EndpointRules::default())
+    }
+
+    /// [`Stores::snapshot`] with the given endpoint rules.
+    pub fn snapshot_with(&self, rules: &EndpointRules) -> Snapshot {
         let nodes = self.nodes.state();
         let node_refs: Vec<&Node> = nodes.iter().map(|n| &**n).collect();
         Snapshot::from_objects(
+            rules,
             self.namespaces.state().iter().map(|n| &**n),
             self.pods.state().iter().map(|p| &**p),
             &node_refs,
@@ -46,7 +53,12 @@ impl Stores {
     /// the pods that will be endpoints as soon as the kubelet reports their address, so their
     /// SVIDs are ready by the time they first send.
     pub fn inputs(&self) -> Inputs {
-        let snapshot = self.snapshot();
+        self.inputs_with(&EndpointRules::default())
+    }
+
+    /// [`Stores::inputs`] with the given endpoint rules.
+    pub fn inputs_with(&self, rules: &EndpointRules) -> Inputs {
+        let snapshot = self.snapshot_with(rules);
         let mut inputs = snapshot.inputs;
         inputs.pods.extend(snapshot.unaddressed);
         inputs
@@ -113,6 +125,11 @@ where
 /// make one snapshot). The first is published once every cache has listed its kind, so nobody
 /// compiles maps from a partial view.
 pub async fn watch_snapshots(client: Client, debounce: Duration) -> watch::Receiver<Arc<Snapshot>> {
+    watch_snapshots_with(client, debounce, EndpointRules::default()).await
+}
+
+/// [`watch_snapshots`] with the given endpoint rules.
+pub async fn watch_snapshots_with(client: Client, debounce: Duration, rules: EndpointRules) -> watch::Receiver<Arc<Snapshot>> {
     let changed = Arc::new(Notify::new());
     let (stores, reflectors) = watch_all(&client, changed.clone());
     tokio::spawn(async move {
@@ -122,12 +139,12 @@ pub async fn watch_snapshots(client: Client, debounce: Duration) -> watch::Recei
     if let Err(kind) = stores.wait_until_ready().await {
         tracing::error!(kind, "a reflector ended before it listed");
     }
-    let (tx, rx) = watch::channel(Arc::new(stores.snapshot()));
+    let (tx, rx) = watch::channel(Arc::new(stores.snapshot_with(&rules)));
     tokio::spawn(async move {
         loop {
             changed.notified().await;
             tokio::time::sleep(debounce).await;
-            if tx.send(Arc::new(stores.snapshot())).is_err() {
+            if tx.send(Arc::new(stores.snapshot_with(&rules))).is_err() {
                 return;
             }
         }
@@ -160,8 +177,8 @@ mod tests {
     fn the_control_plane_counts_pods_about_to_get_an_address_the_datapath_does_not() {
         let stores = Stores {
             pods: store_of(vec![
-                pod("metadata: {name: web, namespace: shop}\nspec: {nodeName: node-1, containers: []}\nstatus: {phase: Running, podIP: 10.244.1.5}"),
-                pod("metadata: {name: new, namespace: shop}\nspec: {nodeName: node-1, containers: []}\nstatus: {phase: Pending}"),
+                pod("metadata: {name: web, namespace: shop}\nspec: {nodeName: node-1, serviceAccountName: web, containers: []}\nstatus: {phase: Running, podIP: 10.244.1.5}"),
+                pod("metadata: {name: new, namespace: shop}\nspec: {nodeName: node-1, serviceAccountName: new, containers: []}\nstatus: {phase: Pending}"),
                 pod("metadata: {name: proxy, namespace: kube-system}\nspec: {hostNetwork: true, nodeName: node-1, containers: []}\nstatus: {phase: Running, podIP: 192.168.1.10}"),
             ]),
             namespaces: store_of(vec![]),

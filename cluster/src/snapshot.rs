@@ -1,10 +1,11 @@
 //! One consistent view of the cluster: the policy model's inputs plus the nodes, built the same
 //! way from the API's caches and from manifests.
 
-use crate::endpoints::{self, NotEndpoint};
+use crate::endpoints::{self, EndpointRules, NodeFacts, NotEndpoint, SharedAddress};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use meshauth_crds::{MeshPolicy, MutualAuth, SpiffeId, TrustDomain};
 use meshauth_policy::model::{Inputs, NamespaceInfo, ObjectRef, PodInfo, Resource};
+use meshauth_policy::tables::{AuthRequirement, EndpointEntry, NO_SPIFFE_ID, WORLD_IDENTITY};
 use std::collections::BTreeMap;
 
 /// The annotation on a Node that names its SPIRE agent's SPIFFE ID.
@@ -46,19 +47,24 @@ pub struct Snapshot {
     /// Pods that would be endpoints but for their address, which the API does not show yet:
     /// a node's agent that has just set up such a pod's network knows it first.
     pub unaddressed: Vec<PodInfo>,
+    /// Addresses several pods claim: none of them is an endpoint, and the address is an
+    /// isolated non-identity ([`Snapshot::isolated_endpoints`]).
+    pub shared_addresses: Vec<SharedAddress>,
 }
 
 impl Snapshot {
-    /// Builds the view from the objects themselves; only pods that are endpoints
-    /// ([`endpoints::endpoint`]) reach the model.
+    /// Builds the view from the objects themselves; only pods that are endpoints under `rules`
+    /// ([`endpoints::classify_all`]) reach the model.
     pub fn from_objects<'a>(
+        rules: &EndpointRules,
         namespaces: impl IntoIterator<Item = &'a Namespace>,
         pods: impl IntoIterator<Item = &'a Pod>,
         nodes: &[&'a Node],
         mesh_policies: impl IntoIterator<Item = &'a MeshPolicy>,
         mutual_auths: impl IntoIterator<Item = &'a MutualAuth>,
     ) -> Self {
-        let node_addresses = endpoints::node_addresses(nodes.iter().copied());
+        let facts = NodeFacts::new(nodes.iter().copied());
+        let (classified, shared_addresses) = endpoints::classify_all(pods, &facts, rules);
         let mut snapshot = Snapshot {
             inputs: Inputs {
                 namespaces: namespaces.into_iter().map(NamespaceInfo::from_namespace).collect(),
@@ -69,9 +75,10 @@ impl Snapshot {
             nodes: nodes.iter().map(|n| NodeInfo::from_node(n)).collect(),
             not_endpoints: Vec::new(),
             unaddressed: Vec::new(),
+            shared_addresses,
         };
-        for pod in pods {
-            match endpoints::endpoint(pod, &node_addresses) {
+        for (pod, endpoint) in classified {
+            match endpoint {
                 Ok(info) => snapshot.inputs.pods.push(info),
                 Err(why) => {
                     if why == NotEndpoint::NoAddress {
@@ -86,6 +93,25 @@ impl Snapshot {
             }
         }
         snapshot
+    }
+
+    /// The datapath entries of the shared addresses: isolated, with no security identity and
+    /// no SPIFFE ID, so a packet from one is a world source (dropped where authentication is
+    /// required) and a packet to one passes only what the node itself sends, never as the
+    /// identity of either claimant.
+    pub fn isolated_endpoints(&self) -> Vec<EndpointEntry> {
+        self.shared_addresses
+            .iter()
+            .map(|shared| EndpointEntry {
+                ip: shared.ip,
+                security_identity: WORLD_IDENTITY,
+                spiffe_id: NO_SPIFFE_ID,
+                isolated: true,
+                mutual_auth: AuthRequirement::None,
+                pod: format!("(shared by {})", shared.pods.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
+                node: None,
+            })
+            .collect()
     }
 
     /// The address of a node's agent: the `meshauth.io/agent-address` annotation, else the
@@ -107,5 +133,78 @@ impl Snapshot {
         ids.sort();
         ids.dedup();
         ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::Manifests;
+    use meshauth_policy::compile::{NumberAllocator, auth_identity_pairs, compile, evaluate};
+    use meshauth_policy::model::{ModelConfig, PolicyModel, Verdict};
+    use meshauth_policy::tables::TableProtocol;
+    use std::net::Ipv4Addr;
+
+    const MESH: &str = "\
+apiVersion: meshauth.io/v1alpha1
+kind: MutualAuth
+metadata: {name: default, namespace: shop}
+spec: {mode: Strict}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: payment-0, namespace: shop}
+spec: {serviceAccountName: payment, nodeName: node-1, containers: []}
+status: {podIP: 10.244.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: order-0, namespace: shop}
+spec: {serviceAccountName: order, nodeName: node-1, containers: []}
+status: {podIP: 10.244.1.6}
+";
+
+    /// node-2 (compromised) gives its mirror pod payment-0's address.
+    const FORGED_MIRROR: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: static-node-2, namespace: kube-system, annotations: {kubernetes.io/config.mirror: x}}
+spec: {nodeName: node-2, containers: []}
+status: {podIP: 10.244.1.5}
+";
+
+    /// The tables a node's agent loads: the compiled ones and the isolated shared addresses.
+    fn tables(text: &str) -> (Snapshot, meshauth_policy::tables::CompiledTables) {
+        let mut manifests = Manifests::default();
+        manifests.add_source("mesh.yaml", text).expect("manifests");
+        let snapshot = manifests.snapshot();
+        let model = PolicyModel::new(ModelConfig::default(), snapshot.inputs.clone());
+        let mut tables = compile(&model, &mut NumberAllocator::default());
+        tables.endpoints.extend(snapshot.isolated_endpoints());
+        (snapshot, tables)
+    }
+
+    #[test]
+    fn an_address_two_pods_claim_is_an_isolated_non_identity() {
+        let (payment, order) = (Ipv4Addr::new(10, 244, 1, 5), Ipv4Addr::new(10, 244, 1, 6));
+        let (_, honest) = tables(MESH);
+        let d = evaluate(&honest, payment, order, TableProtocol::Tcp, 80).expect("order is a mesh pod");
+        assert_eq!(d.verdict, Verdict::Allow, "before the forgery the pair only needs its handshake");
+
+        let (snapshot, forged) = tables(&format!("{MESH}---\n{FORGED_MIRROR}"));
+        assert_eq!(snapshot.shared_addresses.len(), 1);
+        assert!(snapshot.not_endpoints.contains(&(ObjectRef::new("shop", "payment-0"), NotEndpoint::SharedAddress)));
+        // From the shared address: a world source, dropped by the Strict destination.
+        let from = evaluate(&forged, payment, order, TableProtocol::Tcp, 80).expect("order is a mesh pod");
+        assert_eq!(from.verdict, Verdict::Deny);
+        // To it: isolated, so nothing from a pod passes, and no entry names payment's identity.
+        let to = evaluate(&forged, order, payment, TableProtocol::Tcp, 80).expect("the address is isolated, not unknown");
+        assert_eq!(to.verdict, Verdict::Deny);
+        let entry = forged.endpoints.iter().find(|e| e.ip == payment).expect("entry");
+        assert_eq!((entry.security_identity, entry.spiffe_id), (WORLD_IDENTITY, NO_SPIFFE_ID));
+        assert!(!forged.spiffe_ids.iter().any(|(_, id)| id.ends_with("/sa/payment")), "no SPIFFE number for the contested pod");
+        let model = PolicyModel::new(ModelConfig::default(), snapshot.inputs.clone());
+        assert!(auth_identity_pairs(&model, |_| true).iter().all(|p| !p.dst_spiffe_id.ends_with("/sa/payment") && !p.src_spiffe_id.ends_with("/sa/payment")), "no handshake, no SVID for it");
+        assert!(snapshot.node_identities("node-1", &TrustDomain::default()).iter().all(|id| !id.as_str().ends_with("/sa/payment")));
     }
 }
