@@ -27,6 +27,8 @@ pub mod reason {
     pub const REGISTRATION_BLOCKED: &str = "RegistrationBlocked";
     pub const CONFLICTED: &str = "Conflicted";
     pub const NO_CONFLICT: &str = "NoConflict";
+    /// The policy would take its namespace past the policy-entry budget: not in the tables.
+    pub const OVER_BUDGET: &str = "OverBudget";
 }
 
 /// A Kubernetes Event to record on an object.
@@ -42,6 +44,8 @@ pub struct EventSpec {
 pub struct Selection {
     pub mesh_policies: BTreeMap<ObjectRef, Vec<ObjectRef>>,
     pub mutual_auths: BTreeMap<ObjectRef, Vec<ObjectRef>>,
+    /// MeshPolicies the agents leave out for their namespace's entry budget, and why.
+    pub over_budget: BTreeMap<ObjectRef, String>,
 }
 
 impl Selection {
@@ -56,6 +60,7 @@ impl Selection {
                 s.mutual_auths.entry(m).or_default().push(pod.object_ref());
             }
         }
+        s.over_budget = meshauth_policy::compile::over_budget(model).into_iter().map(|o| (o.policy.clone(), o.to_string())).collect();
         s
     }
 }
@@ -183,7 +188,10 @@ pub fn mesh_policy(
     now: &Time,
 ) -> Computed<MeshPolicyStatus> {
     let pods = selection.mesh_policies.get(object).map(Vec::as_slice).unwrap_or_default();
-    let accepted = accepted(model, Kind::MeshPolicy, object);
+    let mut accepted = accepted(model, Kind::MeshPolicy, object);
+    if let (true, Some(why)) = (accepted.status, selection.over_budget.get(object)) {
+        accepted = Want { type_: ACCEPTED, status: false, reason: reason::OVER_BUDGET, message: format!("not enforced: the policy {why}") };
+    }
     let ready = ready(&accepted, pods, reg);
     let old = current.map(|c| c.conditions.as_slice()).unwrap_or_default();
     let conditions = finish(vec![accepted, ready], generation, old, now);
@@ -286,6 +294,44 @@ mod tests {
 
     fn cond<'a>(c: &'a [Condition], t: &str) -> &'a Condition {
         c.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} in {c:?}"))
+    }
+
+    #[test]
+    fn a_policy_past_its_namespaces_entry_budget_is_not_accepted_and_says_why() {
+        let mut pods: Vec<PodInfo> = (0..100).map(|i| pod("shop", &format!("p{i}"), &format!("app{i}"))).collect();
+        pods.push(pod("shop", "api", "api"));
+        // Within every per-object limit (4 rules of 50 ports), but from every pod of the
+        // cluster: 101 identities x 200 ports.
+        let rules: Vec<serde_json::Value> = (0..4)
+            .map(|r| {
+                let ports: Vec<_> = (0..50).map(|i| serde_json::json!({"port": 1000 + 50 * r + i})).collect();
+                serde_json::json!({"from": [{"namespaceSelector": {}}], "ports": ports})
+            })
+            .collect();
+        let huge: MeshPolicySpec = serde_json::from_value(serde_json::json!({
+            "selector": {"matchLabels": {"app": "api"}},
+            "ingress": rules,
+        }))
+        .expect("spec");
+        let model = PolicyModel::new(ModelConfig::default(), Inputs {
+            pods,
+            mesh_policies: vec![
+                policy("pay", "api", None),
+                Resource { namespace: "shop".into(), name: "huge".into(), created: Some("2024-02-01T00:00:00Z".into()), spec: huge },
+            ],
+            ..Default::default()
+        });
+        let sel = Selection::of(&model);
+        let desired = crate::registration::Desired::default();
+        let none = BTreeSet::new();
+        let reg = RegistrationState { desired: &desired, in_place: &none, spire_error: None };
+        let c = mesh_policy(&model, &sel, &reg, &ObjectRef::new("shop", "huge"), Some(1), None, &now());
+        let a = cond(&c.status.conditions, ACCEPTED);
+        assert_eq!((a.status.as_str(), a.reason.as_str()), ("False", reason::OVER_BUDGET));
+        assert!(a.message.contains("NAMESPACE_POLICY_ENTRY_BUDGET") && a.message.contains("20200"), "{}", a.message);
+        assert!(c.events.iter().any(|e| e.warning), "the user gets a warning Event");
+        let older = mesh_policy(&model, &sel, &reg, &ObjectRef::new("shop", "pay"), Some(1), None, &now());
+        assert_eq!(cond(&older.status.conditions, ACCEPTED).status, "True", "the older policy stays in force");
     }
 
     #[test]

@@ -45,6 +45,33 @@ impl NumberAllocator {
     }
 }
 
+/// The policy-map entries the MeshPolicies of one namespace may compile into (a tenant's
+/// share of the 65,536-entry default map). A policy that would take its namespace past it,
+/// counted oldest policy first and before overlapping ranges merge, is left out of the tables
+/// whole: the pods it selects stay isolated, so they lose what it would allow, never more, and
+/// the operator marks it with a condition naming this limit.
+pub const NAMESPACE_POLICY_ENTRY_BUDGET: usize = 16_384;
+
+/// A MeshPolicy left out of the tables because of [`NAMESPACE_POLICY_ENTRY_BUDGET`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OverBudget {
+    pub policy: ObjectRef,
+    /// The entries the policy alone compiles into.
+    pub entries: usize,
+    /// The entries of the namespace's older policies that fit.
+    pub namespace_entries: usize,
+}
+
+impl std::fmt::Display for OverBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "compiles into {} policy-map entries, and the namespace's older policies already take {} of its budget of {} (limit NAMESPACE_POLICY_ENTRY_BUDGET); the pods it selects stay isolated without its rules",
+            self.entries, self.namespace_entries, NAMESPACE_POLICY_ENTRY_BUDGET
+        )
+    }
+}
+
 type PolicyKey = (u32, u32, TableProtocol);
 /// First port, last port, the rule's authentication.
 type PortRange = (u16, u16, AuthRequirement);
@@ -59,8 +86,19 @@ pub fn security_identity_key(pod: &PodInfo) -> SecurityIdentityKey {
 }
 
 /// Compiles the model into tables. `allocator` keeps numbers stable between calls; identities
-/// that are gone are dropped from it (their numbers are not reused).
+/// that are gone are dropped from it (their numbers are not reused). Policies over their
+/// namespace's budget are left out ([`compile_with_budget`] says which).
 pub fn compile(model: &PolicyModel, allocator: &mut NumberAllocator) -> CompiledTables {
+    compile_with_budget(model, allocator).0
+}
+
+/// The MeshPolicies that [`compile`] leaves out for their namespace's entry budget.
+pub fn over_budget(model: &PolicyModel) -> Vec<OverBudget> {
+    compile_with_budget(model, &mut NumberAllocator::default()).1
+}
+
+/// [`compile`], and the policies it left out for [`NAMESPACE_POLICY_ENTRY_BUDGET`].
+pub fn compile_with_budget(model: &PolicyModel, allocator: &mut NumberAllocator) -> (CompiledTables, Vec<OverBudget>) {
     let mut alloc = allocator.open();
     let mut used_security = BTreeMap::new();
     let mut used_spiffe = BTreeMap::new();
@@ -106,23 +144,49 @@ pub fn compile(model: &PolicyModel, allocator: &mut NumberAllocator) -> Compiled
         })
         .collect();
 
-    // (dst identity, src identity or any, protocol) → the port ranges of every rule, overlapping.
-    let mut intervals: BTreeMap<PolicyKey, Vec<PortRange>> = BTreeMap::new();
+    // What each policy asks for: (dst identity, src identity or any, protocol) and a port
+    // range, overlapping, with the entries it would take on its own.
+    let mut asks: BTreeMap<&ObjectRef, (usize, Vec<(PolicyKey, PortRange)>)> = BTreeMap::new();
+    let mut age: Vec<&ObjectRef> = Vec::new();
     for (dst, pod) in &representative {
-        let Some(rules) = model.rules_for(pod) else { continue };
-        for rule in rules {
-            let sources: Vec<u32> = if model.rule_matches_source(rule, &SourceView { namespace: None, labels: None, spiffe_id: None }) {
-                vec![ANY_IDENTITY]
-            } else {
-                views.iter().filter(|(_, v)| model.rule_matches_source(rule, v)).map(|(s, _)| *s).collect()
-            };
-            for src in sources {
-                for protocol in TableProtocol::ALL {
-                    for (start, end) in PolicyModel::rule_ports(rule, protocol) {
-                        intervals.entry((*dst, src, protocol)).or_default().push((start, end, rule.auth));
+        for (policy, rules) in model.policy_rules_for(pod) {
+            if !age.contains(&policy) {
+                age.push(policy);
+            }
+            let (entries, list) = asks.entry(policy).or_default();
+            for rule in rules {
+                let sources: Vec<u32> = if model.rule_matches_source(rule, &SourceView { namespace: None, labels: None, spiffe_id: None }) {
+                    vec![ANY_IDENTITY]
+                } else {
+                    views.iter().filter(|(_, v)| model.rule_matches_source(rule, v)).map(|(s, _)| *s).collect()
+                };
+                for src in sources {
+                    for protocol in TableProtocol::ALL {
+                        for (start, end) in PolicyModel::rule_ports(rule, protocol) {
+                            *entries += crate::tables::port_range_prefixes(start, end).len();
+                            list.push(((*dst, src, protocol), (start, end, rule.auth)));
+                        }
                     }
                 }
             }
+        }
+    }
+    // Oldest first per namespace (the model keeps policies in age order, and representatives
+    // meet them in that order for each pod; sort to be independent of which pod came first).
+    age.sort_by_key(|p| model.policy_age_rank(p));
+    let mut namespace_used: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut left_out = Vec::new();
+    let mut intervals: BTreeMap<PolicyKey, Vec<PortRange>> = BTreeMap::new();
+    for policy in age {
+        let Some((entries, list)) = asks.remove(policy) else { continue };
+        let used = namespace_used.entry(policy.namespace.as_str()).or_default();
+        if *used + entries > NAMESPACE_POLICY_ENTRY_BUDGET {
+            left_out.push(OverBudget { policy: policy.clone(), entries, namespace_entries: *used });
+            continue;
+        }
+        *used += entries;
+        for (key, range) in list {
+            intervals.entry(key).or_default().push(range);
         }
     }
     let mut policy = Vec::new();
@@ -134,12 +198,13 @@ pub fn compile(model: &PolicyModel, allocator: &mut NumberAllocator) -> Compiled
 
     allocator.security = alloc.security.into_iter().filter(|(_, n)| used_security.contains_key(n)).collect();
     allocator.spiffe = alloc.spiffe.into_iter().filter(|(_, n)| used_spiffe.contains_key(n)).collect();
-    CompiledTables {
+    let tables = CompiledTables {
         endpoints,
         policy,
         spiffe_ids: used_spiffe.into_iter().collect(),
         security_identities: used_security.into_iter().collect(),
-    }
+    };
+    (tables, left_out)
 }
 
 /// Splits overlapping intervals into disjoint ones, each with the strictest requirement of the

@@ -461,6 +461,17 @@ impl PolicyModel {
         self.policies_for(pod).map(|p| p.object.clone()).collect()
     }
 
+    /// Where `policy` stands among the MeshPolicies, oldest first (`usize::MAX`: unknown).
+    pub(crate) fn policy_age_rank(&self, policy: &ObjectRef) -> usize {
+        self.policies.iter().position(|p| &p.object == policy).unwrap_or(usize::MAX)
+    }
+
+    /// The MeshPolicies selecting `pod`, oldest first, each with its rules (for compile's
+    /// per-namespace entry budget, which must know whose rules are whose).
+    pub(crate) fn policy_rules_for<'a>(&'a self, pod: &'a PodInfo) -> impl Iterator<Item = (&'a ObjectRef, &'a [Rule])> + 'a {
+        self.policies_for(pod).map(|p| (&p.object, p.rules.as_slice()))
+    }
+
     fn policies_for<'a>(&'a self, pod: &'a PodInfo) -> impl Iterator<Item = &'a Policy> + 'a {
         self.policies
             .iter()

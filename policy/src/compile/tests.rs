@@ -212,3 +212,63 @@ fn numbers_stay_stable_and_are_never_reused() {
     assert!(zero_again.security_identity > zero.security_identity, "numbers of gone identities are not reused");
     assert!(zero_again.spiffe_id > zero.spiffe_id);
 }
+
+fn pod(ns: &str, name: &str, app: &str, ip: u32) -> PodInfo {
+    PodInfo {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        service_account: "default".into(),
+        ip: Some(Ipv4Addr::from(0x0a00_0000 + ip)),
+        node: None,
+    }
+}
+
+fn mesh_policy(ns: &str, name: &str, day: u8, spec: Value) -> Resource<meshauth_crds::MeshPolicySpec> {
+    Resource {
+        namespace: ns.into(),
+        name: name.into(),
+        created: Some(format!("2026-01-{day:02}T00:00:00Z")),
+        spec: serde_json::from_value(spec).expect("spec"),
+    }
+}
+
+#[test]
+fn a_policy_past_its_namespaces_budget_is_left_out_whole_and_its_pods_stay_isolated() {
+    // 100 source identities elsewhere, and a tenant policy from every namespace on 200 ports:
+    // 20,400 entries for one destination, more than a namespace's budget.
+    let mut pods: Vec<PodInfo> = (0..100).map(|i| pod("other", &format!("src{i}"), &format!("s{i}"), 100 + i)).collect();
+    pods.push(pod("tenant", "api", "api", 1));
+    pods.push(pod("other", "web", "web", 2));
+    // Within every per-object limit of the webhook (4 rules of 50 ports), yet from every pod.
+    let rules: Vec<Value> = (0..4)
+        .map(|r| {
+            let ports: Vec<Value> = (0..50).map(|i| json!({"port": 1000 + 2 * (50 * r + i)})).collect();
+            json!({"from": [{"namespaceSelector": {}}], "ports": ports})
+        })
+        .collect();
+    let inputs = Inputs {
+        pods,
+        mesh_policies: vec![
+            mesh_policy("tenant", "small", 1, json!({"selector": {"matchLabels": {"app": "api"}}, "ingress": [{"ports": [{"port": 80}]}]})),
+            mesh_policy("tenant", "huge", 2, json!({"selector": {"matchLabels": {"app": "api"}}, "ingress": rules})),
+            mesh_policy("other", "web", 3, json!({"selector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 443}]}]})),
+        ],
+        ..Inputs::default()
+    };
+    let model = PolicyModel::new(ModelConfig::default(), inputs);
+    assert!(model.problems().is_empty(), "every object is valid: {:?}", model.problems());
+    let (tables, left_out) = compile_with_budget(&model, &mut NumberAllocator::default());
+    assert_eq!(left_out.len(), 1, "{left_out:?}");
+    assert_eq!(left_out[0].policy, ObjectRef::new("tenant", "huge"));
+    assert_eq!(left_out[0].entries, 102 * 200, "every pod of the cluster (102 identities) on 200 ports");
+    assert!(left_out[0].to_string().contains("NAMESPACE_POLICY_ENTRY_BUDGET"), "{}", left_out[0]);
+    assert!(tables.policy.len() < NAMESPACE_POLICY_ENTRY_BUDGET);
+    let (src, api, web) = (Ipv4Addr::from(0x0a00_0000 + 100), Ipv4Addr::from(0x0a00_0001), Ipv4Addr::from(0x0a00_0002));
+    let verdict = |dst, port| evaluate(&tables, src, dst, TableProtocol::Tcp, port).map(|d| d.verdict);
+    use crate::model::Verdict::{Allow, Deny};
+    assert_eq!(verdict(api, 80), Some(Allow), "the older policy of the namespace stays");
+    assert_eq!(verdict(api, 1000), Some(Deny), "the policy over budget allows nothing: its pod stays isolated");
+    assert_eq!(verdict(web, 443), Some(Allow), "another namespace is not affected");
+    assert_eq!(over_budget(&model), left_out);
+}
