@@ -28,10 +28,16 @@ struct NodeUnderTest {
     pins: PinDir,
     dir: tempfile::TempDir,
     agent: Child,
+    /// Extra environment of the agent (datapath settings).
+    env: Vec<(String, String)>,
 }
 
 impl NodeUnderTest {
     fn start(tag: &str, manifests: &str) -> Self {
+        Self::start_with_env(tag, manifests, &[])
+    }
+
+    fn start_with_env(tag: &str, manifests: &str, env: &[(&str, &str)]) -> Self {
         require_root();
         for plugin in ["bridge", "ptp", "host-local"] {
             assert!(Path::new(CNI_BIN_DIR).join(plugin).exists(), "{CNI_BIN_DIR}/{plugin} is missing: apt-get install containernetworking-plugins");
@@ -42,8 +48,9 @@ impl NodeUnderTest {
         std::fs::create_dir_all(dir.path().join("manifests")).expect("manifests dir");
         std::fs::write(dir.path().join("manifests/mesh.yaml"), manifests).expect("manifests");
         let pins = PinDir::new(&format!("cni-{tag}"));
-        let agent = spawn_agent(&ns, dir.path(), &pins);
-        let node = NodeUnderTest { ns, pins, dir, agent };
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let agent = spawn_agent(&ns, dir.path(), &pins, &env);
+        let node = NodeUnderTest { ns, pins, dir, agent, env };
         node.wait_ready(1);
         node
     }
@@ -61,7 +68,7 @@ impl NodeUnderTest {
         // SAFETY: a pid we spawned and have not reaped.
         unsafe { libc::kill(self.agent.id() as libc::pid_t, libc::SIGTERM) };
         let _ = self.agent.wait();
-        self.agent = spawn_agent(&self.ns, self.dir.path(), &self.pins);
+        self.agent = spawn_agent(&self.ns, self.dir.path(), &self.pins, &self.env);
         self.wait_ready(2);
     }
 
@@ -157,7 +164,7 @@ impl Drop for NodeUnderTest {
 }
 
 /// A real agent in the node's namespace, reading `dir/manifests`, serving `dir/cni.sock`.
-fn spawn_agent(ns: &Netns, dir: &Path, pins: &PinDir) -> Child {
+fn spawn_agent(ns: &Netns, dir: &Path, pins: &PinDir, env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log")).expect("log");
     let mut cmd = Command::new(meshauth_bin("meshauth-agent"));
     cmd.args(["run", "--node-name", "node-1", "--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--manifests"])
@@ -171,6 +178,7 @@ fn spawn_agent(ns: &Netns, dir: &Path, pins: &PinDir) -> Child {
         .env("MESHAUTH_CNI_SOCKET", dir.join("cni.sock"))
         .env("MESHAUTH_NETNS_DIRS", dir.join("no-netns"))
         .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
@@ -330,4 +338,74 @@ fn five_thousand_pods_through_the_ptp_chain_leave_the_maps_bounded_by_live_pods(
     assert_eq!(node.link_pins(), 2);
     let endpoints = node.maps().endpoints().expect("endpoints");
     assert_eq!(endpoints.iter().map(|e| e.ip).collect::<Vec<_>>(), vec![steady_ip], "endpoints of deleted pods are gone");
+}
+
+/// GET `path` from the agent's metrics endpoint (its address is in the agent's log): the
+/// status line and the body.
+fn agent_http(node: &NodeUnderTest, path: &str) -> String {
+    use std::io::Read;
+    let log = node.log();
+    let addr = log
+        .lines()
+        .filter(|l| l.contains("serving /metrics"))
+        .find_map(|l| l.split("metrics_addr").nth(1).and_then(|rest| rest.trim_start_matches(['"', ':', '=', ' ']).split(['"', ' ', ',']).next().map(str::to_owned)))
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no metrics address in the agent log:\n{log}"));
+    node.ns
+        .run(|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .expect("node netns")
+        .expect("metrics endpoint")
+}
+
+/// The web pod's policy needs ten entries; the agent's policy map holds four.
+const OVERSIZED_MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-1, serviceAccountName: web, containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {nodeName: node-1, serviceAccountName: client, containers: []}
+---
+apiVersion: meshauth.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: web-ingress, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: client}}}]
+    ports: [{port: 8080}, {port: 8082}, {port: 8084}, {port: 8086}, {port: 8088}, {port: 8090}, {port: 8092}, {port: 8094}, {port: 8096}, {port: 8098}]
+"#;
+
+#[test]
+fn an_agent_fed_a_policy_larger_than_its_map_still_guards_every_pod() {
+    let node = NodeUnderTest::start_with_env("big", OVERSIZED_MESH, &[("MESHAUTH_BPF_POLICY_ENTRIES", "4")]);
+    let bridge = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "type": "bridge", "bridge": "cni-mb", "isGateway": true, "ipMasq": false, "ipam": node.ipam("10.251.3.0/24")});
+    let tag = std::process::id() % 100_000;
+    let pods: Vec<Netns> = ["web", "client"].iter().map(|p| Netns::new(&format!("cb{tag}-{p}")).expect("pod netns")).collect();
+    // ADD still succeeds: the pods are attached although the policy cannot be written.
+    let ips: Vec<Ipv4Addr> = ["web", "client"].iter().zip(&pods).map(|(p, ns)| node.add(&bridge, &format!("c-{p}"), &ns.name, p)).collect();
+    assert_eq!(node.interfaces().len(), 2, "every pod is attached");
+    accept_on(&pods[0], 8080);
+    // The web pod's rules did not fit: it accepts nothing rather than half its rules (or all).
+    assert!(!connects(&pods[1], ips[0], 8080), "a destination whose policy did not fit fails closed");
+    let ready = agent_http(&node, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("deny everything"), "{ready}");
+    assert!(agent_http(&node, "/healthz").starts_with("HTTP/1.1 200"), "alive: no restart loop");
+    let metrics = agent_http(&node, "/metrics");
+    assert!(metrics.contains("meshauth_agent_policy_applies_total{result=\"degraded\"}"), "{metrics}");
+    assert!(metrics.contains("meshauth_agent_policy_denied_destinations 1"), "{metrics}");
+    assert!(node.log().contains("does not fit in the maps"), "the agent says so in its log");
 }

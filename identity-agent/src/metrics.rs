@@ -1,4 +1,5 @@
-//! The agent's Prometheus metrics and its `/metrics` + `/healthz` endpoint.
+//! The agent's Prometheus metrics and its `/metrics`, `/healthz` (alive: maps loaded, inputs
+//! synced) and `/readyz` (also: the last policy apply put everything into the maps) endpoint.
 //!
 //! Handshake latency and results, auth entries, datapath verdicts and drops by reason, seconds
 //! to SVID expiry per identity, and events lost — what Cilium's mutual auth did not show.
@@ -45,6 +46,13 @@ pub struct IdentityLabels {
     pub spiffe_id: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApplyLabels {
+    /// `complete`, `degraded` (some destinations denied or endpoints left out: fail closed)
+    /// or `failed` (the maps could not be read or written).
+    pub result: &'static str,
+}
+
 /// Every metric of the agent.
 pub struct AgentMetrics {
     registry: Mutex<Registry>,
@@ -55,8 +63,14 @@ pub struct AgentMetrics {
     pub svid_expiry_seconds: Family<IdentityLabels, Gauge>,
     pub auth_required_events: Counter,
     pub events_lost: Counter,
+    pub policy_applies: Family<ApplyLabels, Counter>,
+    pub policy_denied_destinations: Gauge,
     last_datapath: Mutex<BTreeMap<String, u64>>,
     healthy: AtomicBool,
+    /// Why the agent is not ready although healthy (the last apply was not complete).
+    not_ready: Mutex<Option<String>>,
+    /// The label values of `svid_expiry_seconds` in use.
+    identities: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl AgentMetrics {
@@ -70,8 +84,12 @@ impl AgentMetrics {
             svid_expiry_seconds: Family::default(),
             auth_required_events: Counter::default(),
             events_lost: Counter::default(),
+            policy_applies: Family::default(),
+            policy_denied_destinations: Gauge::default(),
             last_datapath: Mutex::new(BTreeMap::new()),
             healthy: AtomicBool::new(false),
+            not_ready: Mutex::new(None),
+            identities: Mutex::new(std::collections::BTreeSet::new()),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register("handshakes", "Mutual handshakes by result and reason", m.handshakes.clone());
@@ -81,6 +99,12 @@ impl AgentMetrics {
             r.register("svid_expiry_seconds", "Seconds until each local SVID expires", m.svid_expiry_seconds.clone());
             r.register("auth_required_events", "Auth-required events read from the datapath", m.auth_required_events.clone());
             r.register("events_lost", "Datapath events that could not be read", m.events_lost.clone());
+            r.register("policy_applies", "Policy applies to the maps by result", m.policy_applies.clone());
+            r.register(
+                "policy_denied_destinations",
+                "Destination identities denied everything because their policy did not fit in the map",
+                m.policy_denied_destinations.clone(),
+            );
         }
         Arc::new(m)
     }
@@ -88,6 +112,43 @@ impl AgentMetrics {
     /// Marks the agent healthy (maps loaded, inputs synced) or not.
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Records one policy apply: `Ok(denied)` wrote the tables, denying `denied` destinations
+    /// whole when they did not fit (`left_out` endpoints of other nodes missing); `Err` could
+    /// not. Anything but a complete apply makes `/readyz` fail with the reason.
+    pub fn observe_apply(&self, outcome: Result<(usize, usize), &str>) {
+        let (result, reason) = match outcome {
+            Ok((0, 0)) => ("complete", None),
+            Ok((denied, left_out)) => (
+                "degraded",
+                Some(format!(
+                    "policy did not fit in the maps: {denied} destinations deny everything, {left_out} endpoints of other nodes left out"
+                )),
+            ),
+            Err(error) => ("failed", Some(format!("policy apply failed: {error}"))),
+        };
+        self.policy_applies.get_or_create(&ApplyLabels { result }).inc();
+        if let Ok((denied, _)) = outcome {
+            self.policy_denied_destinations.set(i64::try_from(denied).unwrap_or(i64::MAX));
+        }
+        if let Ok(mut r) = self.not_ready.lock() {
+            *r = reason;
+        }
+    }
+
+    /// Keeps the per-identity series of identities still on this node only: a pod's SPIFFE ID
+    /// that left must not stay a label value forever (nor grow the exposition without bound).
+    pub fn retain_identities(&self, present: &std::collections::BTreeSet<String>) {
+        let Ok(mut known) = self.identities.lock() else { return };
+        known.retain(|id| {
+            let keep = present.contains(id);
+            if !keep {
+                self.svid_expiry_seconds.remove(&IdentityLabels { spiffe_id: id.clone() });
+            }
+            keep
+        });
+        known.extend(present.iter().cloned());
     }
 
     /// Folds the datapath's cumulative counters in (they only grow; a smaller value means the
@@ -116,6 +177,7 @@ impl AgentMetrics {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|error| MetricsError::Bind { addr, error })?;
         let bound = listener.local_addr().map_err(|error| MetricsError::Bind { addr, error })?;
         let metrics = self.clone();
+        let readiness = self.clone();
         let health = self;
         let app = Router::new()
             .route(
@@ -123,6 +185,20 @@ impl AgentMetrics {
                 get(move || {
                     let body = metrics.encode();
                     async move { ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body) }
+                }),
+            )
+            .route(
+                "/readyz",
+                get(move || {
+                    let healthy = readiness.healthy.load(Ordering::Relaxed);
+                    let reason = readiness.not_ready.lock().ok().and_then(|r| r.clone());
+                    async move {
+                        match (healthy, reason) {
+                            (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting".to_owned()).into_response(),
+                            (true, Some(reason)) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+                            (true, None) => (StatusCode::OK, "ok".to_owned()).into_response(),
+                        }
+                    }
                 }),
             )
             .route(
@@ -151,6 +227,10 @@ impl crate::handshake::HandshakeObserver for AgentMetrics {
         self.handshakes.get_or_create(&labels).inc();
         self.handshake_duration.observe(took.as_secs_f64());
     }
+
+    fn turned_away(&self, reason: &'static str) {
+        self.handshakes.get_or_create(&HandshakeLabels { side: "server", result: "turned_away", reason }).inc();
+    }
 }
 
 impl AuthObserver for AgentMetrics {
@@ -176,7 +256,7 @@ mod tests {
     async fn serves_the_metrics_a_user_looks_for() {
         let m = AgentMetrics::new();
         m.handshake(Ok(()), Duration::from_millis(2));
-        m.handshake(Err(&AuthFailure { reason: "wrong_identity", message: "x".into() }), Duration::from_millis(1));
+        m.handshake(Err(&AuthFailure { reason: "wrong_identity", message: "x".into(), refused: true }), Duration::from_millis(1));
         m.entries(3);
         m.observe_datapath_counters([("drop_auth_missing".to_owned(), 5)]);
         m.observe_datapath_counters([("drop_auth_missing".to_owned(), 7)]);
@@ -198,6 +278,40 @@ mod tests {
         m.set_healthy(true);
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/metrics").await.contains("meshauth_agent_auth_entries 3"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn an_apply_that_did_not_fit_fails_readiness_and_is_counted() {
+        let m = AgentMetrics::new();
+        m.set_healthy(true);
+        let (addr, _server) = m.clone().serve("127.0.0.1:0".parse().expect("addr")).await.expect("serve");
+        m.observe_apply(Ok((2, 0)));
+        let ready = get(addr, "/readyz").await;
+        assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("2 destinations deny everything"), "{ready}");
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"), "alive: the kubelet must not restart it");
+        let text = m.encode();
+        assert!(text.contains("meshauth_agent_policy_applies_total{result=\"degraded\"} 1"), "{text}");
+        assert!(text.contains("meshauth_agent_policy_denied_destinations 2"), "{text}");
+        m.observe_apply(Err("endpoints: operation not permitted"));
+        assert!(get(addr, "/readyz").await.contains("policy apply failed"));
+        m.observe_apply(Ok((0, 0)));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert_eq!(m.policy_denied_destinations.get(), 0);
+    }
+
+    #[test]
+    fn identities_that_left_the_node_leave_the_metrics() {
+        let m = AgentMetrics::new();
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<std::collections::BTreeSet<_>>();
+        for id in ["spiffe://td/ns/a/sa/x", "spiffe://td/ns/b/sa/y"] {
+            m.svid_expiry_seconds.get_or_create(&IdentityLabels { spiffe_id: id.into() }).set(30);
+        }
+        m.retain_identities(&ids(&["spiffe://td/ns/a/sa/x", "spiffe://td/ns/b/sa/y"]));
+        m.retain_identities(&ids(&["spiffe://td/ns/a/sa/x"]));
+        let text = m.encode();
+        assert!(text.contains("spiffe://td/ns/a/sa/x"), "{text}");
+        assert!(!text.contains("spiffe://td/ns/b/sa/y"), "a departed identity is still a label value:\n{text}");
     }
 
     async fn get(addr: SocketAddr, path: &str) -> String {
