@@ -36,6 +36,9 @@ pub const CNI_BIN_DIR: &str = "MESHAUTH_CNI_BIN_DIR";
 pub const CNI_CONF_DIR: &str = "MESHAUTH_CNI_CONF_DIR";
 pub const HANDSHAKE_TIMEOUT: &str = "MESHAUTH_HANDSHAKE_TIMEOUT_MS";
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// `false` for IPAMs that do not hand out the nodes' `spec.podCIDRs` (Calico's, AWS VPC CNI):
+/// otherwise a pod IP outside its node's pod CIDRs is no endpoint.
+pub const CHECK_NODE_POD_CIDRS: &str = "MESHAUTH_CHECK_NODE_POD_CIDRS";
 
 /// A setting that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +81,8 @@ pub struct AgentConfig {
     pub daemonset: Option<String>,
     pub cni_bin_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
+    /// Pod IPs must lie in their node's `spec.podCIDRs` (where nodes carry any).
+    pub check_node_pod_cidrs: bool,
 }
 
 fn display<S: serde::Serializer>(v: &TrustDomain, s: S) -> Result<S::Ok, S::Error> {
@@ -116,7 +121,15 @@ impl AgentConfig {
                 .map(Duration::from_millis)
                 .ok_or_else(|| ConfigError { setting: HANDSHAKE_TIMEOUT, value: v.clone(), reason: "expected milliseconds above 0".into() })?,
         };
+        let check_node_pod_cidrs = match get(CHECK_NODE_POD_CIDRS).as_deref() {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(v) => {
+                return Err(ConfigError { setting: CHECK_NODE_POD_CIDRS, value: v.to_owned(), reason: "expected true or false".into() });
+            }
+        };
         Ok(Self {
+            check_node_pod_cidrs,
             node_name,
             inputs: get(MANIFESTS).map_or(InputMode::Kubernetes, |d| InputMode::Manifests(PathBuf::from(d))),
             listen: addr(LISTEN, DEFAULT_LISTEN)?,
@@ -160,12 +173,13 @@ mod tests {
 
     #[test]
     fn errors_name_the_setting_the_value_and_the_reason() {
-        let cases: [(&[(&str, &str)], &str); 5] = [
+        let cases: [(&[(&str, &str)], &str); 6] = [
             (&[(LISTEN, "4250")], "MESHAUTH_LISTEN=\"4250\": not an address"),
             (&[(TRUST_DOMAIN, "Cluster.Local")], "MESHAUTH_TRUST_DOMAIN=\"Cluster.Local\": trust domain has character 'C'"),
             (&[(MAX_CONCURRENT_HANDSHAKES, "0")], "MESHAUTH_MAX_CONCURRENT_HANDSHAKES=\"0\": expected a whole number above 0"),
             (&[(HANDSHAKE_TIMEOUT, "soon")], "MESHAUTH_HANDSHAKE_TIMEOUT_MS=\"soon\""),
             (&[(METRICS_ADDR, "::9090")], "MESHAUTH_METRICS_ADDR"),
+            (&[(CHECK_NODE_POD_CIDRS, "no")], "MESHAUTH_CHECK_NODE_POD_CIDRS=\"no\": expected true or false"),
         ];
         for (vars, want) in cases {
             let err = AgentConfig::from_lookup(Some("n".into()), lookup(vars)).expect_err(want).to_string();

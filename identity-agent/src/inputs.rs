@@ -5,6 +5,7 @@
 //!
 //! This module only observes; it must not write to the API server.
 
+use meshauth_cluster::EndpointRules;
 use meshauth_cluster::manifests::{ManifestError, Manifests};
 pub use meshauth_cluster::snapshot::{AGENT_ADDRESS_ANNOTATION, SPIRE_AGENT_ID_ANNOTATION};
 pub use meshauth_cluster::Snapshot;
@@ -62,6 +63,12 @@ pub fn snapshot_from_dir(dir: &Path) -> Result<Snapshot, InputError> {
 /// A directory that stops parsing keeps the last good snapshot (and the error is logged), so a
 /// half-written file never empties the maps.
 pub fn watch_dir(dir: PathBuf, poll: Duration) -> Result<watch::Receiver<Arc<Snapshot>>, InputError> {
+    watch_dir_with(dir, poll, EndpointRules::default())
+}
+
+/// [`watch_dir`] with the given endpoint rules.
+pub fn watch_dir_with(dir: PathBuf, poll: Duration, rules: EndpointRules) -> Result<watch::Receiver<Arc<Snapshot>>, InputError> {
+    let snapshot_from_dir = move |dir: &Path| Ok::<_, InputError>(read_manifest_dir(dir)?.snapshot_with(&rules));
     // Stamp before reading, so a change made while reading is seen as a change.
     let mut last_stamp = dir_stamp(&dir);
     let first = snapshot_from_dir(&dir)?;
@@ -107,8 +114,8 @@ fn dir_stamp(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
 
 /// Follows the Kubernetes API: a snapshot after each burst of changes (see
 /// [`meshauth_cluster::reflect::watch_snapshots`]).
-pub async fn watch_kubernetes(client: kube::Client, debounce: Duration) -> watch::Receiver<Arc<Snapshot>> {
-    meshauth_cluster::reflect::watch_snapshots(client, debounce).await
+pub async fn watch_kubernetes(client: kube::Client, debounce: Duration, rules: EndpointRules) -> watch::Receiver<Arc<Snapshot>> {
+    meshauth_cluster::reflect::watch_snapshots_with(client, debounce, rules).await
 }
 
 #[cfg(test)]
@@ -129,7 +136,7 @@ mod tests {
     #[tokio::test]
     async fn a_directory_that_stops_parsing_keeps_the_last_good_snapshot() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.1}\n";
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nspec: {serviceAccountName: a, containers: []}\nstatus: {podIP: 10.0.0.1}\n";
         std::fs::write(dir.path().join("a.yaml"), pod).expect("write");
         let mut rx = watch_dir(dir.path().to_owned(), Duration::from_millis(20)).expect("watch");
         assert_eq!(rx.borrow().inputs.pods.len(), 1);

@@ -15,6 +15,7 @@ pub mod inputs;
 pub mod pod_net;
 pub mod metrics;
 pub mod node_agent;
+pub mod numbering;
 pub mod plan;
 pub mod svid;
 pub mod verify;

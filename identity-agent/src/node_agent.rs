@@ -47,6 +47,8 @@ pub enum AgentError {
     LinkWatch(#[from] pod_net::PodNetError),
     #[error("cannot install the SIGTERM handler: {0}")]
     Signal(std::io::Error),
+    #[error("identity numbering: {0}")]
+    Numbering(#[from] crate::numbering::NumberingError),
 }
 
 /// The datapath shared by the apply loop and the auth manager.
@@ -81,31 +83,6 @@ impl AuthTable for DatapathAuthTable {
 
 /// The latest view of which identity lives where, shared with the handshake server.
 pub type SharedView = Arc<RwLock<NodeView>>;
-
-const ALLOCATOR_FILE: &str = "numbers.json";
-
-fn load_allocator(state_dir: &Path) -> NumberAllocator {
-    let path = state_dir.join(ALLOCATOR_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
-            // A corrupt file must not stop the node: renumbering only costs re-handshakes,
-            // because the auth entries of numbers nobody holds any more are removed.
-            tracing::warn!(%error, path = %path.display(), "identity numbering unreadable; starting afresh");
-            NumberAllocator::default()
-        }),
-        Err(_) => NumberAllocator::default(),
-    }
-}
-
-fn save_allocator(state_dir: &Path, allocator: &NumberAllocator) -> Result<(), AgentError> {
-    let path = state_dir.join(ALLOCATOR_FILE);
-    let tmp = state_dir.join(format!("{ALLOCATOR_FILE}.tmp"));
-    let state_err = |error| AgentError::State { path: path.clone(), error };
-    let bytes = serde_json::to_vec(allocator).map_err(|e| state_err(std::io::Error::other(e)))?;
-    // Write-then-rename: a crash mid-write leaves the previous numbering intact.
-    std::fs::write(&tmp, bytes).map_err(state_err)?;
-    std::fs::rename(&tmp, &path).map_err(state_err)
-}
 
 /// A pod interface this agent guards: the host side of the pod's veth.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -176,8 +153,8 @@ impl Applier {
         view: SharedView,
         manager: AuthManagerHandle,
         netns_dirs: Vec<PathBuf>,
+        allocator: NumberAllocator,
     ) -> Self {
-        let allocator = load_allocator(&state_dir);
         // The pinned interfaces are the registry a previous agent left: adopt them, with the
         // pods it recorded for them.
         let details = load_registry_details(&state_dir);
@@ -247,7 +224,7 @@ impl Applier {
     pub fn reapply(&mut self) -> Result<(), AgentError> {
         let snapshot = self.effective_snapshot();
         let mut plan = plan::plan(&snapshot, &self.model_config, &self.node_name, self.peer_port, &mut self.allocator);
-        save_allocator(&self.state_dir, &self.allocator)?;
+        crate::numbering::save(&self.state_dir, &self.allocator)?;
         for problem in &plan.problems {
             tracing::warn!(%problem, "spec problem: the offending part is ignored (fail closed)");
         }
@@ -262,6 +239,14 @@ impl Applier {
         // no destination this node's programs would see).
         let local: BTreeSet<Ipv4Addr> = plan.local_pods.iter().map(|p| p.ip).collect();
         plan.tables.endpoints.retain(|e| !local.contains(&e.ip) || self.registry.contains_key(&e.ip));
+        // An address several pods claim names none of them (a node writes its pods' status):
+        // isolated with no identity, whatever pod the CNI laid over it here.
+        let shared = snapshot.isolated_endpoints();
+        for s in &snapshot.shared_addresses {
+            tracing::warn!(ip = %s.ip, pods = ?s.pods, "several pods claim this address: it is isolated and names no identity (fail closed)");
+        }
+        plan.tables.endpoints.retain(|e| !shared.iter().any(|s| s.ip == e.ip));
+        plan.tables.endpoints.extend(shared);
         // A guarded interface whose pod the model does not know (deleted from the API while its
         // sandbox lingers, or named by nobody) is isolated with no identity: it accepts only
         // the node itself, never "not a mesh pod, pass".
@@ -573,6 +558,9 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
 
     let datapath: SharedDatapath = Arc::new(Mutex::new(Datapath::load_or_adopt(datapath_config)?));
     let mut events = lock(&datapath).events()?;
+    // Before the auth manager adopts the pinned auth entries: only those whose numbers keep
+    // their meaning survive.
+    let allocator = crate::numbering::load(&config.state_dir, &mut lock(&datapath))?;
 
     let (store, _store_task) = SvidStore::spawn(
         Arc::new(WorkloadApiSource::new(config.workload_api_socket.display().to_string())),
@@ -595,9 +583,10 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         metrics.clone(),
     );
 
+    let endpoint_rules = meshauth_cluster::EndpointRules { check_node_pod_cidrs: config.check_node_pod_cidrs };
     let mut snapshots: watch::Receiver<Arc<Snapshot>> = match &config.inputs {
-        InputMode::Manifests(dir) => inputs::watch_dir(dir.clone(), Duration::from_millis(100))?,
-        InputMode::Kubernetes => inputs::watch_kubernetes(kube::Client::try_default().await?, Duration::from_millis(50)).await,
+        InputMode::Manifests(dir) => inputs::watch_dir_with(dir.clone(), Duration::from_millis(100), endpoint_rules)?,
+        InputMode::Kubernetes => inputs::watch_kubernetes(kube::Client::try_default().await?, Duration::from_millis(50), endpoint_rules).await,
     };
     let model_config = ModelConfig { trust_domain: config.trust_domain.clone(), mesh_namespace: config.mesh_namespace.clone() };
     let mut applier = Applier::new(
@@ -609,6 +598,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         view.clone(),
         manager.clone(),
         config.netns_dirs.clone(),
+        allocator,
     );
     let mut removed_links = pod_net::watch_removed_links()?;
     let first = snapshots.borrow_and_update().clone();
