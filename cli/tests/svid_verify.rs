@@ -63,3 +63,17 @@ fn a_bad_chain_exits_1_with_the_reason() {
         assert!(stderr.contains("invalid X.509-SVID") || stderr.contains("meshauthctl"), "{what}: {stderr}");
     }
 }
+
+#[test]
+fn a_leaf_naming_only_the_trust_domain_exits_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("cluster.local");
+    let bundle = pem_certs(&[ca.root_cert()]);
+    let chain = pem_certs(&ca.svid("spiffe://cluster.local").chain);
+    for extra in [&[][..], &["--trust-domain", "cluster.local"][..]] {
+        let (code, stdout, stderr) = verify(dir.path(), &bundle, &chain, extra);
+        assert_eq!(code, 1, "{extra:?}: stdout {stdout:?} stderr {stderr:?}");
+        assert!(stdout.is_empty(), "{stdout}");
+        assert!(stderr.contains("SPIFFE ID spiffe://cluster.local has no path"), "{stderr}");
+    }
+}

@@ -10,7 +10,9 @@
 //! - exactly one leaf (a certificate without `cA=true`) and it is the first one: a chain with two
 //!   leaves, or whose first certificate is a CA, is a substituted chain and is refused (the bug
 //!   Cilium had to fix: a verifier that picks "some" leaf lets an attacker bring someone else's);
-//! - the leaf has exactly one URI SAN and it is a valid SPIFFE ID (`meshauth_crds::SpiffeId`);
+//! - the leaf has exactly one URI SAN and it is a valid SPIFFE ID (`meshauth_crds::SpiffeId`)
+//!   with a path: `spiffe://cluster.local` alone names the trust domain, which X509-SVID §5.2
+//!   allows only for signing certificates, so a leaf carrying it is refused;
 //! - the leaf has key usage `digitalSignature` and neither `keyCertSign` nor `cRLSign`;
 //! - signing certificates (the rest of the chain) carry `keyCertSign` when they have key usage;
 //! - the SPIFFE ID belongs to the expected trust domain (when one is expected) and we hold a
@@ -61,6 +63,8 @@ pub enum VerifyError {
     UriSanCount(usize),
     #[error("the leaf's URI SAN {uri:?} is not a valid SPIFFE ID: {reason}")]
     BadSpiffeId { uri: String, reason: SpiffeIdError },
+    #[error("the leaf's SPIFFE ID {0} has no path; a leaf X.509-SVID must name a workload, not only its trust domain (X509-SVID §5.2)")]
+    NoPath(String),
     #[error("the leaf's key usage {0}")]
     LeafKeyUsage(&'static str),
     #[error("signing certificate {0} lacks key usage keyCertSign")]
@@ -92,7 +96,7 @@ impl VerifyError {
             Self::NoLeaf => "no_leaf",
             Self::LeafNotFirst { .. } => "leaf_not_first",
             Self::MultipleLeaves { .. } => "multiple_leaves",
-            Self::UriSanCount(_) | Self::BadSpiffeId { .. } => "bad_spiffe_id",
+            Self::UriSanCount(_) | Self::BadSpiffeId { .. } | Self::NoPath(_) => "bad_spiffe_id",
             Self::LeafKeyUsage(_) | Self::SignerKeyUsage(_) => "bad_key_usage",
             Self::WrongTrustDomain { .. } => "wrong_trust_domain",
             Self::WrongSpiffeId { .. } => "wrong_spiffe_id",
@@ -303,6 +307,9 @@ fn check_structure(chain: &[CertificateDer<'_>]) -> Result<Leaf, VerifyError> {
     };
     let id = SpiffeId::parse(uri)
         .map_err(|reason| VerifyError::BadSpiffeId { uri: (*uri).to_owned(), reason })?;
+    if id.path().is_empty() {
+        return Err(VerifyError::NoPath(id.to_string()));
+    }
 
     match leaf.key_usage().map_err(malformed(0))? {
         None => return Err(VerifyError::LeafKeyUsage("extension is missing")),

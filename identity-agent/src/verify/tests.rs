@@ -185,6 +185,29 @@ fn refuses_leaves_that_break_the_svid_profile() {
     assert_eq!(err.reason(), "invalid_chain", "{err}");
 }
 
+/// An SVID whose SPIFFE ID is only the trust domain would, if accepted by the server side
+/// (which takes any ID of a trust domain it has a bundle for), authenticate a peer as the
+/// trust domain itself. Both sides refuse it, before any signature is looked at.
+#[test]
+fn refuses_a_leaf_whose_spiffe_id_has_no_path_on_both_sides() {
+    let ca = TestCa::new("cluster.local");
+    let bundles = ca.bundle_set();
+    let pathless = ca.svid("spiffe://cluster.local");
+    for usage in [Usage::Client, Usage::Server, Usage::Any] {
+        let err = verify_svid(&pathless.chain, &bundles, None, usage, now()).expect_err("no path");
+        assert_eq!(err, VerifyError::NoPath("spiffe://cluster.local".into()), "{usage:?}");
+        assert_eq!(err.reason(), "bad_spiffe_id");
+        assert!(err.to_string().contains("has no path"), "{err}");
+    }
+    // The side that expects an exact ID refuses it even when told to expect that very ID.
+    let expected = id("spiffe://cluster.local");
+    let err = verify_svid_for(&pathless.chain, &bundles, &expected, Usage::Server, now())
+        .expect_err("no path, expected");
+    assert_eq!(err.reason(), "bad_spiffe_id", "{err}");
+    // The same CA's leaf with a path still verifies: it is the path that is refused.
+    verify_svid(&ca.svid(ORDER).chain, &bundles, None, Usage::Server, now()).expect("with a path");
+}
+
 #[test]
 fn not_after_is_the_earliest_of_the_chain() {
     let ca = TestCa::new("cluster.local");
