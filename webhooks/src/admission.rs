@@ -17,6 +17,8 @@ pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
 pub const ADMISSION_KIND: &str = "AdmissionReview";
 /// At most this many warnings go back to the client; the rest are summarised in one line.
 pub const MAX_WARNINGS: usize = 10;
+/// At most this many errors are listed in a denial; the rest are counted.
+pub const MAX_ERRORS: usize = 20;
 
 /// Why a request is not an AdmissionReview this webhook answers. Each maps to a 4xx.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +220,11 @@ pub fn check(subject: &Subject, mesh: &ModelConfig) -> Findings {
             warnings: Vec::new(),
         },
         Subject::MeshPolicy(p) => {
+            let limits = validate::mesh_policy_limits(&p.spec);
+            if !limits.is_empty() {
+                // Refused whole: the model is not built from an object of any size.
+                return Findings { errors: limits, warnings: Vec::new() };
+            }
             let mut errors = validate::validate_mesh_policy(&p.spec, &mesh.trust_domain);
             let inputs = Inputs { mesh_policies: vec![Resource::from_mesh_policy(p)], ..Default::default() };
             add_model_problems(&mut errors, mesh, inputs);
@@ -251,12 +258,11 @@ fn add_model_problems(errors: &mut Vec<FieldError>, mesh: &ModelConfig, inputs: 
 pub fn respond(review: &Review, findings: &Findings) -> AdmissionResponse {
     let mut response = AdmissionResponse::from(&review.request);
     if !findings.errors.is_empty() {
-        let message = format!(
-            "{} {} is invalid: {}",
-            review.kind.as_str(),
-            review.object_name(),
-            findings.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-        );
+        let mut listed: Vec<String> = findings.errors.iter().take(MAX_ERRORS).map(ToString::to_string).collect();
+        if findings.errors.len() > MAX_ERRORS {
+            listed.push(format!("and {} more errors", findings.errors.len() - MAX_ERRORS));
+        }
+        let message = format!("{} {} is invalid: {}", review.kind.as_str(), review.object_name(), listed.join("; "));
         response = response.deny(message);
         response.result.status = Some(StatusSummary::Failure);
         response.result.code = 422;
@@ -269,6 +275,7 @@ pub fn respond(review: &Review, findings: &Findings) -> AdmissionResponse {
             causes: findings
                 .errors
                 .iter()
+                .take(MAX_ERRORS)
                 .map(|e| StatusCause {
                     reason: "FieldValueInvalid".into(),
                     message: e.reason.clone(),
@@ -462,6 +469,47 @@ mod tests {
         let response = run(&body(&review("UPDATE", ma)));
         assert!(!response.allowed);
         assert!(response.result.message.contains("spec.selector.matchExpressions[0].operator: \"Is\" is not a label selector operator"), "{}", response.result.message);
+    }
+
+    /// A tenant's one namespaced policy that would multiply into more entries than the policy
+    /// map holds: every namespace as source and 10,000 ports.
+    #[test]
+    fn an_oversized_policy_is_denied_naming_the_limit() {
+        let ports: Vec<serde_json::Value> = (0..10_000).map(|i| json!({"port": 1 + i})).collect();
+        let policy = mesh_policy(json!({
+            "selector": {},
+            "ingress": [{"from": [{"namespaceSelector": {}}], "ports": ports}]
+        }));
+        let response = run(&body(&review("CREATE", policy)));
+        assert!(!response.allowed);
+        let msg = &response.result.message;
+        assert!(msg.contains("spec.ingress[0].ports: has 10000 entries, more than the limit of 64 entries per rule"), "{msg}");
+        assert!(msg.contains("more than the limit of 1024 port blocks per MeshPolicy"), "{msg}");
+        assert!(msg.len() < 2000, "the denial stays short: {} bytes", msg.len());
+    }
+
+    #[test]
+    fn a_denial_lists_a_bounded_number_of_errors() {
+        let ports: Vec<serde_json::Value> = (0..60).map(|_| json!({"port": 0})).collect();
+        let policy = mesh_policy(json!({"selector": {}, "ingress": [{"ports": ports}]}));
+        let response = run(&body(&review("CREATE", policy)));
+        assert!(!response.allowed);
+        assert!(response.result.message.ends_with(&format!("and {} more errors", 60 - MAX_ERRORS)), "{}", response.result.message);
+        assert_eq!(response.result.details.as_ref().expect("details").causes.len(), MAX_ERRORS);
+    }
+
+    #[test]
+    fn an_identity_of_another_trust_domain_is_allowed_with_a_warning() {
+        let policy = mesh_policy(json!({
+            "selector": {"matchLabels": {"app": "payment-service"}},
+            "ingress": [{"from": [{"identity": "spiffe://example.org/ns/shop/sa/order"}], "authentication": {"mode": "Required"}}]
+        }));
+        let response = run(&body(&review("CREATE", policy)));
+        assert!(response.allowed, "{}", response.result.message);
+        let warnings = response.warnings.expect("warnings");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("spec.ingress[0].from[0].identity: can never match"), "{warnings:?}");
+        assert!(warnings[0].contains("no peer can prove it until that trust domain is federated"), "{warnings:?}");
     }
 
     #[test]

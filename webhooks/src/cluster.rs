@@ -1,7 +1,13 @@
-//! Warnings that need the API: a policy that selects no pod or namespace right now, and a
-//! MutualAuth that ties with an existing one (it or the other will be `Conflicted`). Lookups are
-//! bounded in time; one that fails or times out only loses its warning, never the admission.
-//! Without API access (standalone) these warnings are skipped.
+//! Warnings that need the API: a policy that selects no pod of its own namespace right now, and
+//! a MutualAuth that ties with an existing one of its namespace (it or the other will be
+//! `Conflicted`). Lookups are bounded in time; one that fails or times out only loses its
+//! warning, never the admission. Without API access (standalone) these warnings are skipped.
+//!
+//! Every lookup stays inside the namespace of the object under review: a tenant may write
+//! MeshPolicies in its own namespace only, and a warning about what exists elsewhere (which
+//! namespaces carry a label, which pods run there) would let it map other tenants' namespaces
+//! through the webhook. So `namespaceSelector`s and peers in other namespaces get no API-based
+//! warning at all, whether they match or not.
 //!
 //! Fetching is here; deciding is in pure functions ([`tie_warnings`]) over what was fetched, and
 //! ties are decided by the shared policy model, not by a copy of its rules.
@@ -10,7 +16,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams};
 use kube::core::Selector;
@@ -24,8 +30,6 @@ use crate::admission::{Review, Subject};
 
 /// Most pods fetched to decide MutualAuth ties on pods.
 pub const MAX_PODS: u32 = 500;
-/// Most namespace selectors looked up for one MeshPolicy.
-pub const MAX_NAMESPACE_LOOKUPS: usize = 16;
 
 /// Why a lookup gave no answer.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +66,17 @@ impl Cluster {
             debug!("no API access: API-based warnings skipped");
             return Vec::new();
         };
+        // The namespace the API server authorized the request for is the only one looked into.
+        let requested = review.request.namespace.as_deref().unwrap_or_default();
+        let object_namespace = match &review.subject {
+            Subject::MeshPolicy(p) => p.namespace(),
+            Subject::MutualAuth(m) => m.namespace(),
+            Subject::Skip(_) | Subject::Unreadable(_) => None,
+        };
+        if object_namespace.as_deref().is_some_and(|ns| ns != requested) {
+            debug!(requested, object = ?object_namespace, "object and request name different namespaces: API-based warnings skipped");
+            return Vec::new();
+        }
         match &review.subject {
             Subject::MeshPolicy(p) => self.mesh_policy_warnings(client, p).await,
             Subject::MutualAuth(m) => self.mutual_auth_warnings(client, m).await,
@@ -97,17 +112,10 @@ impl Cluster {
             .collect())
     }
 
-    async fn any_namespace(&self, client: &Client, selector: &LabelSelector) -> Result<bool, LookupError> {
-        let selector = selector_string(selector)?;
-        let api: Api<Namespace> = Api::all(client.clone());
-        let params = ListParams::default().labels(&selector).limit(1);
-        let list = self.bounded("listing namespaces".into(), api.list_metadata(&params)).await?;
-        Ok(!list.items.is_empty())
-    }
-
     async fn mesh_policy_warnings(&self, client: &Client, policy: &MeshPolicy) -> Vec<FieldError> {
         let namespace = policy.namespace().unwrap_or_default();
         let mut warnings = Vec::new();
+        // Only the policy's own selector, in its own namespace: see the module doc.
         if usable(&policy.spec.selector) {
             match self.pods(client, &namespace, &policy.spec.selector, 1).await {
                 Ok(pods) if pods.is_empty() => warnings.push(FieldError::new(
@@ -115,28 +123,6 @@ impl Cluster {
                     format!("selects no pod in namespace {namespace} right now"),
                 )),
                 Ok(_) => {}
-                Err(err) => warn!(error = %err, "lookup for a warning failed; warning skipped"),
-            }
-        }
-        let namespace_selectors: Vec<(String, &LabelSelector)> = policy
-            .spec
-            .ingress
-            .iter()
-            .enumerate()
-            .flat_map(|(ri, rule)| {
-                rule.from.iter().enumerate().filter_map(move |(fi, peer)| {
-                    let selector = peer.namespace_selector.as_ref().filter(|s| usable(s))?;
-                    (peer.identity.is_none())
-                        .then(|| (format!("spec.ingress[{ri}].from[{fi}].namespaceSelector"), selector))
-                })
-            })
-            .take(MAX_NAMESPACE_LOOKUPS)
-            .collect();
-        let lookups = namespace_selectors.iter().map(|(_, s)| self.any_namespace(client, s));
-        for ((field, _), found) in namespace_selectors.iter().zip(futures::future::join_all(lookups).await) {
-            match found {
-                Ok(false) => warnings.push(FieldError::new(field.clone(), "matches no namespace right now")),
-                Ok(true) => {}
                 Err(err) => warn!(error = %err, "lookup for a warning failed; warning skipped"),
             }
         }

@@ -21,6 +21,14 @@ pub const DEFAULT_CA_OVERLAP: Duration = Duration::from_secs(120);
 pub const DEFAULT_CERT_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The API server keeps a few connections; 512 leaves room for replicas' probes and kubectl
+/// while keeping the file descriptors a flood can take far below common limits.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longer than the API server's webhook timeout, shorter than Go's idle-connection timeout (90 s),
+/// so the server rather than the client usually closes first and the client notices cleanly.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// An update carries the object twice, and an object may be up to ~1.5 MiB in etcd.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
@@ -178,6 +186,14 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Connections older than this are closed gracefully so clients reconnect; `None`: never.
     pub max_connection_age: Option<Duration>,
+    /// Most open HTTPS connections; at the limit idle and slow ones make room for new ones.
+    pub max_connections: usize,
+    /// Bound on receiving a request's headers.
+    pub header_timeout: Duration,
+    /// Bound on receiving a request's body.
+    pub body_timeout: Duration,
+    /// Connections without a request in progress for this long are closed.
+    pub idle_timeout: Duration,
     pub log_format: LogFormat,
 }
 
@@ -195,6 +211,10 @@ impl Config {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connection_age: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             log_format: LogFormat::Text,
         }
     }
@@ -263,6 +283,18 @@ pub struct Args {
     /// replicas, e.g. 10m; 0s: never.
     #[arg(long, env = "MESHAUTH_WEBHOOK_MAX_CONNECTION_AGE", default_value = "0s")]
     pub max_connection_age: String,
+    /// Most open HTTPS connections; at the limit the oldest idle or slow one makes room.
+    #[arg(long, env = "MESHAUTH_WEBHOOK_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Bound on receiving a request's headers (e.g. 10s).
+    #[arg(long, env = "MESHAUTH_WEBHOOK_HEADER_TIMEOUT", default_value = "10s")]
+    pub header_timeout: String,
+    /// Bound on receiving a request's body (e.g. 10s).
+    #[arg(long, env = "MESHAUTH_WEBHOOK_BODY_TIMEOUT", default_value = "10s")]
+    pub body_timeout: String,
+    /// Close connections with no request in progress for this long (e.g. 60s).
+    #[arg(long, env = "MESHAUTH_WEBHOOK_IDLE_TIMEOUT", default_value = "60s")]
+    pub idle_timeout: String,
     /// Log format.
     #[arg(long, env = "MESHAUTH_WEBHOOK_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -314,6 +346,10 @@ impl Args {
             0 => return Err(invalid("--max-body-bytes", "0", "must be positive")),
             n => n,
         };
+        let max_connections = match self.max_connections {
+            0 => return Err(invalid("--max-connections", "0", "must be positive")),
+            n => n,
+        };
         Ok(Config {
             listen: addr("--listen", &self.listen)?,
             metrics_listen: self.metrics_listen.as_deref().map(|a| addr("--metrics-listen", a)).transpose()?,
@@ -331,6 +367,10 @@ impl Args {
             handshake_timeout: positive("--handshake-timeout", &self.handshake_timeout)?,
             max_connection_age: Some(parse_duration("--max-connection-age", &self.max_connection_age)?)
                 .filter(|d| !d.is_zero()),
+            max_connections,
+            header_timeout: positive("--header-timeout", &self.header_timeout)?,
+            body_timeout: positive("--body-timeout", &self.body_timeout)?,
+            idle_timeout: positive("--idle-timeout", &self.idle_timeout)?,
             log_format: self.log_format,
         })
     }
@@ -441,6 +481,10 @@ mod tests {
             (&["--tls-cert", "c", "--tls-key", "k", "--mesh-namespace", "a_b"], "--mesh-namespace: \"a_b\""),
             (&["--tls-cert", "c", "--tls-key", "k", "--max-body-bytes", "0"], "--max-body-bytes"),
             (&["--tls-cert", "c", "--tls-key", "k", "--max-connection-age", "soon"], "--max-connection-age: \"soon\""),
+            (&["--tls-cert", "c", "--tls-key", "k", "--max-connections", "0"], "--max-connections: \"0\" is not valid: must be positive"),
+            (&["--tls-cert", "c", "--tls-key", "k", "--header-timeout", "0s"], "--header-timeout: \"0s\""),
+            (&["--tls-cert", "c", "--tls-key", "k", "--body-timeout", "x"], "--body-timeout: \"x\""),
+            (&["--tls-cert", "c", "--tls-key", "k", "--idle-timeout", "0ms"], "--idle-timeout: \"0ms\""),
             (&["--cert-secret", "a/b/c"], "--cert-secret: \"a/b/c\" is not valid: must be NAME or NAMESPACE/NAME"),
             (&["--cert-secret", "Bad"], "--cert-secret: \"Bad\""),
             (&["--cert-secret", "a/b", "--kube-api", "off"], "--kube-api off"),

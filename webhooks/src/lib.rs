@@ -150,6 +150,7 @@ impl Webhook {
             metrics: metrics.clone(),
             store: store.clone(),
             max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
         });
         let listener = TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
@@ -158,7 +159,14 @@ impl Webhook {
             listener,
             tls_config,
             server::router(app.clone()),
-            server::ConnectionLimits { handshake_timeout: config.handshake_timeout, max_age: config.max_connection_age },
+            server::ConnectionLimits {
+                handshake_timeout: config.handshake_timeout,
+                max_age: config.max_connection_age,
+                max_connections: config.max_connections,
+                header_timeout: config.header_timeout,
+                idle_timeout: config.idle_timeout,
+            },
+            metrics.clone(),
             shutdown_rx.clone(),
         )));
         let metrics_addr = match config.metrics_listen {

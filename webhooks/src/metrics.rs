@@ -83,6 +83,8 @@ pub struct Metrics {
     cert_loads: Family<ReloadLabels, Counter>,
     cert_expiry: Gauge<i64, AtomicI64>,
     cert_rotations: Counter,
+    connections_evicted: Counter,
+    connections_refused: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -135,7 +137,29 @@ impl Metrics {
             "Self-managed CA and serving certificate rotations completed",
             cert_rotations.clone(),
         );
-        Self { registry, admissions, admission_duration, bad_requests, cert_loads, cert_expiry, cert_rotations }
+        let connections_evicted = Counter::default();
+        registry.register(
+            "connections_evicted",
+            "Idle or slow connections closed to make room for a new one at the connection limit",
+            connections_evicted.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "New connections closed at the connection limit because every open one was answering a request",
+            connections_refused.clone(),
+        );
+        Self {
+            registry,
+            admissions,
+            admission_duration,
+            bad_requests,
+            cert_loads,
+            cert_expiry,
+            cert_rotations,
+            connections_evicted,
+            connections_refused,
+        }
     }
 
     pub fn admission(&self, kind: KindLabel, operation: OperationLabel, result: ResultLabel, elapsed: Duration) {
@@ -159,6 +183,14 @@ impl Metrics {
 
     pub fn certificate_rotated(&self) {
         self.cert_rotations.inc();
+    }
+
+    pub fn connection_evicted(&self) {
+        self.connections_evicted.inc();
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// The OpenMetrics text exposition of every metric.

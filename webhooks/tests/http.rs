@@ -44,14 +44,22 @@ struct Server {
 }
 
 async fn start(max_body_bytes: usize) -> Server {
+    start_with(|config| {
+        config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.max_body_bytes = max_body_bytes;
+    })
+    .await
+}
+
+/// A standalone server on loopback with fresh certificate files, `adjust`ed.
+async fn start_with(adjust: impl FnOnce(&mut Config)) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, leaf, key) = ca_and_leaf();
     let files = write_pair(dir.path(), &leaf, &key);
     let mut config = Config::new(CertSource::Files(files));
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.kube_api = KubeApi::Off;
-    config.max_body_bytes = max_body_bytes;
+    adjust(&mut config);
     let webhook = Webhook::start_with_client(config, None).await.expect("starts");
     Server { webhook, ca, dir }
 }
@@ -256,4 +264,132 @@ async fn serves_renewed_certificate_files_without_a_restart() {
     assert_eq!(served, new_leaf, "the new certificate is served");
     assert_ne!(before.peer_cert, new_leaf);
     server.webhook.shutdown().await;
+}
+
+async fn tls_connect(addr: SocketAddr, ca: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(client_config(ca));
+    let tcp = TcpStream::connect(addr).await?;
+    connector.connect(ServerName::try_from("127.0.0.1").expect("name"), tcp).await
+}
+
+/// Whether the server closes the connection (EOF or error) within `bound`, while `drip` bytes
+/// are sent one at a time every 100 ms.
+async fn closed_within(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, drip: &[u8], bound: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut next = 0;
+    let mut buf = [0u8; 256];
+    loop {
+        tokio::select! {
+            read = tls.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if next < drip.len() {
+                    if tls.write_all(&drip[next..next + 1]).await.is_err() || tls.flush().await.is_err() {
+                        return true;
+                    }
+                    next += 1;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => return false,
+        }
+    }
+}
+
+/// Slowloris: headers sent a byte at a time never finish, and a connection that sends nothing
+/// after its handshake keeps its slot forever — unless the server cuts both off.
+#[tokio::test]
+async fn slow_headers_and_idle_connections_are_cut_off() {
+    let server = start_with(|config| {
+        config.header_timeout = Duration::from_secs(1);
+        config.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let (addr, ca) = (server.webhook.addr, server.ca.as_str());
+    let drip = b"POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut slow = tls_connect(addr, ca).await.expect("TLS");
+    // The drip lasts ~20 s; the header timeout is 1 s.
+    assert!(closed_within(&mut slow, drip, Duration::from_secs(10)).await, "a connection dripping its headers was kept open");
+    let mut idle = tls_connect(addr, ca).await.expect("TLS");
+    assert!(closed_within(&mut idle, b"", Duration::from_secs(10)).await, "an idle connection was kept open");
+    // A client that asks in time is answered.
+    let good = serde_json::to_vec(&review("CREATE", policy("spiffe://cluster.local/ns/shop/sa/order"))).expect("json");
+    assert_eq!(request(addr, ca, "POST", "/validate", JSON, &good).await.status, 200);
+    server.webhook.shutdown().await;
+}
+
+/// Reads the webhook's JSON log until it names the address it serves on.
+fn served_addr(stdout: impl std::io::Read) -> Option<SocketAddr> {
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let v: Value = serde_json::from_str(&line.ok()?).ok()?;
+        if let Some(addr) = v["fields"]["addr"].as_str() {
+            return addr.parse().ok();
+        }
+    }
+    None
+}
+
+/// A connection flood against the real binary, run with 256 file descriptors: hundreds of
+/// connections that never start TLS, TLS connections stuck in their headers and requests whose
+/// bodies never arrive. Every timeout is set to a minute, so only the connection limit (the
+/// oldest idle or slow connection makes room for a new one) can let a real AdmissionReview
+/// through within the API server's 10 s webhook timeout. Without the limit the process runs
+/// out of descriptors and stops accepting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_does_not_keep_a_review_from_being_answered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, leaf, key) = ca_and_leaf();
+    let files = write_pair(dir.path(), &leaf, &key);
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 256 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_meshauth-webhook"))
+        .args(["--listen", "127.0.0.1:0", "--kube-api", "off", "--log-format", "json", "--max-connections", "64"])
+        .args(["--handshake-timeout", "60s", "--header-timeout", "60s", "--body-timeout", "60s", "--idle-timeout", "60s"])
+        .arg("--tls-cert")
+        .arg(&files.cert)
+        .arg("--tls-key")
+        .arg(&files.key)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start meshauth-webhook");
+    let stdout = child.stdout.take().expect("stdout");
+    let addr = tokio::task::spawn_blocking(move || served_addr(stdout)).await.expect("join").expect("the webhook logs its address");
+
+    // Each wave runs at once with short bounds, so the whole attack takes seconds, far less
+    // than the server's minute-long timeouts.
+    let bounded = Duration::from_secs(2);
+    let connect_many = |n: usize| {
+        futures::future::join_all((0..n).map(|_| tokio::time::timeout(bounded, TcpStream::connect(addr))))
+    };
+    let mut held: Vec<TcpStream> = connect_many(300).await.into_iter().filter_map(|c| c.ok()?.ok()).collect();
+    let slow = futures::future::join_all((0..60).map(|i| {
+        let ca = ca.clone();
+        async move {
+            let mut tls = tokio::time::timeout(bounded, tls_connect(addr, &ca)).await.ok()?.ok()?;
+            let partial: &[u8] = if i % 2 == 0 {
+                b"POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            } else {
+                b"POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"kind\":"
+            };
+            tls.write_all(partial).await.ok()?;
+            tls.flush().await.ok()?;
+            Some(tls)
+        }
+    }))
+    .await;
+    held.extend(connect_many(100).await.into_iter().filter_map(|c| c.ok()?.ok()));
+
+    let good = serde_json::to_vec(&review("CREATE", policy("spiffe://cluster.local/ns/shop/sa/order"))).expect("json");
+    let answered = tokio::time::timeout(Duration::from_secs(10), request(addr, &ca, "POST", "/validate", JSON, &good)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let reply = answered.expect("the review is answered within the API server's timeout despite the flood");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let v: Value = serde_json::from_str(&reply.body).expect("json reply");
+    assert_eq!(v["response"]["allowed"], true, "{v}");
+    drop((held, slow));
 }
