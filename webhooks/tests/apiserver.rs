@@ -185,9 +185,34 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     ] {
         assert!(message.contains(part), "{message:?} lacks {part:?}");
     }
-    let other_td = mesh_policy("other-td", "spiffe://example.org/ns/shop/sa/order");
-    let message = api_message(&policies.create(&PostParams::default(), &other_td).await.expect_err("other trust domain"));
-    assert!(message.contains("not in the mesh's trust domain \"cluster.local\""), "{message}");
+    // Another trust domain is valid SPIFFE: admitted, with a warning that nobody can prove it.
+    let other_td = serde_json::to_value(mesh_policy("other-td", "spiffe://example.org/ns/shop/sa/order")).unwrap_or_default();
+    let (ok, _, stderr) = kubectl(env, &["apply", "--dry-run=server", "-f", "-"], &other_td).await;
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("Warning: spec.ingress[0].from[0].identity: can never match"), "{stderr}");
+    assert!(stderr.contains("no peer can prove it until that trust domain is federated"), "{stderr}");
+    // Past a limit the CRD's maxItems cannot see (the totals over all rules), the webhook
+    // refuses the object naming the limit: five rules of 60 ports multiply into 300 entries.
+    let mut oversized = mesh_policy("oversized", "spiffe://cluster.local/ns/shop/sa/order");
+    let rule = oversized.spec.ingress[0].clone();
+    oversized.spec.ingress = (0..5)
+        .map(|r| {
+            let mut rule = rule.clone();
+            rule.from[0].identity = Some(format!("spiffe://cluster.local/ns/shop/sa/order-{r}"));
+            rule.ports = (0..60).map(|p| meshauth_crds::PortRule { port: 1000 + p, end_port: None, protocol: Default::default() }).collect();
+            rule
+        })
+        .collect();
+    let message = api_message(&policies.create(&dry_run, &oversized).await.expect_err("oversized MeshPolicy"));
+    assert!(
+        message.contains("spec.ingress: has 300 ports entries, more than the limit of 256 ports entries over all rules of a MeshPolicy"),
+        "{message}"
+    );
+    // One list past its maxItems is refused by the API server's schema already.
+    let mut long_list = mesh_policy("long-list", "spiffe://cluster.local/ns/shop/sa/order");
+    long_list.spec.ingress[0].ports = (0..65).map(|p| meshauth_crds::PortRule { port: 1000 + p, end_port: None, protocol: Default::default() }).collect();
+    let message = api_message(&policies.create(&dry_run, &long_list).await.expect_err("65 ports"));
+    assert!(message.contains("must have at most 64 items"), "{message}");
     let bad_selector = mutual_auth("bad-selector", json!({"mode": "Strict", "selector": {"matchExpressions": [{"key": "app", "operator": "Is", "values": ["x"]}]}}));
     let message = api_message(&mutual_auths.create(&PostParams::default(), &bad_selector).await.expect_err("bad operator"));
     assert!(message.contains("MutualAuth webhook-test/bad-selector is invalid: spec.selector.matchExpressions[0].operator"), "{message}");
@@ -229,6 +254,39 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     let (ok, _, stderr) = kubectl(env, &["apply", "--dry-run=server", "-f", "-"], &never).await;
     assert!(ok, "{stderr}");
     assert!(stderr.contains("Warning: spec.ingress[0].from[0].podSelector: can never match"), "{stderr}");
+    // No oracle across namespaces: a policy in this namespace learns nothing from its warnings
+    // about another namespace, neither whether a namespace with some label exists nor which
+    // pods run there. The same policy gets the same warnings whether the selectors match a
+    // real namespace and pod or nothing at all.
+    let hidden_ns = "webhook-test-hidden";
+    k8s::label_namespace(&client, hidden_ns, &[("team".to_owned(), "hidden".to_owned())].into())
+        .await
+        .unwrap_or_else(|e| fail("hidden namespace", e));
+    let hidden_pod = k8s::TestPod::new(hidden_ns, "secret").label("app", "secret");
+    match k8s::create_pod(&client, &hidden_pod).await {
+        Ok(_) => {}
+        Err(k8s::K8sError::Api { source, .. }) if k8s::is_already_exists(&source) => {}
+        Err(e) => fail("hidden pod", e),
+    }
+    let probe = |team: &str, app: &str| {
+        json!({"apiVersion": "meshauth.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "probe", "namespace": NS}, "spec": {
+            "selector": {"matchLabels": {"app": "payment-service"}},
+            "ingress": [{"from": [
+                {"namespaceSelector": {"matchLabels": {"team": team}}},
+                {"namespaceSelector": {"matchLabels": {"team": team}}, "podSelector": {"matchLabels": {"app": app}}}
+            ]}]
+        }})
+    };
+    let (ok, _, exists) = kubectl(env, &["apply", "--dry-run=server", "-f", "-"], &probe("hidden", "secret")).await;
+    assert!(ok, "{exists}");
+    let (ok, _, absent) = kubectl(env, &["apply", "--dry-run=server", "-f", "-"], &probe("absent", "nothing")).await;
+    assert!(ok, "{absent}");
+    let warnings = |stderr: &str| stderr.lines().filter(|l| l.starts_with("Warning:")).map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(warnings(&exists), warnings(&absent), "the warnings tell an existing namespace and pod from absent ones");
+    for line in warnings(&exists) {
+        assert!(!line.contains("namespaceSelector") && !line.contains(hidden_ns), "{line}");
+    }
+
     let (ok, _, stderr) = kubectl(env, &["create", "-f", "-"], &serde_json::to_value(&invalid).unwrap_or_default()).await;
     assert!(!ok);
     // kubectl renders the 422 with its causes: field and reason.
