@@ -100,3 +100,23 @@ fn bad_input_exits_2_and_names_the_problem() {
     assert_eq!(code, 2);
     assert!(stderr.contains("\"shop\" is not NS/POD"), "{stderr}");
 }
+
+/// One namespaced MeshPolicy with every namespace as source and 10,000 ports would multiply into
+/// more policy entries than the map holds: refused, naming the limit, before anything is decided.
+#[test]
+fn an_oversized_policy_is_refused_naming_the_limit() {
+    let ports: String = (1..=10_000).map(|p| format!("    - {{port: {p}}}\n")).collect();
+    let policy = format!(
+        "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: flood, namespace: x}}\nspec:\n  selector: {{}}\n  ingress:\n  - from: [{{namespaceSelector: {{}}}}]\n    ports:\n{ports}"
+    );
+    let dir = dir_with(&[("a.yaml", POD), ("mp.yaml", &policy)]);
+    let (code, stdout, stderr) = run(dir.path(), "x/a", "x/a", "80", &["--output", "json"]);
+    assert_eq!(code, 2, "stdout {stdout} stderr {stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    for want in [
+        "mp.yaml: MeshPolicy x/flood: spec.ingress[0].ports: has 10000 entries, more than the limit of 64 entries per rule",
+        "more than the limit of 1024 port blocks per MeshPolicy",
+    ] {
+        assert!(stderr.contains(want), "{stderr:?} lacks {want:?}");
+    }
+}

@@ -6,8 +6,19 @@
 //!
 //! One task owns all state; callers talk to it through a cloneable [`AuthManagerHandle`].
 //! Handshakes and the map are behind traits so the logic is unit-tested with in-process doubles.
-//! Fails closed: an entry is only ever written with the expiry a successful handshake proved,
-//! and a failed re-authentication leaves the old entry to expire on its own.
+//! Fails closed: an entry is only ever written with the expiry a successful handshake proved.
+//! It is removed at once, not left to expire, when the peer was reached and the proof failed
+//! (it presented another identity, its chain no longer verifies, it refused us), when the local
+//! identity's SVID is withdrawn, and when a trust bundle change leaves its proof unverifiable.
+//! A peer that cannot be reached (an agent restarting, a SPIRE outage) is an outage, not a
+//! refusal: the entry stays until its expiry, which no SVID outlives.
+//!
+//! No handshake storm: a re-authentication comes no sooner than `min_reauth_interval` after
+//! the last success, and one that could not extend the entry (neither SVID rotated, which is
+//! what short-lived SVIDs and a SPIRE outage look like) waits for a local rotation, the entry's
+//! end, or a probe for the peer's rotation (which only a handshake can see) whose delay doubles.
+//! Auth-required events from the datapath cut a failure's backoff short, but never below
+//! `initial_backoff` after the last attempt: spoofed drops cannot drive back-to-back handshakes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -17,6 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+use crate::svid::{Clock, SystemClock};
 
 /// (destination SPIFFE-ID number, source SPIFFE-ID number): the auth map's key.
 pub type PairKey = (u32, u32);
@@ -46,6 +59,28 @@ impl DesiredPair {
 pub struct AuthFailure {
     pub reason: &'static str,
     pub message: String,
+    /// The peer was reached and the proof failed (not an outage): the pair's entry goes at once.
+    pub refused: bool,
+}
+
+/// What a proof rested on, checked again when the trust bundles change.
+pub trait Evidence: Send + Sync + 'static {
+    /// Whether both chains of the proof still verify against the current trust bundles.
+    fn still_trusted(&self) -> bool;
+}
+
+/// A successful handshake.
+#[derive(Clone)]
+pub struct Proof {
+    /// No later than either certificate.
+    pub expiry: SystemTime,
+    pub evidence: Arc<dyn Evidence>,
+}
+
+impl std::fmt::Debug for Proof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proof").field("expiry", &self.expiry).finish_non_exhaustive()
+    }
 }
 
 /// A boxed future, so the traits stay object safe.
@@ -53,8 +88,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Proves a pair by a mutual handshake with the peer's agent.
 pub trait Authenticator: Send + Sync + 'static {
-    /// Returns the expiry of the proof: no later than either certificate.
-    fn authenticate<'a>(&'a self, local: &'a str, peer: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<SystemTime, AuthFailure>>;
+    fn authenticate<'a>(&'a self, local: &'a str, peer: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<Proof, AuthFailure>>;
 }
 
 /// The auth map.
@@ -80,9 +114,13 @@ pub struct AuthManagerConfig {
     pub refresh_fraction: f64,
     /// ...and in any case this long before it expires.
     pub refresh_margin: Duration,
-    /// First retry delay after a failure; doubles up to `max_backoff`.
+    /// First retry delay after a failure; doubles up to `max_backoff`. Also the floor between
+    /// attempts that auth-required events cannot go under.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// No re-authentication of a pair sooner than this after its last success; also the first
+    /// delay of the probes for a peer's rotation when a success could not extend the entry.
+    pub min_reauth_interval: Duration,
 }
 
 impl Default for AuthManagerConfig {
@@ -94,6 +132,7 @@ impl Default for AuthManagerConfig {
             initial_backoff: Duration::from_millis(200),
             // Short: a pair waiting here is unproven and, under Strict, dropped.
             max_backoff: Duration::from_secs(5),
+            min_reauth_interval: Duration::from_secs(1),
         }
     }
 }
@@ -102,7 +141,9 @@ enum Command {
     SetDesired(Vec<DesiredPair>),
     Rotated(String),
     AuthRequired(PairKey),
-    Done { key: PairKey, started: SystemTime, result: Result<SystemTime, AuthFailure>, took: Duration },
+    Withdrawn(String),
+    BundlesChanged,
+    Done { key: PairKey, started: SystemTime, result: Result<Proof, AuthFailure>, took: Duration },
     Snapshot(tokio::sync::oneshot::Sender<Vec<PairStatus>>),
 }
 
@@ -133,6 +174,16 @@ impl AuthManagerHandle {
         let _ = self.tx.send(Command::Rotated(spiffe_id));
     }
 
+    /// A local SVID went away before its expiry (no longer issued): its pairs' entries go.
+    pub fn withdrawn(&self, spiffe_id: String) {
+        let _ = self.tx.send(Command::Withdrawn(spiffe_id));
+    }
+
+    /// The trust bundles changed: entries whose proof no longer verifies go.
+    pub fn bundles_changed(&self) {
+        let _ = self.tx.send(Command::BundlesChanged);
+    }
+
     /// The datapath dropped a packet of this pair for lack of authentication.
     pub fn auth_required(&self, key: PairKey) {
         let _ = self.tx.send(Command::AuthRequired(key));
@@ -151,16 +202,58 @@ impl AuthManagerHandle {
 struct PairState {
     desired: Option<DesiredPair>,
     expiry: Option<SystemTime>,
+    /// What the entry's proof rested on (none for an entry adopted from a previous agent).
+    evidence: Option<Arc<dyn Evidence>>,
     refresh_at: Option<Instant>,
     in_flight: bool,
     failures: u32,
     next_attempt: Instant,
     last_error: Option<String>,
+    last_success: Option<Instant>,
+    /// When the last attempt ended, successful or not.
+    last_done: Option<Instant>,
+    /// Delay of the next probe after a success that could not extend the entry.
+    probe_delay: Duration,
 }
 
 impl PairState {
-    fn new(now: Instant) -> Self {
-        Self { desired: None, expiry: None, refresh_at: None, in_flight: false, failures: 0, next_attempt: now, last_error: None }
+    fn new(now: Instant, config: &AuthManagerConfig) -> Self {
+        Self {
+            desired: None,
+            expiry: None,
+            evidence: None,
+            refresh_at: None,
+            in_flight: false,
+            failures: 0,
+            next_attempt: now,
+            last_error: None,
+            last_success: None,
+            last_done: None,
+            probe_delay: config.min_reauth_interval,
+        }
+    }
+
+    /// The earliest a re-authentication may start: the floor after the last success.
+    fn reauth_floor(&self, config: &AuthManagerConfig, now: Instant) -> Instant {
+        self.last_success.map_or(now, |s| now.max(s + config.min_reauth_interval))
+    }
+
+    /// The earliest an attempt asked for from outside (a rotation, a datapath drop) may start.
+    fn attempt_floor(&self, config: &AuthManagerConfig, now: Instant) -> Instant {
+        self.last_done.map_or(now, |d| now.max(d + config.initial_backoff))
+    }
+
+    /// Removes the entry now and asks for a new proof (subject to the floors).
+    fn revoke(&mut self, key: PairKey, table: &mut dyn AuthTable, config: &AuthManagerConfig, now: Instant, why: &str) {
+        if self.expiry.take().is_some() {
+            tracing::warn!(?key, why, "auth entry removed before its expiry");
+            if let Err(error) = table.remove(key) {
+                tracing::warn!(%error, ?key, "cannot remove auth entry");
+            }
+        }
+        self.evidence = None;
+        self.probe_delay = config.min_reauth_interval;
+        self.refresh_at = Some(self.reauth_floor(config, now));
     }
 }
 
@@ -169,8 +262,19 @@ impl PairState {
 pub fn spawn(
     config: AuthManagerConfig,
     authenticator: Arc<dyn Authenticator>,
+    table: Box<dyn AuthTable>,
+    observer: Arc<dyn AuthObserver>,
+) -> AuthManagerHandle {
+    spawn_with_clock(config, authenticator, table, observer, Arc::new(SystemClock))
+}
+
+/// As [`spawn`], judging expiries by `clock` (tests run it on tokio's paused clock).
+pub fn spawn_with_clock(
+    config: AuthManagerConfig,
+    authenticator: Arc<dyn Authenticator>,
     mut table: Box<dyn AuthTable>,
     observer: Arc<dyn AuthObserver>,
+    clock: Arc<dyn Clock>,
 ) -> AuthManagerHandle {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handle = AuthManagerHandle { tx: tx.clone() };
@@ -180,9 +284,9 @@ pub fn spawn(
         match table.list() {
             Ok(existing) => {
                 for (key, expiry) in existing {
-                    let mut state = PairState::new(now);
+                    let mut state = PairState::new(now, &config);
                     state.expiry = Some(expiry);
-                    state.refresh_at = Some(refresh_instant(&config, SystemTime::now(), expiry, now));
+                    state.refresh_at = Some(refresh_instant(&config, clock.now(), expiry, now));
                     pairs.insert(key, state);
                 }
             }
@@ -192,7 +296,7 @@ pub fn spawn(
         let mut have_desired = false;
         let mut in_flight = 0usize;
         loop {
-            let wake = next_wake(&pairs, in_flight < config.max_concurrent);
+            let wake = next_wake(&pairs, in_flight < config.max_concurrent, clock.now());
             let command = tokio::select! {
                 c = rx.recv() => match c { Some(c) => Some(c), None => return },
                 _ = sleep_until(wake) => None,
@@ -204,7 +308,7 @@ pub fn spawn(
                     let wanted: BTreeSet<PairKey> = list.iter().map(DesiredPair::key).collect();
                     for p in list {
                         let key = p.key();
-                        pairs.entry(key).or_insert_with(|| PairState::new(now)).desired = Some(p);
+                        pairs.entry(key).or_insert_with(|| PairState::new(now, &config)).desired = Some(p);
                     }
                     for (key, state) in pairs.iter_mut() {
                         if !wanted.contains(key) {
@@ -215,17 +319,39 @@ pub fn spawn(
                 Some(Command::Rotated(id)) => {
                     for state in pairs.values_mut() {
                         if state.desired.as_ref().is_some_and(|d| d.dst_id == id || d.src_id == id) {
-                            state.refresh_at = Some(now);
-                            state.next_attempt = now;
+                            state.probe_delay = config.min_reauth_interval;
+                            state.refresh_at = Some(state.reauth_floor(&config, now));
+                            state.next_attempt = state.attempt_floor(&config, now);
+                        }
+                    }
+                }
+                Some(Command::Withdrawn(id)) => {
+                    for (key, state) in pairs.iter_mut() {
+                        if state.desired.as_ref().is_some_and(|d| d.dst_id == id) {
+                            state.revoke(*key, &mut *table, &config, now, "local SVID withdrawn");
+                        }
+                    }
+                }
+                Some(Command::BundlesChanged) => {
+                    for (key, state) in pairs.iter_mut().filter(|(_, s)| s.expiry.is_some()) {
+                        match &state.evidence {
+                            Some(evidence) if !evidence.still_trusted() => {
+                                state.revoke(*key, &mut *table, &config, now, "its proof no longer verifies against the trust bundles");
+                            }
+                            Some(_) => {}
+                            // Adopted from a previous agent: nothing to check, so prove it again
+                            // now (a refusal removes it).
+                            None => state.refresh_at = Some(now),
                         }
                     }
                 }
                 Some(Command::AuthRequired(key)) => {
                     if let Some(state) = pairs.get_mut(&key).filter(|s| s.desired.is_some()) {
-                        // The datapath is dropping this pair's packets: no backoff.
-                        state.next_attempt = now;
-                        if state.expiry.is_none_or(|e| e <= SystemTime::now()) {
-                            state.refresh_at = Some(now);
+                        // The datapath is dropping this pair's packets: cut the backoff short,
+                        // down to a floor (the events come from whatever a pod sends).
+                        state.next_attempt = state.next_attempt.min(state.attempt_floor(&config, now));
+                        if state.expiry.is_none_or(|e| e <= clock.now()) {
+                            state.refresh_at = Some(state.reauth_floor(&config, now));
                         }
                     }
                 }
@@ -234,14 +360,34 @@ pub fn spawn(
                     observer.handshake(result.as_ref().map(|_| ()), took);
                     if let Some(state) = pairs.get_mut(&key) {
                         state.in_flight = false;
+                        state.last_done = Some(now);
                         match result {
-                            Ok(expiry) if state.desired.is_some() => {
+                            Ok(proof) if state.desired.is_some() => {
+                                let expiry = proof.expiry;
                                 match table.set(key, expiry) {
                                     Ok(()) => {
+                                        let extended = state.expiry.is_none_or(|old| expiry > old);
                                         state.expiry = Some(expiry);
-                                        state.refresh_at = Some(refresh_instant(&config, started, expiry, now));
+                                        state.evidence = Some(proof.evidence);
+                                        state.last_success = Some(now);
                                         state.failures = 0;
                                         state.last_error = None;
+                                        let floor = now + config.min_reauth_interval;
+                                        state.refresh_at = Some(if extended {
+                                            state.probe_delay = config.min_reauth_interval;
+                                            refresh_instant(&config, started, expiry, now).max(floor)
+                                        } else {
+                                            // Neither SVID rotated: a local rotation or the entry's
+                                            // end brings the next handshake; meanwhile probe for
+                                            // the peer's rotation, ever less often, once more at
+                                            // the margin before the end if that is still ahead.
+                                            let left = expiry.duration_since(clock.now()).unwrap_or_default();
+                                            let last_chance = now + left.saturating_sub(config.refresh_margin);
+                                            let wanted = now + state.probe_delay;
+                                            let probe = if last_chance >= floor { wanted.min(last_chance) } else { wanted };
+                                            state.probe_delay = state.probe_delay.saturating_mul(2);
+                                            probe.max(floor)
+                                        });
                                     }
                                     Err(error) => {
                                         tracing::error!(%error, ?key, "cannot write auth entry");
@@ -252,7 +398,10 @@ pub fn spawn(
                             }
                             Ok(_) => {}
                             Err(failure) => {
-                                tracing::warn!(?key, reason = failure.reason, error = %failure.message, "handshake failed");
+                                tracing::warn!(?key, reason = failure.reason, refused = failure.refused, error = %failure.message, "handshake failed");
+                                if failure.refused {
+                                    state.revoke(key, &mut *table, &config, now, failure.reason);
+                                }
                                 state.last_error = Some(failure.message);
                                 backoff(&config, state, now);
                             }
@@ -277,7 +426,7 @@ pub fn spawn(
 
             // Garbage-collect: pairs no longer wanted, and entries that expired.
             if have_desired {
-                let wall = SystemTime::now();
+                let wall = clock.now();
                 pairs.retain(|key, state| {
                     let expired = state.expiry.is_some_and(|e| e <= wall);
                     if state.desired.is_none() && !state.in_flight {
@@ -293,7 +442,9 @@ pub fn spawn(
                             tracing::warn!(%error, ?key, "cannot remove expired auth entry");
                         }
                         state.expiry = None;
-                        state.refresh_at = Some(now);
+                        state.evidence = None;
+                        state.probe_delay = config.min_reauth_interval;
+                        state.refresh_at = Some(state.reauth_floor(&config, now));
                     }
                     true
                 });
@@ -314,9 +465,10 @@ pub fn spawn(
                 in_flight += 1;
                 let tx = tx.clone();
                 let authenticator = authenticator.clone();
+                let clock = clock.clone();
                 let key = *key;
                 tokio::spawn(async move {
-                    let started = SystemTime::now();
+                    let started = clock.now();
                     let clock = Instant::now();
                     let result = authenticate_any(&*authenticator, &desired).await;
                     let _ = tx.send(Command::Done { key, started, result, took: clock.elapsed() });
@@ -327,14 +479,21 @@ pub fn spawn(
     handle
 }
 
-async fn authenticate_any(authenticator: &dyn Authenticator, pair: &DesiredPair) -> Result<SystemTime, AuthFailure> {
-    let mut last = AuthFailure { reason: "no_peer", message: format!("no node hosting {} is known", pair.src_id) };
+/// The first peer that proves the pair; when none does, the pair counts as refused if any
+/// peer refused it (fail closed), as an outage otherwise.
+async fn authenticate_any(authenticator: &dyn Authenticator, pair: &DesiredPair) -> Result<Proof, AuthFailure> {
+    let mut last = AuthFailure { reason: "no_peer", message: format!("no node hosting {} is known", pair.src_id), refused: false };
+    let mut refused = false;
     for addr in &pair.peers {
         match authenticator.authenticate(&pair.dst_id, &pair.src_id, *addr).await {
-            Ok(expiry) => return Ok(expiry),
-            Err(e) => last = e,
+            Ok(proof) => return Ok(proof),
+            Err(e) => {
+                refused |= e.refused;
+                last = e;
+            }
         }
     }
+    last.refused = refused;
     Err(last)
 }
 
@@ -354,8 +513,7 @@ fn backoff(config: &AuthManagerConfig, state: &mut PairState, now: Instant) {
     state.next_attempt = now + capped + jitter;
 }
 
-fn next_wake(pairs: &BTreeMap<PairKey, PairState>, can_start: bool) -> Option<Instant> {
-    let wall = SystemTime::now();
+fn next_wake(pairs: &BTreeMap<PairKey, PairState>, can_start: bool, wall: SystemTime) -> Option<Instant> {
     let now = Instant::now();
     pairs
         .values()

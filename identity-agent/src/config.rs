@@ -36,6 +36,10 @@ pub const CNI_BIN_DIR: &str = "MESHAUTH_CNI_BIN_DIR";
 pub const CNI_CONF_DIR: &str = "MESHAUTH_CNI_CONF_DIR";
 pub const HANDSHAKE_TIMEOUT: &str = "MESHAUTH_HANDSHAKE_TIMEOUT_MS";
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes this agent's server answers at once (more wait for a slot).
+pub const HANDSHAKE_SERVER_MAX_CONCURRENT: &str = "MESHAUTH_HANDSHAKE_SERVER_MAX_CONCURRENT";
+/// Connections one node address may hold open to the handshake server at once.
+pub const HANDSHAKE_MAX_PER_SOURCE: &str = "MESHAUTH_HANDSHAKE_MAX_PER_SOURCE";
 /// `false` for IPAMs that do not hand out the nodes' `spec.podCIDRs` (Calico's, AWS VPC CNI):
 /// otherwise a pod IP outside its node's pod CIDRs is no endpoint.
 pub const CHECK_NODE_POD_CIDRS: &str = "MESHAUTH_CHECK_NODE_POD_CIDRS";
@@ -75,6 +79,8 @@ pub struct AgentConfig {
     pub mesh_namespace: String,
     pub max_concurrent_handshakes: usize,
     pub handshake_timeout: Duration,
+    pub handshake_server_max_concurrent: usize,
+    pub handshake_max_per_source: usize,
     /// Where the CNI plugin reaches this agent.
     pub cni_socket: PathBuf,
     pub netns_dirs: Vec<PathBuf>,
@@ -104,14 +110,17 @@ impl AgentConfig {
             None => TrustDomain::default(),
             Some(v) => TrustDomain::new(&v).map_err(|e| ConfigError { setting: TRUST_DOMAIN, value: v.clone(), reason: e.to_string() })?,
         };
-        let max_concurrent_handshakes = match get(MAX_CONCURRENT_HANDSHAKES) {
-            None => DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+        let count = |setting: &'static str, default: usize| match get(setting) {
+            None => Ok(default),
             Some(v) => v
                 .parse::<usize>()
                 .ok()
                 .filter(|n| *n > 0)
-                .ok_or_else(|| ConfigError { setting: MAX_CONCURRENT_HANDSHAKES, value: v.clone(), reason: "expected a whole number above 0".into() })?,
+                .ok_or_else(|| ConfigError { setting, value: v.clone(), reason: "expected a whole number above 0".into() }),
         };
+        let max_concurrent_handshakes = count(MAX_CONCURRENT_HANDSHAKES, DEFAULT_MAX_CONCURRENT_HANDSHAKES)?;
+        let handshake_server_max_concurrent = count(HANDSHAKE_SERVER_MAX_CONCURRENT, crate::handshake::DEFAULT_MAX_CONCURRENT)?;
+        let handshake_max_per_source = count(HANDSHAKE_MAX_PER_SOURCE, crate::handshake::DEFAULT_MAX_PER_SOURCE)?;
         let handshake_timeout = match get(HANDSHAKE_TIMEOUT) {
             None => DEFAULT_HANDSHAKE_TIMEOUT,
             Some(v) => v
@@ -140,6 +149,8 @@ impl AgentConfig {
             mesh_namespace: get(MESH_NAMESPACE).unwrap_or_else(|| meshauth_policy::model::DEFAULT_MESH_NAMESPACE.into()),
             max_concurrent_handshakes,
             handshake_timeout,
+            handshake_server_max_concurrent,
+            handshake_max_per_source,
             cni_socket: PathBuf::from(get(CNI_SOCKET).unwrap_or_else(|| DEFAULT_CNI_SOCKET.into())),
             daemonset: get(DAEMONSET).filter(|d| !d.is_empty()),
             cni_bin_dir: PathBuf::from(get(CNI_BIN_DIR).unwrap_or_else(|| crate::cni_install::DEFAULT_BIN_DIR.into())),
@@ -173,12 +184,14 @@ mod tests {
 
     #[test]
     fn errors_name_the_setting_the_value_and_the_reason() {
-        let cases: [(&[(&str, &str)], &str); 6] = [
+        let cases: [(&[(&str, &str)], &str); 8] = [
             (&[(LISTEN, "4250")], "MESHAUTH_LISTEN=\"4250\": not an address"),
             (&[(TRUST_DOMAIN, "Cluster.Local")], "MESHAUTH_TRUST_DOMAIN=\"Cluster.Local\": trust domain has character 'C'"),
             (&[(MAX_CONCURRENT_HANDSHAKES, "0")], "MESHAUTH_MAX_CONCURRENT_HANDSHAKES=\"0\": expected a whole number above 0"),
             (&[(HANDSHAKE_TIMEOUT, "soon")], "MESHAUTH_HANDSHAKE_TIMEOUT_MS=\"soon\""),
             (&[(METRICS_ADDR, "::9090")], "MESHAUTH_METRICS_ADDR"),
+            (&[(HANDSHAKE_MAX_PER_SOURCE, "0")], "MESHAUTH_HANDSHAKE_MAX_PER_SOURCE=\"0\": expected a whole number above 0"),
+            (&[(HANDSHAKE_SERVER_MAX_CONCURRENT, "many")], "MESHAUTH_HANDSHAKE_SERVER_MAX_CONCURRENT=\"many\""),
             (&[(CHECK_NODE_POD_CIDRS, "no")], "MESHAUTH_CHECK_NODE_POD_CIDRS=\"no\": expected true or false"),
         ];
         for (vars, want) in cases {

@@ -16,6 +16,13 @@
 //! One explicit rustls `CryptoProvider` (ring) is used, never the process default, and no
 //! session resumption: every handshake re-verifies both chains against the current bundle.
 //!
+//! The server survives a flood of connections (pods reach node addresses): a connection from
+//! an address that is no node's (hosts no identity, by the agent's view) is closed before any
+//! TLS work; each node address holds at most `max_per_source` connections, so one source
+//! cannot take every slot; and a connection gets `hello_timeout` to send its ClientHello. While
+//! the SVID store has not synced yet (the agent is starting) connections are closed without an
+//! alert, which the client takes as an outage, not a refusal.
+//!
 //! What it must not do: write the auth map (the auth manager does, from [`Authenticated`]);
 //! trust anything the peer says outside the verified certificate; answer for an identity this
 //! node does not host.
@@ -51,8 +58,13 @@ use crate::verify::{self, BundleSet, Usage, VerifyError};
 pub const DEFAULT_PORT: u16 = 4250;
 /// Bound on a whole handshake, connect to confirmation.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Handshakes a server runs at once; more wait for a slot (the accept queue absorbs bursts).
+/// Handshakes a server runs at once; more wait for a slot.
 pub const DEFAULT_MAX_CONCURRENT: usize = 256;
+/// Connections one node address may hold open at once: the client's default concurrency, so an
+/// honest peer never meets it.
+pub const DEFAULT_MAX_PER_SOURCE: usize = 64;
+/// How long a connection may take to send its ClientHello (an honest peer sends it at once).
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 /// ALPN protocol of the meshauth handshake: refuses cross-protocol use of the port/certs.
 pub const ALPN: &[u8] = b"meshauth-auth/1";
 /// The SNI suffix carrying the expected identity's digest (`.invalid` never resolves).
@@ -72,12 +84,18 @@ pub trait HostedIdentities: Send + Sync + 'static {
     fn is_hosted_here(&self, id: &SpiffeId) -> bool;
     /// Whether a pod with identity `id` runs on the node whose agent has address `node`.
     fn identity_hosted_at(&self, id: &SpiffeId, node: IpAddr) -> bool;
+    /// Whether `addr` is the agent address of a node hosting some identity: only such a node
+    /// can ever pass the server's check of the client, so anything else is closed unread.
+    fn is_node(&self, addr: IpAddr) -> bool;
 }
 
 /// Reports handshake outcomes (metrics, logs).
 pub trait HandshakeObserver: Send + Sync + 'static {
     /// A handshake this node's server answered.
     fn served(&self, result: &Result<Authenticated, HandshakeError>, took: Duration);
+    /// A connection the server closed before any TLS work (`reason`: `not_a_node`,
+    /// `source_limit`).
+    fn turned_away(&self, reason: &'static str);
 }
 
 /// A proven pair.
@@ -89,6 +107,8 @@ pub struct Authenticated {
     pub peer: SpiffeId,
     /// No later than either side's certificate chain.
     pub expiry: SystemTime,
+    /// The chain the peer presented, leaf first (to check again when the bundles change).
+    pub peer_chain: Vec<CertificateDer<'static>>,
 }
 
 /// Why a handshake did not authenticate the pair.
@@ -106,6 +126,10 @@ pub enum HandshakeError {
     PeerCertificate(#[from] VerifyError),
     #[error("the peer refused the handshake ({0})")]
     PeerRefused(String),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("the server is not ready (no SVIDs synced yet)")]
+    NotReady,
     #[error("cannot connect to {addr}: {source}")]
     Connect { addr: SocketAddr, source: std::io::Error },
     #[error("handshake timed out after {0:?}")]
@@ -126,12 +150,48 @@ impl HandshakeError {
             Self::NotHostedHere(_) => "not_hosted_here",
             Self::PeerCertificate(e) => e.reason(),
             Self::PeerRefused(_) => "peer_refused",
+            Self::Closed => "connection_closed",
+            Self::NotReady => "not_ready",
             Self::Connect { .. } => "connect_failed",
             Self::Timeout(_) => "timeout",
             Self::Tls(_) => "tls_error",
             Self::Protocol(_) => "protocol_error",
         }
     }
+
+    /// Whether the peer was reached and the pair is not provable now (its identity, chain or
+    /// hosting is wrong, it refused us, our own SVID is gone), as opposed to an outage (no
+    /// connection, a timeout, a closed connection, an agent or SPIRE not ready): only a refusal
+    /// may take an entry away before its expiry.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::NoLocalSvid(SvidError::Unavailable { reason, .. }) => {
+                !matches!(reason, crate::svid::Unavailable::SourceUnreachable)
+            }
+            Self::NoLocalSvid(_) => false,
+            Self::PeerNotHosted { .. }
+            | Self::UnknownIdentity
+            | Self::NotHostedHere(_)
+            | Self::PeerCertificate(_)
+            | Self::PeerRefused(_)
+            | Self::Protocol(_) => true,
+            Self::Closed | Self::NotReady | Self::Connect { .. } | Self::Timeout(_) | Self::Tls(_) => false,
+        }
+    }
+}
+
+/// Why `store` has no usable SVID for `id` (nothing heard from SPIRE yet counts as unreachable,
+/// not as "not issued").
+fn no_local_svid(store: &SvidStore, id: &SpiffeId) -> HandshakeError {
+    use crate::svid::{SvidState, Unavailable};
+    HandshakeError::NoLocalSvid(SvidError::Unavailable {
+        id: id.to_string(),
+        reason: match store.state(id) {
+            SvidState::Unavailable(reason) => reason,
+            SvidState::Initializing => Unavailable::SourceUnreachable,
+            SvidState::Available(_) => Unavailable::Expired,
+        },
+    })
 }
 
 /// The SNI that asks a peer for `id`'s SVID.
@@ -162,7 +222,7 @@ fn base32_lower(data: &[u8]) -> String {
 /// error, and we want the exact reason and the verified chain's expiry.
 #[derive(Default)]
 struct Outcome {
-    verified: Option<verify::VerifiedSvid>,
+    verified: Option<(verify::VerifiedSvid, Vec<CertificateDer<'static>>)>,
     error: Option<HandshakeError>,
 }
 
@@ -186,12 +246,14 @@ fn accept_hosted(
     slot: &OutcomeSlot,
     hosted: &dyn HostedIdentities,
     verified: verify::VerifiedSvid,
+    chain: Vec<CertificateDer<'_>>,
     node: IpAddr,
 ) -> Result<(), rustls::Error> {
     if !hosted.identity_hosted_at(&verified.id, node) {
         return Err(refused(slot, HandshakeError::PeerNotHosted { id: verified.id.to_string(), node }));
     }
-    lock(slot).verified = Some(verified);
+    let chain = chain.into_iter().map(CertificateDer::into_owned).collect();
+    lock(slot).verified = Some((verified, chain));
     Ok(())
 }
 
@@ -251,7 +313,7 @@ impl ServerCertVerifier for ServerVerifier {
         let verified =
             verify::verify_svid_for(&chain, &self.bundles, &self.expected, Usage::Server, self.now)
                 .map_err(|e| refused(&self.slot, e.into()))?;
-        accept_hosted(&self.slot, &*self.hosted, verified, self.node)?;
+        accept_hosted(&self.slot, &*self.hosted, verified, chain, self.node)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -313,7 +375,7 @@ impl ClientCertVerifier for ClientVerifier {
         let chain = chain_of(end_entity, intermediates);
         let verified = verify::verify_svid(&chain, &self.bundles, None, Usage::Client, self.now)
             .map_err(|e| refused(&self.slot, e.into()))?;
-        accept_hosted(&self.slot, &*self.hosted, verified, self.node)?;
+        accept_hosted(&self.slot, &*self.hosted, verified, chain, self.node)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -371,9 +433,7 @@ fn tls_error(error: std::io::Error, slot: &OutcomeSlot) -> HandshakeError {
     match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::AlertReceived(alert)) => HandshakeError::PeerRefused(format!("{alert:?}")),
         Some(other) => HandshakeError::Tls(other.to_string()),
-        None if error.kind() == std::io::ErrorKind::UnexpectedEof => {
-            HandshakeError::PeerRefused("connection closed".to_owned())
-        }
+        None if error.kind() == std::io::ErrorKind::UnexpectedEof => HandshakeError::Closed,
         None => HandshakeError::Tls(error.to_string()),
     }
 }
@@ -443,15 +503,7 @@ impl HandshakeClient {
         expected_peer: &SpiffeId,
     ) -> Result<Authenticated, HandshakeError> {
         // Fail closed before any I/O: no SVID of ours, or a peer we would refuse anyway.
-        let svid = self.store.current(local).ok_or_else(|| {
-            HandshakeError::NoLocalSvid(SvidError::Unavailable {
-                id: local.to_string(),
-                reason: match self.store.state(local) {
-                    crate::svid::SvidState::Unavailable(reason) => reason,
-                    _ => crate::svid::Unavailable::Expired,
-                },
-            })
-        })?;
+        let svid = self.store.current(local).ok_or_else(|| no_local_svid(&self.store, local))?;
         let node = canonical(peer.ip());
         if !self.hosted.identity_hosted_at(expected_peer, node) {
             return Err(HandshakeError::PeerNotHosted { id: expected_peer.to_string(), node });
@@ -489,7 +541,7 @@ impl HandshakeClient {
         }
         // Best effort: the result is decided; a failing close_notify changes nothing.
         let _ = tls.shutdown().await;
-        let peer_verified = lock(&slot)
+        let (peer_verified, peer_chain) = lock(&slot)
             .verified
             .take()
             .ok_or(HandshakeError::Protocol("the peer certificate was not verified"))?;
@@ -497,6 +549,7 @@ impl HandshakeClient {
             local: local.clone(),
             peer: peer_verified.id,
             expiry: svid.not_after().min(peer_verified.not_after),
+            peer_chain,
         })
     }
 }
@@ -568,7 +621,9 @@ pub struct HandshakeServer {
     hosted: Arc<dyn HostedIdentities>,
     observer: Option<Arc<dyn HandshakeObserver>>,
     timeout: Duration,
+    hello_timeout: Duration,
     max_concurrent: usize,
+    max_per_source: usize,
     /// SNI label → identity, for every identity the store has had: saves hashing them all per
     /// handshake.
     by_sni: Arc<Mutex<SniIndex>>,
@@ -593,7 +648,9 @@ impl HandshakeServer {
             hosted,
             observer: None,
             timeout: DEFAULT_TIMEOUT,
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
             max_concurrent: DEFAULT_MAX_CONCURRENT,
+            max_per_source: DEFAULT_MAX_PER_SOURCE,
             by_sni: Arc::default(),
         }
     }
@@ -613,16 +670,47 @@ impl HandshakeServer {
         self
     }
 
+    pub fn with_max_per_source(mut self, max: usize) -> Self {
+        self.max_per_source = max.max(1);
+        self
+    }
+
+    pub fn with_hello_timeout(mut self, timeout: Duration) -> Self {
+        self.hello_timeout = timeout;
+        self
+    }
+
+    fn turned_away(&self, peer: SocketAddr, reason: &'static str) {
+        tracing::debug!(%peer, reason, "connection closed before any TLS work");
+        if let Some(observer) = &self.observer {
+            observer.turned_away(reason);
+        }
+    }
+
     /// Accepts and answers handshakes until the task is dropped. Accept errors (e.g. out of
     /// file descriptors) are logged and retried after a pause rather than ending the server.
+    /// Accepting never stops: connections from no node are closed at once, a node over its
+    /// own limit has the new connection closed, and the rest wait for one of `max_concurrent`
+    /// slots (at most nodes × `max_per_source` of them wait).
     pub async fn serve(self, listener: TcpListener) {
         let slots = Arc::new(tokio::sync::Semaphore::new(self.max_concurrent));
+        let per_source: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else { return };
             match listener.accept().await {
                 Ok((tcp, peer)) => {
+                    let node = canonical(peer.ip());
+                    if !self.hosted.is_node(node) {
+                        self.turned_away(peer, "not_a_node");
+                        continue;
+                    }
+                    let Some(source) = SourceSlot::take(&per_source, node, self.max_per_source) else {
+                        self.turned_away(peer, "source_limit");
+                        continue;
+                    };
                     let server = self.clone();
+                    let slots = slots.clone();
                     tokio::spawn(async move {
+                        let Ok(permit) = slots.acquire_owned().await else { return };
                         let started = Instant::now();
                         let result = server.answer(tcp, peer).await;
                         match &result {
@@ -633,6 +721,7 @@ impl HandshakeServer {
                             observer.served(&result, started.elapsed());
                         }
                         drop(permit);
+                        drop(source);
                     });
                 }
                 Err(e) => {
@@ -661,9 +750,14 @@ impl HandshakeServer {
     ) -> Result<Authenticated, HandshakeError> {
         let _ = tcp.set_nodelay(true);
         let node = canonical(peer.ip());
-        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp)
+        let start = tokio::time::timeout(self.hello_timeout, LazyConfigAcceptor::new(Acceptor::default(), tcp))
             .await
+            .map_err(|_| HandshakeError::Timeout(self.hello_timeout))?
             .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+        if !self.store.is_synced() {
+            // Starting: an alert would read as a refusal and cost the peer its entries.
+            return Err(HandshakeError::NotReady);
+        }
         let hello = start.client_hello();
         let offers_alpn = hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ALPN));
         let wanted = hello.server_name().and_then(|sni| self.identity_for_sni(sni));
@@ -689,13 +783,7 @@ impl HandshakeServer {
                 Some(id) => match self.store.current(&id) {
                     Some(svid) => Ok((id, svid)),
                     // Known, hosted, but its SVID expired or was withdrawn: fail closed.
-                    None => Err(HandshakeError::NoLocalSvid(SvidError::Unavailable {
-                        id: id.to_string(),
-                        reason: match self.store.state(&id) {
-                            crate::svid::SvidState::Unavailable(reason) => reason,
-                            _ => crate::svid::Unavailable::Expired,
-                        },
-                    })),
+                    None => Err(no_local_svid(&self.store, &id)),
                 },
             }
         };
@@ -710,7 +798,7 @@ impl HandshakeServer {
         };
         let config = server_config(verifier, Some(svid.certified_key().clone()))?;
         let mut tls = start.into_stream(Arc::new(config)).await.map_err(|e| tls_error(e, &slot))?;
-        let client = lock(&slot)
+        let (client, peer_chain) = lock(&slot)
             .verified
             .take()
             .ok_or(HandshakeError::Protocol("the client certificate was not verified"))?;
@@ -721,6 +809,7 @@ impl HandshakeServer {
             local,
             peer: client.id,
             expiry: svid.not_after().min(client.not_after),
+            peer_chain,
         })
     }
 
@@ -740,6 +829,36 @@ impl HandshakeServer {
             }
         }
         index.labels.get(label).cloned()
+    }
+}
+
+/// One of a node address's `max_per_source` connections, given back when dropped.
+struct SourceSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    node: IpAddr,
+}
+
+impl SourceSlot {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, node: IpAddr, max: usize) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = map.entry(node).or_insert(0);
+        if *held >= max {
+            return None;
+        }
+        *held += 1;
+        Some(Self { counts: counts.clone(), node })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = map.get_mut(&self.node) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                map.remove(&self.node);
+            }
+        }
     }
 }
 

@@ -2,15 +2,18 @@
 //! handshake's "who is hosted where" questions, and the handshake client is the auth manager's
 //! [`Authenticator`].
 
-use crate::auth_manager::{AuthFailure, Authenticator, BoxFuture};
+use crate::auth_manager::{AuthFailure, Authenticator, BoxFuture, Evidence, Proof};
 use crate::handshake::{HandshakeClient, HandshakeServer, HostedIdentities};
 use crate::metrics::AgentMetrics;
 use crate::node_agent::SharedView;
 use crate::svid::SvidStore;
+use crate::verify::{self, Usage};
 use meshauth_crds::SpiffeId;
+use rustls::pki_types::CertificateDer;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// The agent's latest [`NodeView`](crate::plan::NodeView) as the handshake's oracle.
@@ -24,36 +27,87 @@ impl HostedIdentities for ViewHosted {
     fn identity_hosted_at(&self, id: &SpiffeId, node: IpAddr) -> bool {
         self.0.read().unwrap_or_else(PoisonError::into_inner).is_hosted_at(id.as_str(), node)
     }
+
+    fn is_node(&self, addr: IpAddr) -> bool {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).hosts.values().any(|nodes| nodes.contains(&addr))
+    }
+}
+
+/// Limits of the handshake server (agent configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    pub max_concurrent: usize,
+    pub max_per_source: usize,
 }
 
 /// Answers peers' handshakes until the listener fails, counting each in the metrics.
-pub async fn serve(listener: TcpListener, store: SvidStore, hosted: Arc<ViewHosted>, metrics: Arc<AgentMetrics>) {
-    HandshakeServer::new(store, hosted).with_observer(metrics).serve(listener).await;
+pub async fn serve(listener: TcpListener, store: SvidStore, hosted: Arc<ViewHosted>, metrics: Arc<AgentMetrics>, limits: ServerLimits) {
+    HandshakeServer::new(store, hosted)
+        .with_observer(metrics)
+        .with_max_concurrent(limits.max_concurrent)
+        .with_max_per_source(limits.max_per_source)
+        .serve(listener)
+        .await;
+}
+
+type Chain = Arc<[CertificateDer<'static>]>;
+
+/// The peer chain a proof rested on, verified again against the store's bundles when asked.
+struct PeerChain {
+    store: SvidStore,
+    peer: SpiffeId,
+    chain: Chain,
+}
+
+impl Evidence for PeerChain {
+    fn still_trusted(&self) -> bool {
+        let bundles = self.store.bundles();
+        verify::verify_svid_for(&self.chain, &bundles, &self.peer, Usage::Server, self.store.now()).is_ok()
+    }
 }
 
 /// The handshake client as the auth manager's authenticator.
 pub struct HandshakeAuthenticator {
     client: HandshakeClient,
+    store: SvidStore,
+    /// Peer chains by leaf: the many pairs proven with one peer SVID share one copy.
+    chains: Mutex<HashMap<Vec<u8>, Weak<[CertificateDer<'static>]>>>,
 }
 
 impl HandshakeAuthenticator {
     pub fn new(store: SvidStore, hosted: Arc<ViewHosted>, timeout: Duration) -> Self {
-        Self { client: HandshakeClient::new(store, hosted).with_timeout(timeout) }
+        Self { client: HandshakeClient::new(store.clone(), hosted).with_timeout(timeout), store, chains: Mutex::default() }
+    }
+
+    fn intern(&self, chain: Vec<CertificateDer<'static>>) -> Chain {
+        let mut chains = self.chains.lock().unwrap_or_else(PoisonError::into_inner);
+        let leaf = chain.first().map(|c| c.as_ref().to_vec()).unwrap_or_default();
+        if let Some(shared) = chains.get(&leaf).and_then(Weak::upgrade) {
+            return shared;
+        }
+        // Chains no proof holds any more go as new ones come.
+        chains.retain(|_, weak| weak.strong_count() > 0);
+        let shared: Chain = chain.into();
+        chains.insert(leaf, Arc::downgrade(&shared));
+        shared
     }
 }
 
 impl Authenticator for HandshakeAuthenticator {
-    fn authenticate<'a>(&'a self, local: &'a str, peer: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<SystemTime, AuthFailure>> {
+    fn authenticate<'a>(&'a self, local: &'a str, peer: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<Proof, AuthFailure>> {
         Box::pin(async move {
             let parse = |id: &str| {
-                SpiffeId::parse(id).map_err(|e| AuthFailure { reason: "bad_spiffe_id", message: format!("{id:?} {e}") })
+                SpiffeId::parse(id)
+                    .map_err(|e| AuthFailure { reason: "bad_spiffe_id", message: format!("{id:?} {e}"), refused: true })
             };
             let (local, peer) = (parse(local)?, parse(peer)?);
-            self.client
-                .authenticate(addr, &local, &peer)
-                .await
-                .map(|a| a.expiry)
-                .map_err(|e| AuthFailure { reason: e.reason(), message: format!("{local} <- {peer} at {addr}: {e}") })
+            let auth = self.client.authenticate(addr, &local, &peer).await.map_err(|e| AuthFailure {
+                reason: e.reason(),
+                message: format!("{local} <- {peer} at {addr}: {e}"),
+                refused: e.is_refusal(),
+            })?;
+            let chain = self.intern(auth.peer_chain);
+            Ok(Proof { expiry: auth.expiry, evidence: Arc::new(PeerChain { store: self.store.clone(), peer, chain }) })
         })
     }
 }

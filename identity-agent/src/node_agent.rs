@@ -573,7 +573,11 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         .await
         .map_err(|error| AgentError::Listen { addr: config.listen, error })?;
     let hosted = Arc::new(crate::handshake_glue::ViewHosted(view.clone()));
-    tokio::spawn(crate::handshake_glue::serve(listener, store.clone(), hosted.clone(), metrics.clone()));
+    let limits = crate::handshake_glue::ServerLimits {
+        max_concurrent: config.handshake_server_max_concurrent,
+        max_per_source: config.handshake_max_per_source,
+    };
+    tokio::spawn(crate::handshake_glue::serve(listener, store.clone(), hosted.clone(), metrics.clone(), limits));
 
     let authenticator = Arc::new(crate::handshake_glue::HandshakeAuthenticator::new(store.clone(), hosted, config.handshake_timeout));
     let manager = auth_manager::spawn(
@@ -611,6 +615,8 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     tracing::info!(node = %config.node_name, "meshauth-agent ready");
 
     let mut rotations = store.subscribe_rotations();
+    let mut withdrawals = store.subscribe_withdrawals();
+    let mut bundles = store.watch_bundles();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
@@ -641,6 +647,18 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
+            withdrawn = withdrawals.recv() => match withdrawn {
+                Ok(id) => manager.withdrawn(id.to_string()),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "missed SVID withdrawals; their pairs' re-authentication fails and removes them");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            changed = bundles.changed() => {
+                if changed.is_err() { break; }
+                bundles.borrow_and_update();
+                manager.bundles_changed();
+            }
             Some(call) = cni_calls.recv() => {
                 let outcome = applier.cni(&call.request, call.netns);
                 if let Err(CniRefusal::Final(reason)) = &outcome {

@@ -9,6 +9,11 @@
 //! - When the Workload API is unreachable the last valid SVID of each identity is kept and
 //!   served until it expires (then `Unavailable(Expired)`): a SPIRE agent restart must not tear
 //!   down authentication that is still provable.
+//! - "No identity issued" while we hold valid SVIDs is an outage (a restarting SPIRE agent says
+//!   it until it has synced with its server), not a revocation: the SVIDs are kept until
+//!   `no_identity_grace` has passed with no other answer. An identity missing from a real
+//!   update is withdrawn at once and announced ([`SvidStore::subscribe_withdrawals`]), so the
+//!   auth manager removes its pairs instead of waiting for their expiry.
 //! - Reconnection uses capped exponential backoff with full jitter, so a fleet of agents does
 //!   not reconnect in lock step after a SPIRE agent restart.
 //! - Connecting and receiving the first update is bounded by `initial_sync_timeout`; callers
@@ -48,6 +53,8 @@ pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 /// Small: the Workload API is a local socket, and while the agent waits every pair it should
 /// authenticate stays unproven (fail closed), so a long wait after SPIRE is back costs traffic.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3);
+/// Longer than a SPIRE agent takes to sync with its server after a restart.
+pub const DEFAULT_NO_IDENTITY_GRACE: Duration = Duration::from_secs(15);
 /// Rotation notifications buffered per subscriber before the slowest one starts losing them.
 const ROTATION_CHANNEL_CAPACITY: usize = 1024;
 
@@ -96,6 +103,9 @@ pub enum SourceError {
     Closed,
     #[error("no first update within {0:?}")]
     InitialSyncTimeout(Duration),
+    /// The Workload API says no identity is issued to us (SPIRE's PermissionDenied).
+    #[error("the workload API issued no identity")]
+    NoIdentityIssued,
 }
 
 /// Where SVIDs come from: the Workload API in production, a double in tests.
@@ -294,6 +304,8 @@ pub struct StoreConfig {
     pub initial_sync_timeout: Duration,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long "no identity issued" may last before the SVIDs we hold are withdrawn.
+    pub no_identity_grace: Duration,
 }
 
 impl Default for StoreConfig {
@@ -302,6 +314,7 @@ impl Default for StoreConfig {
             initial_sync_timeout: DEFAULT_INITIAL_SYNC_TIMEOUT,
             initial_backoff: DEFAULT_INITIAL_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
+            no_identity_grace: DEFAULT_NO_IDENTITY_GRACE,
         }
     }
 }
@@ -313,6 +326,7 @@ struct Inner {
     default_state: Mutex<SvidState>,
     bundles: watch::Sender<Arc<BundleSet>>,
     rotations: broadcast::Sender<SpiffeId>,
+    withdrawals: broadcast::Sender<SpiffeId>,
     connected: watch::Sender<bool>,
     clock: Arc<dyn Clock>,
 }
@@ -349,12 +363,14 @@ impl SvidStore {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (bundles, _) = watch::channel(Arc::new(BundleSet::new()));
         let (rotations, _) = broadcast::channel(ROTATION_CHANNEL_CAPACITY);
+        let (withdrawals, _) = broadcast::channel(ROTATION_CHANNEL_CAPACITY);
         let (connected, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             states: Mutex::new(HashMap::new()),
             default_state: Mutex::new(SvidState::Initializing),
             bundles,
             rotations,
+            withdrawals,
             connected,
             clock,
         });
@@ -419,6 +435,12 @@ impl SvidStore {
         self.inner.rotations.subscribe()
     }
 
+    /// SPIFFE IDs whose usable SVID went away before its expiry (no longer issued, or what
+    /// came instead did not verify), as it happens.
+    pub fn subscribe_withdrawals(&self) -> broadcast::Receiver<SpiffeId> {
+        self.inner.withdrawals.subscribe()
+    }
+
     /// The trust bundles (ours and federated) as of now.
     pub fn bundles(&self) -> Arc<BundleSet> {
         self.inner.bundles.borrow().clone()
@@ -448,6 +470,12 @@ impl SvidStore {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Whether the Workload API has answered at least once (or the first sync timed out): only
+    /// then does an unknown identity mean "not issued" rather than "not heard of yet".
+    pub fn is_synced(&self) -> bool {
+        !matches!(self.inner.default_state(), SvidState::Initializing)
     }
 
     /// Whether the worker holds an open stream right now.
@@ -500,13 +528,15 @@ struct Worker {
     backoff: Backoff,
     /// When the first sync must have happened by (cleared once it did or it was declared late).
     initial_deadline: Option<Instant>,
+    /// When "no identity issued" began, while it lasts and we still hold SVIDs.
+    no_identity_since: Option<Instant>,
 }
 
 impl Worker {
     fn new(inner: Arc<Inner>, source: Arc<dyn SvidSource>, config: StoreConfig) -> Self {
         let backoff = Backoff::new(config.initial_backoff, config.max_backoff);
         let initial_deadline = Some(Instant::now() + config.initial_sync_timeout);
-        Self { inner, source, config, backoff, initial_deadline }
+        Self { inner, source, config, backoff, initial_deadline, no_identity_since: None }
     }
 
     async fn run(mut self) {
@@ -536,8 +566,13 @@ impl Worker {
                         }
                     };
                     self.inner.connected.send_replace(false);
-                    tracing::warn!(error = %end, "workload API stream ended; keeping SVIDs until they expire");
+                    if end == SourceError::NoIdentityIssued {
+                        self.no_identity_issued();
+                    } else {
+                        tracing::warn!(error = %end, "workload API stream ended; keeping SVIDs until they expire");
+                    }
                 }
+                Err(SourceError::NoIdentityIssued) => self.no_identity_issued(),
                 Err(e) => {
                     tracing::warn!(error = %e, "workload API unavailable");
                 }
@@ -561,6 +596,32 @@ impl Worker {
         }
     }
 
+    /// "No identity issued": an empty answer when there is nothing to keep, else an outage
+    /// until the grace period ends (then the empty answer withdraws everything).
+    fn no_identity_issued(&mut self) {
+        let now = self.inner.clock.now();
+        let holding = self.inner.lock_states().values().any(
+            |tx| matches!(&*tx.borrow(), SvidState::Available(svid) if svid.not_after > now),
+        );
+        if !holding {
+            self.no_identity_since = None;
+            self.apply(X509Update::default());
+            return;
+        }
+        let since = *self.no_identity_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.config.no_identity_grace {
+            self.withdraw_all_after_grace();
+        } else {
+            tracing::warn!(grace = ?self.config.no_identity_grace, "workload API issues no identity; keeping SVIDs through the grace period");
+        }
+    }
+
+    fn withdraw_all_after_grace(&mut self) {
+        tracing::warn!(grace = ?self.config.no_identity_grace, "workload API issued no identity for the whole grace period; withdrawing every SVID");
+        self.no_identity_since = None;
+        self.apply(X509Update::default());
+    }
+
     fn next_timer(&self) -> Option<Instant> {
         let now_wall = self.inner.clock.now();
         let now = Instant::now();
@@ -575,13 +636,14 @@ impl Worker {
                 _ => None,
             })
             .min();
-        match (expiry, self.initial_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let grace_end = self.no_identity_since.map(|since| since + self.config.no_identity_grace);
+        [expiry, self.initial_deadline, grace_end].into_iter().flatten().min()
     }
 
     fn on_timer(&mut self) {
+        if self.no_identity_since.is_some_and(|since| since.elapsed() >= self.config.no_identity_grace) {
+            self.withdraw_all_after_grace();
+        }
         if self.initial_deadline.is_some_and(|d| d <= Instant::now()) {
             self.initial_deadline = None;
             tracing::warn!(timeout = ?self.config.initial_sync_timeout, "no SVIDs from the workload API in time");
@@ -613,6 +675,9 @@ impl Worker {
 
     fn apply(&mut self, update: X509Update) {
         let now = self.inner.clock.now();
+        if !update.svids.is_empty() {
+            self.no_identity_since = None;
+        }
         if !update.bundles.is_empty() {
             let mut set = BundleSet::new();
             for (td, certs) in update.bundles {
@@ -621,7 +686,12 @@ impl Worker {
                     Err(e) => tracing::warn!(trust_domain = %td, error = %e, "ignoring unusable bundle"),
                 }
             }
-            self.inner.bundles.send_replace(Arc::new(set));
+            // Every update carries the bundles; only a real change makes the auth manager
+            // check its proofs again.
+            let same = same_bundles(&self.inner.bundles.borrow(), &set);
+            if !same {
+                self.inner.bundles.send_replace(Arc::new(set));
+            }
         }
         let bundles = self.bundles();
         let mut fresh: HashMap<SpiffeId, Result<Svid, SvidError>> = HashMap::new();
@@ -646,10 +716,18 @@ impl Worker {
             SvidState::Unavailable(Unavailable::NotIssued);
 
         let mut rotated = Vec::new();
+        let mut withdrawn = Vec::new();
         let mut states = self.inner.lock_states();
         for (id, tx) in states.iter() {
             let next = fresh.remove(id);
-            tx.send_if_modified(|state| transition(id, state, next, now, &mut rotated));
+            tx.send_if_modified(|state| {
+                let was_usable = matches!(&*state, SvidState::Available(svid) if svid.not_after > now);
+                let changed = transition(id, state, next, now, &mut rotated);
+                if was_usable && !matches!(&*state, SvidState::Available(_)) {
+                    withdrawn.push(id.clone());
+                }
+                changed
+            });
         }
         for (id, next) in fresh {
             let mut state = SvidState::Initializing;
@@ -661,6 +739,10 @@ impl Worker {
             tracing::info!(%id, "SVID issued or rotated");
             // No subscriber is fine: nobody needs to re-authenticate yet.
             let _ = self.inner.rotations.send(id);
+        }
+        for id in withdrawn {
+            tracing::warn!(%id, "SVID withdrawn before its expiry");
+            let _ = self.inner.withdrawals.send(id);
         }
     }
 
@@ -689,6 +771,11 @@ fn transition(
         (Some(Err(_)), _) => replace(state, SvidState::Unavailable(Unavailable::Invalid)),
         (None, _) => replace(state, SvidState::Unavailable(Unavailable::NotIssued)),
     }
+}
+
+fn same_bundles(a: &BundleSet, b: &BundleSet) -> bool {
+    a.len() == b.len()
+        && b.iter().all(|bundle| a.get(bundle.trust_domain()).is_some_and(|old| old.certs() == bundle.certs()))
 }
 
 fn replace(state: &mut SvidState, next: SvidState) -> bool {

@@ -1,22 +1,66 @@
-//! The manager against in-process doubles of the handshake and the map, on the real clock with
-//! short lifetimes.
+//! The manager against in-process doubles of the handshake and the map: on the real clock with
+//! short lifetimes, and on tokio's paused clock where the test counts handshakes over time.
 
 use super::*;
+use crate::svid::TokioClock;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-#[derive(Default)]
+/// Whether the proofs of a [`FakeAuth`] still verify (flipped to play a bundle change).
+#[derive(Clone)]
+struct FakeEvidence(Arc<AtomicBool>);
+
+impl Evidence for FakeEvidence {
+    fn still_trusted(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 struct FakeAuth {
     lifetime_ms: u64,
+    /// A fixed expiry for every proof (neither SVID rotates), instead of now + lifetime.
+    until: Mutex<Option<SystemTime>>,
     calls: Mutex<Vec<(String, String, SocketAddr)>>,
     fail_addrs: Mutex<BTreeSet<SocketAddr>>,
     fail_all: Mutex<bool>,
+    /// Failures are refusals (the peer was reached and said no), not outages.
+    refuse: AtomicBool,
+    /// Evidence per peer identity (all trusted unless a test says otherwise).
+    trusted: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
+    clock: Arc<dyn Clock>,
     concurrent: AtomicUsize,
     max_concurrent: AtomicUsize,
 }
 
+impl Default for FakeAuth {
+    fn default() -> Self {
+        Self {
+            lifetime_ms: 60_000,
+            until: Mutex::default(),
+            calls: Mutex::default(),
+            fail_addrs: Mutex::default(),
+            fail_all: Mutex::default(),
+            refuse: AtomicBool::new(false),
+            trusted: Mutex::default(),
+            clock: Arc::new(SystemClock),
+            concurrent: AtomicUsize::new(0),
+            max_concurrent: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl FakeAuth {
+    fn calls(&self) -> usize {
+        self.calls.lock().expect("lock").len()
+    }
+
+    fn trust_of(&self, peer: &str) -> Arc<AtomicBool> {
+        self.trusted.lock().expect("lock").entry(peer.to_owned()).or_insert_with(|| Arc::new(AtomicBool::new(true))).clone()
+    }
+}
+
 impl Authenticator for FakeAuth {
-    fn authenticate<'a>(&'a self, local: &'a str, peer: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<SystemTime, AuthFailure>> {
+    fn authenticate<'a>(&'a self, local: &'a str, peer: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<Proof, AuthFailure>> {
         Box::pin(async move {
             let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_concurrent.fetch_max(now, Ordering::SeqCst);
@@ -24,9 +68,15 @@ impl Authenticator for FakeAuth {
             self.concurrent.fetch_sub(1, Ordering::SeqCst);
             self.calls.lock().expect("lock").push((local.to_owned(), peer.to_owned(), addr));
             if *self.fail_all.lock().expect("lock") || self.fail_addrs.lock().expect("lock").contains(&addr) {
-                return Err(AuthFailure { reason: "refused", message: format!("{addr} refused") });
+                let refused = self.refuse.load(Ordering::SeqCst);
+                return Err(AuthFailure { reason: "refused", message: format!("{addr} refused"), refused });
             }
-            Ok(SystemTime::now() + Duration::from_millis(self.lifetime_ms))
+            let expiry = match *self.until.lock().expect("lock") {
+                Some(until) if until > self.clock.now() => until,
+                Some(_) => return Err(AuthFailure { reason: "expired", message: "every SVID expired".into(), refused: true }),
+                None => self.clock.now() + Duration::from_millis(self.lifetime_ms),
+            };
+            Ok(Proof { expiry, evidence: Arc::new(FakeEvidence(self.trust_of(peer))) })
         })
     }
 }
@@ -63,11 +113,17 @@ fn pair(dst: u32, src: u32, peers: Vec<SocketAddr>) -> DesiredPair {
 }
 
 fn start(auth: Arc<FakeAuth>, table: FakeTable, config: AuthManagerConfig) -> AuthManagerHandle {
-    spawn(config, auth, Box::new(table), Arc::new(NoObserver))
+    let clock = auth.clock.clone();
+    spawn_with_clock(config, auth, Box::new(table), Arc::new(NoObserver), clock)
 }
 
 fn fast() -> AuthManagerConfig {
-    AuthManagerConfig { refresh_margin: Duration::from_millis(50), initial_backoff: Duration::from_millis(30), ..AuthManagerConfig::default() }
+    AuthManagerConfig {
+        refresh_margin: Duration::from_millis(50),
+        initial_backoff: Duration::from_millis(30),
+        min_reauth_interval: Duration::from_millis(50),
+        ..AuthManagerConfig::default()
+    }
 }
 
 async fn eventually(what: &str, f: impl Fn() -> bool) {
@@ -191,4 +247,156 @@ async fn auth_required_for_a_pair_the_policy_does_not_want_does_nothing() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(auth.calls.lock().expect("lock").is_empty());
     assert!(table.0.lock().expect("lock").is_empty());
+}
+
+// ---- on tokio's paused clock: handshakes counted over time ----
+
+/// A fake whose proofs all expire at `now + until` (neither SVID rotates), on the paused clock.
+fn frozen_svids(until: Duration) -> Arc<FakeAuth> {
+    let clock = Arc::new(TokioClock::new());
+    let auth = FakeAuth { clock: clock.clone(), ..FakeAuth::default() };
+    *auth.until.lock().expect("lock") = Some(clock.now() + until);
+    Arc::new(auth)
+}
+
+fn entry(table: &FakeTable, key: PairKey) -> Option<SystemTime> {
+    table.0.lock().expect("lock").get(&key).copied()
+}
+
+#[tokio::test(start_paused = true)]
+async fn short_svids_that_cannot_rotate_yet_do_not_drive_a_handshake_storm() {
+    // The demo's 8 s SVIDs: under the 5 s margin, every success used to schedule the next
+    // handshake at once.
+    let auth = frozen_svids(Duration::from_secs(8));
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    tokio::time::sleep(Duration::from_millis(7_900)).await;
+    assert!(entry(&table, (1, 2)).is_some(), "the entry is kept to its end");
+    let calls = auth.calls();
+    assert!(calls <= 6, "{calls} handshakes for one pair in 8 s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spire_outage_keeps_the_entry_to_its_end_with_a_handful_of_handshakes() {
+    let auth = frozen_svids(Duration::from_secs(30));
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    tokio::time::sleep(Duration::from_millis(29_900)).await;
+    assert!(entry(&table, (1, 2)).is_some(), "the entry is kept until every SVID expires");
+    let calls = auth.calls();
+    assert!(calls <= 8, "{calls} handshakes for one pair in a 30 s outage");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "the entry outlived the SVIDs");
+}
+
+#[tokio::test(start_paused = true)]
+async fn rotations_bring_the_next_handshake_but_never_within_the_floor() {
+    let auth = frozen_svids(Duration::from_secs(60));
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    eventually("entry", || entry(&table, (1, 2)).is_some()).await;
+    assert_eq!(auth.calls(), 1);
+    for _ in 0..50 {
+        m.rotated("spiffe://td/d1".into());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(auth.calls(), 2, "one re-authentication for a burst of rotations within the floor");
+}
+
+#[tokio::test(start_paused = true)]
+async fn auth_required_events_cannot_drive_back_to_back_handshakes() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
+    *auth.fail_all.lock().expect("lock") = true;
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    // A pod sending (or spoofing) packets of the pair: 200 drops in 2 s.
+    for _ in 0..200 {
+        m.auth_required((1, 2));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let calls = auth.calls();
+    // At most one attempt per 200 ms floor (plus the first).
+    assert!(calls <= 11, "{calls} handshakes driven by 200 auth-required events in 2 s");
+    assert!(calls >= 5, "auth-required events still cut the backoff short: {calls}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_re_authentication_removes_the_entry_at_once() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    eventually("entry", || entry(&table, (1, 2)).is_some()).await;
+    // The peer now presents another identity: the next handshake is refused.
+    auth.refuse.store(true, Ordering::SeqCst);
+    *auth.fail_all.lock().expect("lock") = true;
+    m.rotated("spiffe://td/d1".into());
+    eventually("entry removed", || entry(&table, (1, 2)).is_none()).await;
+    let status = m.status().await;
+    assert!(status[0].expiry.is_none() && status[0].failures >= 1, "{status:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_peer_keeps_the_entry_until_its_expiry() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, lifetime_ms: 20_000, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    eventually("entry", || entry(&table, (1, 2)).is_some()).await;
+    // The peer's agent restarts (an outage, not a refusal).
+    *auth.fail_all.lock().expect("lock") = true;
+    m.rotated("spiffe://td/d1".into());
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(auth.calls() >= 3, "re-authentication retried");
+    assert!(entry(&table, (1, 2)).is_some(), "an outage took the entry away before its expiry");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "the entry outlived its proof");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_withdrawn_local_svid_removes_its_pairs_at_once() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)]), pair(5, 2, vec![addr(3)])]);
+    eventually("entries", || table.0.lock().expect("lock").len() == 2).await;
+    // SPIRE no longer issues d1 here: re-authenticating it fails from now on.
+    auth.refuse.store(true, Ordering::SeqCst);
+    auth.fail_addrs.lock().expect("lock").insert(addr(2));
+    m.withdrawn("spiffe://td/d1".into());
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "the withdrawn identity's pair is still authenticated");
+    assert!(entry(&table, (5, 2)).is_some(), "another identity's pair was removed");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "the withdrawn identity's pair came back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bundle_change_removes_the_pairs_whose_proof_no_longer_verifies() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)]), pair(1, 3, vec![addr(3)])]);
+    eventually("entries", || table.0.lock().expect("lock").len() == 2).await;
+    // The CA that signed s2's SVID leaves the bundle: its chain no longer verifies, and its
+    // agent cannot prove it again.
+    auth.trust_of("spiffe://td/s2").store(false, Ordering::SeqCst);
+    auth.refuse.store(true, Ordering::SeqCst);
+    auth.fail_addrs.lock().expect("lock").insert(addr(2));
+    m.bundles_changed();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "a pair proven by a removed CA is still authenticated");
+    assert!(entry(&table, (1, 3)).is_some(), "a pair whose proof still verifies was removed");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(entry(&table, (1, 2)), None);
 }

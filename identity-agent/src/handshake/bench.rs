@@ -128,6 +128,10 @@ impl HostedIdentities for Loopback {
     fn identity_hosted_at(&self, _id: &SpiffeId, node: IpAddr) -> bool {
         node.is_loopback()
     }
+
+    fn is_node(&self, addr: IpAddr) -> bool {
+        addr.is_loopback()
+    }
 }
 
 /// Runs both benchmarks on a fresh current-thread runtime (one core).

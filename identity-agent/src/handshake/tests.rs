@@ -42,6 +42,10 @@ impl HostedIdentities for Hosted {
     fn identity_hosted_at(&self, id: &SpiffeId, node: IpAddr) -> bool {
         self.at.contains(&(id.clone(), node))
     }
+
+    fn is_node(&self, addr: IpAddr) -> bool {
+        self.at.iter().any(|(_, ip)| *ip == addr)
+    }
 }
 
 /// A clock set `offset` in the past: lets an impostor hold an SVID that expired for everyone else.
@@ -82,6 +86,10 @@ impl HandshakeObserver for Recorder {
             Err(e) => Err(e.reason()),
         };
         self.0.lock().unwrap_or_else(PoisonError::into_inner).push(entry);
+    }
+
+    fn turned_away(&self, reason: &'static str) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).push(Err(reason));
     }
 }
 
@@ -387,11 +395,12 @@ async fn nodes_that_do_not_host_the_identity_are_refused_on_either_side() {
     let err = client.authenticate(pair.server_addr, &id(PAYMENT), &id(ORDER)).await.expect_err("not hosted");
     assert_eq!(err.reason(), "peer_not_hosted");
 
-    // Server side: the source node does not believe PAYMENT runs on the dialing node.
+    // Server side: the source node does not believe PAYMENT runs on the dialing node (a node
+    // hosting something else).
     let order = pair.ca.svid(ORDER);
     let server_store = store_of(&[(ORDER, &order)], vec![bundle_of(&pair.ca)], Arc::new(SystemClock)).await;
     let (addr, recorder, server) =
-        start_server(server_store.clone(), Hosted::new(&[ORDER], &[(PAYMENT, elsewhere)])).await;
+        start_server(server_store.clone(), Hosted::new(&[ORDER], &[(PAYMENT, elsewhere), (ORDER, LOOPBACK)])).await;
     let client = HandshakeClient::new(store.clone(), Hosted::new(&[PAYMENT], &[(ORDER, LOOPBACK)]));
     let err = client.authenticate(addr, &id(PAYMENT), &id(ORDER)).await.expect_err("refused by server");
     assert_eq!(err.reason(), "peer_refused", "{err}");
@@ -475,4 +484,160 @@ fn sni_is_a_valid_dns_name_for_the_longest_ids() {
         assert!(sni.ends_with(SNI_SUFFIX));
     }
     assert_ne!(sni_for(&id(ORDER)), sni_for(&id(PAYMENT)));
+}
+
+// ---- floods of the handshake port ----
+
+/// A TCP connection to `server` from `source`, sending nothing.
+async fn idle_connection(source: IpAddr, server: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(server).await
+}
+
+/// Whether the server closes `tcp` (EOF or reset) within `within`, never having sent a byte.
+async fn closed_unread(mut tcp: TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(within, tcp.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+/// Keeps `count` idle connections from `source` open against `server`, opening a new one as
+/// soon as one is closed: a flood that never lets go of what it can hold.
+fn keep_flooding(source: IpAddr, server: SocketAddr, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..count)
+        .map(|_| {
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(tcp) = idle_connection(source, server).await {
+                        let _ = closed_unread(tcp, Duration::from_secs(3600)).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect()
+}
+
+const NODE_B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)); // another node
+const POD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 3)); // no node's address
+
+/// A server for ORDER on 127.0.0.1 whose view has the honest destination node at 127.0.0.1
+/// (PAYMENT) and another node at 127.0.0.2 (hosting "refund"); 127.0.0.3 is a pod.
+async fn flooded_server(ca: &TestCa, hello_timeout: Duration) -> (SocketAddr, Arc<Recorder>, tokio::task::JoinHandle<()>) {
+    let order = ca.svid(ORDER);
+    let store = store_of(&[(ORDER, &order)], vec![bundle_of(ca)], Arc::new(SystemClock)).await;
+    let refund = "spiffe://cluster.local/ns/shop/sa/refund";
+    let hosted = Hosted::new(&[ORDER], &[(PAYMENT, LOOPBACK), (refund, NODE_B)]);
+    let listener = TcpListener::bind("0.0.0.0:0").await.expect("bind");
+    let addr = SocketAddr::new(LOOPBACK, listener.local_addr().expect("addr").port());
+    let recorder = Arc::new(Recorder::default());
+    let server = HandshakeServer::new(store, hosted)
+        .with_observer(recorder.clone())
+        .with_max_concurrent(16)
+        .with_max_per_source(4)
+        .with_hello_timeout(hello_timeout);
+    (addr, recorder, tokio::spawn(server.serve(listener)))
+}
+
+fn count(recorder: &Recorder, reason: &str) -> usize {
+    recorder.0.lock().unwrap_or_else(PoisonError::into_inner).iter().filter(|r| r.as_ref().err() == Some(&reason)).count()
+}
+
+#[tokio::test]
+async fn connections_from_pods_and_beyond_a_nodes_limit_are_closed_before_any_tls() {
+    let ca = TestCa::new("cluster.local");
+    // A ClientHello deadline far beyond the test: whatever closes here is closed unread at once.
+    let (addr, recorder, server) = flooded_server(&ca, Duration::from_secs(600)).await;
+    let mut from_pod = Vec::new();
+    for _ in 0..64 {
+        from_pod.push(idle_connection(POD, addr).await.expect("connect from the pod"));
+    }
+    for tcp in from_pod {
+        assert!(closed_unread(tcp, Duration::from_secs(10)).await, "a pod's idle connection was kept open");
+    }
+    assert_eq!(count(&recorder, "not_a_node"), 64);
+    // Node B may hold 4 connections; the other 8 are closed.
+    let mut from_node = Vec::new();
+    for _ in 0..12 {
+        from_node.push(idle_connection(NODE_B, addr).await.expect("connect from node B"));
+    }
+    let mut closed = 0;
+    for tcp in from_node {
+        closed += usize::from(closed_unread(tcp, Duration::from_millis(500)).await);
+    }
+    assert_eq!(closed, 8, "node B held more than its 4 connections");
+    assert_eq!(count(&recorder, "source_limit"), 8);
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_flood_of_idle_connections_from_pods_and_a_node_does_not_stop_an_honest_handshake() {
+    let ca = TestCa::new("cluster.local");
+    let (addr, recorder, server) = flooded_server(&ca, Duration::from_millis(500)).await;
+    // Idle connections of a node end at the ClientHello deadline.
+    let mut from_node = Vec::new();
+    for _ in 0..4 {
+        from_node.push(idle_connection(NODE_B, addr).await.expect("connect from node B"));
+    }
+    for tcp in from_node {
+        assert!(closed_unread(tcp, Duration::from_secs(10)).await, "an idle connection outlived the ClientHello deadline");
+    }
+    assert_eq!(count(&recorder, "timeout"), 4);
+
+    // A flood that never stops: 200 idle connections from a pod, 40 from node B, each opened
+    // again as soon as it is closed. An honest handshake still passes, again and again.
+    let mut flood = keep_flooding(POD, addr, 200);
+    flood.extend(keep_flooding(NODE_B, addr, 40));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = honest_client(&ca).await.with_timeout(Duration::from_secs(5));
+    for _ in 0..3 {
+        let auth = client.authenticate(addr, &id(PAYMENT), &id(ORDER)).await.expect("honest handshake under a flood");
+        assert_eq!(auth.peer, id(ORDER));
+    }
+    for task in flood {
+        task.abort();
+    }
+    let (pod, beyond) = (count(&recorder, "not_a_node"), count(&recorder, "source_limit"));
+    eprintln!("flood: {pod} pod connections and {beyond} of node B's beyond its limit turned away");
+    assert!(pod >= 200, "the pod's flood did not reach the server: {pod}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_server_that_has_not_heard_from_spire_closes_without_a_refusal() {
+    let ca = TestCa::new("cluster.local");
+    // A source that never answers: the store stays initializing.
+    let silent = crate::svid::fake::FakeSource::new();
+    let (store, _task) = SvidStore::spawn(Arc::new(silent), StoreConfig::default(), Arc::new(SystemClock));
+    let (addr, recorder, server) = start_server(store, Hosted::new(&[ORDER], &[(PAYMENT, LOOPBACK)])).await;
+    let client = honest_client(&ca).await;
+    let err = client.authenticate(addr, &id(PAYMENT), &id(ORDER)).await.expect_err("not ready");
+    assert_eq!(err.reason(), "connection_closed", "{err}");
+    assert!(!err.is_refusal(), "a starting peer must read as an outage: {err}");
+    assert_eq!(recorder.last().await.map(|_| ()), Err("not_ready"));
+    server.abort();
+}
+
+#[test]
+fn refusals_and_outages_are_told_apart() {
+    let addr: SocketAddr = "127.0.0.1:4250".parse().expect("addr");
+    let outages = [
+        HandshakeError::Connect { addr, source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused) },
+        HandshakeError::Timeout(Duration::from_secs(5)),
+        HandshakeError::Closed,
+        HandshakeError::NotReady,
+        HandshakeError::NoLocalSvid(SvidError::Unavailable { id: ORDER.into(), reason: crate::svid::Unavailable::SourceUnreachable }),
+    ];
+    for e in &outages {
+        assert!(!e.is_refusal(), "{e}");
+    }
+    let refusals = [
+        HandshakeError::PeerCertificate(VerifyError::WrongSpiffeId { got: PAYMENT.into(), expected: ORDER.into() }),
+        HandshakeError::PeerRefused("AccessDenied".into()),
+        HandshakeError::PeerNotHosted { id: ORDER.into(), node: LOOPBACK },
+        HandshakeError::NoLocalSvid(SvidError::Unavailable { id: ORDER.into(), reason: crate::svid::Unavailable::NotIssued }),
+    ];
+    for e in &refusals {
+        assert!(e.is_refusal(), "{e}");
+    }
 }

@@ -12,6 +12,8 @@ use crate::verify::test_certs::{TestCa, TestSvid};
 #[derive(Default)]
 struct State {
     down: bool,
+    /// Answering "no identity issued" (connect and the open stream) until the next push.
+    no_identity: bool,
     current: Option<X509Update>,
     stream: Option<mpsc::UnboundedSender<Result<X509Update, SourceError>>>,
     connects: usize,
@@ -34,6 +36,7 @@ impl FakeSource {
     /// Makes `update` the current answer and sends it on the open stream, if any.
     pub fn push(&self, update: X509Update) {
         let mut state = self.lock();
+        state.no_identity = false;
         state.current = Some(update.clone());
         if let Some(tx) = &state.stream {
             let _ = tx.send(Ok(update));
@@ -45,6 +48,16 @@ impl FakeSource {
         let mut state = self.lock();
         state.down = true;
         state.stream = None;
+    }
+
+    /// Answers "no identity issued": the open stream ends with it, and so does every connect
+    /// until the next [`Self::push`].
+    pub fn issue_nothing(&self) {
+        let mut state = self.lock();
+        state.no_identity = true;
+        if let Some(tx) = state.stream.take() {
+            let _ = tx.send(Err(SourceError::NoIdentityIssued));
+        }
     }
 
     pub fn go_up(&self) {
@@ -66,6 +79,9 @@ impl SvidSource for FakeSource {
                     endpoint: "fake".to_owned(),
                     reason: "down".to_owned(),
                 });
+            }
+            if state.no_identity {
+                return Err(SourceError::NoIdentityIssued);
             }
             let (tx, rx) = mpsc::unbounded_channel();
             if let Some(current) = &state.current {

@@ -16,6 +16,7 @@ fn config() -> StoreConfig {
         initial_sync_timeout: Duration::from_secs(5),
         initial_backoff: Duration::from_secs(1),
         max_backoff: Duration::from_secs(30),
+        no_identity_grace: Duration::from_secs(20),
     }
 }
 
@@ -197,4 +198,87 @@ fn backoff_is_jittered_and_capped() {
     assert!(delays[9] >= Duration::from_secs(1));
     backoff.reset();
     assert!(backoff.next_delay() <= Duration::from_millis(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_no_identity_issued_blip_keeps_the_svids_and_withdraws_nothing() {
+    let ca = TestCa::new("cluster.local");
+    let source = FakeSource::new();
+    let (store, task) = start(&source);
+    let mut withdrawals = store.subscribe_withdrawals();
+    let svid = ca.svid(ORDER);
+    source.push(update(&ca, &[(ORDER, &svid)]));
+    store.wait_available(&id(ORDER), Duration::from_secs(1)).await.expect("available");
+
+    // A restarting SPIRE agent says "no identity issued" until it has synced: an outage.
+    source.issue_nothing();
+    settle().await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle().await;
+    assert!(store.current(&id(ORDER)).is_some(), "a blip withdrew a valid SVID");
+    assert!(withdrawals.try_recv().is_err(), "a blip announced a withdrawal");
+    source.push(update(&ca, &[(ORDER, &svid)]));
+    tokio::time::advance(Duration::from_secs(31)).await;
+    settle().await;
+    assert!(store.is_connected());
+    assert!(store.current(&id(ORDER)).is_some());
+    assert!(withdrawals.try_recv().is_err());
+
+    // Past the grace period it is a revocation: withdrawn and announced.
+    source.issue_nothing();
+    settle().await;
+    tokio::time::advance(Duration::from_secs(21)).await;
+    settle().await;
+    assert!(matches!(store.state(&id(ORDER)), SvidState::Unavailable(Unavailable::NotIssued)));
+    assert_eq!(withdrawals.try_recv().expect("withdrawal"), id(ORDER));
+    task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_identity_no_longer_issued_is_withdrawn_at_once_and_announced() {
+    let ca = TestCa::new("cluster.local");
+    let source = FakeSource::new();
+    let (store, task) = start(&source);
+    let mut withdrawals = store.subscribe_withdrawals();
+    source.push(update(&ca, &[(ORDER, &ca.svid(ORDER)), (PAYMENT, &ca.svid(PAYMENT))]));
+    store.wait_available(&id(ORDER), Duration::from_secs(1)).await.expect("available");
+    source.push(update(&ca, &[(PAYMENT, &ca.svid(PAYMENT))]));
+    settle().await;
+    assert_eq!(withdrawals.try_recv().expect("withdrawal"), id(ORDER));
+    assert!(withdrawals.try_recv().is_err(), "only the identity that went");
+    assert!(store.current(&id(ORDER)).is_none());
+    task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_identity_issued_at_start_is_an_answer_not_a_wait() {
+    let source = FakeSource::new();
+    source.issue_nothing();
+    let (store, task) = start(&source);
+    let err = store.wait_available(&id(ORDER), Duration::from_secs(1)).await.expect_err("none");
+    assert_eq!(err.reason(), "not_issued");
+    assert!(store.is_synced());
+    task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn bundles_are_announced_only_when_they_change() {
+    let ca = TestCa::new("cluster.local");
+    let other = TestCa::new("cluster.local");
+    let source = FakeSource::new();
+    let (store, task) = start(&source);
+    let svid = ca.svid(ORDER);
+    source.push(update(&ca, &[(ORDER, &svid)]));
+    store.wait_available(&id(ORDER), Duration::from_secs(1)).await.expect("available");
+    let mut bundles = store.watch_bundles();
+    bundles.borrow_and_update();
+    source.push(update(&ca, &[(ORDER, &ca.svid(ORDER))]));
+    settle().await;
+    assert!(!bundles.has_changed().expect("open"), "a rotation with the same bundle announced a bundle change");
+    let mut both = update(&ca, &[(ORDER, &svid)]);
+    both.bundles[0].1.push(other.root_cert());
+    source.push(both);
+    settle().await;
+    assert!(bundles.has_changed().expect("open"), "a new CA was not announced");
+    task.abort();
 }

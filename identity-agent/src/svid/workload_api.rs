@@ -42,22 +42,23 @@ impl SvidSource for WorkloadApiSource {
                 Ok(stream) => {
                     let stream: UpdateStream = Box::pin(stream.map(|item| match item {
                         Ok(context) => Ok(from_context(&context)),
+                        Err(e) if issued_nothing(&e) => Err(SourceError::NoIdentityIssued),
                         Err(e) => Err(SourceError::Stream(e.to_string())),
                     }));
                     Ok(stream)
                 }
-                // SPIRE answers "no identity issued" while no entry matches this agent: that is
-                // an (empty) answer, not an outage. The stream ends after it, so the store
-                // reconnects with backoff and picks the SVIDs up once they are registered.
-                Err(WorkloadApiError::NoIdentityIssued | WorkloadApiError::PermissionDenied(_)) => {
-                    let stream: UpdateStream =
-                        Box::pin(futures::stream::iter([Ok(X509Update::default())]));
-                    Ok(stream)
-                }
+                // SPIRE answers "no identity issued" while no entry matches this agent, and also
+                // while a restarted SPIRE agent has not synced yet: the store tells the two apart
+                // (nothing held yet, or held past a grace period) and reconnects with backoff.
+                Err(e) if issued_nothing(&e) => Err(SourceError::NoIdentityIssued),
                 Err(e) => Err(connect_error(e)),
             }
         })
     }
+}
+
+fn issued_nothing(error: &WorkloadApiError) -> bool {
+    matches!(error, WorkloadApiError::NoIdentityIssued | WorkloadApiError::PermissionDenied(_))
 }
 
 fn from_context(context: &X509Context) -> X509Update {
