@@ -1070,6 +1070,10 @@ impl HostedIdentities for ClaimsEverything {
     fn identity_hosted_at(&self, _: &SpiffeId, _: IpAddr) -> bool {
         true
     }
+
+    fn is_node(&self, _: IpAddr) -> bool {
+        true
+    }
 }
 
 fn handshakes_from(
