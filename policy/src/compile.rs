@@ -75,6 +75,8 @@ impl std::fmt::Display for OverBudget {
 type PolicyKey = (u32, u32, TableProtocol);
 /// First port, last port, the rule's authentication.
 type PortRange = (u16, u16, AuthRequirement);
+/// What one MeshPolicy compiles into on its own: its entry count and its ranges per key.
+type PolicyAsk = (usize, Vec<(PolicyKey, PortRange)>);
 
 /// Key of the security identity of a pod.
 pub fn security_identity_key(pod: &PodInfo) -> SecurityIdentityKey {
@@ -146,7 +148,7 @@ pub fn compile_with_budget(model: &PolicyModel, allocator: &mut NumberAllocator)
 
     // What each policy asks for: (dst identity, src identity or any, protocol) and a port
     // range, overlapping, with the entries it would take on its own.
-    let mut asks: BTreeMap<&ObjectRef, (usize, Vec<(PolicyKey, PortRange)>)> = BTreeMap::new();
+    let mut asks: BTreeMap<&ObjectRef, PolicyAsk> = BTreeMap::new();
     let mut age: Vec<&ObjectRef> = Vec::new();
     for (dst, pod) in &representative {
         for (policy, rules) in model.policy_rules_for(pod) {
