@@ -82,6 +82,12 @@ pub struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "MESHAUTH_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+    /// Take each Node's meshauth.io/spire-agent-id annotation as it is. Without it an annotated
+    /// agent must be one the SPIRE server attested with a k8s_psat selector naming the node
+    /// (a node writes its own annotations); attestors that name no node, such as join tokens,
+    /// need this.
+    #[arg(long, env = "MESHAUTH_TRUST_NODE_AGENT_ANNOTATIONS", default_value_t = false)]
+    pub trust_node_agent_annotations: bool,
 }
 
 /// Validated settings.
@@ -98,6 +104,8 @@ pub struct Config {
     pub leader_id: String,
     pub resync_interval: Duration,
     pub log_json: bool,
+    /// Node agent annotations are not checked against SPIRE's attested agents.
+    pub trust_node_agent_annotations: bool,
 }
 
 fn invalid(setting: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
@@ -154,6 +162,7 @@ impl Config {
             leader_id,
             resync_interval: Duration::from_secs(args.resync_interval),
             log_json: args.log_json,
+            trust_node_agent_annotations: args.trust_node_agent_annotations,
         })
     }
 }
@@ -195,6 +204,8 @@ mod tests {
         assert_eq!(c.namespace, "meshauth-system");
         assert_eq!(c.entries.x509_svid_ttl, 3600);
         assert_eq!(c.lease_duration, Duration::from_secs(15));
+        assert!(!c.trust_node_agent_annotations, "annotations are checked unless opted out");
+        assert!(parse(&["--trust-node-agent-annotations"]).expect("valid").trust_node_agent_annotations);
     }
 
     #[test]

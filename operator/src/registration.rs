@@ -14,7 +14,7 @@ use meshauth_crds::{SpiffeId, TrustDomain};
 use meshauth_policy::compile::auth_identity_pairs;
 use meshauth_policy::model::{ObjectRef, PolicyModel};
 
-use crate::spire::{EntryKey, EntrySpec, Registered, Selector};
+use crate::spire::{AttestedAgent, EntryKey, EntrySpec, Registered, Selector, SpireError};
 
 /// The Node annotation that names the node's SPIRE agent SPIFFE ID.
 pub const NODE_AGENT_ID_ANNOTATION: &str = "meshauth.io/spire-agent-id";
@@ -28,6 +28,14 @@ pub enum RegistrationError {
     NoAgentId { node: String },
     #[error("node {node} does not exist (yet)")]
     UnknownNode { node: String },
+    #[error("node {node} has annotation {NODE_AGENT_ID_ANNOTATION}={agent_id:?}, but SPIRE has attested no such agent (or banned it)")]
+    UnattestedAgent { node: String, agent_id: String },
+    #[error("node {node} has annotation {NODE_AGENT_ID_ANNOTATION}={agent_id:?}, but SPIRE's attestation of that agent ({attestation}: {selectors}) does not name this node; --trust-node-agent-annotations accepts it anyway")]
+    AgentOfAnotherNode { node: String, agent_id: String, attestation: String, selectors: String },
+    #[error("node {node} has annotation {NODE_AGENT_ID_ANNOTATION}={agent_id:?}, which nodes {nodes} all name: it serves none of them")]
+    AgentOfSeveralNodes { node: String, agent_id: String, nodes: String },
+    #[error("cannot check node {node}'s {NODE_AGENT_ID_ANNOTATION} annotation: the SPIRE server's attested agents are unknown: {reason}")]
+    AgentsUnknown { node: String, reason: String },
 }
 
 /// What every entry the operator makes has in common.
@@ -61,6 +69,87 @@ pub fn node_agent_id(node: &Node, settings: &EntrySettings) -> Result<String, Re
         }
         None => Err(RegistrationError::NoAgentId { node: name }),
     }
+}
+
+/// The selector type of SPIRE's k8s_psat node attestor, and the values that name the node.
+const PSAT: &str = "k8s_psat";
+const PSAT_NODE_NAME: &str = "agent_node_name:";
+const PSAT_NODE_UID: &str = "agent_node_uid:";
+
+/// [`node_agent_id`], with an annotated agent checked against what SPIRE attested. A node can
+/// write its own annotations, so an unchecked one moves its pods' entries (and their SVIDs)
+/// to whichever agent it names. The annotated agent must be one the server attested and did
+/// not ban, and its attestation must name this node (k8s_psat's `agent_node_name` or
+/// `agent_node_uid` selector); attestors that name no node (join tokens, x509pop) need the
+/// explicit opt-in `trust_annotations`, which waives that last check only. IDs derived from
+/// the Node's UID need no check: the API server assigns the UID.
+pub fn verified_node_agent_id(
+    node: &Node,
+    settings: &EntrySettings,
+    attested: Result<&[AttestedAgent], &SpireError>,
+    trust_annotations: bool,
+) -> Result<String, RegistrationError> {
+    let id = node_agent_id(node, settings)?;
+    if !is_annotated(node) {
+        return Ok(id);
+    }
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let agents = attested.map_err(|e| RegistrationError::AgentsUnknown { node: name.clone(), reason: e.to_string() })?;
+    let Some(agent) = agents.iter().find(|a| a.id == id && !a.banned) else {
+        return Err(RegistrationError::UnattestedAgent { node: name, agent_id: id });
+    };
+    let uid = node.metadata.uid.as_deref().filter(|u| !u.is_empty());
+    let names_node = agent.selectors.iter().filter(|s| s.kind == PSAT).any(|s| {
+        s.value.strip_prefix(PSAT_NODE_NAME) == Some(name.as_str()) || (uid.is_some() && s.value.strip_prefix(PSAT_NODE_UID) == uid)
+    });
+    if names_node || trust_annotations {
+        Ok(id)
+    } else {
+        let selectors = agent.selectors.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        Err(RegistrationError::AgentOfAnotherNode { node: name, agent_id: id, attestation: agent.attestation_type.clone(), selectors })
+    }
+}
+
+fn is_annotated(node: &Node) -> bool {
+    node.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(NODE_AGENT_ID_ANNOTATION))
+}
+
+/// Each node's verified SPIRE agent ID ([`verified_node_agent_id`]), or why it has none. An
+/// agent that several nodes' annotations name serves none of them: which node is lying cannot
+/// be told, and the agent must not get SVIDs for pods it does not host.
+pub fn verified_node_agents<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    settings: &EntrySettings,
+    attested: &Result<Vec<AttestedAgent>, SpireError>,
+    trust_annotations: bool,
+) -> BTreeMap<String, Result<String, RegistrationError>> {
+    let verified: Vec<(String, bool, Result<String, RegistrationError>)> = nodes
+        .into_iter()
+        .map(|n| {
+            let id = verified_node_agent_id(n, settings, attested.as_ref().map(Vec::as_slice), trust_annotations);
+            (n.metadata.name.clone().unwrap_or_default(), is_annotated(n), id)
+        })
+        .collect();
+    let mut named: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (node, annotated, id) in &verified {
+        if let (true, Ok(id)) = (annotated, id) {
+            named.entry(id.as_str()).or_default().push(node.as_str());
+        }
+    }
+    let shared: BTreeMap<String, String> =
+        named.into_iter().filter(|(_, nodes)| nodes.len() > 1).map(|(id, nodes)| (id.to_owned(), nodes.join(", "))).collect();
+    verified
+        .into_iter()
+        .map(|(node, _, id)| {
+            let id = match id {
+                Ok(id) if shared.contains_key(&id) => {
+                    Err(RegistrationError::AgentOfSeveralNodes { node: node.clone(), nodes: shared[&id].clone(), agent_id: id })
+                }
+                other => other,
+            };
+            (node, id)
+        })
+        .collect()
 }
 
 /// The entries the mesh needs right now.
@@ -241,6 +330,65 @@ mod tests {
         assert!(matches!(node_agent_id(&n, &s), Err(RegistrationError::BadAnnotation { .. })));
         let n = node("n1", None, None);
         assert_eq!(node_agent_id(&n, &s), Err(RegistrationError::NoAgentId { node: "n1".into() }));
+    }
+
+    fn psat_agent(id: &str, node: &str, uid: &str) -> AttestedAgent {
+        AttestedAgent {
+            id: id.into(),
+            attestation_type: "k8s_psat".into(),
+            selectors: vec![
+                Selector::parse("k8s_psat:cluster:c1").expect("valid"),
+                Selector::parse(&format!("k8s_psat:agent_node_name:{node}")).expect("valid"),
+                Selector::parse(&format!("k8s_psat:agent_node_uid:{uid}")).expect("valid"),
+            ],
+            banned: false,
+        }
+    }
+
+    #[test]
+    fn a_node_annotated_with_another_nodes_agent_gets_no_entries() {
+        let s = settings();
+        let (a1, a2) = ("spiffe://cluster.local/spire/agent/k8s_psat/c1/u-1", "spiffe://cluster.local/spire/agent/k8s_psat/c1/u-2");
+        let attested = Ok(vec![psat_agent(a1, "n1", "u-1"), psat_agent(a2, "n2", "u-2")]);
+        // n2 (compromised) names n1's agent, so that n1's agent would get n2's pods' SVIDs.
+        let nodes = [node("n1", Some("u-1"), Some(a1)), node("n2", Some("u-2"), Some(a1)), node("n3", Some("u-3"), None)];
+        let agents = verified_node_agents(&nodes, &s, &attested, false);
+        assert_eq!(agents["n1"], Ok(a1.to_owned()));
+        assert!(matches!(&agents["n2"], Err(RegistrationError::AgentOfAnotherNode { node, .. }) if node == "n2"), "{:?}", agents["n2"]);
+        assert_eq!(agents["n3"], Ok("spiffe://cluster.local/spire/agent/k8s_psat/c1/u-3".to_owned()), "derived from the UID: no check needed");
+        let inputs = Inputs {
+            pods: vec![pod("shop", "a1", "a", Some("n1"), 1), pod("shop", "b1", "b", Some("n2"), 2)],
+            mutual_auths: vec![strict("shop")],
+            ..Default::default()
+        };
+        let model = PolicyModel::new(ModelConfig::default(), inputs);
+        let d = desired(&model, &agents, &s);
+        let keys: Vec<String> = d.entries.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, vec![format!("spiffe://cluster.local/ns/shop/sa/a on {a1}")], "nothing of n2 parented to n1's agent");
+        assert_eq!(d.problems().len(), 1);
+
+        // An agent SPIRE never attested (or banned), and a server that cannot be asked.
+        let forged = [node("n2", Some("u-2"), Some("spiffe://cluster.local/spire/agent/join_token/made-up"))];
+        assert!(matches!(verified_node_agents(&forged, &s, &attested, false)["n2"], Err(RegistrationError::UnattestedAgent { .. })));
+        let mut banned = psat_agent(a2, "n2", "u-2");
+        banned.banned = true;
+        let n2 = [node("n2", Some("u-2"), Some(a2))];
+        assert!(matches!(verified_node_agents(&n2, &s, &Ok(vec![banned]), false)["n2"], Err(RegistrationError::UnattestedAgent { .. })));
+        let down = Err(SpireError::BadSelector("x".into()));
+        assert!(matches!(verified_node_agents(&n2, &s, &down, false)["n2"], Err(RegistrationError::AgentsUnknown { .. })));
+        // The explicit opt-in (join tokens, whose attestation names no node) waives the node
+        // check only: the agent must still be attested, and named by one node alone.
+        let join = |id: &str| AttestedAgent { id: id.into(), attestation_type: "join_token".into(), selectors: vec![], banned: false };
+        let (j1, j2) = ("spiffe://cluster.local/spire/agent/join_token/t1", "spiffe://cluster.local/spire/agent/join_token/t2");
+        let joined = Ok(vec![join(j1), join(j2)]);
+        let honest = [node("n1", Some("u-1"), Some(j1)), node("n2", Some("u-2"), Some(j2))];
+        let trusted = verified_node_agents(&honest, &s, &joined, true);
+        assert_eq!((trusted["n1"].clone(), trusted["n2"].clone()), (Ok(j1.to_owned()), Ok(j2.to_owned())));
+        assert!(matches!(verified_node_agents(&honest, &s, &joined, false)["n1"], Err(RegistrationError::AgentOfAnotherNode { .. })));
+        let forging = [node("n1", Some("u-1"), Some(j1)), node("n2", Some("u-2"), Some(j1))];
+        let trusted = verified_node_agents(&forging, &s, &joined, true);
+        assert!(trusted.values().all(|r| matches!(r, Err(RegistrationError::AgentOfSeveralNodes { .. }))), "{trusted:?}");
+        assert!(matches!(verified_node_agents(&n2, &s, &down, true)["n2"], Err(RegistrationError::AgentsUnknown { .. })));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! SPIRE registration entries: the operator's view of them ([`EntrySpec`], [`Registered`]), the
-//! [`EntryApi`] it manages them through, the real client of the SPIRE Server Entry API
+//! [`EntryApi`] it manages them through (and reads the attested agents from, [`AttestedAgent`]), the real client of the SPIRE Server Entry API
 //! ([`client::SpireClient`], gRPC over the server's Unix socket) and an in-memory double for
 //! tests ([`fake::FakeSpire`], feature `testing`).
 //!
@@ -141,6 +141,26 @@ pub struct Registered {
     pub spec: EntrySpec,
 }
 
+/// A SPIRE agent the server attested: what ties it to a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestedAgent {
+    pub id: String,
+    /// The node attestor, e.g. `k8s_psat` or `join_token`.
+    pub attestation_type: String,
+    /// What attestation found out, e.g. `k8s_psat:agent_node_name:node-1`.
+    pub selectors: Vec<Selector>,
+    pub banned: bool,
+}
+
+pub(crate) fn from_proto_agent(a: &proto::Agent) -> AttestedAgent {
+    AttestedAgent {
+        id: from_proto_id(a.id.as_ref()),
+        attestation_type: a.attestation_type.clone(),
+        selectors: a.selectors.iter().map(|s| Selector { kind: s.r#type.clone(), value: s.value.clone() }).collect(),
+        banned: a.banned,
+    }
+}
+
 /// What became of one item of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ItemResult<T> {
@@ -179,6 +199,8 @@ pub trait EntryApi: Send + Sync + 'static {
     fn create(&self, specs: Vec<EntrySpec>) -> impl Future<Output = Result<Vec<ItemResult<Registered>>, SpireError>> + Send;
     /// Rewrites selectors and TTL of the operator's entries.
     fn update(&self, entries: Vec<Registered>) -> impl Future<Output = Result<Vec<ItemResult<Registered>>, SpireError>> + Send;
+    /// Every agent the server has attested (the Agent API's ListAgents).
+    fn list_agents(&self) -> impl Future<Output = Result<Vec<AttestedAgent>, SpireError>> + Send;
     /// Deletes the operator's entries by ID.
     fn delete(&self, ids: Vec<String>) -> impl Future<Output = Result<Vec<ItemResult<String>>, SpireError>> + Send;
 }

@@ -14,9 +14,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic_prost::ProstCodec;
 
 use super::proto;
-use super::{EntryApi, EntrySpec, ItemResult, Registered, SpireError};
+use super::{AttestedAgent, EntryApi, EntrySpec, ItemResult, Registered, SpireError};
 
 const SERVICE: &str = "/spire.api.server.entry.v1.Entry";
+const AGENT_SERVICE: &str = "/spire.api.server.agent.v1.Agent";
 /// Items per batch RPC.
 const BATCH: usize = 200;
 /// Entries per ListEntries page.
@@ -68,12 +69,20 @@ impl SpireClient {
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
+        self.call_service(SERVICE, method, req).await
+    }
+
+    async fn call_service<Req, Resp>(&self, service: &str, method: &'static str, req: Req) -> Result<Resp, SpireError>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         let call_err = |status: tonic::Status| SpireError::Call { operation: method, status: Box::new(status) };
         grpc.ready()
             .await
             .map_err(|e| call_err(tonic::Status::unavailable(format!("connecting to {}: {e}", self.socket.display()))))?;
-        let path = PathAndQuery::try_from(format!("{SERVICE}/{method}"))
+        let path = PathAndQuery::try_from(format!("{service}/{method}"))
             .map_err(|e| SpireError::Answer { operation: method, reason: e.to_string() })?;
         let codec: ProstCodec<Req, Resp> = ProstCodec::default();
         let resp = grpc.unary(tonic::Request::new(req), path, codec).await.map_err(call_err)?;
@@ -139,6 +148,20 @@ impl EntryApi for SpireClient {
             }));
         }
         Ok(out)
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AttestedAgent>, SpireError> {
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = proto::ListAgentsRequest { page_size: PAGE, page_token };
+            let resp: proto::ListAgentsResponse = self.call_service(AGENT_SERVICE, "ListAgents", req).await?;
+            out.extend(resp.agents.iter().map(super::from_proto_agent));
+            if resp.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            page_token = resp.next_page_token;
+        }
     }
 
     async fn delete(&self, ids: Vec<String>) -> Result<Vec<ItemResult<String>>, SpireError> {

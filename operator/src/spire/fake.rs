@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::{EntryApi, EntrySpec, ItemResult, Registered, SpireError};
+use super::{AttestedAgent, EntryApi, EntrySpec, ItemResult, Registered, SpireError};
 
 /// A stored entry: its spec and whether it carries the operator's mark.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,7 @@ pub struct FakeSpire {
     next_id: AtomicU64,
     down: AtomicBool,
     calls: AtomicU64,
+    agents: Mutex<Vec<AttestedAgent>>,
 }
 
 impl FakeSpire {
@@ -34,6 +35,11 @@ impl FakeSpire {
         let id = format!("foreign-{}", self.next_id.fetch_add(1, Ordering::SeqCst));
         self.lock().insert(id.clone(), Stored { spec, owned: false });
         id
+    }
+
+    /// Records an attested agent.
+    pub fn add_agent(&self, agent: AttestedAgent) {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).push(agent);
     }
 
     /// Makes every call fail as if the server were gone (`true`) or answer again (`false`).
@@ -122,6 +128,11 @@ impl EntryApi for FakeSpire {
                 }
             })
             .collect())
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AttestedAgent>, SpireError> {
+        self.enter("ListAgents")?;
+        Ok(self.agents.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
     async fn delete(&self, ids: Vec<String>) -> Result<Vec<ItemResult<String>>, SpireError> {

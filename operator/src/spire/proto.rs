@@ -208,3 +208,34 @@ mod tests {
         assert_eq!(req.encode_to_vec(), vec![0x0a, 5, 0x2a, 3, 0x0a, 1, b'm', 0x18, 2]);
     }
 }
+
+/// `spire.api.types.Agent` (the fields the operator reads).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Agent {
+    #[prost(message, optional, tag = "1")]
+    pub id: Option<SpiffeId>,
+    #[prost(string, tag = "2")]
+    pub attestation_type: String,
+    #[prost(message, repeated, tag = "5")]
+    pub selectors: Vec<Selector>,
+    #[prost(bool, tag = "6")]
+    pub banned: bool,
+}
+
+/// `spire.api.server.agent.v1.ListAgentsRequest` (no filter, no mask: every field).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ListAgentsRequest {
+    #[prost(int32, tag = "3")]
+    pub page_size: i32,
+    #[prost(string, tag = "4")]
+    pub page_token: String,
+}
+
+/// `spire.api.server.agent.v1.ListAgentsResponse`.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ListAgentsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub agents: Vec<Agent>,
+    #[prost(string, tag = "2")]
+    pub next_page_token: String,
+}
