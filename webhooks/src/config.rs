@@ -60,6 +60,30 @@ pub enum KubeApi {
     Off,
 }
 
+/// Whether the warnings that need API lookups (pods a selector picks in the object's
+/// namespace, MutualAuth ties there) are given. Anyone who reaches the webhook's port can send
+/// it a review naming any namespace, and those warnings would answer what exists there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ApiWarnings {
+    /// Only when `--client-ca` is set, so that only the API server can ask.
+    Auto,
+    /// Also to unauthenticated clients: for a port nobody but the API server can reach.
+    Always,
+    /// Never.
+    Off,
+}
+
+impl ApiWarnings {
+    /// Whether API-based warnings are given, with or without client certificates required.
+    pub fn enabled(self, clients_authenticated: bool) -> bool {
+        match self {
+            Self::Auto => clients_authenticated,
+            Self::Always => true,
+            Self::Off => false,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -194,6 +218,9 @@ pub struct Config {
     pub body_timeout: Duration,
     /// Connections without a request in progress for this long are closed.
     pub idle_timeout: Duration,
+    /// CAs whose client certificates are required; `None`: any client may connect.
+    pub client_ca: Option<PathBuf>,
+    pub api_warnings: ApiWarnings,
     pub log_format: LogFormat,
 }
 
@@ -215,6 +242,8 @@ impl Config {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            client_ca: None,
+            api_warnings: ApiWarnings::Auto,
             log_format: LogFormat::Text,
         }
     }
@@ -295,6 +324,13 @@ pub struct Args {
     /// Close connections with no request in progress for this long (e.g. 60s).
     #[arg(long, env = "MESHAUTH_WEBHOOK_IDLE_TIMEOUT", default_value = "60s")]
     pub idle_timeout: String,
+    /// Require client certificates signed by these CAs (PEM): the API server's client
+    /// certificate from its admission configuration.
+    #[arg(long, env = "MESHAUTH_WEBHOOK_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Warnings that need API lookups: auto (only with --client-ca), always, off.
+    #[arg(long, env = "MESHAUTH_WEBHOOK_API_WARNINGS", value_enum, default_value = "auto")]
+    pub api_warnings: ApiWarnings,
     /// Log format.
     #[arg(long, env = "MESHAUTH_WEBHOOK_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -371,6 +407,8 @@ impl Args {
             header_timeout: positive("--header-timeout", &self.header_timeout)?,
             body_timeout: positive("--body-timeout", &self.body_timeout)?,
             idle_timeout: positive("--idle-timeout", &self.idle_timeout)?,
+            client_ca: self.client_ca,
+            api_warnings: self.api_warnings,
             log_format: self.log_format,
         })
     }
@@ -496,6 +534,18 @@ mod tests {
             let got = err(args);
             assert!(got.contains(want), "{args:?}: {got:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn api_warnings_need_authenticated_clients_unless_told_otherwise() {
+        let c = parse(&["--tls-cert", "c", "--tls-key", "k"]).expect("valid");
+        assert_eq!((c.api_warnings, c.client_ca), (ApiWarnings::Auto, None));
+        assert!(!ApiWarnings::Auto.enabled(false), "anyone may send a review: no lookups answer it");
+        assert!(ApiWarnings::Auto.enabled(true));
+        assert!(ApiWarnings::Always.enabled(false));
+        assert!(!ApiWarnings::Off.enabled(true));
+        let c = parse(&["--tls-cert", "c", "--tls-key", "k", "--client-ca", "ca.pem", "--api-warnings", "off"]).expect("valid");
+        assert_eq!((c.api_warnings, c.client_ca.as_deref()), (ApiWarnings::Off, Some(std::path::Path::new("ca.pem"))));
     }
 
     #[test]

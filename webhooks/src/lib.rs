@@ -143,9 +143,16 @@ impl Webhook {
             }
         }
 
+        let client_ca = config.client_ca.as_deref().map(tls::read_client_ca).transpose()?;
+        let api_warnings = config.api_warnings.enabled(client_ca.is_some());
+        if client.is_some() && !api_warnings {
+            info!(
+                "warnings that need the Kubernetes API are off: without --client-ca anyone who reaches the port could ask them about any namespace (--api-warnings always turns them on)"
+            );
+        }
         let mesh = ModelConfig { trust_domain: config.trust_domain.clone(), mesh_namespace: config.mesh_namespace.clone() };
         let app = Arc::new(server::App {
-            cluster: Cluster::new(client, config.lookup_timeout, mesh.clone()),
+            cluster: Cluster::new(client.filter(|_| api_warnings), config.lookup_timeout, mesh.clone()),
             mesh,
             metrics: metrics.clone(),
             store: store.clone(),
@@ -154,7 +161,7 @@ impl Webhook {
         });
         let listener = TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
-        let tls_config = Arc::new(tls::server_config(store.clone())?);
+        let tls_config = Arc::new(tls::server_config(store.clone(), client_ca.as_deref())?);
         tasks.push(tokio::spawn(server::serve_tls(
             listener,
             tls_config,

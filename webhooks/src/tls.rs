@@ -31,6 +31,8 @@ pub enum TlsError {
     Read { path: String, source: std::io::Error },
     #[error("cannot build the TLS server configuration: {0}")]
     Config(rustls::Error),
+    #[error("the client CA of {what} is unusable: {reason}")]
+    ClientCa { what: String, reason: String },
 }
 
 /// The crypto provider of every TLS configuration of the webhook.
@@ -126,14 +128,42 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+/// Reads the CAs whose client certificates the webhook accepts (PEM, one or more).
+pub fn read_client_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let what = path.display().to_string();
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read { path: what.clone(), source })?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::CertificatePem { what: what.clone(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(what));
+    }
+    Ok(certs)
+}
+
 /// The server configuration: TLS 1.2 and 1.3 with ring, certificates from `store`, ALPN h2 and
-/// http/1.1.
-pub fn server_config(store: Arc<CertStore>) -> Result<rustls::ServerConfig, TlsError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+/// http/1.1. With `client_ca`, a client must present a certificate chaining to one of those CAs
+/// (the API server's, set up through its admission configuration): then nobody else can send
+/// the webhook reviews, forged ones included.
+pub fn server_config(store: Arc<CertStore>, client_ca: Option<&[CertificateDer<'static>]>) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(TlsError::Config)?
-        .with_no_client_auth()
-        .with_cert_resolver(store);
+        .map_err(TlsError::Config)?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(cas) => {
+            let unusable = |reason: String| TlsError::ClientCa { what: "--client-ca".into(), reason };
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in cas {
+                roots.add(ca.clone()).map_err(|e| unusable(e.to_string()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| unusable(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -183,6 +213,6 @@ mod tests {
         let (_, leaf, key) = testing::ca_and_leaf(&["a"]);
         store.set(ServingCert::from_pem(leaf.as_bytes(), key.as_bytes(), "a").expect("a"));
         assert!(store.is_ready());
-        server_config(Arc::new(store)).expect("config");
+        server_config(Arc::new(store), None).expect("config");
     }
 }

@@ -17,7 +17,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use meshauth_crds::{MeshPolicy, MutualAuth};
 use meshauth_testenv::{TestEnv, k8s};
 use meshauth_webhook::Webhook;
-use meshauth_webhook::config::{CertSource, Config, SelfManagedCerts};
+use meshauth_webhook::config::{ApiWarnings, CertSource, Config, SelfManagedCerts};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -136,6 +136,9 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     // The API server keeps its connections; closing them every half second makes it handshake
     // again and again, so every rotation step meets fresh TLS handshakes.
     config.max_connection_age = Some(Duration::from_millis(500));
+    // Only this test's API server reaches the loopback port, so the API-based warnings may be
+    // given without client certificates.
+    config.api_warnings = ApiWarnings::Always;
     let webhook = Webhook::start_with_client(config, Some(client.clone()))
         .await
         .unwrap_or_else(|e| fail("webhook start", e));

@@ -319,6 +319,66 @@ async fn slow_headers_and_idle_connections_are_cut_off() {
     server.webhook.shutdown().await;
 }
 
+/// A client CA and a client certificate it signed, as rustls wants them.
+fn client_ca_and_cert() -> (String, Vec<CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>) {
+    let (ca, leaf, key) = ca_and_leaf();
+    let chain = CertificateDer::pem_slice_iter(leaf.as_bytes()).collect::<Result<Vec<_>, _>>().expect("pem");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+    (ca, chain, key)
+}
+
+/// Anyone who reaches the port could send a forged review naming another namespace; with
+/// `--client-ca` only a client holding a certificate of that CA (the API server) is served.
+#[tokio::test]
+async fn with_a_client_ca_only_clients_with_its_certificates_are_served() {
+    let (client_ca, client_chain, client_key) = client_ca_and_cert();
+    let ca_file = tempfile::NamedTempFile::new().expect("tempfile");
+    std::fs::write(ca_file.path(), &client_ca).expect("write");
+    let server = start_with(|config| config.client_ca = Some(ca_file.path().to_owned())).await;
+    let (addr, ca) = (server.webhook.addr, server.ca.as_str());
+    let good = serde_json::to_vec(&review("CREATE", policy("spiffe://cluster.local/ns/shop/sa/order"))).expect("json");
+    let mut req = format!("POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", good.len()).into_bytes();
+    req.extend_from_slice(&good);
+
+    let send = |config: Arc<rustls::ClientConfig>| {
+        let req = req.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let mut tls = tokio_rustls::TlsConnector::from(config).connect(ServerName::try_from("127.0.0.1").expect("name"), tcp).await.ok()?;
+            tls.write_all(&req).await.ok()?;
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await.ok()?.ok()?;
+            Some(String::from_utf8_lossy(&out).into_owned())
+        }
+    };
+    // Without a client certificate (TLS 1.3 reports the refusal on the first read).
+    let reply = send(client_config(ca)).await;
+    assert!(reply.as_deref().is_none_or(|r| !r.starts_with("HTTP/1.1 200")), "answered without a client certificate: {reply:?}");
+    // With one of another CA.
+    let (_, other_chain, other_key) = client_ca_and_cert();
+    let with_cert = |chain: Vec<CertificateDer<'static>>, key: rustls::pki_types::PrivateKeyDer<'static>| {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(cert.expect("pem")).expect("root");
+        }
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .expect("client cert"),
+        )
+    };
+    let reply = send(with_cert(other_chain, other_key)).await;
+    assert!(reply.as_deref().is_none_or(|r| !r.starts_with("HTTP/1.1 200")), "answered with another CA's certificate: {reply:?}");
+    // With the right one.
+    let reply = send(with_cert(client_chain, client_key)).await.expect("answered with the CA's certificate");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"allowed\":true"), "{reply}");
+    server.webhook.shutdown().await;
+}
+
 /// Reads the webhook's JSON log until it names the address it serves on.
 fn served_addr(stdout: impl std::io::Read) -> Option<SocketAddr> {
     use std::io::BufRead;
