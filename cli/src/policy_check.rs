@@ -22,6 +22,8 @@ pub enum CheckError {
     NoPodIp(ObjectRef),
     #[error("pod {0} is not a mesh endpoint: it {1}")]
     NotEndpoint(ObjectRef, meshauth_cluster::NotEndpoint),
+    #[error("pod {pod} is not a mesh endpoint: its IP {ip} is claimed by {claimants} too; the address is isolated and names no identity (it is a source without identity, and only the node reaches it)")]
+    SharedAddress { pod: ObjectRef, ip: std::net::Ipv4Addr, claimants: String },
     #[error("{}", .0.join("\n"))]
     InvalidSpecs(Vec<String>),
 }
@@ -89,10 +91,17 @@ pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
     let snapshot = manifests.snapshot();
     let model = build_model(&manifests, snapshot.inputs, config)?;
     let excluded = snapshot.not_endpoints;
+    let shared = snapshot.shared_addresses;
     let pod_with_ip = |s: &str| {
         let r = ObjectRef::parse(s).ok_or_else(|| CheckError::BadPodRef(s.to_owned()))?;
         match excluded.iter().find(|(p, _)| *p == r) {
             Some((_, meshauth_cluster::NotEndpoint::NoAddress)) => return Err(CheckError::NoPodIp(r)),
+            Some((_, meshauth_cluster::NotEndpoint::SharedAddress)) => {
+                if let Some(address) = shared.iter().find(|a| a.pods.contains(&r)) {
+                    let others: Vec<String> = address.pods.iter().filter(|p| **p != r).map(ToString::to_string).collect();
+                    return Err(CheckError::SharedAddress { pod: r, ip: address.ip, claimants: others.join(", ") });
+                }
+            }
             Some((_, why)) => return Err(CheckError::NotEndpoint(r, *why)),
             None => {}
         }

@@ -72,7 +72,7 @@ const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\
 fn bad_input_exits_2_and_names_the_problem() {
     let missing = Path::new("/nonexistent/meshauth");
     let unknown_kind = dir_with(&[("k.yaml", "apiVersion: v1\nkind: Gadget\nmetadata: {name: g}\n")]);
-    let no_ip = dir_with(&[("p.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x}\nspec: {containers: []}\n"), ("a.yaml", POD)]);
+    let no_ip = dir_with(&[("p.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x}\nspec: {serviceAccountName: b, containers: []}\n"), ("a.yaml", POD)]);
     let host_network = dir_with(&[("p.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: h, namespace: x}\nspec: {hostNetwork: true, containers: []}\nstatus: {podIP: 192.168.1.10}\n"), ("a.yaml", POD)]);
     let bad_spec = dir_with(&[
         ("a.yaml", POD),

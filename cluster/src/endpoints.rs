@@ -46,12 +46,12 @@ impl fmt::Display for NotEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             NotEndpoint::HostNetwork => "uses the host network",
-            NotEndpoint::NodeAddress => "its IP is a node's address",
+            NotEndpoint::NodeAddress => "uses a node's address as its IP",
             NotEndpoint::Finished => "has finished",
             NotEndpoint::NoAddress => "has no IPv4 address",
             NotEndpoint::Mirror => "is a mirror pod",
             NotEndpoint::NoServiceAccount => "has no service account, so no SPIFFE ID",
-            NotEndpoint::OutsideNodePodCidrs => "its IP is outside its node's pod CIDRs",
+            NotEndpoint::OutsideNodePodCidrs => "has an IP outside its node's pod CIDRs",
             NotEndpoint::SharedAddress => "shares its IP with another pod (the address is isolated and names no identity)",
         })
     }
