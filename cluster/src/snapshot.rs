@@ -114,6 +114,14 @@ impl Snapshot {
             .collect()
     }
 
+    /// Lays the shared addresses over compiled endpoints: whatever entry an address had (a pod
+    /// an agent laid its CNI address over, say) becomes the isolated non-identity.
+    pub fn isolate_shared_addresses(&self, endpoints: &mut Vec<EndpointEntry>) {
+        let shared = self.isolated_endpoints();
+        endpoints.retain(|e| !shared.iter().any(|s| s.ip == e.ip));
+        endpoints.extend(shared);
+    }
+
     /// The address of a node's agent: the `meshauth.io/agent-address` annotation, else the
     /// node's InternalIP.
     pub fn node_address(&self, node: &str) -> Option<String> {
@@ -145,33 +153,8 @@ mod tests {
     use meshauth_policy::tables::TableProtocol;
     use std::net::Ipv4Addr;
 
-    const MESH: &str = "\
-apiVersion: meshauth.io/v1alpha1
-kind: MutualAuth
-metadata: {name: default, namespace: shop}
-spec: {mode: Strict}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: payment-0, namespace: shop}
-spec: {serviceAccountName: payment, nodeName: node-1, containers: []}
-status: {podIP: 10.244.1.5}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: order-0, namespace: shop}
-spec: {serviceAccountName: order, nodeName: node-1, containers: []}
-status: {podIP: 10.244.1.6}
-";
-
-    /// node-2 (compromised) gives its mirror pod payment-0's address.
-    const FORGED_MIRROR: &str = "\
-apiVersion: v1
-kind: Pod
-metadata: {name: static-node-2, namespace: kube-system, annotations: {kubernetes.io/config.mirror: x}}
-spec: {nodeName: node-2, containers: []}
-status: {podIP: 10.244.1.5}
-";
+    const MESH: &str = include_str!("../testdata/forged-address/mesh.yaml");
+    const FORGED_MIRROR: &str = include_str!("../testdata/forged-address/mirror.yaml");
 
     /// The tables a node's agent loads: the compiled ones and the isolated shared addresses.
     fn tables(text: &str) -> (Snapshot, meshauth_policy::tables::CompiledTables) {
@@ -180,7 +163,7 @@ status: {podIP: 10.244.1.5}
         let snapshot = manifests.snapshot();
         let model = PolicyModel::new(ModelConfig::default(), snapshot.inputs.clone());
         let mut tables = compile(&model, &mut NumberAllocator::default());
-        tables.endpoints.extend(snapshot.isolated_endpoints());
+        snapshot.isolate_shared_addresses(&mut tables.endpoints);
         (snapshot, tables)
     }
 

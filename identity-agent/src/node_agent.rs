@@ -241,12 +241,10 @@ impl Applier {
         plan.tables.endpoints.retain(|e| !local.contains(&e.ip) || self.registry.contains_key(&e.ip));
         // An address several pods claim names none of them (a node writes its pods' status):
         // isolated with no identity, whatever pod the CNI laid over it here.
-        let shared = snapshot.isolated_endpoints();
         for s in &snapshot.shared_addresses {
             tracing::warn!(ip = %s.ip, pods = ?s.pods, "several pods claim this address: it is isolated and names no identity (fail closed)");
         }
-        plan.tables.endpoints.retain(|e| !shared.iter().any(|s| s.ip == e.ip));
-        plan.tables.endpoints.extend(shared);
+        snapshot.isolate_shared_addresses(&mut plan.tables.endpoints);
         // A guarded interface whose pod the model does not know (deleted from the API while its
         // sandbox lingers, or named by nobody) is isolated with no identity: it accepts only
         // the node itself, never "not a mesh pod, pass".
