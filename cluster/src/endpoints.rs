@@ -57,18 +57,21 @@ impl fmt::Display for NotEndpoint {
     }
 }
 
-/// How strictly pods are checked.
+/// How strictly the cluster is read: which pods are endpoints, which node annotations count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointRules {
     /// Refuse pod IPs outside their node's `spec.podCIDRs`. On by default (node IPAM, the
     /// Kubernetes default); turn it off for IPAMs that do not hand out the node CIDRs, such as
     /// Calico's or the AWS VPC CNI. It only acts when some node carries pod CIDRs.
     pub check_node_pod_cidrs: bool,
+    /// Take every `meshauth.io/agent-address` annotation as it is; off by default, when an
+    /// annotation must name one of its node's own addresses ([`crate::Snapshot::node_address`]).
+    pub trust_agent_address_annotations: bool,
 }
 
 impl Default for EndpointRules {
     fn default() -> Self {
-        Self { check_node_pod_cidrs: true }
+        Self { check_node_pod_cidrs: true, trust_agent_address_annotations: false }
     }
 }
 
@@ -343,7 +346,7 @@ mod tests {
         // With node IPAM in use, a node without CIDRs or one nobody knows vouches for nothing.
         assert_eq!(endpoint(&on("node-9", "10.244.9.5"), &nodes), Err(NotEndpoint::OutsideNodePodCidrs));
         // IPAMs that do not use node CIDRs (Calico's, AWS VPC CNI) turn the check off.
-        let off = EndpointRules { check_node_pod_cidrs: false };
+        let off = EndpointRules { check_node_pod_cidrs: false, ..EndpointRules::default() };
         assert!(classify(&forged, &nodes, &off).endpoint.is_ok());
         // Nodes without CIDRs: nothing to check against.
         assert!(endpoint(&on("node-1", "10.1.2.3"), &facts(&[node("192.168.1.10")])).is_ok());

@@ -14,11 +14,12 @@ pub const SPIRE_AGENT_ID_ANNOTATION: &str = "meshauth.io/spire-agent-id";
 pub const AGENT_ADDRESS_ANNOTATION: &str = "meshauth.io/agent-address";
 
 /// A node as the agent needs it: its name, the address its agent listens on (the first
-/// InternalIP, else the first address) and its annotations.
+/// InternalIP, else the first address), every address it reports and its annotations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: String,
     pub address: Option<String>,
+    pub addresses: Vec<String>,
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -32,6 +33,7 @@ impl NodeInfo {
                 .find(|a| a.type_ == "InternalIP")
                 .or_else(|| addresses.first())
                 .map(|a| a.address.clone()),
+            addresses: addresses.iter().map(|a| a.address.clone()).collect(),
             annotations: node.metadata.annotations.clone().unwrap_or_default(),
         }
     }
@@ -50,6 +52,9 @@ pub struct Snapshot {
     /// Addresses several pods claim: none of them is an endpoint, and the address is an
     /// isolated non-identity ([`Snapshot::isolated_endpoints`]).
     pub shared_addresses: Vec<SharedAddress>,
+    /// `meshauth.io/agent-address` annotations are taken as they are
+    /// ([`EndpointRules::trust_agent_address_annotations`]).
+    pub trust_agent_address_annotations: bool,
 }
 
 impl Snapshot {
@@ -76,6 +81,7 @@ impl Snapshot {
             not_endpoints: Vec::new(),
             unaddressed: Vec::new(),
             shared_addresses,
+            trust_agent_address_annotations: rules.trust_agent_address_annotations,
         };
         for (pod, endpoint) in classified {
             match endpoint {
@@ -123,10 +129,17 @@ impl Snapshot {
     }
 
     /// The address of a node's agent: the `meshauth.io/agent-address` annotation, else the
-    /// node's InternalIP.
+    /// node's InternalIP. A node writes its own annotations: unless they are trusted, the
+    /// annotation counts only when it names one of the node's own addresses that no other node
+    /// reports, so a node cannot have its identities hosted at a pod's or another node's
+    /// address.
     pub fn node_address(&self, node: &str) -> Option<String> {
         let n = self.nodes.iter().find(|n| n.name == node)?;
-        n.annotations.get(AGENT_ADDRESS_ANNOTATION).cloned().or_else(|| n.address.clone())
+        let annotated = n.annotations.get(AGENT_ADDRESS_ANNOTATION).filter(|a| {
+            self.trust_agent_address_annotations
+                || (n.addresses.contains(a) && !self.nodes.iter().any(|o| o.name != n.name && o.addresses.contains(a)))
+        });
+        annotated.cloned().or_else(|| n.address.clone())
     }
 
     /// The SPIFFE IDs of the pods on `node` (what a node-scoped issuer may hand that node).
@@ -165,6 +178,35 @@ mod tests {
         let mut tables = compile(&model, &mut NumberAllocator::default());
         snapshot.isolate_shared_addresses(&mut tables.endpoints);
         (snapshot, tables)
+    }
+
+    #[test]
+    fn an_agent_address_annotation_names_one_of_the_nodes_own_addresses_or_is_ignored() {
+        let nodes = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-1, annotations: {meshauth.io/agent-address: 10.0.0.11}}
+status: {addresses: [{type: InternalIP, address: 192.168.1.1}, {type: InternalIP, address: 10.0.0.11}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-2, annotations: {meshauth.io/agent-address: 192.168.1.1}}
+status: {addresses: [{type: InternalIP, address: 192.168.1.2}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-3, annotations: {meshauth.io/agent-address: 10.244.1.5}}
+status: {addresses: [{type: InternalIP, address: 192.168.1.3}]}
+";
+        let mut manifests = Manifests::default();
+        manifests.add_source("nodes.yaml", nodes).expect("manifests");
+        let s = manifests.snapshot();
+        assert_eq!(s.node_address("node-1").as_deref(), Some("10.0.0.11"), "its own second address");
+        // node-2 (compromised) names node-1's address, node-3 a pod's: both fall back to their own.
+        assert_eq!(s.node_address("node-2").as_deref(), Some("192.168.1.2"));
+        assert_eq!(s.node_address("node-3").as_deref(), Some("192.168.1.3"));
+        let trusted = manifests.snapshot_with(&EndpointRules { trust_agent_address_annotations: true, ..EndpointRules::default() });
+        assert_eq!(trusted.node_address("node-3").as_deref(), Some("10.244.1.5"), "the explicit opt-in");
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub const HANDSHAKE_MAX_PER_SOURCE: &str = "MESHAUTH_HANDSHAKE_MAX_PER_SOURCE";
 /// `false` for IPAMs that do not hand out the nodes' `spec.podCIDRs` (Calico's, AWS VPC CNI):
 /// otherwise a pod IP outside its node's pod CIDRs is no endpoint.
 pub const CHECK_NODE_POD_CIDRS: &str = "MESHAUTH_CHECK_NODE_POD_CIDRS";
+/// `true` takes each Node's `meshauth.io/agent-address` annotation as it is; otherwise it
+/// counts only when it names one of the node's own addresses (a node writes its annotations).
+pub const TRUST_AGENT_ADDRESS_ANNOTATIONS: &str = "MESHAUTH_TRUST_AGENT_ADDRESS_ANNOTATIONS";
 
 /// A setting that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +92,7 @@ pub struct AgentConfig {
     pub cni_conf_dir: PathBuf,
     /// Pod IPs must lie in their node's `spec.podCIDRs` (where nodes carry any).
     pub check_node_pod_cidrs: bool,
+    pub trust_agent_address_annotations: bool,
 }
 
 fn display<S: serde::Serializer>(v: &TrustDomain, s: S) -> Result<S::Ok, S::Error> {
@@ -130,15 +134,17 @@ impl AgentConfig {
                 .map(Duration::from_millis)
                 .ok_or_else(|| ConfigError { setting: HANDSHAKE_TIMEOUT, value: v.clone(), reason: "expected milliseconds above 0".into() })?,
         };
-        let check_node_pod_cidrs = match get(CHECK_NODE_POD_CIDRS).as_deref() {
-            None | Some("true") => true,
-            Some("false") => false,
-            Some(v) => {
-                return Err(ConfigError { setting: CHECK_NODE_POD_CIDRS, value: v.to_owned(), reason: "expected true or false".into() });
-            }
+        let flag = |setting: &'static str, default: bool| match get(setting).as_deref() {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(v) => Err(ConfigError { setting, value: v.to_owned(), reason: "expected true or false".into() }),
         };
+        let check_node_pod_cidrs = flag(CHECK_NODE_POD_CIDRS, true)?;
+        let trust_agent_address_annotations = flag(TRUST_AGENT_ADDRESS_ANNOTATIONS, false)?;
         Ok(Self {
             check_node_pod_cidrs,
+            trust_agent_address_annotations,
             node_name,
             inputs: get(MANIFESTS).map_or(InputMode::Kubernetes, |d| InputMode::Manifests(PathBuf::from(d))),
             listen: addr(LISTEN, DEFAULT_LISTEN)?,

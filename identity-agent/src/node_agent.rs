@@ -585,7 +585,10 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         metrics.clone(),
     );
 
-    let endpoint_rules = meshauth_cluster::EndpointRules { check_node_pod_cidrs: config.check_node_pod_cidrs };
+    let endpoint_rules = meshauth_cluster::EndpointRules {
+        check_node_pod_cidrs: config.check_node_pod_cidrs,
+        trust_agent_address_annotations: config.trust_agent_address_annotations,
+    };
     let mut snapshots: watch::Receiver<Arc<Snapshot>> = match &config.inputs {
         InputMode::Manifests(dir) => inputs::watch_dir_with(dir.clone(), Duration::from_millis(100), endpoint_rules)?,
         InputMode::Kubernetes => inputs::watch_kubernetes(kube::Client::try_default().await?, Duration::from_millis(50), endpoint_rules).await,
