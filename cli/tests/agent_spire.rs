@@ -35,6 +35,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "support/agent_load.rs"]
+mod agent_load;
+use agent_load::{answered, cpu_time};
+
 const NODE1_ADDR: &str = "192.168.78.1";
 const PAYMENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
 const PORT: u16 = 8080;
@@ -905,27 +909,6 @@ fn a_spire_agent_restart_keeps_entries_until_they_expire_and_handshakes_resume()
             unix(expiry) - unix(SystemTime::now())
         );
     });
-}
-
-/// Handshakes `node`'s agent answered (server side) for the pair (`local` presented by it,
-/// `peer` proven to it) in the part of its log after `from` bytes.
-fn answered(log: &str, from: usize, local: &str, peer: &str) -> usize {
-    let (local, peer) = (format!("local={local}"), format!("peer={peer}"));
-    log.get(from..)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("handshake answered") && l.contains(&local) && l.contains(&peer))
-        .count()
-}
-
-/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
-fn cpu_time(pid: u32) -> Duration {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
-    let used: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
-    Duration::from_millis(used * 1000 / ticks)
 }
 
 /// Issue 11 item 8: with the source node's SPIRE agent stopped no SVID of its can rotate, so

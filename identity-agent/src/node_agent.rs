@@ -618,6 +618,8 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     let mut rotations = store.subscribe_rotations();
     let mut withdrawals = store.subscribe_withdrawals();
     let mut bundles = store.watch_bundles();
+    // The first bundles (the first sync) take nothing away that was proven.
+    let mut had_bundles = !bundles.borrow_and_update().is_empty();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
@@ -657,8 +659,10 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
             },
             changed = bundles.changed() => {
                 if changed.is_err() { break; }
-                bundles.borrow_and_update();
-                manager.bundles_changed();
+                if had_bundles {
+                    manager.bundles_changed();
+                }
+                had_bundles = !bundles.borrow_and_update().is_empty();
             }
             Some(call) = cni_calls.recv() => {
                 let outcome = applier.cni(&call.request, call.netns);

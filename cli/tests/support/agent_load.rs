@@ -1,0 +1,26 @@
+//! What a real agent process costs, read from outside: the handshakes it answered for one pair
+//! (its debug log) and the CPU time it used (`/proc`). Shared by the end-to-end tests.
+
+use std::time::Duration;
+
+/// Handshakes an agent answered (server side) for the pair (`local` presented by it, `peer`
+/// proven to it) in the part of its log after `from` bytes.
+pub fn answered(log: &str, from: usize, local: &str, peer: &str) -> usize {
+    let (local, peer) = (format!("local={local}"), format!("peer={peer}"));
+    log.get(from..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("handshake answered") && l.contains(&local) && l.contains(&peer))
+        .count()
+}
+
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+pub fn cpu_time(pid: u32) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: state is the first, utime and stime the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
+    let used: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
+    Duration::from_millis(used * 1000 / ticks)
+}
