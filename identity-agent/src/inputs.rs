@@ -140,7 +140,7 @@ mod tests {
         std::fs::write(dir.path().join("a.yaml"), pod).expect("write");
         let mut rx = watch_dir(dir.path().to_owned(), Duration::from_millis(20)).expect("watch");
         assert_eq!(rx.borrow().inputs.pods.len(), 1);
-        std::fs::write(dir.path().join("b.yaml"), pod.replace("name: a", "name: b")).expect("write");
+        std::fs::write(dir.path().join("b.yaml"), pod.replace("name: a", "name: b").replace("10.0.0.1", "10.0.0.2")).expect("write");
         tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.expect("noticed").expect("open");
         assert_eq!(rx.borrow().inputs.pods.len(), 2);
         std::fs::write(dir.path().join("c.yaml"), "kind: [").expect("write");
