@@ -88,6 +88,10 @@ pub struct Args {
     /// need this.
     #[arg(long, env = "MESHAUTH_TRUST_NODE_AGENT_ANNOTATIONS", default_value_t = false)]
     pub trust_node_agent_annotations: bool,
+    /// Pod IPs outside their node's spec.podCIDRs are no endpoints (no SPIRE entries). Set it
+    /// to false for IPAMs that do not use the node CIDRs (Calico's, AWS VPC CNI), as on the agents.
+    #[arg(long, env = "MESHAUTH_CHECK_NODE_POD_CIDRS", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub check_node_pod_cidrs: bool,
 }
 
 /// Validated settings.
@@ -106,6 +110,8 @@ pub struct Config {
     pub log_json: bool,
     /// Node agent annotations are not checked against SPIRE's attested agents.
     pub trust_node_agent_annotations: bool,
+    /// Which pods are endpoints (the agents' setting of the same name must agree).
+    pub endpoint_rules: meshauth_cluster::EndpointRules,
 }
 
 fn invalid(setting: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
@@ -163,6 +169,10 @@ impl Config {
             resync_interval: Duration::from_secs(args.resync_interval),
             log_json: args.log_json,
             trust_node_agent_annotations: args.trust_node_agent_annotations,
+            endpoint_rules: meshauth_cluster::EndpointRules {
+                check_node_pod_cidrs: args.check_node_pod_cidrs,
+                ..meshauth_cluster::EndpointRules::default()
+            },
         })
     }
 }
@@ -206,6 +216,10 @@ mod tests {
         assert_eq!(c.lease_duration, Duration::from_secs(15));
         assert!(!c.trust_node_agent_annotations, "annotations are checked unless opted out");
         assert!(parse(&["--trust-node-agent-annotations"]).expect("valid").trust_node_agent_annotations);
+        assert!(c.endpoint_rules.check_node_pod_cidrs);
+        assert!(!parse(&["--check-node-pod-cidrs", "false"]).expect("valid").endpoint_rules.check_node_pod_cidrs);
+        let e = parse(&["--check-node-pod-cidrs", "maybe"]).expect_err("invalid");
+        assert!(e.contains("--check-node-pod-cidrs"), "{e}");
     }
 
     #[test]
