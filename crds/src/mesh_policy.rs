@@ -31,10 +31,18 @@ pub struct MeshPolicySpec {
     /// Pods of this namespace the policy applies to. Required; `{}` selects every pod.
     pub selector: LabelSelector,
     /// Allowed ingress. A selected pod accepts only traffic some rule matches. At most 64 rules.
-    // The size limits are `meshauth_policy::validate::MAX_*` (a test there keeps these equal);
-    // the webhook also checks the totals over all rules, which a schema cannot.
+    // The size limits are `meshauth_policy::validate::MAX_*` (a test there keeps these equal).
+    // The totals over all rules are checked here too, so that the API server refuses an
+    // oversized object even while the webhook is unreachable; the port blocks they split into
+    // are the webhook's alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
+    #[x_kube(
+        validation = Rule::new("self.map(r, has(r.from) ? size(r.from) : 0).sum() <= 256")
+            .message("more than the limit of 256 from entries over all rules of a MeshPolicy"),
+        validation = Rule::new("self.map(r, has(r.ports) ? size(r.ports) : 0).sum() <= 256")
+            .message("more than the limit of 256 ports entries over all rules of a MeshPolicy")
+    )]
     pub ingress: Vec<IngressRule>,
 }
 

@@ -1113,6 +1113,11 @@ mod tests {
         let rule = items(&ingress);
         assert_eq!(property(&rule, "from").max_items, Some(MAX_PEERS_PER_RULE as i64));
         assert_eq!(property(&rule, "ports").max_items, Some(MAX_PORTS_PER_RULE as i64));
+        let rules: Vec<String> = ingress.x_kubernetes_validations.iter().flatten().map(|v| v.rule.clone()).collect();
+        for (list, limit) in [("from", MAX_PEERS_PER_POLICY), ("ports", MAX_PORTS_PER_POLICY)] {
+            let want = format!("self.map(r, has(r.{list}) ? size(r.{list}) : 0).sum() <= {limit}");
+            assert!(rules.contains(&want), "no CEL rule {want:?} in {rules:?}");
+        }
     }
 
     #[test]

@@ -194,26 +194,35 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     assert!(ok, "{stderr}");
     assert!(stderr.contains("Warning: spec.ingress[0].from[0].identity: can never match"), "{stderr}");
     assert!(stderr.contains("no peer can prove it until that trust domain is federated"), "{stderr}");
-    // Past a limit the CRD's maxItems cannot see (the totals over all rules), the webhook
-    // refuses the object naming the limit: five rules of 60 ports multiply into 300 entries.
-    let mut oversized = mesh_policy("oversized", "spiffe://cluster.local/ns/shop/sa/order");
-    let rule = oversized.spec.ingress[0].clone();
-    oversized.spec.ingress = (0..5)
-        .map(|r| {
-            let mut rule = rule.clone();
-            rule.from[0].identity = Some(format!("spiffe://cluster.local/ns/shop/sa/order-{r}"));
-            rule.ports = (0..60).map(|p| meshauth_crds::PortRule { port: 1000 + p, end_port: None, protocol: Default::default() }).collect();
-            rule
-        })
-        .collect();
-    let message = api_message(&policies.create(&dry_run, &oversized).await.expect_err("oversized MeshPolicy"));
-    assert!(
-        message.contains("spec.ingress: has 300 ports entries, more than the limit of 256 ports entries over all rules of a MeshPolicy"),
-        "{message}"
-    );
+    // The totals over all rules are refused by the CRD's CEL rules already (the webhook's own
+    // refusal of them is tested against the HTTP server): five rules of 60 ports are 300 entries.
+    let oversized_rules = |ports: &dyn Fn(i32) -> Vec<meshauth_crds::PortRule>| {
+        let mut policy = mesh_policy("oversized", "spiffe://cluster.local/ns/shop/sa/order");
+        let rule = policy.spec.ingress[0].clone();
+        policy.spec.ingress = (0..5)
+            .map(|r| {
+                let mut rule = rule.clone();
+                rule.from[0].identity = Some(format!("spiffe://cluster.local/ns/shop/sa/order-{r}"));
+                rule.ports = ports(r);
+                rule
+            })
+            .collect();
+        policy
+    };
+    let port = |port: i32, end_port: Option<i32>| meshauth_crds::PortRule { port, end_port, protocol: Default::default() };
+    let many_ports = oversized_rules(&|_| (0..60).map(|p| port(1000 + p, None)).collect());
+    let message = api_message(&policies.create(&dry_run, &many_ports).await.expect_err("300 ports"));
+    assert!(message.contains("spec.ingress: Invalid value"), "the schema, not the webhook, refuses it: {message}");
+    assert!(message.contains("more than the limit of 256 ports entries over all rules of a MeshPolicy"), "{message}");
+    // What only the webhook can count: the port blocks that odd ranges split into (5 rules of
+    // 10 ranges of about 30 blocks each), within every list limit.
+    let odd_ranges = oversized_rules(&|r| (0..10).map(|p| port(1 + r * 10 + p, Some(65534 - r * 10 - p))).collect());
+    let message = api_message(&policies.create(&dry_run, &odd_ranges).await.expect_err("too many port blocks"));
+    assert!(message.contains("MeshPolicy webhook-test/oversized is invalid: spec.ingress: its ports split into"), "{message}");
+    assert!(message.contains("more than the limit of 1024 port blocks per MeshPolicy"), "{message}");
     // One list past its maxItems is refused by the API server's schema already.
     let mut long_list = mesh_policy("long-list", "spiffe://cluster.local/ns/shop/sa/order");
-    long_list.spec.ingress[0].ports = (0..65).map(|p| meshauth_crds::PortRule { port: 1000 + p, end_port: None, protocol: Default::default() }).collect();
+    long_list.spec.ingress[0].ports = (0..65).map(|p| port(1000 + p, None)).collect();
     let message = api_message(&policies.create(&dry_run, &long_list).await.expect_err("65 ports"));
     assert!(message.contains("must have at most 64 items"), "{message}");
     let bad_selector = mutual_auth("bad-selector", json!({"mode": "Strict", "selector": {"matchExpressions": [{"key": "app", "operator": "Is", "values": ["x"]}]}}));
