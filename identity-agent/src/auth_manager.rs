@@ -535,4 +535,7 @@ async fn sleep_until(wake: Option<Instant>) {
 }
 
 #[cfg(test)]
+pub(crate) mod fake;
+
+#[cfg(test)]
 mod tests;

@@ -877,4 +877,4 @@ pub async fn serve(listener: TcpListener, store: SvidStore, hosted: Arc<dyn Host
 
 #[cfg(test)]
 #[path = "handshake/tests.rs"]
-mod tests;
+pub(crate) mod tests;

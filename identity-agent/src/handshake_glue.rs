@@ -1,8 +1,8 @@
 //! Connects the handshake module to the rest of the agent: the node view answers the
-//! handshake's "who is hosted where" questions, and the handshake client is the auth manager's
-//! [`Authenticator`].
+//! handshake's "who is hosted where" questions, the handshake client is the auth manager's
+//! [`Authenticator`], and the SVID store's withdrawals and bundle changes reach the manager.
 
-use crate::auth_manager::{AuthFailure, Authenticator, BoxFuture, Evidence, Proof};
+use crate::auth_manager::{AuthFailure, AuthManagerHandle, Authenticator, BoxFuture, Evidence, Proof};
 use crate::handshake::{HandshakeClient, HandshakeServer, HostedIdentities};
 use crate::metrics::AgentMetrics;
 use crate::node_agent::SharedView;
@@ -111,3 +111,39 @@ impl Authenticator for HandshakeAuthenticator {
         })
     }
 }
+
+/// Tells `manager` of every SVID the store withdraws and of every change of the trust bundles
+/// after the first ones (the first sync takes nothing away that was proven), until the store
+/// goes.
+pub fn forward_svid_events(store: &SvidStore, manager: AuthManagerHandle) -> tokio::task::JoinHandle<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut withdrawals = store.subscribe_withdrawals();
+    let mut bundles = store.watch_bundles();
+    let mut had_bundles = !bundles.borrow_and_update().is_empty();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                withdrawn = withdrawals.recv() => match withdrawn {
+                    Ok(id) => manager.withdrawn(id.to_string()),
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "missed SVID withdrawals; their pairs' re-authentication fails and removes them");
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                changed = bundles.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if had_bundles {
+                        manager.bundles_changed();
+                    }
+                    had_bundles = !bundles.borrow_and_update().is_empty();
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+#[path = "handshake_glue/tests.rs"]
+mod tests;

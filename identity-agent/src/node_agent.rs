@@ -616,10 +616,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     tracing::info!(node = %config.node_name, "meshauth-agent ready");
 
     let mut rotations = store.subscribe_rotations();
-    let mut withdrawals = store.subscribe_withdrawals();
-    let mut bundles = store.watch_bundles();
-    // The first bundles (the first sync) take nothing away that was proven.
-    let mut had_bundles = !bundles.borrow_and_update().is_empty();
+    let _svid_events = crate::handshake_glue::forward_svid_events(&store, manager.clone());
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
@@ -650,20 +647,6 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
-            withdrawn = withdrawals.recv() => match withdrawn {
-                Ok(id) => manager.withdrawn(id.to_string()),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "missed SVID withdrawals; their pairs' re-authentication fails and removes them");
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-            },
-            changed = bundles.changed() => {
-                if changed.is_err() { break; }
-                if had_bundles {
-                    manager.bundles_changed();
-                }
-                had_bundles = !bundles.borrow_and_update().is_empty();
-            }
             Some(call) = cni_calls.recv() => {
                 let outcome = applier.cni(&call.request, call.netns);
                 if let Err(CniRefusal::Final(reason)) = &outcome {

@@ -2,6 +2,7 @@
 //! short lifetimes, and on tokio's paused clock where the test counts handshakes over time.
 
 use super::*;
+use super::fake::{FakeTable, NoObserver};
 use crate::svid::TokioClock;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -79,29 +80,6 @@ impl Authenticator for FakeAuth {
             Ok(Proof { expiry, evidence: Arc::new(FakeEvidence(self.trust_of(peer))) })
         })
     }
-}
-
-#[derive(Clone, Default)]
-struct FakeTable(Arc<Mutex<BTreeMap<PairKey, SystemTime>>>);
-
-impl AuthTable for FakeTable {
-    fn set(&mut self, key: PairKey, expiry: SystemTime) -> Result<(), String> {
-        self.0.lock().map_err(|e| e.to_string())?.insert(key, expiry);
-        Ok(())
-    }
-    fn remove(&mut self, key: PairKey) -> Result<(), String> {
-        self.0.lock().map_err(|e| e.to_string())?.remove(&key);
-        Ok(())
-    }
-    fn list(&self) -> Result<Vec<(PairKey, SystemTime)>, String> {
-        Ok(self.0.lock().map_err(|e| e.to_string())?.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-}
-
-struct NoObserver;
-impl AuthObserver for NoObserver {
-    fn handshake(&self, _: Result<(), &AuthFailure>, _: Duration) {}
-    fn entries(&self, _: usize) {}
 }
 
 fn addr(n: u8) -> SocketAddr {
@@ -260,7 +238,7 @@ fn frozen_svids(until: Duration) -> Arc<FakeAuth> {
 }
 
 fn entry(table: &FakeTable, key: PairKey) -> Option<SystemTime> {
-    table.0.lock().expect("lock").get(&key).copied()
+    table.get(key)
 }
 
 #[tokio::test(start_paused = true)]

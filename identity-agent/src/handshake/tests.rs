@@ -310,7 +310,7 @@ async fn a_client_with_an_expired_svid_is_refused_by_the_server() {
 // ---- impostor servers, refused by the client ----
 
 /// A server that presents any chain, asks no client certificate and confirms (the attacker's side).
-async fn raw_server(chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+pub(crate) async fn raw_server(chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let key = crypto_provider()
         .key_provider
         .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into()))

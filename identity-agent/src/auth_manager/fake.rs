@@ -1,0 +1,38 @@
+//! In-process doubles of the auth map and the observer, for the manager's tests and the
+//! handshake glue's.
+
+use super::{AuthFailure, AuthObserver, AuthTable, PairKey};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// The auth map in memory; clones share it.
+#[derive(Clone, Default)]
+pub(crate) struct FakeTable(pub Arc<Mutex<BTreeMap<PairKey, SystemTime>>>);
+
+impl FakeTable {
+    pub fn get(&self, key: PairKey) -> Option<SystemTime> {
+        self.0.lock().ok().and_then(|t| t.get(&key).copied())
+    }
+}
+
+impl AuthTable for FakeTable {
+    fn set(&mut self, key: PairKey, expiry: SystemTime) -> Result<(), String> {
+        self.0.lock().map_err(|e| e.to_string())?.insert(key, expiry);
+        Ok(())
+    }
+    fn remove(&mut self, key: PairKey) -> Result<(), String> {
+        self.0.lock().map_err(|e| e.to_string())?.remove(&key);
+        Ok(())
+    }
+    fn list(&self) -> Result<Vec<(PairKey, SystemTime)>, String> {
+        Ok(self.0.lock().map_err(|e| e.to_string())?.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+}
+
+pub(crate) struct NoObserver;
+
+impl AuthObserver for NoObserver {
+    fn handshake(&self, _: Result<(), &AuthFailure>, _: Duration) {}
+    fn entries(&self, _: usize) {}
+}
