@@ -680,8 +680,8 @@ impl HandshakeServer {
         self
     }
 
-    fn turned_away(&self, peer: SocketAddr, reason: &'static str) {
-        tracing::debug!(%peer, reason, "connection closed before any TLS work");
+    /// Counted, not logged: a flood would write a line per connection.
+    fn turned_away(&self, reason: &'static str) {
         if let Some(observer) = &self.observer {
             observer.turned_away(reason);
         }
@@ -700,11 +700,11 @@ impl HandshakeServer {
                 Ok((tcp, peer)) => {
                     let node = canonical(peer.ip());
                     if !self.hosted.is_node(node) {
-                        self.turned_away(peer, "not_a_node");
+                        self.turned_away("not_a_node");
                         continue;
                     }
                     let Some(source) = SourceSlot::take(&per_source, node, self.max_per_source) else {
-                        self.turned_away(peer, "source_limit");
+                        self.turned_away("source_limit");
                         continue;
                     };
                     let server = self.clone();
