@@ -179,6 +179,8 @@ async fn meshauth_bench(options: &BenchOptions) -> Result<BenchResult, BenchErro
     let server = tokio::spawn(
         HandshakeServer::new(server_store, Arc::new(Loopback))
             .with_max_concurrent(options.concurrency * 2)
+            // Every client of the benchmark is one source, 127.0.0.1.
+            .with_max_per_source(options.concurrency * 2)
             .serve(listener),
     );
     let client = HandshakeClient::new(client_store, Arc::new(Loopback));
