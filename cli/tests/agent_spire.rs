@@ -612,8 +612,16 @@ async fn apply(client: &kube::Client, doc: &Value) -> Result<(), String> {
             let addr = doc["status"]["addresses"][0]["address"]
                 .as_str()
                 .unwrap_or_default();
+            // The address is the node's own (as a kubelet reports it), so the agents take
+            // the annotation naming it.
+            let nodes = Api::<K8sNode>::all(client.clone());
+            let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": addr}]}});
+            nodes
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+                .await
+                .map_err(|x| e(&x))?;
             let patch = json!({"metadata": {"annotations": {"meshauth.io/agent-address": addr}}});
-            Api::<K8sNode>::all(client.clone())
+            nodes
                 .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map(|_| ())
