@@ -377,7 +377,11 @@ impl PolicyModel {
         // so it can match less but never more than the author meant.
         let bad = |field: &str| errors.iter().any(|e| e.field == field || e.field.starts_with(&format!("{field}.")) || e.field.starts_with(&format!("{field}[")));
         let mut rules = Vec::new();
-        for (ri, rule) in p.spec.ingress.iter().enumerate() {
+        // A policy past the per-object limits (which only the webhook and the CRD would have
+        // refused) keeps its selector and none of its rules: its pods are isolated and accept
+        // nothing, rather than compiling whatever it multiplies into.
+        let within_limits = validate::mesh_policy_limits(&p.spec).is_empty();
+        for (ri, rule) in p.spec.ingress.iter().enumerate().filter(|_| within_limits) {
             let mut from = Vec::new();
             for (fi, peer) in rule.from.iter().enumerate() {
                 let field = format!("spec.ingress[{ri}].from[{fi}]");

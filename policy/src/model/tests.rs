@@ -115,6 +115,21 @@ fn a_policy_with_no_rules_isolates_its_pods_completely() {
 }
 
 #[test]
+fn a_policy_past_the_per_object_limits_isolates_its_pods_and_allows_nothing() {
+    // What the webhook and the CRD refuse, should it reach the model anyway (a webhook that
+    // was down with failurePolicy Ignore): every source on 10,000 ports.
+    let ports: Vec<_> = (0..10_000).map(|i| json!({"port": 1 + i})).collect();
+    let p = mesh_policy("shop", "huge", T1, json!({
+        "selector": {"matchLabels": {"app": "payment"}},
+        "ingress": [{"from": [{"namespaceSelector": {}}], "ports": ports}]
+    }));
+    let m = model_with(vec![p], vec![]);
+    assert!(m.problems().iter().any(|p| p.error.reason.contains("limit")), "{:?}", m.problems());
+    assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 1), (Verdict::Deny, NoAuth), "isolated, no rule kept");
+    assert_eq!(decide(&m, "shop/order", "shop/web", Tcp, 1), (Verdict::Allow, NoAuth), "unselected pods unaffected");
+}
+
+#[test]
 fn omitted_from_and_ports_mean_any_source_and_every_port_and_protocol() {
     let p = mesh_policy("shop", "open", T1, json!({"selector": {"matchLabels": {"app": "web"}}, "ingress": [{}]}));
     let m = model_with(vec![p], vec![]);
