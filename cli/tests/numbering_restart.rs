@@ -122,6 +122,17 @@ fn pod_manifest(sa: &str, i: u8) -> String {
     format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {sa}-0, namespace: shop}}\nspec: {{serviceAccountName: {sa}, nodeName: node-1, containers: []}}\nstatus: {{podIP: 10.244.1.{i}}}\n")
 }
 
+/// The agent process, stopped (SIGTERM) when dropped, also when an assertion fails.
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: a pid we spawned and have not reaped.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
 fn meshauth_bin(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshauthctl")).with_file_name(name)
 }
@@ -167,7 +178,7 @@ fn a_restarted_agent_with_a_garbage_numbering_adopts_no_entry_under_a_new_meanin
             Ok(())
         });
     }
-    let mut agent = cmd.spawn().expect("start the agent");
+    let mut agent = Agent(cmd.spawn().expect("start the agent"));
     let agent_log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
     // The restarted agent has applied its mesh once the new pods' names are pinned.
     let started = Instant::now();
@@ -178,16 +189,14 @@ fn a_restarted_agent_with_a_garbage_numbering_adopts_no_entry_under_a_new_meanin
             break maps;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "the agent did not apply its mesh:\n{}", agent_log());
-        assert!(agent.try_wait().expect("agent").is_none(), "the agent stopped:\n{}", agent_log());
+        assert!(agent.0.try_wait().expect("agent").is_none(), "the agent stopped:\n{}", agent_log());
         std::thread::sleep(Duration::from_millis(100));
     };
     // Long enough for the auth manager to have adopted (or dropped) the pinned entries.
     std::thread::sleep(Duration::from_secs(2));
     assert_no_entry_passes_an_unproven_pair(&maps, ("payment", "order"));
     assert_eq!(maps.auth_entries().expect("auth").len(), 1, "the proven pair's entry adopted, under its own meaning");
-    // SAFETY: a pid we spawned and have not reaped.
-    unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) };
-    let _ = agent.wait();
+    drop(agent);
     assert!(agent_log().contains("rebuilt from the pinned SPIFFE names"), "{}", agent_log());
 }
 
