@@ -482,17 +482,20 @@ static __always_inline int ct_expired(const struct ma_config *cfg, const struct 
 }
 
 /* A packet of the entry's flow, in either direction, passed: keep the entry alive (written at
- * most once a second, so established flows do not bounce the cache line on every packet), end
- * it on a RST and start the closing timeout on a FIN. */
-static __always_inline void ct_seen(struct ma_ct_value *ct, const struct ma_ct_key *key,
-				    const struct flow *f, __u64 now)
+ * most once a second, so established flows do not bounce the cache line on every packet); a
+ * RST or a FIN starts the closing timeout. A RST does not delete the entry: the program cannot
+ * tell an in-window RST from a spoofed one, and deleting would let anyone who can send with
+ * the peer's address cut a pod's outbound connection for good (its mid-stream packets are
+ * never cached again). A SYN of the pod's own on the tuple starts a new flow: not closing. */
+static __always_inline void ct_seen(struct ma_ct_value *ct, const struct flow *f, __u64 now)
 {
-	if (f->tcp_rst) {
-		bpf_map_delete_elem(&conntrack, key);
+	if (f->tcp_rst || f->tcp_fin) {
+		ct->closing = 1;
+		ct->last_seen_ns = now;
 		return;
 	}
-	if (f->tcp_fin)
-		ct->closing = 1;
+	if (f->tcp_syn)
+		ct->closing = 0;
 	if (now - ct->last_seen_ns > NSEC_PER_SEC)
 		ct->last_seen_ns = now;
 }
@@ -528,10 +531,13 @@ int to_pod(struct __sk_buff *skb)
 		ct = bpf_map_lookup_elem(&conntrack, &ct_key);
 		if (ct) {
 			now = boot_ns_coarse();
-			/* A SYN starts a new connection on the tuple: it is checked in full, whatever
-			 * the old flow had earned. An idle entry is forgotten. */
-			if (f.tcp_syn || ct_expired(cfg, ct, f.protocol, now)) {
+			/* An idle entry is forgotten. A SYN starts a new connection on the tuple: it
+			 * is checked in full, whatever the old flow had earned, and replaces the entry
+			 * only when it passes (a refused SYN leaves the pod's own flow alone). */
+			if (ct_expired(cfg, ct, f.protocol, now)) {
 				bpf_map_delete_elem(&conntrack, &ct_key);
+				ct = 0;
+			} else if (f.tcp_syn) {
 				ct = 0;
 			}
 		}
@@ -551,7 +557,7 @@ int to_pod(struct __sk_buff *skb)
 		if (ct && ct->kind == MA_CT_REPLY) {
 			/* An answer in a flow the pod started. */
 			count(MA_C_PASS_CT_REPLY, skb->len);
-			ct_seen(ct, &ct_key, &f, now);
+			ct_seen(ct, &f, now);
 			remember_fragment(&f);
 			return PASS;
 		}
@@ -566,7 +572,7 @@ int to_pod(struct __sk_buff *skb)
 						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED, now);
 			}
 			if (verdict == PASS) {
-				ct_seen(ct, &ct_key, &f, now);
+				ct_seen(ct, &f, now);
 				remember_fragment(&f);
 			}
 			return verdict;
@@ -744,8 +750,13 @@ int from_pod(struct __sk_buff *skb)
 		key.dport = f.sport;
 		key.protocol = f.protocol;
 		ct = bpf_map_lookup_elem(&conntrack, &key);
+		/* An idle entry is gone for both directions: the pod's packet must not revive it. */
+		if (ct && ct_expired(cfg, ct, f.protocol, now)) {
+			bpf_map_delete_elem(&conntrack, &key);
+			ct = 0;
+		}
 		if (ct) {
-			ct_seen(ct, &key, &f, now);
+			ct_seen(ct, &f, now);
 		} else if (f.tcp_syn || f.protocol == IPPROTO_UDP || f.icmp_request) {
 			/* Only a flow the pod itself starts earns a reply entry: its answer to a stray
 			 * segment (a RST, an ACK) or to a peer's echo request must not let the peer in. */

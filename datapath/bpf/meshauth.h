@@ -80,10 +80,10 @@ struct ma_auth_value {
  *   pod and the peer are still the endpoints they were (checked again when the epoch moves).
  *   MA_CT_ADMITTED: written by to_pod for a flow it admitted; later packets pass after the
  *   pair's authentication is checked again, as long as the policy epoch is unchanged.
- * from_pod never writes over an entry, so an admission is never turned into a reply. An entry
- * ends on a TCP RST, a TCP SYN starts the flow afresh (full check), a FIN shortens its idle
- * timeout to ct_closing_s; an entry idle longer than its protocol's timeout is ignored and
- * deleted. The loader flushes the entries of a pod address when the pod goes.
+ * from_pod never writes over an entry, so an admission is never turned into a reply. A TCP
+ * SYN is checked in full (and replaces the entry only when it passes), a RST or a FIN shortens
+ * the idle timeout to ct_closing_s (a RST is not trusted to delete: it may be spoofed); an
+ * entry idle longer than its timeout is deleted by whichever hook meets it first. The loader flushes the entries of a pod address when the pod goes.
  * A key's destination is always the pod that owns the entry, so the two pods of a same-node
  * connection never share one. ICMP echo: the id is the source "port" of a request and the
  * destination "port" of a reply, so a pod's echo reply never admits the peer's requests.

@@ -63,7 +63,7 @@ pub struct ConntrackTimeouts {
     pub tcp_s: u32,
     pub udp_s: u32,
     pub icmp_s: u32,
-    /// A TCP flow after either side's FIN.
+    /// A TCP flow after either side's FIN or RST.
     pub closing_s: u32,
 }
 

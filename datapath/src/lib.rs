@@ -19,8 +19,9 @@
 //!    the SPIFFE IDs they had: no new pod on a reused address inherits it); a later packet of a
 //!    flow admitted under the current policy epoch passes, after the pair's authentication is
 //!    checked again when the flow needs it (an expired pair stops established flows too). A
-//!    TCP SYN never rides an entry (a new connection is checked in full), a RST ends the entry,
-//!    and an entry idle longer than its protocol's timeout
+//!    TCP SYN never rides an entry (a new connection is checked in full), a RST or FIN closes
+//!    the entry (closing timeout; a RST may be spoofed, so it never deletes at once), and an
+//!    entry idle longer than its protocol's timeout
 //!    ([`config::ConntrackTimeouts`]; shorter after a FIN) is forgotten.
 //! 2. destination not in `endpoints`: pass (not a meshauth pod). A destination registered on
 //!    another interface of this node (its `ifindex`) is dropped: a bridge's flood or a wrong
@@ -62,7 +63,7 @@
 //!   needs an authenticated pair too).
 //! - Truncated headers, and IPv4 EtherType frames whose IP header is not version 4, are
 //!   dropped.
-//! - Conntrack entries idle out per protocol, end on a RST, and are evicted by the LRU when the
+//! - Conntrack entries idle out per protocol (10 s after a RST or FIN), and are evicted by the LRU when the
 //!   map is full; a policy change (new epoch) makes cached admissions go through the full check
 //!   again; [`Datapath::apply_tables`] flushes the entries of an address whose pod left or
 //!   changed. ICMP echo: the id is a request's source "port" and a reply's destination
