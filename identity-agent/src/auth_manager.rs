@@ -11,7 +11,9 @@
 //! (it presented another identity, its chain no longer verifies, it refused us), when the local
 //! identity's SVID is withdrawn, and when a trust bundle change leaves its proof unverifiable.
 //! A peer that cannot be reached (an agent restarting, a SPIRE outage) is an outage, not a
-//! refusal: the entry stays until its expiry, which no SVID outlives.
+//! refusal: the entry stays until its expiry, which no SVID outlives. A handshake overtaken by
+//! such a removal (or by a bundle change) writes nothing: it ran on the SVID and bundles of
+//! before, so only a handshake started afterwards may prove the pair again.
 //!
 //! No handshake storm: a re-authentication comes no sooner than `min_reauth_interval` after
 //! the last success, and one that could not extend the entry (neither SVID rotated, which is
@@ -65,7 +67,9 @@ pub struct AuthFailure {
 
 /// What a proof rested on, checked again when the trust bundles change.
 pub trait Evidence: Send + Sync + 'static {
-    /// Whether both chains of the proof still verify against the current trust bundles.
+    /// Whether the peer's chain of the proof still verifies against the current trust bundles.
+    /// The local chain is not checked here: the SVID store withdraws a local SVID that fails
+    /// the new bundles, and the withdrawal removes its pairs ([`AuthManagerHandle::withdrawn`]).
     fn still_trusted(&self) -> bool;
 }
 
@@ -143,7 +147,7 @@ enum Command {
     AuthRequired(PairKey),
     Withdrawn(String),
     BundlesChanged,
-    Done { key: PairKey, started: SystemTime, result: Result<Proof, AuthFailure>, took: Duration },
+    Done { key: PairKey, generation: u64, started: SystemTime, result: Result<Proof, AuthFailure>, took: Duration },
     Snapshot(tokio::sync::oneshot::Sender<Vec<PairStatus>>),
 }
 
@@ -214,6 +218,10 @@ struct PairState {
     last_done: Option<Instant>,
     /// Delay of the next probe after a success that could not extend the entry.
     probe_delay: Duration,
+    /// Bumped whenever what a handshake in flight rests on is taken away (a revocation, a
+    /// bundle change); a handshake's result counts only if the generation it started in is
+    /// still current, or a stale proof would undo the revocation.
+    generation: u64,
 }
 
 impl PairState {
@@ -230,6 +238,7 @@ impl PairState {
             last_success: None,
             last_done: None,
             probe_delay: config.min_reauth_interval,
+            generation: 0,
         }
     }
 
@@ -253,6 +262,13 @@ impl PairState {
         }
         self.evidence = None;
         self.probe_delay = config.min_reauth_interval;
+        self.supersede(config, now);
+    }
+
+    /// Voids the handshake in flight, if any (it started on the SVID and bundles of before),
+    /// and asks for a new proof (subject to the floor after the last success).
+    fn supersede(&mut self, config: &AuthManagerConfig, now: Instant) {
+        self.generation = self.generation.wrapping_add(1);
         self.refresh_at = Some(self.reauth_floor(config, now));
     }
 }
@@ -333,6 +349,11 @@ pub fn spawn_with_clock(
                     }
                 }
                 Some(Command::BundlesChanged) => {
+                    for state in pairs.values_mut().filter(|s| s.in_flight) {
+                        // Its verifier holds the bundles of before: even a pair with no entry yet,
+                        // or one whose entry still verifies, must not be proven by it.
+                        state.supersede(&config, now);
+                    }
                     for (key, state) in pairs.iter_mut().filter(|(_, s)| s.expiry.is_some()) {
                         match &state.evidence {
                             Some(evidence) if !evidence.still_trusted() => {
@@ -355,13 +376,20 @@ pub fn spawn_with_clock(
                         }
                     }
                 }
-                Some(Command::Done { key, started, result, took }) => {
+                Some(Command::Done { key, generation, started, result, took }) => {
                     in_flight = in_flight.saturating_sub(1);
                     observer.handshake(result.as_ref().map(|_| ()), took);
                     if let Some(state) = pairs.get_mut(&key) {
                         state.in_flight = false;
                         state.last_done = Some(now);
                         match result {
+                            // A revocation or bundle change came while it ran: a success would
+                            // re-prove the pair on a withdrawn SVID or a removed CA, and a failure
+                            // says nothing of the current ones, so neither writes nor backs off.
+                            // supersede() already asked for the new proof the loop below starts.
+                            _ if generation != state.generation => {
+                                tracing::debug!(?key, "dropping the result of a handshake overtaken by a revocation");
+                            }
                             Ok(proof) if state.desired.is_some() => {
                                 let expiry = proof.expiry;
                                 match table.set(key, expiry) {
@@ -467,11 +495,12 @@ pub fn spawn_with_clock(
                 let authenticator = authenticator.clone();
                 let clock = clock.clone();
                 let key = *key;
+                let generation = state.generation;
                 tokio::spawn(async move {
                     let started = clock.now();
                     let clock = Instant::now();
                     let result = authenticate_any(&*authenticator, &desired).await;
-                    let _ = tx.send(Command::Done { key, started, result, took: clock.elapsed() });
+                    let _ = tx.send(Command::Done { key, generation, started, result, took: clock.elapsed() });
                 });
             }
         }

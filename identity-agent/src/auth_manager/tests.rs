@@ -6,6 +6,7 @@ use super::fake::{FakeTable, NoObserver};
 use crate::svid::TokioClock;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use tokio::sync::Notify;
 
 /// Whether the proofs of a [`FakeAuth`] still verify (flipped to play a bundle change).
 #[derive(Clone)]
@@ -31,6 +32,9 @@ struct FakeAuth {
     clock: Arc<dyn Clock>,
     concurrent: AtomicUsize,
     max_concurrent: AtomicUsize,
+    /// The next successful handshake, once proven, waits for this before it answers: a peer
+    /// holding the handshake open while the agent's SVIDs or bundles change.
+    hold: Mutex<Option<Arc<Notify>>>,
 }
 
 impl Default for FakeAuth {
@@ -46,6 +50,7 @@ impl Default for FakeAuth {
             clock: Arc::new(SystemClock),
             concurrent: AtomicUsize::new(0),
             max_concurrent: AtomicUsize::new(0),
+            hold: Mutex::default(),
         }
     }
 }
@@ -77,7 +82,13 @@ impl Authenticator for FakeAuth {
                 Some(_) => return Err(AuthFailure { reason: "expired", message: "every SVID expired".into(), refused: true }),
                 None => self.clock.now() + Duration::from_millis(self.lifetime_ms),
             };
-            Ok(Proof { expiry, evidence: Arc::new(FakeEvidence(self.trust_of(peer))) })
+            let proof = Proof { expiry, evidence: Arc::new(FakeEvidence(self.trust_of(peer))) };
+            // Taken out first: the lock must not be held across the wait.
+            let hold = self.hold.lock().expect("lock").take();
+            if let Some(gate) = hold {
+                gate.notified().await;
+            }
+            Ok(proof)
         })
     }
 }
@@ -377,4 +388,60 @@ async fn a_bundle_change_removes_the_pairs_whose_proof_no_longer_verifies() {
     assert!(entry(&table, (1, 3)).is_some(), "a pair whose proof still verifies was removed");
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(entry(&table, (1, 2)), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handshake_in_flight_when_the_local_svid_is_withdrawn_does_not_bring_the_pair_back() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    eventually("entry", || entry(&table, (1, 2)).is_some()).await;
+    // A re-authentication proves the pair on the SVID of now, and its peer holds it open.
+    let gate = Arc::new(Notify::new());
+    *auth.hold.lock().expect("lock") = Some(gate.clone());
+    m.rotated("spiffe://td/d1".into());
+    eventually("re-authentication proven, its answer held", || auth.calls() == 2).await;
+    // Meanwhile SPIRE stops issuing d1 here: from now on its handshakes are refused.
+    auth.refuse.store(true, Ordering::SeqCst);
+    auth.fail_addrs.lock().expect("lock").insert(addr(2));
+    m.withdrawn("spiffe://td/d1".into());
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "the withdrawn identity's pair is still authenticated");
+    gate.notify_one();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "a handshake started on the withdrawn SVID re-proved the pair");
+    // A fresh attempt follows, on what is current (refused), and nothing brings the pair back.
+    eventually("a fresh attempt", || auth.calls() == 3).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "the withdrawn identity's pair came back");
+    let status = m.status().await;
+    assert!(status[0].expiry.is_none() && status[0].failures >= 1, "{status:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handshake_in_flight_when_the_bundles_change_does_not_prove_the_pair() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
+    let gate = Arc::new(Notify::new());
+    *auth.hold.lock().expect("lock") = Some(gate.clone());
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    // The first handshake (no entry yet) verifies s2 against the bundles of now, and its peer
+    // holds it open.
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    eventually("handshake proven, its answer held", || auth.calls() == 1).await;
+    // Meanwhile the CA that signed s2's SVID leaves the bundle: s2 cannot be proven any more.
+    auth.trust_of("spiffe://td/s2").store(false, Ordering::SeqCst);
+    auth.refuse.store(true, Ordering::SeqCst);
+    auth.fail_addrs.lock().expect("lock").insert(addr(2));
+    m.bundles_changed();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    gate.notify_one();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "a handshake verified against the bundles of before proved the pair");
+    eventually("a fresh attempt", || auth.calls() == 2).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(entry(&table, (1, 2)), None, "a pair proven by a removed CA came back");
 }
