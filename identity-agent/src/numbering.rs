@@ -6,16 +6,19 @@
 //! pair's proof. The numbering is kept in `numbers.json` in the state directory; the pinned
 //! `spiffe_names` map says what each number meant to the maps. At start:
 //! - a readable file is the numbering; unreadable or missing, it is rebuilt from the pinned
-//!   names (number → SPIFFE ID), so the pinned entries keep their meaning;
+//!   names (number → SPIFFE ID), so the pinned entries keep their meaning. A file that parses
+//!   but that the allocator could not have written (a number or identity listed twice, a
+//!   reserved number, a next number not above one listed) counts as unreadable: trusted, it
+//!   could give one number to two IDs;
 //! - an auth entry survives only when both its numbers mean, in that numbering, exactly the ID
 //!   the pinned names give them; the rest are removed before anyone adopts them;
 //! - no number seen in the pinned maps is handed out again.
 
 use meshauth_datapath::{Datapath, DatapathError, Maps};
 use meshauth_policy::compile::NumberAllocator;
-use meshauth_policy::tables::SecurityIdentityKey;
+use meshauth_policy::tables::{FIRST_ALLOCATED_IDENTITY, SecurityIdentityKey};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The numbering's file in the state directory.
@@ -30,6 +33,16 @@ pub enum NumberingError {
     RemoveAuth { dst: u32, src: u32, error: DatapathError },
     #[error("state file {path}: {error}")]
     State { path: PathBuf, error: std::io::Error },
+    #[error("{kind} number {number} is listed for two identities")]
+    DuplicateNumber { kind: &'static str, number: u32 },
+    #[error("{kind} {name} is listed twice")]
+    DuplicateName { kind: &'static str, name: String },
+    #[error("{kind} number {number} is below {first}, the first one the allocator hands out")]
+    Reserved { kind: &'static str, number: u32, first: u32 },
+    #[error("next {kind} number {next} is not above {highest}, a number already listed")]
+    NextNotAbove { kind: &'static str, next: u32, highest: u32 },
+    #[error("the numbering does not fit the allocator's form: {0}")]
+    Form(#[source] serde_json::Error),
 }
 
 /// [`NumberAllocator`]'s serialized form, which is what `numbers.json` holds.
@@ -42,14 +55,51 @@ struct Numbers {
 }
 
 impl Numbers {
-    fn into_allocator(self) -> NumberAllocator {
+    fn into_allocator(self) -> Result<NumberAllocator, NumberingError> {
         // Same fields, same serde shape: only a change of NumberAllocator could refuse it,
-        // and `the_file_form_is_the_allocators` catches that.
-        serde_json::to_value(self).and_then(serde_json::from_value).unwrap_or_default()
+        // and `the_file_form_is_the_allocators` catches that. Should it happen anyway, the
+        // agent must not start: a default allocator would number afresh from 1, while
+        // `stale_auth` was decided against this numbering, and the kept entries would change
+        // meaning.
+        serde_json::to_value(self).and_then(serde_json::from_value).map_err(NumberingError::Form)
+    }
+
+    /// Whether the allocator could have written this: every number above the reserved ones
+    /// and given to one identity, every identity listed once, each next number above all the
+    /// numbers listed. Anything else is damage, and the allocator would take it as it is: a
+    /// number given twice (or handed out again by a next number at or below it) lets an auth
+    /// entry proven for one SPIFFE ID admit another.
+    fn check(&self) -> Result<(), NumberingError> {
+        check_kind("security-identity", &self.security, self.next_security, FIRST_ALLOCATED_IDENTITY)?;
+        // 1: what `compile` starts SPIFFE-ID numbers at; 0 is NO_SPIFFE_ID.
+        check_kind("SPIFFE-ID", &self.spiffe, self.next_spiffe, 1)
     }
 
     fn of(allocator: &NumberAllocator) -> Option<Self> {
         serde_json::to_value(allocator).and_then(serde_json::from_value).ok()
+    }
+}
+
+/// [`Numbers::check`] for one kind of number; `first` is the lowest the allocator hands out.
+fn check_kind<K: Ord + std::fmt::Debug>(kind: &'static str, listed: &[(K, u32)], next: u32, first: u32) -> Result<(), NumberingError> {
+    let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
+    for (name, number) in listed {
+        if *number < first {
+            return Err(NumberingError::Reserved { kind, number: *number, first });
+        }
+        if !numbers.insert(*number) {
+            return Err(NumberingError::DuplicateNumber { kind, number: *number });
+        }
+        // Listed twice, the last number wins when the allocator opens the list; the file no
+        // longer says which number the maps' entries were proven under.
+        if !names.insert(name) {
+            return Err(NumberingError::DuplicateName { kind, name: format!("{name:?}") });
+        }
+    }
+    match numbers.last() {
+        Some(&highest) if next <= highest => Err(NumberingError::NextNotAbove { kind, next, highest }),
+        _ => Ok(()),
     }
 }
 
@@ -92,8 +142,19 @@ pub struct Restored {
 }
 
 /// Decides the numbering from the file's bytes (`None`: no file) and the pinned maps.
-pub fn restore(file: Option<&[u8]>, pinned: &Pinned) -> Restored {
-    let from_file = file.and_then(|bytes| serde_json::from_slice::<NumberAllocator>(bytes).ok()).and_then(|a| Numbers::of(&a));
+/// Fails only when the numbering cannot be handed to the allocator as decided.
+pub fn restore(file: Option<&[u8]>, pinned: &Pinned) -> Result<Restored, NumberingError> {
+    let parsed = file.and_then(|bytes| serde_json::from_slice::<NumberAllocator>(bytes).ok()).and_then(|a| Numbers::of(&a));
+    // A damaged file is no numbering to trust, however well it parses: rebuilt from the pinned
+    // names like a garbage file, the pinned entries keep their meaning and no number is
+    // handed out twice.
+    let from_file = parsed.filter(|numbers| match numbers.check() {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, "identity numbering inconsistent; treated as unreadable");
+            false
+        }
+    });
     let (mut numbers, origin) = match from_file {
         Some(numbers) => (numbers, Origin::File),
         None => {
@@ -113,7 +174,7 @@ pub fn restore(file: Option<&[u8]>, pinned: &Pinned) -> Restored {
     if pinned.max_security_identity > 0 {
         numbers.next_security = numbers.next_security.max(pinned.max_security_identity.saturating_add(1));
     }
-    Restored { allocator: numbers.into_allocator(), origin, stale_auth }
+    Ok(Restored { allocator: numbers.into_allocator()?, origin, stale_auth })
 }
 
 /// Restores the numbering for a datapath whose maps may be a previous agent's, removing the
@@ -129,7 +190,7 @@ pub fn load(state_dir: &Path, datapath: &mut Datapath) -> Result<NumberAllocator
         }
     };
     let pinned = Pinned::read(datapath.maps()).map_err(NumberingError::Pinned)?;
-    let restored = restore(file.as_deref(), &pinned);
+    let restored = restore(file.as_deref(), &pinned)?;
     if file.is_some() && restored.origin == Origin::PinnedNames {
         tracing::warn!(path = %path.display(), names = pinned.spiffe_names.len(), "identity numbering unreadable; rebuilt from the pinned SPIFFE names");
     }
@@ -186,13 +247,52 @@ mod tests {
         format!("spiffe://cluster.local/ns/x/sa/{sa}")
     }
 
+    /// The SPIFFE IDs each number means: the pinned names, then what `allocator` gives one pod
+    /// per service account. Read off the endpoints, since `spiffe_ids` is keyed by number and
+    /// would hide a number given twice.
+    fn ids_per_number(pinned: &Pinned, service_accounts: &[&str], allocator: &mut NumberAllocator) -> BTreeMap<u32, BTreeSet<String>> {
+        let pods = service_accounts
+            .iter()
+            .zip(1u8..)
+            .map(|(sa, i)| PodInfo {
+                namespace: "x".into(),
+                name: (*sa).into(),
+                labels: BTreeMap::new(),
+                service_account: (*sa).into(),
+                ip: Some(std::net::Ipv4Addr::new(10, 0, 0, i)),
+                node: None,
+            })
+            .collect();
+        let model = PolicyModel::new(ModelConfig::default(), Inputs { pods, ..Default::default() });
+        let mut ids: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+        for (n, name) in &pinned.spiffe_names {
+            ids.entry(*n).or_default().insert(name.clone());
+        }
+        for e in compile(&model, allocator).endpoints {
+            let sa = e.pod.rsplit('/').next().expect("namespace/name");
+            ids.entry(e.spiffe_id).or_default().insert(id(sa));
+        }
+        ids
+    }
+
+    /// The numbers that mean more than one SPIFFE ID.
+    fn shared(ids: &BTreeMap<u32, BTreeSet<String>>) -> BTreeMap<u32, BTreeSet<String>> {
+        ids.iter().filter(|(_, names)| names.len() > 1).map(|(n, names)| (*n, names.clone())).collect()
+    }
+
+    /// A file as the allocator writes it, listing only SPIFFE IDs.
+    fn spiffe_file(spiffe: &[(&str, u32)], next_spiffe: u32) -> Vec<u8> {
+        let spiffe = spiffe.iter().map(|(sa, n)| (id(sa), *n)).collect();
+        serde_json::to_vec(&Numbers { spiffe, next_spiffe, ..Numbers::default() }).expect("json")
+    }
+
     #[test]
     fn the_file_form_is_the_allocators() {
         let mut allocator = NumberAllocator::default();
         names(&["a", "b"], &mut allocator);
         let numbers = Numbers::of(&allocator).expect("same shape");
         assert_eq!(numbers.spiffe.len(), 2);
-        assert_eq!(numbers.clone().into_allocator(), allocator);
+        assert_eq!(numbers.clone().into_allocator().expect("same shape"), allocator);
     }
 
     #[test]
@@ -201,7 +301,7 @@ mod tests {
         let pinned_names = names(&["a", "b"], &mut first);
         let pinned = Pinned { spiffe_names: pinned_names.clone(), auth: vec![(1, 2)], max_security_identity: 257 };
         for file in [None, Some(&b"{\"spiffe\": [garbage"[..]), Some(&b""[..])] {
-            let mut restored = restore(file, &pinned);
+            let mut restored = restore(file, &pinned).expect("restore");
             assert_eq!(restored.origin, Origin::PinnedNames);
             assert!(restored.stale_auth.is_empty(), "the numbers keep their meaning");
             // Pods that would sort first and take numbers 1 and 2 from a fresh numbering.
@@ -226,7 +326,7 @@ mod tests {
             auth: vec![(1, 2), (2, 1), (7, 1)],
             max_security_identity: 300,
         };
-        let mut restored = restore(Some(&bytes), &pinned);
+        let mut restored = restore(Some(&bytes), &pinned).expect("restore");
         assert_eq!(restored.origin, Origin::File);
         assert_eq!(restored.stale_auth, vec![(1, 2), (2, 1), (7, 1)], "1 and 2 mean 0c and 0d now; 7 means nothing");
         // No number the maps have seen is handed out again.
@@ -234,5 +334,64 @@ mod tests {
         assert_eq!(now.get(&8), Some(&id("e2")), "{now:?}");
         let numbers = Numbers::of(&restored.allocator).expect("shape");
         assert!(numbers.next_security > 300);
+    }
+
+    #[test]
+    fn a_file_giving_one_number_to_two_ids_is_rebuilt_and_no_number_means_two_ids() {
+        // a proved itself to b under 1 and 2; the file (damaged) gives b a's number too.
+        let pinned = Pinned { spiffe_names: BTreeMap::from([(1, id("a")), (2, id("b"))]), auth: vec![(1, 2)], max_security_identity: 257 };
+        let file = spiffe_file(&[("a", 1), ("b", 1)], 3);
+        let mut restored = restore(Some(&file), &pinned).expect("restore");
+        let ids = ids_per_number(&pinned, &["0c", "0d", "a", "b", "c"], &mut restored.allocator);
+        assert!(shared(&ids).is_empty(), "{ids:?}");
+        assert_eq!(restored.origin, Origin::PinnedNames, "a number listed twice is damage");
+        assert!(restored.stale_auth.is_empty(), "rebuilt from the pinned names, (1, 2) keeps its meaning");
+        assert_eq!(ids.get(&1), Some(&BTreeSet::from([id("a")])));
+        assert_eq!(ids.get(&2), Some(&BTreeSet::from([id("b")])));
+    }
+
+    #[test]
+    fn a_file_whose_next_number_is_not_above_a_listed_one_is_rebuilt_and_no_number_means_two_ids() {
+        // The review's case: the file lists (a, 7) but would hand out 3 next, and a reboot
+        // wiped the pins while the state directory survived.
+        let pinned = Pinned::default();
+        let file = spiffe_file(&[("a", 7)], 3);
+        let mut restored = restore(Some(&file), &pinned).expect("restore");
+        // Trusted, the file would have given 3…7 to b…f, and f would share a's 7.
+        let ids = ids_per_number(&pinned, &["a", "b", "c", "d", "e", "f"], &mut restored.allocator);
+        assert!(shared(&ids).is_empty(), "{ids:?}");
+        assert_eq!(ids.len(), 6, "{ids:?}");
+        assert_eq!(restored.origin, Origin::PinnedNames);
+    }
+
+    #[test]
+    fn a_file_the_allocator_could_not_have_written_counts_as_unreadable() {
+        let mut allocator = NumberAllocator::default();
+        names(&["a", "b"], &mut allocator);
+        let good = Numbers::of(&allocator).expect("shape");
+        assert!(good.check().is_ok());
+        let pinned = Pinned { spiffe_names: BTreeMap::from([(1, id("a")), (2, id("b"))]), auth: vec![(1, 2)], max_security_identity: 257 };
+        let bytes = serde_json::to_vec(&good).expect("json");
+        assert_eq!(restore(Some(&bytes), &pinned).expect("restore").origin, Origin::File);
+        type Damage = (&'static str, fn(&mut Numbers));
+        let damage: [Damage; 8] = [
+            ("SPIFFE-ID number twice", |n| n.spiffe[1].1 = n.spiffe[0].1),
+            ("next SPIFFE-ID number below a listed one", |n| n.next_spiffe = 1),
+            ("next SPIFFE-ID number equal to a listed one", |n| n.next_spiffe = 2),
+            ("SPIFFE ID twice", |n| n.spiffe.push((n.spiffe[0].0.clone(), 3))),
+            ("SPIFFE-ID number 0 (no SPIFFE ID)", |n| n.spiffe[0].1 = 0),
+            ("security number twice", |n| n.security[1].1 = n.security[0].1),
+            ("next security number not above a listed one", |n| n.next_security = 257),
+            ("reserved security number", |n| n.security[0].1 = meshauth_policy::tables::WORLD_IDENTITY),
+        ];
+        for (what, damage) in damage {
+            let mut numbers = good.clone();
+            damage(&mut numbers);
+            assert!(numbers.check().is_err(), "{what}: {numbers:?}");
+            let bytes = serde_json::to_vec(&numbers).expect("json");
+            let restored = restore(Some(&bytes), &pinned).expect("restore");
+            assert_eq!(restored.origin, Origin::PinnedNames, "{what}");
+            assert!(restored.stale_auth.is_empty(), "{what}");
+        }
     }
 }
