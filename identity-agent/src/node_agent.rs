@@ -140,6 +140,7 @@ pub struct Applier {
     last_scan: Option<Instant>,
     /// Addresses whose interface the last apply could not attach to.
     failed: BTreeSet<Ipv4Addr>,
+    metrics: Option<Arc<AgentMetrics>>,
 }
 
 impl Applier {
@@ -189,6 +190,7 @@ impl Applier {
             last: Arc::new(Snapshot::default()),
             last_scan: None,
             failed: BTreeSet::new(),
+            metrics: None,
         }
     }
 
@@ -262,8 +264,24 @@ impl Applier {
         }
         {
             let mut dp = lock(&self.datapath);
-            let stats = dp.apply_tables(&plan.tables)?;
-            tracing::debug!(?stats, "tables applied");
+            // Attached whatever the apply did: a policy that does not fit (or a map that
+            // cannot be written) must never leave a new pod unguarded.
+            let applied = dp.apply_tables(&plan.tables);
+            match &applied {
+                Ok(stats) if stats.complete() => tracing::debug!(?stats, "tables applied"),
+                Ok(stats) => tracing::error!(
+                    denied_destinations = ?stats.denied_destinations,
+                    endpoints_left_out = stats.endpoints_left_out,
+                    "the policy does not fit in the maps: the destinations listed accept nothing until it shrinks"
+                ),
+                Err(error) => tracing::error!(%error, "cannot write the policy tables"),
+            }
+            if let Some(metrics) = &self.metrics {
+                match &applied {
+                    Ok(s) => metrics.observe_apply(Ok((s.denied_destinations.len(), s.endpoints_left_out))),
+                    Err(e) => metrics.observe_apply(Err(&e.to_string())),
+                }
+            }
             let mut failed = BTreeSet::new();
             for (ip, reg) in &self.registry {
                 match dp.attach(&reg.ifname, *ip) {
@@ -279,6 +297,7 @@ impl Applier {
                 }
             }
             self.failed = failed;
+            applied?;
         }
         *self.view.write().unwrap_or_else(PoisonError::into_inner) = plan.view;
         self.manager.set_desired(plan.desired);
@@ -605,6 +624,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         config.netns_dirs.clone(),
         allocator,
     );
+    applier.metrics = Some(metrics.clone());
     let mut removed_links = pod_net::watch_removed_links()?;
     let first = snapshots.borrow_and_update().clone();
     applier.housekeeping()?;
@@ -667,7 +687,9 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
                     metrics.observe_datapath_counters(counters.0.iter().map(|(k, v)| ((*k).to_owned(), v.packets)));
                 }
                 let now = SystemTime::now();
-                for svid in store.available() {
+                let svids = store.available();
+                metrics.retain_identities(&svids.iter().map(|s| s.id().to_string()).collect());
+                for svid in svids {
                     let left = svid.not_after().duration_since(now).map_or(0, |d| d.as_secs());
                     metrics.svid_expiry_seconds
                         .get_or_create(&IdentityLabels { spiffe_id: svid.id().to_string() })

@@ -161,7 +161,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         ModelConfig { trust_domain: config.entries.trust_domain.clone(), mesh_namespace: config.namespace.clone() },
         config.entries.clone(),
         config.resync_interval,
-    ));
+    )
+    .with_node_checks(config.endpoint_rules.clone(), config.trust_node_agent_annotations));
     let mut reconciler: Option<JoinHandle<ControllerError>> = None;
     let mut server = server;
     let outcome = loop {

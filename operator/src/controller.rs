@@ -64,6 +64,11 @@ pub struct Context<S> {
     pub model_config: ModelConfig,
     pub entries: EntrySettings,
     pub resync_interval: Duration,
+    /// Which pods are endpoints: the agents' rules (podCIDR check), so entries match them.
+    pub endpoint_rules: meshauth_cluster::EndpointRules,
+    /// Take a node's `meshauth.io/spire-agent-id` annotation for an attested agent whose
+    /// attestation names no node (join tokens); see [`registration::verified_node_agent_id`].
+    pub trust_node_agent_annotations: bool,
 }
 
 impl<S: EntryApi> Context<S> {
@@ -77,7 +82,24 @@ impl<S: EntryApi> Context<S> {
         resync_interval: Duration,
     ) -> Self {
         let recorder = Recorder::new(client.clone(), reporter);
-        Self { client, spire, metrics, recorder, model_config, entries, resync_interval }
+        Self {
+            client,
+            spire,
+            metrics,
+            recorder,
+            model_config,
+            entries,
+            resync_interval,
+            endpoint_rules: meshauth_cluster::EndpointRules::default(),
+            trust_node_agent_annotations: false,
+        }
+    }
+
+    /// The node checks of the operator's configuration.
+    pub fn with_node_checks(mut self, endpoint_rules: meshauth_cluster::EndpointRules, trust_node_agent_annotations: bool) -> Self {
+        self.endpoint_rules = endpoint_rules;
+        self.trust_node_agent_annotations = trust_node_agent_annotations;
+        self
     }
 }
 
@@ -109,6 +131,9 @@ pub struct State {
     spire_error: Option<String>,
     /// Statuses written, to skip re-patching before the cache shows them.
     applied: HashMap<(&'static str, ObjectRef), serde_json::Value>,
+    /// The SPIRE server's attested agents as last listed (read only while some node names its
+    /// agent by annotation); `None` before the first listing.
+    attested: Option<Vec<crate::spire::AttestedAgent>>,
 }
 
 impl State {
@@ -200,10 +225,15 @@ impl Drop for AbortOnDrop {
 pub async fn reconcile<S: EntryApi>(ctx: &Context<S>, stores: &Stores, state: &mut State) -> Result<(), ControllerError> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
-    let model = PolicyModel::new(ctx.model_config.clone(), stores.inputs());
-    let agents = stores.agents(&ctx.entries);
+    let model = PolicyModel::new(ctx.model_config.clone(), stores.inputs_with(&ctx.endpoint_rules));
+    let (agents, attested) = node_agents(ctx, stores, state).await;
     let desired = registration::desired(&model, &agents, &ctx.entries);
-    let spire = sync_spire(ctx, &desired, state).await;
+    // Without the attested agents the annotated nodes' entries cannot be told right from
+    // wrong: SPIRE is left as it is this pass (computing from the failure would delete them).
+    let spire = match attested {
+        Ok(()) => sync_spire(ctx, &desired, state).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = &spire {
         ctx.metrics.failure("spire");
         state.spire_error = Some(e.to_string());
@@ -221,6 +251,57 @@ pub async fn reconcile<S: EntryApi>(ctx: &Context<S>, stores: &Stores, state: &m
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     debug!(elapsed = ?started.elapsed(), entries = desired.entries.len(), "reconciled");
     spire.and(statuses)
+}
+
+/// Each node's SPIRE agent ID, annotated ones checked against the agents SPIRE attested
+/// (listed with the entries, and again whenever a node names an agent not in the last list).
+async fn node_agents<S: EntryApi>(
+    ctx: &Context<S>,
+    stores: &Stores,
+    state: &mut State,
+) -> (BTreeMap<String, Result<String, RegistrationError>>, Result<(), ControllerError>) {
+    let nodes = stores.nodes.state();
+    let named: Vec<String> = nodes
+        .iter()
+        .filter_map(|n| n.metadata.annotations.as_ref()?.get(registration::NODE_AGENT_ID_ANNOTATION))
+        .map(|id| id.trim().to_owned())
+        .collect();
+    if named.is_empty() {
+        return (stores.agents(&ctx.entries), Ok(()));
+    }
+    let unknown = |cached: &Vec<crate::spire::AttestedAgent>| named.iter().any(|id| !cached.iter().any(|a| &a.id == id));
+    let listed = if state.attested.is_none() || state.relist || state.attested.as_ref().is_some_and(unknown) {
+        match ctx.spire.list_agents().await {
+            Ok(agents) => {
+                state.attested = Some(agents);
+                Ok(())
+            }
+            Err(e) => {
+                ctx.metrics.spire_error(e.operation());
+                Err(e)
+            }
+        }
+    } else {
+        Ok(())
+    };
+    // While SPIRE is away the last list still answers for the statuses (entries stay as they
+    // are: the caller skips the sync on the error).
+    let (attested, error) = match (listed, &state.attested) {
+        (Ok(()), cached) => (Ok(cached.clone().unwrap_or_default()), None),
+        (Err(e), Some(cached)) => (Ok(cached.clone()), Some(e)),
+        (Err(e), None) => (Err(e), None),
+    };
+    let agents = registration::verified_node_agents(
+        nodes.iter().map(|n| n.as_ref()),
+        &ctx.entries,
+        &attested,
+        ctx.trust_node_agent_annotations,
+    );
+    let outcome = match (error, attested) {
+        (Some(e), _) | (None, Err(e)) => Err(ControllerError::from(e)),
+        (None, Ok(_)) => Ok(()),
+    };
+    (agents, outcome)
 }
 
 /// Keys whose entry exists as desired.

@@ -1,7 +1,8 @@
 //! The chart on a real cluster: `tests/testenv up --kubelet` (two nodes, each with its own
 //! kubelet, containerd, kube-proxy, CNI — `bridge` on node-1, `ptp` on node-2 — and SPIRE agent
 //! with the `k8s` workload attestor), the meshauth image built by `scripts/images` and loaded
-//! into both nodes, `helm install` with the chart's defaults. Then, as a user would see it:
+//! into both nodes, `helm install` with the chart's defaults (but for taking the join-token agents'
+//! node annotations). Then, as a user would see it:
 //! every meshauth pod Running and Ready, the nodes still reachable, a Strict mesh between app
 //! pods the kubelet started (the permitted pair connects first time once pre-authenticated,
 //! another service account is dropped, the policed pod's readiness probe keeps it Ready), the
@@ -172,7 +173,18 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     c.env.load_image_blocking(&tar).expect("load the meshauth image");
     let before: Vec<String> = ["node-1", "node-2"].iter().map(|n| c.conflist(n)).collect();
 
-    let (ok, out) = c.helm(&["install", "meshauth", repo().join("config/helm/meshauth").to_str().expect("path"), "-n", "meshauth-system", "--create-namespace"]);
+    // The test environment's SPIRE agents attest with join tokens, which name no node: the
+    // operator must be told to take the nodes' agent annotations (k8s_psat clusters need not).
+    let (ok, out) = c.helm(&[
+        "install",
+        "meshauth",
+        repo().join("config/helm/meshauth").to_str().expect("path"),
+        "-n",
+        "meshauth-system",
+        "--create-namespace",
+        "--set",
+        "operator.trustNodeAgentAnnotations=true",
+    ]);
     assert!(ok, "helm install: {out}");
     c.wait("every meshauth pod Running and Ready", Duration::from_secs(240), || {
         let (ok, out) = c.kubectl(&["get", "pods", "-n", "meshauth-system", "-o", "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"]);

@@ -63,6 +63,15 @@ fn settings() -> EntrySettings {
 }
 
 fn context(spire: Arc<FakeSpire>) -> (Context<FakeSpire>, ApiServer) {
+    // The nodes' annotated agents are ones SPIRE attested on those very nodes (k8s_psat).
+    for n in ["n1", "n2"] {
+        spire.add_agent(crate::spire::AttestedAgent {
+            id: format!("spiffe://cluster.local/agent/{n}"),
+            attestation_type: "k8s_psat".into(),
+            selectors: vec![Selector { kind: "k8s_psat".into(), value: format!("agent_node_name:{n}") }],
+            banned: false,
+        });
+    }
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let ctx = Context::new(
@@ -315,4 +324,38 @@ async fn a_similar_hand_made_entry_serves_and_is_left_alone() {
     assert_eq!(condition(&body["status"], "Ready")["status"], "True");
     assert_eq!(spire.owned_specs(), vec![entry("order", "n2")]);
     assert_eq!(spire.entries().get(&foreign).map(|s| s.owned), Some(false));
+}
+
+#[tokio::test]
+async fn a_node_annotated_with_an_agent_attested_elsewhere_gets_no_entries_from_the_controller() {
+    let spire = Arc::new(FakeSpire::new());
+    let (ctx, mut api) = context(spire.clone());
+    // SPIRE attested agent "x" on n1; n2 (where the order pod runs) claims it.
+    spire.add_agent(crate::spire::AttestedAgent {
+        id: "spiffe://cluster.local/agent/x".into(),
+        attestation_type: "k8s_psat".into(),
+        selectors: vec![Selector { kind: "k8s_psat".into(), value: "agent_node_name:n1".into() }],
+        banned: false,
+    });
+    let mut forged = node("n2");
+    forged.metadata.annotations =
+        Some([(NODE_AGENT_ID_ANNOTATION.to_owned(), "spiffe://cluster.local/agent/x".to_owned())].into());
+    let s = Stores { nodes: store_of(vec![node("n1"), forged]), ..stores(vec![policy(None)], vec![]) };
+    let mut state = State::default();
+    let (r, body) = tokio::join!(
+        reconcile(&ctx, &s, &mut state),
+        api.expect(Method::PATCH, MP_STATUS, |b| {
+            let mut p = serde_json::to_value(policy(None)).expect("json");
+            p["status"] = b["status"].clone();
+            p
+        })
+    );
+    r.expect("reconcile");
+    assert!(
+        spire.owned_specs().iter().all(|e| !e.parent_id.ends_with("/agent/x")),
+        "an entry was parented to the agent n2 named: {:?}",
+        spire.owned_specs()
+    );
+    assert_eq!(spire.owned_specs(), vec![entry("pay", "n1")], "the honest node still gets its entry");
+    assert_eq!(condition(&body["status"], "Ready")["status"], "True", "the policy's own pod (on n1) is served");
 }
