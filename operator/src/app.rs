@@ -162,7 +162,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config.entries.clone(),
         config.resync_interval,
     )
-    .with_node_checks(config.endpoint_rules.clone(), config.trust_node_agent_annotations));
+    .with_node_checks(config.endpoint_rules, config.trust_node_agent_annotations));
     let mut reconciler: Option<JoinHandle<ControllerError>> = None;
     let mut server = server;
     let outcome = loop {
