@@ -121,7 +121,7 @@ pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
     let mut explanation = explain(&model, &from, &to);
     // A policy past its namespace's entry budget is not in the datapath's tables: answer from
     // the tables the agent would write, and say why.
-    let left_out = meshauth_policy::compile::over_budget(&model);
+    let (tables, left_out) = meshauth_policy::compile::compile_with_budget(&model, &mut Default::default());
     let selecting = model.pod(&to).map(|p| model.selecting_policies(p)).unwrap_or_default();
     let relevant: Vec<_> = left_out.iter().filter(|o| selecting.contains(&o.policy)).collect();
     if relevant.is_empty() {
@@ -130,7 +130,6 @@ pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
     for o in &relevant {
         explanation.push(format!("MeshPolicy {} is left out of the datapath: it {o}", o.policy));
     }
-    let tables = meshauth_policy::compile::compile(&model, &mut Default::default());
     let (src_ip, dst_ip) = match (model.pod(&from).and_then(|p| p.ip), model.pod(&to).and_then(|p| p.ip)) {
         (Some(s), Some(d)) => (s, d),
         _ => return Err(CheckError::NoPodIp(to)),
