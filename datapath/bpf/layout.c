@@ -8,6 +8,7 @@
 
 #define S(t) printf("%s size %zu\n", #t, sizeof(struct t))
 #define C(c) printf("%s %d\n", #c, (int)(c))
+#define CU(c) printf("%s %llu\n", #c, (unsigned long long)(c))
 #define F(t, f) printf("%s.%s %zu\n", #t, #f, offsetof(struct t, f))
 
 int main(void)
@@ -31,6 +32,18 @@ int main(void)
 	F(ma_auth_key, src_spiffe_id);
 	S(ma_auth_value);
 	F(ma_auth_value, expiry_ns);
+	F(ma_auth_value, key);
+	F(ma_auth_value, prev_key);
+	F(ma_auth_value, prev_until_ns);
+	S(ma_tag_key);
+	F(ma_tag_key, src_spiffe_id);
+	F(ma_tag_key, dst_spiffe_id);
+	S(ma_tag_value);
+	F(ma_tag_value, expiry_ns);
+	F(ma_tag_value, key);
+	F(ma_tag_value, prev_key);
+	F(ma_tag_value, key_from_ns);
+	S(ma_syn_key);
 	S(ma_ct_key);
 	F(ma_ct_key, saddr);
 	F(ma_ct_key, daddr);
@@ -104,12 +117,20 @@ int main(void)
 	C(MA_C_EVENTS_LOST);
 	C(MA_C_PASS_HOST);
 	C(MA_C_DROP_WRONG_IFACE);
+	C(MA_C_DROP_TAG_MISSING);
+	C(MA_C_DROP_TAG_INVALID);
+	C(MA_C_DROP_SYN_NOT_FROM_POD);
+	C(MA_C_PASS_UNTAGGED_PERMISSIVE);
+	C(MA_C_TAG_WRITTEN);
+	C(MA_C_TAG_NO_KEY);
+	C(MA_C_TAG_NO_ROOM);
 	C(MA_EV_DENIED);
 	C(MA_EV_AUTH_REQUIRED);
 	C(MA_EV_SPOOFED);
 	C(MA_EV_FRAGMENT);
 	C(MA_EV_IPV6);
 	C(MA_EV_UNSUPPORTED);
+	C(MA_EV_TAG);
 	C(MA_AUTH_NONE);
 	C(MA_AUTH_PERMISSIVE);
 	C(MA_AUTH_REQUIRED);
@@ -126,5 +147,11 @@ int main(void)
 	C(MA_C_COUNT);
 	C(MA_COUNTER_SLOTS);
 	C(MA_POLICY_FIXED_BITS);
+	C(MA_TAG_OPT_KIND);
+	C(MA_TAG_OPT_LEN);
+	C(MA_TAG_EXID);
+	C(MA_TAG_SLOT_SHIFT);
+	C(MA_TAG_MAC_LEN);
+	CU(MA_SYN_ORIGIN_TTL_NS);
 	return 0;
 }

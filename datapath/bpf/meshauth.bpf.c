@@ -78,6 +78,23 @@ struct {
 	__type(value, struct ma_auth_value);
 } auth SEC(".maps");
 
+/* Source side of connection tags: one entry per (local source, destination) pair this node's
+ * agent answered a handshake for. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 524288);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ma_tag_key);
+	__type(value, struct ma_tag_value);
+} tag_keys SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ma_syn_key);
+	__type(value, struct ma_syn_value);
+} syn_origin SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
@@ -166,6 +183,9 @@ struct flow {
 	__u8 icmp_request; /* ICMP echo request (starts a flow; a reply never does) */
 	__u8 first_fragment; /* MF set, offset 0 */
 	__u8 later_fragment; /* offset != 0: no L4 header */
+	__be32 tcp_seq;
+	__u16 l4_off; /* from the start of the frame */
+	__u16 tcp_hlen; /* TCP header with options, bytes */
 };
 
 static __always_inline void count(__u32 idx, __u64 bytes)
@@ -306,6 +326,9 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct flow *f)
 		f->tcp_syn = th->syn && !th->ack;
 		f->tcp_fin = th->fin;
 		f->tcp_rst = th->rst;
+		f->tcp_seq = th->seq;
+		f->l4_off = ETH_HLEN + ihl;
+		f->tcp_hlen = th->doff * 4;
 		break;
 	}
 	case IPPROTO_UDP: {
@@ -376,7 +399,132 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb, const struct ma_co
 	return drop(cfg, skb, MA_EV_IPV6, MA_C_DROP_IPV6, &f);
 }
 
-/* 0: pass; MA_C_DROP_AUTH_MISSING or MA_C_DROP_AUTH_EXPIRED otherwise. */
+
+/*
+ * SipHash-2-4 of the 24-byte tag message (struct ma_tag_msg, three little-endian words):
+ * the reference algorithm unrolled for a fixed length, which the verifier takes as straight
+ * code (no loops, no helpers).
+ */
+struct ma_tag_msg {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__be32 seq;
+	__u32 slot;
+	__u32 zero;
+};
+
+#define ROTL(x, b) (__u64)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                  \
+	do {                                                                                      \
+		v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                          \
+		v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                             \
+		v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                             \
+		v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                          \
+	} while (0)
+
+static __always_inline __u64 siphash24(const __u64 key[2], const struct ma_tag_msg *msg)
+{
+	const __u64 *w = (const __u64 *)msg;
+	__u64 v0 = 0x736f6d6570736575ULL ^ key[0];
+	__u64 v1 = 0x646f72616e646f6dULL ^ key[1];
+	__u64 v2 = 0x6c7967656e657261ULL ^ key[0];
+	__u64 v3 = 0x7465646279746573ULL ^ key[1];
+	__u64 m, b = ((__u64)sizeof(*msg)) << 56;
+
+	m = w[0]; v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
+	m = w[1]; v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
+	m = w[2]; v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
+	v3 ^= b; SIPROUND; SIPROUND; v0 ^= b;
+	v2 ^= 0xff;
+	SIPROUND; SIPROUND; SIPROUND; SIPROUND;
+	return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static __always_inline __u32 tag_slot_now(void)
+{
+	return (__u32)(bpf_ktime_get_tai_ns() >> MA_TAG_SLOT_SHIFT);
+}
+
+/* Whether `mac` (7 bytes) is the MAC of the flow's SYN under `key` in `slot`. */
+static __always_inline int tag_matches(const __u64 key[2], const struct flow *f, __u32 slot,
+				       const __u8 *mac)
+{
+	struct ma_tag_msg m = {
+		.saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
+		.seq = f->tcp_seq, .slot = slot,
+	};
+	__u64 h = siphash24(key, &m);
+	__u64 got = 0;
+
+	__builtin_memcpy(&got, mac, MA_TAG_MAC_LEN);
+	return (h & 0x00ffffffffffffffULL) == got;
+}
+
+/* The tag option of a SYN: 1 and its slot byte and MAC copied out, 0 when there is none, -1
+ * when the header cannot be read. The tagger always writes it as the header's last 12 bytes
+ * (it appends it), so only those are looked at: no walk over the options, and a tag placed
+ * anywhere else is no tag. */
+static __always_inline int find_tag(struct __sk_buff *skb, const struct flow *f, __u8 *slot_lo,
+				    __u8 *mac)
+{
+	__u8 opt[MA_TAG_OPT_LEN];
+	__u32 hlen = f->tcp_hlen;
+
+	if (hlen < 20 + MA_TAG_OPT_LEN || hlen > 60)
+		return 0;
+	if (bpf_skb_load_bytes(skb, f->l4_off + hlen - MA_TAG_OPT_LEN, opt, MA_TAG_OPT_LEN) < 0)
+		return -1;
+	if (opt[0] != MA_TAG_OPT_KIND || opt[1] != MA_TAG_OPT_LEN || opt[2] != (MA_TAG_EXID >> 8) ||
+	    opt[3] != (MA_TAG_EXID & 0xff))
+		return 0;
+	*slot_lo = opt[4];
+	__builtin_memcpy(mac, &opt[5], MA_TAG_MAC_LEN);
+	return 1;
+}
+
+/* The full slot a received slot byte stands for, when it lies within one of ours; -1 if not. */
+static __always_inline long tag_slot_of(__u8 slot_lo)
+{
+	__u32 now = tag_slot_now();
+
+	if ((__u8)now == slot_lo)
+		return now;
+	if ((__u8)(now - 1) == slot_lo)
+		return now - 1;
+	if ((__u8)(now + 1) == slot_lo)
+		return now + 1;
+	return -1;
+}
+
+/*
+ * A SYN from another node that needs authentication proves its source: 0 when its tag verifies
+ * with the pair's key (or the previous one, during its overlap); otherwise the drop counter.
+ */
+static __always_inline __u32 tag_check(struct __sk_buff *skb, const struct flow *f,
+				       const struct ma_auth_value *a, __u64 now)
+{
+	__u8 slot_lo = 0, mac[MA_TAG_MAC_LEN] = {};
+	long slot;
+	int found = find_tag(skb, f, &slot_lo, mac);
+
+	if (found == 0)
+		return MA_C_DROP_TAG_MISSING;
+	if (found < 0)
+		return MA_C_DROP_TAG_INVALID;
+	slot = tag_slot_of(slot_lo);
+	if (slot < 0)
+		return MA_C_DROP_TAG_INVALID;
+	/* An all-zero key is no key (a pair written without one): anyone could compute its MAC. */
+	if ((a->key[0] | a->key[1]) && tag_matches(a->key, f, (__u32)slot, mac))
+		return 0;
+	if (a->prev_until_ns > now && (a->prev_key[0] | a->prev_key[1]) &&
+	    tag_matches(a->prev_key, f, (__u32)slot, mac))
+		return 0;
+	return MA_C_DROP_TAG_INVALID;
+}
+
 /* The link layer, the same in both directions: ARP passes, IPv6 takes its own rule, other
  * protocols and truncated frames are dropped, and an IPv4 packet is parsed into `f`. Returns
  * 1 when the caller goes on with `f`; otherwise `*verdict` is the packet's verdict. */
@@ -412,7 +560,22 @@ static __always_inline int link_layer(struct __sk_buff *skb, const struct ma_con
 	return 1;
 }
 
-static __always_inline __u32 auth_check(__u32 dst_spiffe, __u32 src_spiffe, __u64 now)
+/* How a SYN proves it comes from the pod its source address names. */
+#define MA_PROOF_NONE 0 /* not a SYN, or nothing to prove */
+#define MA_PROOF_LOCAL 1 /* a local pod's: its own veth sent it (syn_origin) */
+#define MA_PROOF_TAG 2 /* another node's pod: the tag */
+
+static __always_inline int syn_from_pod(const struct flow *f, __u64 now)
+{
+	struct ma_syn_key k = { .saddr = f->saddr, .seq = f->tcp_seq, .sport = f->sport };
+	struct ma_syn_value *v = bpf_map_lookup_elem(&syn_origin, &k);
+
+	return v && now >= v->seen_ns && now - v->seen_ns < MA_SYN_ORIGIN_TTL_NS;
+}
+
+/* 0: the pair is authenticated (and a SYN proved its source); the drop counter otherwise. */
+static __always_inline __u32 auth_check(struct __sk_buff *skb, const struct flow *f, __u32 dst_spiffe,
+					__u32 src_spiffe, __u64 now, int proof)
 {
 	struct ma_auth_key key = { .dst_spiffe_id = dst_spiffe, .src_spiffe_id = src_spiffe };
 	struct ma_auth_value *v;
@@ -424,6 +587,10 @@ static __always_inline __u32 auth_check(__u32 dst_spiffe, __u32 src_spiffe, __u6
 		return MA_C_DROP_AUTH_MISSING;
 	if (v->expiry_ns <= now + MA_CLOCK_SLACK_NS)
 		return MA_C_DROP_AUTH_EXPIRED;
+	if (proof == MA_PROOF_TAG)
+		return tag_check(skb, f, v, now);
+	if (proof == MA_PROOF_LOCAL && !syn_from_pod(f, now))
+		return MA_C_DROP_SYN_NOT_FROM_POD;
 	return 0;
 }
 
@@ -442,9 +609,13 @@ static __always_inline void remember_fragment(const struct flow *f)
 static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_config *cfg,
 					const struct flow *f, __u8 req, __u32 src_identity,
 					__u32 dst_identity, __u32 src_spiffe, __u32 dst_spiffe,
-					__u32 pass_counter, __u64 now)
+					__u32 pass_counter, __u64 now, int proof)
 {
-	__u32 failed = auth_check(dst_spiffe, src_spiffe, now);
+	__u32 failed = auth_check(skb, f, dst_spiffe, src_spiffe, now, proof);
+	/* A pair that is authenticated but whose SYN did not prove its source. */
+	int unproven = failed == MA_C_DROP_TAG_MISSING || failed == MA_C_DROP_TAG_INVALID ||
+		       failed == MA_C_DROP_SYN_NOT_FROM_POD;
+	__u8 kind = unproven ? MA_EV_TAG : MA_EV_AUTH_REQUIRED;
 
 	if (!failed) {
 		count(pass_counter, skb->len);
@@ -452,15 +623,16 @@ static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_c
 	}
 	if (req == MA_AUTH_REQUIRED) {
 		count(failed, skb->len);
-		emit(cfg, skb->ifindex, MA_EV_AUTH_REQUIRED, failed, f, src_identity, dst_identity,
-		     src_spiffe, dst_spiffe, req);
+		emit(cfg, skb->ifindex, kind, failed, f, src_identity, dst_identity, src_spiffe,
+		     dst_spiffe, req);
 		return DROP;
 	}
 	/* Permissive: what Strict would drop is counted and reported, so the agent
 	 * authenticates the pair, and it passes. */
-	count(MA_C_PASS_PERMISSIVE, skb->len);
-	emit(cfg, skb->ifindex, MA_EV_AUTH_REQUIRED, MA_C_PASS_PERMISSIVE, f, src_identity,
-	     dst_identity, src_spiffe, dst_spiffe, req);
+	failed = unproven ? MA_C_PASS_UNTAGGED_PERMISSIVE : MA_C_PASS_PERMISSIVE;
+	count(failed, skb->len);
+	emit(cfg, skb->ifindex, kind, failed, f, src_identity, dst_identity, src_spiffe,
+	     dst_spiffe, req);
 	return PASS;
 }
 
@@ -569,7 +741,8 @@ int to_pod(struct __sk_buff *skb)
 				verdict = PASS;
 			} else {
 				verdict = authenticate(skb, cfg, &f, ct->auth, 0, 0, ct->src_spiffe_id,
-						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED, now);
+						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED, now,
+						       MA_PROOF_NONE);
 			}
 			if (verdict == PASS) {
 				ct_seen(ct, &f, now);
@@ -666,10 +839,16 @@ int to_pod(struct __sk_buff *skb)
 		count(MA_C_PASS_POLICY, skb->len);
 		verdict = PASS;
 	} else {
+		/* A new TCP connection proves that it comes from the pod its source address names:
+		 * an address alone is what anyone can write into a packet. */
+		int proof = MA_PROOF_NONE;
+
+		if (f.tcp_syn && src)
+			proof = src->ifindex ? MA_PROOF_LOCAL : MA_PROOF_TAG;
 		if (!now)
 			now = boot_ns_coarse();
 		verdict = authenticate(skb, cfg, &f, req, src_identity, dst->security_identity,
-				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED, now);
+				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED, now, proof);
 	}
 	if (verdict != PASS)
 		return verdict;
@@ -737,6 +916,15 @@ int from_pod(struct __sk_buff *skb)
 	if (!iface || iface->pod_ip != f.saddr)
 		return drop(cfg, skb, MA_EV_SPOOFED, MA_C_DROP_SPOOFED, &f);
 
+	if (f.tcp_syn) {
+		/* This SYN is the pod's own: a local destination or the uplink's tagger can tell it
+		 * from one that the node or the wire made up with the pod's address. */
+		struct ma_syn_key sk = { .saddr = f.saddr, .seq = f.tcp_seq, .sport = f.sport };
+		struct ma_syn_value sv = { .seen_ns = boot_ns_coarse() };
+
+		bpf_map_update_elem(&syn_origin, &sk, &sv, BPF_ANY);
+	}
+
 	if (f.tracked) {
 		struct ma_ct_value *ct;
 		__u64 now = boot_ns_coarse();
@@ -774,6 +962,116 @@ int from_pod(struct __sk_buff *skb)
 		}
 	}
 	count(MA_C_PASS_FROM_POD, skb->len);
+	return PASS;
+}
+
+
+/*
+ * tag_syn (tcx egress on the node's uplinks): tags the SYNs of this node's pods after every
+ * address translation on the node (a ClusterIP is a backend's address by now), so the MAC covers
+ * the 4-tuple the destination sees. It never drops: every failure leaves the SYN untagged, and
+ * the destination decides. Only SYNs pay more than the parse.
+ */
+SEC("classifier")
+int tag_syn(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ma_endpoint_value *src, *dst;
+	struct ma_tag_value *tk;
+	struct flow f = {};
+	__u32 opt_words[MA_TAG_OPT_LEN / 4]; /* bpf_csum_diff reads 32-bit words */
+	__u8 *opt = (__u8 *)opt_words;
+	__u64 now, h;
+	const __u64 *key;
+	__u16 old_len, new_len, old_word, new_word, tcp_len;
+	__u32 csum_off, ip_len;
+	__s64 diff;
+
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return PASS;
+	ensure_linear(skb);
+	if (parse_ipv4(skb, &f) < 0 || !f.tcp_syn || f.first_fragment || f.later_fragment)
+		return PASS;
+	src = bpf_map_lookup_elem(&endpoints, &f.saddr);
+	if (!src || !src->ifindex || src->spiffe_id == MA_NO_SPIFFE_ID)
+		return PASS; /* not from a pod of this node */
+	dst = bpf_map_lookup_elem(&endpoints, &f.daddr);
+	if (!dst || dst->spiffe_id == MA_NO_SPIFFE_ID)
+		return PASS; /* not to a mesh pod: nothing would check a tag */
+	now = boot_ns_coarse();
+	if (!syn_from_pod(&f, now))
+		return PASS; /* not what the pod sent: left for the destination to drop */
+	{
+		struct ma_tag_key k = { .src_spiffe_id = src->spiffe_id, .dst_spiffe_id = dst->spiffe_id };
+
+		tk = bpf_map_lookup_elem(&tag_keys, &k);
+	}
+	if (!tk || tk->expiry_ns <= now + MA_CLOCK_SLACK_NS || !(tk->key[0] | tk->key[1])) {
+		count(MA_C_TAG_NO_KEY, skb->len);
+		return PASS;
+	}
+	key = (now < tk->key_from_ns && (tk->prev_key[0] | tk->prev_key[1])) ? tk->prev_key : tk->key;
+
+	/* Room: options end the segment (no data: a SYN with data is left alone), and the header
+	 * stays within 60 bytes. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	{
+		struct iphdr *ip = data + ETH_HLEN;
+
+		if ((void *)(ip + 1) > data_end)
+			return PASS;
+		ip_len = bpf_ntohs(ip->tot_len);
+	}
+	if (f.tcp_hlen + MA_TAG_OPT_LEN > 60 || ip_len != f.l4_off - ETH_HLEN + f.tcp_hlen ||
+	    skb->len != ETH_HLEN + ip_len) {
+		count(MA_C_TAG_NO_ROOM, skb->len);
+		return PASS;
+	}
+
+	{
+		struct ma_tag_msg m = {
+			.saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport,
+			.seq = f.tcp_seq, .slot = tag_slot_now(),
+		};
+
+		h = siphash24(key, &m);
+		opt[0] = MA_TAG_OPT_KIND;
+		opt[1] = MA_TAG_OPT_LEN;
+		opt[2] = MA_TAG_EXID >> 8;
+		opt[3] = MA_TAG_EXID & 0xff;
+		opt[4] = (__u8)m.slot;
+		__builtin_memcpy(&opt[5], &h, MA_TAG_MAC_LEN);
+	}
+
+	if (bpf_skb_change_tail(skb, skb->len + MA_TAG_OPT_LEN, 0) < 0) {
+		count(MA_C_TAG_NO_ROOM, skb->len);
+		return PASS;
+	}
+	csum_off = f.l4_off + 16;
+	/* IPv4 total length and its header checksum. */
+	old_len = bpf_htons(ip_len);
+	new_len = bpf_htons(ip_len + MA_TAG_OPT_LEN);
+	bpf_l3_csum_replace(skb, ETH_HLEN + 10, old_len, new_len, 2);
+	bpf_skb_store_bytes(skb, ETH_HLEN + 2, &new_len, 2, 0);
+	/* TCP: the pseudo-header's length, the data offset, and the option's bytes. The helpers
+	 * know the checksum's state (a partial one leaves all but the pseudo-header to the NIC). */
+	tcp_len = f.tcp_hlen;
+	bpf_l4_csum_replace(skb, csum_off, bpf_htons(tcp_len), bpf_htons(tcp_len + MA_TAG_OPT_LEN),
+			    BPF_F_PSEUDO_HDR | 2);
+	if (bpf_skb_load_bytes(skb, f.l4_off + 12, &old_word, 2) < 0)
+		return PASS;
+	new_word = bpf_htons((bpf_ntohs(old_word) & 0x0fff) |
+			     (((__u16)(tcp_len + MA_TAG_OPT_LEN) / 4) << 12));
+	bpf_l4_csum_replace(skb, csum_off, old_word, new_word, 2);
+	bpf_skb_store_bytes(skb, f.l4_off + 12, &new_word, 2, 0);
+	diff = bpf_csum_diff(0, 0, opt_words, MA_TAG_OPT_LEN, 0);
+	if (diff >= 0)
+		bpf_l4_csum_replace(skb, csum_off, 0, diff, 0);
+	bpf_skb_store_bytes(skb, f.l4_off + tcp_len, opt, MA_TAG_OPT_LEN, 0);
+	count(MA_C_TAG_WRITTEN, skb->len);
 	return PASS;
 }
 

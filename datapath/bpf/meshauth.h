@@ -63,14 +63,63 @@ struct ma_policy_value {
 	__u8 pad[3];
 };
 
-/* auth: an authenticated pair and when it stops being one. */
+/* auth: an authenticated pair and when it stops being one, with the pair's connection keys:
+ * a TCP SYN from another node is admitted only when its tag verifies with one of them. */
 struct ma_auth_key {
 	__u32 dst_spiffe_id;
 	__u32 src_spiffe_id;
 };
 struct ma_auth_value {
 	__u64 expiry_ns; /* CLOCK_BOOTTIME */
+	__u64 key[2]; /* SipHash key from the latest handshake (TLS exporter) */
+	__u64 prev_key[2]; /* the key before it, accepted until prev_until_ns */
+	__u64 prev_until_ns; /* CLOCK_BOOTTIME; 0: no previous key */
 };
+
+/*
+ * tag_keys: on the source's node, (source, destination) SPIFFE-ID numbers -> the key its
+ * pods' SYNs to that destination are tagged with. `prev_key` is used until `key_from_ns`, so the
+ * destination has installed the new key (it keeps the old one a while longer) before any SYN
+ * carries it.
+ */
+struct ma_tag_key {
+	__u32 src_spiffe_id;
+	__u32 dst_spiffe_id;
+};
+struct ma_tag_value {
+	__u64 expiry_ns; /* CLOCK_BOOTTIME: no tag after it */
+	__u64 key[2];
+	__u64 prev_key[2];
+	__u64 key_from_ns; /* CLOCK_BOOTTIME: key is used from then on, prev_key before */
+};
+
+/*
+ * The connection tag: a TCP option in a SYN, RFC 6994 experimental (kind 253, ExID), 12 bytes:
+ *   253, 12, ExID (2 bytes), slot (1 byte: low bits of the time slot), MAC (7 bytes)
+ * MAC = the first 7 bytes (little-endian) of SipHash-2-4(key, m), m the 24 bytes
+ *   saddr daddr sport dport seq (as in the packet, network order), slot (u32 LE), 0 (u32)
+ * The slot is CLOCK_TAI seconds >> MA_TAG_SLOT_SHIFT (about half a minute); the destination
+ * takes the slot within one of its own whose low byte the option carries.
+ */
+#define MA_TAG_OPT_KIND 253
+#define MA_TAG_OPT_LEN 12
+#define MA_TAG_EXID 0x4d41 /* "MA"; not IANA-registered */
+#define MA_TAG_SLOT_SHIFT 35 /* 2^35 ns = 34.4 s */
+#define MA_TAG_MAC_LEN 7
+
+/* syn_origin: LRU, SYNs that left a local pod through its own veth (written by from_pod),
+ * keyed on what no address translation on the way changes: a local source's SYN reaches a
+ * local pod, or is tagged on the uplink, only when listed. */
+struct ma_syn_key {
+	__be32 saddr;
+	__be32 seq;
+	__be16 sport;
+	__u16 pad;
+};
+struct ma_syn_value {
+	__u64 seen_ns; /* CLOCK_BOOTTIME */
+};
+#define MA_SYN_ORIGIN_TTL_NS (10ULL * 1000000000ULL) /* covers a SYN's retransmissions */
 
 /*
  * conntrack: LRU, keyed on the tuple as it arrives at the pod's to_pod hook (source = the
@@ -193,7 +242,14 @@ struct ma_event_budget {
 #define MA_C_EVENTS_LOST 21 /* ring buffer full */
 #define MA_C_PASS_HOST 22 /* from this node's own address (allow_host) */
 #define MA_C_DROP_WRONG_IFACE 23 /* leaving through an interface not registered for the destination */
-#define MA_C_COUNT 24
+#define MA_C_DROP_TAG_MISSING 24 /* a SYN from another node that needs authentication carries no tag */
+#define MA_C_DROP_TAG_INVALID 25 /* ... carries a tag that does not verify with the pair's keys */
+#define MA_C_DROP_SYN_NOT_FROM_POD 26 /* a SYN with a local pod's source that its veth never sent */
+#define MA_C_PASS_UNTAGGED_PERMISSIVE 27 /* untagged or bad tag, passed under Permissive */
+#define MA_C_TAG_WRITTEN 28 /* uplink: a local pod's SYN tagged */
+#define MA_C_TAG_NO_KEY 29 /* uplink: a local pod's SYN to a mesh pod, no key for the pair */
+#define MA_C_TAG_NO_ROOM 30 /* uplink: no room for the option (or a SYN with data) */
+#define MA_C_COUNT 31
 #define MA_COUNTER_SLOTS 32 /* map size: room for new counters without a layout change */
 struct ma_counter {
 	__u64 packets;
@@ -207,6 +263,7 @@ struct ma_counter {
 #define MA_EV_FRAGMENT 4
 #define MA_EV_IPV6 5
 #define MA_EV_UNSUPPORTED 6
+#define MA_EV_TAG 7 /* a SYN's tag missing or wrong: src_* name the identity it claimed */
 struct ma_event {
 	__u64 timestamp_ns; /* CLOCK_BOOTTIME */
 	__be32 saddr;

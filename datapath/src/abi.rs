@@ -91,6 +91,84 @@ pub struct AuthKey {
 pub struct AuthValue {
     /// CLOCK_BOOTTIME nanoseconds.
     pub expiry_ns: u64,
+    /// The pair's connection key from the latest handshake.
+    pub key: [u64; 2],
+    /// The key before it, accepted until `prev_until_ns`.
+    pub prev_key: [u64; 2],
+    /// CLOCK_BOOTTIME nanoseconds; 0: no previous key.
+    pub prev_until_ns: u64,
+}
+
+/// `struct ma_tag_key`: (local source, destination) SPIFFE-ID numbers on the source's node.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TagKey {
+    pub src_spiffe_id: u32,
+    pub dst_spiffe_id: u32,
+}
+
+/// `struct ma_tag_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct TagValue {
+    /// CLOCK_BOOTTIME nanoseconds: no tag after it.
+    pub expiry_ns: u64,
+    pub key: [u64; 2],
+    pub prev_key: [u64; 2],
+    /// CLOCK_BOOTTIME nanoseconds: `key` is used from then on, `prev_key` before.
+    pub key_from_ns: u64,
+}
+
+impl std::fmt::Debug for TagValue {
+    /// Keys are secrets: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TagValue").field("expiry_ns", &self.expiry_ns).field("key_from_ns", &self.key_from_ns).finish_non_exhaustive()
+    }
+}
+
+/// `MA_TAG_OPT_KIND`: the experimental TCP option kind (RFC 6994) carrying a connection tag.
+pub const TAG_OPT_KIND: u8 = 253;
+/// `MA_TAG_OPT_LEN`: the tag option's length in bytes.
+pub const TAG_OPT_LEN: usize = 12;
+/// `MA_TAG_EXID`: the option's experiment ID ("MA"; not IANA-registered).
+pub const TAG_EXID: u16 = 0x4d41;
+/// `MA_TAG_SLOT_SHIFT`: a tag's time slot is CLOCK_TAI nanoseconds shifted right this much.
+pub const TAG_SLOT_SHIFT: u32 = 35;
+/// `MA_TAG_MAC_LEN`: MAC bytes in the option.
+pub const TAG_MAC_LEN: usize = 7;
+/// `MA_SYN_ORIGIN_TTL_NS`.
+pub const SYN_ORIGIN_TTL_NS: u64 = 10_000_000_000;
+
+/// The tag option a SYN `saddr:sport -> daddr:dport` with sequence number `seq` carries in
+/// time slot `slot` under `key` (what `tag_syn` writes; tests and benchmarks build SYNs with it).
+pub fn tag_option(key: [u64; 2], saddr: Ipv4Addr, daddr: Ipv4Addr, sport: u16, dport: u16, seq: u32, slot: u32) -> [u8; TAG_OPT_LEN] {
+    use std::hash::Hasher as _;
+    let mut m = [0u8; 24];
+    m[0..4].copy_from_slice(&saddr.octets());
+    m[4..8].copy_from_slice(&daddr.octets());
+    m[8..10].copy_from_slice(&sport.to_be_bytes());
+    m[10..12].copy_from_slice(&dport.to_be_bytes());
+    m[12..16].copy_from_slice(&seq.to_be_bytes());
+    m[16..20].copy_from_slice(&slot.to_le_bytes());
+    let mut h = siphasher::sip::SipHasher24::new_with_keys(key[0], key[1]);
+    h.write(&m);
+    let mac = h.finish().to_le_bytes();
+    let mut opt = [0u8; TAG_OPT_LEN];
+    opt[0] = TAG_OPT_KIND;
+    opt[1] = TAG_OPT_LEN as u8;
+    opt[2..4].copy_from_slice(&TAG_EXID.to_be_bytes());
+    opt[4] = slot as u8;
+    opt[5..].copy_from_slice(&mac[..TAG_MAC_LEN]);
+    opt
+}
+
+/// The current tag time slot (CLOCK_TAI, as the programs read it).
+pub fn tag_slot_now() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_TAI, &mut ts) };
+    let ns = (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64);
+    (ns >> TAG_SLOT_SHIFT) as u32
 }
 
 /// `struct ma_ct_key`.
@@ -210,6 +288,8 @@ unsafe impl aya::Pod for PolicyKeyData {}
 unsafe impl aya::Pod for PolicyValue {}
 unsafe impl aya::Pod for AuthKey {}
 unsafe impl aya::Pod for AuthValue {}
+unsafe impl aya::Pod for TagKey {}
+unsafe impl aya::Pod for TagValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for IfaceValue {}
@@ -304,6 +384,13 @@ counters! {
     EventsLost = 21, "MA_C_EVENTS_LOST", "events_lost", "Events not written: the ring buffer was full.";
     PassHost = 22, "MA_C_PASS_HOST", "pass_host", "From this node's own address to its pod (the kubelet's probes).";
     DropWrongIface = 23, "MA_C_DROP_WRONG_IFACE", "drop_wrong_interface", "Leaving through an interface not registered for the destination pod.";
+    DropTagMissing = 24, "MA_C_DROP_TAG_MISSING", "drop_tag_missing", "A SYN from another node that needs authentication carries no connection tag.";
+    DropTagInvalid = 25, "MA_C_DROP_TAG_INVALID", "drop_tag_invalid", "A SYN from another node carries a connection tag that does not verify with the pair's keys.";
+    DropSynNotFromPod = 26, "MA_C_DROP_SYN_NOT_FROM_POD", "drop_syn_not_from_pod", "A SYN with a local pod's source address that the pod's veth never sent.";
+    PassUntaggedPermissive = 27, "MA_C_PASS_UNTAGGED_PERMISSIVE", "pass_untagged_permissive", "A SYN without a valid proof of its source, passed under Permissive.";
+    TagWritten = 28, "MA_C_TAG_WRITTEN", "tag_written", "Uplink: a local pod's SYN was tagged.";
+    TagNoKey = 29, "MA_C_TAG_NO_KEY", "tag_no_key", "Uplink: a local pod's SYN to a mesh pod left untagged, no key for the pair.";
+    TagNoRoom = 30, "MA_C_TAG_NO_ROOM", "tag_no_room", "Uplink: a local pod's SYN left untagged, no room for the option (or it carries data).";
 }
 
 #[cfg(test)]
@@ -362,6 +449,18 @@ mod tests {
         field!("ma_auth_key", AuthKey, src_spiffe_id);
         size!("ma_auth_value", AuthValue);
         field!("ma_auth_value", AuthValue, expiry_ns);
+        field!("ma_auth_value", AuthValue, key);
+        field!("ma_auth_value", AuthValue, prev_key);
+        field!("ma_auth_value", AuthValue, prev_until_ns);
+        size!("ma_tag_key", TagKey);
+        field!("ma_tag_key", TagKey, src_spiffe_id);
+        field!("ma_tag_key", TagKey, dst_spiffe_id);
+        size!("ma_tag_value", TagValue);
+        field!("ma_tag_value", TagValue, expiry_ns);
+        field!("ma_tag_value", TagValue, key);
+        field!("ma_tag_value", TagValue, prev_key);
+        field!("ma_tag_value", TagValue, key_from_ns);
+        writeln!(s, "ma_syn_key size 12").unwrap();
         size!("ma_ct_key", CtKey);
         field!("ma_ct_key", CtKey, saddr);
         field!("ma_ct_key", CtKey, daddr);
@@ -438,6 +537,12 @@ mod tests {
         constant!("MA_C_COUNT", Counter::ALL.len());
         constant!("MA_COUNTER_SLOTS", COUNTER_SLOTS);
         constant!("MA_POLICY_FIXED_BITS", POLICY_FIXED_BITS);
+        constant!("MA_TAG_OPT_KIND", TAG_OPT_KIND);
+        constant!("MA_TAG_OPT_LEN", TAG_OPT_LEN);
+        constant!("MA_TAG_EXID", TAG_EXID);
+        constant!("MA_TAG_SLOT_SHIFT", TAG_SLOT_SHIFT);
+        constant!("MA_TAG_MAC_LEN", TAG_MAC_LEN);
+        constant!("MA_SYN_ORIGIN_TTL_NS", SYN_ORIGIN_TTL_NS);
         s
     }
 

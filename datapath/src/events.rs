@@ -34,6 +34,9 @@ pub enum EventKind {
     Ipv6 = 5,
     /// Malformed or unsupported link-layer protocol.
     Unsupported = 6,
+    /// A SYN of an authenticated pair did not prove its source (no tag, a wrong tag, or a
+    /// local source's SYN its veth never sent): the source identity is the one it claimed.
+    Tag = 7,
 }
 
 impl EventKind {
@@ -45,6 +48,7 @@ impl EventKind {
         EventKind::Fragment,
         EventKind::Ipv6,
         EventKind::Unsupported,
+        EventKind::Tag,
     ];
 
     fn from_number(n: u8) -> Option<Self> {
@@ -60,6 +64,7 @@ impl EventKind {
             EventKind::Fragment => "MA_EV_FRAGMENT",
             EventKind::Ipv6 => "MA_EV_IPV6",
             EventKind::Unsupported => "MA_EV_UNSUPPORTED",
+            EventKind::Tag => "MA_EV_TAG",
         }
     }
 }

@@ -87,11 +87,11 @@ pub mod packet;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use abi::Counter;
+pub use abi::{Counter, tag_option, tag_slot_now};
 pub use clock::BootTime;
 pub use config::{AttachMode, DatapathConfig, Ipv6Mode};
 pub use events::{Event, EventKind, EventStream};
-pub use loader::{
+pub use loader::{ConnectionKey, KEY_OVERLAP, KEY_SWITCH_DELAY, 
     ApplyStats, AuthEntry, Counters, Datapath, DatapathError, Endpoint, Hook, Interface, Maps,
     PROGRAM_VERSION, TestRunOutcome,
 };

@@ -3,8 +3,9 @@
 //! Pin layout under [`DatapathConfig::pin_dir`]:
 //! ```text
 //! maps/<name>                       every map (state survives any number of loader restarts)
-//! programs/<version>/{to_pod,from_pod}  the programs of one build (version: hash of the C sources)
-//! links/<ifindex>-{ingress,egress}  tcx links: attached while pinned, whoever holds them
+//! programs/<version>/{to_pod,from_pod,tag_syn}  the programs of one build (version: hash of the C sources)
+//! links/<ifindex>-{ingress,egress}  tcx links of pod veths: attached while pinned, whoever holds them
+//! links/<ifindex>-uplink            tcx links of the connection tagger on the node's uplinks
 //! ```
 //! A restarted loader whose version is pinned adopts it: nothing is loaded or detached, so
 //! traffic never sees a gap. A loader with a new version loads its programs, then moves every
@@ -27,11 +28,14 @@ use serde::Serialize;
 
 use crate::abi::{
     self, AuthKey, AuthValue, ConfigValue, Counter, CounterValue, CtKey, CtValue, EndpointValue,
-    IfaceValue, PolicyKeyData, PolicyValue, SpiffeName,
+    IfaceValue, PolicyKeyData, PolicyValue, SpiffeName, TagKey, TagValue,
 };
 use crate::clock::BootTime;
 use crate::config::{AttachMode, BPFFS_ROOT, ConfigError, DatapathConfig, Ipv6Mode};
 use crate::events::{EventError, EventStream};
+
+mod tags;
+pub use tags::{ConnectionKey, KEY_OVERLAP, KEY_SWITCH_DELAY};
 
 /// The program object compiled by build.rs.
 static PROGRAM_OBJECT: &[u8] =
@@ -41,6 +45,7 @@ pub const PROGRAM_VERSION: &str = env!("MESHAUTH_BPF_VERSION");
 
 const TO_POD: &str = "to_pod";
 const FROM_POD: &str = "from_pod";
+const TAG_SYN: &str = "tag_syn";
 /// clsact filters (the netlink fallback) sit at a fixed priority and handle, so a restarted
 /// loader can find and replace them without any state of its own.
 const NETLINK_PRIORITY: u16 = 1;
@@ -79,13 +84,31 @@ const MAPS: &[MapSpec] = &[
         entries: |c| c.policy_entries,
         rebuildable: false,
     },
+    // Rebuildable: a pair written before connection keys existed has none, and its agent
+    // authenticates it again (what a restart does anyway).
     MapSpec {
         name: "auth",
         kind: MapType::Hash,
         key_size: size_of::<AuthKey>(),
         value_size: size_of::<AuthValue>(),
         entries: |c| c.auth_entries,
-        rebuildable: false,
+        rebuildable: true,
+    },
+    MapSpec {
+        name: "tag_keys",
+        kind: MapType::Hash,
+        key_size: size_of::<TagKey>(),
+        value_size: size_of::<TagValue>(),
+        entries: |c| c.auth_entries,
+        rebuildable: true,
+    },
+    MapSpec {
+        name: "syn_origin",
+        kind: MapType::LruHash,
+        key_size: 12,
+        value_size: 8,
+        entries: |c| c.fragment_entries.max(65536),
+        rebuildable: true,
     },
     MapSpec {
         name: "conntrack",
@@ -214,6 +237,8 @@ pub enum DatapathError {
     Tc { name: String, source: TcError },
     #[error("tcx is not available on this kernel and the attach mode is tcx")]
     NoTcx,
+    #[error("uplink {name}: the connection tagger needs tcx links (Linux 6.6 or later, attach mode auto or tcx)")]
+    UplinkNeedsTcx { name: String },
     #[error("SPIFFE ID number {number} is longer than {max} bytes", max = abi::SPIFFE_ID_MAX)]
     SpiffeIdTooLong { number: u32 },
     #[error(transparent)]
@@ -318,6 +343,7 @@ pub struct Maps {
     endpoints: HashMap<MapData, u32, EndpointValue>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
     auth: HashMap<MapData, AuthKey, AuthValue>,
+    tag_keys: HashMap<MapData, TagKey, TagValue>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     interfaces: HashMap<MapData, u32, IfaceValue>,
     config: Array<MapData, ConfigValue>,
@@ -360,6 +386,7 @@ impl Maps {
                 .map_err(map_err("endpoints"))?,
             policy: LpmTrie::try_from(Map::LpmTrie(hash("policy")?)).map_err(map_err("policy"))?,
             auth: HashMap::try_from(Map::HashMap(hash("auth")?)).map_err(map_err("auth"))?,
+            tag_keys: HashMap::try_from(Map::HashMap(hash("tag_keys")?)).map_err(map_err("tag_keys"))?,
             conntrack: HashMap::try_from(Map::LruHashMap(hash("conntrack")?))
                 .map_err(map_err("conntrack"))?,
             interfaces: HashMap::try_from(Map::HashMap(hash("interfaces")?))
@@ -476,6 +503,7 @@ pub struct Datapath {
     config: DatapathConfig,
     to_pod: SchedClassifier,
     from_pod: SchedClassifier,
+    tag_syn: SchedClassifier,
     maps: Maps,
     adopted: bool,
     tcx: bool,
@@ -494,9 +522,10 @@ impl Datapath {
     /// Loads the programs afresh even when this version is pinned, and moves every link to
     /// them atomically: what an upgrade does, on demand.
     pub fn reload_programs(&mut self) -> Result<(), DatapathError> {
-        let (to_pod, from_pod, _) = install_programs(&self.config, true)?;
+        let (Programs { to_pod, from_pod, tag_syn }, _) = install_programs(&self.config, true)?;
         self.to_pod = to_pod;
         self.from_pod = from_pod;
+        self.tag_syn = tag_syn;
         self.adopted = false;
         self.forget_vanished_interfaces()?;
         self.repoint_links()
@@ -510,7 +539,7 @@ impl Datapath {
             std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
         check_pinned_maps(&config)?;
-        let (to_pod, from_pod, adopted) = install_programs(&config, force)?;
+        let (Programs { to_pod, from_pod, tag_syn }, adopted) = install_programs(&config, force)?;
         let maps = Maps::open(&config.pin_dir)?;
         let tcx = match config.attach_mode {
             AttachMode::Netlink => false,
@@ -521,6 +550,7 @@ impl Datapath {
             config,
             to_pod,
             from_pod,
+            tag_syn,
             maps,
             adopted,
             tcx,
@@ -783,6 +813,7 @@ impl Datapath {
             drop(prog.take_link(id).map_err(prog_err(name))?);
             tracing::info!(link = %path.display(), "link moved to program version {PROGRAM_VERSION}");
         }
+        self.repoint_uplinks()?;
         for iface in self.maps.interfaces()? {
             if iface.attach == "clsact"
                 && let Some(name) = iface.name
@@ -1044,7 +1075,9 @@ impl Datapath {
         Ok(keys.len())
     }
 
-    /// Records that `(dst, src)` authenticated each other until `expiry`. The program stops
+    /// Records that `(dst, src)` authenticated each other until `expiry`, without a connection
+    /// key: a SYN from another node for this pair is then refused (see
+    /// [`Datapath::set_auth_keyed`]); same-node pairs need none. The program stops
     /// passing the pair [`abi::CLOCK_SLACK_NS`] (10 ms) before `expiry`: its clock may be one
     /// tick old, and a pair must never pass late.
     pub fn set_auth(
@@ -1063,6 +1096,7 @@ impl Datapath {
                 key,
                 AuthValue {
                     expiry_ns: expiry.0,
+                    ..AuthValue::default()
                 },
                 0,
             )
@@ -1113,6 +1147,7 @@ impl Datapath {
         let (name, prog) = match hook {
             Hook::ToPod => (TO_POD, &self.to_pod),
             Hook::FromPod => (FROM_POD, &self.from_pod),
+            Hook::TagSyn => (TAG_SYN, &self.tag_syn),
         };
         test_run(prog, name, packet, repeat)
     }
@@ -1135,6 +1170,8 @@ pub enum Hook {
     ToPod,
     /// Ingress of the host-side veth: traffic from the pod.
     FromPod,
+    /// Egress of an uplink: the connection tagger.
+    TagSyn,
 }
 
 /// What one `BPF_PROG_TEST_RUN` reported.
@@ -1242,22 +1279,26 @@ fn direction_name(t: TcAttachType) -> &'static str {
     }
 }
 
-/// Adopts or loads the programs of this version; returns `(to_pod, from_pod, adopted)`.
-fn install_programs(
-    config: &DatapathConfig,
-    force: bool,
-) -> Result<(SchedClassifier, SchedClassifier, bool), DatapathError> {
+/// The programs of one build.
+struct Programs {
+    to_pod: SchedClassifier,
+    from_pod: SchedClassifier,
+    tag_syn: SchedClassifier,
+}
+
+/// Adopts or loads the programs of this version; returns them and whether they were adopted.
+fn install_programs(config: &DatapathConfig, force: bool) -> Result<(Programs, bool), DatapathError> {
     let programs = config.pin_dir.join("programs");
     let current = programs.join(PROGRAM_VERSION);
-    let open = |dir: &Path| -> Result<(SchedClassifier, SchedClassifier), DatapathError> {
-        Ok((
-            SchedClassifier::from_pin(dir.join(TO_POD)).map_err(prog_err(TO_POD))?,
-            SchedClassifier::from_pin(dir.join(FROM_POD)).map_err(prog_err(FROM_POD))?,
-        ))
+    let open = |dir: &Path| -> Result<Programs, DatapathError> {
+        Ok(Programs {
+            to_pod: SchedClassifier::from_pin(dir.join(TO_POD)).map_err(prog_err(TO_POD))?,
+            from_pod: SchedClassifier::from_pin(dir.join(FROM_POD)).map_err(prog_err(FROM_POD))?,
+            tag_syn: SchedClassifier::from_pin(dir.join(TAG_SYN)).map_err(prog_err(TAG_SYN))?,
+        })
     };
-    if !force && current.join(TO_POD).exists() && current.join(FROM_POD).exists() {
-        let (to_pod, from_pod) = open(&current)?;
-        return Ok((to_pod, from_pod, true));
+    if !force && [TO_POD, FROM_POD, TAG_SYN].iter().all(|p| current.join(p).exists()) {
+        return Ok((open(&current)?, true));
     }
 
     let maps_dir = config.pin_dir.join("maps");
@@ -1278,7 +1319,7 @@ fn install_programs(
             .map_err(io_err(format!("removing {}", staging.display())))?;
     }
     std::fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
-    for name in [TO_POD, FROM_POD] {
+    for name in [TO_POD, FROM_POD, TAG_SYN] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(DatapathError::Program {
@@ -1308,8 +1349,7 @@ fn install_programs(
         staging.display(),
         current.display()
     )))?;
-    let (to_pod, from_pod) = open(&current)?;
-    Ok((to_pod, from_pod, false))
+    Ok((open(&current)?, false))
 }
 
 /// Refuses pinned maps whose shape differs from what the programs expect: the verifier checks

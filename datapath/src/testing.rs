@@ -154,6 +154,11 @@ pub struct Node {
 impl Node {
     /// Creates `<prefix>-node` and `<prefix>-p1..=pN` (keep `prefix` short and unique per test).
     pub fn new(prefix: &str, pods: usize) -> io::Result<Self> {
+        Self::new_in(prefix, pods, 0)
+    }
+
+    /// As [`Node::new`], with pods `10.77.<subnet>.1..=N` (nodes of one test need their own).
+    pub fn new_in(prefix: &str, pods: usize, subnet: u8) -> io::Result<Self> {
         let ns = Netns::new(&format!("{prefix}-node"))?;
         ns.sysctl("net/ipv4/ip_forward", "1")?;
         // The pods' gateway: a node address, so the host sides answer ARP for it.
@@ -173,7 +178,7 @@ impl Node {
         };
         for i in 1..=pods {
             let pod_ns = Netns::new(&format!("{prefix}-p{i}"))?;
-            let ip = Ipv4Addr::new(10, 77, 0, i as u8);
+            let ip = Ipv4Addr::new(10, 77, subnet, i as u8);
             let host_if = format!("h{i}");
             let (n, p) = (node.ns.name.as_str(), pod_ns.name.as_str());
             let ip_s = ip.to_string();
@@ -237,6 +242,27 @@ impl Node {
         }
         Ok(node)
     }
+}
+
+/// Links two nodes' namespaces with a veth, `uplink` in both, addressed `192.168.<net>.1/30`
+/// (in `a`) and `.2/30` (in `b`), and routes each node's pod subnet (`10.77.<subnet>.0/24`)
+/// via the other: the underlay between two nodes.
+pub fn link_nodes(a: &Netns, a_subnet: u8, b: &Netns, b_subnet: u8, net: u8, uplink: &str) -> io::Result<()> {
+    let peer = format!("{uplink}p");
+    sh(&["ip", "-n", &a.name, "link", "add", uplink, "type", "veth", "peer", "name", &peer, "netns", &b.name])?;
+    sh(&["ip", "-n", &b.name, "link", "set", &peer, "name", uplink])?;
+    for (ns, host, other_subnet) in [(a, 1, b_subnet), (b, 2, a_subnet)] {
+        let n = ns.name.as_str();
+        sh(&["ip", "-n", n, "addr", "add", &format!("192.168.{net}.{host}/30"), "dev", uplink])?;
+        sh(&["ip", "-n", n, "link", "set", uplink, "up"])?;
+        let via = format!("192.168.{net}.{}", 3 - host);
+        sh(&["ip", "-n", n, "route", "add", &format!("10.77.{other_subnet}.0/24"), "via", &via, "dev", uplink])?;
+        ns.sysctl("net/ipv4/ip_forward", "1")?;
+        // The underlay carries pod addresses that are not its own: no reverse-path filter.
+        ns.sysctl("net/ipv4/conf/all/rp_filter", "0")?;
+        ns.sysctl(&format!("net/ipv4/conf/{uplink}/rp_filter"), "0")?;
+    }
+    Ok(())
 }
 
 /// A pin directory for one test, removed (with everything pinned in it) on drop.

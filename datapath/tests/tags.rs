@@ -1,0 +1,289 @@
+//! Identity-bound connections with real packets between two nodes (network namespaces joined by
+//! an underlay veth) and an attacker's third: a TCP SYN that needs authentication is admitted
+//! only when it proves its source, by a tag the source node's uplink writes with the pair's
+//! key. Each node numbers SPIFFE IDs its own way, as real agents do. Run as root.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use meshauth_datapath::testing::{Netns, Node, PinDir, link_nodes, require_root, tcp_echo_server, tcp_request};
+use meshauth_datapath::{BootTime, ConnectionKey, Counter, Datapath, DatapathConfig, EventKind, Hook, tag_option, tag_slot_now};
+use meshauth_policy::tables::{AuthRequirement, CompiledTables, EndpointEntry};
+
+const PORT: u16 = 8080;
+const A_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
+const A_OTHER: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 2);
+const B_SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 1);
+/// Node A's numbers: the client 11, the other pod 13, the server 12, a new identity 14.
+/// Node B's: the client 1, the server 2, the other pod 3.
+const KEY: ConnectionKey = ConnectionKey([0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321]);
+
+fn endpoint(ip: Ipv4Addr, identity: u32, spiffe_id: u32, auth: AuthRequirement, node: &str) -> EndpointEntry {
+    EndpointEntry {
+        ip,
+        security_identity: identity,
+        spiffe_id,
+        isolated: false,
+        mutual_auth: auth,
+        pod: format!("test/{ip}"),
+        node: Some(node.into()),
+    }
+}
+
+fn tables(endpoints: Vec<EndpointEntry>) -> CompiledTables {
+    let spiffe_ids = endpoints.iter().map(|e| (e.spiffe_id, format!("spiffe://cluster.local/ns/test/sa/{}", e.spiffe_id))).collect();
+    CompiledTables { endpoints, policy: Vec::new(), spiffe_ids, security_identities: Vec::new() }
+}
+
+/// Node A's view: `client_spiffe` is whoever holds the client's address now.
+fn tables_a(client_spiffe: u32) -> CompiledTables {
+    tables(vec![
+        endpoint(A_CLIENT, 301, client_spiffe, AuthRequirement::None, "a"),
+        endpoint(A_OTHER, 303, 13, AuthRequirement::None, "a"),
+        endpoint(B_SERVER, 302, 12, AuthRequirement::Required, "b"),
+    ])
+}
+
+fn tables_b() -> CompiledTables {
+    tables(vec![
+        endpoint(A_CLIENT, 301, 1, AuthRequirement::None, "a"),
+        endpoint(A_OTHER, 303, 3, AuthRequirement::None, "a"),
+        endpoint(B_SERVER, 302, 2, AuthRequirement::Required, "b"),
+    ])
+}
+
+fn load(node: &Node, pins: &PinDir, uplinks: &[&str], t: &CompiledTables) -> Datapath {
+    let _inside = node.ns.enter().expect("entering the node");
+    let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).expect("loading the datapath");
+    for pod in &node.pods {
+        dp.attach(&pod.host_if, pod.ip).expect("attaching");
+    }
+    for uplink in uplinks {
+        dp.attach_uplink(uplink).expect("attaching the tagger");
+    }
+    assert!(dp.apply_tables(t).expect("tables").complete());
+    dp
+}
+
+/// Two nodes and an attacker: A (client pods) and B (the server) on underlay 192.168.78.0/30,
+/// C on 192.168.79.0/30 behind B.
+struct Mesh {
+    // Drop order: datapaths, pins, then namespaces.
+    a: Option<Datapath>,
+    b: Option<Datapath>,
+    pins_a: PinDir,
+    pins_b: PinDir,
+    node_a: Node,
+    node_b: Node,
+    attacker: Netns,
+}
+
+impl Mesh {
+    fn new(tag: &str) -> Self {
+        require_root();
+        let node_a = Node::new_in(&format!("ma-{tag}a"), 2, 1).expect("node a");
+        let node_b = Node::new_in(&format!("ma-{tag}b"), 1, 2).expect("node b");
+        let attacker = Netns::new(&format!("ma-{tag}c")).expect("attacker");
+        link_nodes(&node_a.ns, 1, &node_b.ns, 2, 78, "up0").expect("underlay a-b");
+        link_nodes(&attacker, 3, &node_b.ns, 2, 79, "up1").expect("underlay c-b");
+        let (pins_a, pins_b) = (PinDir::new(&format!("{tag}-a")), PinDir::new(&format!("{tag}-b")));
+        let a = load(&node_a, &pins_a, &["up0"], &tables_a(11));
+        let b = load(&node_b, &pins_b, &["up0", "up1"], &tables_b());
+        let mut mesh = Mesh { a: Some(a), b: Some(b), pins_a, pins_b, node_a, node_b, attacker };
+        let expiry = BootTime::after(Duration::from_secs(600));
+        mesh.a().set_tag_key(11, 12, expiry, KEY).expect("source key");
+        mesh.b().set_auth_keyed(2, 1, expiry, KEY).expect("destination key");
+        mesh
+    }
+
+    fn a(&mut self) -> &mut Datapath {
+        self.a.as_mut().expect("node a")
+    }
+
+    fn b(&mut self) -> &mut Datapath {
+        self.b.as_mut().expect("node b")
+    }
+
+    fn count_b(&self, c: Counter) -> u64 {
+        self.b.as_ref().expect("node b").counters().expect("counters").packets(c)
+    }
+
+    fn count_a(&self, c: Counter) -> u64 {
+        self.a.as_ref().expect("node a").counters().expect("counters").packets(c)
+    }
+
+    fn client(&self) -> &meshauth_datapath::testing::Pod {
+        &self.node_a.pods[0]
+    }
+
+    fn connects(&self) -> bool {
+        tcp_request(self.client(), B_SERVER, PORT, Duration::from_secs(2))
+    }
+}
+
+/// A TCP connection from `src` (bound on the attacker's own loopback) to the server.
+fn spoofed_connect(ns: &Netns, src: Ipv4Addr) -> bool {
+    ns.run(|| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into()).expect("bind");
+        socket
+            .connect_timeout(&SocketAddr::V4(SocketAddrV4::new(B_SERVER, PORT)).into(), Duration::from_millis(1500))
+            .is_ok()
+    })
+    .expect("attacker namespace")
+}
+
+#[test]
+fn the_genuine_pod_connects_first_time_and_a_spoofed_source_from_another_node_is_dropped() {
+    let mut mesh = Mesh::new("tg1");
+    let _server = tcp_echo_server(&mesh.node_b.pods[0], PORT).expect("server");
+    let retransmits = mesh.client().ns.tcp_retransmits().expect("snmp");
+    for _ in 0..5 {
+        assert!(mesh.connects(), "the authenticated client must connect");
+    }
+    assert_eq!(mesh.client().ns.tcp_retransmits().expect("snmp"), retransmits, "no SYN was retransmitted");
+    assert!(mesh.count_a(Counter::TagWritten) >= 5, "node a tagged the client's SYNs");
+    assert_eq!(mesh.count_b(Counter::DropTagMissing) + mesh.count_b(Counter::DropTagInvalid), 0);
+
+    // The attacker writes the client's address into its packets (on its own loopback): the
+    // address alone names the authenticated client.
+    mesh.attacker.exec(&["ip", "addr", "add", "10.77.1.1/32", "dev", "lo"]).expect("spoofed address");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let _in_runtime = runtime.enter();
+    let mut events = mesh.b.as_ref().expect("b").events().expect("events");
+    let missing = mesh.count_b(Counter::DropTagMissing);
+    assert!(!spoofed_connect(&mesh.attacker, A_CLIENT), "a spoofed SYN from another node must not connect");
+    assert!(mesh.count_b(Counter::DropTagMissing) > missing, "dropped for its missing tag");
+    let mut tagged = Vec::new();
+    while let Some(e) = events.try_next() {
+        let e = e.expect("event");
+        if e.kind == EventKind::Tag {
+            tagged.push(e);
+        }
+    }
+    assert!(tagged.iter().any(|e| e.src_spiffe_id == 1 && e.dst_spiffe_id == 2), "the event names the identity claimed: {tagged:?}");
+    // The genuine client is unaffected.
+    assert!(mesh.connects());
+    mesh.b().set_auth_keyed(2, 1, BootTime::now(), KEY).expect("expire");
+    assert!(!mesh.connects(), "an expired pair admits nothing, tag or not");
+}
+
+/// A SYN frame from the client to the server with the given TCP options.
+fn syn_frame(sport: u16, seq: u32, options: &[u8]) -> Vec<u8> {
+    let tcp_len = 20 + options.len();
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + tcp_len) as u16;
+    f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&A_CLIENT.octets());
+    f.extend_from_slice(&B_SERVER.octets());
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&PORT.to_be_bytes());
+    f.extend_from_slice(&seq.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0, ((tcp_len / 4) as u8) << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    f.extend_from_slice(options);
+    f
+}
+
+#[test]
+fn a_tag_verifies_only_for_its_own_connection_key_and_time() {
+    require_root();
+    let pins = PinDir::new("tg-run");
+    let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).expect("load");
+    assert!(dp.apply_tables(&tables_b()).expect("tables").complete());
+    let expiry = BootTime::after(Duration::from_secs(600));
+    dp.set_auth_keyed(2, 1, expiry, KEY).expect("key");
+    let slot = tag_slot_now();
+    let tag = |key: ConnectionKey, sport: u16, seq: u32, slot: u32| tag_option(key.0, A_CLIENT, B_SERVER, sport, PORT, seq, slot);
+    let run = |dp: &Datapath, frame: &[u8]| dp.test_run(Hook::ToPod, frame, 1).expect("test run").passed();
+    let counter = |dp: &Datapath, c| dp.counters().expect("counters").packets(c);
+
+    assert!(run(&dp, &syn_frame(40_000, 7, &tag(KEY, 40_000, 7, slot))), "a valid tag passes");
+    // A captured tag replayed from another port, with another sequence number, or much later.
+    let before = counter(&dp, Counter::DropTagInvalid);
+    assert!(!run(&dp, &syn_frame(40_001, 7, &tag(KEY, 40_000, 7, slot))), "another port");
+    assert!(!run(&dp, &syn_frame(40_000, 8, &tag(KEY, 40_000, 7, slot))), "another sequence number");
+    assert!(!run(&dp, &syn_frame(40_000, 7, &tag(KEY, 40_000, 7, slot.wrapping_sub(3)))), "an old slot");
+    let other = ConnectionKey([1, 2]);
+    assert!(!run(&dp, &syn_frame(40_000, 7, &tag(other, 40_000, 7, slot))), "another pair's key");
+    assert_eq!(counter(&dp, Counter::DropTagInvalid), before + 4);
+    let missing = counter(&dp, Counter::DropTagMissing);
+    assert!(!run(&dp, &syn_frame(40_000, 7, &[1, 1, 1, 1])), "no tag");
+    assert_eq!(counter(&dp, Counter::DropTagMissing), missing + 1);
+
+    // Rotation: the previous key is accepted during its overlap, the new one at once.
+    let next = ConnectionKey([3, 4]);
+    dp.set_auth_keyed(2, 1, expiry, next).expect("rotate");
+    assert!(run(&dp, &syn_frame(40_002, 9, &tag(KEY, 40_002, 9, slot))), "previous key in its overlap");
+    assert!(run(&dp, &syn_frame(40_003, 9, &tag(next, 40_003, 9, slot))), "new key");
+    // A pair written without a key (same-node pairs need none) admits no tag from elsewhere:
+    // the all-zero key's MAC is anyone's to compute.
+    dp.remove_auth(2, 1).expect("remove");
+    dp.set_auth(2, 1, expiry).expect("no key");
+    assert!(!run(&dp, &syn_frame(40_004, 9, &tag(ConnectionKey([0, 0]), 40_004, 9, slot))), "zero key");
+    drop(dp);
+}
+
+#[test]
+fn a_pod_on_a_reused_address_with_another_identity_cannot_connect() {
+    let mut mesh = Mesh::new("tg2");
+    let _server = tcp_echo_server(&mesh.node_b.pods[0], PORT).expect("server");
+    assert!(mesh.connects());
+    // The client's pod is gone; a pod of another identity (14 on node a) got its address. Node
+    // a knows; node b has not heard yet and still names the old identity.
+    assert!(mesh.a().apply_tables(&tables_a(14)).expect("tables").complete());
+    let missing = mesh.count_b(Counter::DropTagMissing);
+    assert!(!mesh.connects(), "no key for the new pair: untagged, dropped");
+    assert!(mesh.count_b(Counter::DropTagMissing) > missing);
+    // Even authenticated with the server under its own identity, its tags are its pair's.
+    let its_own = ConnectionKey([0x5555, 0xaaaa]);
+    mesh.a().set_tag_key(14, 12, BootTime::after(Duration::from_secs(600)), its_own).expect("key");
+    let invalid = mesh.count_b(Counter::DropTagInvalid);
+    assert!(!mesh.connects(), "tagged with another pair's key: dropped");
+    assert!(mesh.count_b(Counter::DropTagInvalid) > invalid);
+}
+
+#[test]
+fn connections_across_key_rotations_and_restarts_never_fail() {
+    let mut mesh = Mesh::new("tg3");
+    let _server = tcp_echo_server(&mesh.node_b.pods[0], PORT).expect("server");
+    let retransmits = mesh.client().ns.tcp_retransmits().expect("snmp");
+    let expiry = BootTime::after(Duration::from_secs(600));
+    let keys = [ConnectionKey([10, 11]), ConnectionKey([20, 21]), ConnectionKey([30, 31])];
+    let mut failures = 0;
+    for i in 0..60 {
+        match i {
+            // The source side installs first (what a handshake does: the answering agent
+            // installs before it confirms), then the destination.
+            10 => {
+                mesh.a().set_tag_key(11, 12, expiry, keys[0]).expect("rotate a");
+                mesh.b().set_auth_keyed(2, 1, expiry, keys[0]).expect("rotate b");
+            }
+            // The destination first.
+            25 => {
+                mesh.b().set_auth_keyed(2, 1, expiry, keys[1]).expect("rotate b");
+                mesh.a().set_tag_key(11, 12, expiry, keys[1]).expect("rotate a");
+            }
+            // Both agents restart (the datapath is adopted from its pins) and rotate again.
+            40 => {
+                drop(mesh.a.take());
+                drop(mesh.b.take());
+                mesh.a = Some(load(&mesh.node_a, &mesh.pins_a, &["up0"], &tables_a(11)));
+                mesh.b = Some(load(&mesh.node_b, &mesh.pins_b, &["up0", "up1"], &tables_b()));
+                mesh.a().set_tag_key(11, 12, expiry, keys[2]).expect("rotate a");
+                mesh.b().set_auth_keyed(2, 1, expiry, keys[2]).expect("rotate b");
+            }
+            _ => {}
+        }
+        if !mesh.connects() {
+            failures += 1;
+        }
+        std::thread::sleep(Duration::from_millis(80));
+    }
+    assert_eq!(failures, 0, "connections failed across rotations and restarts");
+    assert_eq!(mesh.client().ns.tcp_retransmits().expect("snmp"), retransmits, "no SYN was retransmitted");
+    assert_eq!(mesh.count_b(Counter::DropTagInvalid) + mesh.count_b(Counter::DropTagMissing), 0);
+    // After the switch delay the source tags with the newest key, which the destination holds.
+    std::thread::sleep(meshauth_datapath::KEY_SWITCH_DELAY);
+    assert!(mesh.connects());
+}
