@@ -79,6 +79,8 @@ pub struct Proof {
     /// No later than either certificate.
     pub expiry: SystemTime,
     pub evidence: Arc<dyn Evidence>,
+    /// The pair's connection key: SYNs from the source's node are tagged with it.
+    pub connection_key: meshauth_datapath::ConnectionKey,
 }
 
 impl std::fmt::Debug for Proof {
@@ -97,7 +99,7 @@ pub trait Authenticator: Send + Sync + 'static {
 
 /// The auth map.
 pub trait AuthTable: Send + 'static {
-    fn set(&mut self, key: PairKey, expiry: SystemTime) -> Result<(), String>;
+    fn set(&mut self, key: PairKey, expiry: SystemTime, connection_key: meshauth_datapath::ConnectionKey) -> Result<(), String>;
     fn remove(&mut self, key: PairKey) -> Result<(), String>;
     /// Entries already in the map (after an agent restart, the pinned map's).
     fn list(&self) -> Result<Vec<(PairKey, SystemTime)>, String>;
@@ -392,7 +394,7 @@ pub fn spawn_with_clock(
                             }
                             Ok(proof) if state.desired.is_some() => {
                                 let expiry = proof.expiry;
-                                match table.set(key, expiry) {
+                                match table.set(key, expiry, proof.connection_key) {
                                     Ok(()) => {
                                         let extended = state.expiry.is_none_or(|old| expiry > old);
                                         state.expiry = Some(expiry);

@@ -43,6 +43,9 @@ pub const HANDSHAKE_MAX_PER_SOURCE: &str = "MESHAUTH_HANDSHAKE_MAX_PER_SOURCE";
 /// `false` for IPAMs that do not hand out the nodes' `spec.podCIDRs` (Calico's, AWS VPC CNI):
 /// otherwise a pod IP outside its node's pod CIDRs is no endpoint.
 pub const CHECK_NODE_POD_CIDRS: &str = "MESHAUTH_CHECK_NODE_POD_CIDRS";
+/// Interfaces the connection tagger is attached to, comma-separated; unset: every interface
+/// with an IPv4 address that is not loopback or a pod's veth.
+pub const UPLINKS: &str = "MESHAUTH_UPLINKS";
 /// `true` takes each Node's `meshauth.io/agent-address` annotation as it is; otherwise it
 /// counts only when it names one of the node's own addresses (a node writes its annotations).
 pub const TRUST_AGENT_ADDRESS_ANNOTATIONS: &str = "MESHAUTH_TRUST_AGENT_ADDRESS_ANNOTATIONS";
@@ -93,6 +96,8 @@ pub struct AgentConfig {
     /// Pod IPs must lie in their node's `spec.podCIDRs` (where nodes carry any).
     pub check_node_pod_cidrs: bool,
     pub trust_agent_address_annotations: bool,
+    /// Interfaces to tag pods' SYNs on; `None`: found by [`crate::pod_net::uplink_candidates`].
+    pub uplinks: Option<Vec<String>>,
 }
 
 fn display<S: serde::Serializer>(v: &TrustDomain, s: S) -> Result<S::Ok, S::Error> {
@@ -161,6 +166,7 @@ impl AgentConfig {
             daemonset: get(DAEMONSET).filter(|d| !d.is_empty()),
             cni_bin_dir: PathBuf::from(get(CNI_BIN_DIR).unwrap_or_else(|| crate::cni_install::DEFAULT_BIN_DIR.into())),
             cni_conf_dir: PathBuf::from(get(CNI_CONF_DIR).unwrap_or_else(|| crate::cni_install::DEFAULT_CONF_DIR.into())),
+            uplinks: get(UPLINKS).map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()),
             netns_dirs: match get(NETNS_DIRS) {
                 Some(v) => v.split(':').filter(|d| !d.is_empty()).map(PathBuf::from).collect(),
                 None => crate::pod_net::DEFAULT_NETNS_DIRS.iter().map(PathBuf::from).collect(),

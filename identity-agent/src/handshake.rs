@@ -13,6 +13,12 @@
 //! server has checked the client's certificate, so the server confirms with one byte after its
 //! checks pass; only then is the pair authenticated, with an expiry no later than either chain.
 //!
+//! Both sides derive the pair's connection key from the session (the TLS exporter, RFC 8446
+//! §7.5, label [`EXPORTER_LABEL`], the pair in the context). The server hands it to its
+//! [`ConnectionKeySink`] (the source side's `tag_keys`) before it confirms, so by the time the
+//! client's pair is authenticated, the source's SYNs can already be tagged. The key is never
+//! logged.
+//!
 //! One explicit rustls `CryptoProvider` (ring) is used, never the process default, and no
 //! session resumption: every handshake re-verifies both chains against the current bundle.
 //!
@@ -52,6 +58,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use crate::svid::{SvidError, SvidStore};
+use meshauth_datapath::ConnectionKey;
 use crate::verify::{self, BundleSet, Usage, VerifyError};
 
 /// The port agents listen on for handshakes.
@@ -71,6 +78,27 @@ pub const ALPN: &[u8] = b"meshauth-auth/1";
 pub const SNI_SUFFIX: &str = ".id.meshauth.invalid";
 /// The server's confirmation that it verified the client.
 const ACCEPTED: u8 = 0xA5;
+/// The TLS exporter label of the pair's connection key.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-meshauth-connection-key-v1";
+
+/// The connection key of the pair (`source` = the server's identity, whose pods' SYNs are
+/// tagged; `destination` = the client's) from a finished TLS session.
+fn connection_key<D>(conn: &rustls::ConnectionCommon<D>, source: &SpiffeId, destination: &SpiffeId) -> Result<ConnectionKey, HandshakeError> {
+    let mut context = Vec::with_capacity(source.as_str().len() + destination.as_str().len() + 1);
+    context.extend_from_slice(source.as_str().as_bytes());
+    context.push(0);
+    context.extend_from_slice(destination.as_str().as_bytes());
+    let out = conn
+        .export_keying_material([0u8; 16], EXPORTER_LABEL, Some(&context))
+        .map_err(|e| HandshakeError::Tls(format!("exporting the connection key: {e}")))?;
+    Ok(ConnectionKey::from_bytes(out))
+}
+
+/// Where the answering side keeps a pair's connection key: (our identity = the source of the
+/// connections it tags, the peer's = their destination).
+pub trait ConnectionKeySink: Send + Sync {
+    fn install(&self, source: &SpiffeId, destination: &SpiffeId, key: ConnectionKey, expiry: SystemTime) -> Result<(), String>;
+}
 
 /// The agent's one crypto provider (ring), shared by all handshakes and SVID key loading.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
@@ -109,6 +137,8 @@ pub struct Authenticated {
     pub expiry: SystemTime,
     /// The chain the peer presented, leaf first (to check again when the bundles change).
     pub peer_chain: Vec<CertificateDer<'static>>,
+    /// The pair's connection key (the same on both sides).
+    pub connection_key: ConnectionKey,
 }
 
 /// Why a handshake did not authenticate the pair.
@@ -138,6 +168,8 @@ pub enum HandshakeError {
     Tls(String),
     #[error("protocol: {0}")]
     Protocol(&'static str),
+    #[error("cannot keep the connection key: {0}")]
+    KeyNotKept(String),
 }
 
 impl HandshakeError {
@@ -156,6 +188,7 @@ impl HandshakeError {
             Self::Timeout(_) => "timeout",
             Self::Tls(_) => "tls_error",
             Self::Protocol(_) => "protocol_error",
+            Self::KeyNotKept(_) => "key_not_kept",
         }
     }
 
@@ -175,7 +208,7 @@ impl HandshakeError {
             | Self::PeerCertificate(_)
             | Self::PeerRefused(_)
             | Self::Protocol(_) => true,
-            Self::Closed | Self::NotReady | Self::Connect { .. } | Self::Timeout(_) | Self::Tls(_) => false,
+            Self::Closed | Self::NotReady | Self::Connect { .. } | Self::Timeout(_) | Self::Tls(_) | Self::KeyNotKept(_) => false,
         }
     }
 }
@@ -533,6 +566,7 @@ impl HandshakeClient {
         if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
             return Err(HandshakeError::Protocol("the peer did not agree on the meshauth ALPN"));
         }
+        let connection_key = connection_key(tls.get_ref().1, expected_peer, local)?;
         let mut confirmation = [0u8; 1];
         match tls.read_exact(&mut confirmation).await {
             Ok(_) if confirmation[0] == ACCEPTED => {}
@@ -550,6 +584,7 @@ impl HandshakeClient {
             peer: peer_verified.id,
             expiry: svid.not_after().min(peer_verified.not_after),
             peer_chain,
+            connection_key,
         })
     }
 }
@@ -620,6 +655,7 @@ pub struct HandshakeServer {
     store: SvidStore,
     hosted: Arc<dyn HostedIdentities>,
     observer: Option<Arc<dyn HandshakeObserver>>,
+    keys: Option<Arc<dyn ConnectionKeySink>>,
     timeout: Duration,
     hello_timeout: Duration,
     max_concurrent: usize,
@@ -647,6 +683,7 @@ impl HandshakeServer {
             store,
             hosted,
             observer: None,
+            keys: None,
             timeout: DEFAULT_TIMEOUT,
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
             max_concurrent: DEFAULT_MAX_CONCURRENT,
@@ -657,6 +694,12 @@ impl HandshakeServer {
 
     pub fn with_observer(mut self, observer: Arc<dyn HandshakeObserver>) -> Self {
         self.observer = Some(observer);
+        self
+    }
+
+    /// Keeps each pair's connection key in `keys` before confirming the handshake.
+    pub fn with_key_sink(mut self, keys: Arc<dyn ConnectionKeySink>) -> Self {
+        self.keys = Some(keys);
         self
     }
 
@@ -802,15 +845,17 @@ impl HandshakeServer {
             .verified
             .take()
             .ok_or(HandshakeError::Protocol("the client certificate was not verified"))?;
+        let expiry = svid.not_after().min(client.not_after);
+        let key = connection_key(tls.get_ref().1, &local, &client.id)?;
+        // Kept before the confirmation: once the client's pair is authenticated, our pods'
+        // SYNs to it are tagged.
+        if let Some(keys) = &self.keys {
+            keys.install(&local, &client.id, key, expiry).map_err(HandshakeError::KeyNotKept)?;
+        }
         tls.write_all(&[ACCEPTED]).await.map_err(|e| tls_error(e, &slot))?;
         tls.flush().await.map_err(|e| tls_error(e, &slot))?;
         let _ = tls.shutdown().await;
-        Ok(Authenticated {
-            local,
-            peer: client.id,
-            expiry: svid.not_after().min(client.not_after),
-            peer_chain,
-        })
+        Ok(Authenticated { local, peer: client.id, expiry, peer_chain, connection_key: key })
     }
 
     fn identity_for_sni(&self, sni: &str) -> Option<SpiffeId> {

@@ -3,7 +3,9 @@
 //! [`Authenticator`], and the SVID store's withdrawals and bundle changes reach the manager.
 
 use crate::auth_manager::{AuthFailure, AuthManagerHandle, Authenticator, BoxFuture, Evidence, Proof};
-use crate::handshake::{HandshakeClient, HandshakeServer, HostedIdentities};
+use crate::handshake::{ConnectionKeySink, HandshakeClient, HandshakeServer, HostedIdentities};
+use meshauth_datapath::{BootTime, ConnectionKey};
+use std::time::SystemTime;
 use crate::metrics::AgentMetrics;
 use crate::node_agent::SharedView;
 use crate::svid::SvidStore;
@@ -40,10 +42,30 @@ pub struct ServerLimits {
     pub max_per_source: usize,
 }
 
-/// Answers peers' handshakes until the listener fails, counting each in the metrics.
-pub async fn serve(listener: TcpListener, store: SvidStore, hosted: Arc<ViewHosted>, metrics: Arc<AgentMetrics>, limits: ServerLimits) {
+/// The source side's connection keys: `tag_keys`, by this node's numbers for the pair.
+pub struct DatapathKeySink {
+    pub view: SharedView,
+    pub datapath: crate::node_agent::SharedDatapath,
+}
+
+impl ConnectionKeySink for DatapathKeySink {
+    fn install(&self, source: &SpiffeId, destination: &SpiffeId, key: ConnectionKey, expiry: SystemTime) -> Result<(), String> {
+        let (src, dst) = {
+            let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+            let number = |id: &SpiffeId| view.numbers.get(id.as_str()).copied().ok_or_else(|| format!("{id} has no number on this node yet"));
+            (number(source)?, number(destination)?)
+        };
+        let mut dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+        dp.set_tag_key(src, dst, BootTime::from_system_time(expiry), key).map_err(|e| e.to_string())
+    }
+}
+
+/// Answers peers' handshakes until the listener fails, counting each in the metrics and
+/// keeping each pair's connection key in `keys`.
+pub async fn serve(listener: TcpListener, store: SvidStore, hosted: Arc<ViewHosted>, metrics: Arc<AgentMetrics>, limits: ServerLimits, keys: Arc<DatapathKeySink>) {
     HandshakeServer::new(store, hosted)
         .with_observer(metrics)
+        .with_key_sink(keys)
         .with_max_concurrent(limits.max_concurrent)
         .with_max_per_source(limits.max_per_source)
         .serve(listener)
@@ -107,7 +129,11 @@ impl Authenticator for HandshakeAuthenticator {
                 refused: e.is_refusal(),
             })?;
             let chain = self.intern(auth.peer_chain);
-            Ok(Proof { expiry: auth.expiry, evidence: Arc::new(PeerChain { store: self.store.clone(), peer, chain }) })
+            Ok(Proof {
+                expiry: auth.expiry,
+                evidence: Arc::new(PeerChain { store: self.store.clone(), peer, chain }),
+                connection_key: auth.connection_key,
+            })
         })
     }
 }

@@ -12,7 +12,7 @@ use crate::inputs::{self, Snapshot};
 use crate::metrics::{AgentMetrics, IdentityLabels};
 use crate::plan::{self, NodeView};
 use crate::svid::{StoreConfig, SvidStore, SystemClock, WorkloadApiSource};
-use meshauth_datapath::{BootTime, Datapath, DatapathConfig, DatapathError};
+use meshauth_datapath::{BootTime, ConnectionKey, Datapath, DatapathConfig, DatapathError};
 use meshauth_policy::compile::NumberAllocator;
 use meshauth_policy::model::ModelConfig;
 use crate::plan::LocalPod;
@@ -63,8 +63,8 @@ fn lock(dp: &SharedDatapath) -> std::sync::MutexGuard<'_, Datapath> {
 pub struct DatapathAuthTable(pub SharedDatapath);
 
 impl AuthTable for DatapathAuthTable {
-    fn set(&mut self, (dst, src): PairKey, expiry: SystemTime) -> Result<(), String> {
-        lock(&self.0).set_auth(dst, src, BootTime::from_system_time(expiry)).map_err(|e| e.to_string())
+    fn set(&mut self, (dst, src): PairKey, expiry: SystemTime, key: ConnectionKey) -> Result<(), String> {
+        lock(&self.0).set_auth_keyed(dst, src, BootTime::from_system_time(expiry), key).map_err(|e| e.to_string())
     }
 
     fn remove(&mut self, (dst, src): PairKey) -> Result<(), String> {
@@ -135,6 +135,8 @@ pub struct Applier {
     pub view: SharedView,
     pub manager: AuthManagerHandle,
     pub netns_dirs: Vec<PathBuf>,
+    /// Configured uplinks for the connection tagger; `None`: found.
+    pub uplinks: Option<Vec<String>>,
     registry: BTreeMap<Ipv4Addr, Registration>,
     last: Arc<Snapshot>,
     last_scan: Option<Instant>,
@@ -186,6 +188,7 @@ impl Applier {
             view,
             manager,
             netns_dirs,
+            uplinks: None,
             registry,
             last: Arc::new(Snapshot::default()),
             last_scan: None,
@@ -429,6 +432,45 @@ impl Applier {
         }
     }
 
+    /// The connection tagger on every uplink, and off interfaces that stopped being one.
+    fn sync_uplinks(&mut self) {
+        let pods: BTreeSet<u32> = self.registry.values().map(|r| r.ifindex).collect();
+        let wanted: BTreeSet<u32> = match &self.uplinks {
+            Some(names) => names.iter().filter_map(|n| meshauth_datapath::loader::if_index(n).ok()).collect(),
+            None => match pod_net::uplink_candidates(&pods) {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot list the node's interfaces; the tagger stays where it is");
+                    return;
+                }
+            },
+        };
+        let mut dp = lock(&self.datapath);
+        for ifindex in &wanted {
+            let Some(name) = meshauth_datapath::loader::if_name(*ifindex) else { continue };
+            if let Err(error) = dp.attach_uplink(&name) {
+                tracing::warn!(uplink = %name, %error, "cannot attach the connection tagger: this node's pods' connections to other nodes carry no tag");
+            }
+        }
+        match dp.uplinks() {
+            Ok(attached) => {
+                for (ifindex, _) in attached.into_iter().filter(|(i, _)| !wanted.contains(i)) {
+                    if let Err(error) = dp.detach_uplink(ifindex) {
+                        tracing::warn!(ifindex, %error, "cannot detach the connection tagger");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot list the tagger's uplinks"),
+        }
+    }
+
+    /// Connection keys of pairs that expired go.
+    fn sweep_tag_keys(&self) {
+        if let Err(error) = lock(&self.datapath).sweep_tag_keys(|_, _| true) {
+            tracing::warn!(%error, "cannot sweep the connection keys");
+        }
+    }
+
     fn sync_host_addresses(&self) {
         match pod_net::host_addresses() {
             Ok(addrs) => {
@@ -459,6 +501,8 @@ impl Applier {
             self.release(*ifindex);
         }
         self.sync_host_addresses();
+        self.sync_uplinks();
+        self.sweep_tag_keys();
         // Local pods still unguarded: only a scan that finds their veths is worth a new apply
         // (a pod whose veth cannot be found costs a scan every SCAN_INTERVAL, not a compile).
         let waiting: BTreeSet<Ipv4Addr> = self
@@ -594,7 +638,8 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         max_concurrent: config.handshake_server_max_concurrent,
         max_per_source: config.handshake_max_per_source,
     };
-    tokio::spawn(crate::handshake_glue::serve(listener, store.clone(), hosted.clone(), metrics.clone(), limits));
+    let keys = Arc::new(crate::handshake_glue::DatapathKeySink { view: view.clone(), datapath: datapath.clone() });
+    tokio::spawn(crate::handshake_glue::serve(listener, store.clone(), hosted.clone(), metrics.clone(), limits, keys));
 
     let authenticator = Arc::new(crate::handshake_glue::HandshakeAuthenticator::new(store.clone(), hosted, config.handshake_timeout));
     let manager = auth_manager::spawn(
@@ -625,6 +670,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         allocator,
     );
     applier.metrics = Some(metrics.clone());
+    applier.uplinks = config.uplinks.clone();
     let mut removed_links = pod_net::watch_removed_links()?;
     let first = snapshots.borrow_and_update().clone();
     applier.housekeeping()?;

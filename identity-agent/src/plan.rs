@@ -19,6 +19,8 @@ pub struct NodeView {
     pub local_identities: BTreeSet<String>,
     /// SPIFFE ID → addresses of the agents of the nodes hosting a pod with it.
     pub hosts: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// SPIFFE ID → this node's number for it (the maps' keys).
+    pub numbers: BTreeMap<String, u32>,
 }
 
 impl NodeView {
@@ -66,7 +68,7 @@ pub fn plan(snapshot: &Snapshot, config: &ModelConfig, node_name: &str, peer_por
     let tables = compile::compile(&model, allocator);
     let numbers: BTreeMap<&str, u32> = tables.spiffe_ids.iter().map(|(n, id)| (id.as_str(), *n)).collect();
 
-    let mut view = NodeView::default();
+    let mut view = NodeView { numbers: numbers.iter().map(|(id, n)| ((*id).to_owned(), *n)).collect(), ..NodeView::default() };
     for pod in model.pods() {
         let Some(node) = pod.node.as_deref() else { continue };
         let id = model.spiffe_id(pod).to_string();

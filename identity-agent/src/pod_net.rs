@@ -289,6 +289,18 @@ pub fn host_addresses() -> Result<BTreeSet<Ipv4Addr>, PodNetError> {
     Ok(addresses(&socket()?)?.into_iter().map(|(_, ip)| ip).filter(|ip| !ip.is_loopback()).collect())
 }
 
+/// The interfaces the connection tagger goes on when none are configured: every interface of
+/// the agent's namespace with a non-loopback IPv4 address that is not a pod's veth (`pods`).
+/// Pods' traffic to other nodes leaves by one of them, after the node's address translation.
+pub fn uplink_candidates(pods: &BTreeSet<u32>) -> Result<BTreeSet<u32>, PodNetError> {
+    Ok(addresses(&socket()?)?
+        .into_iter()
+        .filter(|(index, ip)| !ip.is_loopback() && !pods.contains(index))
+        .filter(|(index, _)| meshauth_datapath::loader::if_name(*index).is_some_and(|n| n != "lo"))
+        .map(|(index, _)| index)
+        .collect())
+}
+
 /// Whether an interface with this index exists in the agent's namespace.
 pub fn link_exists(ifindex: u32) -> bool {
     meshauth_datapath::loader::if_name(ifindex).is_some()

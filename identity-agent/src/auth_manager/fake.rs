@@ -17,7 +17,7 @@ impl FakeTable {
 }
 
 impl AuthTable for FakeTable {
-    fn set(&mut self, key: PairKey, expiry: SystemTime) -> Result<(), String> {
+    fn set(&mut self, key: PairKey, expiry: SystemTime, _connection_key: meshauth_datapath::ConnectionKey) -> Result<(), String> {
         self.0.lock().map_err(|e| e.to_string())?.insert(key, expiry);
         Ok(())
     }

@@ -82,7 +82,7 @@ impl Authenticator for FakeAuth {
                 Some(_) => return Err(AuthFailure { reason: "expired", message: "every SVID expired".into(), refused: true }),
                 None => self.clock.now() + Duration::from_millis(self.lifetime_ms),
             };
-            let proof = Proof { expiry, evidence: Arc::new(FakeEvidence(self.trust_of(peer))) };
+            let proof = Proof { expiry, evidence: Arc::new(FakeEvidence(self.trust_of(peer))), connection_key: meshauth_datapath::ConnectionKey([1, 1]) };
             // Taken out first: the lock must not be held across the wait.
             let hold = self.hold.lock().expect("lock").take();
             if let Some(gate) = hold {
