@@ -155,6 +155,64 @@ async fn honest_agents_authenticate_the_pair_with_the_earliest_expiry() {
     pair.server.abort();
 }
 
+/// Keeps what the answering side installs.
+#[derive(Default)]
+struct KeptKeys(std::sync::Mutex<Vec<(SpiffeId, SpiffeId, meshauth_datapath::ConnectionKey)>>);
+
+impl ConnectionKeySink for KeptKeys {
+    fn install(&self, source: &SpiffeId, destination: &SpiffeId, key: meshauth_datapath::ConnectionKey, _expiry: SystemTime) -> Result<(), String> {
+        self.0.lock().expect("lock").push((source.clone(), destination.clone(), key));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn both_sides_derive_the_same_connection_key_new_with_every_handshake_and_the_server_keeps_it_first() {
+    let ca = TestCa::new("cluster.local");
+    let order = ca.svid(ORDER);
+    let store = store_of(&[(ORDER, &order)], vec![bundle_of(&ca)], Arc::new(SystemClock)).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let kept = Arc::new(KeptKeys::default());
+    let server = HandshakeServer::new(store, Hosted::new(&[ORDER], &[(PAYMENT, LOOPBACK)])).with_key_sink(kept.clone());
+    let task = tokio::spawn(server.serve(listener));
+    let client = honest_client(&ca).await;
+    let first = client.authenticate(addr, &id(PAYMENT), &id(ORDER)).await.expect("first");
+    // The server installed the key before it confirmed, so it is there once the client is done.
+    let installed = kept.0.lock().expect("lock").clone();
+    assert_eq!(installed, vec![(id(ORDER), id(PAYMENT), first.connection_key)]);
+    assert!(first.connection_key.is_set());
+    let second = client.authenticate(addr, &id(PAYMENT), &id(ORDER)).await.expect("second");
+    assert_ne!(first.connection_key, second.connection_key, "every handshake rotates the key");
+    assert_eq!(kept.0.lock().expect("lock").last().map(|k| k.2), Some(second.connection_key));
+    assert!(!format!("{first:?}").contains(&format!("{:x}", first.connection_key.0[0])), "never printed");
+    task.abort();
+}
+
+/// Refuses every key.
+struct NoRoom;
+
+impl ConnectionKeySink for NoRoom {
+    fn install(&self, _: &SpiffeId, _: &SpiffeId, _: meshauth_datapath::ConnectionKey, _: SystemTime) -> Result<(), String> {
+        Err("tag_keys is full".into())
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_keep_the_key_does_not_confirm() {
+    let ca = TestCa::new("cluster.local");
+    let order = ca.svid(ORDER);
+    let store = store_of(&[(ORDER, &order)], vec![bundle_of(&ca)], Arc::new(SystemClock)).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = HandshakeServer::new(store, Hosted::new(&[ORDER], &[(PAYMENT, LOOPBACK)])).with_key_sink(Arc::new(NoRoom));
+    let task = tokio::spawn(server.serve(listener));
+    let client = honest_client(&ca).await;
+    let err = client.authenticate(addr, &id(PAYMENT), &id(ORDER)).await.expect_err("not confirmed");
+    assert!(!err.is_refusal(), "an outage, retried: {err}");
+    task.abort();
+}
+
 // ---- impostor clients, refused by the server ----
 
 /// A client that presents any chain and accepts any server (the attacker's side).
