@@ -107,6 +107,28 @@ pub fn find_agent(explicit: Option<PathBuf>) -> Result<PathBuf, DemoError> {
         .ok_or(DemoError::NoAgent(me))
 }
 
+/// A TCP connection from `src` (not an address of the namespace: IP_TRANSPARENT) to `dst:port`,
+/// made from network namespace `netns`: `Ok(true)` when it was accepted.
+fn connect_as(netns: &str, src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, port: u16) -> std::io::Result<bool> {
+    use std::net::{SocketAddr, SocketAddrV4};
+    let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this short-lived thread only; the descriptor outlives the call.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_ip_transparent_v4(true)?;
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+            Ok(socket.connect_timeout(&SocketAddr::V4(SocketAddrV4::new(dst, port)).into(), Duration::from_millis(1500)).is_ok())
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+    })
+}
+
 fn drops(maps: &Maps, counter: Counter) -> u64 {
     maps.counters().map(|c| c.packets(counter)).unwrap_or(0)
 }
@@ -269,6 +291,44 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     let log = mesh.agent_log("node-2");
     let adopted = log.lines().rfind(|l| l.contains("datapath ready")).is_some_and(|l| l.contains("adopted=true"));
     r.check("restarted agent adopted the pinned datapath", adopted, "programs, maps and links stayed pinned".into());
+
+    // 8. Connections are bound to identities, not addresses.
+    r.say("\n== 7. a connection proves its source: an address alone is not an identity");
+    let before = drops(&maps, Counter::DropTagMissing);
+    // A process on node-1 (a hostNetwork pod, say) writes order-0's address into its SYNs.
+    let node1_ns = mesh.node("node-1").map(|n| n.ns.name.clone()).unwrap_or_default();
+    let spoofed = connect_as(&node1_ns, order_ip, payment, 8080);
+    let tag_missing = drops(&maps, Counter::DropTagMissing) - before;
+    r.check(
+        "spoofed source from another node dropped",
+        matches!(spoofed, Ok(false)) && tag_missing > 0,
+        format!("node-1 process as {order_ip} → payment-0:8080: {}, {tag_missing} SYN(s) dropped at node-2 for a missing tag", match &spoofed { Ok(true) => "connected".to_owned(), Ok(false) => "refused".to_owned(), Err(e) => e.to_string() }),
+    );
+
+    // order-0 is deleted and a pod of another identity gets its address on node-1, while
+    // node-2 (its agent stopped) still names order there.
+    mesh.stop_agent("node-2");
+    let pods_file = options.dir.join("manifests").join("20-pods.yaml");
+    let reused = include_str!("../../config/examples/20-pods.yaml")
+        .replacen("name: order-0", "name: intruder-0", 1)
+        .replacen("labels: {app: order-service}", "labels: {app: intruder}", 1)
+        .replacen("serviceAccountName: order", "serviceAccountName: intruder", 1);
+    std::fs::write(&pods_file, reused).map_err(|error| DemoError::Io { what: "writing the reused address".into(), error })?;
+    let order_number = maps1.endpoints().ok().and_then(|e| e.iter().find(|ep| ep.ip == order_ip).map(|ep| ep.spiffe_id));
+    let t = Instant::now();
+    let mut learnt = false;
+    while t.elapsed() < Duration::from_secs(5) && !learnt {
+        std::thread::sleep(Duration::from_millis(20));
+        learnt = maps1.endpoints().ok().and_then(|e| e.iter().find(|ep| ep.ip == order_ip).map(|ep| ep.spiffe_id)) != order_number;
+    }
+    let before = drops(&maps, Counter::DropTagMissing) + drops(&maps, Counter::DropTagInvalid);
+    let ok = tcp_request(mesh.pod("shop/order-0"), payment, 8080, Duration::from_millis(1500));
+    let refused = drops(&maps, Counter::DropTagMissing) + drops(&maps, Counter::DropTagInvalid) - before;
+    r.check(
+        "reused pod IP with another identity dropped",
+        learnt && !ok && refused > 0,
+        format!("intruder-0 on {order_ip} (node-1 knows: {learnt}; node-2 still names order) → payment-0:8080 {}, {refused} SYN(s) dropped at node-2", if ok { "answered" } else { "refused" }),
+    );
 
     r.say("\n== summary");
     r.say(&format!("  {:<52} {}", "CHECK", "RESULT"));
