@@ -2,6 +2,11 @@
 //! measured in the kernel with `BPF_PROG_TEST_RUN`, next to an empty TC program measured in
 //! the same run (the baseline), at 10 and at 500,000 entries in the auth map.
 //!
+//! A new connection's SYN has rows of its own: verified by its tag (from another node),
+//! proved local (from a pod of the node), and the tagger writing a tag on the uplink. The
+//! tagger changes the packet it runs on, so it is timed one run at a time, against the empty
+//! program timed the same way (`baseline_single_run_ns`).
+//!
 //! It loads its own datapath in a private pin directory (never the node's maps), fills it,
 //! and removes it afterwards. Every path is checked once (verdict and counter) before it is
 //! timed, so each number is the cost of the path it is named after.
@@ -52,6 +57,8 @@ impl Default for BenchOptions {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BenchReport {
     pub baseline_ns: f64,
+    /// The empty program timed one run per call, as the tagger is.
+    pub baseline_single_run_ns: f64,
     pub paths: Vec<PathResult>,
 }
 
@@ -92,8 +99,15 @@ const IP_SRC_AUTH: [u8; 4] = [10, 0, 1, 1];
 const IP_SRC_NOAUTH: [u8; 4] = [10, 0, 1, 2];
 const IP_SRC_DENIED: [u8; 4] = [10, 0, 1, 3];
 const IP_SRC_CT: [u8; 4] = [10, 0, 1, 4];
+const IP_SRC_LOCAL: [u8; 4] = [10, 0, 1, 5];
 const DST_SPIFFE: u32 = 2;
 const SRC_AUTH_SPIFFE: u32 = 10;
+const SRC_LOCAL_SPIFFE: u32 = 14;
+/// `BPF_PROG_TEST_RUN` runs TC programs on the loopback's index: the benchmark's local pod.
+const TEST_RUN_IFINDEX: u32 = 1;
+const BENCH_KEY: crate::loader::ConnectionKey = crate::loader::ConnectionKey([0x1111_2222_3333_4444, 0x5555_6666_7777_8888]);
+/// Single runs of the tagger per measurement round.
+const SINGLE_RUNS: u32 = 2000;
 
 fn endpoint(ip: [u8; 4], identity: u32, spiffe_id: u32, isolated: bool) -> EndpointEntry {
     EndpointEntry {
@@ -132,6 +146,7 @@ fn tables() -> CompiledTables {
             endpoint(IP_SRC_NOAUTH, 401, 11, false),
             endpoint(IP_SRC_DENIED, 402, 12, false),
             endpoint(IP_SRC_CT, 403, 13, false),
+            endpoint(IP_SRC_LOCAL, 404, SRC_LOCAL_SPIFFE, false),
         ],
         policy: vec![
             rule(
@@ -147,6 +162,12 @@ fn tables() -> CompiledTables {
                 AuthRequirement::Required,
             ),
             rule(403, TableProtocol::Tcp, (8080, 8080), AuthRequirement::None),
+            rule(
+                404,
+                TableProtocol::Tcp,
+                (8080, 8080),
+                AuthRequirement::Required,
+            ),
             // A few more entries so the trie has the shape of a real one.
             rule(
                 ANY_IDENTITY,
@@ -203,7 +224,37 @@ fn paths() -> Vec<Path> {
             passes: false,
             counter: Counter::DropDenied,
         },
+        Path {
+            name: "syn-tag-verified",
+            packet: tagged_syn(),
+            passes: true,
+            counter: Counter::PassAuthenticated,
+        },
+        Path {
+            name: "syn-untagged-dropped",
+            packet: packet::tcp_syn(IP_SRC_AUTH.into(), IP_DST.into(), 40001, 8080, 7, &packet::LINUX_SYN_OPTIONS),
+            passes: false,
+            counter: Counter::DropTagMissing,
+        },
+        Path {
+            name: "syn-local-proof",
+            packet: local_syn(),
+            passes: true,
+            counter: Counter::PassAuthenticated,
+        },
     ]
+}
+
+/// A Linux SYN from another node's pod with its tag, as the destination sees it.
+fn tagged_syn() -> Vec<u8> {
+    let mut options = packet::LINUX_SYN_OPTIONS.to_vec();
+    options.extend_from_slice(&crate::abi::tag_option(BENCH_KEY.0, IP_SRC_AUTH.into(), IP_DST.into(), 40000, 8080, 7, crate::abi::tag_slot_now()));
+    packet::tcp_syn(IP_SRC_AUTH.into(), IP_DST.into(), 40000, 8080, 7, &options)
+}
+
+/// A Linux SYN from this node's pod, untagged (what the tagger and local destinations see).
+fn local_syn() -> Vec<u8> {
+    packet::tcp_syn(IP_SRC_LOCAL.into(), IP_DST.into(), 40002, 8080, 9, &packet::LINUX_SYN_OPTIONS)
 }
 
 /// Removes the private pin directory however the benchmark ends.
@@ -228,12 +279,15 @@ fn median(mut v: Vec<u64>) -> f64 {
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let _cleanup = Cleanup(opts.pin_dir.clone());
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&opts.pin_dir))?;
+    dp.register_interface_only(TEST_RUN_IFINDEX, IP_SRC_LOCAL.into())?;
     dp.apply_tables(&tables())?;
-    dp.set_auth(
-        DST_SPIFFE,
-        SRC_AUTH_SPIFFE,
-        BootTime::after(Duration::from_secs(24 * 3600)),
-    )?;
+    let day = BootTime::after(Duration::from_secs(24 * 3600));
+    dp.set_auth_keyed(DST_SPIFFE, SRC_AUTH_SPIFFE, day, BENCH_KEY)?;
+    dp.set_auth(DST_SPIFFE, SRC_LOCAL_SPIFFE, day)?;
+    dp.set_tag_key(SRC_LOCAL_SPIFFE, DST_SPIFFE, day, BENCH_KEY)?;
+    // The local pod's SYN leaves through its veth first: from_pod records it.
+    let local = local_syn();
+    dp.test_run(Hook::FromPod, &local, 1)?;
     // The conntrack-hit flow starts with a SYN, as a real one does.
     let syn = packet::tcp(IP_SRC_CT.into(), IP_DST.into(), 40000, 8080, TCP_SYN);
     dp.test_run(Hook::ToPod, &syn, 1)?;
@@ -252,6 +306,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     for p in &paths {
         check_path(&dp, p)?;
     }
+    let tag_before = dp.counters()?.packets(Counter::TagWritten);
+    dp.test_run(Hook::TagSyn, &local, 1)?;
+    if dp.counters()?.packets(Counter::TagWritten) != tag_before + 1 {
+        return Err(BenchError::WrongPath { path: "tag-written", expected: "counter tag_written".into(), got: "no tag written".into() });
+    }
+    let mut single_baseline = Vec::new();
+    let mut tag_written = Vec::new();
     let mut baseline = Vec::new();
     let mut results = Vec::new();
     let mut filled = 1u32; // the authenticated pair
@@ -264,7 +325,15 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             filled += 1;
         }
         let mut samples: Vec<Vec<u64>> = vec![Vec::new(); paths.len()];
+        let mut tag_samples = Vec::new();
         for _ in 0..opts.rounds {
+            // syn_origin entries last seconds: the local SYN's is renewed, as each
+            // retransmission of a real one would.
+            dp.test_run(Hook::FromPod, &local, 1)?;
+            for _ in 0..SINGLE_RUNS {
+                single_baseline.push(loader::test_run(empty, "empty", &local, 1)?.ns_per_run);
+                tag_samples.push(dp.test_run(Hook::TagSyn, &local, 1)?.ns_per_run);
+            }
             // Interleaved, so drifts (frequency, other load) hit every path alike.
             baseline
                 .push(loader::test_run(empty, "empty", &paths[0].packet, opts.repeat)?.ns_per_run);
@@ -279,10 +348,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 ns_per_packet: median(s),
             });
         }
+        tag_written.push(PathResult { path: "tag-written", entries, ns_per_packet: median(tag_samples) });
     }
     dp.uninstall()?;
+    results.extend(tag_written);
     Ok(BenchReport {
         baseline_ns: median(baseline),
+        baseline_single_run_ns: median(single_baseline),
         paths: results,
     })
 }

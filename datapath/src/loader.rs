@@ -1152,6 +1152,13 @@ impl Datapath {
         test_run(prog, name, packet, repeat)
     }
 
+    /// Lists `ifindex` as the interface of the pod at `pod_ip` without attaching anything: the
+    /// benchmark's way to have a local pod (`BPF_PROG_TEST_RUN` runs on the loopback's index).
+    pub(crate) fn register_interface_only(&mut self, ifindex: u32, pod_ip: Ipv4Addr) -> Result<(), DatapathError> {
+        let value = IfaceValue { pod_ip: abi::ip_key(pod_ip), attach_mode: abi::ATTACH_NONE, pad: [0; 3] };
+        self.maps.interfaces.insert(ifindex, value, 0).map_err(map_err("interfaces"))
+    }
+
     /// Detaches everything and removes every pin: the datapath is gone from the node.
     pub fn uninstall(mut self) -> Result<(), DatapathError> {
         for iface in self.maps.interfaces()? {

@@ -73,6 +73,21 @@ pub fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> V
     )
 }
 
+/// An IPv4 TCP SYN with sequence number `seq`, TCP `options` (a multiple of 4 bytes) and no
+/// data, as a pod's stack sends it.
+pub fn tcp_syn(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32, options: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20 + options.len());
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&seq.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 0, (((20 + options.len()) / 4) as u8) << 4, TCP_SYN, 0xff, 0xff, 0, 0, 0, 0]);
+    h.extend_from_slice(options);
+    ipv4(src, dst, 6, 1, (false, 0), &h)
+}
+
+/// The options of a Linux SYN: MSS, SACK permitted, timestamps, window scale (20 bytes).
+pub const LINUX_SYN_OPTIONS: [u8; 20] = [2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7];
+
 /// An IPv4 UDP packet.
 pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     ipv4(

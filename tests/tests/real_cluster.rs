@@ -6,6 +6,9 @@
 //! every meshauth pod Running and Ready, the nodes still reachable, a Strict mesh between app
 //! pods the kubelet started (the permitted pair connects first time once pre-authenticated,
 //! another service account is dropped, the policed pod's readiness probe keeps it Ready), the
+//! client reaches the server through a ClusterIP Service first time too (kube-proxy's DNAT on
+//! node-1 comes before the uplink's tagger), a SYN with the client's address from a node-1
+//! process is dropped at node-2 for its missing tag, the
 //! webhook called through its Service refuses an invalid MeshPolicy, and `helm uninstall`
 //! leaves each node's CNI configuration as it was. Root only.
 
@@ -78,10 +81,38 @@ impl Cluster {
         out.trim().to_owned()
     }
 
+    /// A counter of `node`'s datapath (`meshauthctl status` in its agent pod).
+    fn counter(&self, agent: &str, name: &str) -> u64 {
+        let (ok, out) = self.kubectl(&["exec", "-n", "meshauth-system", agent, "--", "meshauthctl", "status", "--output", "json"]);
+        assert!(ok, "status: {out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}: {out}"));
+        v["counters"][name]["packets"].as_u64().unwrap_or(0)
+    }
+
     fn conflist(&self, node: &str) -> String {
         let k = self.env.kubelet_node(node).expect("kubelet node");
         std::fs::read_to_string(k.cni_conf_dir.join(Kubelet::CNI_CONFLIST)).expect("node conflist")
     }
+}
+
+/// A TCP connection from `src` (not an address of the namespace: IP_TRANSPARENT) to `dst:port`,
+/// made inside the network namespace at `netns`: whether it was accepted.
+fn connect_as(netns: &Path, src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, port: u16) -> bool {
+    use std::net::{SocketAddr, SocketAddrV4};
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(netns).expect("node netns");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this short-lived thread only; the descriptor outlives the call.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+            socket.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into()).expect("bind");
+            socket.connect_timeout(&SocketAddr::V4(SocketAddrV4::new(dst, port)).into(), Duration::from_secs(2)).is_ok()
+        })
+        .join()
+        .expect("namespace thread")
+    })
 }
 
 /// Strips the debug builds into a directory for the image (a release build would double the
@@ -132,6 +163,13 @@ spec:
   - from: [{identity: spiffe://cluster.local/ns/shop/sa/client}]
     ports: [{port: 8080}]
     authentication: {mode: Required}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: shop}
+spec:
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8080}]
 ---
 apiVersion: v1
 kind: Pod
@@ -224,6 +262,20 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     });
     assert!(c.http_from("client", &server, 8080), "the permitted, pre-authenticated pair connects first time\n{}", c.describe());
     assert!(!c.http_from("stranger", &server, 8080), "a pod of another service account is dropped");
+    let (ok, cluster_ip) = c.kubectl(&["get", "service", "-n", "shop", "server", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert!(ok && !cluster_ip.trim().is_empty(), "the Service's ClusterIP: {cluster_ip}");
+    assert!(c.http_from("client", cluster_ip.trim(), 80), "the client reaches the server through its ClusterIP first time\n{}", c.describe());
+
+    // A process on node-1 (root, as a hostNetwork pod can be) writes the client's address
+    // into a SYN: node-1's tagger gives it no tag (the client's veth never sent it) and node-2
+    // drops it.
+    let client_ip: std::net::Ipv4Addr = c.pod_ip("client").parse().expect("client IP");
+    let server_ip: std::net::Ipv4Addr = server.parse().expect("server IP");
+    let missing = c.counter(&agent_on_node_2, "drop_tag_missing");
+    let node_1 = c.env.kubelet_node("node-1").expect("node-1").netns.clone();
+    assert!(!connect_as(&node_1, client_ip, server_ip, 8080), "a spoofed SYN from node-1 must not connect");
+    assert!(c.counter(&agent_on_node_2, "drop_tag_missing") > missing, "dropped at node-2 for its missing tag");
+    assert!(c.http_from("client", &server, 8080), "the genuine client still connects");
     let (_, status) = c.kubectl(&["exec", "-n", "meshauth-system", &agent_on_node_2, "--", "meshauthctl", "status", "--output", "json"]);
     assert!(status.contains("drop_denied") || status.contains("drop_auth_missing"), "{status}");
 
