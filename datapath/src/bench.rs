@@ -245,11 +245,12 @@ fn paths() -> Vec<Path> {
     ]
 }
 
-/// A Linux SYN from another node's pod with its tag, as the destination sees it.
+/// A Linux SYN from another node's pod with its tag, as the destination sees it. Its own
+/// source port: the conntrack entry it leaves must not turn the ACK paths into hits.
 fn tagged_syn() -> Vec<u8> {
     let mut options = packet::LINUX_SYN_OPTIONS.to_vec();
-    options.extend_from_slice(&crate::abi::tag_option(BENCH_KEY.0, IP_SRC_AUTH.into(), IP_DST.into(), 40000, 8080, 7, crate::abi::tag_slot_now()));
-    packet::tcp_syn(IP_SRC_AUTH.into(), IP_DST.into(), 40000, 8080, 7, &options)
+    options.extend_from_slice(&crate::abi::tag_option(BENCH_KEY.0, IP_SRC_AUTH.into(), IP_DST.into(), 40010, 8080, 7, crate::abi::tag_slot_now()));
+    packet::tcp_syn(IP_SRC_AUTH.into(), IP_DST.into(), 40010, 8080, 7, &options)
 }
 
 /// A Linux SYN from this node's pod, untagged (what the tagger and local destinations see).
