@@ -11,6 +11,12 @@
 //!
 //! reported as ratios to "no program". Rounds are interleaved so drift hits every setup alike.
 //!
+//! Then, across two node namespaces joined by an underlay veth (client pod on one, server on
+//! the other): no program against Strict with connection tags (the tagger on the client node's
+//! uplink, the tag verified at the server's veth), the same latency and throughput plus the time
+//! to open a new connection (connect + one round trip + close), which is where a tag costs:
+//! every SYN is tagged and verified, later packets ride conntrack.
+//!
 //! `cargo bench -p meshauth-datapath --bench pod_to_pod [-- --json] [-- --quick]` (root).
 
 use std::io::{self, Read, Write};
@@ -18,8 +24,8 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshauth_datapath::testing::{Node, PinDir, require_root, tcp_connect, tcp_echo_server};
-use meshauth_datapath::{BootTime, Datapath, DatapathConfig};
+use meshauth_datapath::testing::{Node, PinDir, link_nodes, require_root, tcp_connect, tcp_echo_server, tcp_request};
+use meshauth_datapath::{BootTime, ConnectionKey, Counter, Datapath, DatapathConfig};
 use meshauth_policy::tables::{
     AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol,
 };
@@ -85,6 +91,129 @@ fn strict() -> CompiledTables {
         policy: vec![rule(RR_PORT), rule(BULK_PORT)],
         ..Default::default()
     }
+}
+
+/// The across-nodes Strict tables: client 10.77.1.1 (SPIFFE no. 1), server 10.77.2.1 (no. 2).
+fn across_strict() -> CompiledTables {
+    let strict = true;
+    let ep = |ip: [u8; 4], i: u32, isolated: bool, auth| EndpointEntry {
+        ip: ip.into(),
+        security_identity: 255 + i,
+        spiffe_id: i,
+        isolated,
+        mutual_auth: auth,
+        pod: format!("bench/pod-{i}"),
+        node: None,
+    };
+    let rule = |port| PolicyEntry {
+        dst_identity: 257,
+        src_identity: 256,
+        protocol: TableProtocol::Tcp,
+        port_start: port,
+        port_end: port,
+        auth: AuthRequirement::Required,
+    };
+    let auth = if strict { AuthRequirement::Required } else { AuthRequirement::None };
+    CompiledTables {
+        endpoints: vec![ep([10, 77, 1, 1], 1, false, AuthRequirement::None), ep([10, 77, 2, 1], 2, strict, auth)],
+        policy: if strict { vec![rule(RR_PORT), rule(BULK_PORT)] } else { Vec::new() },
+        ..Default::default()
+    }
+}
+
+/// p50 of `n` new connections (connect, one 8-byte round trip, close), in µs.
+fn new_connections(node: &Node, dst: Ipv4Addr, n: usize) -> f64 {
+    let mut t = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        assert!(tcp_request(&node.pods[0], dst, RR_PORT, Duration::from_secs(2)), "a new connection failed");
+        t.push(start.elapsed().as_nanos() as u64);
+    }
+    t.sort_unstable();
+    percentile(&t, 0.5)
+}
+
+/// The across-nodes setups, after the one-node table.
+fn across_nodes(settings: &Settings, json: bool) {
+    let node_a = Node::new_in("ma-bx-a", 1, 1).expect("node a");
+    let node_b = Node::new_in("ma-bx-b", 1, 2).expect("node b");
+    link_nodes(&node_a.ns, 1, &node_b.ns, 2, 88, "up0").expect("underlay");
+    let (pins_a, pins_b) = (PinDir::new("across-a"), PinDir::new("across-b"));
+    let load = |node: &Node, pins: &PinDir| {
+        let _in = node.ns.enter().expect("enter");
+        Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).expect("load")
+    };
+    let (mut a, mut b) = (load(&node_a, &pins_a), load(&node_b, &pins_b));
+    let key = ConnectionKey([0x0bad_cafe, 0xfeed_f00d]);
+    let day = BootTime::after(Duration::from_secs(24 * 3600));
+    a.set_tag_key(1, 2, day, key).expect("source key");
+    b.set_auth_keyed(2, 1, day, key).expect("destination key");
+    let server = node_b.pods[0].ip;
+    let _echo = tcp_echo_server(&node_b.pods[0], RR_PORT).expect("echo server");
+    let bulk_listener = node_b.pods[0].ns.run(|| TcpListener::bind((server, BULK_PORT))).expect("netns").expect("bind");
+    let setups = ["across-no-program", "across-strict-tagged"];
+    let mut samples = vec![Sample::default(); 2];
+    let mut connects: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    for round in 0..settings.rounds {
+        for (i, setup) in setups.iter().enumerate() {
+            for (dp, node, uplink) in [(&mut a, &node_a, true), (&mut b, &node_b, false)] {
+                let _in = node.ns.enter().expect("enter");
+                if i == 0 {
+                    let _ = dp.detach(&node.pods[0].host_if);
+                    if let Ok(index) = meshauth_datapath::loader::if_index("up0") {
+                        let _ = dp.detach_uplink(index);
+                    }
+                } else {
+                    dp.attach(&node.pods[0].host_if, node.pods[0].ip).expect("attach");
+                    if uplink {
+                        dp.attach_uplink("up0").expect("tagger");
+                    }
+                    dp.apply_tables(&across_strict()).expect("tables");
+                }
+            }
+            let (p50, p99) = request_response(&node_a, SocketAddrV4::new(server, RR_PORT), settings.round_trips);
+            let gbit = bulk(&node_a, &bulk_listener, SocketAddrV4::new(server, BULK_PORT), settings.bulk);
+            let connect = new_connections(&node_a, server, 200);
+            eprintln!("round {round} {setup:<22} p50 {p50:7.1} us  p99 {p99:7.1} us  {gbit:6.2} Gbit/s  new connection {connect:7.1} us");
+            samples[i].p50_us.push(p50);
+            samples[i].p99_us.push(p99);
+            samples[i].gbit_s.push(gbit);
+            connects[i].push(connect);
+        }
+    }
+    let drops = b.counters().expect("counters").dropped();
+    assert_eq!(drops, 0, "the across-nodes traffic was dropped");
+    assert!(a.counters().expect("counters").packets(Counter::TagWritten) > 0, "no SYN was tagged");
+    let base = (median(&samples[0].p50_us), median(&samples[0].p99_us), median(&samples[0].gbit_s), median(&connects[0]));
+    let rows: Vec<serde_json::Value> = setups
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let s = &samples[i];
+            let (p50, p99, g, c) = (median(&s.p50_us), median(&s.p99_us), median(&s.gbit_s), median(&connects[i]));
+            serde_json::json!({
+                "setup": name, "p50_us": p50, "p99_us": p99, "gbit_s": g, "new_connection_us": c,
+                "p50_ratio": p50 / base.0, "p99_ratio": p99 / base.1, "throughput_ratio": g / base.2,
+                "new_connection_ratio": c / base.3,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::json!({ "across_nodes": rows }));
+    } else {
+        println!("\n{:<22} {:>7} {:>7} {:>7} {:>9} {:>6} {:>6} {:>6} {:>7}", "setup", "p50 us", "p99 us", "Gbit/s", "conn us", "p50 x", "p99 x", "tput x", "conn x");
+        for r in &rows {
+            let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            println!(
+                "{:<22} {:>7.1} {:>7.1} {:>7.2} {:>9.1} {:>6.3} {:>6.3} {:>6.3} {:>7.3}",
+                r["setup"].as_str().unwrap_or(""),
+                n("p50_us"), n("p99_us"), n("gbit_s"), n("new_connection_us"),
+                n("p50_ratio"), n("p99_ratio"), n("throughput_ratio"), n("new_connection_ratio"),
+            );
+        }
+    }
+    a.uninstall().expect("uninstall a");
+    b.uninstall().expect("uninstall b");
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -484,4 +613,6 @@ fn main() {
     }
     drop(sidecars.runtime);
     dp.uninstall().expect("uninstall");
+    drop(_guard);
+    across_nodes(&settings, json);
 }
