@@ -111,6 +111,9 @@ pub trait AuthObserver: Send + Sync + 'static {
     fn entries(&self, count: usize);
 }
 
+/// The least time between two handshakes of a pair that dropped SYNs for their tag bring.
+pub const KEY_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Tuning of the manager.
 #[derive(Debug, Clone)]
 pub struct AuthManagerConfig {
@@ -147,6 +150,7 @@ enum Command {
     SetDesired(Vec<DesiredPair>),
     Rotated(String),
     AuthRequired(PairKey),
+    KeyRefused(PairKey),
     Withdrawn(String),
     BundlesChanged,
     Done { key: PairKey, generation: u64, started: SystemTime, result: Result<Proof, AuthFailure>, took: Duration },
@@ -193,6 +197,14 @@ impl AuthManagerHandle {
     /// The datapath dropped a packet of this pair for lack of authentication.
     pub fn auth_required(&self, key: PairKey) {
         let _ = self.tx.send(Command::AuthRequired(key));
+    }
+
+    /// The datapath dropped a SYN of this authenticated pair for its tag: the source's node
+    /// may hold no key (an agent that could not keep it, a rebuilt map). A new handshake gives
+    /// both sides a new key, at most once per [`KEY_REFRESH_INTERVAL`]: anyone who can write
+    /// the pair's address into packets can cause these drops.
+    pub fn key_refused(&self, key: PairKey) {
+        let _ = self.tx.send(Command::KeyRefused(key));
     }
 
     /// The state of every known pair.
@@ -374,6 +386,14 @@ pub fn spawn_with_clock(
                         // down to a floor (the events come from whatever a pod sends).
                         state.next_attempt = state.next_attempt.min(state.attempt_floor(&config, now));
                         if state.expiry.is_none_or(|e| e <= clock.now()) {
+                            state.refresh_at = Some(state.reauth_floor(&config, now));
+                        }
+                    }
+                }
+                Some(Command::KeyRefused(key)) => {
+                    if let Some(state) = pairs.get_mut(&key).filter(|s| s.desired.is_some() && !s.in_flight) {
+                        let proven_long_ago = state.last_success.is_none_or(|t| now.saturating_duration_since(t) >= KEY_REFRESH_INTERVAL);
+                        if proven_long_ago && state.refresh_at.is_none_or(|r| r > now) {
                             state.refresh_at = Some(state.reauth_floor(&config, now));
                         }
                     }

@@ -696,6 +696,9 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
                 }
             }
             event = events.next() => match event {
+                Ok(event) if event.kind == meshauth_datapath::EventKind::Tag => {
+                    manager.key_refused((event.dst_spiffe_id, event.src_spiffe_id));
+                }
                 Ok(event) if event.kind == meshauth_datapath::EventKind::AuthRequired => {
                     metrics.auth_required_events.inc();
                     manager.auth_required((event.dst_spiffe_id, event.src_spiffe_id));

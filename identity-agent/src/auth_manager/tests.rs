@@ -316,6 +316,31 @@ async fn auth_required_events_cannot_drive_back_to_back_handshakes() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn syns_refused_for_their_tag_bring_a_new_handshake_at_most_once_per_interval() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    eventually("entry", || entry(&table, (1, 2)).is_some()).await;
+    let first = auth.calls();
+    // Just proven: a spoofer's stream of refused SYNs brings nothing.
+    for _ in 0..100 {
+        m.key_refused((1, 2));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(auth.calls(), first, "refusals right after a handshake bring none");
+    tokio::time::sleep(KEY_REFRESH_INTERVAL).await;
+    // Proven long enough ago: the next refusal brings one new handshake (new keys), then the
+    // interval starts again.
+    for _ in 0..300 {
+        m.key_refused((1, 2));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(auth.calls(), first + 1, "one handshake for 300 refusals over 3 s");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_refused_re_authentication_removes_the_entry_at_once() {
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
