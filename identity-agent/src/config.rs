@@ -43,8 +43,8 @@ pub const HANDSHAKE_MAX_PER_SOURCE: &str = "MESHAUTH_HANDSHAKE_MAX_PER_SOURCE";
 /// `false` for IPAMs that do not hand out the nodes' `spec.podCIDRs` (Calico's, AWS VPC CNI):
 /// otherwise a pod IP outside its node's pod CIDRs is no endpoint.
 pub const CHECK_NODE_POD_CIDRS: &str = "MESHAUTH_CHECK_NODE_POD_CIDRS";
-/// Interfaces the connection tagger is attached to, comma-separated; unset: every interface
-/// with an IPv4 address that is not loopback or a pod's veth.
+/// Interfaces the connection tagger is attached to, comma-separated; unset: the interfaces the
+/// node routes toward the other nodes and their pods.
 pub const UPLINKS: &str = "MESHAUTH_UPLINKS";
 /// `true` takes each Node's `meshauth.io/agent-address` annotation as it is; otherwise it
 /// counts only when it names one of the node's own addresses (a node writes its annotations).
@@ -96,7 +96,7 @@ pub struct AgentConfig {
     /// Pod IPs must lie in their node's `spec.podCIDRs` (where nodes carry any).
     pub check_node_pod_cidrs: bool,
     pub trust_agent_address_annotations: bool,
-    /// Interfaces to tag pods' SYNs on; `None`: found by [`crate::pod_net::uplink_candidates`].
+    /// Interfaces to tag pods' SYNs on; `None`: found by [`crate::pod_net::uplinks_toward`].
     pub uplinks: Option<Vec<String>>,
 }
 

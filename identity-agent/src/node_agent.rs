@@ -437,7 +437,7 @@ impl Applier {
         let pods: BTreeSet<u32> = self.registry.values().map(|r| r.ifindex).collect();
         let wanted: BTreeSet<u32> = match &self.uplinks {
             Some(names) => names.iter().filter_map(|n| meshauth_datapath::loader::if_index(n).ok()).collect(),
-            None => match pod_net::uplink_candidates(&pods) {
+            None => match pod_net::uplinks_toward(&self.remote_destinations(), &pods) {
                 Ok(found) => found,
                 Err(error) => {
                     tracing::warn!(%error, "cannot list the node's interfaces; the tagger stays where it is");
@@ -462,6 +462,22 @@ impl Applier {
             }
             Err(error) => tracing::warn!(%error, "cannot list the tagger's uplinks"),
         }
+    }
+
+    /// Other nodes' addresses and one pod address per other node: where this node's pods'
+    /// connections to other nodes go (the pod address covers an overlay device).
+    fn remote_destinations(&self) -> BTreeSet<Ipv4Addr> {
+        let snapshot = &self.last;
+        let mut out = BTreeSet::new();
+        for node in snapshot.nodes.iter().filter(|n| n.name != self.node_name) {
+            if let Some(ip) = snapshot.node_address(&node.name).and_then(|a| a.parse().ok()) {
+                out.insert(ip);
+            }
+            if let Some(ip) = snapshot.inputs.pods.iter().find(|p| p.node.as_deref() == Some(node.name.as_str())).and_then(|p| p.ip) {
+                out.insert(ip);
+            }
+        }
+        out
     }
 
     /// Connection keys of pairs that expired go.

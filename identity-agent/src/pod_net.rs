@@ -289,16 +289,26 @@ pub fn host_addresses() -> Result<BTreeSet<Ipv4Addr>, PodNetError> {
     Ok(addresses(&socket()?)?.into_iter().map(|(_, ip)| ip).filter(|ip| !ip.is_loopback()).collect())
 }
 
-/// The interfaces the connection tagger goes on when none are configured: every interface of
-/// the agent's namespace with a non-loopback IPv4 address that is not a pod's veth (`pods`).
-/// Pods' traffic to other nodes leaves by one of them, after the node's address translation.
-pub fn uplink_candidates(pods: &BTreeSet<u32>) -> Result<BTreeSet<u32>, PodNetError> {
-    Ok(addresses(&socket()?)?
-        .into_iter()
-        .filter(|(index, ip)| !ip.is_loopback() && !pods.contains(index))
-        .filter(|(index, _)| meshauth_datapath::loader::if_name(*index).is_some_and(|n| n != "lo"))
-        .map(|(index, _)| index)
-        .collect())
+/// The interfaces the connection tagger goes on when none are configured: those the kernel
+/// sends by toward `destinations` (other nodes' addresses and pods), never a pod's veth
+/// (`pods`) or loopback. The route lookup is a UDP `connect`, which sends nothing; the source
+/// address it picks names the interface.
+pub fn uplinks_toward(destinations: &BTreeSet<Ipv4Addr>, pods: &BTreeSet<u32>) -> Result<BTreeSet<u32>, PodNetError> {
+    let by_address: BTreeMap<Ipv4Addr, u32> = addresses(&socket()?)?.into_iter().map(|(index, ip)| (ip, index)).collect();
+    let mut out = BTreeSet::new();
+    for dst in destinations {
+        let Ok(probe) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else { continue };
+        if probe.connect((*dst, 9)).is_err() {
+            continue; // no route: nothing leaves toward it
+        }
+        let Ok(std::net::SocketAddr::V4(local)) = probe.local_addr() else { continue };
+        if let Some(index) = by_address.get(local.ip()).filter(|i| !pods.contains(i))
+            && meshauth_datapath::loader::if_name(*index).is_some_and(|n| n != "lo")
+        {
+            out.insert(*index);
+        }
+    }
+    Ok(out)
 }
 
 /// Whether an interface with this index exists in the agent's namespace.
