@@ -298,7 +298,7 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     // A process on node-1 (a hostNetwork pod, say) writes order-0's address into its SYNs.
     let node1_ns = mesh.node("node-1").map(|n| n.ns.name.clone()).unwrap_or_default();
     let spoofed = connect_as(&node1_ns, order_ip, payment, 8080);
-    let tag_missing = drops(&maps, Counter::DropTagMissing) - before;
+    let tag_missing = drops(&maps, Counter::DropTagMissing).saturating_sub(before);
     r.check(
         "spoofed source from another node dropped",
         matches!(spoofed, Ok(false)) && tag_missing > 0,
@@ -323,7 +323,7 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     }
     let before = drops(&maps, Counter::DropTagMissing) + drops(&maps, Counter::DropTagInvalid);
     let ok = tcp_request(mesh.pod("shop/order-0"), payment, 8080, Duration::from_millis(1500));
-    let refused = drops(&maps, Counter::DropTagMissing) + drops(&maps, Counter::DropTagInvalid) - before;
+    let refused = (drops(&maps, Counter::DropTagMissing) + drops(&maps, Counter::DropTagInvalid)).saturating_sub(before);
     r.check(
         "reused pod IP with another identity dropped",
         learnt && !ok && refused > 0,

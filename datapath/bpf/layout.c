@@ -44,6 +44,7 @@ int main(void)
 	F(ma_tag_value, prev_key);
 	F(ma_tag_value, key_from_ns);
 	S(ma_syn_key);
+	S(ma_syn_value);
 	S(ma_ct_key);
 	F(ma_ct_key, saddr);
 	F(ma_ct_key, daddr);

@@ -565,17 +565,26 @@ static __always_inline int link_layer(struct __sk_buff *skb, const struct ma_con
 #define MA_PROOF_LOCAL 1 /* a local pod's: its own veth sent it (syn_origin) */
 #define MA_PROOF_TAG 2 /* another node's pod: the tag */
 
-static __always_inline int syn_from_pod(const struct flow *f, __u64 now)
+/* Whether this SYN is one that the veth registered for its source (`ifindex`) sent: not made
+ * up on this node (a packet a local socket sends has skb->sk; one forwarded from a pod's
+ * namespace has none) and listed by from_pod for that very veth. The clocks may be other
+ * CPUs' cached ones, a tick apart. */
+static __always_inline int syn_from_pod(struct __sk_buff *skb, const struct flow *f, __u32 ifindex,
+					__u64 now)
 {
 	struct ma_syn_key k = { .saddr = f->saddr, .seq = f->tcp_seq, .sport = f->sport };
-	struct ma_syn_value *v = bpf_map_lookup_elem(&syn_origin, &k);
+	struct ma_syn_value *v;
 
-	return v && now >= v->seen_ns && now - v->seen_ns < MA_SYN_ORIGIN_TTL_NS;
+	if (skb->sk)
+		return 0;
+	v = bpf_map_lookup_elem(&syn_origin, &k);
+	return v && v->ifindex == ifindex && now + MA_CLOCK_SLACK_NS >= v->seen_ns &&
+	       now - v->seen_ns < MA_SYN_ORIGIN_TTL_NS;
 }
 
 /* 0: the pair is authenticated (and a SYN proved its source); the drop counter otherwise. */
 static __always_inline __u32 auth_check(struct __sk_buff *skb, const struct flow *f, __u32 dst_spiffe,
-					__u32 src_spiffe, __u64 now, int proof)
+					__u32 src_spiffe, __u32 src_ifindex, __u64 now, int proof)
 {
 	struct ma_auth_key key = { .dst_spiffe_id = dst_spiffe, .src_spiffe_id = src_spiffe };
 	struct ma_auth_value *v;
@@ -589,7 +598,7 @@ static __always_inline __u32 auth_check(struct __sk_buff *skb, const struct flow
 		return MA_C_DROP_AUTH_EXPIRED;
 	if (proof == MA_PROOF_TAG)
 		return tag_check(skb, f, v, now);
-	if (proof == MA_PROOF_LOCAL && !syn_from_pod(f, now))
+	if (proof == MA_PROOF_LOCAL && !syn_from_pod(skb, f, src_ifindex, now))
 		return MA_C_DROP_SYN_NOT_FROM_POD;
 	return 0;
 }
@@ -609,9 +618,9 @@ static __always_inline void remember_fragment(const struct flow *f)
 static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_config *cfg,
 					const struct flow *f, __u8 req, __u32 src_identity,
 					__u32 dst_identity, __u32 src_spiffe, __u32 dst_spiffe,
-					__u32 pass_counter, __u64 now, int proof)
+					__u32 pass_counter, __u64 now, int proof, __u32 src_ifindex)
 {
-	__u32 failed = auth_check(skb, f, dst_spiffe, src_spiffe, now, proof);
+	__u32 failed = auth_check(skb, f, dst_spiffe, src_spiffe, src_ifindex, now, proof);
 	/* A pair that is authenticated but whose SYN did not prove its source. */
 	int unproven = failed == MA_C_DROP_TAG_MISSING || failed == MA_C_DROP_TAG_INVALID ||
 		       failed == MA_C_DROP_SYN_NOT_FROM_POD;
@@ -742,7 +751,7 @@ int to_pod(struct __sk_buff *skb)
 			} else {
 				verdict = authenticate(skb, cfg, &f, ct->auth, 0, 0, ct->src_spiffe_id,
 						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED, now,
-						       MA_PROOF_NONE);
+						       MA_PROOF_NONE, 0);
 			}
 			if (verdict == PASS) {
 				ct_seen(ct, &f, now);
@@ -848,7 +857,8 @@ int to_pod(struct __sk_buff *skb)
 		if (!now)
 			now = boot_ns_coarse();
 		verdict = authenticate(skb, cfg, &f, req, src_identity, dst->security_identity,
-				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED, now, proof);
+				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED, now, proof,
+				       src ? src->ifindex : 0);
 	}
 	if (verdict != PASS)
 		return verdict;
@@ -920,7 +930,7 @@ int from_pod(struct __sk_buff *skb)
 		/* This SYN is the pod's own: a local destination or the uplink's tagger can tell it
 		 * from one that the node or the wire made up with the pod's address. */
 		struct ma_syn_key sk = { .saddr = f.saddr, .seq = f.tcp_seq, .sport = f.sport };
-		struct ma_syn_value sv = { .seen_ns = boot_ns_coarse() };
+		struct ma_syn_value sv = { .seen_ns = boot_ns_coarse(), .ifindex = ifindex };
 
 		bpf_map_update_elem(&syn_origin, &sk, &sv, BPF_ANY);
 	}
@@ -1001,7 +1011,7 @@ int tag_syn(struct __sk_buff *skb)
 	if (!dst || dst->spiffe_id == MA_NO_SPIFFE_ID)
 		return PASS; /* not to a mesh pod: nothing would check a tag */
 	now = boot_ns_coarse();
-	if (!syn_from_pod(&f, now))
+	if (!syn_from_pod(skb, &f, src->ifindex, now))
 		return PASS; /* not what the pod sent: left for the destination to drop */
 	{
 		struct ma_tag_key k = { .src_spiffe_id = src->spiffe_id, .dst_spiffe_id = dst->spiffe_id };

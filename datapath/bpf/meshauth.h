@@ -118,6 +118,8 @@ struct ma_syn_key {
 };
 struct ma_syn_value {
 	__u64 seen_ns; /* CLOCK_BOOTTIME */
+	__u32 ifindex; /* the veth it came in on: must be the one registered for saddr */
+	__u32 pad;
 };
 #define MA_SYN_ORIGIN_TTL_NS (10ULL * 1000000000ULL) /* covers a SYN's retransmissions */
 

@@ -85,9 +85,9 @@ pub struct AuthKey {
     pub src_spiffe_id: u32,
 }
 
-/// `struct ma_auth_value`.
+/// `struct ma_auth_value`. Its `Debug` leaves the keys out.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct AuthValue {
     /// CLOCK_BOOTTIME nanoseconds.
     pub expiry_ns: u64,
@@ -97,6 +97,12 @@ pub struct AuthValue {
     pub prev_key: [u64; 2],
     /// CLOCK_BOOTTIME nanoseconds; 0: no previous key.
     pub prev_until_ns: u64,
+}
+
+impl std::fmt::Debug for AuthValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthValue").field("expiry_ns", &self.expiry_ns).field("prev_until_ns", &self.prev_until_ns).finish_non_exhaustive()
+    }
 }
 
 /// `struct ma_tag_key`: (local source, destination) SPIFFE-ID numbers on the source's node.
@@ -461,6 +467,7 @@ mod tests {
         field!("ma_tag_value", TagValue, prev_key);
         field!("ma_tag_value", TagValue, key_from_ns);
         writeln!(s, "ma_syn_key size 12").unwrap();
+        writeln!(s, "ma_syn_value size 16").unwrap();
         size!("ma_ct_key", CtKey);
         field!("ma_ct_key", CtKey, saddr);
         field!("ma_ct_key", CtKey, daddr);

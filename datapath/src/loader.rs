@@ -106,7 +106,7 @@ const MAPS: &[MapSpec] = &[
         name: "syn_origin",
         kind: MapType::LruHash,
         key_size: 12,
-        value_size: 8,
+        value_size: 16,
         entries: |c| c.fragment_entries.max(65536),
         rebuildable: true,
     },

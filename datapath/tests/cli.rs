@@ -87,6 +87,7 @@ fn bench_reports_every_path_at_both_sizes_in_the_documented_shape() {
     bench_datapath(&opts, OutputFormat::Json, &mut out).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert!(v["baseline_ns"].is_number());
+    assert!(v["baseline_single_run_ns"].is_number());
     let paths = v["paths"].as_array().unwrap();
     let names = [
         "no-policy",
@@ -94,6 +95,10 @@ fn bench_reports_every_path_at_both_sizes_in_the_documented_shape() {
         "auth-present",
         "auth-missing",
         "denied",
+        "syn-tag-verified",
+        "syn-untagged-dropped",
+        "syn-local-proof",
+        "tag-written",
     ];
     assert_eq!(paths.len(), names.len() * ENTRY_COUNTS.len());
     for n in names {

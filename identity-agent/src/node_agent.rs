@@ -433,11 +433,16 @@ impl Applier {
     }
 
     /// The connection tagger on every uplink, and off interfaces that stopped being one.
-    fn sync_uplinks(&mut self) {
+    pub fn sync_uplinks(&mut self) {
         let pods: BTreeSet<u32> = self.registry.values().map(|r| r.ifindex).collect();
+        let destinations = self.remote_destinations();
+        if self.uplinks.is_none() && destinations.is_empty() {
+            // No other node known yet (a first snapshot still empty): keep the pinned taggers.
+            return;
+        }
         let wanted: BTreeSet<u32> = match &self.uplinks {
             Some(names) => names.iter().filter_map(|n| meshauth_datapath::loader::if_index(n).ok()).collect(),
-            None => match pod_net::uplinks_toward(&self.remote_destinations(), &pods) {
+            None => match pod_net::uplinks_toward(&destinations, &pods) {
                 Ok(found) => found,
                 Err(error) => {
                     tracing::warn!(%error, "cannot list the node's interfaces; the tagger stays where it is");
@@ -691,6 +696,8 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     let first = snapshots.borrow_and_update().clone();
     applier.housekeeping()?;
     applier.apply(first)?;
+    // The tagger on the uplinks as soon as the other nodes are known, not a tick later.
+    applier.sync_uplinks();
     let (cni_tx, mut cni_calls) = tokio::sync::mpsc::channel::<CniCall>(64);
     let _cni_task = serve_cni(&config.cni_socket, cni_tx)?;
     tracing::info!(socket = %config.cni_socket.display(), "serving the CNI plugin");

@@ -85,7 +85,12 @@ impl Cluster {
     fn counter(&self, agent: &str, name: &str) -> u64 {
         let (ok, out) = self.kubectl(&["exec", "-n", "meshauth-system", agent, "--", "meshauthctl", "status", "--output", "json"]);
         assert!(ok, "status: {out}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}: {out}"));
+        // The output is the JSON document, then whatever kubectl adds on stderr.
+        let v: serde_json::Value = serde_json::Deserializer::from_str(&out)
+            .into_iter()
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("status JSON: {out}"));
         v["counters"][name]["packets"].as_u64().unwrap_or(0)
     }
 
