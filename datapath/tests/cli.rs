@@ -97,8 +97,6 @@ fn bench_reports_every_path_at_both_sizes_in_the_documented_shape() {
         "denied",
         "syn-tag-verified",
         "syn-untagged-dropped",
-        "syn-local-proof",
-        "tag-written",
     ];
     assert_eq!(paths.len(), names.len() * ENTRY_COUNTS.len());
     for n in names {
