@@ -3,7 +3,7 @@
 //! maps that still hold the honest pair's authentication. Run as root.
 
 use meshauth_cluster::manifests::Manifests;
-use meshauth_datapath::packet::{self, TCP_SYN};
+use meshauth_datapath::packet::{self, TCP_ACK};
 use meshauth_datapath::testing::{PinDir, require_root};
 use meshauth_datapath::{BootTime, Datapath, DatapathConfig, Hook};
 use meshauth_policy::compile::{NumberAllocator, compile};
@@ -26,8 +26,10 @@ fn tables(text: &str, allocator: &mut NumberAllocator) -> CompiledTables {
     t
 }
 
+/// A mid-stream segment: it takes the pair's check every time (a SYN from another node would
+/// also need its connection tag, which this test is not about).
 fn passes(dp: &Datapath, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
-    dp.test_run(Hook::ToPod, &packet::tcp(src, dst, 40000, 8080, TCP_SYN), 1).expect("test run").passed()
+    dp.test_run(Hook::ToPod, &packet::tcp(src, dst, 40000, 8080, TCP_ACK), 1).expect("test run").passed()
 }
 
 #[test]
