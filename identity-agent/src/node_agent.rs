@@ -487,7 +487,7 @@ impl Applier {
 
     /// Connection keys of pairs that expired go.
     fn sweep_tag_keys(&self) {
-        if let Err(error) = lock(&self.datapath).sweep_tag_keys(|_, _| true) {
+        if let Err(error) = lock(&self.datapath).sweep_tag_keys() {
             tracing::warn!(%error, "cannot sweep the connection keys");
         }
     }

@@ -53,10 +53,6 @@ pub const KEY_OVERLAP: Duration = Duration::from_secs(30);
 /// destination, which finishes its handshake after ours, has installed the new key by then.
 pub const KEY_SWITCH_DELAY: Duration = Duration::from_secs(2);
 
-fn after(now: BootTime, d: Duration) -> u64 {
-    now.0.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 /// Where a pin of an uplink's tagger link lives: `links/<ifindex>-uplink`.
 pub(super) const UPLINK_SUFFIX: &str = "-uplink";
 
@@ -81,7 +77,7 @@ impl Datapath {
             }
             Ok(old) if old.key != [0, 0] => {
                 v.prev_key = old.key;
-                v.prev_until_ns = after(now, KEY_OVERLAP);
+                v.prev_until_ns = now.saturating_add(KEY_OVERLAP).0;
             }
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {}
@@ -109,7 +105,7 @@ impl Datapath {
             }
             Ok(old) if old.key != [0, 0] && old.expiry_ns > now.0 => {
                 v.prev_key = old.key;
-                v.key_from_ns = after(now, KEY_SWITCH_DELAY);
+                v.key_from_ns = now.saturating_add(KEY_SWITCH_DELAY).0;
             }
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {}
@@ -118,9 +114,8 @@ impl Datapath {
         self.maps.tag_keys.insert(k, v, 0).map_err(map_err("tag_keys"))
     }
 
-    /// Forgets the tag keys that expired (or whose pairs are no longer wanted: `keep` says
-    /// no); returns how many went.
-    pub fn sweep_tag_keys(&mut self, mut keep: impl FnMut(u32, u32) -> bool) -> Result<usize, DatapathError> {
+    /// Forgets the tag keys that expired; returns how many went.
+    pub fn sweep_tag_keys(&mut self) -> Result<usize, DatapathError> {
         let now = BootTime::now().0;
         let mut gone = Vec::new();
         for k in keys_of(&self.maps.tag_keys, "tag_keys")? {
@@ -129,7 +124,7 @@ impl Datapath {
                 Err(e) if is_not_found(&e) => continue,
                 Err(e) => return Err(map_err("tag_keys")(e)),
             };
-            if expired || !keep(k.src_spiffe_id, k.dst_spiffe_id) {
+            if expired {
                 gone.push(k);
             }
         }
