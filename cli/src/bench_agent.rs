@@ -130,7 +130,7 @@ fn measure(agent_bin: &Path, work: &Path, local_pods: usize, local_ids: usize, r
         let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pin_dir)).map_err(|e| BenchAgentError::Setup(e.to_string()))?;
         let expiry = BootTime::after(Duration::from_secs(3600));
         for pair in &node_plan.desired {
-            dp.set_auth(pair.dst_number, pair.src_number, expiry).map_err(|e| BenchAgentError::Setup(e.to_string()))?;
+            dp.set_auth(pair.dst_number, pair.src_number, meshauth_datapath::NodeId::This, expiry).map_err(|e| BenchAgentError::Setup(e.to_string()))?;
         }
     }
 

@@ -48,7 +48,7 @@ fn first_run(pins: &Path, state: &Path) -> (u32, u32) {
     let t = tables(&["payment", "order"], &mut allocator);
     dp.apply_tables(&t).expect("apply");
     let pair = (number(&t, "payment"), number(&t, "order"));
-    dp.set_auth(pair.0, pair.1, BootTime::after(Duration::from_secs(3600))).expect("auth");
+    dp.set_auth(pair.0, pair.1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(3600))).expect("auth");
     numbering::save(state, &allocator).expect("save");
     pair
 }

@@ -43,8 +43,8 @@ fn an_address_two_pods_claim_is_isolated_and_rides_no_authentication() {
     dp.apply_tables(&honest).expect("apply");
     let number = |sa: &str| honest.spiffe_ids.iter().find(|(_, id)| id.ends_with(&format!("/sa/{sa}"))).map(|(n, _)| *n).expect("number");
     let until = BootTime::after(Duration::from_secs(3600));
-    dp.set_auth(number("order"), number("payment"), until).expect("auth");
-    dp.set_auth(number("payment"), number("order"), until).expect("auth");
+    dp.set_auth(number("order"), number("payment"), meshauth_datapath::NodeId::This, until).expect("auth");
+    dp.set_auth(number("payment"), number("order"), meshauth_datapath::NodeId::This, until).expect("auth");
     assert!(passes(&dp, payment, order) && passes(&dp, order, payment), "the proven pair passes both ways");
 
     dp.apply_tables(&tables(&format!("{MESH}---\n{FORGED_MIRROR}"), &mut allocator)).expect("apply");

@@ -116,6 +116,7 @@ impl Snapshot {
                 mutual_auth: AuthRequirement::None,
                 pod: format!("(shared by {})", shared.pods.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
                 node: None,
+                node_address: None,
             })
             .collect()
     }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshauth_datapath::testing::{Node, PinDir, link_nodes, require_root, tcp_connect, tcp_echo_server, tcp_request};
-use meshauth_datapath::{BootTime, ConnectionKey, Counter, Datapath, DatapathConfig};
+use meshauth_datapath::{BootTime, ConnectionKey, Counter, Datapath, DatapathConfig, NodeId};
 use meshauth_policy::tables::{
     AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol,
 };
@@ -61,6 +61,7 @@ fn endpoint(i: u8, isolated: bool, auth: AuthRequirement) -> EndpointEntry {
         mutual_auth: auth,
         pod: format!("bench/pod-{i}"),
         node: None,
+        node_address: None,
     }
 }
 
@@ -104,6 +105,9 @@ fn across_strict() -> CompiledTables {
         mutual_auth: auth,
         pod: format!("bench/pod-{i}"),
         node: None,
+        // Its node's underlay address: the other node reaches its agent there (a node's own
+        // pods are its own whatever this says).
+        node_address: Some(Ipv4Addr::new(192, 168, 88, ip[2] as u8)),
     };
     let rule = |port| PolicyEntry {
         dst_identity: 257,
@@ -146,8 +150,8 @@ fn across_nodes(settings: &Settings, json: bool) {
     let (mut a, mut b) = (load(&node_a, &pins_a), load(&node_b, &pins_b));
     let key = ConnectionKey([0x0bad_cafe, 0xfeed_f00d]);
     let day = BootTime::after(Duration::from_secs(24 * 3600));
-    a.set_tag_key(1, 2, day, key).expect("source key");
-    b.set_auth_keyed(2, 1, day, key).expect("destination key");
+    a.set_tag_key(1, 2, NodeId::At(Ipv4Addr::new(192, 168, 88, 2)), day, key).expect("source key");
+    b.set_auth_keyed(2, 1, NodeId::At(Ipv4Addr::new(192, 168, 88, 1)), day, key).expect("destination key");
     let server = node_b.pods[0].ip;
     let _echo = tcp_echo_server(&node_b.pods[0], RR_PORT).expect("echo server");
     let bulk_listener = node_b.pods[0].ns.run(|| TcpListener::bind((server, BULK_PORT))).expect("netns").expect("bind");
@@ -487,7 +491,7 @@ fn main() {
     let _guard = node.ns.enter().expect("enter node namespace");
     let pins = PinDir::new("latency");
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).expect("load");
-    dp.set_auth(2, 1, BootTime::after(Duration::from_secs(24 * 3600)))
+    dp.set_auth(2, 1, NodeId::This, BootTime::after(Duration::from_secs(24 * 3600)))
         .expect("auth");
     let _echo = tcp_echo_server(&node.pods[1], RR_PORT).expect("echo server");
     let bulk_listener = node.pods[1]

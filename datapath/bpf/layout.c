@@ -30,6 +30,7 @@ int main(void)
 	S(ma_auth_key);
 	F(ma_auth_key, dst_spiffe_id);
 	F(ma_auth_key, src_spiffe_id);
+	F(ma_auth_key, src_node);
 	S(ma_auth_value);
 	F(ma_auth_value, expiry_ns);
 	F(ma_auth_value, key);
@@ -38,6 +39,7 @@ int main(void)
 	S(ma_tag_key);
 	F(ma_tag_key, src_spiffe_id);
 	F(ma_tag_key, dst_spiffe_id);
+	F(ma_tag_key, dst_node);
 	S(ma_tag_value);
 	F(ma_tag_value, expiry_ns);
 	F(ma_tag_value, key);
@@ -147,6 +149,7 @@ int main(void)
 	C(MA_SPIFFE_ID_MAX);
 	C(MA_C_COUNT);
 	C(MA_COUNTER_SLOTS);
+	C(MA_THIS_NODE);
 	C(MA_POLICY_FIXED_BITS);
 	C(MA_TAG_OPT_KIND);
 	C(MA_TAG_OPT_LEN);

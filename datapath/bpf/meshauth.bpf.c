@@ -61,6 +61,13 @@ struct {
 } endpoints SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __be32);
+	__type(value, __be32);
+} endpoint_nodes SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -78,8 +85,8 @@ struct {
 	__type(value, struct ma_auth_value);
 } auth SEC(".maps");
 
-/* Source side of connection tags: one entry per (local source, destination) pair this node's
- * agent answered a handshake for. */
+/* Source side of connection tags: one entry per (local source, destination, destination's
+ * node) this node's agent answered a handshake for. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 524288);
@@ -588,9 +595,16 @@ static __always_inline __u32 auth_check(struct __sk_buff *skb, const struct flow
 {
 	struct ma_auth_key key = { .dst_spiffe_id = dst_spiffe, .src_spiffe_id = src_spiffe };
 	struct ma_auth_value *v;
+	__be32 *node;
 
 	if (src_spiffe == MA_NO_SPIFFE_ID || dst_spiffe == MA_NO_SPIFFE_ID)
 		return MA_C_DROP_AUTH_MISSING;
+	/* Only the proof of the node the source address is on counts: another node hosting the
+	 * same identity proved nothing of this packet's sender. */
+	node = bpf_map_lookup_elem(&endpoint_nodes, &f->saddr);
+	if (!node)
+		return MA_C_DROP_AUTH_MISSING;
+	key.src_node = *node;
 	v = bpf_map_lookup_elem(&auth, &key);
 	if (!v)
 		return MA_C_DROP_AUTH_MISSING;
@@ -1015,7 +1029,14 @@ int tag_syn(struct __sk_buff *skb)
 		return PASS; /* not what the pod sent: left for the destination to drop */
 	{
 		struct ma_tag_key k = { .src_spiffe_id = src->spiffe_id, .dst_spiffe_id = dst->spiffe_id };
+		__be32 *node = bpf_map_lookup_elem(&endpoint_nodes, &f.daddr);
 
+		/* Each node hosting the destination identity proved the pair on its own: its key. */
+		if (!node) {
+			count(MA_C_TAG_NO_KEY, skb->len);
+			return PASS;
+		}
+		k.dst_node = *node;
 		tk = bpf_map_lookup_elem(&tag_keys, &k);
 	}
 	if (!tk || tk->expiry_ns <= now + MA_CLOCK_SLACK_NS || !(tk->key[0] | tk->key[1])) {

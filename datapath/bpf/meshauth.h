@@ -46,6 +46,13 @@ struct ma_endpoint_value {
 };
 
 /*
+ * endpoint_nodes: pod IPv4 address -> the address of the agent of the node the pod runs on, as
+ * this node's agent reaches it (MA_THIS_NODE for this node's own pods, which the loader writes
+ * for every registered interface). A pod with no entry has no node whose proof could count.
+ */
+#define MA_THIS_NODE 0
+
+/*
  * policy: LPM trie. The prefix covers dst_identity, src_identity and protocol completely (80
  * bits) and then the leading bits of the big-endian port, so a port range is stored as the
  * aligned blocks of meshauth_policy::tables::port_range_prefixes.
@@ -63,11 +70,14 @@ struct ma_policy_value {
 	__u8 pad[3];
 };
 
-/* auth: an authenticated pair and when it stops being one, with the pair's connection keys:
- * a TCP SYN from another node is admitted only when its tag verifies with one of them. */
+/* auth: a pair proven by a handshake with the agent of one node hosting the source identity,
+ * when that proof ends, and its connection keys. A packet from a pod counts as authenticated
+ * only by the proof of the node its source address is on (endpoint_nodes), and a TCP SYN from
+ * another node only when its tag verifies with that proof's key. */
 struct ma_auth_key {
 	__u32 dst_spiffe_id;
 	__u32 src_spiffe_id;
+	__be32 src_node; /* endpoint_nodes[source address]; MA_THIS_NODE for this node's pods */
 };
 struct ma_auth_value {
 	__u64 expiry_ns; /* CLOCK_BOOTTIME */
@@ -77,14 +87,16 @@ struct ma_auth_value {
 };
 
 /*
- * tag_keys: on the source's node, (source, destination) SPIFFE-ID numbers -> the key its
- * pods' SYNs to that destination are tagged with. `prev_key` is used until `key_from_ns`, so the
+ * tag_keys: on the source's node, (source, destination) SPIFFE-ID numbers and the destination's
+ * node -> the key its pods' SYNs to that destination on that node are tagged with (each node
+ * hosting the destination identity handshakes on its own, so each has its own key). `prev_key` is used until `key_from_ns`, so the
  * destination has installed the new key (it keeps the old one a while longer) before any SYN
  * carries it.
  */
 struct ma_tag_key {
 	__u32 src_spiffe_id;
 	__u32 dst_spiffe_id;
+	__be32 dst_node; /* endpoint_nodes[destination address] */
 };
 struct ma_tag_value {
 	__u64 expiry_ns; /* CLOCK_BOOTTIME: no tag after it */

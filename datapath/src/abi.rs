@@ -35,6 +35,9 @@ pub const SPIFFE_ID_MAX: usize = 2048;
 /// `MA_COUNTER_SLOTS`: entries of the counters map.
 pub const COUNTER_SLOTS: u32 = 32;
 
+/// `MA_THIS_NODE`: the node of this node's own pods in `endpoint_nodes` and the auth map.
+pub const THIS_NODE: u32 = 0;
+
 /// The map key of an IPv4 address: its bytes in network order, read as a native `u32`.
 pub fn ip_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
@@ -77,12 +80,14 @@ pub struct PolicyValue {
     pub pad: [u8; 3],
 }
 
-/// `struct ma_auth_key`.
+/// `struct ma_auth_key`: the pair, and the node whose agent proved it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AuthKey {
     pub dst_spiffe_id: u32,
     pub src_spiffe_id: u32,
+    /// [`ip_key`] of the source's node address; [`THIS_NODE`] for this node's pods.
+    pub src_node: u32,
 }
 
 /// `struct ma_auth_value`. Its `Debug` leaves the keys out.
@@ -105,12 +110,15 @@ impl std::fmt::Debug for AuthValue {
     }
 }
 
-/// `struct ma_tag_key`: (local source, destination) SPIFFE-ID numbers on the source's node.
+/// `struct ma_tag_key`: (local source, destination) SPIFFE-ID numbers on the source's node,
+/// and the destination's node.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TagKey {
     pub src_spiffe_id: u32,
     pub dst_spiffe_id: u32,
+    /// [`ip_key`] of the destination's node address.
+    pub dst_node: u32,
 }
 
 /// `struct ma_tag_value`.
@@ -453,6 +461,7 @@ mod tests {
         size!("ma_auth_key", AuthKey);
         field!("ma_auth_key", AuthKey, dst_spiffe_id);
         field!("ma_auth_key", AuthKey, src_spiffe_id);
+        field!("ma_auth_key", AuthKey, src_node);
         size!("ma_auth_value", AuthValue);
         field!("ma_auth_value", AuthValue, expiry_ns);
         field!("ma_auth_value", AuthValue, key);
@@ -461,6 +470,7 @@ mod tests {
         size!("ma_tag_key", TagKey);
         field!("ma_tag_key", TagKey, src_spiffe_id);
         field!("ma_tag_key", TagKey, dst_spiffe_id);
+        field!("ma_tag_key", TagKey, dst_node);
         size!("ma_tag_value", TagValue);
         field!("ma_tag_value", TagValue, expiry_ns);
         field!("ma_tag_value", TagValue, key);
@@ -543,6 +553,7 @@ mod tests {
         constant!("MA_SPIFFE_ID_MAX", SPIFFE_ID_MAX);
         constant!("MA_C_COUNT", Counter::ALL.len());
         constant!("MA_COUNTER_SLOTS", COUNTER_SLOTS);
+        constant!("MA_THIS_NODE", THIS_NODE);
         constant!("MA_POLICY_FIXED_BITS", POLICY_FIXED_BITS);
         constant!("MA_TAG_OPT_KIND", TAG_OPT_KIND);
         constant!("MA_TAG_OPT_LEN", TAG_OPT_LEN);

@@ -103,6 +103,8 @@ const IP_SRC_CT: [u8; 4] = [10, 0, 1, 4];
 const IP_SRC_LOCAL: [u8; 4] = [10, 0, 1, 5];
 const DST_SPIFFE: u32 = 2;
 const SRC_AUTH_SPIFFE: u32 = 10;
+/// The node of the benchmark's other pods.
+const BENCH_NODE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 1);
 const SRC_LOCAL_SPIFFE: u32 = 14;
 /// `BPF_PROG_TEST_RUN` runs TC programs on the loopback's index: the benchmark's local pod.
 const TEST_RUN_IFINDEX: u32 = 1;
@@ -119,6 +121,9 @@ fn endpoint(ip: [u8; 4], identity: u32, spiffe_id: u32, isolated: bool) -> Endpo
         mutual_auth: AuthRequirement::None,
         pod: format!("bench/{identity}"),
         node: None,
+        // The benchmark's local pod is this node's (its interface is registered); the others
+        // are another node's.
+        node_address: Some(BENCH_NODE),
     }
 }
 
@@ -278,9 +283,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     dp.register_interface_only(TEST_RUN_IFINDEX, IP_SRC_LOCAL.into())?;
     dp.apply_tables(&tables())?;
     let day = BootTime::after(Duration::from_secs(24 * 3600));
-    dp.set_auth_keyed(DST_SPIFFE, SRC_AUTH_SPIFFE, day, BENCH_KEY)?;
-    dp.set_auth(DST_SPIFFE, SRC_LOCAL_SPIFFE, day)?;
-    dp.set_tag_key(SRC_LOCAL_SPIFFE, DST_SPIFFE, day, BENCH_KEY)?;
+    dp.set_auth_keyed(DST_SPIFFE, SRC_AUTH_SPIFFE, crate::NodeId::At(BENCH_NODE), day, BENCH_KEY)?;
+    dp.set_auth(DST_SPIFFE, SRC_LOCAL_SPIFFE, crate::NodeId::This, day)?;
+    dp.set_tag_key(SRC_LOCAL_SPIFFE, DST_SPIFFE, crate::NodeId::At(BENCH_NODE), day, BENCH_KEY)?;
     // The local pod's SYN leaves through its veth first: from_pod records it.
     let local = local_syn();
     dp.test_run(Hook::FromPod, &local, 1)?;
@@ -311,7 +316,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         // of them the measured ones.
         let expiry = BootTime::after(Duration::from_secs(24 * 3600));
         while filled < entries {
-            dp.set_auth(1_000_000 + filled / 1024, 2_000_000 + filled, expiry)?;
+            dp.set_auth(1_000_000 + filled / 1024, 2_000_000 + filled, crate::NodeId::This, expiry)?;
             filled += 1;
         }
         let mut samples: Vec<Vec<u64>> = vec![Vec::new(); paths.len()];

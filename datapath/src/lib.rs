@@ -92,6 +92,6 @@ pub use clock::BootTime;
 pub use config::{AttachMode, DatapathConfig, Ipv6Mode};
 pub use events::{Event, EventKind, EventStream};
 pub use loader::{ConnectionKey, KEY_OVERLAP, KEY_SWITCH_DELAY, 
-    ApplyStats, AuthEntry, Counters, Datapath, DatapathError, Endpoint, Hook, Interface, Maps,
+    ApplyStats, AuthEntry, Counters, Datapath, DatapathError, Endpoint, Hook, Interface, Maps, NodeId,
     PROGRAM_VERSION, TestRunOutcome,
 };

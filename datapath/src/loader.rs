@@ -76,6 +76,16 @@ const MAPS: &[MapSpec] = &[
         entries: |c| c.endpoint_entries,
         rebuildable: false,
     },
+    // Not rebuildable: an empty one would leave every pod without a node, so no pair would
+    // count as authenticated until the agent's first apply.
+    MapSpec {
+        name: "endpoint_nodes",
+        kind: MapType::Hash,
+        key_size: 4,
+        value_size: 4,
+        entries: |c| c.endpoint_entries,
+        rebuildable: false,
+    },
     MapSpec {
         name: "policy",
         kind: MapType::LpmTrie,
@@ -84,8 +94,9 @@ const MAPS: &[MapSpec] = &[
         entries: |c| c.policy_entries,
         rebuildable: false,
     },
-    // Rebuildable: a pair written before connection keys existed has none, and its agent
-    // authenticates it again (what a restart does anyway).
+    // Rebuildable: a pair written before connection keys (or the proving node in the key)
+    // existed is not one this version can use, and its agent authenticates it again (what a
+    // restart does anyway).
     MapSpec {
         name: "auth",
         kind: MapType::Hash,
@@ -258,11 +269,47 @@ fn prog_err(name: &'static str) -> impl Fn(ProgramError) -> DatapathError {
     move |source| DatapathError::Program { name, source }
 }
 
-/// An authenticated pair in the auth map.
+/// The node a proof is bound to, as the maps name it: this node, or the address of another
+/// node's agent as this node's agent reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeId {
+    /// This node: its own pods, registered on their veths.
+    This,
+    /// Another node, by its agent's address.
+    At(Ipv4Addr),
+}
+
+impl NodeId {
+    /// The maps' key of the node ([`abi::THIS_NODE`] for this node).
+    pub fn key(self) -> u32 {
+        match self {
+            NodeId::This => abi::THIS_NODE,
+            NodeId::At(ip) => abi::ip_key(ip),
+        }
+    }
+
+    /// The node a map key names.
+    pub fn from_key(key: u32) -> Self {
+        if key == abi::THIS_NODE { NodeId::This } else { NodeId::At(abi::key_ip(key)) }
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeId::This => f.write_str("this node"),
+            NodeId::At(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// A proof in the auth map: the pair, the node whose agent proved it, until when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuthEntry {
     pub dst_spiffe_id: u32,
     pub src_spiffe_id: u32,
+    pub src_node: NodeId,
     pub expiry: BootTime,
 }
 
@@ -341,6 +388,7 @@ impl ApplyStats {
 pub struct Maps {
     pin_dir: PathBuf,
     endpoints: HashMap<MapData, u32, EndpointValue>,
+    endpoint_nodes: HashMap<MapData, u32, u32>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
     auth: HashMap<MapData, AuthKey, AuthValue>,
     tag_keys: HashMap<MapData, TagKey, TagValue>,
@@ -384,6 +432,8 @@ impl Maps {
             pin_dir: pin_dir.to_path_buf(),
             endpoints: HashMap::try_from(Map::HashMap(hash("endpoints")?))
                 .map_err(map_err("endpoints"))?,
+            endpoint_nodes: HashMap::try_from(Map::HashMap(hash("endpoint_nodes")?))
+                .map_err(map_err("endpoint_nodes"))?,
             policy: LpmTrie::try_from(Map::LpmTrie(hash("policy")?)).map_err(map_err("policy"))?,
             auth: HashMap::try_from(Map::HashMap(hash("auth")?)).map_err(map_err("auth"))?,
             tag_keys: HashMap::try_from(Map::HashMap(hash("tag_keys")?)).map_err(map_err("tag_keys"))?,
@@ -409,10 +459,11 @@ impl Maps {
             out.push(AuthEntry {
                 dst_spiffe_id: k.dst_spiffe_id,
                 src_spiffe_id: k.src_spiffe_id,
+                src_node: NodeId::from_key(k.src_node),
                 expiry: BootTime(v.expiry_ns),
             });
         }
-        out.sort_by_key(|e| (e.dst_spiffe_id, e.src_spiffe_id));
+        out.sort_by_key(|e| (e.dst_spiffe_id, e.src_spiffe_id, e.src_node));
         Ok(out)
     }
 
@@ -893,6 +944,18 @@ impl Datapath {
             );
         }
         isolate(&mut want, &denied);
+        // The node of every endpoint whose proofs count for it, before any endpoint names a
+        // new pod: a pod written without its node would be refused until the next apply.
+        let want_nodes: StdHashMap<u32, u32> = tables
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let key = abi::ip_key(e.ip);
+                let node = if local.contains_key(&key) { NodeId::This } else { NodeId::At(e.node_address?) };
+                Some((key, node.key()))
+            })
+            .collect();
+        let stale_nodes = self.write_endpoint_nodes(&want_nodes)?;
         let have_endpoints: StdHashMap<u32, EndpointValue> = self
             .maps
             .endpoints
@@ -936,6 +999,10 @@ impl Datapath {
                 remove_ignoring_missing(self.maps.endpoints.remove(k), "endpoints")?;
                 stats.endpoints_removed += 1;
             }
+        }
+
+        for k in &stale_nodes {
+            remove_ignoring_missing(self.maps.endpoint_nodes.remove(k), "endpoint_nodes")?;
         }
 
         // Policy: one trie entry per port block.
@@ -1059,6 +1126,34 @@ impl Datapath {
         Ok(stats)
     }
 
+    /// Writes the `endpoint_nodes` entries of `want` that differ; returns the keys to remove
+    /// once the endpoints no longer name them.
+    fn write_endpoint_nodes(&mut self, want: &StdHashMap<u32, u32>) -> Result<Vec<u32>, DatapathError> {
+        let have: StdHashMap<u32, u32> = self
+            .maps
+            .endpoint_nodes
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("endpoint_nodes"))?;
+        let stale: Vec<u32> = have.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        if have.len() + want.keys().filter(|k| !have.contains_key(k)).count() > self.maps.endpoint_capacity {
+            // Removing first only takes proofs away from addresses that are leaving.
+            for k in &stale {
+                remove_ignoring_missing(self.maps.endpoint_nodes.remove(k), "endpoint_nodes")?;
+            }
+        }
+        for (k, node) in want {
+            if have.get(k) == Some(node) {
+                continue;
+            }
+            if let Err(error) = self.maps.endpoint_nodes.insert(*k, *node, 0) {
+                // The pod has no node whose proof counts: its authenticated traffic is refused.
+                tracing::warn!(%error, ip = %abi::key_ip(*k), "node of an endpoint left out");
+            }
+        }
+        Ok(stale)
+    }
+
     /// Deletes every conntrack entry to or from one of `ips` (keys as [`abi::ip_key`]):
     /// what a pod that left, or a new pod on its address, must not inherit. Returns how many.
     pub fn flush_conntrack(&mut self, ips: &std::collections::BTreeSet<u32>) -> Result<usize, DatapathError> {
@@ -1075,20 +1170,23 @@ impl Datapath {
         Ok(keys.len())
     }
 
-    /// Records that `(dst, src)` authenticated each other until `expiry`, without a connection
-    /// key: a SYN from another node for this pair is then refused (see
-    /// [`Datapath::set_auth_keyed`]); same-node pairs need none. The program stops
-    /// passing the pair [`abi::CLOCK_SLACK_NS`] (10 ms) before `expiry`: its clock may be one
-    /// tick old, and a pair must never pass late.
+    /// Records that `(dst, src)` authenticated each other until `expiry`, proven by the agent
+    /// of `src_node`, without a connection key: a SYN from another node for this pair is then
+    /// refused (see [`Datapath::set_auth_keyed`]); same-node pairs need none. Only packets
+    /// whose source address is on `src_node` (`endpoint_nodes`) count as authenticated by it.
+    /// The program stops passing the pair [`abi::CLOCK_SLACK_NS`] (10 ms) before `expiry`: its
+    /// clock may be one tick old, and a pair must never pass late.
     pub fn set_auth(
         &mut self,
         dst_spiffe_id: u32,
         src_spiffe_id: u32,
+        src_node: NodeId,
         expiry: BootTime,
     ) -> Result<(), DatapathError> {
         let key = AuthKey {
             dst_spiffe_id,
             src_spiffe_id,
+            src_node: src_node.key(),
         };
         self.maps
             .auth
@@ -1103,15 +1201,17 @@ impl Datapath {
             .map_err(map_err("auth"))
     }
 
-    /// Forgets a pair; `Ok(false)` when it was not there.
+    /// Forgets the proof of a pair by one node; `Ok(false)` when it was not there.
     pub fn remove_auth(
         &mut self,
         dst_spiffe_id: u32,
         src_spiffe_id: u32,
+        src_node: NodeId,
     ) -> Result<bool, DatapathError> {
         match self.maps.auth.remove(&AuthKey {
             dst_spiffe_id,
             src_spiffe_id,
+            src_node: src_node.key(),
         }) {
             Ok(()) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
@@ -1119,7 +1219,19 @@ impl Datapath {
         }
     }
 
-    /// Every authenticated pair.
+    /// Forgets every node's proof of a pair; how many there were.
+    pub fn remove_pair(&mut self, dst_spiffe_id: u32, src_spiffe_id: u32) -> Result<usize, DatapathError> {
+        let keys: Vec<AuthKey> = keys_of(&self.maps.auth, "auth")?
+            .into_iter()
+            .filter(|k| k.dst_spiffe_id == dst_spiffe_id && k.src_spiffe_id == src_spiffe_id)
+            .collect();
+        for k in &keys {
+            remove_ignoring_missing(self.maps.auth.remove(k), "auth")?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Every proof in the auth map.
     pub fn auth_entries(&self) -> Result<Vec<AuthEntry>, DatapathError> {
         self.maps.auth_entries()
     }

@@ -25,9 +25,9 @@ fn auth_list_and_status_read_the_pinned_maps() {
         vec![rule(2, 1, P::Tcp, 80, Auth::None)],
     ))
     .unwrap();
-    dp.set_auth(2, 1, BootTime::after(Duration::from_secs(3600)))
+    dp.set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(3600)))
         .unwrap();
-    dp.set_auth(1, 2, BootTime::now()).unwrap();
+    dp.set_auth(1, 2, meshauth_datapath::NodeId::This, BootTime::now()).unwrap();
 
     let mut out = Vec::new();
     auth_list(&pins.0, OutputFormat::Json, &mut out).unwrap();

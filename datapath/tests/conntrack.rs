@@ -156,7 +156,7 @@ fn strict_server(f: &mut Fixture) {
 fn a_pods_answer_to_a_stray_segment_does_not_let_the_client_in_after_revocation() {
     let mut f = Fixture::new("ctrst");
     strict_server(&mut f);
-    f.dp().set_auth(2, 1, BootTime::after(Duration::from_secs(600))).unwrap();
+    f.dp().set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600))).unwrap();
     let _server = tcp_echo_server(f.pod(2), SERVER_PORT).unwrap();
     assert!(tcp_request(f.pod(1), f.ip(2), SERVER_PORT, LONG), "authenticated: the pair connects");
 
@@ -182,7 +182,7 @@ fn a_pods_answer_to_a_stray_segment_does_not_let_the_client_in_after_revocation(
 
     // The pair's authentication is revoked. A new connection from that very port must not
     // ride what pod 2's answer left behind.
-    assert!(f.dp().remove_auth(2, 1).unwrap());
+    assert!(f.dp().remove_auth(2, 1, meshauth_datapath::NodeId::This).unwrap());
     let connected = f.ns(1).run(|| connect_from_port(ip1, CLIENT_PORT, ip2, SERVER_PORT, SHORT)).unwrap();
     assert!(!connected, "a connection without authentication got through on the stray segment's reply entry");
     assert!(f.counters().packets(Counter::DropAuthMissing) > 0);
@@ -192,7 +192,7 @@ fn a_pods_answer_to_a_stray_segment_does_not_let_the_client_in_after_revocation(
 fn a_reset_closes_the_entry_but_cannot_cut_the_connection_at_once() {
     let mut f = Fixture::with_config("ctrst2", |c| c.conntrack_timeouts.closing_s = 1);
     strict_server(&mut f);
-    f.dp().set_auth(2, 1, BootTime::after(Duration::from_secs(600))).unwrap();
+    f.dp().set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600))).unwrap();
     let _server = tcp_echo_server(f.pod(2), SERVER_PORT).unwrap();
     let (ip1, ip2) = (f.ip(1), f.ip(2));
     let mut conn = tcp_connect(f.pod(1), ip2, SERVER_PORT, LONG).unwrap();

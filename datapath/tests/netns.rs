@@ -119,7 +119,7 @@ async fn auth_required_drops_until_the_pair_is_authenticated_and_again_after_exp
 
     // Authenticated for a short while: new and established flows pass.
     let expiry = BootTime::after(Duration::from_secs(3));
-    f.dp().set_auth(2, 1, expiry).unwrap();
+    f.dp().set_auth(2, 1, meshauth_datapath::NodeId::This, expiry).unwrap();
     assert_eq!(f.dp().auth_entries().unwrap().len(), 1);
     let mut conn = tcp_connect(f.pod(1), f.ip(2), 8080, LONG).expect("authenticated connect");
     assert!(tcp_roundtrip(&mut conn, b"one"), "authenticated TCP");
@@ -168,8 +168,8 @@ async fn auth_required_drops_until_the_pair_is_authenticated_and_again_after_exp
     );
 
     // And removing the pair is "missing" again.
-    assert!(f.dp().remove_auth(2, 1).unwrap());
-    assert!(!f.dp().remove_auth(2, 1).unwrap());
+    assert!(f.dp().remove_auth(2, 1, meshauth_datapath::NodeId::This).unwrap());
+    assert!(!f.dp().remove_auth(2, 1, meshauth_datapath::NodeId::This).unwrap());
 }
 
 #[tokio::test]
@@ -205,7 +205,7 @@ async fn strict_mutual_auth_and_permissive() {
         "{ev:?}"
     );
     f.dp()
-        .set_auth(2, 1, BootTime::after(Duration::from_secs(60)))
+        .set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(60)))
         .unwrap();
     assert!(
         tcp_request(f.pod(1), f.ip(2), 8080, LONG),
@@ -317,7 +317,7 @@ async fn loader_restart_and_upgrade_mid_flow_lose_no_packet() {
     );
     f.dp().apply_tables(&t).unwrap();
     f.dp()
-        .set_auth(2, 1, BootTime::after(Duration::from_secs(600)))
+        .set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600)))
         .unwrap();
     let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
 
@@ -390,7 +390,7 @@ async fn loader_restart_and_upgrade_mid_flow_lose_no_packet() {
         0,
         "nothing changed: {stats:?}"
     );
-    dp.set_auth(2, 1, BootTime::after(Duration::from_secs(600)))
+    dp.set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600)))
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // An upgrade: new programs, every link moved in one step.

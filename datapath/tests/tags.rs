@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use meshauth_datapath::testing::{Netns, Node, PinDir, link_nodes, require_root, tcp_echo_server, tcp_request};
+use meshauth_datapath::NodeId::At;
 use meshauth_datapath::{BootTime, ConnectionKey, Counter, Datapath, DatapathConfig, EventKind, Hook, tag_option, tag_slot_now};
 use meshauth_policy::tables::{AuthRequirement, CompiledTables, EndpointEntry};
 
@@ -18,7 +19,13 @@ const B_SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 1);
 /// Node B's: the client 1, the server 2, the other pod 3.
 const KEY: ConnectionKey = ConnectionKey([0x0123_4567_89ab_cdef, 0x0fed_cba9_8765_4321]);
 
-fn endpoint(ip: Ipv4Addr, identity: u32, spiffe_id: u32, auth: AuthRequirement, node: &str) -> EndpointEntry {
+/// Node a's address on the underlay to b, and b's.
+const A_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 78, 1);
+const B_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 78, 2);
+
+/// `node`: the address of the node the pod runs on, as the node loading the tables reaches
+/// it (none for its own pods: their veths say where they are).
+fn endpoint(ip: Ipv4Addr, identity: u32, spiffe_id: u32, auth: AuthRequirement, node: Option<Ipv4Addr>) -> EndpointEntry {
     EndpointEntry {
         ip,
         security_identity: identity,
@@ -26,7 +33,8 @@ fn endpoint(ip: Ipv4Addr, identity: u32, spiffe_id: u32, auth: AuthRequirement, 
         isolated: false,
         mutual_auth: auth,
         pod: format!("test/{ip}"),
-        node: Some(node.into()),
+        node: None,
+        node_address: node,
     }
 }
 
@@ -38,17 +46,17 @@ fn tables(endpoints: Vec<EndpointEntry>) -> CompiledTables {
 /// Node A's view: `client_spiffe` is whoever holds the client's address now.
 fn tables_a(client_spiffe: u32) -> CompiledTables {
     tables(vec![
-        endpoint(A_CLIENT, 301, client_spiffe, AuthRequirement::None, "a"),
-        endpoint(A_OTHER, 303, 13, AuthRequirement::None, "a"),
-        endpoint(B_SERVER, 302, 12, AuthRequirement::Required, "b"),
+        endpoint(A_CLIENT, 301, client_spiffe, AuthRequirement::None, None),
+        endpoint(A_OTHER, 303, 13, AuthRequirement::None, None),
+        endpoint(B_SERVER, 302, 12, AuthRequirement::Required, Some(B_NODE)),
     ])
 }
 
 fn tables_b() -> CompiledTables {
     tables(vec![
-        endpoint(A_CLIENT, 301, 1, AuthRequirement::None, "a"),
-        endpoint(A_OTHER, 303, 3, AuthRequirement::None, "a"),
-        endpoint(B_SERVER, 302, 2, AuthRequirement::Required, "b"),
+        endpoint(A_CLIENT, 301, 1, AuthRequirement::None, Some(A_NODE)),
+        endpoint(A_OTHER, 303, 3, AuthRequirement::None, Some(A_NODE)),
+        endpoint(B_SERVER, 302, 2, AuthRequirement::Required, None),
     ])
 }
 
@@ -91,8 +99,8 @@ impl Mesh {
         let b = load(&node_b, &pins_b, &["up0", "up1"], &tables_b());
         let mut mesh = Mesh { a: Some(a), b: Some(b), pins_a, pins_b, node_a, node_b, attacker };
         let expiry = BootTime::after(Duration::from_secs(600));
-        mesh.a().set_tag_key(11, 12, expiry, KEY).expect("source key");
-        mesh.b().set_auth_keyed(2, 1, expiry, KEY).expect("destination key");
+        mesh.a().set_tag_key(11, 12, At(B_NODE), expiry, KEY).expect("source key");
+        mesh.b().set_auth_keyed(2, 1, At(A_NODE), expiry, KEY).expect("destination key");
         mesh
     }
 
@@ -164,7 +172,7 @@ fn the_genuine_pod_connects_first_time_and_a_spoofed_source_from_another_node_is
     assert!(tagged.iter().any(|e| e.src_spiffe_id == 1 && e.dst_spiffe_id == 2), "the event names the identity claimed: {tagged:?}");
     // The genuine client is unaffected.
     assert!(mesh.connects());
-    mesh.b().set_auth_keyed(2, 1, BootTime::now(), KEY).expect("expire");
+    mesh.b().set_auth_keyed(2, 1, At(A_NODE), BootTime::now(), KEY).expect("expire");
     assert!(!mesh.connects(), "an expired pair admits nothing, tag or not");
 }
 
@@ -192,7 +200,7 @@ fn a_tag_verifies_only_for_its_own_connection_key_and_time() {
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).expect("load");
     assert!(dp.apply_tables(&tables_b()).expect("tables").complete());
     let expiry = BootTime::after(Duration::from_secs(600));
-    dp.set_auth_keyed(2, 1, expiry, KEY).expect("key");
+    dp.set_auth_keyed(2, 1, At(A_NODE), expiry, KEY).expect("key");
     let slot = tag_slot_now();
     let tag = |key: ConnectionKey, sport: u16, seq: u32, slot: u32| tag_option(key.0, A_CLIENT, B_SERVER, sport, PORT, seq, slot);
     let run = |dp: &Datapath, frame: &[u8]| dp.test_run(Hook::ToPod, frame, 1).expect("test run").passed();
@@ -213,13 +221,13 @@ fn a_tag_verifies_only_for_its_own_connection_key_and_time() {
 
     // Rotation: the previous key is accepted during its overlap, the new one at once.
     let next = ConnectionKey([3, 4]);
-    dp.set_auth_keyed(2, 1, expiry, next).expect("rotate");
+    dp.set_auth_keyed(2, 1, At(A_NODE), expiry, next).expect("rotate");
     assert!(run(&dp, &syn_frame(40_002, 9, &tag(KEY, 40_002, 9, slot))), "previous key in its overlap");
     assert!(run(&dp, &syn_frame(40_003, 9, &tag(next, 40_003, 9, slot))), "new key");
     // A pair written without a key (same-node pairs need none) admits no tag from elsewhere:
     // the all-zero key's MAC is anyone's to compute.
-    dp.remove_auth(2, 1).expect("remove");
-    dp.set_auth(2, 1, expiry).expect("no key");
+    dp.remove_auth(2, 1, At(A_NODE)).expect("remove");
+    dp.set_auth(2, 1, At(A_NODE), expiry).expect("no key");
     assert!(!run(&dp, &syn_frame(40_004, 9, &tag(ConnectionKey([0, 0]), 40_004, 9, slot))), "zero key");
     drop(dp);
 }
@@ -237,7 +245,7 @@ fn a_pod_on_a_reused_address_with_another_identity_cannot_connect() {
     assert!(mesh.count_b(Counter::DropTagMissing) > missing);
     // Even authenticated with the server under its own identity, its tags are its pair's.
     let its_own = ConnectionKey([0x5555, 0xaaaa]);
-    mesh.a().set_tag_key(14, 12, BootTime::after(Duration::from_secs(600)), its_own).expect("key");
+    mesh.a().set_tag_key(14, 12, At(B_NODE), BootTime::after(Duration::from_secs(600)), its_own).expect("key");
     let invalid = mesh.count_b(Counter::DropTagInvalid);
     assert!(!mesh.connects(), "tagged with another pair's key: dropped");
     assert!(mesh.count_b(Counter::DropTagInvalid) > invalid);
@@ -256,13 +264,13 @@ fn connections_across_key_rotations_and_restarts_never_fail() {
             // The source side installs first (what a handshake does: the answering agent
             // installs before it confirms), then the destination.
             10 => {
-                mesh.a().set_tag_key(11, 12, expiry, keys[0]).expect("rotate a");
-                mesh.b().set_auth_keyed(2, 1, expiry, keys[0]).expect("rotate b");
+                mesh.a().set_tag_key(11, 12, At(B_NODE), expiry, keys[0]).expect("rotate a");
+                mesh.b().set_auth_keyed(2, 1, At(A_NODE), expiry, keys[0]).expect("rotate b");
             }
             // The destination first.
             25 => {
-                mesh.b().set_auth_keyed(2, 1, expiry, keys[1]).expect("rotate b");
-                mesh.a().set_tag_key(11, 12, expiry, keys[1]).expect("rotate a");
+                mesh.b().set_auth_keyed(2, 1, At(A_NODE), expiry, keys[1]).expect("rotate b");
+                mesh.a().set_tag_key(11, 12, At(B_NODE), expiry, keys[1]).expect("rotate a");
             }
             // Both agents restart (the datapath is adopted from its pins) and rotate again.
             40 => {
@@ -270,8 +278,8 @@ fn connections_across_key_rotations_and_restarts_never_fail() {
                 drop(mesh.b.take());
                 mesh.a = Some(load(&mesh.node_a, &mesh.pins_a, &["up0"], &tables_a(11)));
                 mesh.b = Some(load(&mesh.node_b, &mesh.pins_b, &["up0", "up1"], &tables_b()));
-                mesh.a().set_tag_key(11, 12, expiry, keys[2]).expect("rotate a");
-                mesh.b().set_auth_keyed(2, 1, expiry, keys[2]).expect("rotate b");
+                mesh.a().set_tag_key(11, 12, At(B_NODE), expiry, keys[2]).expect("rotate a");
+                mesh.b().set_auth_keyed(2, 1, At(A_NODE), expiry, keys[2]).expect("rotate b");
             }
             _ => {}
         }
@@ -286,4 +294,160 @@ fn connections_across_key_rotations_and_restarts_never_fail() {
     // After the switch delay the source tags with the newest key, which the destination holds.
     std::thread::sleep(meshauth_datapath::KEY_SWITCH_DELAY);
     assert!(mesh.connects());
+}
+
+/// A hub node linked to two spoke nodes, each over its own underlay: spoke 1 on
+/// 192.168.80.0/30 (`up0`), spoke 2 on 192.168.81.0/30 (`up1`), the hub `.2` on both. One pod
+/// each: the hub's 10.77.2.1, spoke 1's 10.77.1.1, spoke 2's 10.77.3.1. Each node numbers
+/// SPIFFE IDs its own way and knows the others by the address it reaches them at.
+struct Star {
+    // Drop order: datapaths, pins, then namespaces.
+    dps: [Option<Datapath>; 3],
+    _pins: [PinDir; 3],
+    nodes: [Node; 3],
+}
+
+const HUB_POD: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 1);
+const SPOKE1_POD: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
+const SPOKE2_POD: Ipv4Addr = Ipv4Addr::new(10, 77, 3, 1);
+const SPOKE1_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 80, 1);
+const SPOKE2_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 81, 1);
+/// The hub as spoke 1 reaches it, and as spoke 2 does.
+const HUB_FROM_1: Ipv4Addr = Ipv4Addr::new(192, 168, 80, 2);
+const HUB_FROM_2: Ipv4Addr = Ipv4Addr::new(192, 168, 81, 2);
+const HUB: usize = 0;
+
+impl Star {
+    /// `uplinks` and `tables`: the hub's, spoke 1's, spoke 2's.
+    fn new(tag: &str, uplinks: [&[&str]; 3], tables: [CompiledTables; 3]) -> Self {
+        require_root();
+        let nodes = [
+            Node::new_in(&format!("ma-{tag}h"), 1, 2).expect("hub"),
+            Node::new_in(&format!("ma-{tag}1"), 1, 1).expect("spoke 1"),
+            Node::new_in(&format!("ma-{tag}2"), 1, 3).expect("spoke 2"),
+        ];
+        link_nodes(&nodes[1].ns, 1, &nodes[HUB].ns, 2, 80, "up0").expect("underlay 1");
+        link_nodes(&nodes[2].ns, 3, &nodes[HUB].ns, 2, 81, "up1").expect("underlay 2");
+        let pins = [PinDir::new(&format!("{tag}-h")), PinDir::new(&format!("{tag}-1")), PinDir::new(&format!("{tag}-2"))];
+        let dps = [0, 1, 2].map(|i| Some(load(&nodes[i], &pins[i], uplinks[i], &tables[i])));
+        Star { dps, _pins: pins, nodes }
+    }
+
+    fn dp(&mut self, node: usize) -> &mut Datapath {
+        self.dps[node].as_mut().expect("datapath")
+    }
+
+    fn count(&self, node: usize, c: Counter) -> u64 {
+        self.dps[node].as_ref().expect("datapath").counters().expect("counters").packets(c)
+    }
+
+    fn tag_drops(&self, node: usize) -> u64 {
+        self.count(node, Counter::DropTagMissing) + self.count(node, Counter::DropTagInvalid)
+    }
+
+    /// A connection from the pod of `node` to `dst`.
+    fn connects(&self, node: usize, dst: Ipv4Addr) -> bool {
+        tcp_request(&self.nodes[node].pods[0], dst, PORT, Duration::from_secs(2))
+    }
+
+    fn retransmits(&self, node: usize) -> u64 {
+        self.nodes[node].pods[0].ns.tcp_retransmits().expect("snmp")
+    }
+}
+
+#[test]
+fn each_node_hosting_the_source_identity_proves_its_own_pods() {
+    // A replicated client (one identity, a pod on each spoke) and a server on the hub.
+    let hub = tables(vec![
+        endpoint(HUB_POD, 302, 2, AuthRequirement::Required, None),
+        endpoint(SPOKE1_POD, 301, 1, AuthRequirement::None, Some(SPOKE1_NODE)),
+        endpoint(SPOKE2_POD, 301, 1, AuthRequirement::None, Some(SPOKE2_NODE)),
+    ]);
+    let spoke1 = tables(vec![
+        endpoint(SPOKE1_POD, 301, 11, AuthRequirement::None, None),
+        endpoint(HUB_POD, 302, 12, AuthRequirement::Required, Some(HUB_FROM_1)),
+    ]);
+    let spoke2 = tables(vec![
+        endpoint(SPOKE2_POD, 301, 21, AuthRequirement::None, None),
+        endpoint(HUB_POD, 302, 22, AuthRequirement::Required, Some(HUB_FROM_2)),
+    ]);
+    let mut star = Star::new("tg4", [&[], &["up0"], &["up1"]], [hub, spoke1, spoke2]);
+    let expiry = BootTime::after(Duration::from_secs(600));
+    // The hub's agent handshook with each spoke's: a key per node.
+    let (k1, k2) = (ConnectionKey([0x1111, 0x1212]), ConnectionKey([0x2121, 0x2222]));
+    star.dp(1).set_tag_key(11, 12, At(HUB_FROM_1), expiry, k1).expect("spoke 1 key");
+    star.dp(2).set_tag_key(21, 22, At(HUB_FROM_2), expiry, k2).expect("spoke 2 key");
+    star.dp(HUB).set_auth_keyed(2, 1, At(SPOKE1_NODE), expiry, k1).expect("hub key 1");
+    star.dp(HUB).set_auth_keyed(2, 1, At(SPOKE2_NODE), expiry, k2).expect("hub key 2");
+    let _server = tcp_echo_server(&star.nodes[HUB].pods[0], PORT).expect("server");
+    let retransmits = (star.retransmits(1), star.retransmits(2));
+    for _ in 0..5 {
+        assert!(star.connects(1, HUB_POD), "spoke 1's client must connect");
+        assert!(star.connects(2, HUB_POD), "spoke 2's client must connect");
+    }
+    assert_eq!((star.retransmits(1), star.retransmits(2)), retransmits, "no SYN was retransmitted");
+    assert_eq!(star.tag_drops(HUB), 0);
+
+    // Spoke 2's proof goes (its agent refused the hub): its pods lose the pair; spoke 1's, of
+    // the same identity, keep theirs.
+    assert!(star.dp(HUB).remove_auth(2, 1, At(SPOKE2_NODE)).expect("remove"));
+    let missing = star.count(HUB, Counter::DropAuthMissing);
+    assert!(!star.connects(2, HUB_POD), "another node's proof admitted spoke 2's pod");
+    assert!(star.count(HUB, Counter::DropAuthMissing) > missing, "dropped as unauthenticated");
+    assert!(star.connects(1, HUB_POD), "spoke 1's proof still stands");
+    // Spoke 1's key does not make up for it: the hub checks a SYN with its node's key only.
+    star.dp(HUB).set_auth(2, 1, At(SPOKE2_NODE), expiry).expect("keyless proof");
+    let invalid = star.count(HUB, Counter::DropTagInvalid);
+    assert!(!star.connects(2, HUB_POD), "spoke 2's SYN verified with a key its node's proof lacks");
+    assert!(star.count(HUB, Counter::DropTagInvalid) > invalid);
+    star.dp(HUB).set_auth_keyed(2, 1, At(SPOKE2_NODE), expiry, k2).expect("proved again");
+    assert!(star.connects(2, HUB_POD), "proved again, spoke 2 connects");
+}
+
+#[test]
+fn each_node_hosting_the_destination_identity_gets_its_own_key() {
+    // A client on the hub and a replicated server (one identity, a pod on each spoke).
+    let hub = tables(vec![
+        endpoint(HUB_POD, 301, 11, AuthRequirement::None, None),
+        endpoint(SPOKE1_POD, 302, 12, AuthRequirement::Required, Some(SPOKE1_NODE)),
+        endpoint(SPOKE2_POD, 302, 12, AuthRequirement::Required, Some(SPOKE2_NODE)),
+    ]);
+    let spoke1 = tables(vec![
+        endpoint(SPOKE1_POD, 302, 2, AuthRequirement::Required, None),
+        endpoint(HUB_POD, 301, 1, AuthRequirement::None, Some(HUB_FROM_1)),
+    ]);
+    let spoke2 = tables(vec![
+        endpoint(SPOKE2_POD, 302, 6, AuthRequirement::Required, None),
+        endpoint(HUB_POD, 301, 5, AuthRequirement::None, Some(HUB_FROM_2)),
+    ]);
+    let mut star = Star::new("tg5", [&["up0", "up1"], &[], &[]], [hub, spoke1, spoke2]);
+    let expiry = BootTime::after(Duration::from_secs(600));
+    // Each spoke's agent handshook with the hub's on its own: two keys for one pair of
+    // identities, which a key per identity pair would have had to choose between.
+    let (k1, k2) = (ConnectionKey([0x3131, 0x3232]), ConnectionKey([0x4141, 0x4242]));
+    star.dp(HUB).set_tag_key(11, 12, At(SPOKE1_NODE), expiry, k1).expect("hub key 1");
+    star.dp(HUB).set_tag_key(11, 12, At(SPOKE2_NODE), expiry, k2).expect("hub key 2");
+    star.dp(1).set_auth_keyed(2, 1, At(HUB_FROM_1), expiry, k1).expect("spoke 1 key");
+    star.dp(2).set_auth_keyed(6, 5, At(HUB_FROM_2), expiry, k2).expect("spoke 2 key");
+    let _servers = [1, 2].map(|i| tcp_echo_server(&star.nodes[i].pods[0], PORT).expect("server"));
+    let retransmits = star.retransmits(HUB);
+    for _ in 0..5 {
+        assert!(star.connects(HUB, SPOKE1_POD), "the client must reach spoke 1's server");
+        assert!(star.connects(HUB, SPOKE2_POD), "the client must reach spoke 2's server");
+    }
+    assert_eq!(star.retransmits(HUB), retransmits, "no SYN was retransmitted");
+    assert_eq!(star.tag_drops(1) + star.tag_drops(2), 0);
+    assert!(star.count(HUB, Counter::TagWritten) >= 10);
+
+    // Spoke 2 proves the pair again with a new key: spoke 1's stays as it was.
+    let k3 = ConnectionKey([0x5151, 0x5252]);
+    star.dp(HUB).set_tag_key(11, 12, At(SPOKE2_NODE), expiry, k3).expect("rotate on the hub");
+    star.dp(2).set_auth_keyed(6, 5, At(HUB_FROM_2), expiry, k3).expect("rotate on spoke 2");
+    std::thread::sleep(meshauth_datapath::KEY_SWITCH_DELAY);
+    for _ in 0..3 {
+        assert!(star.connects(HUB, SPOKE1_POD) && star.connects(HUB, SPOKE2_POD), "a rotation on one node broke a connection");
+    }
+    assert_eq!(star.tag_drops(1) + star.tag_drops(2), 0);
+    let nodes: Vec<_> = star.dp(HUB).tag_key_pairs().expect("tag keys").into_iter().map(|(_, _, node, _)| node).collect();
+    assert_eq!(nodes, [At(SPOKE1_NODE), At(SPOKE2_NODE)], "one key per destination node");
 }

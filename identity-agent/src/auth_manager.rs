@@ -4,6 +4,12 @@
 //! removed when the pair is no longer needed. Pairs the datapath reports as "auth required"
 //! that the model also wants are handshaken at once.
 //!
+//! A pair is proven once per node hosting the source identity, with that node's agent: each
+//! proof is its own entry ([`ProofKey`]) with its own connection key, and counts only for the
+//! pods of its node. So a replicated source is admitted on every node it runs on, one node's
+//! refusal or outage touches only that node's pods, and the source side keeps one key per
+//! destination node.
+//!
 //! One task owns all state; callers talk to it through a cloneable [`AuthManagerHandle`].
 //! Handshakes and the map are behind traits so the logic is unit-tested with in-process doubles.
 //! Fails closed: an entry is only ever written with the expiry a successful handshake proved.
@@ -33,8 +39,26 @@ use tokio::time::Instant;
 
 use crate::svid::{Clock, SystemClock};
 
-/// (destination SPIFFE-ID number, source SPIFFE-ID number): the auth map's key.
+use meshauth_datapath::NodeId;
+
+/// (destination SPIFFE-ID number, source SPIFFE-ID number): a pair.
 pub type PairKey = (u32, u32);
+
+/// One proof of a pair: by the agent of one node hosting the source identity. The auth map's
+/// key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProofKey {
+    pub pair: PairKey,
+    /// The source's node, as the maps name it.
+    pub node: NodeId,
+}
+
+/// The agent of a node hosting a pod of the source identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub node: NodeId,
+    pub addr: SocketAddr,
+}
 
 /// A pair that needs authentication, with where to reach the source's agents.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,8 +69,8 @@ pub struct DesiredPair {
     pub dst_id: String,
     /// The identity the peer must prove (the source pod's).
     pub src_id: String,
-    /// Agents of the nodes hosting a pod of the source identity, tried in order.
-    pub peers: Vec<SocketAddr>,
+    /// Agents of the nodes hosting a pod of the source identity: each proves it on its own.
+    pub peers: Vec<Peer>,
 }
 
 impl DesiredPair {
@@ -99,10 +123,10 @@ pub trait Authenticator: Send + Sync + 'static {
 
 /// The auth map.
 pub trait AuthTable: Send + 'static {
-    fn set(&mut self, key: PairKey, expiry: SystemTime, connection_key: meshauth_datapath::ConnectionKey) -> Result<(), String>;
-    fn remove(&mut self, key: PairKey) -> Result<(), String>;
+    fn set(&mut self, key: ProofKey, expiry: SystemTime, connection_key: meshauth_datapath::ConnectionKey) -> Result<(), String>;
+    fn remove(&mut self, key: ProofKey) -> Result<(), String>;
     /// Entries already in the map (after an agent restart, the pinned map's).
-    fn list(&self) -> Result<Vec<(PairKey, SystemTime)>, String>;
+    fn list(&self) -> Result<Vec<(ProofKey, SystemTime)>, String>;
 }
 
 /// What happened to a handshake, for metrics and logs.
@@ -153,14 +177,14 @@ enum Command {
     KeyRefused(PairKey),
     Withdrawn(String),
     BundlesChanged,
-    Done { key: PairKey, generation: u64, started: SystemTime, result: Result<Proof, AuthFailure>, took: Duration },
+    Done { key: ProofKey, generation: u64, started: SystemTime, result: Result<Proof, AuthFailure>, took: Duration },
     Snapshot(tokio::sync::oneshot::Sender<Vec<PairStatus>>),
 }
 
-/// What the manager knows of one pair.
+/// What the manager knows of one proof of a pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PairStatus {
-    pub key: PairKey,
+    pub key: ProofKey,
     pub desired: bool,
     pub expiry: Option<SystemTime>,
     pub failures: u32,
@@ -194,7 +218,8 @@ impl AuthManagerHandle {
         let _ = self.tx.send(Command::BundlesChanged);
     }
 
-    /// The datapath dropped a packet of this pair for lack of authentication.
+    /// The datapath dropped a packet of this pair for lack of authentication (every node's
+    /// proof of it is asked for: the event does not say which node's pod sent it).
     pub fn auth_required(&self, key: PairKey) {
         let _ = self.tx.send(Command::AuthRequired(key));
     }
@@ -218,7 +243,10 @@ impl AuthManagerHandle {
 }
 
 struct PairState {
-    desired: Option<DesiredPair>,
+    /// Shared by the proofs of one pair (a pair may have a proof per node in the cluster).
+    desired: Option<Arc<DesiredPair>>,
+    /// Where the proving node's agent listens.
+    addr: Option<SocketAddr>,
     expiry: Option<SystemTime>,
     /// What the entry's proof rested on (none for an entry adopted from a previous agent).
     evidence: Option<Arc<dyn Evidence>>,
@@ -242,6 +270,7 @@ impl PairState {
     fn new(now: Instant, config: &AuthManagerConfig) -> Self {
         Self {
             desired: None,
+            addr: None,
             expiry: None,
             evidence: None,
             refresh_at: None,
@@ -267,7 +296,7 @@ impl PairState {
     }
 
     /// Removes the entry now and asks for a new proof (subject to the floors).
-    fn revoke(&mut self, key: PairKey, table: &mut dyn AuthTable, config: &AuthManagerConfig, now: Instant, why: &str) {
+    fn revoke(&mut self, key: ProofKey, table: &mut dyn AuthTable, config: &AuthManagerConfig, now: Instant, why: &str) {
         if self.expiry.take().is_some() {
             tracing::warn!(?key, why, "auth entry removed before its expiry");
             if let Err(error) = table.remove(key) {
@@ -309,7 +338,7 @@ pub fn spawn_with_clock(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handle = AuthManagerHandle { tx: tx.clone() };
     tokio::spawn(async move {
-        let mut pairs: BTreeMap<PairKey, PairState> = BTreeMap::new();
+        let mut pairs: BTreeMap<ProofKey, PairState> = BTreeMap::new();
         let now = Instant::now();
         match table.list() {
             Ok(existing) => {
@@ -335,10 +364,16 @@ pub fn spawn_with_clock(
             match command {
                 Some(Command::SetDesired(list)) => {
                     have_desired = true;
-                    let wanted: BTreeSet<PairKey> = list.iter().map(DesiredPair::key).collect();
+                    let mut wanted: BTreeSet<ProofKey> = BTreeSet::new();
                     for p in list {
-                        let key = p.key();
-                        pairs.entry(key).or_insert_with(|| PairState::new(now, &config)).desired = Some(p);
+                        let p = Arc::new(p);
+                        for peer in &p.peers {
+                            let key = ProofKey { pair: p.key(), node: peer.node };
+                            wanted.insert(key);
+                            let state = pairs.entry(key).or_insert_with(|| PairState::new(now, &config));
+                            state.desired = Some(p.clone());
+                            state.addr = Some(peer.addr);
+                        }
                     }
                     for (key, state) in pairs.iter_mut() {
                         if !wanted.contains(key) {
@@ -381,7 +416,7 @@ pub fn spawn_with_clock(
                     }
                 }
                 Some(Command::AuthRequired(key)) => {
-                    if let Some(state) = pairs.get_mut(&key).filter(|s| s.desired.is_some()) {
+                    for (_, state) in proofs_of(&mut pairs, key).filter(|(_, s)| s.desired.is_some()) {
                         // The datapath is dropping this pair's packets: cut the backoff short,
                         // down to a floor (the events come from whatever a pod sends).
                         state.next_attempt = state.next_attempt.min(state.attempt_floor(&config, now));
@@ -391,7 +426,7 @@ pub fn spawn_with_clock(
                     }
                 }
                 Some(Command::KeyRefused(key)) => {
-                    if let Some(state) = pairs.get_mut(&key).filter(|s| s.desired.is_some() && !s.in_flight) {
+                    for (_, state) in proofs_of(&mut pairs, key).filter(|(_, s)| s.desired.is_some() && !s.in_flight) {
                         let proven_long_ago = state.last_success.is_none_or(|t| now.saturating_duration_since(t) >= KEY_REFRESH_INTERVAL);
                         if proven_long_ago && state.refresh_at.is_none_or(|r| r > now) {
                             state.refresh_at = Some(state.reauth_floor(&config, now));
@@ -506,7 +541,7 @@ pub fn spawn_with_clock(
                 if in_flight >= config.max_concurrent {
                     break;
                 }
-                let Some(desired) = state.desired.clone() else { continue };
+                let (Some(desired), Some(addr)) = (state.desired.clone(), state.addr) else { continue };
                 let due = state.refresh_at.is_none_or(|r| r <= now) && state.next_attempt <= now;
                 if state.in_flight || !due {
                     continue;
@@ -521,7 +556,7 @@ pub fn spawn_with_clock(
                 tokio::spawn(async move {
                     let started = clock.now();
                     let clock = Instant::now();
-                    let result = authenticate_any(&*authenticator, &desired).await;
+                    let result = authenticator.authenticate(&desired.dst_id, &desired.src_id, addr).await;
                     let _ = tx.send(Command::Done { key, generation, started, result, took: clock.elapsed() });
                 });
             }
@@ -530,22 +565,10 @@ pub fn spawn_with_clock(
     handle
 }
 
-/// The first peer that proves the pair; when none does, the pair counts as refused if any
-/// peer refused it (fail closed), as an outage otherwise.
-async fn authenticate_any(authenticator: &dyn Authenticator, pair: &DesiredPair) -> Result<Proof, AuthFailure> {
-    let mut last = AuthFailure { reason: "no_peer", message: format!("no node hosting {} is known", pair.src_id), refused: false };
-    let mut refused = false;
-    for addr in &pair.peers {
-        match authenticator.authenticate(&pair.dst_id, &pair.src_id, *addr).await {
-            Ok(proof) => return Ok(proof),
-            Err(e) => {
-                refused |= e.refused;
-                last = e;
-            }
-        }
-    }
-    last.refused = refused;
-    Err(last)
+/// The proofs of one pair, one per node.
+fn proofs_of(pairs: &mut BTreeMap<ProofKey, PairState>, pair: PairKey) -> impl Iterator<Item = (&ProofKey, &mut PairState)> {
+    let first = ProofKey { pair, node: NodeId::This };
+    pairs.range_mut(first..).take_while(move |(k, _)| k.pair == pair)
 }
 
 fn refresh_instant(config: &AuthManagerConfig, started: SystemTime, expiry: SystemTime, now: Instant) -> Instant {
@@ -564,7 +587,7 @@ fn backoff(config: &AuthManagerConfig, state: &mut PairState, now: Instant) {
     state.next_attempt = now + capped + jitter;
 }
 
-fn next_wake(pairs: &BTreeMap<PairKey, PairState>, can_start: bool, wall: SystemTime) -> Option<Instant> {
+fn next_wake(pairs: &BTreeMap<ProofKey, PairState>, can_start: bool, wall: SystemTime) -> Option<Instant> {
     let now = Instant::now();
     pairs
         .values()

@@ -95,9 +95,11 @@ fn connection_key<D>(conn: &rustls::ConnectionCommon<D>, source: &SpiffeId, dest
 }
 
 /// Where the answering side keeps a pair's connection key: (our identity = the source of the
-/// connections it tags, the peer's = their destination).
+/// connections it tags, the peer's = their destination, on the node whose agent at
+/// `destination_node` proved it). Every node hosting the destination proves the pair on its
+/// own, so each has its own key.
 pub trait ConnectionKeySink: Send + Sync {
-    fn install(&self, source: &SpiffeId, destination: &SpiffeId, key: ConnectionKey, expiry: SystemTime) -> Result<(), String>;
+    fn install(&self, source: &SpiffeId, destination: &SpiffeId, destination_node: IpAddr, key: ConnectionKey, expiry: SystemTime) -> Result<(), String>;
 }
 
 /// The agent's one crypto provider (ring), shared by all handshakes and SVID key loading.
@@ -850,7 +852,7 @@ impl HandshakeServer {
         // Kept before the confirmation: once the client's pair is authenticated, our pods'
         // SYNs to it are tagged.
         if let Some(keys) = &self.keys {
-            keys.install(&local, &client.id, key, expiry).map_err(HandshakeError::KeyNotKept)?;
+            keys.install(&local, &client.id, node, key, expiry).map_err(HandshakeError::KeyNotKept)?;
         }
         tls.write_all(&[ACCEPTED]).await.map_err(|e| tls_error(e, &slot))?;
         tls.flush().await.map_err(|e| tls_error(e, &slot))?;

@@ -42,21 +42,23 @@ pub struct ServerLimits {
     pub max_per_source: usize,
 }
 
-/// The source side's connection keys: `tag_keys`, by this node's numbers for the pair.
+/// The source side's connection keys: `tag_keys`, by this node's numbers for the pair and its
+/// name for the destination's node.
 pub struct DatapathKeySink {
     pub view: SharedView,
     pub datapath: crate::node_agent::SharedDatapath,
 }
 
 impl ConnectionKeySink for DatapathKeySink {
-    fn install(&self, source: &SpiffeId, destination: &SpiffeId, key: ConnectionKey, expiry: SystemTime) -> Result<(), String> {
-        let (src, dst) = {
+    fn install(&self, source: &SpiffeId, destination: &SpiffeId, destination_node: IpAddr, key: ConnectionKey, expiry: SystemTime) -> Result<(), String> {
+        let (src, dst, node) = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
             let number = |id: &SpiffeId| view.numbers.get(id.as_str()).copied().ok_or_else(|| format!("{id} has no number on this node yet"));
-            (number(source)?, number(destination)?)
+            let node = view.node_id(destination_node).ok_or_else(|| format!("node address {destination_node} cannot key the datapath's maps (IPv4 only)"))?;
+            (number(source)?, number(destination)?, node)
         };
         let mut dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-        dp.set_tag_key(src, dst, BootTime::from_system_time(expiry), key).map_err(|e| e.to_string())
+        dp.set_tag_key(src, dst, node, BootTime::from_system_time(expiry), key).map_err(|e| e.to_string())
     }
 }
 

@@ -6,7 +6,7 @@
 //! stay pinned when the agent stops, so traffic keeps flowing while it restarts; the restarted
 //! agent adopts them (and the auth entries in them) without a gap.
 
-use crate::auth_manager::{self, AuthManagerConfig, AuthManagerHandle, AuthTable, PairKey};
+use crate::auth_manager::{self, AuthManagerConfig, AuthManagerHandle, AuthTable, ProofKey};
 use crate::config::{AgentConfig, InputMode};
 use crate::inputs::{self, Snapshot};
 use crate::metrics::{AgentMetrics, IdentityLabels};
@@ -63,20 +63,23 @@ fn lock(dp: &SharedDatapath) -> std::sync::MutexGuard<'_, Datapath> {
 pub struct DatapathAuthTable(pub SharedDatapath);
 
 impl AuthTable for DatapathAuthTable {
-    fn set(&mut self, (dst, src): PairKey, expiry: SystemTime, key: ConnectionKey) -> Result<(), String> {
-        lock(&self.0).set_auth_keyed(dst, src, BootTime::from_system_time(expiry), key).map_err(|e| e.to_string())
+    fn set(&mut self, ProofKey { pair: (dst, src), node }: ProofKey, expiry: SystemTime, key: ConnectionKey) -> Result<(), String> {
+        lock(&self.0).set_auth_keyed(dst, src, node, BootTime::from_system_time(expiry), key).map_err(|e| e.to_string())
     }
 
-    fn remove(&mut self, (dst, src): PairKey) -> Result<(), String> {
-        lock(&self.0).remove_auth(dst, src).map(|_| ()).map_err(|e| e.to_string())
+    fn remove(&mut self, ProofKey { pair: (dst, src), node }: ProofKey) -> Result<(), String> {
+        lock(&self.0).remove_auth(dst, src, node).map(|_| ()).map_err(|e| e.to_string())
     }
 
-    fn list(&self) -> Result<Vec<(PairKey, SystemTime)>, String> {
+    fn list(&self) -> Result<Vec<(ProofKey, SystemTime)>, String> {
         let entries = lock(&self.0).auth_entries().map_err(|e| e.to_string())?;
         let now = SystemTime::now();
         Ok(entries
             .into_iter()
-            .filter_map(|e| Some(((e.dst_spiffe_id, e.src_spiffe_id), now + e.expiry.remaining()?)))
+            .filter_map(|e| {
+                let key = ProofKey { pair: (e.dst_spiffe_id, e.src_spiffe_id), node: e.src_node };
+                Some((key, now + e.expiry.remaining()?))
+            })
             .collect())
     }
 }
@@ -263,6 +266,7 @@ impl Applier {
                 mutual_auth: AuthRequirement::None,
                 pod: format!("(unknown pod on {})", reg.ifname),
                 node: Some(self.node_name.clone()),
+                node_address: None,
             });
         }
         {

@@ -195,7 +195,7 @@ pub fn load(state_dir: &Path, datapath: &mut Datapath) -> Result<NumberAllocator
         tracing::warn!(path = %path.display(), names = pinned.spiffe_names.len(), "identity numbering unreadable; rebuilt from the pinned SPIFFE names");
     }
     for &(dst, src) in &restored.stale_auth {
-        datapath.remove_auth(dst, src).map_err(|error| NumberingError::RemoveAuth { dst, src, error })?;
+        datapath.remove_pair(dst, src).map_err(|error| NumberingError::RemoveAuth { dst, src, error })?;
     }
     if !restored.stale_auth.is_empty() {
         tracing::warn!(removed = restored.stale_auth.len(), "auth entries whose numbers changed meaning removed; those pairs shake hands again");

@@ -4,8 +4,9 @@
 //!
 //! Pure: no I/O, so every rule here is unit-tested.
 
-use crate::auth_manager::DesiredPair;
+use crate::auth_manager::{DesiredPair, Peer};
 use crate::inputs::Snapshot;
+use meshauth_datapath::NodeId;
 use meshauth_policy::compile::{self, NumberAllocator};
 use meshauth_policy::model::{ModelConfig, PolicyModel};
 use meshauth_policy::tables::CompiledTables;
@@ -21,6 +22,8 @@ pub struct NodeView {
     pub hosts: BTreeMap<String, BTreeSet<IpAddr>>,
     /// SPIFFE ID → this node's number for it (the maps' keys).
     pub numbers: BTreeMap<String, u32>,
+    /// This node's own agent address (what the other agents reach it at).
+    pub own_address: Option<IpAddr>,
 }
 
 impl NodeView {
@@ -33,6 +36,20 @@ impl NodeView {
     /// Whether a pod with this identity runs on the node whose agent has address `ip`.
     pub fn is_hosted_at(&self, spiffe_id: &str, ip: IpAddr) -> bool {
         self.hosts.get(spiffe_id).is_some_and(|h| h.contains(&canonical(ip)))
+    }
+
+    /// How the datapath's maps name the node whose agent has address `ip`: this node's own
+    /// address is this node. `None` for what they cannot name (IPv6: the datapath is IPv4).
+    pub fn node_id(&self, ip: IpAddr) -> Option<NodeId> {
+        node_id(canonical(ip), self.own_address)
+    }
+}
+
+fn node_id(ip: IpAddr, own: Option<IpAddr>) -> Option<NodeId> {
+    match ip {
+        ip if Some(ip) == own => Some(NodeId::This),
+        IpAddr::V4(v4) if !v4.is_unspecified() => Some(NodeId::At(v4)),
+        _ => None,
     }
 }
 
@@ -65,19 +82,37 @@ pub struct NodePlan {
 /// Plans the node `node_name`. `peer_port` is where other agents listen.
 pub fn plan(snapshot: &Snapshot, config: &ModelConfig, node_name: &str, peer_port: u16, allocator: &mut NumberAllocator) -> NodePlan {
     let model = PolicyModel::new(config.clone(), snapshot.inputs.clone());
-    let tables = compile::compile(&model, allocator);
+    let mut tables = compile::compile(&model, allocator);
     let numbers: BTreeMap<&str, u32> = tables.spiffe_ids.iter().map(|(n, id)| (id.as_str(), *n)).collect();
 
-    let mut view = NodeView { numbers: numbers.iter().map(|(id, n)| ((*id).to_owned(), *n)).collect(), ..NodeView::default() };
+    // Each node's agent address, once per node rather than once per pod.
+    let node_addresses: BTreeMap<&str, IpAddr> = snapshot
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.name.as_str(), canonical(snapshot.node_address(&n.name)?.parse::<IpAddr>().ok()?))))
+        .collect();
+    let mut view = NodeView {
+        numbers: numbers.iter().map(|(id, n)| ((*id).to_owned(), *n)).collect(),
+        own_address: node_addresses.get(node_name).copied(),
+        ..NodeView::default()
+    };
     for pod in model.pods() {
         let Some(node) = pod.node.as_deref() else { continue };
         let id = model.spiffe_id(pod).to_string();
         if node == node_name {
             view.local_identities.insert(id.clone());
         }
-        if let Some(addr) = snapshot.node_address(node).and_then(|a| a.parse::<IpAddr>().ok()) {
-            view.hosts.entry(id).or_default().insert(canonical(addr));
+        if let Some(addr) = node_addresses.get(node) {
+            view.hosts.entry(id).or_default().insert(*addr);
         }
+    }
+    for e in &mut tables.endpoints {
+        // Whose handshakes prove the pod: its node's agent. (This node's own pods are named by
+        // their veths, whatever this says.)
+        e.node_address = e.node.as_deref().and_then(|n| match node_addresses.get(n) {
+            Some(IpAddr::V4(v4)) => Some(*v4),
+            _ => None,
+        });
     }
 
     let local_pods = snapshot
@@ -97,12 +132,14 @@ pub fn plan(snapshot: &Snapshot, config: &ModelConfig, node_name: &str, peer_por
         else {
             continue;
         };
+        // Every node hosting the source proves it on its own: its pods' connections carry
+        // that node's key.
         let peers = view
             .hosts
             .get(&pair.src_spiffe_id)
             .into_iter()
             .flatten()
-            .map(|ip| SocketAddr::new(*ip, peer_port))
+            .filter_map(|ip| Some(Peer { node: view.node_id(*ip)?, addr: SocketAddr::new(*ip, peer_port) }))
             .collect();
         desired.entry((dst_number, src_number)).or_insert(DesiredPair {
             dst_number,
@@ -141,7 +178,13 @@ mod tests {
             "{pairs:?}"
         );
         let order = plan.desired.iter().find(|d| d.src_id.ends_with("/sa/order")).expect("pair");
-        assert_eq!(order.peers, vec!["192.168.77.1:4250".parse::<SocketAddr>().expect("addr")]);
+        let node_1 = Ipv4Addr::new(192, 168, 77, 1);
+        assert_eq!(order.peers, vec![Peer { node: NodeId::At(node_1), addr: SocketAddr::new(node_1.into(), 4250) }]);
+        // The datapath learns which node proves each pod: node-1's for its pods, this node's
+        // own for the local ones.
+        let node_of = |pod: &str| plan.tables.endpoints.iter().find(|e| e.pod == pod).map(|e| e.node_address);
+        assert_eq!(node_of("shop/order-0"), Some(Some(node_1)));
+        assert_eq!(node_of("shop/payment-0"), Some(Some(Ipv4Addr::new(192, 168, 77, 2))));
         // Payment denies everything but order: no other pair for it.
         assert!(plan.desired.iter().filter(|d| d.dst_id.ends_with("/sa/payment")).all(|d| d.src_id.ends_with("/sa/order")));
         // tools/debug is Disabled: nothing to authenticate for it.
@@ -157,6 +200,9 @@ mod tests {
         assert!(plan.view.is_hosted_at(order, "192.168.77.1".parse().expect("ip")));
         assert!(plan.view.is_hosted_at(order, "::ffff:192.168.77.1".parse().expect("ip")), "mapped IPv4");
         assert!(!plan.view.is_hosted_at(order, "192.168.77.2".parse().expect("ip")));
+        assert_eq!(plan.view.node_id("192.168.77.1".parse().expect("ip")), Some(NodeId::This), "its own address");
+        assert_eq!(plan.view.node_id("192.168.77.2".parse().expect("ip")), Some(NodeId::At(Ipv4Addr::new(192, 168, 77, 2))));
+        assert_eq!(plan.view.node_id("fd00::2".parse().expect("ip")), None, "the maps are IPv4");
         assert!(plan.problems.is_empty(), "{:?}", plan.problems);
     }
 }

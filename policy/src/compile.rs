@@ -129,6 +129,7 @@ pub fn compile_with_budget(model: &PolicyModel, allocator: &mut NumberAllocator)
                 mutual_auth: model.mutual_auth_requirement(pod),
                 pod: pod.object_ref().to_string(),
                 node: pod.node.clone(),
+                node_address: None,
             });
         }
     }

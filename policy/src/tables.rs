@@ -94,6 +94,11 @@ pub struct EndpointEntry {
     pub pod: String,
     /// The node hosting the pod, when known.
     pub node: Option<String>,
+    /// The address of that node's agent, which the agent fills in from the Nodes (the model
+    /// does not read them): only its handshakes prove this pod's identity to other nodes. A
+    /// pod of another node with none is authenticated by no one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_address: Option<Ipv4Addr>,
 }
 
 /// A policy entry: for traffic to `dst_identity` from `src_identity` (or [`ANY_IDENTITY`]) over

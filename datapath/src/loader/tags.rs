@@ -13,7 +13,7 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::LinkOrder;
 
 use super::{
-    Datapath, DatapathError, TAG_SYN, if_index, io_err, is_not_found,
+    Datapath, DatapathError, NodeId, TAG_SYN, if_index, io_err, is_not_found,
     keys_of, map_err, prog_err, remove_ignoring_missing,
 };
 use crate::abi::{AuthKey, AuthValue, TagKey, TagValue};
@@ -64,10 +64,11 @@ impl Datapath {
         &mut self,
         dst_spiffe_id: u32,
         src_spiffe_id: u32,
+        src_node: NodeId,
         expiry: BootTime,
         key: ConnectionKey,
     ) -> Result<(), DatapathError> {
-        let k = AuthKey { dst_spiffe_id, src_spiffe_id };
+        let k = AuthKey { dst_spiffe_id, src_spiffe_id, src_node: src_node.key() };
         let now = BootTime::now();
         let mut v = AuthValue { expiry_ns: expiry.0, key: key.0, ..AuthValue::default() };
         match self.maps.auth.get(&k, 0) {
@@ -86,16 +87,19 @@ impl Datapath {
         self.maps.auth.insert(k, v, 0).map_err(map_err("auth"))
     }
 
-    /// Records the key this node's pod `src` tags its SYNs to `dst` with, until `expiry`. A
-    /// replaced key stays in use for [`KEY_SWITCH_DELAY`]; the first key is used at once.
+    /// Records the key this node's pods of `src` tag their SYNs to the pods of `dst` on
+    /// `dst_node` with, until `expiry` (the agent of every node hosting `dst` proves the pair
+    /// on its own, with its own key). A replaced key stays in use for [`KEY_SWITCH_DELAY`];
+    /// the first key is used at once.
     pub fn set_tag_key(
         &mut self,
         src_spiffe_id: u32,
         dst_spiffe_id: u32,
+        dst_node: NodeId,
         expiry: BootTime,
         key: ConnectionKey,
     ) -> Result<(), DatapathError> {
-        let k = TagKey { src_spiffe_id, dst_spiffe_id };
+        let k = TagKey { src_spiffe_id, dst_spiffe_id, dst_node: dst_node.key() };
         let now = BootTime::now();
         let mut v = TagValue { expiry_ns: expiry.0, key: key.0, ..TagValue::default() };
         match self.maps.tag_keys.get(&k, 0) {
@@ -134,12 +138,13 @@ impl Datapath {
         Ok(gone.len())
     }
 
-    /// The (source, destination) pairs this node holds a tag key for, with their expiry.
-    pub fn tag_key_pairs(&self) -> Result<Vec<(u32, u32, BootTime)>, DatapathError> {
+    /// The (source, destination, destination's node) this node holds a tag key for, with
+    /// their expiry.
+    pub fn tag_key_pairs(&self) -> Result<Vec<(u32, u32, NodeId, BootTime)>, DatapathError> {
         let mut out = Vec::new();
         for item in self.maps.tag_keys.iter() {
             let (k, v) = item.map_err(map_err("tag_keys"))?;
-            out.push((k.src_spiffe_id, k.dst_spiffe_id, BootTime(v.expiry_ns)));
+            out.push((k.src_spiffe_id, k.dst_spiffe_id, NodeId::from_key(k.dst_node), BootTime(v.expiry_ns)));
         }
         out.sort();
         Ok(out)

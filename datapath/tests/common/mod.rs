@@ -94,6 +94,7 @@ pub fn endpoint(i: usize, isolated: bool, mutual_auth: AuthRequirement) -> Endpo
         mutual_auth,
         pod: format!("test/pod-{i}"),
         node: Some("node".into()),
+        node_address: None,
     }
 }
 

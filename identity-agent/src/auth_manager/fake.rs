@@ -1,31 +1,37 @@
 //! In-process doubles of the auth map and the observer, for the manager's tests and the
 //! handshake glue's.
 
-use super::{AuthFailure, AuthObserver, AuthTable, PairKey};
+use super::{AuthFailure, AuthObserver, AuthTable, PairKey, ProofKey};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// The auth map in memory; clones share it.
 #[derive(Clone, Default)]
-pub(crate) struct FakeTable(pub Arc<Mutex<BTreeMap<PairKey, SystemTime>>>);
+pub(crate) struct FakeTable(pub Arc<Mutex<BTreeMap<ProofKey, SystemTime>>>);
 
 impl FakeTable {
-    pub fn get(&self, key: PairKey) -> Option<SystemTime> {
+    /// The latest expiry among the pair's proofs (any node's).
+    pub fn get(&self, pair: PairKey) -> Option<SystemTime> {
+        self.0.lock().ok().and_then(|t| t.iter().filter(|(k, _)| k.pair == pair).map(|(_, e)| *e).max())
+    }
+
+    /// The proof of one node.
+    pub fn proof(&self, key: ProofKey) -> Option<SystemTime> {
         self.0.lock().ok().and_then(|t| t.get(&key).copied())
     }
 }
 
 impl AuthTable for FakeTable {
-    fn set(&mut self, key: PairKey, expiry: SystemTime, _connection_key: meshauth_datapath::ConnectionKey) -> Result<(), String> {
+    fn set(&mut self, key: ProofKey, expiry: SystemTime, _connection_key: meshauth_datapath::ConnectionKey) -> Result<(), String> {
         self.0.lock().map_err(|e| e.to_string())?.insert(key, expiry);
         Ok(())
     }
-    fn remove(&mut self, key: PairKey) -> Result<(), String> {
+    fn remove(&mut self, key: ProofKey) -> Result<(), String> {
         self.0.lock().map_err(|e| e.to_string())?.remove(&key);
         Ok(())
     }
-    fn list(&self) -> Result<Vec<(PairKey, SystemTime)>, String> {
+    fn list(&self) -> Result<Vec<(ProofKey, SystemTime)>, String> {
         Ok(self.0.lock().map_err(|e| e.to_string())?.iter().map(|(k, v)| (*k, *v)).collect())
     }
 }

@@ -97,7 +97,23 @@ fn addr(n: u8) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, n], 4250))
 }
 
+/// The node of the agent at `addr(n)`.
+fn node(n: u8) -> NodeId {
+    NodeId::At(std::net::Ipv4Addr::new(127, 0, 0, n))
+}
+
+fn proof(dst: u32, src: u32, n: u8) -> ProofKey {
+    ProofKey { pair: (dst, src), node: node(n) }
+}
+
 fn pair(dst: u32, src: u32, peers: Vec<SocketAddr>) -> DesiredPair {
+    let peers = peers
+        .into_iter()
+        .map(|addr| match addr.ip() {
+            std::net::IpAddr::V4(v4) => Peer { node: NodeId::At(v4), addr },
+            std::net::IpAddr::V6(_) => unreachable!("the tests' agents are on 127.0.0.n"),
+        })
+        .collect();
     DesiredPair { dst_number: dst, src_number: src, dst_id: format!("spiffe://td/d{dst}"), src_id: format!("spiffe://td/s{src}"), peers }
 }
 
@@ -142,10 +158,10 @@ async fn re_authenticates_before_expiry_so_the_entry_never_lapses() {
     let table = FakeTable::default();
     let m = start(auth.clone(), table.clone(), fast());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
-    eventually("entry", || table.0.lock().expect("lock").contains_key(&(1, 2))).await;
+    eventually("entry", || table.get((1, 2)).is_some()).await;
     let deadline = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < deadline {
-        let expiry = table.0.lock().expect("lock").get(&(1, 2)).copied();
+        let expiry = table.get((1, 2));
         assert!(expiry.is_some_and(|e| e > SystemTime::now()), "entry lapsed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -153,7 +169,7 @@ async fn re_authenticates_before_expiry_so_the_entry_never_lapses() {
 }
 
 #[tokio::test]
-async fn failures_write_nothing_retry_with_backoff_and_try_every_peer() {
+async fn failures_write_nothing_retry_with_backoff_and_each_node_proves_on_its_own() {
     let auth = Arc::new(FakeAuth { lifetime_ms: 60_000, ..FakeAuth::default() });
     *auth.fail_all.lock().expect("lock") = true;
     let table = FakeTable::default();
@@ -166,7 +182,31 @@ async fn failures_write_nothing_retry_with_backoff_and_try_every_peer() {
     // The first peer keeps refusing; the second one answers once it is healthy.
     auth.fail_addrs.lock().expect("lock").insert(addr(2));
     *auth.fail_all.lock().expect("lock") = false;
-    eventually("entry via the second peer", || table.0.lock().expect("lock").contains_key(&(1, 2))).await;
+    eventually("entry via the second peer", || table.get((1, 2)).is_some()).await;
+    assert!(table.proof(proof(1, 2, 3)).is_some());
+    assert!(table.proof(proof(1, 2, 2)).is_none(), "the second node's proof counts for the first's pods");
+}
+
+#[tokio::test]
+async fn every_node_hosting_the_source_proves_it_and_loses_it_on_its_own() {
+    let auth = Arc::new(FakeAuth { lifetime_ms: 60_000, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), fast());
+    m.set_desired(vec![pair(1, 2, vec![addr(2), addr(3)])]);
+    eventually("a proof per node", || table.0.lock().expect("lock").len() == 2).await;
+    let asked: BTreeSet<SocketAddr> = auth.calls.lock().expect("lock").iter().map(|c| c.2).collect();
+    assert_eq!(asked, BTreeSet::from([addr(2), addr(3)]), "a handshake with each node's agent");
+    // Node 3's agent refuses from now on: its proof goes at once, node 2's stays.
+    auth.refuse.store(true, Ordering::SeqCst);
+    auth.fail_addrs.lock().expect("lock").insert(addr(3));
+    m.rotated("spiffe://td/d1".into());
+    eventually("node 3's proof removed", || table.proof(proof(1, 2, 3)).is_none()).await;
+    assert!(table.proof(proof(1, 2, 2)).is_some(), "one node's refusal took another node's proof");
+    // The source's pod leaves node 2: its proof is no longer wanted.
+    m.set_desired(vec![pair(1, 2, vec![addr(3)])]);
+    eventually("node 2's proof removed", || table.proof(proof(1, 2, 2)).is_none()).await;
+    let status = m.status().await;
+    assert_eq!(status.iter().map(|s| s.key).collect::<Vec<_>>(), [proof(1, 2, 3)], "{status:?}");
 }
 
 #[tokio::test]
@@ -178,7 +218,7 @@ async fn pairs_no_longer_needed_are_removed() {
     eventually("two entries", || table.0.lock().expect("lock").len() == 2).await;
     m.set_desired(vec![pair(1, 3, vec![addr(3)])]);
     eventually("one entry", || table.0.lock().expect("lock").len() == 1).await;
-    assert!(table.0.lock().expect("lock").contains_key(&(1, 3)));
+    assert!(table.get((1, 3)).is_some());
 }
 
 #[tokio::test]
@@ -199,8 +239,8 @@ async fn a_rotation_re_authenticates_the_pairs_of_that_identity() {
 async fn a_restarted_manager_adopts_valid_entries_without_a_handshake() {
     let auth = Arc::new(FakeAuth { lifetime_ms: 60_000, ..FakeAuth::default() });
     let table = FakeTable::default();
-    table.0.lock().expect("lock").insert((1, 2), SystemTime::now() + Duration::from_secs(60));
-    table.0.lock().expect("lock").insert((7, 7), SystemTime::now() + Duration::from_secs(60));
+    table.0.lock().expect("lock").insert(proof(1, 2, 2), SystemTime::now() + Duration::from_secs(60));
+    table.0.lock().expect("lock").insert(proof(7, 7, 7), SystemTime::now() + Duration::from_secs(60));
     let m = start(auth.clone(), table.clone(), fast());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(table.0.lock().expect("lock").len(), 2, "nothing removed before the first desired set");

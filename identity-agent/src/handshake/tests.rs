@@ -157,11 +157,11 @@ async fn honest_agents_authenticate_the_pair_with_the_earliest_expiry() {
 
 /// Keeps what the answering side installs.
 #[derive(Default)]
-struct KeptKeys(std::sync::Mutex<Vec<(SpiffeId, SpiffeId, meshauth_datapath::ConnectionKey)>>);
+struct KeptKeys(std::sync::Mutex<Vec<(SpiffeId, SpiffeId, IpAddr, meshauth_datapath::ConnectionKey)>>);
 
 impl ConnectionKeySink for KeptKeys {
-    fn install(&self, source: &SpiffeId, destination: &SpiffeId, key: meshauth_datapath::ConnectionKey, _expiry: SystemTime) -> Result<(), String> {
-        self.0.lock().expect("lock").push((source.clone(), destination.clone(), key));
+    fn install(&self, source: &SpiffeId, destination: &SpiffeId, node: IpAddr, key: meshauth_datapath::ConnectionKey, _expiry: SystemTime) -> Result<(), String> {
+        self.0.lock().expect("lock").push((source.clone(), destination.clone(), node, key));
         Ok(())
     }
 }
@@ -180,11 +180,12 @@ async fn both_sides_derive_the_same_connection_key_new_with_every_handshake_and_
     let first = client.authenticate(addr, &id(PAYMENT), &id(ORDER)).await.expect("first");
     // The server installed the key before it confirmed, so it is there once the client is done.
     let installed = kept.0.lock().expect("lock").clone();
-    assert_eq!(installed, vec![(id(ORDER), id(PAYMENT), first.connection_key)]);
+    // ... under the node the client's agent connected from: the destination's node.
+    assert_eq!(installed, vec![(id(ORDER), id(PAYMENT), LOOPBACK, first.connection_key)]);
     assert!(first.connection_key.is_set());
     let second = client.authenticate(addr, &id(PAYMENT), &id(ORDER)).await.expect("second");
     assert_ne!(first.connection_key, second.connection_key, "every handshake rotates the key");
-    assert_eq!(kept.0.lock().expect("lock").last().map(|k| k.2), Some(second.connection_key));
+    assert_eq!(kept.0.lock().expect("lock").last().map(|k| k.3), Some(second.connection_key));
     assert_eq!(format!("{:?}", first.connection_key), "ConnectionKey(..)", "never printed");
     let printed = format!("{first:?}");
     assert!(!printed.contains(&first.connection_key.0[0].to_string()) && !printed.contains(&format!("{:x}", first.connection_key.0[0])), "never printed");
@@ -195,7 +196,7 @@ async fn both_sides_derive_the_same_connection_key_new_with_every_handshake_and_
 struct NoRoom;
 
 impl ConnectionKeySink for NoRoom {
-    fn install(&self, _: &SpiffeId, _: &SpiffeId, _: meshauth_datapath::ConnectionKey, _: SystemTime) -> Result<(), String> {
+    fn install(&self, _: &SpiffeId, _: &SpiffeId, _: IpAddr, _: meshauth_datapath::ConnectionKey, _: SystemTime) -> Result<(), String> {
         Err("tag_keys is full".into())
     }
 }

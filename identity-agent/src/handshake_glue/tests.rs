@@ -70,7 +70,7 @@ impl DestinationNode {
             src_number: KEY.1,
             dst_id: PAYMENT.to_owned(),
             src_id: ORDER.to_owned(),
-            peers: vec![peer],
+            peers: vec![crate::auth_manager::Peer { node: meshauth_datapath::NodeId::This, addr: peer }],
         }]);
     }
 
