@@ -107,7 +107,7 @@ fn across_strict() -> CompiledTables {
         node: None,
         // Its node's underlay address: the other node reaches its agent there (a node's own
         // pods are its own whatever this says).
-        node_address: Some(Ipv4Addr::new(192, 168, 88, ip[2] as u8)),
+        node_address: Some(Ipv4Addr::new(192, 168, 88, ip[2])),
     };
     let rule = |port| PolicyEntry {
         dst_identity: 257,
