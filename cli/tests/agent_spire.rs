@@ -857,7 +857,9 @@ fn a_spire_agent_restart_keeps_entries_until_they_expire_and_handshakes_resume()
         let stopped = SystemTime::now();
         assert!(
             tcp_request(fx.pod("shop/order-0"), PAYMENT_IP, PORT, REQUEST_TIMEOUT),
-            "the pair stopped passing as soon as SPIRE went away"
+            "the pair stopped passing as soon as SPIRE went away; node-2 counters {:?}\n{}",
+            fx.counters("node-2"),
+            fx.logs()
         );
 
         // The entry stays, never beyond an SVID minted before SPIRE stopped, until it expires.

@@ -446,6 +446,19 @@ pub fn spawn_with_clock(
                             // supersede() already asked for the new proof the loop below starts.
                             _ if generation != state.generation => {
                                 tracing::debug!(?key, "dropping the result of a handshake overtaken by a revocation");
+                                // The answering agent installed this handshake's key before it
+                                // confirmed, and its pods tag with it after the switch delay.
+                                // While the entry stands (no revocation removed it) and the peer's
+                                // chain still verifies, keep the key, never the expiry, or those
+                                // SYNs are refused until the next proof.
+                                if let Ok(proof) = &result
+                                    && state.desired.is_some()
+                                    && let Some(expiry) = state.expiry.filter(|e| *e > clock.now())
+                                    && proof.evidence.still_trusted()
+                                    && let Err(error) = table.set(key, expiry, proof.connection_key)
+                                {
+                                    tracing::warn!(%error, ?key, "cannot keep the key of an overtaken handshake");
+                                }
                             }
                             Ok(proof) if state.desired.is_some() => {
                                 let expiry = proof.expiry;

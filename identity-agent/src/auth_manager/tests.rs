@@ -72,7 +72,11 @@ impl Authenticator for FakeAuth {
             self.max_concurrent.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(20)).await;
             self.concurrent.fetch_sub(1, Ordering::SeqCst);
-            self.calls.lock().expect("lock").push((local.to_owned(), peer.to_owned(), addr));
+            let call = {
+                let mut calls = self.calls.lock().expect("lock");
+                calls.push((local.to_owned(), peer.to_owned(), addr));
+                calls.len() as u64
+            };
             if *self.fail_all.lock().expect("lock") || self.fail_addrs.lock().expect("lock").contains(&addr) {
                 let refused = self.refuse.load(Ordering::SeqCst);
                 return Err(AuthFailure { reason: "refused", message: format!("{addr} refused"), refused });
@@ -82,7 +86,7 @@ impl Authenticator for FakeAuth {
                 Some(_) => return Err(AuthFailure { reason: "expired", message: "every SVID expired".into(), refused: true }),
                 None => self.clock.now() + Duration::from_millis(self.lifetime_ms),
             };
-            let proof = Proof { expiry, evidence: Arc::new(FakeEvidence(self.trust_of(peer))), connection_key: meshauth_datapath::ConnectionKey([1, 1]) };
+            let proof = Proof { expiry, evidence: Arc::new(FakeEvidence(self.trust_of(peer))), connection_key: meshauth_datapath::ConnectionKey([call, call]) };
             // Taken out first: the lock must not be held across the wait.
             let hold = self.hold.lock().expect("lock").take();
             if let Some(gate) = hold {
@@ -509,4 +513,28 @@ async fn a_handshake_in_flight_when_the_bundles_change_does_not_prove_the_pair()
     eventually("a fresh attempt", || auth.calls() == 2).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(entry(&table, (1, 2)), None, "a pair proven by a removed CA came back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handshake_overtaken_by_a_bundle_change_still_leaves_its_key_while_the_entry_stands() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    eventually("entry", || entry(&table, (1, 2)).is_some()).await;
+    let proven = entry(&table, (1, 2));
+    // A re-authentication whose answering agent installed its key (that node's pods tag with
+    // it soon), held open while a CA that did not sign s2 leaves the bundles.
+    let gate = Arc::new(Notify::new());
+    *auth.hold.lock().expect("lock") = Some(gate.clone());
+    m.rotated("spiffe://td/d1".into());
+    eventually("re-authentication proven, its answer held", || auth.calls() == 2).await;
+    m.bundles_changed();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    gate.notify_one();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let key = proof(1, 2, 2);
+    assert_eq!(table.key(key), Some(meshauth_datapath::ConnectionKey([2, 2])), "the overtaken handshake's key was thrown away: the source's SYNs would be refused");
+    assert_eq!(entry(&table, (1, 2)), proven, "an overtaken handshake extended the entry");
 }
