@@ -16,6 +16,10 @@ const MESH: &str = include_str!("../../cluster/testdata/forged-address/mesh.yaml
 /// A compromised node-2 gives its mirror pod payment-0's address.
 const FORGED_MIRROR: &str = include_str!("../../cluster/testdata/forged-address/mirror.yaml");
 
+/// The node the pods live on, as the agent that runs these tables knows it (its agent proved
+/// the pair).
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
 /// The tables an agent writes for `text`: compiled, plus the isolated shared addresses.
 fn tables(text: &str, allocator: &mut NumberAllocator) -> CompiledTables {
     let mut manifests = Manifests::default();
@@ -23,6 +27,9 @@ fn tables(text: &str, allocator: &mut NumberAllocator) -> CompiledTables {
     let snapshot = manifests.snapshot();
     let mut t = compile(&PolicyModel::new(ModelConfig::default(), snapshot.inputs.clone()), allocator);
     snapshot.isolate_shared_addresses(&mut t.endpoints);
+    for e in &mut t.endpoints {
+        e.node_address = Some(NODE);
+    }
     t
 }
 
@@ -43,8 +50,8 @@ fn an_address_two_pods_claim_is_isolated_and_rides_no_authentication() {
     dp.apply_tables(&honest).expect("apply");
     let number = |sa: &str| honest.spiffe_ids.iter().find(|(_, id)| id.ends_with(&format!("/sa/{sa}"))).map(|(n, _)| *n).expect("number");
     let until = BootTime::after(Duration::from_secs(3600));
-    dp.set_auth(number("order"), number("payment"), meshauth_datapath::NodeId::This, until).expect("auth");
-    dp.set_auth(number("payment"), number("order"), meshauth_datapath::NodeId::This, until).expect("auth");
+    dp.set_auth(number("order"), number("payment"), meshauth_datapath::NodeId::At(NODE), until).expect("auth");
+    dp.set_auth(number("payment"), number("order"), meshauth_datapath::NodeId::At(NODE), until).expect("auth");
     assert!(passes(&dp, payment, order) && passes(&dp, order, payment), "the proven pair passes both ways");
 
     dp.apply_tables(&tables(&format!("{MESH}---\n{FORGED_MIRROR}"), &mut allocator)).expect("apply");

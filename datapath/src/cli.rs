@@ -62,6 +62,8 @@ struct PairOut {
     dst: Option<String>,
     src_spiffe_id: u32,
     src: Option<String>,
+    /// The node whose agent proved the pair for its pods of the source: "this" or its address.
+    src_node: String,
     expiry_boottime_ns: u64,
     /// `null` once expired.
     remaining_seconds: Option<f64>,
@@ -84,6 +86,7 @@ pub fn auth_list(
             dst: names.get(&e.dst_spiffe_id).cloned(),
             src_spiffe_id: e.src_spiffe_id,
             src: names.get(&e.src_spiffe_id).cloned(),
+            src_node: e.src_node.to_string(),
             expiry_boottime_ns: e.expiry.0,
             remaining_seconds: e.expiry.remaining().map(|d| d.as_secs_f64()),
         })
@@ -95,17 +98,18 @@ pub fn auth_list(
         }
         OutputFormat::Table => {
             let name = |n: u32, s: &Option<String>| s.clone().unwrap_or_else(|| format!("#{n}"));
-            let rows: Vec<[String; 3]> = pairs
+            let rows: Vec<[String; 4]> = pairs
                 .iter()
                 .map(|p| {
                     [
                         name(p.dst_spiffe_id, &p.dst),
                         name(p.src_spiffe_id, &p.src),
+                        p.src_node.clone(),
                         p.remaining_seconds.map_or("expired".into(), human_seconds),
                     ]
                 })
                 .collect();
-            table(out, ["DESTINATION", "SOURCE", "EXPIRES IN"], &rows)?;
+            table(out, ["DESTINATION", "SOURCE", "SOURCE NODE", "EXPIRES IN"], &rows)?;
             writeln!(out, "{} pair(s)", pairs.len())?;
         }
     }

@@ -677,6 +677,13 @@ impl Datapath {
                 .insert(abi::ip_key(pod_ip), ep, 0)
                 .map_err(map_err("endpoints"))?;
         }
+        // Its pods' proofs are this node's from now on, not only from the next apply: a pod
+        // whose veth comes after the tables would otherwise be checked against a proof of its
+        // node's address, which no handshake writes.
+        self.maps
+            .endpoint_nodes
+            .insert(abi::ip_key(pod_ip), NodeId::This.key(), 0)
+            .map_err(map_err("endpoint_nodes"))?;
         if self.tcx {
             self.attach_tcx(ifname, ifindex, TcAttachType::Ingress)?;
             self.attach_tcx(ifname, ifindex, TcAttachType::Egress)?;

@@ -25,7 +25,10 @@ fn auth_list_and_status_read_the_pinned_maps() {
         vec![rule(2, 1, P::Tcp, 80, Auth::None)],
     ))
     .unwrap();
-    dp.set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(3600)))
+    // Proven by the agent of another node, with a connection key that must never be shown.
+    let secret = meshauth_datapath::ConnectionKey([0x5ec2_e7ab_cdef_0123, 0x0fed_cba9_8765_4321]);
+    let remote = meshauth_datapath::NodeId::At(std::net::Ipv4Addr::new(192, 0, 2, 7));
+    dp.set_auth_keyed(2, 1, remote, BootTime::after(Duration::from_secs(3600)), secret)
         .unwrap();
     dp.set_auth(1, 2, meshauth_datapath::NodeId::This, BootTime::now()).unwrap();
 
@@ -41,6 +44,13 @@ fn auth_list_and_status_read_the_pinned_maps() {
     );
     assert_eq!(pairs[1]["dst"], "spiffe://cluster.local/ns/test/sa/pod-2");
     assert!(pairs[1]["remaining_seconds"].as_f64().unwrap() > 3590.0);
+    assert_eq!(pairs[1]["src_node"], "192.0.2.7");
+    assert_eq!(pairs[0]["src_node"], "this node");
+    let json = String::from_utf8(out.clone()).unwrap();
+    for word in secret.0.iter().flat_map(|w| [w.to_string(), format!("{w:x}")]) {
+        assert!(!json.contains(&word), "a connection key in the output: {json}");
+    }
+    assert!(!json.contains("key"), "{json}");
 
     let mut out = Vec::new();
     auth_list(&pins.0, OutputFormat::Table, &mut out).unwrap();
@@ -48,7 +58,9 @@ fn auth_list_and_status_read_the_pinned_maps() {
     assert!(
         text.contains("spiffe://cluster.local/ns/test/sa/pod-1")
             && text.contains("expired")
-            && text.contains("2 pair(s)"),
+            && text.contains("2 pair(s)")
+            && text.contains("SOURCE NODE")
+            && text.contains("192.0.2.7"),
         "{text}"
     );
 

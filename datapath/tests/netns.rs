@@ -547,6 +547,34 @@ async fn detach_stops_enforcement_and_tables_sync_by_diff() {
     assert!(tcp_request(f.pod(1), f.ip(2), 8050, LONG));
 }
 
+/// The CNI hands a pod's veth to the agent after its tables named the pod by its node's address
+/// (how the agent's plan names every pod, its own node's included): from the attach on, the
+/// pod's connections are checked against this node's proof of the pair, first SYN through.
+#[tokio::test]
+async fn a_pod_attached_after_its_tables_is_proven_by_this_node_at_once() {
+    let mut f = Fixture::new("late");
+    let own_address = Ipv4Addr::new(192, 0, 2, 9);
+    let host_if = f.pod(1).host_if.clone();
+    let ifindex = f.dp().maps().interfaces().unwrap().iter().find(|i| i.pod_ip == f.ip(1)).unwrap().ifindex;
+    f.dp().release_interface(ifindex).unwrap();
+    let mut client = endpoint(1, false, Auth::None);
+    client.node_address = Some(own_address);
+    let t = tables(vec![client, endpoint(2, true, Auth::None)], vec![rule(2, 1, P::Tcp, 8080, Auth::Required)]);
+    f.dp().apply_tables(&t).unwrap();
+    f.dp().set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600))).unwrap();
+    let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
+    // Before its veth is this node's, the pod counts as one of the node at its address, which
+    // proved nothing.
+    assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT), "a proof of this node admitted a pod of another");
+    let ip1 = f.ip(1);
+    f.dp().attach(&host_if, ip1).unwrap();
+    let retransmits = f.pod(1).ns.tcp_retransmits().unwrap();
+    let missing = f.counters().packets(Counter::DropAuthMissing);
+    assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG), "attached: this node's proof covers the pod");
+    assert_eq!(f.pod(1).ns.tcp_retransmits().unwrap(), retransmits, "no SYN was retransmitted");
+    assert_eq!(f.counters().packets(Counter::DropAuthMissing), missing);
+}
+
 /// The clsact fallback (kernels without tcx), forced on this kernel: enforcement, a restart
 /// that adopts, an upgrade that replaces the filters, and detaching.
 #[tokio::test]

@@ -134,13 +134,20 @@ pub fn plan(snapshot: &Snapshot, config: &ModelConfig, node_name: &str, peer_por
         };
         // Every node hosting the source proves it on its own: its pods' connections carry
         // that node's key.
-        let peers = view
+        let mut peers: Vec<Peer> = view
             .hosts
             .get(&pair.src_spiffe_id)
             .into_iter()
             .flatten()
             .filter_map(|ip| Some(Peer { node: view.node_id(*ip)?, addr: SocketAddr::new(*ip, peer_port) }))
             .collect();
+        // This node proves its own pods even when no Node object gives it an address (a
+        // manifests-only agent): its proof is named by its pods' veths, not by an address, and
+        // an entry a previous agent left for it is adopted rather than dropped.
+        if view.local_identities.contains(&pair.src_spiffe_id) && !peers.iter().any(|p| p.node == NodeId::This) {
+            let own = view.own_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            peers.push(Peer { node: NodeId::This, addr: SocketAddr::new(own, peer_port) });
+        }
         desired.entry((dst_number, src_number)).or_insert(DesiredPair {
             dst_number,
             src_number,
