@@ -199,6 +199,19 @@ mod tests {
     }
 
     #[test]
+    fn without_node_addresses_this_node_still_proves_its_own_pods() {
+        let mut snapshot = examples();
+        snapshot.nodes.clear();
+        let plan = plan(&snapshot, &ModelConfig::default(), "node-1", 4250, &mut NumberAllocator::default());
+        let local = plan
+            .desired
+            .iter()
+            .find(|d| d.dst_id.ends_with("/sa/order") && d.src_id.ends_with("/sa/frontend"))
+            .expect("order <- frontend, both on node-1");
+        assert_eq!(local.peers, vec![Peer { node: NodeId::This, addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 4250) }]);
+    }
+
+    #[test]
     fn the_view_says_which_identity_lives_where() {
         let plan = plan(&examples(), &ModelConfig::default(), "node-1", 4250, &mut NumberAllocator::default());
         let order = "spiffe://cluster.local/ns/shop/sa/order";
