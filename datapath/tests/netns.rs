@@ -547,6 +547,41 @@ async fn detach_stops_enforcement_and_tables_sync_by_diff() {
     assert!(tcp_request(f.pod(1), f.ip(2), 8050, LONG));
 }
 
+/// A pod's packets leave only through its own veth: routed to another pod's veth (a bridge
+/// flooding a frame, a stale or hostile route), they are dropped there, not delivered.
+#[tokio::test]
+async fn a_packet_routed_out_of_another_pods_veth_is_dropped() {
+    let mut f = Fixture::new("wrongif");
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, false, Auth::None), endpoint(3, false, Auth::None)], vec![]);
+    f.dp().apply_tables(&t).unwrap();
+    let _udp = udp_echo_server(f.pod(2), 9090).unwrap();
+    assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "pod 1 reaches pod 2 on its own veth");
+    let node = f.node.ns.name.clone();
+    let route = |how: &str, dev: &str| {
+        let status = std::process::Command::new("ip").args(["-n", &node, "route", how, &format!("{}/32", f.ip(2)), "dev", dev]).status().unwrap();
+        assert!(status.success(), "ip route {how}");
+    };
+    let wrong = f.pod(3).host_if.clone();
+    let right = f.pod(2).host_if.clone();
+    route("replace", &wrong);
+    // Pod 3 does not answer ARP for pod 2's address: a static neighbour sends the frames anyway.
+    let neigh = |how: &str| {
+        let mut args = vec!["-n".to_owned(), node.clone(), "neigh".into(), how.into(), f.ip(2).to_string()];
+        if how == "replace" {
+            args.extend(["lladdr", "02:00:00:00:00:99", "nud", "permanent"].map(String::from));
+        }
+        args.extend(["dev".to_owned(), wrong.clone()]);
+        assert!(std::process::Command::new("ip").args(&args).status().unwrap().success(), "ip neigh {how}");
+    };
+    neigh("replace");
+    let dropped = f.counters().packets(Counter::DropWrongIface);
+    assert!(!udp_request(f.pod(1), None, f.ip(2), 9090, SHORT), "delivered through another pod's veth");
+    assert!(f.counters().packets(Counter::DropWrongIface) > dropped, "not counted as leaving the wrong interface");
+    neigh("del");
+    route("replace", &right);
+    assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "its own veth again");
+}
+
 /// The CNI hands a pod's veth to the agent after its tables named the pod by its node's address
 /// (how the agent's plan names every pod, its own node's included): from the attach on, the
 /// pod's connections are checked against this node's proof of the pair, first SYN through.
