@@ -134,8 +134,7 @@ impl NodeUnderTest {
     /// DEL through the chain in reverse order.
     fn del(&self, first: &serde_json::Value, container: &str, pod_ns: &str, pod: &str, ip: Ipv4Addr) {
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}");
-        let prev = serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{ip}/24"), "interface": 0}], "interfaces": [{"name": "eth0", "sandbox": format!("/run/netns/{pod_ns}")}]});
-        let (ok, out) = self.cni(&meshauth_bin("meshauth-cni"), "DEL", container, pod_ns, &args, &self.meshauth_conf(Some(prev)));
+        let (ok, out) = self.cni(&meshauth_bin("meshauth-cni"), "DEL", container, pod_ns, &args, &self.meshauth_conf(Some(prev_result(pod_ns, ip))));
         assert!(ok, "meshauth-cni DEL failed: {out}");
         let plugin = Path::new(CNI_BIN_DIR).join(first["type"].as_str().expect("type"));
         let (ok, out) = self.cni(&plugin, "DEL", container, pod_ns, &args, first);
@@ -293,6 +292,59 @@ fn an_interface_whose_pod_nobody_names_is_isolated_not_passed() {
     accept_on(&anon, 8080);
     assert!(!connects(&client, anon_ip, 8080), "a pod the model does not know accepts no mesh traffic");
     assert!(connects(&node.ns, anon_ip, 8080), "the node itself still reaches it");
+}
+
+/// The previous result a runtime passes to DEL and CHECK for a pod of `pod_ns` with `ip`.
+fn prev_result(pod_ns: &str, ip: Ipv4Addr) -> serde_json::Value {
+    serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{ip}/24"), "interface": 0}], "interfaces": [{"name": "eth0", "sandbox": format!("/run/netns/{pod_ns}")}]})
+}
+
+#[test]
+fn an_interface_guarded_for_one_pod_is_refused_for_another_and_check_tells_guarded_from_not() {
+    let node = NodeUnderTest::start("reuse", BRIDGE_MESH);
+    let bridge = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "type": "bridge", "bridge": "cni-mc", "isGateway": true, "ipMasq": false, "ipam": node.ipam("10.251.3.0/24")});
+    let tag = std::process::id() % 100_000;
+    let web = Netns::new(&format!("cc{tag}-rweb")).expect("pod netns");
+    let client = Netns::new(&format!("cc{tag}-rclient")).expect("pod netns");
+    let web_ip = node.add(&bridge, "c-web", &web.name, "web");
+    let client_ip = node.add(&bridge, "c-client", &client.name, "client");
+    let args = |pod: &str| format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}");
+    let plugin = meshauth_bin("meshauth-cni");
+
+    // CHECK: the guarded pod passes.
+    let (ok, out) = node.cni(&plugin, "CHECK", "c-client", &client.name, &args("client"), &node.meshauth_conf(Some(prev_result(&client.name, client_ip))));
+    assert!(ok, "CHECK of a guarded pod: {out}");
+
+    // A second address on the client's interface, claimed for another pod: the client's veth
+    // is already the client's, so the ADD is refused and the client's guard stays as it was.
+    let stolen = Ipv4Addr::new(10, 251, 3, 200);
+    client.exec(&["ip", "addr", "add", &format!("{stolen}/24"), "dev", "eth0"]).expect("second address");
+    let (ok, out) = node.cni(&plugin, "ADD", "c-stranger", &client.name, &args("stranger"), &node.meshauth_conf(Some(prev_result(&client.name, stolen))));
+    assert!(!ok, "an interface registered for one pod was registered for another address");
+    assert!(out.contains("already registered for"), "{out}");
+    let interfaces = node.interfaces();
+    assert_eq!(interfaces.len(), 2, "{interfaces:?}");
+    assert!(interfaces.iter().any(|i| i.pod_ip == client_ip) && !interfaces.iter().any(|i| i.pod_ip == stolen), "{interfaces:?}");
+    accept_on(&web, 8080);
+    assert!(connects(&client, web_ip, 8080), "the client is still guarded as the client");
+
+    // CHECK of the client's address from the web pod's namespace: guarded, but not there.
+    let (ok, out) = node.cni(&plugin, "CHECK", "c-web", &web.name, &args("web"), &node.meshauth_conf(Some(prev_result(&web.name, client_ip))));
+    assert!(!ok, "CHECK passed a pod for another pod's guarded address: {out}");
+    // After DEL, CHECK says the pod is no longer guarded.
+    node.del(&bridge, "c-client", &client.name, "client", client_ip);
+    let (ok, out) = node.cni(&plugin, "CHECK", "c-client", &client.name, &args("client"), &node.meshauth_conf(Some(prev_result(&client.name, client_ip))));
+    assert!(!ok && out.contains("not guarded"), "CHECK after DEL: {out}");
+
+    // A pod whose veth goes without a DEL (a runtime that crashed, a namespace torn down):
+    // the agent forgets it, entry and link pins, on its own.
+    assert_eq!((node.interfaces().len(), node.link_pins()), (1, 2), "the web pod is still guarded");
+    web.exec(&["ip", "link", "del", "eth0"]).expect("delete the web pod's veth");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(node.interfaces().is_empty() && node.link_pins() == 0) {
+        assert!(Instant::now() < deadline, "a vanished veth stayed registered: {:?}\n{}", node.interfaces(), node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 const CHURN_MESH: &str = r#"

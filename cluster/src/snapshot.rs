@@ -13,8 +13,9 @@ pub const SPIRE_AGENT_ID_ANNOTATION: &str = "meshauth.io/spire-agent-id";
 /// The annotation on a Node that overrides the address its meshauth agent listens on.
 pub const AGENT_ADDRESS_ANNOTATION: &str = "meshauth.io/agent-address";
 
-/// A node as the agent needs it: its name, the address its agent listens on (the first
-/// InternalIP, else the first address), every address it reports and its annotations.
+/// A node as the agent needs it: its name, the address its agent listens on (the first IPv4
+/// InternalIP, else the first InternalIP, else the first address), every address it reports
+/// and its annotations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: String,
@@ -28,9 +29,12 @@ impl NodeInfo {
         let addresses = node.status.as_ref().and_then(|s| s.addresses.clone()).unwrap_or_default();
         Self {
             name: node.metadata.name.clone().unwrap_or_default(),
+            // IPv4 first: the datapath's maps name nodes by IPv4 address, so a dual-stack node
+            // whose first InternalIP is IPv6 is still a node its pods' proofs can name.
             address: addresses
                 .iter()
-                .find(|a| a.type_ == "InternalIP")
+                .filter(|a| a.type_ == "InternalIP")
+                .min_by_key(|a| a.address.parse::<std::net::IpAddr>().map_or(2, |ip| u8::from(!ip.is_ipv4())))
                 .or_else(|| addresses.first())
                 .map(|a| a.address.clone()),
             addresses: addresses.iter().map(|a| a.address.clone()).collect(),
@@ -134,13 +138,26 @@ impl Snapshot {
     /// annotation counts only when it names one of the node's own addresses that no other node
     /// reports, so a node cannot have its identities hosted at a pod's or another node's
     /// address.
+    ///
+    /// `None` when the address is unspecified (`0.0.0.0`, `::`) or another node claims it too:
+    /// the datapath names nodes by address, and two nodes under one name would count each
+    /// other's proofs (fail closed: pods of such a node have no node whose proofs count).
     pub fn node_address(&self, node: &str) -> Option<String> {
         let n = self.nodes.iter().find(|n| n.name == node)?;
-        let annotated = n.annotations.get(AGENT_ADDRESS_ANNOTATION).filter(|a| {
-            self.trust_agent_address_annotations
-                || (n.addresses.contains(a) && !self.nodes.iter().any(|o| o.name != n.name && o.addresses.contains(a)))
-        });
-        annotated.cloned().or_else(|| n.address.clone())
+        let claimed_elsewhere = |a: &String| {
+            self.nodes.iter().any(|o| {
+                o.name != n.name
+                    && (o.addresses.contains(a)
+                        || (self.trust_agent_address_annotations && o.annotations.get(AGENT_ADDRESS_ANNOTATION) == Some(a)))
+            })
+        };
+        let annotated = n
+            .annotations
+            .get(AGENT_ADDRESS_ANNOTATION)
+            .filter(|a| self.trust_agent_address_annotations || (n.addresses.contains(a) && !claimed_elsewhere(a)));
+        let address = annotated.or(n.address.as_ref())?;
+        let unspecified = address.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified());
+        (!unspecified && !claimed_elsewhere(address)).then(|| address.clone())
     }
 
     /// The SPIFFE IDs of the pods on `node` (what a node-scoped issuer may hand that node).
@@ -208,6 +225,48 @@ status: {addresses: [{type: InternalIP, address: 192.168.1.3}]}
         assert_eq!(s.node_address("node-3").as_deref(), Some("192.168.1.3"));
         let trusted = manifests.snapshot_with(&EndpointRules { trust_agent_address_annotations: true, ..EndpointRules::default() });
         assert_eq!(trusted.node_address("node-3").as_deref(), Some("10.244.1.5"), "the explicit opt-in");
+    }
+
+    #[test]
+    fn a_node_address_that_is_unspecified_or_claimed_by_two_nodes_names_neither() {
+        let nodes = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 0.0.0.0}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-2}
+status: {addresses: [{type: InternalIP, address: 192.168.1.7}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-3}
+status: {addresses: [{type: InternalIP, address: 192.168.1.7}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-4}
+status: {addresses: [{type: InternalIP, address: 'fd00::4'}, {type: InternalIP, address: 192.168.1.4}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-5, annotations: {meshauth.io/agent-address: 192.168.1.4}}
+status: {addresses: [{type: InternalIP, address: 192.168.1.5}]}
+";
+        let mut manifests = Manifests::default();
+        manifests.add_source("nodes.yaml", nodes).expect("manifests");
+        let s = manifests.snapshot();
+        // 0.0.0.0 is the maps' name for this node: another node must never be it.
+        assert_eq!(s.node_address("node-1"), None);
+        // Two nodes under one address would count each other's proofs.
+        assert_eq!((s.node_address("node-2"), s.node_address("node-3")), (None, None));
+        assert_eq!(s.node_address("node-4").as_deref(), Some("192.168.1.4"), "the IPv4 InternalIP of a dual-stack node");
+        assert_eq!(s.node_address("node-5").as_deref(), Some("192.168.1.5"));
+        // Trusted, node-5's annotation takes node-4's address: both lose it rather than share it.
+        let trusted = manifests.snapshot_with(&EndpointRules { trust_agent_address_annotations: true, ..EndpointRules::default() });
+        assert_eq!((trusted.node_address("node-4"), trusted.node_address("node-5")), (None, None));
     }
 
     #[test]

@@ -58,6 +58,7 @@ int main(void)
 	F(ma_ct_value, policy_epoch);
 	F(ma_ct_value, dst_spiffe_id);
 	F(ma_ct_value, src_spiffe_id);
+	F(ma_ct_value, ifindex);
 	F(ma_ct_value, auth);
 	F(ma_ct_value, kind);
 	F(ma_ct_value, closing);

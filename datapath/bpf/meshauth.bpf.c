@@ -736,6 +736,11 @@ int to_pod(struct __sk_buff *skb)
 				ct = 0;
 			}
 		}
+		/* A flow's packets leave only through the veth its entry was written on: a frame a
+		 * bridge floods to every port, or one routed to the wrong veth, does not reach
+		 * another pod on the strength of a flow that pod never had. */
+		if (ct && ct->ifindex != skb->ifindex)
+			return drop(cfg, skb, MA_EV_DENIED, MA_C_DROP_WRONG_IFACE, &f);
 		if (ct && ct->kind == MA_CT_REPLY && ct->policy_epoch != cfg->policy_epoch) {
 			/* The tables moved: the answer passes only while the pod and its peer are
 			 * still the endpoints the pod spoke to (not a new pod on a reused address). */
@@ -887,6 +892,7 @@ admitted:
 			.policy_epoch = cfg->policy_epoch,
 			.dst_spiffe_id = dst->spiffe_id,
 			.src_spiffe_id = src_spiffe,
+			.ifindex = skb->ifindex,
 			.auth = req,
 			.kind = MA_CT_ADMITTED,
 			.closing = f.tcp_fin,
@@ -979,6 +985,7 @@ int from_pod(struct __sk_buff *skb)
 				.policy_epoch = cfg->policy_epoch,
 				.dst_spiffe_id = pod ? pod->spiffe_id : MA_NO_SPIFFE_ID,
 				.src_spiffe_id = peer ? peer->spiffe_id : MA_NO_SPIFFE_ID,
+				.ifindex = skb->ifindex,
 				.kind = MA_CT_REPLY,
 			};
 

@@ -166,10 +166,12 @@ struct ma_ct_value {
 	__u32 policy_epoch; /* ma_config.policy_epoch when written; stale -> checked again */
 	__u32 dst_spiffe_id; /* the pair: the pod's and the peer's SPIFFE-ID numbers */
 	__u32 src_spiffe_id;
+	__u32 ifindex; /* the pod's veth the flow's packets to the pod leave through */
 	__u8 auth; /* MA_AUTH_* the admission required (MA_AUTH_NONE for replies) */
 	__u8 kind; /* MA_CT_* */
 	__u8 closing; /* a FIN was seen: the closing timeout applies */
 	__u8 pad;
+	__u32 pad2;
 };
 
 /* fragments: LRU, IPv4 first fragments that passed; later fragments pass only when listed. */

@@ -205,10 +205,13 @@ pub struct CtValue {
     pub policy_epoch: u32,
     pub dst_spiffe_id: u32,
     pub src_spiffe_id: u32,
+    /// The pod's veth the flow's packets to the pod leave through.
+    pub ifindex: u32,
     pub auth: u8,
     pub kind: u8,
     pub closing: u8,
     pub pad: u8,
+    pub pad2: u32,
 }
 
 /// `struct ma_iface_value`.
@@ -489,6 +492,7 @@ mod tests {
         field!("ma_ct_value", CtValue, policy_epoch);
         field!("ma_ct_value", CtValue, dst_spiffe_id);
         field!("ma_ct_value", CtValue, src_spiffe_id);
+        field!("ma_ct_value", CtValue, ifindex);
         field!("ma_ct_value", CtValue, auth);
         field!("ma_ct_value", CtValue, kind);
         field!("ma_ct_value", CtValue, closing);

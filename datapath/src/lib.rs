@@ -14,7 +14,9 @@
 //!
 //! # What the programs do
 //! `to_pod` (traffic into a pod), on an IPv4 packet:
-//! 1. conntrack (one lookup, keyed on the tuple as it arrives): an answer in a flow the pod
+//! 1. conntrack (one lookup, keyed on the tuple as it arrives): an entry written on another
+//!    veth than the one the packet leaves through is dropped (`drop_wrong_interface`: a
+//!    bridge's flood or a wrong route rides no cached flow); an answer in a flow the pod
 //!    started passes (after a policy-epoch change only while the pod and its peer still have
 //!    the SPIFFE IDs they had: no new pod on a reused address inherits it); a later packet of a
 //!    flow admitted under the current policy epoch passes, after the pair's authentication is

@@ -370,8 +370,9 @@ pub struct ApplyStats {
     /// not be written): none of their entries is in the map and their pods are isolated, so
     /// they accept nothing until the policy shrinks. Empty when the tables were applied whole.
     pub denied_destinations: Vec<u32>,
-    /// Endpoints of other nodes left out because the map was full: their pods are sources
-    /// without an identity (as the rest of the world) until there is room.
+    /// Endpoints of other nodes (or their nodes, `endpoint_nodes`) left out because a map was
+    /// full: their pods are sources without an identity (as the rest of the world), or
+    /// without a node whose proofs count, until there is room.
     pub endpoints_left_out: usize,
     /// Conntrack entries flushed because their pod address left or changed hands.
     pub conntrack_flushed: usize,
@@ -400,6 +401,7 @@ pub struct Maps {
     host_addrs: HashMap<MapData, u32, u32>,
     /// What the pinned maps hold at most (a pinned map keeps its size across restarts).
     endpoint_capacity: usize,
+    endpoint_node_capacity: usize,
     policy_capacity: usize,
 }
 
@@ -428,6 +430,7 @@ impl Maps {
         };
         Ok(Maps {
             endpoint_capacity: capacity("endpoints")?,
+            endpoint_node_capacity: capacity("endpoint_nodes")?,
             policy_capacity: capacity("policy")?,
             pin_dir: pin_dir.to_path_buf(),
             endpoints: HashMap::try_from(Map::HashMap(hash("endpoints")?))
@@ -958,11 +961,18 @@ impl Datapath {
             .iter()
             .filter_map(|e| {
                 let key = abi::ip_key(e.ip);
-                let node = if local.contains_key(&key) { NodeId::This } else { NodeId::At(e.node_address?) };
+                // An unspecified address would be this node's key: a pod elsewhere must never
+                // count this node's proofs as its own.
+                let node = if local.contains_key(&key) {
+                    NodeId::This
+                } else {
+                    NodeId::At(e.node_address.filter(|a| !a.is_unspecified())?)
+                };
                 Some((key, node.key()))
             })
             .collect();
-        let stale_nodes = self.write_endpoint_nodes(&want_nodes)?;
+        let (stale_nodes, nodes_left_out) = self.write_endpoint_nodes(&want_nodes)?;
+        stats.endpoints_left_out += nodes_left_out;
         let have_endpoints: StdHashMap<u32, EndpointValue> = self
             .maps
             .endpoints
@@ -1134,8 +1144,8 @@ impl Datapath {
     }
 
     /// Writes the `endpoint_nodes` entries of `want` that differ; returns the keys to remove
-    /// once the endpoints no longer name them.
-    fn write_endpoint_nodes(&mut self, want: &StdHashMap<u32, u32>) -> Result<Vec<u32>, DatapathError> {
+    /// once the endpoints no longer name them, and how many entries did not fit.
+    fn write_endpoint_nodes(&mut self, want: &StdHashMap<u32, u32>) -> Result<(Vec<u32>, usize), DatapathError> {
         let have: StdHashMap<u32, u32> = self
             .maps
             .endpoint_nodes
@@ -1143,7 +1153,8 @@ impl Datapath {
             .collect::<Result<_, _>>()
             .map_err(map_err("endpoint_nodes"))?;
         let stale: Vec<u32> = have.keys().filter(|k| !want.contains_key(k)).copied().collect();
-        if have.len() + want.keys().filter(|k| !have.contains_key(k)).count() > self.maps.endpoint_capacity {
+        let mut left_out = 0;
+        if have.len() + want.keys().filter(|k| !have.contains_key(k)).count() > self.maps.endpoint_node_capacity {
             // Removing first only takes proofs away from addresses that are leaving.
             for k in &stale {
                 remove_ignoring_missing(self.maps.endpoint_nodes.remove(k), "endpoint_nodes")?;
@@ -1156,9 +1167,10 @@ impl Datapath {
             if let Err(error) = self.maps.endpoint_nodes.insert(*k, *node, 0) {
                 // The pod has no node whose proof counts: its authenticated traffic is refused.
                 tracing::warn!(%error, ip = %abi::key_ip(*k), "node of an endpoint left out");
+                left_out += 1;
             }
         }
-        Ok(stale)
+        Ok((stale, left_out))
     }
 
     /// Deletes every conntrack entry to or from one of `ips` (keys as [`abi::ip_key`]):

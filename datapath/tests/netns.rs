@@ -556,6 +556,13 @@ async fn a_packet_routed_out_of_another_pods_veth_is_dropped() {
     f.dp().apply_tables(&t).unwrap();
     let _udp = udp_echo_server(f.pod(2), 9090).unwrap();
     assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "pod 1 reaches pod 2 on its own veth");
+    // A flow already in conntrack, to be misrouted below: its cache entry is pod 2's veth's.
+    let flow = udp_socket(f.pod(1), None).unwrap();
+    flow.set_read_timeout(Some(LONG)).unwrap();
+    let to_pod2 = std::net::SocketAddrV4::new(f.ip(2), 9090);
+    let mut buf = [0u8; 64];
+    flow.send_to(b"meshauth", to_pod2).unwrap();
+    assert!(matches!(flow.recv_from(&mut buf), Ok((8, _))), "the flow is established");
     let node = f.node.ns.name.clone();
     let route = |how: &str, dev: &str| {
         let status = std::process::Command::new("ip").args(["-n", &node, "route", how, &format!("{}/32", f.ip(2)), "dev", dev]).status().unwrap();
@@ -577,6 +584,11 @@ async fn a_packet_routed_out_of_another_pods_veth_is_dropped() {
     let dropped = f.counters().packets(Counter::DropWrongIface);
     assert!(!udp_request(f.pod(1), None, f.ip(2), 9090, SHORT), "delivered through another pod's veth");
     assert!(f.counters().packets(Counter::DropWrongIface) > dropped, "not counted as leaving the wrong interface");
+    // The established flow's next datagram: its conntrack entry is no pass onto another veth.
+    let dropped = f.counters().packets(Counter::DropWrongIface);
+    flow.send_to(b"meshauth", to_pod2).unwrap();
+    std::thread::sleep(SHORT);
+    assert!(f.counters().packets(Counter::DropWrongIface) > dropped, "an established flow's packet left through another pod's veth");
     neigh("del");
     route("replace", &right);
     assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "its own veth again");
@@ -599,8 +611,11 @@ async fn a_pod_attached_after_its_tables_is_proven_by_this_node_at_once() {
     f.dp().set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600))).unwrap();
     let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
     // Before its veth is this node's, the pod counts as one of the node at its address, which
-    // proved nothing.
+    // proved nothing: refused for want of that node's proof, before any tag is looked at.
+    let (missing, untagged) = (f.counters().packets(Counter::DropAuthMissing), f.counters().packets(Counter::DropTagMissing));
     assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT), "a proof of this node admitted a pod of another");
+    assert!(f.counters().packets(Counter::DropAuthMissing) > missing, "this node's proof counted for a pod at another node's address");
+    assert_eq!(f.counters().packets(Counter::DropTagMissing), untagged);
     let ip1 = f.ip(1);
     f.dp().attach(&host_if, ip1).unwrap();
     let retransmits = f.pod(1).ns.tcp_retransmits().unwrap();
@@ -758,4 +773,40 @@ async fn an_upgrade_after_a_pods_veth_vanished_forgets_it_and_moves_the_rest() {
     f.dp().apply_tables(&t).unwrap();
     assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG), "the remaining pods run on the new programs");
     f.dp().reload_programs().expect("an on-demand upgrade too");
+}
+
+/// One datagram from the node's namespace (this test thread's) with source `src` to
+/// `dst:port`: `true` when its echo came back.
+fn udp_from_node(src: Ipv4Addr, dst: Ipv4Addr, port: u16) -> bool {
+    let Ok(sock) = std::net::UdpSocket::bind((src, 0)) else { return false };
+    if sock.set_read_timeout(Some(SHORT)).is_err() || sock.send_to(b"meshauth", (dst, port)).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(sock.recv_from(&mut buf), Ok((8, _)))
+}
+
+/// The kubelet's probes come from the node's own address: with `allow_host` (the default)
+/// they reach a policed pod; without it they follow the policy like everything else, and an
+/// address of the node that is not listed as its own (what another node's traffic carries)
+/// always does.
+#[tokio::test]
+async fn only_this_nodes_own_addresses_pass_a_policy_and_only_while_allow_host_is_set() {
+    const NODE: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1); // the pods' gateway, on the node's lo
+    const OTHER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50); // an address the node does not list
+    for allow_host in [true, false] {
+        let mut f = Fixture::with_config(if allow_host { "host1" } else { "host0" }, |c| c.allow_host = allow_host);
+        f.node.ns.exec(&["ip", "addr", "add", &format!("{OTHER}/32"), "dev", "lo"]).unwrap();
+        let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)], vec![rule(2, 1, P::Udp, 9090, Auth::None)]);
+        f.dp().apply_tables(&t).unwrap();
+        f.dp().set_host_addresses(&[NODE].into()).unwrap();
+        let _udp = udp_echo_server(f.pod(2), 9090).unwrap();
+        assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "the permitted pod");
+        let passed_host = f.counters().packets(Counter::PassHost);
+        assert_eq!(udp_from_node(NODE, f.ip(2), 9090), allow_host, "the node's own address, allow_host={allow_host}");
+        assert_eq!(f.counters().packets(Counter::PassHost) > passed_host, allow_host);
+        let denied = f.counters().packets(Counter::DropDenied);
+        assert!(!udp_from_node(OTHER, f.ip(2), 9090), "an address not the node's own passed the policy");
+        assert!(f.counters().packets(Counter::DropDenied) > denied, "not the policy's drop");
+    }
 }

@@ -189,6 +189,11 @@ mod tests {
     fn defaults_apply_when_nothing_is_set() {
         let c = AgentConfig::from_lookup(Some("node-1".into()), lookup(&[])).expect("valid");
         assert_eq!(c.listen.port(), 4250);
+        // On the host network: clear of what nodes commonly run (Prometheus, node-exporter,
+        // Cilium's agent and operator, the kubelet, kube-proxy).
+        assert_eq!(c.metrics_addr.port(), 4251);
+        let taken = [9090, 9100, 9962, 9963, 9964, 9965, 10248, 10249, 10250, 10256];
+        assert!(!taken.contains(&c.listen.port()) && !taken.contains(&c.metrics_addr.port()));
         assert_eq!(c.trust_domain.as_str(), "cluster.local");
         assert_eq!(c.inputs, InputMode::Kubernetes);
         assert_eq!(c.mesh_namespace, "meshauth-system");

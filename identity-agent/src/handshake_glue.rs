@@ -31,7 +31,14 @@ impl HostedIdentities for ViewHosted {
     }
 
     fn is_node(&self, addr: IpAddr) -> bool {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).hosts.values().any(|nodes| nodes.contains(&addr))
+        self.0.read().unwrap_or_else(PoisonError::into_inner).is_node(addr)
+    }
+}
+
+impl ViewHosted {
+    /// The address other agents know this node by, as the latest snapshot has it.
+    fn own_address(&self) -> Option<IpAddr> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).own_address
     }
 }
 
@@ -94,13 +101,19 @@ impl Evidence for PeerChain {
 pub struct HandshakeAuthenticator {
     client: HandshakeClient,
     store: SvidStore,
+    hosted: Arc<ViewHosted>,
     /// Peer chains by leaf: the many pairs proven with one peer SVID share one copy.
     chains: Mutex<HashMap<Vec<u8>, Weak<[CertificateDer<'static>]>>>,
 }
 
 impl HandshakeAuthenticator {
     pub fn new(store: SvidStore, hosted: Arc<ViewHosted>, timeout: Duration) -> Self {
-        Self { client: HandshakeClient::new(store.clone(), hosted).with_timeout(timeout), store, chains: Mutex::default() }
+        Self {
+            client: HandshakeClient::new(store.clone(), hosted.clone()).with_timeout(timeout),
+            store,
+            hosted,
+            chains: Mutex::default(),
+        }
     }
 
     fn intern(&self, chain: Vec<CertificateDer<'static>>) -> Chain {
@@ -125,7 +138,12 @@ impl Authenticator for HandshakeAuthenticator {
                     .map_err(|e| AuthFailure { reason: "bad_spiffe_id", message: format!("{id:?} {e}"), refused: true })
             };
             let (local, peer) = (parse(local)?, parse(peer)?);
-            let auth = self.client.authenticate(addr, &local, &peer).await.map_err(|e| AuthFailure {
+            // From the address the peers know this node by: the peer checks that our identity
+            // runs on the node the connection comes from, and on a multi-homed node (or one
+            // named by its agent-address annotation) the kernel's own choice may be another.
+            // Loopback (this node proving its own pods without an address) needs none.
+            let source = self.hosted.own_address().filter(|_| !addr.ip().is_loopback());
+            let auth = self.client.authenticate_from(source, addr, &local, &peer).await.map_err(|e| AuthFailure {
                 reason: e.reason(),
                 message: format!("{local} <- {peer} at {addr}: {e}"),
                 refused: e.is_refusal(),

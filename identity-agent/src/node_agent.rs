@@ -430,8 +430,27 @@ impl Applier {
                 Ok(())
             }
             CniCommand::Check => {
-                let ok = request.ips.iter().all(|ip| self.registry.contains_key(ip) && !self.failed.contains(ip));
-                if ok { Ok(()) } else { Err(CniRefusal::Final("the pod's interface is not guarded".into())) }
+                if request.ips.is_empty() {
+                    return Err(CniRefusal::Final("the request has no IPv4 address".into()));
+                }
+                for ip in &request.ips {
+                    let registration = self.registry.get(ip).ok_or_else(|| CniRefusal::Final(format!("{ip} is not guarded on this node")))?;
+                    if self.failed.contains(ip) {
+                        return Err(CniRefusal::Final(format!("the datapath is not attached to {} ({ip})", registration.ifname)));
+                    }
+                    // The interface guarded for the address must be this pod's own veth, not
+                    // one that a stale registration or another pod left.
+                    if let Some(netns) = &netns {
+                        let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(netns), &request.ifname, *ip).map_err(|e| CniRefusal::Final(e.to_string()))?;
+                        if veth.ifindex != registration.ifindex {
+                            return Err(CniRefusal::Final(format!(
+                                "{ip} is guarded on {}, not on this pod's interface {}",
+                                registration.ifname, veth.name
+                            )));
+                        }
+                    }
+                }
+                Ok(())
             }
         }
     }

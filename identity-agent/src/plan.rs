@@ -34,8 +34,18 @@ impl NodeView {
     }
 
     /// Whether a pod with this identity runs on the node whose agent has address `ip`.
+    /// Loopback is this node: a node that no Node object gives an address proves its own pods
+    /// over it (and any process that can reach loopback here is on this node anyway).
     pub fn is_hosted_at(&self, spiffe_id: &str, ip: IpAddr) -> bool {
-        self.hosts.get(spiffe_id).is_some_and(|h| h.contains(&canonical(ip)))
+        let ip = canonical(ip);
+        (ip.is_loopback() && self.is_hosted_here(spiffe_id)) || self.hosts.get(spiffe_id).is_some_and(|h| h.contains(&ip))
+    }
+
+    /// Whether `ip` is the agent address of a node hosting some identity (loopback: this node,
+    /// when it hosts any).
+    pub fn is_node(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        (ip.is_loopback() && !self.local_identities.is_empty()) || self.hosts.values().any(|nodes| nodes.contains(&ip))
     }
 
     /// How the datapath's maps name the node whose agent has address `ip`: this node's own
@@ -47,7 +57,7 @@ impl NodeView {
 
 fn node_id(ip: IpAddr, own: Option<IpAddr>) -> Option<NodeId> {
     match ip {
-        ip if Some(ip) == own => Some(NodeId::This),
+        ip if Some(ip) == own || ip.is_loopback() => Some(NodeId::This),
         IpAddr::V4(v4) if !v4.is_unspecified() => Some(NodeId::At(v4)),
         _ => None,
     }
@@ -157,11 +167,19 @@ pub fn plan(snapshot: &Snapshot, config: &ModelConfig, node_name: &str, peer_por
         });
     }
 
-    let problems = model
+    let mut problems: Vec<String> = model
         .problems()
         .iter()
         .map(|p| format!("{:?} {}: {}: {}", p.kind, p.object, p.error.field, p.error.reason))
         .collect();
+    // A node that reports addresses but has none of its own: its pods' proofs count nowhere.
+    problems.extend(
+        snapshot
+            .nodes
+            .iter()
+            .filter(|n| !n.addresses.is_empty() && !node_addresses.contains_key(n.name.as_str()))
+            .map(|n| format!("Node {}: status.addresses: no address of its own (unspecified, or another node's too): its pods are proven by no node", n.name)),
+    );
     NodePlan { tables, local_pods, desired: desired.into_values().collect(), view, problems }
 }
 
@@ -220,6 +238,12 @@ mod tests {
         assert!(plan.view.is_hosted_at(order, "192.168.77.1".parse().expect("ip")));
         assert!(plan.view.is_hosted_at(order, "::ffff:192.168.77.1".parse().expect("ip")), "mapped IPv4");
         assert!(!plan.view.is_hosted_at(order, "192.168.77.2".parse().expect("ip")));
+        // Loopback is this node, and only this node's identities are hosted there.
+        assert!(plan.view.is_hosted_at(order, "127.0.0.1".parse().expect("ip")));
+        assert!(!plan.view.is_hosted_at("spiffe://cluster.local/ns/shop/sa/payment", "127.0.0.1".parse().expect("ip")));
+        assert_eq!(plan.view.node_id("127.0.0.1".parse().expect("ip")), Some(NodeId::This));
+        assert!(plan.view.is_node("127.0.0.1".parse().expect("ip")) && plan.view.is_node("192.168.77.2".parse().expect("ip")));
+        assert!(!plan.view.is_node("10.244.1.5".parse().expect("ip")), "a pod is no node");
         assert_eq!(plan.view.node_id("192.168.77.1".parse().expect("ip")), Some(NodeId::This), "its own address");
         assert_eq!(plan.view.node_id("192.168.77.2".parse().expect("ip")), Some(NodeId::At(Ipv4Addr::new(192, 168, 77, 2))));
         assert_eq!(plan.view.node_id("fd00::2".parse().expect("ip")), None, "the maps are IPv4");

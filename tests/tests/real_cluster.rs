@@ -83,6 +83,11 @@ impl Cluster {
 
     /// A counter of `node`'s datapath (`meshauthctl status` in its agent pod).
     fn counter(&self, agent: &str, name: &str) -> u64 {
+        self.counters(agent)[name]["packets"].as_u64().unwrap_or(0)
+    }
+
+    /// Every counter of the agent's datapath, as `meshauthctl status` reports them.
+    fn counters(&self, agent: &str) -> serde_json::Value {
         let (ok, out) = self.kubectl(&["exec", "-n", "meshauth-system", agent, "--", "meshauthctl", "status", "--output", "json"]);
         assert!(ok, "status: {out}");
         // The output is the JSON document, then whatever kubectl adds on stderr.
@@ -91,7 +96,28 @@ impl Cluster {
             .next()
             .and_then(Result::ok)
             .unwrap_or_else(|| panic!("status JSON: {out}"));
-        v["counters"][name]["packets"].as_u64().unwrap_or(0)
+        v["counters"].clone()
+    }
+
+    /// IPv4 packets the agent's datapath dropped so far, by drop counter. (IPv6 is left out:
+    /// pods' own neighbour and multicast chatter is dropped whatever meshauth authenticates.)
+    fn drops(&self, agent: &str) -> std::collections::BTreeMap<&'static str, u64> {
+        const IPV4_DROPS: [&str; 10] = [
+            "drop_denied", "drop_auth_missing", "drop_auth_expired", "drop_spoofed", "drop_fragment",
+            "drop_malformed", "drop_wrong_interface", "drop_tag_missing", "drop_tag_invalid", "drop_syn_not_from_pod",
+        ];
+        let counters = self.counters(agent);
+        IPV4_DROPS.into_iter().map(|name| (name, counters[name]["packets"].as_u64().unwrap_or(0))).collect()
+    }
+
+    /// TCP segments `pod` has retransmitted so far (`RetransSegs` of its `/proc/net/snmp`).
+    fn retransmits(&self, pod: &str) -> u64 {
+        let (ok, out) = self.kubectl(&["exec", "-n", "shop", pod, "--", "cat", "/proc/net/snmp"]);
+        assert!(ok, "{pod}'s /proc/net/snmp: {out}");
+        let tcp: Vec<&str> = out.lines().filter(|l| l.starts_with("Tcp:")).collect();
+        let [names, values] = tcp.as_slice() else { panic!("no Tcp lines in {out}") };
+        let at = names.split_whitespace().position(|n| n == "RetransSegs").expect("RetransSegs");
+        values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).expect("RetransSegs value")
     }
 
     fn conflist(&self, node: &str) -> String {
@@ -131,10 +157,17 @@ fn image(work: &Path) -> PathBuf {
         let (ok, out) = run(Command::new("objcopy").arg("--strip-debug").arg(&from).arg(bins.join(b)));
         assert!(ok, "objcopy {b}: {out}");
     }
-    let out_dir = work.join("images");
-    let (ok, out) = run(Command::new(repo().join("scripts/images")).arg("--bin-dir").arg(&bins).arg("--out").arg(&out_dir));
-    assert!(ok, "scripts/images: {out}");
-    out_dir.join("meshauth.tar")
+    let build = |out_dir: &Path| {
+        let (ok, out) = run(Command::new(repo().join("scripts/images")).arg("--bin-dir").arg(&bins).arg("--out").arg(out_dir));
+        assert!(ok, "scripts/images: {out}");
+        out_dir.join("meshauth.tar")
+    };
+    let image = build(&work.join("images"));
+    // Reproducible: the same binaries give the same bytes, whenever and wherever built.
+    let again = build(&work.join("images-again"));
+    let bytes = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(bytes(&image) == bytes(&again), "two builds of the image from the same binaries differ");
+    image
 }
 
 const APPS: &str = r#"
@@ -265,7 +298,11 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
         let (ok, out) = c.kubectl(&["exec", "-n", "meshauth-system", &agent_on_node_2, "--", "meshauthctl", "auth", "list", "--output", "json"]);
         ok && out.contains("spiffe://cluster.local/ns/shop/sa/server") && out.contains("spiffe://cluster.local/ns/shop/sa/client")
     });
+    // First time means no drop and no SYN retransmitted (`nc -w 3` alone would hide one).
+    let (drops, retransmits) = (c.drops(&agent_on_node_2), c.retransmits("client"));
     assert!(c.http_from("client", &server, 8080), "the permitted, pre-authenticated pair connects first time\n{}", c.describe());
+    assert_eq!(c.drops(&agent_on_node_2), drops, "node-2 dropped a packet of the pre-authenticated pair");
+    assert_eq!(c.retransmits("client"), retransmits, "the client retransmitted a segment");
     assert!(!c.http_from("stranger", &server, 8080), "a pod of another service account is dropped");
     let (ok, cluster_ip) = c.kubectl(&["get", "service", "-n", "shop", "server", "-o", "jsonpath={.spec.clusterIP}"]);
     assert!(ok && !cluster_ip.trim().is_empty(), "the Service's ClusterIP: {cluster_ip}");

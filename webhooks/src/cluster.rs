@@ -16,11 +16,12 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams};
 use kube::core::Selector;
 use kube::{Client, ResourceExt};
+use meshauth_cluster::endpoints::{self, EndpointRules, NodeFacts, NotEndpoint};
 use meshauth_crds::{MeshPolicy, MutualAuth, MutualAuthMode};
 use meshauth_policy::model::{Inputs, ModelConfig, ObjectRef, PodInfo, PolicyModel, Resource};
 use meshauth_policy::validate::{self, FieldError};
@@ -28,7 +29,7 @@ use tracing::{debug, warn};
 
 use crate::admission::{Review, Subject};
 
-/// Most pods fetched to decide MutualAuth ties on pods.
+/// Most pods fetched to decide MutualAuth ties on pods, or whether a selector picks any.
 pub const MAX_PODS: u32 = 500;
 
 /// Why a lookup gave no answer.
@@ -92,24 +93,14 @@ impl Cluster {
         }
     }
 
-    /// Pods of `namespace` that `selector` picks, at most `limit`.
+    /// Pods of `namespace` that `selector` picks and that are or will be meshauth endpoints
+    /// ([`policy_pods`]), out of at most `limit` listed.
     async fn pods(&self, client: &Client, namespace: &str, selector: &LabelSelector, limit: u32) -> Result<Vec<PodInfo>, LookupError> {
         let selector = selector_string(selector)?;
         let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let params = ListParams::default().labels(&selector).limit(limit);
-        let list = self.bounded(format!("listing pods of {namespace}"), api.list_metadata(&params)).await?;
-        Ok(list
-            .items
-            .into_iter()
-            .map(|pod| PodInfo {
-                namespace: namespace.to_owned(),
-                name: pod.name_any(),
-                labels: pod.metadata.labels.unwrap_or_default(),
-                service_account: "default".into(),
-                ip: None,
-                node: None,
-            })
-            .collect())
+        let list = self.bounded(format!("listing pods of {namespace}"), api.list(&params)).await?;
+        Ok(policy_pods(&list.items))
     }
 
     async fn mesh_policy_warnings(&self, client: &Client, policy: &MeshPolicy) -> Vec<FieldError> {
@@ -117,7 +108,8 @@ impl Cluster {
         let mut warnings = Vec::new();
         // Only the policy's own selector, in its own namespace: see the module doc.
         if usable(&policy.spec.selector) {
-            match self.pods(client, &namespace, &policy.spec.selector, 1).await {
+            // Not the first pod alone: it may be one no policy acts on (a hostNetwork pod).
+            match self.pods(client, &namespace, &policy.spec.selector, MAX_PODS).await {
                 Ok(pods) if pods.is_empty() => warnings.push(FieldError::new(
                     "spec.selector",
                     format!("selects no pod in namespace {namespace} right now"),
@@ -158,6 +150,24 @@ impl Cluster {
         }
         warnings
     }
+}
+
+/// The pods a policy can act on, decided by the rules the agents use
+/// ([`meshauth_cluster::endpoints::classify`]): not hostNetwork, finished, mirror or without a
+/// usable service account. A pod still waiting for its address counts (it will be an endpoint
+/// once it has one). The node rules are left out: Nodes are cluster-scoped and the webhook
+/// looks only into the namespace under review, and only a hostNetwork pod (refused above)
+/// gets a node's address.
+pub fn policy_pods(pods: &[Pod]) -> Vec<PodInfo> {
+    let no_nodes = NodeFacts::new(std::iter::empty::<&Node>());
+    let rules = EndpointRules { check_node_pod_cidrs: false, ..EndpointRules::default() };
+    pods.iter()
+        .filter_map(|pod| match endpoints::classify(pod, &no_nodes, &rules).endpoint {
+            Ok(info) => Some(info),
+            Err(NotEndpoint::NoAddress) => Some(PodInfo::from_pod(pod)),
+            Err(_) => None,
+        })
+        .collect()
 }
 
 fn selector_string(selector: &LabelSelector) -> Result<String, LookupError> {
@@ -395,6 +405,25 @@ mod tests {
                 assert!(g.reason.contains(w), "{name}: {:?} lacks {w:?}", g.reason);
             }
         }
+    }
+
+    #[test]
+    fn only_pods_a_policy_can_act_on_count_as_selected() {
+        let pod = |name: &str, extra: &str| -> Pod {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: {name}, namespace: prod}}\nspec: {{serviceAccountName: app, containers: [{{name: c, image: i}}]{extra}}}"
+            ))
+            .expect("pod")
+        };
+        let mut finished = pod("finished", "");
+        finished.status = serde_yaml::from_str("{phase: Succeeded, podIP: 10.244.1.9}").expect("status");
+        let mut running = pod("running", "");
+        running.status = serde_yaml::from_str("{phase: Running, podIP: 10.244.1.8}").expect("status");
+        let mut mirror = pod("mirror", "");
+        mirror.metadata.annotations = Some([("kubernetes.io/config.mirror".to_owned(), "x".to_owned())].into());
+        let pods = [pod("host", ", hostNetwork: true"), finished, mirror, pod("pending", ""), running];
+        let names: Vec<String> = policy_pods(&pods).into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["pending", "running"]);
     }
 
     #[test]

@@ -259,6 +259,27 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     let (ok, _, stderr) = kubectl(env, &["apply", "-f", "-"], &lonely).await;
     assert!(ok, "{stderr}");
     assert!(stderr.contains("Warning: spec.selector: selects no pod in namespace webhook-test right now"), "{stderr}");
+    // A hostNetwork pod and a finished one are no pods a policy acts on (the agents' rules):
+    // a selector that picks only them selects nothing.
+    let account = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "not-a-workload", "namespace": NS}});
+    let (ok, _, stderr) = kubectl(env, &["apply", "-f", "-"], &account).await;
+    assert!(ok, "{stderr}");
+    for (name, host_network) in [("node-daemon", true), ("batch-done", false)] {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": {"app": "not-a-workload"}},
+            "spec": {"hostNetwork": host_network, "serviceAccountName": "not-a-workload", "automountServiceAccountToken": false,
+                     "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}});
+        let (ok, _, stderr) = kubectl(env, &["apply", "-f", "-"], &pod).await;
+        assert!(ok, "{stderr}");
+    }
+    let (ok, _, stderr) = kubectl(env, &["patch", "pod", "batch-done", "-n", NS, "--subresource=status", "--type=merge", "-p", r#"{"status":{"phase":"Succeeded"}}"#], &json!({})).await;
+    assert!(ok, "{stderr}");
+    let not_workloads = json!({"apiVersion": "meshauth.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "not-workloads", "namespace": NS}, "spec": {
+        "selector": {"matchLabels": {"app": "not-a-workload"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "order"}}}]}]
+    }});
+    let (ok, _, stderr) = kubectl(env, &["apply", "--dry-run=server", "-f", "-"], &not_workloads).await;
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("Warning: spec.selector: selects no pod in namespace webhook-test right now"), "hostNetwork and finished pods counted: {stderr}");
     let never = json!({"apiVersion": "meshauth.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "never", "namespace": NS}, "spec": {
         "selector": {"matchLabels": {"app": "payment-service"}},
         "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["a"]}, {"key": "app", "operator": "NotIn", "values": ["a"]}]}}]}]

@@ -189,6 +189,11 @@ async fn failures_write_nothing_retry_with_backoff_and_each_node_proves_on_its_o
     eventually("entry via the second peer", || table.get((1, 2)).is_some()).await;
     assert!(table.proof(proof(1, 2, 3)).is_some());
     assert!(table.proof(proof(1, 2, 2)).is_none(), "the second node's proof counts for the first's pods");
+    // Once the first peer answers, its node has a proof of its own, with its own key.
+    auth.fail_addrs.lock().expect("lock").clear();
+    eventually("entry via the first peer", || table.proof(proof(1, 2, 2)).is_some()).await;
+    let (first, second) = (table.key(proof(1, 2, 2)), table.key(proof(1, 2, 3)));
+    assert!(first.is_some() && second.is_some() && first != second, "one key for two nodes: {first:?} {second:?}");
 }
 
 #[tokio::test]
