@@ -129,6 +129,32 @@ fn connect_as(netns: &str, src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, por
     })
 }
 
+/// `meshauthctl explain` against the agent of `node`, from inside its network namespace (the
+/// agent answers loopback clients only).
+fn explain_on(mesh: &MeshBox, node: &str, from: &str, to: &str, port: u16) -> Result<serde_json::Value, String> {
+    let n = mesh.node(node).ok_or_else(|| format!("no node {node}"))?;
+    let agent = std::net::SocketAddr::from(([127, 0, 0, 1], n.metrics_port));
+    let req = crate::policy_check::CheckRequest {
+        manifests: PathBuf::new(),
+        from: from.to_owned(),
+        to: to.to_owned(),
+        port,
+        protocol: meshauth_policy::tables::TableProtocol::Tcp,
+        trust_domain: meshauth_crds::TrustDomain::default(),
+        mesh_namespace: meshauth_policy::model::DEFAULT_MESH_NAMESPACE.to_owned(),
+    };
+    n.ns.run(|| crate::explain::explain(&req, &crate::explain::Target::Agent(agent)))
+        .map_err(|e| format!("entering {node}: {e}"))?
+        .map_err(|e| e.to_string())
+}
+
+/// Whether an explain report names `policy` as the rule's and has a proof with time left.
+fn explained(report: &serde_json::Value, policy: &str) -> (bool, bool) {
+    let named = report["allowedBy"].as_array().is_some_and(|r| r.iter().any(|r| r["meshPolicy"] == policy));
+    let proven = report["proofs"].as_array().is_some_and(|p| p.iter().any(|p| p["expiresInSeconds"].as_u64().is_some_and(|s| s > 0)));
+    (named, proven)
+}
+
 fn drops(maps: &Maps, counter: Counter) -> u64 {
     maps.counters().map(|c| c.packets(counter)).unwrap_or(0)
 }
@@ -175,6 +201,18 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     let ok = tcp_request(mesh.pod("shop/order-0"), payment, 8080, Duration::from_millis(700));
     let dropped = drops(&maps, Counter::DropAuthMissing) - before;
     r.check("unauthenticated pair dropped under Strict", !ok && dropped > 0, format!("connect {}, {dropped} packet(s) counted as auth-missing on node-2", if ok { "succeeded" } else { "timed out" }));
+    // Why: node-2's agent names the rule, the mode and the missing proof.
+    r.say("  $ meshauthctl explain --from shop/order-0 --to shop/payment-0 --port 8080   (on node-2)");
+    let unproven = explain_on(&mesh, "node-2", "shop/order-0", "shop/payment-0", 8080);
+    if let Ok(report) = &unproven {
+        r.say(crate::explain::render_table(report).trim_end());
+    }
+    let (named, proven) = unproven.as_ref().map_or((false, false), |r| explained(r, "shop/payment-ingress"));
+    r.check(
+        "explain names the rule and the missing authentication",
+        named && !proven,
+        unproven.map_or_else(|e| e, |_| format!("MeshPolicy shop/payment-ingress named: {named}; a proof with time left: {proven}")),
+    );
 
     // 2. The issuer of node-1 starts: the agents handshake on their own, before any traffic.
     r.say("\n== 2. node-1 gets its SVIDs; the agents handshake (mTLS 1.3, both SPIFFE IDs verified)");
@@ -195,6 +233,16 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     );
     let ok = tcp_request(mesh.pod("shop/order-0"), payment, 8080, Duration::from_secs(2));
     r.check("authenticated pair allowed", ok, format!("order-0 → payment-0:8080 {}", if ok { "answered" } else { "failed" }));
+    let proven_report = explain_on(&mesh, "node-2", "shop/order-0", "shop/payment-0", 8080);
+    if let Ok(report) = &proven_report {
+        r.say(crate::explain::render_table(report).trim_end());
+    }
+    let (named, proven) = proven_report.as_ref().map_or((false, false), |r| explained(r, "shop/payment-ingress"));
+    r.check(
+        "explain shows the pair's proof and its expiry",
+        named && proven,
+        proven_report.map_or_else(|e| e, |_| format!("MeshPolicy shop/payment-ingress named: {named}; a proof with time left: {proven}")),
+    );
 
     // 3. Policy: frontend may not talk to payment at all.
     r.say("\n== 3. policy and anti-spoofing");

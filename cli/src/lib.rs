@@ -7,4 +7,5 @@
 
 pub mod bench_agent;
 pub mod demo;
+pub mod explain;
 pub mod policy_check;

@@ -1,10 +1,11 @@
 //! `meshauthctl`: argument parsing and dispatch only; each subcommand lives in the library.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshauth_crds::TrustDomain;
 use meshauth_policy::tables::TableProtocol;
 use meshauth_datapath::cli::{self as datapath_cli, OutputFormat};
 use meshauthctl::demo::{self, DemoOptions};
+use meshauthctl::explain;
 use meshauthctl::policy_check::{self, CheckRequest, Output};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,27 @@ enum Command {
         pin_dir: PathBuf,
         #[arg(long, value_enum, default_value_t = OutputArg::Table)]
         output: OutputArg,
+    },
+    /// Why a packet from one pod to another is allowed or dropped: the MeshPolicy rule and the
+    /// MutualAuth by name and, live, the pair's proofs on this node. Exit status 0 allow,
+    /// 1 deny, 2 no answer.
+    Explain {
+        #[command(flatten)]
+        packet: PacketArgs,
+        /// Decide offline from this directory of manifests instead of asking this node's agent.
+        #[arg(long, conflicts_with = "agent")]
+        manifests: Option<PathBuf>,
+        /// This node's agent: its metrics address (it answers loopback clients only).
+        #[arg(long, default_value = "127.0.0.1:4251")]
+        agent: std::net::SocketAddr,
+        #[arg(long, value_enum, default_value_t = OutputArg::Table)]
+        output: OutputArg,
+        /// The mesh's trust domain (offline).
+        #[arg(long, default_value = "cluster.local", value_parser = parse_trust_domain)]
+        trust_domain: TrustDomain,
+        /// Where mesh-wide MutualAuths live (offline).
+        #[arg(long, default_value = meshauth_policy::model::DEFAULT_MESH_NAMESPACE)]
+        mesh_namespace: String,
     },
     /// Benchmarks.
     Bench {
@@ -113,17 +135,8 @@ enum PolicyCommand {
         /// Directory of manifests: Namespaces, Pods, MeshPolicies, MutualAuths.
         #[arg(long)]
         manifests: PathBuf,
-        /// Source pod, NS/POD.
-        #[arg(long)]
-        from: String,
-        /// Destination pod, NS/POD.
-        #[arg(long)]
-        to: String,
-        /// Destination port.
-        #[arg(long)]
-        port: u16,
-        #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp, ignore_case = true)]
-        protocol: ProtocolArg,
+        #[command(flatten)]
+        packet: PacketArgs,
         #[arg(long, value_enum, default_value_t = OutputArg::Table)]
         output: OutputArg,
         /// The mesh's trust domain.
@@ -133,6 +146,39 @@ enum PolicyCommand {
         #[arg(long, default_value = meshauth_policy::model::DEFAULT_MESH_NAMESPACE)]
         mesh_namespace: String,
     },
+}
+
+/// One kind of packet between two pods.
+#[derive(Args)]
+struct PacketArgs {
+    /// Source pod, NS/POD.
+    #[arg(long)]
+    from: String,
+    /// Destination pod, NS/POD.
+    #[arg(long)]
+    to: String,
+    /// Destination port.
+    #[arg(long)]
+    port: u16,
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp, ignore_case = true)]
+    protocol: ProtocolArg,
+}
+
+impl PacketArgs {
+    fn request(self, manifests: PathBuf, trust_domain: TrustDomain, mesh_namespace: String) -> CheckRequest {
+        CheckRequest {
+            manifests,
+            from: self.from,
+            to: self.to,
+            port: self.port,
+            protocol: match self.protocol {
+                ProtocolArg::Tcp => TableProtocol::Tcp,
+                ProtocolArg::Udp => TableProtocol::Udp,
+            },
+            trust_domain,
+            mesh_namespace,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -180,19 +226,28 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Policy { command: PolicyCommand::Check { manifests, from, to, port, protocol, output, trust_domain, mesh_namespace } } => {
-            let req = CheckRequest {
-                manifests,
-                from,
-                to,
-                port,
-                protocol: match protocol {
-                    ProtocolArg::Tcp => TableProtocol::Tcp,
-                    ProtocolArg::Udp => TableProtocol::Udp,
-                },
-                trust_domain,
-                mesh_namespace,
+        Command::Explain { packet, manifests, agent, output, trust_domain, mesh_namespace } => {
+            let target = match &manifests {
+                Some(dir) => explain::Target::Manifests(dir.clone()),
+                None => explain::Target::Agent(agent),
             };
+            let req = packet.request(manifests.unwrap_or_default(), trust_domain, mesh_namespace);
+            match explain::explain(&req, &target) {
+                Ok(report) => {
+                    match output {
+                        OutputArg::Json => println!("{report}"),
+                        OutputArg::Table => print!("{}", explain::render_table(&report)),
+                    }
+                    if explain::allows(&report) { ExitCode::SUCCESS } else { ExitCode::from(1) }
+                }
+                Err(e) => {
+                    eprintln!("meshauthctl explain: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Policy { command: PolicyCommand::Check { manifests, packet, output, trust_domain, mesh_namespace } } => {
+            let req = packet.request(manifests, trust_domain, mesh_namespace);
             match policy_check::check(&req) {
                 Ok(result) => {
                     print!("{}", policy_check::render(&req, &result, output.into()));

@@ -328,9 +328,12 @@ fn an_interface_guarded_for_one_pod_is_refused_for_another_and_check_tells_guard
     accept_on(&web, 8080);
     assert!(connects(&client, web_ip, 8080), "the client is still guarded as the client");
 
-    // CHECK of the client's address from the web pod's namespace: guarded, but not there.
+    // CHECK of the client's address from the web pod's namespace, which holds it too now:
+    // guarded, but on the client's veth, not the web pod's.
+    web.exec(&["ip", "addr", "add", &format!("{client_ip}/32"), "dev", "eth0"]).expect("client's address on web");
     let (ok, out) = node.cni(&plugin, "CHECK", "c-web", &web.name, &args("web"), &node.meshauth_conf(Some(prev_result(&web.name, client_ip))));
-    assert!(!ok, "CHECK passed a pod for another pod's guarded address: {out}");
+    assert!(!ok && out.contains("not on this pod's interface"), "CHECK passed a pod for another pod's guarded address: {out}");
+    web.exec(&["ip", "addr", "del", &format!("{client_ip}/32"), "dev", "eth0"]).expect("remove it again");
     // After DEL, CHECK says the pod is no longer guarded.
     node.del(&bridge, "c-client", &client.name, "client", client_ip);
     let (ok, out) = node.cni(&plugin, "CHECK", "c-client", &client.name, &args("client"), &node.meshauth_conf(Some(prev_result(&client.name, client_ip))));

@@ -22,7 +22,13 @@ fn the_demo_passes_every_check() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed ({:?})\n{stdout}\n{stderr}", out.status.code());
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
-    for check in ["unauthenticated pair dropped under Strict", "spoofed source dropped", "zero failed requests across rotation and restart"] {
+    for check in [
+        "unauthenticated pair dropped under Strict",
+        "explain names the rule and the missing authentication",
+        "explain shows the pair's proof and its expiry",
+        "spoofed source dropped",
+        "zero failed requests across rotation and restart",
+    ] {
         assert!(stdout.contains(&format!("[PASS] {check}")), "{check} did not pass:\n{stdout}");
     }
 }

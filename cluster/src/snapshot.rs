@@ -7,6 +7,7 @@ use meshauth_crds::{MeshPolicy, MutualAuth, SpiffeId, TrustDomain};
 use meshauth_policy::model::{Inputs, NamespaceInfo, ObjectRef, PodInfo, Resource};
 use meshauth_policy::tables::{AuthRequirement, EndpointEntry, NO_SPIFFE_ID, WORLD_IDENTITY};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 /// The annotation on a Node that names its SPIRE agent's SPIFFE ID.
 pub const SPIRE_AGENT_ID_ANNOTATION: &str = "meshauth.io/spire-agent-id";
@@ -34,12 +35,20 @@ impl NodeInfo {
             address: addresses
                 .iter()
                 .filter(|a| a.type_ == "InternalIP")
-                .min_by_key(|a| a.address.parse::<std::net::IpAddr>().map_or(2, |ip| u8::from(!ip.is_ipv4())))
+                .min_by_key(|a| a.address.parse::<IpAddr>().map_or(2, |ip| u8::from(!ip.is_ipv4())))
                 .or_else(|| addresses.first())
                 .map(|a| a.address.clone()),
             addresses: addresses.iter().map(|a| a.address.clone()).collect(),
             annotations: node.metadata.annotations.clone().unwrap_or_default(),
         }
+    }
+}
+
+/// `a` as an IP address, IPv4-mapped IPv6 as IPv4; `None` for what is no IP (a hostname).
+fn canonical_ip(a: &str) -> Option<IpAddr> {
+    match a.parse::<IpAddr>().ok()? {
+        IpAddr::V6(v6) => Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)),
+        v4 => Some(v4),
     }
 }
 
@@ -144,20 +153,22 @@ impl Snapshot {
     /// other's proofs (fail closed: pods of such a node have no node whose proofs count).
     pub fn node_address(&self, node: &str) -> Option<String> {
         let n = self.nodes.iter().find(|n| n.name == node)?;
-        let claimed_elsewhere = |a: &String| {
+        // As IP addresses, not strings: `::ffff:192.168.1.7` is 192.168.1.7 to the datapath.
+        let reports = |addresses: &[String], ip: IpAddr| addresses.iter().any(|a| canonical_ip(a) == Some(ip));
+        let claimed_elsewhere = |ip: IpAddr| {
             self.nodes.iter().any(|o| {
                 o.name != n.name
-                    && (o.addresses.contains(a)
-                        || (self.trust_agent_address_annotations && o.annotations.get(AGENT_ADDRESS_ANNOTATION) == Some(a)))
+                    && (reports(&o.addresses, ip)
+                        || (self.trust_agent_address_annotations
+                            && o.annotations.get(AGENT_ADDRESS_ANNOTATION).and_then(|a| canonical_ip(a)) == Some(ip)))
             })
         };
-        let annotated = n
-            .annotations
-            .get(AGENT_ADDRESS_ANNOTATION)
-            .filter(|a| self.trust_agent_address_annotations || (n.addresses.contains(a) && !claimed_elsewhere(a)));
-        let address = annotated.or(n.address.as_ref())?;
-        let unspecified = address.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified());
-        (!unspecified && !claimed_elsewhere(address)).then(|| address.clone())
+        let annotated = n.annotations.get(AGENT_ADDRESS_ANNOTATION).and_then(|a| canonical_ip(a)).filter(|ip| {
+            self.trust_agent_address_annotations || (reports(&n.addresses, *ip) && !claimed_elsewhere(*ip))
+        });
+        let ip = annotated.or_else(|| n.address.as_deref().and_then(canonical_ip))?;
+        // Unspecified is the maps' name for this node, loopback is every node's own.
+        (!ip.is_unspecified() && !ip.is_loopback() && !claimed_elsewhere(ip)).then(|| ip.to_string())
     }
 
     /// The SPIFFE IDs of the pods on `node` (what a node-scoped issuer may hand that node).
@@ -254,6 +265,16 @@ apiVersion: v1
 kind: Node
 metadata: {name: node-5, annotations: {meshauth.io/agent-address: 192.168.1.4}}
 status: {addresses: [{type: InternalIP, address: 192.168.1.5}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-6}
+status: {addresses: [{type: InternalIP, address: '::ffff:192.168.1.5'}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-7}
+status: {addresses: [{type: InternalIP, address: '::ffff:127.0.0.1'}]}
 ";
         let mut manifests = Manifests::default();
         manifests.add_source("nodes.yaml", nodes).expect("manifests");
@@ -263,7 +284,9 @@ status: {addresses: [{type: InternalIP, address: 192.168.1.5}]}
         // Two nodes under one address would count each other's proofs.
         assert_eq!((s.node_address("node-2"), s.node_address("node-3")), (None, None));
         assert_eq!(s.node_address("node-4").as_deref(), Some("192.168.1.4"), "the IPv4 InternalIP of a dual-stack node");
-        assert_eq!(s.node_address("node-5").as_deref(), Some("192.168.1.5"));
+        // node-6 writes node-5's address IPv4-mapped: still one address for two nodes.
+        assert_eq!((s.node_address("node-5"), s.node_address("node-6")), (None, None));
+        assert_eq!(s.node_address("node-7"), None, "loopback is every node's own");
         // Trusted, node-5's annotation takes node-4's address: both lose it rather than share it.
         let trusted = manifests.snapshot_with(&EndpointRules { trust_agent_address_annotations: true, ..EndpointRules::default() });
         assert_eq!((trusted.node_address("node-4"), trusted.node_address("node-5")), (None, None));

@@ -736,11 +736,12 @@ int to_pod(struct __sk_buff *skb)
 				ct = 0;
 			}
 		}
-		/* A flow's packets leave only through the veth its entry was written on: a frame a
-		 * bridge floods to every port, or one routed to the wrong veth, does not reach
-		 * another pod on the strength of a flow that pod never had. */
+		/* An entry counts only on the veth it was written on: a frame a bridge floods to
+		 * every port, or one routed to the wrong veth, rides no flow of another pod (the
+		 * full check below drops it), and a pod's new veth on the same address starts
+		 * afresh rather than inheriting (or being refused by) its predecessor's flows. */
 		if (ct && ct->ifindex != skb->ifindex)
-			return drop(cfg, skb, MA_EV_DENIED, MA_C_DROP_WRONG_IFACE, &f);
+			ct = 0;
 		if (ct && ct->kind == MA_CT_REPLY && ct->policy_epoch != cfg->policy_epoch) {
 			/* The tables moved: the answer passes only while the pod and its peer are
 			 * still the endpoints the pod spoke to (not a new pod on a reused address). */
@@ -968,8 +969,9 @@ int from_pod(struct __sk_buff *skb)
 		key.dport = f.sport;
 		key.protocol = f.protocol;
 		ct = bpf_map_lookup_elem(&conntrack, &key);
-		/* An idle entry is gone for both directions: the pod's packet must not revive it. */
-		if (ct && ct_expired(cfg, ct, f.protocol, now)) {
+		/* An idle entry is gone for both directions: the pod's packet must not revive it.
+		 * Nor an entry another veth wrote (the pod's predecessor on this address). */
+		if (ct && (ct_expired(cfg, ct, f.protocol, now) || ct->ifindex != ifindex)) {
 			bpf_map_delete_elem(&conntrack, &key);
 			ct = 0;
 		}

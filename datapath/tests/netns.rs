@@ -810,3 +810,43 @@ async fn only_this_nodes_own_addresses_pass_a_policy_and_only_while_allow_host_i
         assert!(f.counters().packets(Counter::DropDenied) > denied, "not the policy's drop");
     }
 }
+
+/// A pod's address on a new veth (a pod recreated with its IP and identity, a sandbox
+/// restarted): the flows its predecessor's veth cached neither pass nor refuse the new one's
+/// packets; they are checked afresh and cached again on the new veth.
+#[tokio::test]
+async fn a_flow_cached_on_a_pods_old_veth_is_checked_afresh_on_its_new_one() {
+    let mut f = Fixture::new("newveth");
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)], vec![rule(2, 1, P::Udp, 9090, Auth::None)]);
+    f.dp().apply_tables(&t).unwrap();
+    let _udp = udp_echo_server(f.pod(2), 9090).unwrap();
+    let flow = udp_socket(f.pod(1), None).unwrap();
+    flow.set_read_timeout(Some(LONG)).unwrap();
+    let to_pod2 = std::net::SocketAddrV4::new(f.ip(2), 9090);
+    let mut buf = [0u8; 64];
+    let roundtrip = |sock: &std::net::UdpSocket, buf: &mut [u8]| {
+        sock.send_to(b"meshauth", to_pod2).is_ok() && matches!(sock.recv_from(buf), Ok((8, _)))
+    };
+    assert!(roundtrip(&flow, &mut buf), "the flow is established on pod 2's first veth");
+
+    // Pod 2's veth goes and a new one takes its address.
+    let (node, pod2) = (f.node.ns.name.clone(), f.pod(2).ns.name.clone());
+    let ip2 = f.ip(2);
+    let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+    ip(&["-n", &node, "link", "del", "h2"]);
+    ip(&["-n", &node, "link", "add", "h2new", "type", "veth", "peer", "name", "eth0", "netns", &pod2]);
+    ip(&["-n", &pod2, "addr", "add", &format!("{ip2}/32"), "dev", "eth0"]);
+    ip(&["-n", &pod2, "link", "set", "eth0", "up"]);
+    ip(&["-n", &pod2, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+    ip(&["-n", &pod2, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+    ip(&["-n", &node, "link", "set", "h2new", "up"]);
+    ip(&["-n", &node, "route", "add", &format!("{ip2}/32"), "dev", "h2new"]);
+    f.node.ns.sysctl("net/ipv4/conf/h2new/proxy_arp", "1").unwrap();
+    f.dp().attach("h2new", ip2).unwrap();
+    f.dp().apply_tables(&t).unwrap();
+
+    let wrong = f.counters().packets(Counter::DropWrongIface);
+    assert!(roundtrip(&flow, &mut buf), "the old veth's cached flow refused the new veth's packets");
+    assert!(roundtrip(&flow, &mut buf), "and again, once cached on the new veth");
+    assert_eq!(f.counters().packets(Counter::DropWrongIface), wrong);
+}

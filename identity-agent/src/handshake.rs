@@ -592,7 +592,7 @@ impl HandshakeClient {
 }
 
 async fn connect(source: Option<IpAddr>, peer: SocketAddr) -> std::io::Result<TcpStream> {
-    match source {
+    match source.filter(|ip| ip.is_ipv4() == peer.is_ipv4()) {
         None => TcpStream::connect(peer).await,
         Some(ip) => {
             let socket = if ip.is_ipv4() {
@@ -600,9 +600,40 @@ async fn connect(source: Option<IpAddr>, peer: SocketAddr) -> std::io::Result<Tc
             } else {
                 tokio::net::TcpSocket::new_v6()?
             };
-            socket.bind(SocketAddr::new(ip, 0))?;
-            socket.connect(peer).await
+            bind_address_only(&socket);
+            match socket.bind(SocketAddr::new(ip, 0)) {
+                Ok(()) => socket.connect(peer).await,
+                // The node's known address is not on this host (a stale Node status, an address
+                // that only NAT knows): the kernel's own choice may still be the right one, and
+                // the peer's hosted check refuses it if not.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    tracing::warn!(source = %ip, %peer, "this node's address is not on this host; dialing from the kernel's choice");
+                    TcpStream::connect(peer).await
+                }
+                Err(e) => Err(e),
+            }
         }
+    }
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: binding only the address leaves the port to `connect`, so
+/// handshakes to many peers share ephemeral ports instead of each holding one of its own
+/// through TIME_WAIT. Best effort: without it the bind still works.
+fn bind_address_only(socket: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and an int option of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "IP_BIND_ADDRESS_NO_PORT not set");
     }
 }
 

@@ -9,6 +9,7 @@ pub mod auth_manager;
 pub mod cni_install;
 pub mod config;
 pub mod dev_issuer;
+pub mod explain;
 pub mod handshake;
 pub mod handshake_glue;
 pub mod inputs;

@@ -5,7 +5,9 @@
 //! to SVID expiry per identity, and events lost — what Cilium's mutual auth did not show.
 
 use crate::auth_manager::{AuthFailure, AuthObserver};
+use crate::explain::{ExplainQuery, Explainer};
 use axum::Router;
+use axum::extract::{ConnectInfo, Query};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -18,7 +20,7 @@ use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// Why the metrics endpoint could not start.
@@ -172,8 +174,13 @@ impl AgentMetrics {
         out
     }
 
-    /// Serves `/metrics` and `/healthz`; returns the bound address.
-    pub async fn serve(self: Arc<Self>, addr: SocketAddr) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
+    /// Serves `/metrics`, `/readyz`, `/healthz` and, to loopback clients once `explainer` is
+    /// set, `/explain`; returns the bound address.
+    pub async fn serve(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        explainer: Arc<OnceLock<Explainer>>,
+    ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|error| MetricsError::Bind { addr, error })?;
         let bound = listener.local_addr().map_err(|error| MetricsError::Bind { addr, error })?;
         let metrics = self.clone();
@@ -202,6 +209,24 @@ impl AgentMetrics {
                 }),
             )
             .route(
+                "/explain",
+                get(move |ConnectInfo(peer): ConnectInfo<SocketAddr>, Query(query): Query<ExplainQuery>| async move {
+                    // It names pods, identities and policies: this node's own processes only
+                    // (`meshauthctl explain` on the node, or through `kubectl exec`).
+                    if !peer.ip().is_loopback() {
+                        return (StatusCode::FORBIDDEN, "/explain answers clients on this node only\n").into_response();
+                    }
+                    let Some(explainer) = explainer.get() else {
+                        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
+                    };
+                    match explainer.explain(&query).await {
+                        Ok(report) => axum::Json(report).into_response(),
+                        Err(e) if e.is_not_found() => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+                        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+                    }
+                }),
+            )
+            .route(
                 "/healthz",
                 get(move || {
                     let ok = health.healthy.load(Ordering::Relaxed);
@@ -211,7 +236,7 @@ impl AgentMetrics {
                 }),
             );
         Ok((bound, tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
+            if let Err(error) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await {
                 tracing::error!(%error, "metrics server stopped");
             }
         })))
@@ -273,7 +298,7 @@ mod tests {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
 
-        let (addr, _server) = m.clone().serve("127.0.0.1:0".parse().expect("addr")).await.expect("serve");
+        let (addr, _server) = m.clone().serve("127.0.0.1:0".parse().expect("addr"), Arc::default()).await.expect("serve");
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503"), "not healthy before start-up ends");
         m.set_healthy(true);
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
@@ -285,7 +310,7 @@ mod tests {
     async fn an_apply_that_did_not_fit_fails_readiness_and_is_counted() {
         let m = AgentMetrics::new();
         m.set_healthy(true);
-        let (addr, _server) = m.clone().serve("127.0.0.1:0".parse().expect("addr")).await.expect("serve");
+        let (addr, _server) = m.clone().serve("127.0.0.1:0".parse().expect("addr"), Arc::default()).await.expect("serve");
         m.observe_apply(Ok((2, 0)));
         let ready = get(addr, "/readyz").await;
         assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("2 destinations deny everything"), "{ready}");
@@ -321,5 +346,72 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.expect("read");
         out
+    }
+}
+
+#[cfg(test)]
+mod explain_tests {
+    use super::*;
+    use crate::auth_manager::fake::{FakeTable, NoObserver};
+    use crate::auth_manager::{self, AuthManagerConfig, Authenticator, BoxFuture, Proof};
+    use crate::explain::Explainer;
+    use crate::plan::NodeView;
+    use meshauth_policy::model::ModelConfig;
+    use std::sync::RwLock;
+
+    /// Never asked: the test wants no pair authenticated.
+    struct NoHandshakes;
+
+    impl Authenticator for NoHandshakes {
+        fn authenticate<'a>(&'a self, _: &'a str, _: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<Proof, AuthFailure>> {
+            Box::pin(async move { Err(AuthFailure { reason: "unreachable", message: format!("{addr}"), refused: false }) })
+        }
+    }
+
+    async fn get_from(peer: std::net::IpAddr, addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::new(peer, 0)).expect("bind");
+        let mut s = socket.connect(addr).await.expect("connect");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn explain_answers_this_node_only_and_names_the_rule() {
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+        let snapshot = crate::inputs::snapshot_from_dir(&examples).expect("examples");
+        let (_tx, snapshots) = tokio::sync::watch::channel(Arc::new(snapshot));
+        let manager = auth_manager::spawn(AuthManagerConfig::default(), Arc::new(NoHandshakes), Box::new(FakeTable::default()), Arc::new(NoObserver));
+        let slot: Arc<OnceLock<Explainer>> = Arc::default();
+        let m = AgentMetrics::new();
+        let (bound, _server) = m.serve("0.0.0.0:0".parse().expect("addr"), slot.clone()).await.expect("serve");
+        let local = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port());
+        let path = "/explain?from=shop/order-0&to=shop/payment-0&port=8080";
+        assert!(get_from(local.ip(), local, path).await.starts_with("HTTP/1.1 503"), "answers before the agent is ready");
+        let _ = slot.set(Explainer {
+            node_name: "node-2".into(),
+            config: ModelConfig::default(),
+            snapshots,
+            view: Arc::new(RwLock::new(NodeView::default())),
+            manager,
+        });
+        let answer = get_from(local.ip(), local, path).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let body: serde_json::Value = serde_json::from_str(answer.split_once("\r\n\r\n").map_or("", |(_, b)| b)).expect("JSON");
+        assert_eq!(body["allowedBy"][0]["meshPolicy"], "shop/payment-ingress", "{body}");
+        assert_eq!(body["proofs"], serde_json::json!([]), "payment runs on node-2, and the pair has no proof: {body}");
+        assert!(get_from(local.ip(), local, "/explain?from=shop/nobody&to=shop/payment-0&port=80").await.starts_with("HTTP/1.1 404"));
+        assert!(get_from(local.ip(), local, "/explain?from=shop/order-0&to=shop/payment-0&port=80&protocol=sctp").await.starts_with("HTTP/1.1 400"));
+        // From another address of this machine (what another host's connection looks like):
+        // refused, it names pods and policies.
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+        probe.connect("192.0.2.1:9").expect("a route off this machine");
+        let outside = probe.local_addr().expect("local address").ip();
+        assert!(!outside.is_loopback(), "{outside}");
+        let refused = get_from(outside, SocketAddr::new(outside, bound.port()), path).await;
+        assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
     }
 }

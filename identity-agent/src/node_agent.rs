@@ -433,6 +433,7 @@ impl Applier {
                 if request.ips.is_empty() {
                     return Err(CniRefusal::Final("the request has no IPv4 address".into()));
                 }
+                let netns = netns.ok_or_else(|| CniRefusal::Final("the request carries no network namespace".into()))?;
                 for ip in &request.ips {
                     let registration = self.registry.get(ip).ok_or_else(|| CniRefusal::Final(format!("{ip} is not guarded on this node")))?;
                     if self.failed.contains(ip) {
@@ -440,14 +441,12 @@ impl Applier {
                     }
                     // The interface guarded for the address must be this pod's own veth, not
                     // one that a stale registration or another pod left.
-                    if let Some(netns) = &netns {
-                        let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(netns), &request.ifname, *ip).map_err(|e| CniRefusal::Final(e.to_string()))?;
-                        if veth.ifindex != registration.ifindex {
-                            return Err(CniRefusal::Final(format!(
-                                "{ip} is guarded on {}, not on this pod's interface {}",
-                                registration.ifname, veth.name
-                            )));
-                        }
+                    let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(&netns), &request.ifname, *ip).map_err(|e| CniRefusal::Final(e.to_string()))?;
+                    if veth.ifindex != registration.ifindex {
+                        return Err(CniRefusal::Final(format!(
+                            "{ip} is guarded on {}, not on this pod's interface {}",
+                            registration.ifname, veth.name
+                        )));
                     }
                 }
                 Ok(())
@@ -658,8 +657,9 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "meshauth-agent starting");
     std::fs::create_dir_all(&config.state_dir).map_err(|error| AgentError::State { path: config.state_dir.clone(), error })?;
     let metrics = AgentMetrics::new();
-    let (metrics_addr, _metrics_task) = metrics.clone().serve(config.metrics_addr).await?;
-    tracing::info!(%metrics_addr, "serving /metrics and /healthz");
+    let explainer: Arc<std::sync::OnceLock<crate::explain::Explainer>> = Arc::default();
+    let (metrics_addr, _metrics_task) = metrics.clone().serve(config.metrics_addr, explainer.clone()).await?;
+    tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz and /explain (local)");
 
     let datapath: SharedDatapath = Arc::new(Mutex::new(Datapath::load_or_adopt(datapath_config)?));
     let mut events = lock(&datapath).events()?;
@@ -702,6 +702,14 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         InputMode::Kubernetes => inputs::watch_kubernetes(kube::Client::try_default().await?, Duration::from_millis(50), endpoint_rules).await,
     };
     let model_config = ModelConfig { trust_domain: config.trust_domain.clone(), mesh_namespace: config.mesh_namespace.clone() };
+    // Set once, before the first apply: `/explain` answers "starting" until then.
+    let _ = explainer.set(crate::explain::Explainer {
+        node_name: config.node_name.clone(),
+        config: model_config.clone(),
+        snapshots: snapshots.clone(),
+        view: view.clone(),
+        manager: manager.clone(),
+    });
     let mut applier = Applier::new(
         config.node_name.clone(),
         model_config,

@@ -34,18 +34,23 @@ impl NodeView {
     }
 
     /// Whether a pod with this identity runs on the node whose agent has address `ip`.
-    /// Loopback is this node: a node that no Node object gives an address proves its own pods
-    /// over it (and any process that can reach loopback here is on this node anyway).
+    /// Loopback is this node only while no Node object gives it an address: it proves its own
+    /// pods over loopback then. With an address, loopback is refused: a port-forward into a
+    /// hostNetwork pod also arrives from it.
     pub fn is_hosted_at(&self, spiffe_id: &str, ip: IpAddr) -> bool {
         let ip = canonical(ip);
-        (ip.is_loopback() && self.is_hosted_here(spiffe_id)) || self.hosts.get(spiffe_id).is_some_and(|h| h.contains(&ip))
+        (self.is_unaddressed_loopback(ip) && self.is_hosted_here(spiffe_id)) || self.hosts.get(spiffe_id).is_some_and(|h| h.contains(&ip))
+    }
+
+    fn is_unaddressed_loopback(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() && self.own_address.is_none()
     }
 
     /// Whether `ip` is the agent address of a node hosting some identity (loopback: this node,
-    /// when it hosts any).
+    /// when it hosts any and has no address).
     pub fn is_node(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
-        (ip.is_loopback() && !self.local_identities.is_empty()) || self.hosts.values().any(|nodes| nodes.contains(&ip))
+        (self.is_unaddressed_loopback(ip) && !self.local_identities.is_empty()) || self.hosts.values().any(|nodes| nodes.contains(&ip))
     }
 
     /// How the datapath's maps name the node whose agent has address `ip`: this node's own
@@ -57,7 +62,7 @@ impl NodeView {
 
 fn node_id(ip: IpAddr, own: Option<IpAddr>) -> Option<NodeId> {
     match ip {
-        ip if Some(ip) == own || ip.is_loopback() => Some(NodeId::This),
+        ip if Some(ip) == own || (ip.is_loopback() && own.is_none()) => Some(NodeId::This),
         IpAddr::V4(v4) if !v4.is_unspecified() => Some(NodeId::At(v4)),
         _ => None,
     }
@@ -238,11 +243,15 @@ mod tests {
         assert!(plan.view.is_hosted_at(order, "192.168.77.1".parse().expect("ip")));
         assert!(plan.view.is_hosted_at(order, "::ffff:192.168.77.1".parse().expect("ip")), "mapped IPv4");
         assert!(!plan.view.is_hosted_at(order, "192.168.77.2".parse().expect("ip")));
-        // Loopback is this node, and only this node's identities are hosted there.
-        assert!(plan.view.is_hosted_at(order, "127.0.0.1".parse().expect("ip")));
-        assert!(!plan.view.is_hosted_at("spiffe://cluster.local/ns/shop/sa/payment", "127.0.0.1".parse().expect("ip")));
-        assert_eq!(plan.view.node_id("127.0.0.1".parse().expect("ip")), Some(NodeId::This));
-        assert!(plan.view.is_node("127.0.0.1".parse().expect("ip")) && plan.view.is_node("192.168.77.2".parse().expect("ip")));
+        // With an address of its own, loopback is not this node (a port-forward into a
+        // hostNetwork pod arrives from it); without one, it is, for this node's identities only.
+        let loopback: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert!(!plan.view.is_hosted_at(order, loopback) && !plan.view.is_node(loopback));
+        assert!(plan.view.is_node("192.168.77.2".parse().expect("ip")));
+        let unaddressed = NodeView { own_address: None, ..plan.view.clone() };
+        assert!(unaddressed.is_hosted_at(order, loopback) && unaddressed.is_node(loopback));
+        assert!(!unaddressed.is_hosted_at("spiffe://cluster.local/ns/shop/sa/payment", loopback));
+        assert_eq!(unaddressed.node_id(loopback), Some(NodeId::This));
         assert!(!plan.view.is_node("10.244.1.5".parse().expect("ip")), "a pod is no node");
         assert_eq!(plan.view.node_id("192.168.77.1".parse().expect("ip")), Some(NodeId::This), "its own address");
         assert_eq!(plan.view.node_id("192.168.77.2".parse().expect("ip")), Some(NodeId::At(Ipv4Addr::new(192, 168, 77, 2))));

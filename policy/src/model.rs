@@ -256,6 +256,8 @@ struct PortMatch {
 
 #[derive(Debug, Clone)]
 pub(crate) struct Rule {
+    /// Its index in the policy's `spec.ingress`.
+    pub(crate) ingress: usize,
     /// `None`: any source.
     from: Option<Vec<Peer>>,
     ports: Vec<PortMatch>,
@@ -415,7 +417,7 @@ impl PolicyModel {
                 Some(AuthenticationMode::Required) => AuthRequirement::Required,
                 _ => AuthRequirement::None,
             };
-            rules.push(Rule { from: (!rule.from.is_empty()).then_some(from), ports, auth });
+            rules.push(Rule { ingress: ri, from: (!rule.from.is_empty()).then_some(from), ports, auth });
         }
         for e in errors {
             if !self.problems.iter().any(|p| p.object == object && p.error == e) {
@@ -696,6 +698,9 @@ fn every_port() -> Vec<PortMatch> {
         })
         .collect()
 }
+
+mod explain;
+pub use explain::{Explanation, ModeFrom, RuleRef};
 
 #[cfg(test)]
 mod tests;

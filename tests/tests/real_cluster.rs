@@ -163,7 +163,9 @@ fn image(work: &Path) -> PathBuf {
         out_dir.join("meshauth.tar")
     };
     let image = build(&work.join("images"));
-    // Reproducible: the same binaries give the same bytes, whenever and wherever built.
+    // Reproducible: the same binaries give the same bytes, whenever and wherever built (a
+    // second later, into another directory: no clock or path may leak into the archive).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let again = build(&work.join("images-again"));
     let bytes = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     assert!(bytes(&image) == bytes(&again), "two builds of the image from the same binaries differ");
@@ -318,6 +320,10 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     assert!(!connect_as(&node_1, client_ip, server_ip, 8080), "a spoofed SYN from node-1 must not connect");
     assert!(c.counter(&agent_on_node_2, "drop_tag_missing") > missing, "dropped at node-2 for its missing tag");
     assert!(c.http_from("client", &server, 8080), "the genuine client still connects");
+    // node-1 itself (a hostNetwork pod there, the kubelet) is no source the server's policy
+    // names: only node-2's own addresses pass as the host, so node-1's is dropped.
+    let node_1_ip: std::net::Ipv4Addr = c.env.kubelet_node("node-1").expect("node-1").ip.parse().expect("node-1 IP");
+    assert!(!connect_as(&node_1, node_1_ip, server_ip, 8080), "another node's own address passed the server's policy");
     let (_, status) = c.kubectl(&["exec", "-n", "meshauth-system", &agent_on_node_2, "--", "meshauthctl", "status", "--output", "json"]);
     assert!(status.contains("drop_denied") || status.contains("drop_auth_missing"), "{status}");
 

@@ -94,13 +94,14 @@ impl Cluster {
     }
 
     /// Pods of `namespace` that `selector` picks and that are or will be meshauth endpoints
-    /// ([`policy_pods`]), out of at most `limit` listed.
-    async fn pods(&self, client: &Client, namespace: &str, selector: &LabelSelector, limit: u32) -> Result<Vec<PodInfo>, LookupError> {
+    /// ([`policy_pods`]), out of at most `limit` listed, and whether more were left unlisted.
+    async fn pods(&self, client: &Client, namespace: &str, selector: &LabelSelector, limit: u32) -> Result<(Vec<PodInfo>, bool), LookupError> {
         let selector = selector_string(selector)?;
         let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let params = ListParams::default().labels(&selector).limit(limit);
         let list = self.bounded(format!("listing pods of {namespace}"), api.list(&params)).await?;
-        Ok(policy_pods(&list.items))
+        let more = list.metadata.continue_.as_deref().is_some_and(|c| !c.is_empty());
+        Ok((policy_pods(&list.items), more))
     }
 
     async fn mesh_policy_warnings(&self, client: &Client, policy: &MeshPolicy) -> Vec<FieldError> {
@@ -110,7 +111,8 @@ impl Cluster {
         if usable(&policy.spec.selector) {
             // Not the first pod alone: it may be one no policy acts on (a hostNetwork pod).
             match self.pods(client, &namespace, &policy.spec.selector, MAX_PODS).await {
-                Ok(pods) if pods.is_empty() => warnings.push(FieldError::new(
+                // Pods past the first page may be workloads: no warning rather than a false one.
+                Ok((pods, more)) if pods.is_empty() && !more => warnings.push(FieldError::new(
                     "spec.selector",
                     format!("selects no pod in namespace {namespace} right now"),
                 )),
@@ -127,8 +129,8 @@ impl Cluster {
         let selector = me.spec.selector.as_ref().filter(|s| !selects_all(s));
         let pods = match selector {
             Some(s) if usable(s) => match self.pods(client, &namespace, s, MAX_PODS).await {
-                Ok(pods) => {
-                    if pods.is_empty() {
+                Ok((pods, more)) => {
+                    if pods.is_empty() && !more {
                         warnings.push(FieldError::new(
                             "spec.selector",
                             format!("selects no pod in namespace {namespace} right now"),
