@@ -148,6 +148,24 @@ fn explain_on(mesh: &MeshBox, node: &str, from: &str, to: &str, port: u16) -> Re
         .map_err(|e| e.to_string())
 }
 
+/// The flow records node `node`'s agent holds, read with `meshauthctl observe` from inside the
+/// node's network namespace.
+fn observe_on(mesh: &MeshBox, node: &str, filter: crate::observe::Filter, format: crate::observe::Format) -> Result<String, String> {
+    let n = mesh.node(node).ok_or_else(|| format!("no node {node}"))?;
+    let req = crate::observe::Request {
+        agent: std::net::SocketAddr::from(([127, 0, 0, 1], n.metrics_port)),
+        filter,
+        last: Some(5),
+        follow: false,
+        format,
+    };
+    let mut out = Vec::new();
+    n.ns.run(|| crate::observe::observe(&req, &mut out))
+        .map_err(|e| format!("entering {node}: {e}"))?
+        .map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// Whether an explain report names `policy` as the rule's and has a proof with time left.
 fn explained(report: &serde_json::Value, policy: &str) -> (bool, bool) {
     let named = report["allowedBy"].as_array().is_some_and(|r| r.iter().any(|r| r["meshPolicy"] == policy));
@@ -201,6 +219,26 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     let ok = tcp_request(mesh.pod("shop/order-0"), payment, 8080, Duration::from_millis(700));
     let dropped = drops(&maps, Counter::DropAuthMissing) - before;
     r.check("unauthenticated pair dropped under Strict", !ok && dropped > 0, format!("connect {}, {dropped} packet(s) counted as auth-missing on node-2", if ok { "succeeded" } else { "timed out" }));
+    // What node-2 saw, by name.
+    let seen = observe_on(
+        &mesh,
+        "node-2",
+        crate::observe::Filter { pod: Some("shop/payment-0".into()), reason: Some("auth_missing".into()), ..Default::default() },
+        crate::observe::Format::Json,
+    );
+    let named = seen.as_ref().is_ok_and(|lines| {
+        lines.lines().filter_map(|l| serde_json::from_str::<meshauth_agent::flows::FlowRecord>(l).ok()).any(|f| {
+            f.source.pod.as_deref() == Some("shop/order-0")
+                && f.destination.pod.as_deref() == Some("shop/payment-0")
+                && f.verdict == "DROPPED"
+                && f.rule.as_deref().is_some_and(|rule| rule.starts_with("shop/payment-ingress"))
+        })
+    });
+    r.check(
+        "observe shows the drop with both pods, the reason and the rule",
+        named,
+        seen.map_or_else(|e| e, |l| format!("{} record(s) of payment-0's auth-missing drops on node-2", l.lines().count())),
+    );
     // Why: node-2's agent names the rule, the mode and the missing proof.
     r.say("  $ meshauthctl explain --from shop/order-0 --to shop/payment-0 --port 8080   (on node-2)");
     let unproven = explain_on(&mesh, "node-2", "shop/order-0", "shop/payment-0", 8080);
@@ -352,6 +390,12 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
         matches!(spoofed, Ok(false)) && tag_missing > 0,
         format!("node-1 process as {order_ip} → payment-0:8080: {}, {tag_missing} SYN(s) dropped at node-2 for a missing tag", match &spoofed { Ok(true) => "connected".to_owned(), Ok(false) => "refused".to_owned(), Err(e) => e.to_string() }),
     );
+
+    r.say("\n  what node-2 dropped so far, by name: meshauthctl observe --verdict DROPPED --last 5   (on node-2)");
+    match observe_on(&mesh, "node-2", crate::observe::Filter { verdict: Some("DROPPED".into()), ..Default::default() }, crate::observe::Format::Table) {
+        Ok(table) => r.say(table.trim_end()),
+        Err(e) => r.say(&format!("  observe: {e}")),
+    }
 
     // order-0 is deleted and a pod of another identity gets its address on node-1, while
     // node-2 (its agent stopped) still names order there.

@@ -8,4 +8,5 @@
 pub mod bench_agent;
 pub mod demo;
 pub mod explain;
+pub mod observe;
 pub mod policy_check;

@@ -6,6 +6,7 @@ use meshauth_policy::tables::TableProtocol;
 use meshauth_datapath::cli::{self as datapath_cli, OutputFormat};
 use meshauthctl::demo::{self, DemoOptions};
 use meshauthctl::explain;
+use meshauthctl::observe;
 use meshauthctl::policy_check::{self, CheckRequest, Output};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,39 @@ enum Command {
         /// Where mesh-wide MutualAuths live (offline).
         #[arg(long, default_value = meshauth_policy::model::DEFAULT_MESH_NAMESPACE)]
         mesh_namespace: String,
+    },
+    /// The datapath's verdicts on this node with names (pods, identities, reason, rule), from
+    /// this node's agent: drops, and what Permissive lets through that Strict would drop.
+    Observe {
+        /// This node's agent: its metrics address (it answers loopback clients only).
+        #[arg(long, default_value = "127.0.0.1:4251")]
+        agent: std::net::SocketAddr,
+        /// DROPPED or PERMISSIVE.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// A reason, as `meshauthctl status` names them (drop_auth_missing or auth_missing).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Either end's namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Either end, NS/POD.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Either end's SPIFFE ID.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only records younger than this (30s, 5m, 2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// The newest N matching records the agent holds.
+        #[arg(long)]
+        last: Option<usize>,
+        /// Then keep printing new ones.
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long, value_enum, default_value_t = OutputArg::Table)]
+        output: OutputArg,
     },
     /// Benchmarks.
     Bench {
@@ -226,6 +260,32 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Observe { agent, verdict, reason, namespace, pod, identity, since, last, follow, output } => {
+            let since = match since.as_deref().map(observe::parse_duration).transpose() {
+                Ok(since) => since,
+                Err(e) => {
+                    eprintln!("meshauthctl observe: --since {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let req = observe::Request {
+                agent,
+                filter: observe::Filter { verdict, reason, namespace, pod, identity, since },
+                last,
+                follow,
+                format: match output {
+                    OutputArg::Table => observe::Format::Table,
+                    OutputArg::Json => observe::Format::Json,
+                },
+            };
+            match observe::observe(&req, &mut std::io::stdout().lock()) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meshauthctl observe: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Explain { packet, manifests, agent, output, trust_domain, mesh_namespace } => {
             let target = match &manifests {
                 Some(dir) => explain::Target::Manifests(dir.clone()),

@@ -24,6 +24,7 @@ fn the_demo_passes_every_check() {
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
     for check in [
         "unauthenticated pair dropped under Strict",
+        "observe shows the drop with both pods, the reason and the rule",
         "explain names the rule and the missing authentication",
         "explain shows the pair's proof and its expiry",
         "spoofed source dropped",

@@ -10,6 +10,7 @@ pub mod cni_install;
 pub mod config;
 pub mod dev_issuer;
 pub mod explain;
+pub mod flows;
 pub mod handshake;
 pub mod handshake_glue;
 pub mod inputs;

@@ -6,6 +6,8 @@
 
 use crate::auth_manager::{AuthFailure, AuthObserver};
 use crate::explain::{ExplainQuery, Explainer};
+use crate::flows::{DEFAULT_CAPACITY, FlowLog, FlowRecord};
+use serde::Deserialize;
 use axum::Router;
 use axum::extract::{ConnectInfo, Query};
 use axum::http::{StatusCode, header};
@@ -65,6 +67,7 @@ pub struct AgentMetrics {
     pub svid_expiry_seconds: Family<IdentityLabels, Gauge>,
     pub auth_required_events: Counter,
     pub events_lost: Counter,
+    pub flow_records_lost: Counter,
     pub policy_applies: Family<ApplyLabels, Counter>,
     pub policy_denied_destinations: Gauge,
     last_datapath: Mutex<BTreeMap<String, u64>>,
@@ -86,6 +89,7 @@ impl AgentMetrics {
             svid_expiry_seconds: Family::default(),
             auth_required_events: Counter::default(),
             events_lost: Counter::default(),
+            flow_records_lost: Counter::default(),
             policy_applies: Family::default(),
             policy_denied_destinations: Gauge::default(),
             last_datapath: Mutex::new(BTreeMap::new()),
@@ -101,6 +105,7 @@ impl AgentMetrics {
             r.register("svid_expiry_seconds", "Seconds until each local SVID expires", m.svid_expiry_seconds.clone());
             r.register("auth_required_events", "Auth-required events read from the datapath", m.auth_required_events.clone());
             r.register("events_lost", "Datapath events that could not be read", m.events_lost.clone());
+            r.register("flow_records_lost", "Flow records a follower of /flows fell too far behind to get", m.flow_records_lost.clone());
             r.register("policy_applies", "Policy applies to the maps by result", m.policy_applies.clone());
             r.register(
                 "policy_denied_destinations",
@@ -174,18 +179,20 @@ impl AgentMetrics {
         out
     }
 
-    /// Serves `/metrics`, `/readyz`, `/healthz` and, to loopback clients once `explainer` is
-    /// set, `/explain`; returns the bound address.
+    /// Serves `/metrics`, `/readyz`, `/healthz` and, to loopback clients, `local`'s
+    /// `/explain` (once set) and `/flows`; returns the bound address.
     pub async fn serve(
         self: Arc<Self>,
         addr: SocketAddr,
-        explainer: Arc<OnceLock<Explainer>>,
+        local: Arc<LocalApi>,
     ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|error| MetricsError::Bind { addr, error })?;
         let bound = listener.local_addr().map_err(|error| MetricsError::Bind { addr, error })?;
         let metrics = self.clone();
         let readiness = self.clone();
-        let health = self;
+        let health = self.clone();
+        let flow_metrics = self;
+        let flows = local.clone();
         let app = Router::new()
             .route(
                 "/metrics",
@@ -216,13 +223,25 @@ impl AgentMetrics {
                     if !peer.ip().is_loopback() {
                         return (StatusCode::FORBIDDEN, "/explain answers clients on this node only\n").into_response();
                     }
-                    let Some(explainer) = explainer.get() else {
+                    let Some(explainer) = local.explainer.get() else {
                         return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
                     };
                     match explainer.explain(&query).await {
                         Ok(report) => axum::Json(report).into_response(),
                         Err(e) if e.is_not_found() => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
                         Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+                    }
+                }),
+            )
+            .route(
+                "/flows",
+                get(move |ConnectInfo(peer): ConnectInfo<SocketAddr>, Query(query): Query<FlowsQuery>| {
+                    let (flows, metrics) = (flows.clone(), flow_metrics.clone());
+                    async move {
+                        if !peer.ip().is_loopback() {
+                            return (StatusCode::FORBIDDEN, "/flows answers clients on this node only\n").into_response();
+                        }
+                        flow_lines(&flows.flows, metrics, &query).into_response()
                     }
                 }),
             )
@@ -241,6 +260,55 @@ impl AgentMetrics {
             }
         })))
     }
+}
+
+/// What the metrics port serves to this node's own clients only: it names pods, identities
+/// and policies.
+#[derive(Default)]
+pub struct LocalApi {
+    /// Set once the agent has its inputs.
+    pub explainer: OnceLock<Explainer>,
+    pub flows: FlowLog,
+}
+
+/// `/flows?last=N&follow=true`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FlowsQuery {
+    #[serde(default)]
+    pub last: Option<usize>,
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// The flow records as JSON lines: the last ones, then (following) `{"following":true}` and
+/// each new one; a follower that fell behind gets `{"lost":N}` where records are missing.
+fn flow_lines(log: &FlowLog, metrics: Arc<AgentMetrics>, query: &FlowsQuery) -> axum::body::Body {
+    fn line(record: &FlowRecord) -> String {
+        // Plain data with string keys: serialization cannot fail.
+        let mut l = serde_json::to_string(record).unwrap_or_default();
+        l.push('\n');
+        l
+    }
+    let follower = query.follow.then(|| log.follow());
+    let mut backlog: Vec<Result<String, std::convert::Infallible>> =
+        log.last(query.last.unwrap_or(DEFAULT_CAPACITY)).iter().map(|r| Ok(line(r))).collect();
+    if follower.is_some() {
+        // Where the held records end and the new ones begin.
+        backlog.push(Ok("{\"following\":true}\n".to_owned()));
+    }
+    let head = futures::stream::iter(backlog);
+    let Some(follower) = follower else { return axum::body::Body::from_stream(head) };
+    let tail = futures::stream::unfold((follower, metrics), |(mut rx, metrics)| async move {
+        match rx.recv().await {
+            Ok(record) => Some((Ok(line(&record)), (rx, metrics))),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                metrics.flow_records_lost.inc_by(n);
+                Some((Ok(format!("{{\"lost\":{n}}}\n")), (rx, metrics)))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
+    });
+    axum::body::Body::from_stream(futures::StreamExt::chain(head, tail))
 }
 
 impl crate::handshake::HandshakeObserver for AgentMetrics {
@@ -385,26 +453,26 @@ mod explain_tests {
         let snapshot = crate::inputs::snapshot_from_dir(&examples).expect("examples");
         let (_tx, snapshots) = tokio::sync::watch::channel(Arc::new(snapshot));
         let manager = auth_manager::spawn(AuthManagerConfig::default(), Arc::new(NoHandshakes), Box::new(FakeTable::default()), Arc::new(NoObserver));
-        let slot: Arc<OnceLock<Explainer>> = Arc::default();
+        let local: Arc<LocalApi> = Arc::default();
         let m = AgentMetrics::new();
-        let (bound, _server) = m.serve("0.0.0.0:0".parse().expect("addr"), slot.clone()).await.expect("serve");
-        let local = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port());
+        let (bound, _server) = m.serve("0.0.0.0:0".parse().expect("addr"), local.clone()).await.expect("serve");
+        let here = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port());
         let path = "/explain?from=shop/order-0&to=shop/payment-0&port=8080";
-        assert!(get_from(local.ip(), local, path).await.starts_with("HTTP/1.1 503"), "answers before the agent is ready");
-        let _ = slot.set(Explainer {
+        assert!(get_from(here.ip(), here, path).await.starts_with("HTTP/1.1 503"), "answers before the agent is ready");
+        let _ = local.explainer.set(Explainer {
             node_name: "node-2".into(),
             config: ModelConfig::default(),
             snapshots,
             view: Arc::new(RwLock::new(NodeView::default())),
             manager,
         });
-        let answer = get_from(local.ip(), local, path).await;
+        let answer = get_from(here.ip(), here, path).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         let body: serde_json::Value = serde_json::from_str(answer.split_once("\r\n\r\n").map_or("", |(_, b)| b)).expect("JSON");
         assert_eq!(body["allowedBy"][0]["meshPolicy"], "shop/payment-ingress", "{body}");
         assert_eq!(body["proofs"], serde_json::json!([]), "payment runs on node-2, and the pair has no proof: {body}");
-        assert!(get_from(local.ip(), local, "/explain?from=shop/nobody&to=shop/payment-0&port=80").await.starts_with("HTTP/1.1 404"));
-        assert!(get_from(local.ip(), local, "/explain?from=shop/order-0&to=shop/payment-0&port=80&protocol=sctp").await.starts_with("HTTP/1.1 400"));
+        assert!(get_from(here.ip(), here, "/explain?from=shop/nobody&to=shop/payment-0&port=80").await.starts_with("HTTP/1.1 404"));
+        assert!(get_from(here.ip(), here, "/explain?from=shop/order-0&to=shop/payment-0&port=80&protocol=sctp").await.starts_with("HTTP/1.1 400"));
         // From another address of this machine (what another host's connection looks like):
         // refused, it names pods and policies.
         let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
@@ -413,5 +481,40 @@ mod explain_tests {
         assert!(!outside.is_loopback(), "{outside}");
         let refused = get_from(outside, SocketAddr::new(outside, bound.port()), path).await;
         assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+        assert!(get_from(outside, SocketAddr::new(outside, bound.port()), "/flows").await.starts_with("HTTP/1.1 403"));
+
+        // /flows: the last records as JSON lines, then (following) each new one.
+        let record = |reason: &str| crate::flows::FlowRecord {
+            time_unix_ms: 1,
+            node: "node-2".into(),
+            verdict: "DROPPED".into(),
+            reason: reason.into(),
+            protocol: "TCP".into(),
+            source: crate::flows::FlowEnd { ip: [10, 0, 0, 1].into(), port: 1, pod: Some("shop/order-0".into()), identity: None },
+            destination: crate::flows::FlowEnd { ip: [10, 0, 0, 2].into(), port: 8080, pod: Some("shop/payment-0".into()), identity: None },
+            policies: vec![],
+            rule: None,
+            mutual_auth: None,
+        };
+        local.flows.push(record("drop_auth_missing"));
+        let listed = get_from(here.ip(), here, "/flows?last=10").await;
+        let body = listed.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        assert!(body.contains("\"reason\":\"drop_auth_missing\""), "{listed}");
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut follower = tokio::io::BufReader::new(tokio::net::TcpStream::connect(here).await.expect("connect"));
+        follower.get_mut().write_all(b"GET /flows?last=0&follow=true HTTP/1.0\r\n\r\n").await.expect("write");
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            follower.read_line(&mut line).await.expect("header");
+        }
+        line.clear();
+        follower.read_line(&mut line).await.expect("marker");
+        assert_eq!(line, "{\"following\":true}\n");
+        local.flows.push(record("drop_denied"));
+        line.clear();
+        tokio::time::timeout(Duration::from_secs(5), follower.read_line(&mut line)).await.expect("a followed record").expect("read");
+        let followed: crate::flows::FlowRecord = serde_json::from_str(&line).expect("a JSON line");
+        assert_eq!(followed.reason, "drop_denied");
     }
 }

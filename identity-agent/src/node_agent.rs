@@ -14,7 +14,7 @@ use crate::plan::{self, NodeView};
 use crate::svid::{StoreConfig, SvidStore, SystemClock, WorkloadApiSource};
 use meshauth_datapath::{BootTime, ConnectionKey, Datapath, DatapathConfig, DatapathError};
 use meshauth_policy::compile::NumberAllocator;
-use meshauth_policy::model::ModelConfig;
+use meshauth_policy::model::{ModelConfig, PolicyModel};
 use crate::plan::LocalPod;
 use crate::pod_net::{self, HostVeth};
 use meshauth_cni::protocol::{AgentRequest, AgentResponse, Command as CniCommand};
@@ -657,8 +657,8 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "meshauth-agent starting");
     std::fs::create_dir_all(&config.state_dir).map_err(|error| AgentError::State { path: config.state_dir.clone(), error })?;
     let metrics = AgentMetrics::new();
-    let explainer: Arc<std::sync::OnceLock<crate::explain::Explainer>> = Arc::default();
-    let (metrics_addr, _metrics_task) = metrics.clone().serve(config.metrics_addr, explainer.clone()).await?;
+    let local_api: Arc<crate::metrics::LocalApi> = Arc::default();
+    let (metrics_addr, _metrics_task) = metrics.clone().serve(config.metrics_addr, local_api.clone()).await?;
     tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz and /explain (local)");
 
     let datapath: SharedDatapath = Arc::new(Mutex::new(Datapath::load_or_adopt(datapath_config)?));
@@ -703,7 +703,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     };
     let model_config = ModelConfig { trust_domain: config.trust_domain.clone(), mesh_namespace: config.mesh_namespace.clone() };
     // Set once, before the first apply: `/explain` answers "starting" until then.
-    let _ = explainer.set(crate::explain::Explainer {
+    let _ = local_api.explainer.set(crate::explain::Explainer {
         node_name: config.node_name.clone(),
         config: model_config.clone(),
         snapshots: snapshots.clone(),
@@ -712,7 +712,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     });
     let mut applier = Applier::new(
         config.node_name.clone(),
-        model_config,
+        model_config.clone(),
         config.listen.port(),
         config.state_dir.clone(),
         datapath.clone(),
@@ -725,6 +725,10 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     applier.uplinks = config.uplinks.clone();
     let mut removed_links = pod_net::watch_removed_links()?;
     let first = snapshots.borrow_and_update().clone();
+    let namer_of = |snapshot: &Snapshot| {
+        crate::flows::FlowNamer::new(config.node_name.clone(), PolicyModel::new(model_config.clone(), snapshot.inputs.clone()))
+    };
+    let mut namer = namer_of(&first);
     applier.housekeeping()?;
     applier.apply(first)?;
     // The tagger on the uplinks as soon as the other nodes are known, not a tick later.
@@ -745,19 +749,25 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
             changed = snapshots.changed() => {
                 if changed.is_err() { break; }
                 let snapshot = snapshots.borrow_and_update().clone();
+                namer = namer_of(&snapshot);
                 if let Err(error) = applier.apply(snapshot) {
                     tracing::error!(%error, "cannot apply the new cluster state; keeping the previous maps");
                 }
             }
             event = events.next() => match event {
                 Ok(event) if event.kind == meshauth_datapath::EventKind::Tag => {
+                    local_api.flows.push(namer.record(&event, std::time::SystemTime::now()));
                     manager.key_refused((event.dst_spiffe_id, event.src_spiffe_id));
                 }
                 Ok(event) if event.kind == meshauth_datapath::EventKind::AuthRequired => {
+                    local_api.flows.push(namer.record(&event, std::time::SystemTime::now()));
                     metrics.auth_required_events.inc();
                     manager.auth_required((event.dst_spiffe_id, event.src_spiffe_id));
                 }
-                Ok(event) => tracing::debug!(?event, "datapath event"),
+                Ok(event) => {
+                    tracing::debug!(?event, "datapath event");
+                    local_api.flows.push(namer.record(&event, std::time::SystemTime::now()));
+                }
                 Err(error) => {
                     metrics.events_lost.inc();
                     tracing::warn!(%error, "cannot read a datapath event");
