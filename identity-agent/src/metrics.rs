@@ -374,6 +374,32 @@ mod tests {
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
     }
 
+    /// Every metric the chart's Grafana dashboard queries is one the agent exports.
+    #[test]
+    fn the_dashboard_queries_only_metrics_the_agent_exports() {
+        let dashboard = include_str!("../../config/helm/meshauth/dashboards/meshauth.json");
+        let m = AgentMetrics::new();
+        m.handshake(Ok(()), Duration::from_millis(2));
+        m.entries(1);
+        m.observe_datapath_counters([("drop_denied".to_owned(), 1)]);
+        m.svid_expiry_seconds.get_or_create(&IdentityLabels { spiffe_id: "spiffe://td/a".into() }).set(30);
+        m.observe_apply(Ok((0, 0)));
+        let text = m.encode();
+        let mut names: Vec<&str> = dashboard
+            .match_indices("meshauth_agent_")
+            .map(|(i, _)| {
+                let rest = &dashboard[i..];
+                &rest[..rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len())]
+            })
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 8, "{names:?}");
+        for name in names {
+            assert!(text.lines().any(|l| l.starts_with(name)), "the dashboard queries {name}, which the agent does not export:\n{text}");
+        }
+    }
+
     #[tokio::test]
     async fn an_apply_that_did_not_fit_fails_readiness_and_is_counted() {
         let m = AgentMetrics::new();

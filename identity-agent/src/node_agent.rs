@@ -659,7 +659,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     let metrics = AgentMetrics::new();
     let local_api: Arc<crate::metrics::LocalApi> = Arc::default();
     let (metrics_addr, _metrics_task) = metrics.clone().serve(config.metrics_addr, local_api.clone()).await?;
-    tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz and /explain (local)");
+    tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz, and /explain and /flows (local)");
 
     let datapath: SharedDatapath = Arc::new(Mutex::new(Datapath::load_or_adopt(datapath_config)?));
     let mut events = lock(&datapath).events()?;

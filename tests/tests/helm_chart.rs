@@ -54,3 +54,22 @@ fn the_api_server_accepts_everything_the_chart_renders() {
     assert!(manifests.contains("hostNetwork: true") && manifests.contains("privileged: true"), "the agent needs the host network and BPF");
     assert!(manifests.contains("MESHAUTH_SPIRE_ENTRY_SELECTOR"), "the operator gets its SPIRE entry selectors");
 }
+
+#[test]
+fn the_grafana_dashboard_renders_only_when_asked_and_is_valid_json() {
+    assert!(!render(&[]).contains("meshauth-grafana-dashboard"), "the dashboard is off by default");
+    let manifests = render(&["--set", "grafana.dashboard.enabled=true", "--set", "grafana.dashboard.namespace=monitoring"]);
+    let doc = manifests
+        .split("\n---")
+        .find(|d| d.contains("name: meshauth-grafana-dashboard"))
+        .expect("the dashboard ConfigMap");
+    let config_map: serde_json::Value = serde_yaml::from_str(doc).expect("a YAML object");
+    assert_eq!(config_map["metadata"]["namespace"], "monitoring");
+    assert_eq!(config_map["metadata"]["labels"]["grafana_dashboard"], "1", "the sidecar's label");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(config_map["data"]["meshauth.json"].as_str().expect("the dashboard")).expect("dashboard JSON");
+    let titles: Vec<&str> = dashboard["panels"].as_array().expect("panels").iter().filter_map(|p| p["title"].as_str()).collect();
+    for want in ["Handshakes by result", "Drops by reason", "Auth entries", "Seconds to the soonest SVID expiry"] {
+        assert!(titles.contains(&want), "no panel {want:?} in {titles:?}");
+    }
+}
