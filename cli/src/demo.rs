@@ -51,6 +51,8 @@ pub struct DemoOptions {
     pub agent_bin: Option<PathBuf>,
     /// SVID lifetime: short, so a rotation happens during the demo.
     pub svid_ttl: Duration,
+    /// Leave the nodes, pods and agents running afterwards (`demo down` removes them).
+    pub keep: bool,
 }
 
 impl Default for DemoOptions {
@@ -59,6 +61,7 @@ impl Default for DemoOptions {
             dir: std::env::temp_dir().join(format!("meshauth-demo-{}", std::process::id())),
             agent_bin: None,
             svid_ttl: Duration::from_secs(8),
+            keep: false,
         }
     }
 }
@@ -430,5 +433,26 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     }
     let passed = r.checks.iter().filter(|c| c.passed).count();
     r.say(&format!("  {passed} passed, {} failed", r.checks.len() - passed));
+    if options.keep {
+        // The node-2 agent stopped for the last check runs again, so every node answers.
+        if mesh.node("node-2").is_some_and(|n| n.agent.is_none()) {
+            mesh.start_agent("node-2")?;
+        }
+        r.say("\n== the mesh stays up (--keep)");
+        for n in &mesh.nodes {
+            let agent = format!("--agent 127.0.0.1:{}", n.metrics_port);
+            r.say(&format!("  {} (network namespace {}):", n.name, n.ns.name));
+            r.say(&format!("    ip netns exec {} meshauthctl observe {agent} --follow", n.ns.name));
+            r.say(&format!("    ip netns exec {} meshauthctl explain {agent} --from shop/order-0 --to shop/payment-0 --port 8080", n.ns.name));
+            r.say(&format!("    meshauthctl auth list --pin-dir {}", n.pin_dir.display()));
+            r.say(&format!("    meshauthctl status --pin-dir {}", n.pin_dir.display()));
+        }
+        for (name, pod) in &mesh.pods {
+            r.say(&format!("  {name} at {}: ip netns exec {} <command>", pod.ip, pod.ns.name));
+        }
+        r.say("  (no server runs in the pods any more: start your own, e.g. `ip netns exec NS nc -lk 8080`)");
+        r.say(&format!("  remove it all: meshauthctl demo down --dir {}", options.dir.display()));
+        mesh.keep()?;
+    }
     Ok(r.checks)
 }

@@ -103,10 +103,16 @@ enum Command {
     },
     /// A mesh in a box: two nodes and five pods as network namespaces, real agents and
     /// datapath, live checks and a summary (root).
+    #[command(args_conflicts_with_subcommands = true)]
     Demo {
+        #[command(subcommand)]
+        action: Option<DemoAction>,
         /// Directory for logs and state (default: a new one under the temp dir).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Leave the nodes, pods and agents running afterwards, and print how to reach them.
+        #[arg(long)]
+        keep: bool,
         /// The meshauth-agent binary (default: next to meshauthctl, else on PATH).
         #[arg(long)]
         agent_bin: Option<PathBuf>,
@@ -117,6 +123,16 @@ enum Command {
 }
 
 const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshauth";
+
+#[derive(Subcommand)]
+enum DemoAction {
+    /// Remove a mesh that `demo --keep` left running: its agents, issuers, namespaces, pins.
+    Down {
+        /// The kept demo's directory (as `demo --keep` printed it).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
 
 #[derive(Subcommand)]
 enum SvidCommand {
@@ -339,8 +355,18 @@ fn main() -> ExitCode {
                 .and_then(|bin| meshauthctl::bench_agent::run(&bin, matches!(output, OutputArg::Json), &mut std::io::stdout()).map_err(|e| e.to_string()));
             report("bench agent-memory", result.map(|_| ()))
         }
-        Command::Demo { dir, agent_bin, svid_ttl } => {
-            let mut options = DemoOptions { agent_bin, svid_ttl: std::time::Duration::from_secs(svid_ttl), ..DemoOptions::default() };
+        Command::Demo { action: Some(DemoAction::Down { dir }), .. } => match demo::mesh::take_down(&dir) {
+            Ok(kept) => {
+                println!("took down the kept mesh: {} processes, {} network namespaces, {} pin directories", kept.processes.len(), kept.namespaces.len(), kept.pin_roots.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshauthctl demo down: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Demo { action: None, dir, keep, agent_bin, svid_ttl } => {
+            let mut options = DemoOptions { agent_bin, svid_ttl: std::time::Duration::from_secs(svid_ttl), keep, ..DemoOptions::default() };
             if let Some(dir) = dir {
                 options.dir = dir;
             }

@@ -23,6 +23,91 @@ pub enum MeshError {
     Manifests(String),
     #[error("{0} did not become ready in time; its log is {1}")]
     NotReady(String, PathBuf),
+    #[error("{0} names no kept mesh (no {KEPT_FILE}): nothing to take down")]
+    NothingKept(PathBuf),
+    #[error("{path} is damaged: {reason}")]
+    DamagedKept { path: PathBuf, reason: String },
+}
+
+/// Where `demo --keep` records what it left running, for `demo down`.
+pub const KEPT_FILE: &str = "kept.json";
+
+/// What a kept mesh consists of.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Kept {
+    /// The agents' and issuers' process IDs, with the binary each runs (checked before a
+    /// signal: a PID may be another process's by then).
+    pub processes: Vec<(u32, PathBuf)>,
+    /// Network namespaces, pods first (deleting a pod's removes its veth pair).
+    pub namespaces: Vec<String>,
+    /// Pin directories (the nodes' maps and links).
+    pub pin_roots: Vec<PathBuf>,
+}
+
+impl MeshBox {
+    /// Leaves the nodes, pods and processes running and records them in `dir/kept.json` for
+    /// [`take_down`].
+    pub fn keep(self) -> Result<Kept, MeshError> {
+        let processes = self
+            .nodes
+            .iter()
+            .flat_map(|n| [n.agent.as_ref(), n.issuer.as_ref()])
+            .flatten()
+            .map(|c| (c.id(), std::fs::canonicalize(&self.agent_bin).unwrap_or_else(|_| self.agent_bin.clone())))
+            .collect();
+        let namespaces = self.pods.values().map(|p| p.ns.name.clone()).chain(self.nodes.iter().map(|n| n.ns.name.clone())).collect();
+        let pin_roots = self.nodes.iter().filter_map(|n| n.pin_dir.parent().map(Path::to_path_buf)).collect();
+        let kept = Kept { processes, namespaces, pin_roots };
+        let path = self.dir.join(KEPT_FILE);
+        // Plain data: serialization cannot fail.
+        std::fs::write(&path, serde_json::to_vec_pretty(&kept).unwrap_or_default()).map_err(io_err(format!("writing {}", path.display())))?;
+        // Nothing of it may go with this process: no drop runs.
+        std::mem::forget(self);
+        Ok(kept)
+    }
+}
+
+/// Whether `pid` runs (a zombie waiting for its parent to reap it does not).
+fn alive(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+/// Stops and removes the mesh that `demo --keep` left in `dir`: its processes (only those
+/// still running the recorded binary), namespaces and pins. What was already gone is skipped.
+pub fn take_down(dir: &Path) -> Result<Kept, MeshError> {
+    let path = dir.join(KEPT_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(MeshError::NothingKept(dir.to_path_buf())),
+        Err(e) => return Err(MeshError::Io { what: format!("reading {}", path.display()), error: e }),
+    };
+    let kept: Kept = serde_json::from_slice(&text).map_err(|e| MeshError::DamagedKept { path: path.clone(), reason: e.to_string() })?;
+    for (pid, binary) in &kept.processes {
+        let runs_it = std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| std::fs::canonicalize(binary).is_ok_and(|b| b == exe));
+        if !runs_it {
+            continue;
+        }
+        let Ok(pid) = libc::pid_t::try_from(*pid) else { continue };
+        // SAFETY: a signal to a process we checked runs the mesh's binary.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive(pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    for ns in &kept.namespaces {
+        let _ = sh(&["ip", "netns", "del", ns]);
+    }
+    for root in &kept.pin_roots {
+        let _ = std::fs::remove_dir_all(root);
+    }
+    std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+    Ok(kept)
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MeshError {
