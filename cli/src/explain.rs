@@ -179,7 +179,8 @@ pub fn render_table(report: &Value) -> String {
                 Some(e) => format!("; last handshake failed ({} failures): {e}", p["failures"]),
                 None => String::new(),
             };
-            out.push_str(&format!("  on {node}, proof by {}: {state}{failure}\n", s(&p["node"])));
+            let next = p["nextHandshakeInSeconds"].as_u64().map(|n| format!("; next handshake in {n} s")).unwrap_or_default();
+            out.push_str(&format!("  on {node}, proof by {}: {state}{failure}{next}\n", s(&p["node"])));
         }
     }
     if let Some(note) = report["note"].as_str() {

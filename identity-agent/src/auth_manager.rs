@@ -189,6 +189,9 @@ pub struct PairStatus {
     pub expiry: Option<SystemTime>,
     pub failures: u32,
     pub last_error: Option<String>,
+    /// When the next handshake for it starts (zero: due now or under way); `None` when the
+    /// proof is no longer wanted.
+    pub next_attempt_in: Option<Duration>,
 }
 
 /// A cloneable handle to the manager task.
@@ -515,6 +518,10 @@ pub fn spawn_with_clock(
                             expiry: s.expiry,
                             failures: s.failures,
                             last_error: s.last_error.clone(),
+                            next_attempt_in: s.desired.is_some().then(|| {
+                                let due = s.refresh_at.map_or(s.next_attempt, |r| r.max(s.next_attempt));
+                                if s.in_flight { Duration::ZERO } else { due.saturating_duration_since(now) }
+                            }),
                         })
                         .collect();
                     let _ = reply.send(status);

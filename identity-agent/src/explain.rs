@@ -62,6 +62,8 @@ pub struct ProofState {
     /// Why the last handshake failed (no SVID yet, peer unreachable, identity not hosted,
     /// impostor refused).
     pub last_error: Option<String>,
+    /// Seconds until the next handshake (a renewal or a retry) starts.
+    pub next_handshake_in_seconds: Option<u64>,
 }
 
 /// The answer.
@@ -175,6 +177,7 @@ fn proof_states(pair: (u32, u32), status: &[PairStatus], now: SystemTime) -> Vec
             expires_in_seconds: s.expiry.and_then(|e| e.duration_since(now).ok()).map(|d| d.as_secs()),
             failures: s.failures,
             last_error: s.last_error.clone(),
+            next_handshake_in_seconds: s.next_attempt_in.map(|d| d.as_secs()),
         })
         .collect()
 }
@@ -190,20 +193,22 @@ mod tests {
     fn proofs_of_the_pair_only_with_their_time_left_and_last_failure() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let status = [
-            PairStatus { key: ProofKey { pair: (1, 2), node: NodeId::This }, desired: true, expiry: Some(now + Duration::from_secs(90)), failures: 0, last_error: None },
+            PairStatus { key: ProofKey { pair: (1, 2), node: NodeId::This }, desired: true, expiry: Some(now + Duration::from_secs(90)), failures: 0, last_error: None, next_attempt_in: Some(Duration::from_secs(60)) },
             PairStatus {
                 key: ProofKey { pair: (1, 2), node: NodeId::At("192.168.1.2".parse().expect("ip")) },
                 desired: true,
                 expiry: None,
                 failures: 3,
                 last_error: Some("peer_unreachable".into()),
+                next_attempt_in: Some(Duration::from_secs(4)),
             },
-            PairStatus { key: ProofKey { pair: (1, 3), node: NodeId::This }, desired: true, expiry: Some(now), failures: 0, last_error: None },
+            PairStatus { key: ProofKey { pair: (1, 3), node: NodeId::This }, desired: true, expiry: Some(now), failures: 0, last_error: None, next_attempt_in: None },
         ];
         let proofs = proof_states((1, 2), &status, now);
         assert_eq!(proofs.len(), 2);
         assert_eq!((proofs[0].expires_in_seconds, proofs[0].failures), (Some(90), 0));
         assert_eq!((proofs[1].expires_in_seconds, proofs[1].last_error.as_deref()), (None, Some("peer_unreachable")));
         assert_eq!(proofs[1].node, "192.168.1.2");
+        assert_eq!((proofs[0].next_handshake_in_seconds, proofs[1].next_handshake_in_seconds), (Some(60), Some(4)));
     }
 }
