@@ -58,6 +58,8 @@ struct OfflineReport {
     source_identity: String,
     destination_identity: String,
     destination_node: Option<String>,
+    /// Where the datapath's tables differ from the model (a policy left out of them).
+    notes: Vec<String>,
 }
 
 /// Answers one question; the JSON report (the agent's, or the offline one).
@@ -83,7 +85,9 @@ fn offline(req: &CheckRequest) -> Result<Value, ExplainError> {
     explanation.decision.verdict = checked.verdict;
     explanation.decision.authentication = checked.authentication;
     let (Some(src), Some(dst)) = (model.pod(&from), model.pod(&to)) else { return Err(CheckError::UnknownPod(to).into()) };
+    let notes = checked.explanation.iter().filter(|l| l.contains("left out of the datapath")).cloned().collect();
     let report = OfflineReport {
+        notes,
         source_identity: model.spiffe_id(src).to_string(),
         destination_identity: model.spiffe_id(dst).to_string(),
         destination_node: dst.node.clone(),
@@ -104,7 +108,12 @@ fn ask_agent(addr: SocketAddr, req: &CheckRequest) -> Result<Value, ExplainError
         TableProtocol::Icmp => "icmp",
         TableProtocol::Other => "other",
     };
-    // Pod references are DNS labels and a slash: nothing to escape.
+    // Pod references are DNS labels and a slash: nothing to escape once they parse.
+    for pod in [&req.from, &req.to] {
+        if ObjectRef::parse(pod).is_none_or(|r| !r.to_string().chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '/'))) {
+            return Err(CheckError::BadPodRef(pod.clone()).into());
+        }
+    }
     let path = format!("/explain?from={}&to={}&port={}&protocol={protocol}", req.from, req.to, req.port);
     let unreachable = |error| ExplainError::Unreachable { addr, error };
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(unreachable)?;
@@ -183,7 +192,7 @@ pub fn render_table(report: &Value) -> String {
             out.push_str(&format!("  on {node}, proof by {}: {state}{failure}{next}\n", s(&p["node"])));
         }
     }
-    if let Some(note) = report["note"].as_str() {
+    for note in report["notes"].as_array().into_iter().flatten().filter_map(Value::as_str) {
         out.push_str(&format!("  {note}\n"));
     }
     out

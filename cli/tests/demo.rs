@@ -54,7 +54,7 @@ fn the_demo_passes_every_check_and_keeps_its_mesh_until_demo_down() {
     let down = Command::new(&ctl).args(["demo", "down", "--dir"]).arg(dir.path()).output().expect("demo down");
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     assert!(namespaces.iter().all(|ns| !std::path::Path::new("/run/netns").join(ns).exists()), "namespaces left: {namespaces:?}");
-    for pid in kept["processes"].as_array().expect("processes").iter().filter_map(|p| p[0].as_u64()) {
+    for pid in kept["processes"].as_array().expect("processes").iter().filter_map(|p| p["pid"].as_u64()) {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         assert!(stat.is_empty() || stat.rsplit_once(')').is_some_and(|(_, s)| s.trim_start().starts_with('Z')), "process {pid} still runs");
     }

@@ -85,8 +85,8 @@ pub struct ExplainReport {
     /// The pair's proofs here, when the destination runs on this node and the pair needs
     /// authentication; empty then means no proof at all yet.
     pub proofs: Option<Vec<ProofState>>,
-    /// What the answer cannot say from this node.
-    pub note: Option<String>,
+    /// What the answer cannot say from this node, or where the datapath may differ.
+    pub notes: Vec<String>,
 }
 
 /// Answers `/explain` from the agent's live state.
@@ -96,6 +96,8 @@ pub struct Explainer {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     pub view: SharedView,
     pub manager: AuthManagerHandle,
+    /// Whether the last apply fit the maps (when not, the datapath denies more).
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 impl Explainer {
@@ -151,6 +153,10 @@ impl Explainer {
                 }
             }
         };
+        let mut notes: Vec<String> = note.into_iter().collect();
+        if let Some(reason) = self.metrics.not_ready_reason() {
+            notes.push(format!("the last policy apply did not fit this node's maps ({reason}): the datapath may deny more than this answer says"));
+        }
         Ok(ExplainReport {
             node: self.node_name.clone(),
             from: from.to_string(),
@@ -162,7 +168,7 @@ impl Explainer {
             destination_identity,
             destination_node,
             proofs,
-            note,
+            notes,
         })
     }
 }

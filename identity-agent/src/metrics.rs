@@ -169,6 +169,11 @@ impl AgentMetrics {
         }
     }
 
+    /// Why the agent is not ready although alive (the last apply did not fit the maps).
+    pub fn not_ready_reason(&self) -> Option<String> {
+        self.not_ready.lock().ok().and_then(|r| r.clone())
+    }
+
     /// Text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -220,7 +225,7 @@ impl AgentMetrics {
                 get(move |ConnectInfo(peer): ConnectInfo<SocketAddr>, Query(query): Query<ExplainQuery>| async move {
                     // It names pods, identities and policies: this node's own processes only
                     // (`meshauthctl explain` on the node, or through `kubectl exec`).
-                    if !peer.ip().is_loopback() {
+                    if !peer.ip().to_canonical().is_loopback() {
                         return (StatusCode::FORBIDDEN, "/explain answers clients on this node only\n").into_response();
                     }
                     let Some(explainer) = local.explainer.get() else {
@@ -238,7 +243,7 @@ impl AgentMetrics {
                 get(move |ConnectInfo(peer): ConnectInfo<SocketAddr>, Query(query): Query<FlowsQuery>| {
                     let (flows, metrics) = (flows.clone(), flow_metrics.clone());
                     async move {
-                        if !peer.ip().is_loopback() {
+                        if !peer.ip().to_canonical().is_loopback() {
                             return (StatusCode::FORBIDDEN, "/flows answers clients on this node only\n").into_response();
                         }
                         flow_lines(&flows.flows, metrics, &query).into_response()
@@ -481,7 +486,7 @@ mod explain_tests {
         let manager = auth_manager::spawn(AuthManagerConfig::default(), Arc::new(NoHandshakes), Box::new(FakeTable::default()), Arc::new(NoObserver));
         let local: Arc<LocalApi> = Arc::default();
         let m = AgentMetrics::new();
-        let (bound, _server) = m.serve("0.0.0.0:0".parse().expect("addr"), local.clone()).await.expect("serve");
+        let (bound, _server) = m.clone().serve("0.0.0.0:0".parse().expect("addr"), local.clone()).await.expect("serve");
         let here = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), bound.port());
         let path = "/explain?from=shop/order-0&to=shop/payment-0&port=8080";
         assert!(get_from(here.ip(), here, path).await.starts_with("HTTP/1.1 503"), "answers before the agent is ready");
@@ -491,6 +496,7 @@ mod explain_tests {
             snapshots,
             view: Arc::new(RwLock::new(NodeView::default())),
             manager,
+            metrics: m.clone(),
         });
         let answer = get_from(here.ip(), here, path).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

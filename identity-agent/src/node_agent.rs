@@ -709,6 +709,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         snapshots: snapshots.clone(),
         view: view.clone(),
         manager: manager.clone(),
+        metrics: metrics.clone(),
     });
     let mut applier = Applier::new(
         config.node_name.clone(),

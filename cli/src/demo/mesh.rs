@@ -32,12 +32,22 @@ pub enum MeshError {
 /// Where `demo --keep` records what it left running, for `demo down`.
 pub const KEPT_FILE: &str = "kept.json";
 
+/// A process of a kept mesh, as `demo down` recognises it: a PID alone may be another
+/// process's by then.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeptProcess {
+    pub pid: u32,
+    /// The binary it runs.
+    pub binary: PathBuf,
+    /// Its start time (`/proc/PID/stat` field 22, clock ticks since boot).
+    pub started: u64,
+}
+
 /// What a kept mesh consists of.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Kept {
-    /// The agents' and issuers' process IDs, with the binary each runs (checked before a
-    /// signal: a PID may be another process's by then).
-    pub processes: Vec<(u32, PathBuf)>,
+    /// The agents and issuers.
+    pub processes: Vec<KeptProcess>,
     /// Network namespaces, pods first (deleting a pod's removes its veth pair).
     pub namespaces: Vec<String>,
     /// Pin directories (the nodes' maps and links).
@@ -53,7 +63,13 @@ impl MeshBox {
             .iter()
             .flat_map(|n| [n.agent.as_ref(), n.issuer.as_ref()])
             .flatten()
-            .map(|c| (c.id(), std::fs::canonicalize(&self.agent_bin).unwrap_or_else(|_| self.agent_bin.clone())))
+            .filter_map(|c| {
+                Some(KeptProcess {
+                    pid: c.id(),
+                    binary: std::fs::canonicalize(&self.agent_bin).unwrap_or_else(|_| self.agent_bin.clone()),
+                    started: start_time(c.id())?,
+                })
+            })
             .collect();
         let namespaces = self.pods.values().map(|p| p.ns.name.clone()).chain(self.nodes.iter().map(|n| n.ns.name.clone())).collect();
         let pin_roots = self.nodes.iter().filter_map(|n| n.pin_dir.parent().map(Path::to_path_buf)).collect();
@@ -65,6 +81,33 @@ impl MeshBox {
         std::mem::forget(self);
         Ok(kept)
     }
+}
+
+/// A process's start time: field 22 of `/proc/PID/stat` (after the command in parentheses).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What a kept mesh may name: the demo's own namespaces (`md<N>-n<N>`, `md<N>-p<N>`) and pin
+/// roots (`/sys/fs/bpf/meshauth-md<N>`). `demo down` runs as root on what the file says.
+fn kept_names_only_the_demos(kept: &Kept) -> Result<(), String> {
+    let demo_tag = |t: &str| t.strip_prefix("md").is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+    for ns in &kept.namespaces {
+        let ok = ns.split_once('-').is_some_and(|(tag, rest)| {
+            demo_tag(tag) && rest.len() > 1 && matches!(rest.as_bytes()[0], b'n' | b'p') && rest[1..].bytes().all(|b| b.is_ascii_digit())
+        });
+        if !ok {
+            return Err(format!("{ns:?} is no namespace of the demo"));
+        }
+    }
+    for root in &kept.pin_roots {
+        let ok = root.to_str().and_then(|r| r.strip_prefix("/sys/fs/bpf/meshauth-")).is_some_and(demo_tag);
+        if !ok {
+            return Err(format!("{} is no pin directory of the demo", root.display()));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `pid` runs (a zombie waiting for its parent to reap it does not).
@@ -82,13 +125,25 @@ pub fn take_down(dir: &Path) -> Result<Kept, MeshError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(MeshError::NothingKept(dir.to_path_buf())),
         Err(e) => return Err(MeshError::Io { what: format!("reading {}", path.display()), error: e }),
     };
+    // Only a file root wrote and nobody else may change: it names what root will remove.
+    for (what, p) in [("directory", dir), ("file", path.as_path())] {
+        let meta = std::fs::metadata(p).map_err(io_err(format!("reading {}", p.display())))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if std::os::unix::fs::MetadataExt::uid(&meta) != me || std::os::unix::fs::MetadataExt::mode(&meta) & 0o022 != 0 {
+            return Err(MeshError::DamagedKept { path: p.to_path_buf(), reason: format!("the {what} is not this user's alone (owner or group/other write)") });
+        }
+    }
     let kept: Kept = serde_json::from_slice(&text).map_err(|e| MeshError::DamagedKept { path: path.clone(), reason: e.to_string() })?;
-    for (pid, binary) in &kept.processes {
-        let runs_it = std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| std::fs::canonicalize(binary).is_ok_and(|b| b == exe));
+    kept_names_only_the_demos(&kept).map_err(|reason| MeshError::DamagedKept { path: path.clone(), reason })?;
+    for process in &kept.processes {
+        let pid = process.pid;
+        let runs_it = std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == process.binary)
+            && start_time(pid) == Some(process.started);
         if !runs_it {
             continue;
         }
-        let Ok(pid) = libc::pid_t::try_from(*pid) else { continue };
+        let Ok(pid) = libc::pid_t::try_from(pid) else { continue };
         // SAFETY: a signal to a process we checked runs the mesh's binary.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -382,4 +437,26 @@ fn wait_for(what: &str, log: &Path, timeout: Duration, ready: impl Fn() -> bool)
 
 fn free_port() -> io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_down_takes_only_the_demos_own_namespaces_and_pins() {
+        let kept = |ns: &str, root: &str| Kept { processes: vec![], namespaces: vec![ns.into()], pin_roots: vec![root.into()] };
+        assert!(kept_names_only_the_demos(&kept("md123-n1", "/sys/fs/bpf/meshauth-md123")).is_ok());
+        assert!(kept_names_only_the_demos(&kept("md123-p4", "/sys/fs/bpf/meshauth-md123")).is_ok());
+        for (ns, root) in [
+            ("production", "/sys/fs/bpf/meshauth-md1"),
+            ("md1-x1", "/sys/fs/bpf/meshauth-md1"),
+            ("md-n1", "/sys/fs/bpf/meshauth-md1"),
+            ("md1-n1", "/sys/fs/bpf/meshauth"),
+            ("md1-n1", "/sys/fs/bpf/meshauth-md1/../../../../etc"),
+            ("md1-n1", "/etc"),
+        ] {
+            assert!(kept_names_only_the_demos(&kept(ns, root)).is_err(), "{ns} {root} accepted");
+        }
+    }
 }
