@@ -176,6 +176,21 @@ fn explained(report: &serde_json::Value, policy: &str) -> (bool, bool) {
     (named, proven)
 }
 
+/// Explains order-0 → payment-0:8080 on node-2, prints the table, and checks that it names
+/// the rule and has (or, `want_proof` false, lacks) a proof with time left.
+fn check_explain(r: &mut Reporter<'_>, mesh: &MeshBox, name: &str, want_proof: bool) {
+    let report = explain_on(mesh, "node-2", "shop/order-0", "shop/payment-0", 8080);
+    if let Ok(report) = &report {
+        r.say(crate::explain::render_table(report).trim_end());
+    }
+    let (named, proven) = report.as_ref().map_or((false, false), |r| explained(r, "shop/payment-ingress"));
+    r.check(
+        name,
+        named && proven == want_proof,
+        report.map_or_else(|e| e, |_| format!("MeshPolicy shop/payment-ingress named: {named}; a proof with time left: {proven}")),
+    );
+}
+
 fn drops(maps: &Maps, counter: Counter) -> u64 {
     maps.counters().map(|c| c.packets(counter)).unwrap_or(0)
 }
@@ -244,16 +259,7 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     );
     // Why: node-2's agent names the rule, the mode and the missing proof.
     r.say("  $ meshauthctl explain --from shop/order-0 --to shop/payment-0 --port 8080   (on node-2)");
-    let unproven = explain_on(&mesh, "node-2", "shop/order-0", "shop/payment-0", 8080);
-    if let Ok(report) = &unproven {
-        r.say(crate::explain::render_table(report).trim_end());
-    }
-    let (named, proven) = unproven.as_ref().map_or((false, false), |r| explained(r, "shop/payment-ingress"));
-    r.check(
-        "explain names the rule and the missing authentication",
-        named && !proven,
-        unproven.map_or_else(|e| e, |_| format!("MeshPolicy shop/payment-ingress named: {named}; a proof with time left: {proven}")),
-    );
+    check_explain(&mut r, &mesh, "explain names the rule and the missing authentication", false);
 
     // 2. The issuer of node-1 starts: the agents handshake on their own, before any traffic.
     r.say("\n== 2. node-1 gets its SVIDs; the agents handshake (mTLS 1.3, both SPIFFE IDs verified)");
@@ -274,16 +280,7 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     );
     let ok = tcp_request(mesh.pod("shop/order-0"), payment, 8080, Duration::from_secs(2));
     r.check("authenticated pair allowed", ok, format!("order-0 → payment-0:8080 {}", if ok { "answered" } else { "failed" }));
-    let proven_report = explain_on(&mesh, "node-2", "shop/order-0", "shop/payment-0", 8080);
-    if let Ok(report) = &proven_report {
-        r.say(crate::explain::render_table(report).trim_end());
-    }
-    let (named, proven) = proven_report.as_ref().map_or((false, false), |r| explained(r, "shop/payment-ingress"));
-    r.check(
-        "explain shows the pair's proof and its expiry",
-        named && proven,
-        proven_report.map_or_else(|e| e, |_| format!("MeshPolicy shop/payment-ingress named: {named}; a proof with time left: {proven}")),
-    );
+    check_explain(&mut r, &mesh, "explain shows the pair's proof and its expiry", true);
 
     // 3. Policy: frontend may not talk to payment at all.
     r.say("\n== 3. policy and anti-spoofing");

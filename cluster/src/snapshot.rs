@@ -46,10 +46,7 @@ impl NodeInfo {
 
 /// `a` as an IP address, IPv4-mapped IPv6 as IPv4; `None` for what is no IP (a hostname).
 fn canonical_ip(a: &str) -> Option<IpAddr> {
-    match a.parse::<IpAddr>().ok()? {
-        IpAddr::V6(v6) => Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)),
-        v4 => Some(v4),
-    }
+    a.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
 /// One consistent view of the cluster.

@@ -942,10 +942,7 @@ impl Drop for SourceSlot {
 
 /// IPv4-mapped IPv6 addresses (a dual-stack listener) compare as the IPv4 address they are.
 fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
+    ip.to_canonical()
 }
 
 /// Convenience form of [`HandshakeServer::serve`].

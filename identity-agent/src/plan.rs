@@ -70,10 +70,7 @@ fn node_id(ip: IpAddr, own: Option<IpAddr>) -> Option<NodeId> {
 
 /// IPv4-mapped IPv6 peers (dual-stack sockets) compare as IPv4.
 fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
+    ip.to_canonical()
 }
 
 /// A pod of this node with an address: the datapath guards its interface.
