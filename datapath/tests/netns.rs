@@ -583,12 +583,12 @@ async fn a_packet_routed_out_of_another_pods_veth_is_dropped() {
     neigh("replace");
     let dropped = f.counters().packets(Counter::DropWrongIface);
     assert!(!udp_request(f.pod(1), None, f.ip(2), 9090, SHORT), "delivered through another pod's veth");
-    assert!(f.counters().packets(Counter::DropWrongIface) > dropped, "not counted as leaving the wrong interface");
+    assert!(f.counted_above(Counter::DropWrongIface, dropped), "not counted as leaving the wrong interface");
     // The established flow's next datagram: its conntrack entry is no pass onto another veth.
     let dropped = f.counters().packets(Counter::DropWrongIface);
     flow.send_to(b"meshauth", to_pod2).unwrap();
     std::thread::sleep(SHORT);
-    assert!(f.counters().packets(Counter::DropWrongIface) > dropped, "an established flow's packet left through another pod's veth");
+    assert!(f.counted_above(Counter::DropWrongIface, dropped), "an established flow's packet left through another pod's veth");
     neigh("del");
     route("replace", &right);
     assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "its own veth again");
@@ -614,7 +614,7 @@ async fn a_pod_attached_after_its_tables_is_proven_by_this_node_at_once() {
     // proved nothing: refused for want of that node's proof, before any tag is looked at.
     let (missing, untagged) = (f.counters().packets(Counter::DropAuthMissing), f.counters().packets(Counter::DropTagMissing));
     assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT), "a proof of this node admitted a pod of another");
-    assert!(f.counters().packets(Counter::DropAuthMissing) > missing, "this node's proof counted for a pod at another node's address");
+    assert!(f.counted_above(Counter::DropAuthMissing, missing), "this node's proof counted for a pod at another node's address");
     assert_eq!(f.counters().packets(Counter::DropTagMissing), untagged);
     let ip1 = f.ip(1);
     f.dp().attach(&host_if, ip1).unwrap();
@@ -807,7 +807,7 @@ async fn only_this_nodes_own_addresses_pass_a_policy_and_only_while_allow_host_i
         assert_eq!(f.counters().packets(Counter::PassHost) > passed_host, allow_host);
         let denied = f.counters().packets(Counter::DropDenied);
         assert!(!udp_from_node(OTHER, f.ip(2), 9090), "an address not the node's own passed the policy");
-        assert!(f.counters().packets(Counter::DropDenied) > denied, "not the policy's drop");
+        assert!(f.counted_above(Counter::DropDenied, denied), "not the policy's drop");
     }
 }
 

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use meshauth_datapath::testing::{Netns, NetnsGuard, Node, PinDir, require_root};
-use meshauth_datapath::{Counters, Datapath, DatapathConfig, Event, EventKind, EventStream};
+use meshauth_datapath::{Counter, Counters, Datapath, DatapathConfig, Event, EventKind, EventStream};
 use meshauth_policy::tables::{
     AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol,
 };
@@ -73,6 +73,22 @@ impl Fixture {
             .expect("datapath")
             .counters()
             .expect("counters")
+    }
+
+    /// Whether `counter` rises above `before` within `LONG`. A refused client gives up after its
+    /// own timeout, but its packet is counted only when it reaches the program, which on a
+    /// loaded machine (CI's two cores, a test binary's tests in parallel) can come later.
+    pub fn counted_above(&self, counter: Counter, before: u64) -> bool {
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            if self.counters().packets(counter) > before {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn events(&self) -> EventStream {
