@@ -123,6 +123,7 @@ impl Snapshot {
                 security_identity: WORLD_IDENTITY,
                 spiffe_id: NO_SPIFFE_ID,
                 isolated: true,
+                audit: false,
                 mutual_auth: AuthRequirement::None,
                 pod: format!("(shared by {})", shared.pods.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
                 node: None,

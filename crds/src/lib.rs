@@ -13,7 +13,8 @@ use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 pub use mesh_policy::{
-    Authentication, AuthenticationMode, IngressRule, MeshPolicy, MeshPolicySpec, MeshPolicyStatus,
+    Authentication, AuthenticationMode, Enforcement, IngressRule, MeshPolicy, MeshPolicySpec,
+    MeshPolicyStatus,
     PeerSelector, PortRule, Protocol,
 };
 pub use mutual_auth::{MutualAuth, MutualAuthMode, MutualAuthSpec, MutualAuthStatus};
@@ -78,6 +79,24 @@ mod tests {
                 assert!(columns.contains(&wanted), "{file} lacks column {wanted}: {columns:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_mesh_policy_is_enforced_unless_it_says_audit_and_kubectl_shows_which() {
+        let yaml = crd_yaml(&MeshPolicy::crd()).expect("serialize");
+        let crd: serde_json::Value = serde_yaml::from_str(&yaml).expect("parse");
+        let version = &crd["spec"]["versions"][0];
+        let enforcement = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["enforcement"];
+        assert_eq!(enforcement["default"], "Enforce", "{enforcement}");
+        assert_eq!(enforcement["enum"], serde_json::json!(["Enforce", "Audit"]), "{enforcement}");
+        let columns = version["additionalPrinterColumns"].as_array().expect("columns");
+        assert!(
+            columns.iter().any(|c| c["name"] == "Enforcement" && c["jsonPath"] == ".spec.enforcement"),
+            "{columns:?}"
+        );
+        let spec: MeshPolicySpec = serde_json::from_value(serde_json::json!({"selector": {}})).expect("spec");
+        assert_eq!(spec.enforcement, Enforcement::Enforce);
+        assert!(serde_json::from_value::<MeshPolicySpec>(serde_json::json!({"selector": {}, "enforcement": "DryRun"})).is_err());
     }
 
     #[test]

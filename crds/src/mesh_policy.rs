@@ -22,12 +22,19 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq",
     doc = "Ingress rules, optionally requiring authenticated peers, for the pods a selector picks.",
     printcolumn(name = "Selector", type_ = "string", json_path = ".spec.selector.matchLabels", description = "labels of the selected pods"),
+    printcolumn(name = "Enforcement", type_ = "string", json_path = ".spec.enforcement", description = "Enforce, or Audit: what it would deny passes and is counted"),
     printcolumn(name = "Selected", type_ = "integer", json_path = ".status.selectedPods", description = "pods selected"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MeshPolicySpec {
+    /// `Enforce` (default): the selected pods accept only what the rules allow. `Audit`: the
+    /// policy isolates nothing; what it would deny passes, is counted and reported as AUDIT,
+    /// and the handshakes its rules require still happen. A pod that an enforced MeshPolicy
+    /// selects is isolated by that one, and the audited ones add nothing to it.
+    #[serde(default)]
+    pub enforcement: Enforcement,
     /// Pods of this namespace the policy applies to. Required; `{}` selects every pod.
     pub selector: LabelSelector,
     /// Allowed ingress. A selected pod accepts only traffic some rule matches. At most 64 rules.
@@ -101,6 +108,26 @@ pub struct PortRule {
     pub protocol: Protocol,
 }
 
+/// Whether a MeshPolicy is enforced or only audited.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Enforcement {
+    /// Traffic no rule allows is dropped.
+    #[default]
+    Enforce,
+    /// Traffic no rule allows (or that lacks the authentication a rule requires) passes, and
+    /// is counted and reported as AUDIT.
+    Audit,
+}
+
+impl std::fmt::Display for Enforcement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Enforcement::Enforce => "Enforce",
+            Enforcement::Audit => "Audit",
+        })
+    }
+}
+
 /// A transport protocol a port rule applies to.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -138,6 +165,9 @@ pub struct MeshPolicyStatus {
     /// How many pods the selector picks right now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selected_pods: Option<i32>,
+    /// The enforcement the agents apply (`spec.enforcement` of the observed generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
     /// `Accepted` and `Ready`.
     #[serde(default)]
     #[schemars(schema_with = "crate::conditions::conditions_schema")]

@@ -62,6 +62,7 @@ int main(void)
 	F(ma_ct_value, auth);
 	F(ma_ct_value, kind);
 	F(ma_ct_value, closing);
+	F(ma_ct_value, audit);
 	S(ma_frag_key);
 	S(ma_clock);
 	S(ma_iface_value);
@@ -128,6 +129,7 @@ int main(void)
 	C(MA_C_TAG_WRITTEN);
 	C(MA_C_TAG_NO_KEY);
 	C(MA_C_TAG_NO_ROOM);
+	C(MA_C_PASS_AUDIT);
 	C(MA_EV_DENIED);
 	C(MA_EV_AUTH_REQUIRED);
 	C(MA_EV_SPOOFED);
@@ -135,6 +137,7 @@ int main(void)
 	C(MA_EV_IPV6);
 	C(MA_EV_UNSUPPORTED);
 	C(MA_EV_TAG);
+	C(MA_EV_AUDIT);
 	C(MA_AUTH_NONE);
 	C(MA_AUTH_PERMISSIVE);
 	C(MA_AUTH_REQUIRED);
@@ -147,6 +150,7 @@ int main(void)
 	C(MA_IPV6_DROP);
 	C(MA_IPV6_PASS);
 	C(MA_EP_ISOLATED);
+	C(MA_EP_AUDIT);
 	C(MA_SPIFFE_ID_MAX);
 	C(MA_C_COUNT);
 	C(MA_COUNTER_SLOTS);

@@ -628,11 +628,13 @@ static __always_inline void remember_fragment(const struct flow *f)
 		bpf_map_update_elem(&fragments, &key, &v, BPF_ANY);
 }
 
-/* Authentication outcome for a requirement: PASS or DROP, counted and reported. */
+/* Authentication outcome for a requirement: PASS or DROP, counted and reported. `audit`: the
+ * requirement is an audited rule's, made permissive, and a lack is reported as AUDIT. */
 static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_config *cfg,
 					const struct flow *f, __u8 req, __u32 src_identity,
 					__u32 dst_identity, __u32 src_spiffe, __u32 dst_spiffe,
-					__u32 pass_counter, __u64 now, int proof, __u32 src_ifindex)
+					__u32 pass_counter, __u64 now, int proof, __u32 src_ifindex,
+					__u8 audit)
 {
 	__u32 failed = auth_check(skb, f, dst_spiffe, src_spiffe, src_ifindex, now, proof);
 	/* A pair that is authenticated but whose SYN did not prove its source. */
@@ -652,6 +654,12 @@ static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_c
 	}
 	/* Permissive: what Strict would drop is counted and reported, so the agent
 	 * authenticates the pair, and it passes. */
+	if (audit) {
+		count(MA_C_PASS_AUDIT, skb->len);
+		emit(cfg, skb->ifindex, MA_EV_AUDIT, MA_C_PASS_AUDIT, f, src_identity, dst_identity,
+		     src_spiffe, dst_spiffe, MA_AUTH_REQUIRED);
+		return PASS;
+	}
 	failed = unproven ? MA_C_PASS_UNTAGGED_PERMISSIVE : MA_C_PASS_PERMISSIVE;
 	count(failed, skb->len);
 	emit(cfg, skb->ifindex, kind, failed, f, src_identity, dst_identity, src_spiffe,
@@ -707,6 +715,8 @@ int to_pod(struct __sk_buff *skb)
 	struct flow f = {};
 	__u32 src_identity, src_spiffe;
 	__u8 req = MA_AUTH_NONE;
+	/* Audited policies: no rule admits the packet; the requirement is an audited rule's. */
+	__u8 audit_denied = 0, audit_auth = 0;
 	__u64 now = 0;
 	int verdict;
 
@@ -771,7 +781,7 @@ int to_pod(struct __sk_buff *skb)
 			} else {
 				verdict = authenticate(skb, cfg, &f, ct->auth, 0, 0, ct->src_spiffe_id,
 						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED, now,
-						       MA_PROOF_NONE, 0);
+						       MA_PROOF_NONE, 0, ct->audit);
 			}
 			if (verdict == PASS) {
 				ct_seen(ct, &f, now);
@@ -798,7 +808,7 @@ int to_pod(struct __sk_buff *skb)
 			.saddr = f.saddr, .daddr = f.daddr, .id = f.frag_id, .protocol = f.protocol,
 		};
 
-		if (!(dst->flags & MA_EP_ISOLATED) && dst->mutual_auth == MA_AUTH_NONE) {
+		if (!(dst->flags & (MA_EP_ISOLATED | MA_EP_AUDIT)) && dst->mutual_auth == MA_AUTH_NONE) {
 			count(MA_C_PASS_NO_POLICY, skb->len);
 			return PASS;
 		}
@@ -809,7 +819,7 @@ int to_pod(struct __sk_buff *skb)
 		return drop(cfg, skb, MA_EV_FRAGMENT, MA_C_DROP_FRAGMENT, &f);
 	}
 
-	if (!(dst->flags & MA_EP_ISOLATED) && dst->mutual_auth == MA_AUTH_NONE) {
+	if (!(dst->flags & (MA_EP_ISOLATED | MA_EP_AUDIT)) && dst->mutual_auth == MA_AUTH_NONE) {
 		count(MA_C_PASS_NO_POLICY, skb->len);
 		verdict = PASS;
 		src_spiffe = MA_NO_SPIFFE_ID;
@@ -826,7 +836,7 @@ int to_pod(struct __sk_buff *skb)
 		count(MA_C_PASS_HOST, skb->len);
 		goto admitted;
 	}
-	if (dst->flags & MA_EP_ISOLATED) {
+	if (dst->flags & (MA_EP_ISOLATED | MA_EP_AUDIT)) {
 		struct ma_policy_key pk = {
 			.prefixlen = MA_POLICY_FIXED_BITS + 16,
 			.dst_identity = dst->security_identity,
@@ -854,18 +864,30 @@ int to_pod(struct __sk_buff *skb)
 					req = rule->auth;
 			}
 		}
-		if (!matched) {
+		if (!matched && (dst->flags & MA_EP_ISOLATED)) {
 			count(MA_C_DROP_DENIED, skb->len);
 			emit(cfg, skb->ifindex, MA_EV_DENIED, MA_C_DROP_DENIED, &f, src_identity,
 			     dst->security_identity, src_spiffe, dst->spiffe_id, MA_AUTH_NONE);
 			return DROP;
 		}
+		/* Audited (only audited policies select the pod): what no rule admits passes
+		 * and is reported once it has passed what is enforced (MutualAuth); a rule's
+		 * requirement is held permissively. */
+		if (!(dst->flags & MA_EP_ISOLATED)) {
+			audit_denied = !matched;
+			if (req == MA_AUTH_REQUIRED) {
+				req = MA_AUTH_PERMISSIVE;
+				audit_auth = 1;
+			}
+		}
 	}
 	if (dst->mutual_auth > req)
 		req = dst->mutual_auth;
+	if (req == MA_AUTH_REQUIRED) /* MutualAuth's own: enforced, not audited */
+		audit_auth = 0;
 
 	if (req == MA_AUTH_NONE) {
-		count(MA_C_PASS_POLICY, skb->len);
+		count(audit_denied ? MA_C_PASS_AUDIT : MA_C_PASS_POLICY, skb->len);
 		verdict = PASS;
 	} else {
 		/* A new TCP connection proves that it comes from the pod its source address names:
@@ -878,10 +900,15 @@ int to_pod(struct __sk_buff *skb)
 			now = boot_ns_coarse();
 		verdict = authenticate(skb, cfg, &f, req, src_identity, dst->security_identity,
 				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED, now, proof,
-				       src ? src->ifindex : 0);
+				       src ? src->ifindex : 0, audit_auth);
+		if (verdict == PASS && audit_denied)
+			count(MA_C_PASS_AUDIT, skb->len);
 	}
 	if (verdict != PASS)
 		return verdict;
+	if (audit_denied)
+		emit(cfg, skb->ifindex, MA_EV_AUDIT, MA_C_PASS_AUDIT, &f, src_identity,
+		     dst->security_identity, src_spiffe, dst->spiffe_id, MA_AUTH_NONE);
 
 admitted:
 	/* Cache the admission: new flows (a TCP SYN, any UDP or ICMP echo) and flows whose entry
@@ -895,6 +922,7 @@ admitted:
 			.src_spiffe_id = src_spiffe,
 			.ifindex = skb->ifindex,
 			.auth = req,
+			.audit = audit_auth,
 			.kind = MA_CT_ADMITTED,
 			.closing = f.tcp_fin,
 		};

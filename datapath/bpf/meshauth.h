@@ -35,7 +35,8 @@
 #define MA_PROTO_UDP 17
 
 /* endpoints: pod IPv4 address (__be32) -> ma_endpoint_value. */
-#define MA_EP_ISOLATED (1 << 0) /* some MeshPolicy selects the pod */
+#define MA_EP_ISOLATED (1 << 0) /* some enforced MeshPolicy selects the pod */
+#define MA_EP_AUDIT (1 << 1) /* only audited MeshPolicies select it: nothing dropped, reported */
 struct ma_endpoint_value {
 	__u32 security_identity;
 	__u32 spiffe_id;
@@ -170,7 +171,7 @@ struct ma_ct_value {
 	__u8 auth; /* MA_AUTH_* the admission required (MA_AUTH_NONE for replies) */
 	__u8 kind; /* MA_CT_* */
 	__u8 closing; /* a FIN was seen: the closing timeout applies */
-	__u8 pad;
+	__u8 audit; /* an audited rule required the authentication: a lack of it is MA_C_PASS_AUDIT */
 	__u32 pad2;
 };
 
@@ -265,7 +266,8 @@ struct ma_event_budget {
 #define MA_C_TAG_WRITTEN 28 /* uplink: a local pod's SYN tagged */
 #define MA_C_TAG_NO_KEY 29 /* uplink: a local pod's SYN to a mesh pod, no key for the pair */
 #define MA_C_TAG_NO_ROOM 30 /* uplink: no room for the option (or a SYN with data) */
-#define MA_C_COUNT 31
+#define MA_C_PASS_AUDIT 31 /* an audited policy would deny it, or its rule's authentication is missing */
+#define MA_C_COUNT 32
 #define MA_COUNTER_SLOTS 32 /* map size: room for new counters without a layout change */
 struct ma_counter {
 	__u64 packets;
@@ -280,6 +282,8 @@ struct ma_counter {
 #define MA_EV_IPV6 5
 #define MA_EV_UNSUPPORTED 6
 #define MA_EV_TAG 7 /* a SYN's tag missing or wrong: src_* name the identity it claimed */
+#define MA_EV_AUDIT 8 /* passed, counted MA_C_PASS_AUDIT: auth is MA_AUTH_NONE when no audited
+		       * rule admits it, MA_AUTH_REQUIRED when the pair lacks what one requires */
 struct ma_event {
 	__u64 timestamp_ns; /* CLOCK_BOOTTIME */
 	__be32 saddr;

@@ -11,6 +11,8 @@ use meshauth_policy::tables::{AuthRequirement, TableProtocol};
 
 /// `MA_EP_ISOLATED`: some MeshPolicy selects the pod.
 pub const EP_ISOLATED: u8 = 1;
+/// `MA_EP_AUDIT`: only audited MeshPolicies select the pod.
+pub const EP_AUDIT: u8 = 2;
 /// `MA_POLICY_FIXED_BITS`: the prefix bits of a policy key before the port.
 pub const POLICY_FIXED_BITS: u32 = 80;
 /// `MA_CT_REPLY`: a conntrack entry of a flow a pod started.
@@ -210,7 +212,8 @@ pub struct CtValue {
     pub auth: u8,
     pub kind: u8,
     pub closing: u8,
-    pub pad: u8,
+    /// An audited rule required the admission's authentication.
+    pub audit: u8,
     pub pad2: u32,
 }
 
@@ -408,6 +411,7 @@ counters! {
     TagWritten = 28, "MA_C_TAG_WRITTEN", "tag_written", "Uplink: a local pod's SYN was tagged.";
     TagNoKey = 29, "MA_C_TAG_NO_KEY", "tag_no_key", "Uplink: a local pod's SYN to a mesh pod left untagged, no key for the pair.";
     TagNoRoom = 30, "MA_C_TAG_NO_ROOM", "tag_no_room", "Uplink: a local pod's SYN left untagged, no room for the option (or it carries data).";
+    PassAudit = 31, "MA_C_PASS_AUDIT", "pass_audit", "An audited MeshPolicy would deny it (no rule admits it, or the authentication its rule requires is missing); passed.";
 }
 
 #[cfg(test)]
@@ -496,6 +500,7 @@ mod tests {
         field!("ma_ct_value", CtValue, auth);
         field!("ma_ct_value", CtValue, kind);
         field!("ma_ct_value", CtValue, closing);
+        field!("ma_ct_value", CtValue, audit);
         // The fragments map is the program's alone; only its size matters to the loader.
         writeln!(s, "ma_frag_key size 12").unwrap();
         writeln!(s, "ma_clock size 16").unwrap();
@@ -554,6 +559,7 @@ mod tests {
         constant!("MA_IPV6_DROP", IPV6_DROP);
         constant!("MA_IPV6_PASS", IPV6_PASS);
         constant!("MA_EP_ISOLATED", EP_ISOLATED);
+        constant!("MA_EP_AUDIT", EP_AUDIT);
         constant!("MA_SPIFFE_ID_MAX", SPIFFE_ID_MAX);
         constant!("MA_C_COUNT", Counter::ALL.len());
         constant!("MA_COUNTER_SLOTS", COUNTER_SLOTS);

@@ -118,6 +118,7 @@ fn endpoint(ip: [u8; 4], identity: u32, spiffe_id: u32, isolated: bool) -> Endpo
         security_identity: identity,
         spiffe_id,
         isolated,
+        audit: false,
         mutual_auth: AuthRequirement::None,
         pod: format!("bench/{identity}"),
         node: None,

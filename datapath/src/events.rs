@@ -37,6 +37,10 @@ pub enum EventKind {
     /// A SYN of an authenticated pair did not prove its source (no tag, a wrong tag, or a
     /// local source's SYN its veth never sent): the source identity is the one it claimed.
     Tag = 7,
+    /// Passed, but an audited MeshPolicy would have dropped it: no audited rule admits it
+    /// (`auth` none), or the pair lacks the authentication such a rule requires (`auth`
+    /// required; the agent should authenticate the pair).
+    Audit = 8,
 }
 
 impl EventKind {
@@ -49,6 +53,7 @@ impl EventKind {
         EventKind::Ipv6,
         EventKind::Unsupported,
         EventKind::Tag,
+        EventKind::Audit,
     ];
 
     fn from_number(n: u8) -> Option<Self> {
@@ -65,6 +70,7 @@ impl EventKind {
             EventKind::Ipv6 => "MA_EV_IPV6",
             EventKind::Unsupported => "MA_EV_UNSUPPORTED",
             EventKind::Tag => "MA_EV_TAG",
+            EventKind::Audit => "MA_EV_AUDIT",
         }
     }
 }

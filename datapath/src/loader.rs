@@ -322,6 +322,8 @@ pub struct Endpoint {
     /// Host-side interface of a pod on this node, 0 for other pods.
     pub ifindex: u32,
     pub isolated: bool,
+    /// Only audited MeshPolicies select it.
+    pub audit: bool,
     pub mutual_auth: AuthRequirement,
 }
 
@@ -481,6 +483,7 @@ impl Maps {
                 spiffe_id: v.spiffe_id,
                 ifindex: v.ifindex,
                 isolated: v.flags & abi::EP_ISOLATED != 0,
+                audit: v.flags & abi::EP_AUDIT != 0,
                 mutual_auth: abi::auth_requirement(v.mutual_auth),
             });
         }
@@ -947,7 +950,13 @@ impl Datapath {
                     security_identity: e.security_identity,
                     spiffe_id: e.spiffe_id,
                     ifindex: local.get(&key).copied().unwrap_or(0),
-                    flags: if e.isolated { abi::EP_ISOLATED } else { 0 },
+                    flags: if e.isolated {
+                        abi::EP_ISOLATED
+                    } else if e.audit {
+                        abi::EP_AUDIT
+                    } else {
+                        0
+                    },
                     mutual_auth: abi::auth_number(e.mutual_auth),
                     pad: 0,
                 },
@@ -1381,10 +1390,12 @@ fn fit_destinations(
 }
 
 /// Marks the endpoints of `identities` isolated: with none of their policy entries in the
-/// map, they accept nothing (the node's own probes aside, as for any isolated pod).
+/// map, they accept nothing (the node's own probes aside, as for any isolated pod). An
+/// audited endpoint stays audited: its policies isolate nothing, so the missing entries can
+/// only make it report more would-be denials, never drop.
 fn isolate(want: &mut StdHashMap<u32, EndpointValue>, identities: &std::collections::BTreeSet<u32>) {
     for v in want.values_mut() {
-        if identities.contains(&v.security_identity) {
+        if identities.contains(&v.security_identity) && v.flags & abi::EP_AUDIT == 0 {
             v.flags |= abi::EP_ISOLATED;
         }
     }

@@ -850,3 +850,72 @@ async fn a_flow_cached_on_a_pods_old_veth_is_checked_afresh_on_its_new_one() {
     assert!(roundtrip(&flow, &mut buf), "and again, once cached on the new veth");
     assert_eq!(f.counters().packets(Counter::DropWrongIface), wrong);
 }
+
+/// An audited destination (only audited MeshPolicies select it) drops nothing: what no rule
+/// admits, and what lacks the authentication its rule requires, passes, is counted as
+/// `pass_audit` and reported as an Audit event (with the pair to authenticate). The same
+/// tables enforced drop both, established flows included, from the next packet on.
+#[tokio::test]
+async fn an_audited_destination_passes_and_reports_what_enforcing_would_drop() {
+    let mut f = Fixture::new("audit");
+    let audited = |isolated: bool| {
+        let mut dst = endpoint(2, isolated, Auth::None);
+        dst.audit = !isolated;
+        tables(
+            vec![endpoint(1, false, Auth::None), dst, endpoint(3, false, Auth::None)],
+            vec![rule(2, 1, P::Tcp, 8080, Auth::Required), rule(2, 1, P::Udp, 9090, Auth::None)],
+        )
+    };
+    f.dp().apply_tables(&audited(false)).unwrap();
+    assert!(f.dp().maps().endpoints().unwrap().iter().any(|e| e.ip == f.ip(2) && e.audit && !e.isolated));
+    let mut events = f.events();
+    let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
+    let _udp = udp_echo_server(f.pod(2), 9090).unwrap();
+
+    // No rule admits pod 3: it passes, counted and reported with no authentication asked.
+    let audited_before = f.counters().packets(Counter::PassAudit);
+    assert!(tcp_request(f.pod(3), f.ip(2), 8080, LONG), "an audited policy dropped what no rule admits");
+    let flow = udp_socket(f.pod(3), None).unwrap();
+    flow.set_read_timeout(Some(LONG)).unwrap();
+    let mut buf = [0u8; 64];
+    flow.send_to(b"meshauth", std::net::SocketAddrV4::new(f.ip(2), 9090)).unwrap();
+    assert!(matches!(flow.recv_from(&mut buf), Ok((8, _))), "audited UDP passes");
+    assert!(f.counted_above(Counter::PassAudit, audited_before + 1), "both would-be denials counted");
+    let denied = drain(&mut events, EventKind::Audit);
+    assert!(
+        denied.iter().any(|e| e.src == f.ip(3) && e.protocol == 6 && !e.dropped && e.auth == Auth::None && e.counter == Counter::PassAudit),
+        "{denied:?}"
+    );
+    assert_eq!(f.counters().packets(Counter::DropDenied), 0);
+
+    // Pod 1's rule requires authentication it does not have: passes, reported with the pair.
+    assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG), "an audited rule's authentication was enforced");
+    let unauthenticated = drain(&mut events, EventKind::Audit);
+    assert!(
+        unauthenticated.iter().any(|e| e.src == f.ip(1) && e.auth == Auth::Required && (e.dst_spiffe_id, e.src_spiffe_id) == (2, 1)),
+        "{unauthenticated:?}"
+    );
+    assert_eq!(f.counters().packets(Counter::DropAuthMissing), 0);
+    // Authenticated, it passes as authenticated and reports nothing.
+    f.dp().set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(60))).unwrap();
+    let authenticated = f.counters().packets(Counter::PassAuthenticated);
+    // The first connection's last packets may still be on their way: only later ones count.
+    std::thread::sleep(SHORT);
+    let since = BootTime::now();
+    assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG));
+    assert!(f.counted_above(Counter::PassAuthenticated, authenticated));
+    let reported: Vec<_> = drain(&mut events, EventKind::Audit).into_iter().filter(|e| e.timestamp >= since).collect();
+    assert!(reported.is_empty(), "an authenticated pair reported as audit: {reported:?}");
+    f.dp().remove_auth(2, 1, meshauth_datapath::NodeId::This).unwrap();
+
+    // Enforced: the same rules drop pod 3, and the established UDP flow's next datagram.
+    f.dp().apply_tables(&audited(true)).unwrap();
+    let dropped = f.counters().packets(Counter::DropDenied);
+    assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "enforced: no rule admits pod 3");
+    flow.set_read_timeout(Some(SHORT)).unwrap();
+    flow.send_to(b"meshauth", std::net::SocketAddrV4::new(f.ip(2), 9090)).unwrap();
+    assert!(flow.recv_from(&mut buf).is_err(), "enforced: the audited flow goes on");
+    assert!(f.counted_above(Counter::DropDenied, dropped + 1), "both counted as denied");
+    assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT), "enforced: the rule's authentication is required");
+    assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "what the rules admit still passes");
+}

@@ -263,6 +263,7 @@ impl Applier {
                 security_identity: WORLD_IDENTITY,
                 spiffe_id: NO_SPIFFE_ID,
                 isolated: true,
+                audit: false,
                 mutual_auth: AuthRequirement::None,
                 pod: format!("(unknown pod on {})", reg.ifname),
                 node: Some(self.node_name.clone()),

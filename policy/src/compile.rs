@@ -2,7 +2,7 @@
 //! the datapath does (so tests can prove the two agree), and lists the pairs that need
 //! authentication, for the agent to pre-authenticate.
 
-use crate::model::{Decision, ObjectRef, PodInfo, PolicyModel, SourceView, finish};
+use crate::model::{Decision, Isolation, ObjectRef, PodInfo, PolicyModel, RuleOutcome, SourceView, finish};
 use crate::tables::{
     ANY_IDENTITY, AuthRequirement, CompiledTables, EndpointEntry, FIRST_ALLOCATED_IDENTITY,
     NO_SPIFFE_ID, PolicyEntry, SecurityIdentityKey, TableProtocol, WORLD_IDENTITY,
@@ -125,7 +125,8 @@ pub fn compile_with_budget(model: &PolicyModel, allocator: &mut NumberAllocator)
                 ip,
                 security_identity: sec,
                 spiffe_id: spiffe,
-                isolated: model.rules_for(pod).is_some(),
+                isolated: matches!(model.isolation(pod), Isolation::Enforced(_)),
+                audit: matches!(model.isolation(pod), Isolation::Audited(_)),
                 mutual_auth: model.mutual_auth_requirement(pod),
                 pod: pod.object_ref().to_string(),
                 node: pod.node.clone(),
@@ -253,14 +254,15 @@ pub fn evaluate(tables: &CompiledTables, src_ip: Ipv4Addr, dst_ip: Ipv4Addr, pro
                 && port <= p.port_end
         })
     };
-    let (allowed, rule_auth) = if dst.isolated {
-        let hits = [lookup(src_identity), lookup(ANY_IDENTITY)];
-        let auth = hits.iter().flatten().map(|p| p.auth).max();
-        (auth.is_some(), auth.unwrap_or_default())
+    let matched = || [lookup(src_identity), lookup(ANY_IDENTITY)].iter().flatten().map(|p| p.auth).max();
+    let rules = if dst.isolated {
+        RuleOutcome::Enforced(matched())
+    } else if dst.audit {
+        RuleOutcome::Audited(matched())
     } else {
-        (true, AuthRequirement::None)
+        RuleOutcome::Open
     };
-    Some(finish(allowed, rule_auth, dst.mutual_auth, src_spiffe != NO_SPIFFE_ID))
+    Some(finish(rules, dst.mutual_auth, src_spiffe != NO_SPIFFE_ID))
 }
 
 /// A pair of pods whose traffic needs (or, permissive, would like) authentication.
@@ -365,14 +367,21 @@ impl<'a> PairEvaluator<'a> {
                 labels: Some(&src.labels),
                 spiffe_id: Some(model.spiffe_id(src).to_string()),
             };
-            match model.rules_for(dst) {
-                None => mutual_auth,
-                Some(rules) => rules
+            match model.isolation(dst) {
+                Isolation::Open => mutual_auth,
+                Isolation::Enforced(rules) => rules
                     .iter()
                     .filter(|r| model.rule_matches_source(r, &view))
                     .map(|r| r.auth.max(mutual_auth))
                     .max()
                     .unwrap_or(AuthRequirement::None),
+                // Everything passes; an audited rule that requires authentication still has
+                // the pair authenticated, permissively.
+                Isolation::Audited(rules) => rules
+                    .iter()
+                    .filter(|r| model.rule_matches_source(r, &view))
+                    .map(|r| r.auth.min(AuthRequirement::Permissive))
+                    .fold(mutual_auth, AuthRequirement::max),
             }
         })
     }

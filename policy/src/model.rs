@@ -11,6 +11,13 @@
 //!   the same level that disagree: the oldest wins, the others are conflicted.
 //! - A source that can never authenticate (not a mesh pod) is denied where authentication is
 //!   required.
+//! - Audit (`spec.enforcement: Audit`): a pod that only audited MeshPolicies select is not
+//!   isolated. What their rules would deny passes and is reported ([`AuditFinding::Denied`]);
+//!   a rule of theirs that requires authentication makes the pair's traffic permissive (the
+//!   handshake happens, nothing is dropped for want of it) and reported when unauthenticated
+//!   ([`AuditFinding::AuthenticationRequired`]). MutualAuth is not audited: its mode applies as
+//!   it says. A pod that an enforced MeshPolicy selects is isolated by the enforced ones alone;
+//!   audited policies selecting it too add nothing.
 //!
 //! Specs that cannot be used fail closed: a rule with an invalid peer or port loses that peer
 //! or port (it matches less, never more), and the policy still isolates the pods it selects. A
@@ -22,7 +29,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube_core::{Selector, SelectorExt};
 use meshauth_crds::{
-    AuthenticationMode, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode, MutualAuthSpec,
+    AuthenticationMode, Enforcement, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode, MutualAuthSpec,
     Protocol, SpiffeId, TrustDomain,
 };
 use serde::{Deserialize, Serialize};
@@ -221,6 +228,18 @@ pub enum Verdict {
     Deny,
 }
 
+/// What an audited MeshPolicy would have done to traffic that passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuditFinding {
+    /// No rule of the audited policies selecting the destination admits it: enforced, they
+    /// would drop it.
+    Denied,
+    /// An audited rule admits it but requires authentication: enforced, it would be dropped
+    /// whenever the pair is not authenticated (and always for a source with no identity).
+    AuthenticationRequired,
+}
+
 /// The model's answer for one kind of packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Decision {
@@ -228,6 +247,19 @@ pub struct Decision {
     /// For `allow`: what the pair must have to pass. For `deny`: `required` when the source was
     /// denied only because it cannot authenticate, else `none`.
     pub authentication: AuthRequirement,
+    /// For `allow` under audited policies: what they would do, enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditFinding>,
+}
+
+/// How the MeshPolicies selecting a pod shape what it accepts.
+pub(crate) enum Isolation<'a> {
+    /// No MeshPolicy selects it: every source.
+    Open,
+    /// Enforced MeshPolicies select it: only what their rules admit.
+    Enforced(Vec<&'a Rule>),
+    /// Only audited MeshPolicies select it: every source, and their rules say what to report.
+    Audited(Vec<&'a Rule>),
 }
 
 /// Where traffic comes from.
@@ -269,6 +301,7 @@ struct Policy {
     object: ObjectRef,
     selector: Selector,
     rules: Vec<Rule>,
+    audit: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -424,7 +457,8 @@ impl PolicyModel {
                 self.problems.push(Problem { kind: Kind::MeshPolicy, object: object.clone(), error: e });
             }
         }
-        self.policies.push(Policy { object, selector, rules });
+        let audit = p.spec.enforcement == Enforcement::Audit;
+        self.policies.push(Policy { object, selector, rules, audit });
     }
 
     fn parse_peer(&self, peer: &meshauth_crds::PeerSelector, namespace: &str) -> Result<Peer, String> {
@@ -462,9 +496,19 @@ impl PolicyModel {
         self.mutual_auths.push(MutualAuthEntry { resource: m, selector, level });
     }
 
-    /// The MeshPolicies whose selector picks the pod.
+    /// The MeshPolicies whose selector picks the pod (enforced and audited).
     pub fn selecting_policies(&self, pod: &PodInfo) -> Vec<ObjectRef> {
         self.policies_for(pod).map(|p| p.object.clone()).collect()
+    }
+
+    /// The audited MeshPolicies whose selector picks the pod.
+    pub fn auditing_policies(&self, pod: &PodInfo) -> Vec<ObjectRef> {
+        self.policies_for(pod).filter(|p| p.audit).map(|p| p.object.clone()).collect()
+    }
+
+    /// Whether the MeshPolicy is audited rather than enforced (`None`: no such policy).
+    pub fn is_audited(&self, policy: &ObjectRef) -> Option<bool> {
+        self.policies.iter().find(|p| &p.object == policy).map(|p| p.audit)
     }
 
     /// Where `policy` stands among the MeshPolicies, oldest first (`usize::MAX`: unknown).
@@ -472,10 +516,12 @@ impl PolicyModel {
         self.policies.iter().position(|p| &p.object == policy).unwrap_or(usize::MAX)
     }
 
-    /// The MeshPolicies selecting `pod`, oldest first, each with its rules (for compile's
-    /// per-namespace entry budget, which must know whose rules are whose).
+    /// The MeshPolicies whose rules shape `pod`'s tables, oldest first, each with its rules
+    /// (for compile's per-namespace entry budget, which must know whose rules are whose): the
+    /// enforced ones selecting it, or the audited ones when no enforced one does.
     pub(crate) fn policy_rules_for<'a>(&'a self, pod: &'a PodInfo) -> impl Iterator<Item = (&'a ObjectRef, &'a [Rule])> + 'a {
-        self.policies_for(pod).map(|p| (&p.object, p.rules.as_slice()))
+        let enforced = self.policies_for(pod).any(|p| !p.audit);
+        self.policies_for(pod).filter(move |p| p.audit != enforced).map(|p| (&p.object, p.rules.as_slice()))
     }
 
     fn policies_for<'a>(&'a self, pod: &'a PodInfo) -> impl Iterator<Item = &'a Policy> + 'a {
@@ -620,15 +666,19 @@ impl PolicyModel {
         rule.ports.iter().filter(move |p| p.protocol == protocol).map(|p| (p.start, p.end))
     }
 
-    /// The rules of every policy selecting the pod; `None` when no policy selects it.
-    pub(crate) fn rules_for<'a>(&'a self, pod: &'a PodInfo) -> Option<Vec<&'a Rule>> {
+    /// The pod's isolation and the rules that shape it.
+    pub(crate) fn isolation<'a>(&'a self, pod: &'a PodInfo) -> Isolation<'a> {
         let mut selected = false;
         let mut rules = Vec::new();
-        for p in self.policies_for(pod) {
+        for (_, r) in self.policy_rules_for(pod) {
             selected = true;
-            rules.extend(p.rules.iter());
+            rules.extend(r.iter());
         }
-        selected.then_some(rules)
+        match (selected, self.policies_for(pod).any(|p| !p.audit)) {
+            (false, _) => Isolation::Open,
+            (true, true) => Isolation::Enforced(rules),
+            (true, false) => Isolation::Audited(rules),
+        }
     }
 
     /// The decision for traffic from `source` to `dst` on `protocol`/`port` (port ignored for
@@ -643,29 +693,61 @@ impl PolicyModel {
         let dst_pod = self.pods.get(dst).ok_or_else(|| ModelError::UnknownPod(dst.clone()))?;
         let src = self.source_view(source)?;
         let port = if protocol.has_ports() { port } else { 0 };
-        let (allowed, rule_auth) = match self.rules_for(dst_pod) {
-            None => (true, AuthRequirement::None),
-            Some(rules) => {
-                let matching = rules.iter().filter(|r| {
-                    self.rule_matches_source(r, &src)
-                        && Self::rule_ports(r, protocol).any(|(s, e)| s <= port && port <= e)
-                });
-                matching.fold((false, AuthRequirement::None), |(_, auth), r| (true, auth.max(r.auth)))
-            }
+        let matched = |rules: Vec<&Rule>| {
+            let matching = rules.into_iter().filter(|r| {
+                self.rule_matches_source(r, &src) && Self::rule_ports(r, protocol).any(|(s, e)| s <= port && port <= e)
+            });
+            matching.fold(None, |auth: Option<AuthRequirement>, r| Some(auth.unwrap_or_default().max(r.auth)))
         };
-        Ok(finish(allowed, rule_auth, self.mutual_auth_requirement(dst_pod), src.spiffe_id.is_some()))
+        let rules = match self.isolation(dst_pod) {
+            Isolation::Open => RuleOutcome::Open,
+            Isolation::Enforced(rules) => RuleOutcome::Enforced(matched(rules)),
+            Isolation::Audited(rules) => RuleOutcome::Audited(matched(rules)),
+        };
+        Ok(finish(rules, self.mutual_auth_requirement(dst_pod), src.spiffe_id.is_some()))
     }
 }
 
+/// What the rules of a destination's policies say of a packet: `Some(authentication)` when
+/// some rule admits it (the strictest of them), `None` when none does.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RuleOutcome {
+    Open,
+    Enforced(Option<AuthRequirement>),
+    Audited(Option<AuthRequirement>),
+}
+
 /// The last step shared by the model and the table evaluator, so both end the same way.
-pub(crate) fn finish(allowed: bool, rule_auth: AuthRequirement, mutual_auth: AuthRequirement, src_has_identity: bool) -> Decision {
-    let auth = rule_auth.max(mutual_auth);
-    if !allowed {
-        Decision { verdict: Verdict::Deny, authentication: AuthRequirement::None }
-    } else if auth == AuthRequirement::Required && !src_has_identity {
-        Decision { verdict: Verdict::Deny, authentication: AuthRequirement::Required }
-    } else {
-        Decision { verdict: Verdict::Allow, authentication: auth }
+pub(crate) fn finish(rules: RuleOutcome, mutual_auth: AuthRequirement, src_has_identity: bool) -> Decision {
+    let decide = |allowed: bool, rule_auth: AuthRequirement| {
+        let auth = rule_auth.max(mutual_auth);
+        if !allowed {
+            Decision { verdict: Verdict::Deny, authentication: AuthRequirement::None, audit: None }
+        } else if auth == AuthRequirement::Required && !src_has_identity {
+            Decision { verdict: Verdict::Deny, authentication: AuthRequirement::Required, audit: None }
+        } else {
+            Decision { verdict: Verdict::Allow, authentication: auth, audit: None }
+        }
+    };
+    match rules {
+        RuleOutcome::Open => decide(true, AuthRequirement::None),
+        RuleOutcome::Enforced(matched) => decide(matched.is_some(), matched.unwrap_or_default()),
+        RuleOutcome::Audited(matched) => {
+            // What is enforced: MutualAuth alone. What the audited rules add is reported only.
+            let enforced = decide(true, AuthRequirement::None);
+            if enforced.verdict == Verdict::Deny {
+                return enforced;
+            }
+            match matched {
+                None => Decision { audit: Some(AuditFinding::Denied), ..enforced },
+                Some(AuthRequirement::Required) if mutual_auth < AuthRequirement::Required => Decision {
+                    authentication: AuthRequirement::Permissive,
+                    audit: Some(AuditFinding::AuthenticationRequired),
+                    ..enforced
+                },
+                Some(_) => enforced,
+            }
+        }
     }
 }
 

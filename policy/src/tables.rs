@@ -2,14 +2,17 @@
 //!
 //! The datapath answers a packet (source IP, destination IP, protocol, destination port) with:
 //! 1. `endpoints[dst ip]` → the destination's security identity, SPIFFE-ID number and flags
-//!    (`isolated`: some MeshPolicy selects it; `mutual_auth`: its MutualAuth mode). A destination
-//!    IP not in the table is not a meshauth pod: pass.
+//!    (`isolated`: some enforced MeshPolicy selects it; `audit`: only audited ones do;
+//!    `mutual_auth`: its MutualAuth mode). A destination IP not in the table is not a meshauth
+//!    pod: pass.
 //! 2. `endpoints[src ip]` → the source's security identity and SPIFFE-ID number, or
 //!    [`WORLD_IDENTITY`] and no SPIFFE-ID number when the source is not a known pod.
 //! 3. When the destination is `isolated`: two longest-prefix lookups in `policy`, one with the
 //!    source's identity and one with [`ANY_IDENTITY`]; the packet is allowed when either matches
 //!    with `allow`, and the rule authentication is the stricter of the two matches. Not isolated:
 //!    allowed, rule authentication [`AuthRequirement::None`].
+//!    `audit`: the same lookups, but no match passes (reported as a would-be denial), and a
+//!    `Required` rule authentication counts as `Permissive` (reported when unauthenticated).
 //! 4. authentication = max(rule authentication, `mutual_auth`). `Required`: the packet passes only
 //!    when `auth[(dst spiffe number, src spiffe number)]` holds an expiry in the future (a source
 //!    with no SPIFFE-ID number can never pass). `Permissive`: passes, and the would-be drop is
@@ -86,8 +89,12 @@ pub struct EndpointEntry {
     pub security_identity: u32,
     /// The number of the pod's SPIFFE ID in [`CompiledTables::spiffe_ids`].
     pub spiffe_id: u32,
-    /// Some MeshPolicy selects the pod: it accepts only what a rule allows.
+    /// Some enforced MeshPolicy selects the pod: it accepts only what a rule allows.
     pub isolated: bool,
+    /// Only audited MeshPolicies select the pod: it accepts everything, and what their rules
+    /// would deny (or require authentication for) is counted and reported.
+    #[serde(default)]
+    pub audit: bool,
     /// The pod's MutualAuth requirement.
     pub mutual_auth: AuthRequirement,
     /// `namespace/name` of the pod, for people reading the tables.

@@ -790,7 +790,7 @@ mod tests {
     }
 
     fn policy(ingress: Vec<IngressRule>) -> MeshPolicySpec {
-        MeshPolicySpec { selector: labels(&[("app", "payment")]), ingress }
+        MeshPolicySpec { selector: labels(&[("app", "payment")]), ingress, ..Default::default() }
     }
 
     fn fields(errors: &[FieldError]) -> Vec<&str> {
@@ -940,7 +940,7 @@ mod tests {
             ("no rules (deny all)", policy(vec![]), vec![]),
             ("any source any port", policy(vec![rule(vec![], vec![])]), vec![]),
             ("the mission's example", policy(vec![required(rule(vec![pods(&[("app", "order")]), ns_only.clone(), identity(id)], vec![port(8080), udp.clone()]))]), vec![]),
-            ("bad policy selector", MeshPolicySpec { selector: labels(&[("app", "-x")]), ingress: vec![] }, vec![("spec.selector.matchLabels[\"app\"]", "not a valid label value")]),
+            ("bad policy selector", MeshPolicySpec { selector: labels(&[("app", "-x")]), ingress: vec![], ..Default::default() }, vec![("spec.selector.matchLabels[\"app\"]", "not a valid label value")]),
             ("bad pod selector", policy(vec![rule(vec![pods(&[("a b", "x")])], vec![])]), vec![("spec.ingress[0].from[0].podSelector.matchLabels", "not a valid label key")]),
             (
                 "bad namespace selector",
@@ -1077,7 +1077,7 @@ mod tests {
                 policy((0..2).map(|i| rule(vec![pods(&[("app", &format!("a{i}"))])], odd_ranges(20))).collect()),
                 vec![("spec.ingress", "more than the limit of 1024 port blocks per MeshPolicy")],
             ),
-            ("too many selector requirements", MeshPolicySpec { selector: many_labels.clone(), ingress: vec![] }, vec![("spec.selector", "has 65 requirements (matchLabels plus matchExpressions), more than the limit of 64")]),
+            ("too many selector requirements", MeshPolicySpec { selector: many_labels.clone(), ingress: vec![], ..Default::default() }, vec![("spec.selector", "has 65 requirements (matchLabels plus matchExpressions), more than the limit of 64")]),
             (
                 "too many peer selector requirements",
                 policy(vec![rule(vec![PeerSelector { namespace_selector: Some(many_labels), ..Default::default() }], vec![])]),
@@ -1134,7 +1134,7 @@ mod tests {
         let never = exprs(vec![expr("app", "In", &["a"]), expr("app", "NotIn", &["a"])]);
         let cases: Vec<(&str, MeshPolicySpec, Vec<(&str, &str)>)> = vec![
             ("clean", policy(vec![rule(vec![pods(&[("app", "a")]), identity("spiffe://cluster.local/ns/shop/sa/order")], vec![port(80), range(8000, 8100)])]), vec![]),
-            ("policy selector never selects", MeshPolicySpec { selector: never.clone(), ingress: vec![] }, vec![("spec.selector", "can never select a pod: no value of label \"app\"")]),
+            ("policy selector never selects", MeshPolicySpec { selector: never.clone(), ingress: vec![], ..Default::default() }, vec![("spec.selector", "can never select a pod: no value of label \"app\"")]),
             ("pod selector never matches", policy(vec![rule(vec![PeerSelector { pod_selector: Some(never.clone()), ..Default::default() }], vec![])]), vec![("spec.ingress[0].from[0].podSelector", "can never match")]),
             ("namespace selector never matches", policy(vec![rule(vec![PeerSelector { namespace_selector: Some(never.clone()), ..Default::default() }], vec![])]), vec![("spec.ingress[0].from[0].namespaceSelector", "can never match")]),
             ("identity not a service account", policy(vec![rule(vec![identity("spiffe://cluster.local/workload/x")], vec![])]), vec![("spec.ingress[0].from[0].identity", "can never match: mesh workloads have identities spiffe://cluster.local/ns/<namespace>/sa/<service account>")]),

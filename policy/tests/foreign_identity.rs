@@ -33,6 +33,7 @@ fn a_foreign_trust_domain_identity_gets_no_number_no_entry_and_no_pair() {
             ports: vec![PortRule { port: 8080, end_port: None, protocol: Protocol::Tcp }],
             authentication: Some(Authentication { mode: AuthenticationMode::Required }),
         }],
+        ..Default::default()
     };
     let inputs = Inputs {
         pods: vec![

@@ -107,6 +107,7 @@ pub fn endpoint(i: usize, isolated: bool, mutual_auth: AuthRequirement) -> Endpo
         security_identity: identity(i),
         spiffe_id: i as u32,
         isolated,
+        audit: false,
         mutual_auth,
         pod: format!("test/pod-{i}"),
         node: Some("node".into()),

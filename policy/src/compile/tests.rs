@@ -88,7 +88,10 @@ fn inputs() -> impl Strategy<Value = Inputs> {
                 })
                 .collect::<Vec<_>>()
         });
-    let policies = prop::collection::vec((prop::sample::select(NAMESPACES.to_vec()), selector(), prop::collection::vec(rule(), 0..3)), 0..4);
+    let policies = prop::collection::vec(
+        (prop::sample::select(NAMESPACES.to_vec()), selector(), prop::collection::vec(rule(), 0..3), prop::sample::select(vec!["Enforce", "Audit"])),
+        0..4,
+    );
     let auths = prop::collection::vec(
         (prop::sample::select(NAMESPACES.to_vec()), prop::option::of(selector()), prop::sample::select(vec!["Strict", "Permissive", "Disabled"]), 0u8..4),
         0..4,
@@ -99,11 +102,11 @@ fn inputs() -> impl Strategy<Value = Inputs> {
         mesh_policies: policies
             .into_iter()
             .enumerate()
-            .map(|(i, (ns, sel, rules))| Resource {
+            .map(|(i, (ns, sel, rules, enforcement))| Resource {
                 namespace: ns.into(),
                 name: format!("mp{i}"),
                 created: Some(format!("2026-01-0{}T00:00:00Z", i + 1)),
-                spec: serde_json::from_value(json!({"selector": sel, "ingress": rules})).expect("generated spec"),
+                spec: serde_json::from_value(json!({"selector": sel, "ingress": rules, "enforcement": enforcement})).expect("generated spec"),
             })
             .collect(),
         mutual_auths: auths

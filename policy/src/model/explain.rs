@@ -45,7 +45,11 @@ pub struct Explanation {
     /// The MeshPolicies selecting the destination; none: it accepts every source.
     #[serde(serialize_with = "as_names")]
     pub selected_by: Vec<ObjectRef>,
-    /// The rules of those policies that admit this source on this port.
+    /// Those of them in Audit: what they would deny passes (see `audit`).
+    #[serde(serialize_with = "as_names", skip_serializing_if = "Vec::is_empty")]
+    pub audited_by: Vec<ObjectRef>,
+    /// The rules that admit this source on this port: of the enforced policies, or of the
+    /// audited ones when only those select the destination.
     pub allowed_by: Vec<RuleRef>,
     /// Where the destination's mode comes from; `None`: no MutualAuth applies.
     pub mutual_auth: Option<ModeFrom>,
@@ -67,6 +71,7 @@ impl PolicyModel {
         Ok(Explanation {
             decision,
             selected_by: self.selecting_policies(dst_pod),
+            audited_by: self.auditing_policies(dst_pod),
             allowed_by,
             mutual_auth: self.mutual_auth_for(dst_pod).map(|(name, mode)| ModeFrom { name, mode }),
         })

@@ -321,3 +321,42 @@ fn selected_pod_counts() {
     let m = model_with(vec![p], vec![]);
     assert_eq!(m.mesh_policy_selected_pods(&ObjectRef::new("shop", "all")), 3);
 }
+
+#[test]
+fn an_audited_policy_isolates_nothing_and_says_what_it_would_deny() {
+    let audited = mesh_policy("shop", "pay-audit", T1, json!({
+        "selector": {"matchLabels": {"app": "payment"}},
+        "enforcement": "Audit",
+        "ingress": [
+            {"from": [{"podSelector": {"matchLabels": {"app": "order"}}}], "ports": [{"port": 8080}], "authentication": {"mode": "Required"}},
+            {"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 9090}]}
+        ]
+    }));
+    let m = model_with(vec![audited.clone()], vec![]);
+    let full = |from: &str, port| {
+        let source = if from == "world" { Source::World } else { Source::Pod(ObjectRef::parse(from).expect("ns/pod")) };
+        m.decide(&source, &ObjectRef::new("shop", "payment"), Tcp, port).expect("known pods")
+    };
+    let pass = |authentication, audit| Decision { verdict: Verdict::Allow, authentication, audit };
+    assert_eq!(full("shop/web", 9090), pass(NoAuth, None), "what a rule admits passes unreported");
+    assert_eq!(full("shop/web", 8080), pass(NoAuth, Some(AuditFinding::Denied)), "what no rule admits passes, reported");
+    assert_eq!(full("world", 8080), pass(NoAuth, Some(AuditFinding::Denied)));
+    assert_eq!(full("shop/order", 8080), pass(Permissive, Some(AuditFinding::AuthenticationRequired)), "authenticated permissively");
+    assert_eq!(m.auditing_policies(m.pod(&ObjectRef::new("shop", "payment")).expect("pod")), [ObjectRef::new("shop", "pay-audit")]);
+    assert_eq!(m.is_audited(&ObjectRef::new("shop", "pay-audit")), Some(true));
+
+    // MutualAuth is not audited: Strict still drops a source that cannot authenticate.
+    let strict = mutual_auth("shop", "strict", T1, json!({"mode": "Strict"}));
+    let m = model_with(vec![audited.clone()], vec![strict]);
+    assert_eq!(decide(&m, "world", "shop/payment", Tcp, 8080), (Verdict::Deny, Required));
+    assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 8080), (Verdict::Allow, Required));
+
+    // An enforced policy on the same pod isolates it alone; the audited one adds nothing.
+    let enforced = mesh_policy("shop", "pay", T2, json!({
+        "selector": {"matchLabels": {"app": "payment"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 9090}]}]
+    }));
+    let m = model_with(vec![audited, enforced], vec![]);
+    assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 8080), (Verdict::Deny, NoAuth), "the audited rule admits nothing");
+    assert_eq!(decide(&m, "shop/web", "shop/payment", Tcp, 9090), (Verdict::Allow, NoAuth));
+}
