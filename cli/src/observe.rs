@@ -24,9 +24,9 @@ pub enum ObserveError {
 /// Which records to show: each set filter must match.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
-    /// `DROPPED` or `PERMISSIVE` (any case).
+    /// `DROPPED`, `PERMISSIVE` or `AUDIT` (any case).
     pub verdict: Option<String>,
-    /// A reason (`drop_auth_missing`), or its part after `drop_` (`auth_missing`).
+    /// A reason (`drop_auth_missing`), or its part after `drop_` or `pass_` (`auth_missing`).
     pub reason: Option<String>,
     /// Either end's namespace.
     pub namespace: Option<String>,
@@ -41,7 +41,7 @@ pub struct Filter {
 impl Filter {
     pub fn matches(&self, r: &FlowRecord, now: SystemTime) -> bool {
         let ends = [&r.source, &r.destination];
-        let reason_ok = self.reason.as_deref().is_none_or(|want| r.reason == want || r.reason.strip_prefix("drop_") == Some(want));
+        let reason_ok = self.reason.as_deref().is_none_or(|want| r.reason == want || r.reason.strip_prefix("drop_").or_else(|| r.reason.strip_prefix("pass_")) == Some(want));
         let namespace_ok = self
             .namespace
             .as_deref()
@@ -98,6 +98,7 @@ pub const HEADER: &str = "TIME          VERDICT     REASON                 SOURC
 pub fn render_row(r: &FlowRecord) -> String {
     let end = |e: &meshauth_agent::flows::FlowEnd| format!("{}:{}", e.pod.clone().unwrap_or_else(|| e.ip.to_string()), e.port);
     let decided = match (&r.rule, &r.mutual_auth, r.policies.is_empty()) {
+        _ if r.verdict == "AUDIT" && r.rule.is_none() => format!("audited, no rule of {}", r.by_policies.join(", ")),
         (Some(rule), Some(ma), _) => format!("{rule}; {ma}"),
         (Some(rule), None, _) => rule.clone(),
         (None, ma, false) => format!("no rule of {}{}", r.policies.join(", "), ma.as_ref().map(|m| format!("; {m}")).unwrap_or_default()),
@@ -215,6 +216,7 @@ mod tests {
             policies: vec!["shop/payment-ingress".into()],
             rule: Some("shop/payment-ingress spec.ingress[0]".into()),
             mutual_auth: Some("shop/default".into()),
+            by_policies: vec!["shop/payment-ingress".into()],
         }
     }
 

@@ -4,7 +4,7 @@
 use meshauth_agent::inputs::InputError;
 use meshauth_crds::TrustDomain;
 use meshauth_cluster::manifests::Manifests;
-use meshauth_policy::model::{Decision, Inputs, Kind, ModelConfig, ObjectRef, PolicyModel, Source, Verdict};
+use meshauth_policy::model::{AuditFinding, Decision, Inputs, Kind, ModelConfig, ObjectRef, PolicyModel, Source, Verdict};
 use meshauth_policy::tables::{AuthRequirement, TableProtocol};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,9 @@ pub struct CheckRequest {
 pub struct CheckResult {
     pub verdict: Verdict,
     pub authentication: AuthRequirement,
+    /// What audited MeshPolicies would do to it, enforced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditFinding>,
     #[serde(skip)]
     pub explanation: Vec<String>,
 }
@@ -113,7 +116,7 @@ pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
     };
     let from = pod_with_ip(&req.from)?;
     let to = pod_with_ip(&req.to)?;
-    let Decision { verdict, authentication } = model
+    let Decision { verdict, authentication, audit } = model
         .decide(&Source::Pod(from.clone()), &to, req.protocol, req.port)
         .map_err(|e| match e {
             meshauth_policy::model::ModelError::UnknownPod(r) => CheckError::UnknownPod(r),
@@ -125,7 +128,7 @@ pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
     let selecting = model.pod(&to).map(|p| model.selecting_policies(p)).unwrap_or_default();
     let relevant: Vec<_> = left_out.iter().filter(|o| selecting.contains(&o.policy)).collect();
     if relevant.is_empty() {
-        return Ok(CheckResult { verdict, authentication, explanation });
+        return Ok(CheckResult { verdict, authentication, audit, explanation });
     }
     for o in &relevant {
         explanation.push(format!("MeshPolicy {} is left out of the datapath: it {o}", o.policy));
@@ -134,9 +137,9 @@ pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
         (Some(s), Some(d)) => (s, d),
         _ => return Err(CheckError::NoPodIp(to)),
     };
-    let Decision { verdict, authentication } = meshauth_policy::compile::evaluate(&tables, src_ip, dst_ip, req.protocol, req.port)
-        .unwrap_or(Decision { verdict: Verdict::Allow, authentication: AuthRequirement::None });
-    Ok(CheckResult { verdict, authentication, explanation })
+    let Decision { verdict, authentication, audit } = meshauth_policy::compile::evaluate(&tables, src_ip, dst_ip, req.protocol, req.port)
+        .unwrap_or(Decision { verdict: Verdict::Allow, authentication: AuthRequirement::None, audit: None });
+    Ok(CheckResult { verdict, authentication, audit, explanation })
 }
 
 fn explain(model: &PolicyModel, from: &ObjectRef, to: &ObjectRef) -> Vec<String> {
@@ -150,6 +153,10 @@ fn explain(model: &PolicyModel, from: &ObjectRef, to: &ObjectRef) -> Vec<String>
     } else {
         let names: Vec<_> = policies.iter().map(ToString::to_string).collect();
         lines.push(format!("{to} is selected by MeshPolicy {}", names.join(", ")));
+    }
+    let audited: Vec<_> = model.auditing_policies(dst).iter().map(ToString::to_string).collect();
+    if !audited.is_empty() {
+        lines.push(format!("in Audit (what they would deny passes and is counted): {}", audited.join(", ")));
     }
     match model.mutual_auth_for(dst) {
         Some((ma, mode)) => lines.push(format!("{to} takes its mode from MutualAuth {ma}: {mode:?}")),
@@ -179,12 +186,18 @@ pub fn render(req: &CheckRequest, result: &CheckResult, output: Output) -> Strin
                 AuthRequirement::Permissive => "permissive",
                 AuthRequirement::Required => "required",
             };
-            let meaning = match (result.verdict, result.authentication) {
+            let meaning = match (result.audit, result.verdict, result.authentication) {
+                (Some(AuditFinding::Denied), _, _) => "passes, reported as AUDIT: an audited MeshPolicy would drop it (no rule of it matches)",
+                (Some(AuditFinding::AuthenticationRequired), _, _) => {
+                    "passes, reported as AUDIT while the pair is unauthenticated: an audited MeshPolicy rule requires authentication"
+                }
+                (None, verdict, authentication) => match (verdict, authentication) {
                 (Verdict::Allow, AuthRequirement::Required) => "passes once the pair is mutually authenticated",
                 (Verdict::Allow, AuthRequirement::Permissive) => "passes; handshakes happen and would-be drops are counted",
                 (Verdict::Allow, AuthRequirement::None) => "passes",
                 (Verdict::Deny, AuthRequirement::Required) => "dropped: authentication is required and the source has no identity",
                 (Verdict::Deny, _) => "dropped: no rule of the destination's MeshPolicies matches",
+                },
             };
             let port = format!("{}/{proto}", req.port);
             let mut out = format!(

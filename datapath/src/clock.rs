@@ -47,6 +47,16 @@ impl BootTime {
         }
     }
 
+    /// The wall-clock instant of this boot-clock instant, as seen when the clocks read
+    /// `now_boot` and `now_wall` (an event's time, from the moment it is read).
+    pub fn to_system_time(self, now_boot: BootTime, now_wall: SystemTime) -> SystemTime {
+        if self <= now_boot {
+            now_wall.checked_sub(Duration::from_nanos(now_boot.0 - self.0)).unwrap_or(now_wall)
+        } else {
+            now_wall.checked_add(Duration::from_nanos(self.0 - now_boot.0)).unwrap_or(now_wall)
+        }
+    }
+
     /// `self + d`, saturating.
     pub fn saturating_add(self, d: Duration) -> Self {
         BootTime(self.0.saturating_add(duration_ns(d)))
@@ -78,5 +88,8 @@ mod tests {
         assert!(w.remaining().unwrap() > Duration::from_secs(59));
         let past = BootTime::from_system_time(SystemTime::now() - Duration::from_secs(60));
         assert_eq!(past.remaining(), None);
+        let (boot, wall) = (BootTime(5_000_000_000), SystemTime::UNIX_EPOCH + Duration::from_secs(100));
+        assert_eq!(BootTime(3_000_000_000).to_system_time(boot, wall), wall - Duration::from_secs(2));
+        assert_eq!(BootTime(6_000_000_000).to_system_time(boot, wall), wall + Duration::from_secs(1));
     }
 }

@@ -1,16 +1,17 @@
-//! Flow records: the datapath's events (every drop it reports, and what Permissive passes that
-//! Strict would drop) with names: both pods, both SPIFFE IDs, the reason, the MeshPolicies
-//! that select the destination, the rule that admits the pair and the MutualAuth that set its
-//! mode. Kept in a bounded ring and sent to followers (`meshauthctl observe`).
+//! Flow records: the datapath's events (every drop it reports, what Permissive passes that
+//! Strict would drop, and what audited MeshPolicies would drop) with names: both pods, both
+//! SPIFFE IDs, the reason, the MeshPolicies that select the destination, the rule that admits
+//! the pair, the MutualAuth that set its mode, and the policies the verdict counts against.
+//! Kept in a bounded ring and sent to followers (`meshauthctl observe`).
 //!
 //! Bounded whatever the traffic: the ring holds the last [`DEFAULT_CAPACITY`] records, and a
 //! follower that falls behind loses records (counted) rather than the agent holding them. The
 //! datapath's own event budget limits how many events reach the agent per second. Never
 //! decides anything: the verdict is the datapath's.
 
-use meshauth_datapath::{Event, EventKind};
+use meshauth_datapath::{BootTime, Event, EventKind};
 use meshauth_policy::model::{ObjectRef, PolicyModel, Source};
-use meshauth_policy::tables::TableProtocol;
+use meshauth_policy::tables::{AuthRequirement, TableProtocol};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -39,10 +40,11 @@ pub struct FlowEnd {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FlowRecord {
-    /// When the agent read the event (milliseconds since the Unix epoch).
+    /// When the datapath wrote the event (milliseconds since the Unix epoch).
     pub time_unix_ms: u64,
     pub node: String,
-    /// `DROPPED`, or `PERMISSIVE` for what passed only because the mode is Permissive.
+    /// `DROPPED`; `PERMISSIVE` for what passed only because the mode is Permissive; `AUDIT`
+    /// for what passed only because the MeshPolicies that would drop it are audited.
     pub verdict: String,
     /// The datapath counter it was counted under (`drop_auth_missing`, `drop_denied`, …).
     pub reason: String,
@@ -57,6 +59,11 @@ pub struct FlowRecord {
     pub rule: Option<String>,
     /// The MutualAuth that set the destination's mode.
     pub mutual_auth: Option<String>,
+    /// The MeshPolicies the verdict counts against: for `DROPPED`, those whose rules denied it
+    /// or whose rule required the missing authentication; for `AUDIT`, the audited ones that
+    /// would have dropped it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_policies: Vec<String>,
 }
 
 /// Names events with one snapshot's pods and policies (rebuilt when the snapshot changes).
@@ -72,8 +79,8 @@ impl FlowNamer {
         Self { node, model, pods }
     }
 
-    /// The record of `event`, read at `now`.
-    pub fn record(&self, event: &Event, now: SystemTime) -> FlowRecord {
+    /// The record of `event`, read when the clocks say `now_boot` and `now`.
+    pub fn record(&self, event: &Event, now_boot: BootTime, now: SystemTime) -> FlowRecord {
         let end = |ip: Ipv4Addr, port: u16| {
             let pod = self.pods.get(&ip).and_then(|r| self.model.pod(r));
             FlowEnd {
@@ -93,15 +100,38 @@ impl FlowNamer {
         let explanation =
             self.pods.get(&event.dst).and_then(|dst| self.model.explain(&source, dst, protocol, event.dst_port).ok());
         // The strictest admitting rule: the one whose requirement the packet failed.
-        let rule = explanation
+        let asked_authentication = match event.kind {
+            EventKind::AuthRequired | EventKind::Tag => true,
+            EventKind::Audit => event.auth != AuthRequirement::None,
+            _ => false,
+        };
+        let strictest = explanation
             .as_ref()
             .and_then(|e| e.allowed_by.iter().max_by_key(|r| r.authentication))
-            .filter(|_| matches!(event.kind, EventKind::AuthRequired | EventKind::Tag))
-            .map(|r| format!("{} {}", r.mesh_policy, r.rule));
+            .filter(|_| asked_authentication);
+        let rule = strictest.map(|r| format!("{} {}", r.mesh_policy, r.rule));
+        let by_policies = match (event.kind, &explanation) {
+            (_, None) => Vec::new(),
+            // The rule counts when it asked for the authentication (else MutualAuth did).
+            (_, Some(_)) if asked_authentication => {
+                strictest.filter(|r| r.authentication == AuthRequirement::Required).map(|r| r.mesh_policy.to_string()).into_iter().collect()
+            }
+            (EventKind::Denied, Some(e)) => {
+                e.selected_by.iter().filter(|p| !e.audited_by.contains(p)).map(ToString::to_string).collect()
+            }
+            (EventKind::Audit, Some(e)) => e.audited_by.iter().map(ToString::to_string).collect(),
+            _ => Vec::new(),
+        };
+        let verdict = match event.kind {
+            EventKind::Audit => "AUDIT",
+            _ if event.dropped => "DROPPED",
+            _ => "PERMISSIVE",
+        };
+        let written = event.timestamp.to_system_time(now_boot, now);
         FlowRecord {
-            time_unix_ms: now.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            time_unix_ms: written.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             node: self.node.clone(),
-            verdict: if event.dropped { "DROPPED" } else { "PERMISSIVE" }.to_owned(),
+            verdict: verdict.to_owned(),
             reason: event.counter.name().to_owned(),
             protocol: match protocol {
                 TableProtocol::Tcp => "TCP".to_owned(),
@@ -114,6 +144,7 @@ impl FlowNamer {
             policies: explanation.as_ref().map(|e| e.selected_by.iter().map(ToString::to_string).collect()).unwrap_or_default(),
             rule,
             mutual_auth: explanation.and_then(|e| e.mutual_auth).map(|m| m.name.to_string()),
+            by_policies,
         }
     }
 }
@@ -212,7 +243,7 @@ mod tests {
     fn a_strict_drop_is_named_with_both_pods_the_reason_and_the_rule() {
         let namer = namer();
         let (order, payment) = (ip_of(&namer, "shop/order-0"), ip_of(&namer, "shop/payment-0"));
-        let r = namer.record(&event(EventKind::AuthRequired, Counter::DropAuthMissing, order, payment, 8080), UNIX_EPOCH);
+        let r = namer.record(&event(EventKind::AuthRequired, Counter::DropAuthMissing, order, payment, 8080), BootTime::now(), UNIX_EPOCH);
         assert_eq!((r.verdict.as_str(), r.reason.as_str(), r.protocol.as_str()), ("DROPPED", "drop_auth_missing", "TCP"));
         assert_eq!(r.source.pod.as_deref(), Some("shop/order-0"));
         assert_eq!(r.destination.pod.as_deref(), Some("shop/payment-0"));
@@ -221,11 +252,39 @@ mod tests {
         assert_eq!(r.mutual_auth.as_deref(), Some("shop/default"));
         // A denied source: the policies that select the destination, and no admitting rule.
         let frontend = ip_of(&namer, "shop/frontend-0");
-        let d = namer.record(&event(EventKind::Denied, Counter::DropDenied, frontend, payment, 8080), UNIX_EPOCH);
+        let d = namer.record(&event(EventKind::Denied, Counter::DropDenied, frontend, payment, 8080), BootTime::now(), UNIX_EPOCH);
         assert_eq!((d.policies.as_slice(), d.rule.as_deref()), (["shop/payment-ingress".to_owned()].as_slice(), None));
         // An address nobody has: no names, still a record.
-        let w = namer.record(&event(EventKind::Denied, Counter::DropDenied, [192, 0, 2, 9], payment, 8080), UNIX_EPOCH);
+        let w = namer.record(&event(EventKind::Denied, Counter::DropDenied, [192, 0, 2, 9], payment, 8080), BootTime::now(), UNIX_EPOCH);
         assert_eq!((w.source.pod.as_deref(), w.source.identity.as_deref()), (None, None));
+    }
+
+    #[test]
+    fn an_audited_would_be_drop_is_an_audit_record_counted_against_the_audited_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+        for entry in std::fs::read_dir(&examples).expect("examples") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+        }
+        std::fs::write(
+            dir.path().join("50-audit.yaml"),
+            "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: debug-audit, namespace: tools}\nspec:\n  enforcement: Audit\n  selector: {matchLabels: {app: debug}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: metrics}}}]\n    ports: [{port: 5353, protocol: UDP}]\n",
+        )
+        .expect("write");
+        let snapshot = crate::inputs::snapshot_from_dir(dir.path()).expect("manifests");
+        let namer = FlowNamer::new("node-2".into(), PolicyModel::new(ModelConfig::default(), snapshot.inputs));
+        let (order, debug) = (ip_of(&namer, "shop/order-0"), ip_of(&namer, "tools/debug"));
+        let mut audit = event(EventKind::Audit, Counter::PassAudit, order, debug, 5353);
+        (audit.dropped, audit.auth, audit.protocol) = (false, AuthRequirement::None, 17);
+        let r = namer.record(&audit, BootTime::now(), UNIX_EPOCH);
+        assert_eq!((r.verdict.as_str(), r.reason.as_str(), r.protocol.as_str()), ("AUDIT", "pass_audit", "UDP"));
+        assert_eq!(r.by_policies, ["tools/debug-audit"]);
+        assert_eq!(r.destination.pod.as_deref(), Some("tools/debug"));
+        // The record's time is the event's, not the reading's.
+        let written = BootTime(audit.timestamp.0 + 2_000_000_000);
+        let later = namer.record(&audit, written, UNIX_EPOCH + std::time::Duration::from_secs(10));
+        assert_eq!(later.time_unix_ms, 8_000);
     }
 
     #[tokio::test]
@@ -235,7 +294,7 @@ mod tests {
         let mut slow = log.follow();
         let e = event(EventKind::Denied, Counter::DropDenied, [192, 0, 2, 9], [10, 0, 0, 1], 80);
         for _ in 0..50_000 {
-            log.push(namer.record(&e, UNIX_EPOCH));
+            log.push(namer.record(&e, BootTime::now(), UNIX_EPOCH));
         }
         assert_eq!(log.len(), 100, "the ring holds its capacity, not the flood");
         assert_eq!(log.last(10).len(), 10);

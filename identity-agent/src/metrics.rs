@@ -51,6 +51,18 @@ pub struct IdentityLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// `namespace/name` of the MeshPolicy, or [`OTHER_POLICIES`] past [`MAX_POLICY_LABELS`].
+    pub policy: String,
+}
+
+/// MeshPolicies named in the per-policy series; the rest are counted under [`OTHER_POLICIES`],
+/// so a tenant creating policies cannot grow the agent's memory or the scrape without bound.
+pub const MAX_POLICY_LABELS: usize = 512;
+/// The `policy` label of everything past [`MAX_POLICY_LABELS`].
+pub const OTHER_POLICIES: &str = "(other)";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApplyLabels {
     /// `complete`, `degraded` (some destinations denied or endpoints left out: fail closed)
     /// or `failed` (the maps could not be read or written).
@@ -68,6 +80,12 @@ pub struct AgentMetrics {
     pub auth_required_events: Counter,
     pub events_lost: Counter,
     pub flow_records_lost: Counter,
+    /// Flow records of drops, by the MeshPolicy they count against.
+    pub policy_drops: Family<PolicyLabels, Counter>,
+    /// Flow records of what an audited MeshPolicy would have dropped, by that policy.
+    pub audit_would_deny: Family<PolicyLabels, Counter>,
+    /// The label values of `policy_drops` and `audit_would_deny` in use.
+    policies: Mutex<std::collections::BTreeSet<String>>,
     pub policy_applies: Family<ApplyLabels, Counter>,
     pub policy_denied_destinations: Gauge,
     last_datapath: Mutex<BTreeMap<String, u64>>,
@@ -90,6 +108,9 @@ impl AgentMetrics {
             auth_required_events: Counter::default(),
             events_lost: Counter::default(),
             flow_records_lost: Counter::default(),
+            policy_drops: Family::default(),
+            audit_would_deny: Family::default(),
+            policies: Mutex::new(std::collections::BTreeSet::new()),
             policy_applies: Family::default(),
             policy_denied_destinations: Gauge::default(),
             last_datapath: Mutex::new(BTreeMap::new()),
@@ -108,12 +129,43 @@ impl AgentMetrics {
             r.register("flow_records_lost", "Flow records a follower of /flows fell too far behind to get", m.flow_records_lost.clone());
             r.register("policy_applies", "Policy applies to the maps by result", m.policy_applies.clone());
             r.register(
+                "policy_drops",
+                "Reported drops by the MeshPolicy they count against (from flow records: the datapath's event budget applies)",
+                m.policy_drops.clone(),
+            );
+            r.register(
+                "audit_would_deny",
+                "Connections an audited MeshPolicy would have dropped, passed, by policy (from flow records)",
+                m.audit_would_deny.clone(),
+            );
+            r.register(
                 "policy_denied_destinations",
                 "Destination identities denied everything because their policy did not fit in the map",
                 m.policy_denied_destinations.clone(),
             );
         }
         Arc::new(m)
+    }
+
+    /// Counts a flow record against the MeshPolicies it names.
+    pub fn count_flow(&self, record: &FlowRecord) {
+        let family = match record.verdict.as_str() {
+            "DROPPED" => &self.policy_drops,
+            "AUDIT" => &self.audit_would_deny,
+            _ => return,
+        };
+        for policy in &record.by_policies {
+            let label = {
+                let mut known = self.policies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if known.contains(policy) || known.len() < MAX_POLICY_LABELS {
+                    known.insert(policy.clone());
+                    policy.clone()
+                } else {
+                    OTHER_POLICIES.to_owned()
+                }
+            };
+            family.get_or_create(&PolicyLabels { policy: label }).inc();
+        }
     }
 
     /// Marks the agent healthy (maps loaded, inputs synced) or not.
@@ -425,6 +477,40 @@ mod tests {
     }
 
     #[test]
+    fn drops_and_audited_would_be_drops_are_counted_by_policy_within_a_bounded_label_set() {
+        let m = AgentMetrics::new();
+        let record = |verdict: &str, policy: String| crate::flows::FlowRecord {
+            time_unix_ms: 1,
+            node: "node-2".into(),
+            verdict: verdict.into(),
+            reason: "pass_audit".into(),
+            protocol: "TCP".into(),
+            source: crate::flows::FlowEnd { ip: [10, 0, 0, 1].into(), port: 1, pod: None, identity: None },
+            destination: crate::flows::FlowEnd { ip: [10, 0, 0, 2].into(), port: 8080, pod: None, identity: None },
+            policies: vec![policy.clone()],
+            rule: None,
+            mutual_auth: None,
+            by_policies: vec![policy],
+        };
+        m.count_flow(&record("AUDIT", "shop/pay-audit".into()));
+        m.count_flow(&record("AUDIT", "shop/pay-audit".into()));
+        m.count_flow(&record("DROPPED", "shop/payment-ingress".into()));
+        m.count_flow(&record("PERMISSIVE", "shop/ignored".into()));
+        let text = m.encode();
+        assert!(text.contains("meshauth_agent_audit_would_deny_total{policy=\"shop/pay-audit\"} 2"), "{text}");
+        assert!(text.contains("meshauth_agent_policy_drops_total{policy=\"shop/payment-ingress\"} 1"), "{text}");
+        assert!(!text.contains("shop/ignored"), "{text}");
+        // A flood of policy names: the label set stops growing, the rest counts as other.
+        for i in 0..2 * MAX_POLICY_LABELS {
+            m.count_flow(&record("AUDIT", format!("t/p{i}")));
+        }
+        let text = m.encode();
+        let series = text.lines().filter(|l| l.starts_with("meshauth_agent_audit_would_deny_total{")).count();
+        assert!(series <= MAX_POLICY_LABELS + 1, "{series} series: at most the named policies plus the other one");
+        assert!(text.contains(&format!("policy=\"{OTHER_POLICIES}\"")), "{text}");
+    }
+
+    #[test]
     fn identities_that_left_the_node_leave_the_metrics() {
         let m = AgentMetrics::new();
         let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<std::collections::BTreeSet<_>>();
@@ -527,6 +613,7 @@ mod explain_tests {
             policies: vec![],
             rule: None,
             mutual_auth: None,
+            by_policies: vec![],
         };
         local.flows.push(record("drop_auth_missing"));
         let listed = get_from(here.ip(), here, "/flows?last=10").await;

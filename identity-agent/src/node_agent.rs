@@ -757,18 +757,24 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
                 }
             }
             event = events.next() => match event {
-                Ok(event) if event.kind == meshauth_datapath::EventKind::Tag => {
-                    local_api.flows.push(namer.record(&event, std::time::SystemTime::now()));
-                    manager.key_refused((event.dst_spiffe_id, event.src_spiffe_id));
-                }
-                Ok(event) if event.kind == meshauth_datapath::EventKind::AuthRequired => {
-                    local_api.flows.push(namer.record(&event, std::time::SystemTime::now()));
-                    metrics.auth_required_events.inc();
-                    manager.auth_required((event.dst_spiffe_id, event.src_spiffe_id));
-                }
                 Ok(event) => {
-                    tracing::debug!(?event, "datapath event");
-                    local_api.flows.push(namer.record(&event, std::time::SystemTime::now()));
+                    let record = namer.record(&event, meshauth_datapath::BootTime::now(), std::time::SystemTime::now());
+                    metrics.count_flow(&record);
+                    local_api.flows.push(record);
+                    let pair = (event.dst_spiffe_id, event.src_spiffe_id);
+                    match event.kind {
+                        meshauth_datapath::EventKind::Tag => manager.key_refused(pair),
+                        meshauth_datapath::EventKind::AuthRequired => {
+                            metrics.auth_required_events.inc();
+                            manager.auth_required(pair);
+                        }
+                        // An audited rule's authentication: the handshake still happens.
+                        meshauth_datapath::EventKind::Audit if event.auth != meshauth_policy::tables::AuthRequirement::None => {
+                            metrics.auth_required_events.inc();
+                            manager.auth_required(pair);
+                        }
+                        _ => tracing::debug!(?event, "datapath event"),
+                    }
                 }
                 Err(error) => {
                     metrics.events_lost.inc();

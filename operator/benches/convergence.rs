@@ -38,6 +38,7 @@ fn policy(ns: &str, k: usize) -> MeshPolicy {
             ports: vec![PortRule { port: 8080, end_port: None, protocol: Protocol::Tcp }],
             authentication: Some(Authentication { mode: AuthenticationMode::Required }),
         }],
+        ..Default::default()
     });
     p.metadata.namespace = Some(ns.into());
     p

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use meshauth_crds::conditions::{ACCEPTED, CONFLICTED, READY};
-use meshauth_crds::{MeshPolicyStatus, MutualAuthStatus};
+use meshauth_crds::{Enforcement, MeshPolicyStatus, MutualAuthStatus};
 use meshauth_policy::model::{Conflict, Kind, ObjectRef, PolicyModel};
 
 use crate::registration::Desired;
@@ -192,13 +192,18 @@ pub fn mesh_policy(
     if let (true, Some(why)) = (accepted.status, selection.over_budget.get(object)) {
         accepted = Want { type_: ACCEPTED, status: false, reason: reason::OVER_BUDGET, message: format!("not enforced: the policy {why}") };
     }
+    let audited = model.is_audited(object) == Some(true);
+    if audited && accepted.status {
+        accepted.message = "the spec is valid and audited: the selected pods drop nothing for it; what it would deny passes and is counted as pass_audit".into();
+    }
     let ready = ready(&accepted, pods, reg);
     let old = current.map(|c| c.conditions.as_slice()).unwrap_or_default();
     let conditions = finish(vec![accepted, ready], generation, old, now);
     let events = warnings(old, &conditions);
     let selected = i32::try_from(model.mesh_policy_selected_pods(object)).unwrap_or(i32::MAX);
+    let enforcement = model.is_audited(object).map(|audit| if audit { Enforcement::Audit } else { Enforcement::Enforce });
     Computed {
-        status: MeshPolicyStatus { observed_generation: generation, selected_pods: Some(selected), conditions },
+        status: MeshPolicyStatus { observed_generation: generation, selected_pods: Some(selected), enforcement, conditions },
         events,
     }
 }
@@ -280,6 +285,7 @@ mod tests {
                     ports: vec![],
                     authentication: Some(Authentication { mode: AuthenticationMode::Required }),
                 }],
+                ..Default::default()
             },
         }
     }

@@ -37,6 +37,7 @@ fn required_from_anyone(selector: LabelSelector) -> MeshPolicySpec {
             ports: vec![],
             authentication: Some(Authentication { mode: AuthenticationMode::Required }),
         }],
+        ..Default::default()
     }
 }
 
@@ -311,6 +312,7 @@ async fn identity_peers_of_a_rule_are_registered_too() {
             },
             IngressRule { from: vec![PeerSelector { pod_selector: Some(app("other")), ..Default::default() }], ports: vec![], authentication: None },
         ],
+        ..Default::default()
     });
     p.metadata.namespace = Some(ns.into());
     create(&client, ns, &p).await;

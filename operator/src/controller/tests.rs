@@ -132,6 +132,7 @@ fn policy(identity: Option<&str>) -> MeshPolicy {
             ports: vec![],
             authentication: Some(Authentication { mode: AuthenticationMode::Required }),
         }],
+        ..Default::default()
     });
     p.metadata = meta(Some("shop"), "pay");
     p
