@@ -311,14 +311,40 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     r.check("new connection, first packet through", ok && retrans == 0 && connect_ms < 500.0, format!("frontend-0 → order-0:8080 connected in {connect_ms:.2} ms, {retrans} retransmissions"));
 
     // 6. A policy change reaches every node's maps.
-    r.say("\n== 5. a new MeshPolicy isolates tools/debug: how fast every node enforces it");
+    r.say("\n== 5. a new MeshPolicy for tools/debug: audited first, then enforced on every node");
     let debug_ip = mesh.pod("tools/debug").ip;
-    let allowed_before = udp_request(mesh.pod("tools/metrics"), None, debug_ip, 5353, Duration::from_millis(500));
-    let lockdown = "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: debug-lockdown, namespace: tools}\nspec:\n  selector: {matchLabels: {app: debug}}\n";
+    let lockdown = |enforcement: &str| {
+        format!("apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: debug-lockdown, namespace: tools}}\nspec:\n  enforcement: {enforcement}\n  selector: {{matchLabels: {{app: debug}}}}\n")
+    };
+    let lockdown_file = options.dir.join("manifests").join("50-debug-lockdown.yaml");
+    let write_lockdown = |enforcement: &str| {
+        std::fs::write(&lockdown_file, lockdown(enforcement)).map_err(|error| DemoError::Io { what: "writing the new policy".into(), error })
+    };
+    let flagged = |m: &Maps, audit: bool| {
+        m.endpoints().map(|e| e.iter().any(|ep| ep.ip == debug_ip && if audit { ep.audit } else { ep.isolated })).unwrap_or(false)
+    };
+    // Audit: the policy would deny metrics → debug; the connection passes, counted and named.
+    write_lockdown("Audit")?;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) && !flagged(&maps, true) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let audited_before = drops(&maps, Counter::PassAudit);
+    let allowed_before = udp_request(mesh.pod("tools/metrics"), None, debug_ip, 5353, Duration::from_millis(1000));
+    let audited = drops(&maps, Counter::PassAudit).saturating_sub(audited_before);
+    let mut shown = String::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) && !shown.contains("tools/debug-lockdown") {
+        shown = observe_on(&mesh, "node-2", crate::observe::Filter { verdict: Some("AUDIT".into()), pod: Some("tools/debug".into()), ..Default::default() }, crate::observe::Format::Table)
+            .unwrap_or_else(|e| e);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = shown.contains("AUDIT") && shown.contains("tools/metrics") && shown.contains("tools/debug-lockdown");
+    r.say(&format!("  meshauthctl observe --verdict AUDIT --pod tools/debug   (on node-2)\n{}", shown.trim_end()));
+    // Enforce: the next connection is dropped, on every node, from the moment the maps say so.
     let applied = Instant::now();
-    std::fs::write(options.dir.join("manifests").join("50-debug-lockdown.yaml"), lockdown)
-        .map_err(|error| DemoError::Io { what: "writing the new policy".into(), error })?;
-    let isolated = |m: &Maps| m.endpoints().map(|e| e.iter().any(|ep| ep.ip == debug_ip && ep.isolated)).unwrap_or(false);
+    write_lockdown("Enforce")?;
+    let isolated = |m: &Maps| flagged(m, false);
     let mut enforced = None;
     while applied.elapsed() < Duration::from_secs(5) {
         if isolated(&maps) && isolated(&maps1) {
@@ -327,7 +353,14 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let denied_before = drops(&maps, Counter::DropDenied);
     let denied_after = !udp_request(mesh.pod("tools/metrics"), None, debug_ip, 5353, Duration::from_millis(500));
+    let denied = drops(&maps, Counter::DropDenied).saturating_sub(denied_before);
+    r.check(
+        "audit passes and names what a policy would deny; Enforce drops it",
+        allowed_before && audited > 0 && seen && denied_after && denied > 0,
+        format!("Audit: metrics → debug:5353 {}, {audited} counted as pass_audit, observe shows AUDIT by tools/debug-lockdown: {seen}; Enforce: {}", if allowed_before { "passed" } else { "dropped" }, if denied_after { "dropped" } else { "passed" }),
+    );
     r.check(
         "policy applied, enforced on every node",
         allowed_before && denied_after && enforced.is_some_and(|d| d < Duration::from_secs(1)),

@@ -133,7 +133,8 @@ fn ask_agent(addr: SocketAddr, req: &CheckRequest) -> Result<Value, ExplainError
     serde_json::from_str(body).map_err(|e| ExplainError::Unreadable { addr, source: e.into() })
 }
 
-/// Whether the report's verdict is allow (the exit status: 0 allow, 1 deny).
+/// Whether the report's verdict is allow (the exit status: 0 allow, 1 deny). What passes
+/// under audit is an allow: it passes.
 pub fn allows(report: &Value) -> bool {
     report["verdict"] == serde_json::json!(Verdict::Allow)
 }
@@ -168,6 +169,17 @@ pub fn render_table(report: &Value) -> String {
                 s(&r["authentication"])
             ));
         }
+    }
+    let audited: Vec<String> = report["auditedBy"].as_array().into_iter().flatten().map(s).collect();
+    if !audited.is_empty() {
+        out.push_str(&format!("  in Audit (they drop nothing): MeshPolicy {}\n", audited.join(", ")));
+    }
+    match report["audit"].as_str() {
+        Some("denied") => out.push_str("  AUDIT: passes, and is reported: enforced, the audited policies would drop it\n"),
+        Some("authenticationRequired") => {
+            out.push_str("  AUDIT: passes; reported while the pair is unauthenticated: enforced, an audited rule would require authentication\n")
+        }
+        _ => {}
     }
     match report["mutualAuth"].as_object() {
         Some(m) => out.push_str(&format!("  mode {} from MutualAuth {}\n", s(&m["mode"]), s(&m["name"]))),

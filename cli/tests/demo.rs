@@ -29,6 +29,7 @@ fn the_demo_passes_every_check_and_keeps_its_mesh_until_demo_down() {
         "observe shows the drop with both pods, the reason and the rule",
         "explain names the rule and the missing authentication",
         "explain shows the pair's proof and its expiry",
+        "audit passes and names what a policy would deny; Enforce drops it",
         "spoofed source dropped",
         "zero failed requests across rotation and restart",
     ] {

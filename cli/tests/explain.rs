@@ -5,11 +5,14 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn explain(args: &[&str]) -> (Option<i32>, String, String) {
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+    explain_in(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/examples"), args)
+}
+
+fn explain_in(examples: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_meshauthctl"))
         .arg("explain")
         .arg("--manifests")
-        .arg(&examples)
+        .arg(examples)
         .args(args)
         .output()
         .expect("run meshauthctl explain");
@@ -41,4 +44,27 @@ fn an_unknown_pod_exits_2_and_names_it() {
     let (code, stdout, stderr) = explain(&["--from", "shop/nobody", "--to", "shop/payment-0", "--port", "8080"]);
     assert_eq!(code, Some(2), "{stdout}{stderr}");
     assert!(stderr.contains("shop/nobody"), "{stderr}");
+}
+
+#[test]
+fn an_audited_policy_passes_what_it_would_deny_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+    for entry in std::fs::read_dir(&examples).expect("examples") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+    }
+    std::fs::write(
+        dir.path().join("50-audit.yaml"),
+        "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: debug-audit, namespace: tools}\nspec:\n  enforcement: Audit\n  selector: {matchLabels: {app: debug}}\n",
+    )
+    .expect("write");
+    let args = ["--from", "shop/order-0", "--to", "tools/debug", "--port", "5353", "--protocol", "udp"];
+    let (code, stdout, stderr) = explain_in(dir.path(), &[&args[..], &["--output", "json"]].concat());
+    assert_eq!(code, Some(0), "it passes: {stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!((report["verdict"].as_str(), report["audit"].as_str()), (Some("allow"), Some("denied")), "{report}");
+    assert_eq!(report["auditedBy"][0], "tools/debug-audit", "{report}");
+    let (_, table, _) = explain_in(dir.path(), &args);
+    assert!(table.contains("AUDIT") && table.contains("tools/debug-audit"), "{table}");
 }

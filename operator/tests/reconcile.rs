@@ -105,6 +105,32 @@ async fn status_follows_spec_changes_pod_labels_and_pod_deletion() {
     })
     .await;
 
+    // Enforcement: the API server defaulted it to Enforce; set to Audit, the status and
+    // `kubectl get mp` (the server-side table) say so.
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &kube::api::ApiResource::erase::<MeshPolicy>(&()));
+    let stored = raw.get("web").await.or_panic("get");
+    assert_eq!(stored.data["spec"]["enforcement"], "Enforce", "the CRD's default");
+    api.patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"enforcement": "Audit"}}))).await.or_panic("audit");
+    let message = wait_for("status says Audit", T, || async {
+        let p = mesh_policy(&client, ns, "web").await?;
+        let s = p.status.ok_or("no status")?;
+        match (s.enforcement, condition(&s.conditions, "Accepted")) {
+            (Some(meshauth_crds::Enforcement::Audit), Some((a, _, m))) if a == "True" => Ok(m),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(message.contains("audited"), "{message}");
+    let table = http::Request::get(format!("/apis/meshauth.io/v1alpha1/namespaces/{ns}/meshpolicies/web"))
+        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .body(Vec::new())
+        .or_panic("request");
+    let table: serde_json::Value = client.request(table).await.or_panic("table");
+    let columns = table["columnDefinitions"].as_array().expect("a table with columns");
+    let at = columns.iter().position(|c| c["name"] == "Enforcement").expect("an Enforcement column");
+    assert_eq!(table["rows"][0]["cells"][at], "Audit", "{table}");
+    api.patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"enforcement": "Enforce"}}))).await.or_panic("enforce");
+
     // A spec the model cannot use (passes the CRD's CEL rule, fails SPIFFE ID validation):
     // Accepted=False naming the field, Ready=False, and a Warning Event.
     api.patch(

@@ -321,6 +321,12 @@ fn validate_rules_distinct(rules: &[IngressRule], errors: &mut Vec<FieldError>) 
 /// [`validate_mesh_policy`] finds valid are looked at.
 pub fn mesh_policy_warnings(spec: &MeshPolicySpec, trust_domain: &TrustDomain) -> Vec<FieldError> {
     let mut warnings = Vec::new();
+    if spec.enforcement == meshauth_crds::Enforcement::Audit {
+        warnings.push(FieldError::new(
+            "spec.enforcement",
+            "Audit: the selected pods drop nothing for this policy; what it would deny passes, is counted (meshauth_agent_audit_would_deny_total) and shown as AUDIT by meshauthctl observe. Pods an enforced MeshPolicy selects too are isolated by that one alone",
+        ));
+    }
     if !mesh_policy_limits(spec).is_empty() {
         return warnings;
     }

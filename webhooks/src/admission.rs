@@ -449,6 +449,20 @@ mod tests {
     }
 
     #[test]
+    fn an_audited_policy_is_allowed_with_a_warning_that_says_it_drops_nothing() {
+        let mut audited = valid_policy();
+        audited["spec"]["enforcement"] = json!("Audit");
+        let response = run(&body(&review("CREATE", audited)));
+        assert!(response.allowed, "{response:?}");
+        let warnings = response.warnings.unwrap_or_default();
+        assert!(warnings.iter().any(|w| w.contains("spec.enforcement") && w.contains("drop nothing") && w.contains("AUDIT")), "{warnings:?}");
+        let mut bad = valid_policy();
+        bad["spec"]["enforcement"] = json!("DryRun");
+        let response = run(&body(&review("CREATE", bad)));
+        assert!(!response.allowed, "an unknown enforcement passed: {response:?}");
+    }
+
+    #[test]
     fn invalid_objects_are_denied_with_field_and_reason() {
         let policy = mesh_policy(json!({
             "selector": {"matchLabels": {"app": "payment-service"}},
