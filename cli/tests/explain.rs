@@ -49,16 +49,7 @@ fn an_unknown_pod_exits_2_and_names_it() {
 #[test]
 fn an_audited_policy_passes_what_it_would_deny_and_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
-    for entry in std::fs::read_dir(&examples).expect("examples") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
-    }
-    std::fs::write(
-        dir.path().join("50-audit.yaml"),
-        "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: debug-audit, namespace: tools}\nspec:\n  enforcement: Audit\n  selector: {matchLabels: {app: debug}}\n",
-    )
-    .expect("write");
+    meshauth_agent::inputs::examples_with(dir.path(), &[("50-audit.yaml", meshauth_agent::inputs::DEBUG_AUDIT_POLICY)]).expect("manifests");
     let args = ["--from", "shop/order-0", "--to", "tools/debug", "--port", "5353", "--protocol", "udp"];
     let (code, stdout, stderr) = explain_in(dir.path(), &[&args[..], &["--output", "json"]].concat());
     assert_eq!(code, Some(0), "it passes: {stdout}{stderr}");

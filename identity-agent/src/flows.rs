@@ -262,16 +262,7 @@ mod tests {
     #[test]
     fn an_audited_would_be_drop_is_an_audit_record_counted_against_the_audited_policy() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
-        for entry in std::fs::read_dir(&examples).expect("examples") {
-            let entry = entry.expect("entry");
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
-        }
-        std::fs::write(
-            dir.path().join("50-audit.yaml"),
-            "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: debug-audit, namespace: tools}\nspec:\n  enforcement: Audit\n  selector: {matchLabels: {app: debug}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: metrics}}}]\n    ports: [{port: 5353, protocol: UDP}]\n",
-        )
-        .expect("write");
+        crate::inputs::examples_with(dir.path(), &[("50-audit.yaml", crate::inputs::DEBUG_AUDIT_POLICY)]).expect("manifests");
         let snapshot = crate::inputs::snapshot_from_dir(dir.path()).expect("manifests");
         let namer = FlowNamer::new("node-2".into(), PolicyModel::new(ModelConfig::default(), snapshot.inputs));
         let (order, debug) = (ip_of(&namer, "shop/order-0"), ip_of(&namer, "tools/debug"));

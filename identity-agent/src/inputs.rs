@@ -118,6 +118,25 @@ pub async fn watch_kubernetes(client: kube::Client, debounce: Duration, rules: E
     meshauth_cluster::reflect::watch_snapshots_with(client, debounce, rules).await
 }
 
+/// The example manifests (`config/examples`) copied into `dir`, plus `extra` files (name,
+/// text): a mesh for tests that need one more object (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub fn examples_with(dir: &Path, extra: &[(&str, &str)]) -> std::io::Result<()> {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+    for entry in std::fs::read_dir(&examples)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
+    }
+    for (name, text) in extra {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(())
+}
+
+/// An audited MeshPolicy `tools/debug-audit` that admits no one to the example's `tools/debug`.
+#[cfg(any(test, feature = "testing"))]
+pub const DEBUG_AUDIT_POLICY: &str = "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: debug-audit, namespace: tools}\nspec:\n  enforcement: Audit\n  selector: {matchLabels: {app: debug}}\n";
+
 #[cfg(test)]
 mod tests {
     use super::*;
