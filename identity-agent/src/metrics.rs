@@ -441,6 +441,8 @@ mod tests {
         m.observe_datapath_counters([("drop_denied".to_owned(), 1)]);
         m.svid_expiry_seconds.get_or_create(&IdentityLabels { spiffe_id: "spiffe://td/a".into() }).set(30);
         m.observe_apply(Ok((0, 0)));
+        m.policy_drops.get_or_create(&PolicyLabels { policy: "shop/payment-ingress".into() }).inc();
+        m.audit_would_deny.get_or_create(&PolicyLabels { policy: "tools/debug-audit".into() }).inc();
         let text = m.encode();
         let mut names: Vec<&str> = dashboard
             .match_indices("meshauth_agent_")
