@@ -69,7 +69,7 @@ enum Command {
         /// This node's agent: its metrics address (it answers loopback clients only).
         #[arg(long, default_value = "127.0.0.1:4251")]
         agent: std::net::SocketAddr,
-        /// DROPPED, PERMISSIVE or AUDIT.
+        /// DROPPED, PERMISSIVE, AUDIT or FORWARDED (sampled passes).
         #[arg(long)]
         verdict: Option<String>,
         /// A reason, as `meshauthctl status` names them (drop_auth_missing or auth_missing).

@@ -24,7 +24,7 @@ pub enum ObserveError {
 /// Which records to show: each set filter must match.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
-    /// `DROPPED`, `PERMISSIVE` or `AUDIT` (any case).
+    /// `DROPPED`, `PERMISSIVE`, `AUDIT` or `FORWARDED` (any case).
     pub verdict: Option<String>,
     /// A reason (`drop_auth_missing`), or its part after `drop_` or `pass_` (`auth_missing`).
     pub reason: Option<String>,

@@ -73,6 +73,7 @@ int main(void)
 	F(ma_config, events_per_sec);
 	F(ma_config, ipv6_mode);
 	F(ma_config, allow_host);
+	F(ma_config, pass_sample_every);
 	F(ma_config, ct_tcp_s);
 	F(ma_config, ct_udp_s);
 	F(ma_config, ct_icmp_s);
@@ -138,6 +139,7 @@ int main(void)
 	C(MA_EV_UNSUPPORTED);
 	C(MA_EV_TAG);
 	C(MA_EV_AUDIT);
+	C(MA_EV_PASS);
 	C(MA_AUTH_NONE);
 	C(MA_AUTH_PERMISSIVE);
 	C(MA_AUTH_REQUIRED);

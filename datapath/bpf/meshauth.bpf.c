@@ -634,7 +634,7 @@ static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_c
 					const struct flow *f, __u8 req, __u32 src_identity,
 					__u32 dst_identity, __u32 src_spiffe, __u32 dst_spiffe,
 					__u32 pass_counter, __u64 now, int proof, __u32 src_ifindex,
-					__u8 audit)
+					__u8 audit, __u8 *reported)
 {
 	__u32 failed = auth_check(skb, f, dst_spiffe, src_spiffe, src_ifindex, now, proof);
 	/* A pair that is authenticated but whose SYN did not prove its source. */
@@ -646,6 +646,7 @@ static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_c
 		count(pass_counter, skb->len);
 		return PASS;
 	}
+	*reported = 1;
 	if (req == MA_AUTH_REQUIRED) {
 		count(failed, skb->len);
 		emit(cfg, skb->ifindex, kind, failed, f, src_identity, dst_identity, src_spiffe,
@@ -713,10 +714,13 @@ int to_pod(struct __sk_buff *skb)
 	struct ma_ct_value *ct = 0;
 	struct ma_ct_key ct_key = {};
 	struct flow f = {};
-	__u32 src_identity, src_spiffe;
+	__u32 src_identity = 0, src_spiffe;
 	__u8 req = MA_AUTH_NONE;
 	/* Audited policies: no rule admits the packet; the requirement is an audited rule's. */
 	__u8 audit_denied = 0, audit_auth = 0;
+	/* How a passing packet passed, and whether an event already reported it (for sampling). */
+	__u32 passed_as = MA_C_PASS_NO_POLICY;
+	__u8 reported = 0;
 	__u64 now = 0;
 	int verdict;
 
@@ -781,7 +785,7 @@ int to_pod(struct __sk_buff *skb)
 			} else {
 				verdict = authenticate(skb, cfg, &f, ct->auth, 0, 0, ct->src_spiffe_id,
 						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED, now,
-						       MA_PROOF_NONE, 0, ct->audit);
+						       MA_PROOF_NONE, 0, ct->audit, &reported);
 			}
 			if (verdict == PASS) {
 				ct_seen(ct, &f, now);
@@ -830,10 +834,12 @@ int to_pod(struct __sk_buff *skb)
 	src = bpf_map_lookup_elem(&endpoints, &f.saddr);
 	src_identity = src ? src->security_identity : MA_WORLD_IDENTITY;
 	src_spiffe = src ? src->spiffe_id : MA_NO_SPIFFE_ID;
+	passed_as = MA_C_PASS_POLICY;
 	/* The node itself (the kubelet's probes): node addresses are never endpoints, and a
 	 * packet from a pod with a node's address is dropped as spoofed before it gets here. */
 	if (!src && cfg->allow_host && bpf_map_lookup_elem(&host_addrs, &f.saddr)) {
 		count(MA_C_PASS_HOST, skb->len);
+		passed_as = MA_C_PASS_HOST;
 		goto admitted;
 	}
 	if (dst->flags & (MA_EP_ISOLATED | MA_EP_AUDIT)) {
@@ -900,17 +906,26 @@ int to_pod(struct __sk_buff *skb)
 			now = boot_ns_coarse();
 		verdict = authenticate(skb, cfg, &f, req, src_identity, dst->security_identity,
 				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED, now, proof,
-				       src ? src->ifindex : 0, audit_auth);
+				       src ? src->ifindex : 0, audit_auth, &reported);
+		passed_as = MA_C_PASS_AUTHENTICATED;
 		if (verdict == PASS && audit_denied)
 			count(MA_C_PASS_AUDIT, skb->len);
 	}
 	if (verdict != PASS)
 		return verdict;
-	if (audit_denied)
+	if (audit_denied) {
 		emit(cfg, skb->ifindex, MA_EV_AUDIT, MA_C_PASS_AUDIT, &f, src_identity,
 		     dst->security_identity, src_spiffe, dst->spiffe_id, MA_AUTH_NONE);
+		reported = 1;
+	}
 
 admitted:
+	/* A sample of the new flows that passed without an event of their own, so observe can
+	 * show what passes too (off unless asked; the event budget applies as for drops). */
+	if (cfg->pass_sample_every && !reported && !ct && (f.protocol != IPPROTO_TCP || f.tcp_syn) &&
+	    bpf_get_prandom_u32() % cfg->pass_sample_every == 0)
+		emit(cfg, skb->ifindex, MA_EV_PASS, passed_as, &f, src_identity, dst->security_identity,
+		     src_spiffe, dst->spiffe_id, req);
 	/* Cache the admission: new flows (a TCP SYN, any UDP or ICMP echo) and flows whose entry
 	 * an older policy epoch wrote. A mid-stream TCP packet without an entry is checked in full
 	 * every time rather than admitted into the cache on its own word; a RST is never cached. */

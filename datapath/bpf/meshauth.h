@@ -207,7 +207,7 @@ struct ma_config {
 	__u32 events_per_sec; /* per CPU; 0 = no events */
 	__u8 ipv6_mode; /* MA_IPV6_* */
 	__u8 allow_host; /* 1: this node's own addresses reach its pods (kubelet probes) */
-	__u8 pad[2];
+	__u16 pass_sample_every; /* 1 in N new flows that pass unreported is sent as MA_EV_PASS; 0: none */
 	/* conntrack idle timeouts, seconds */
 	__u32 ct_tcp_s;
 	__u32 ct_udp_s;
@@ -282,6 +282,7 @@ struct ma_counter {
 #define MA_EV_IPV6 5
 #define MA_EV_UNSUPPORTED 6
 #define MA_EV_TAG 7 /* a SYN's tag missing or wrong: src_* name the identity it claimed */
+#define MA_EV_PASS 9 /* a sampled new flow that passed (counter: how); within the event budget */
 #define MA_EV_AUDIT 8 /* passed, counted MA_C_PASS_AUDIT: auth is MA_AUTH_NONE when no audited
 		       * rule admits it, MA_AUTH_REQUIRED when the pair lacks what one requires */
 struct ma_event {

@@ -235,7 +235,8 @@ pub struct ConfigValue {
     pub events_per_sec: u32,
     pub ipv6_mode: u8,
     pub allow_host: u8,
-    pub pad: [u8; 2],
+    /// 1 in N new flows that pass unreported is sent as a pass event; 0: none.
+    pub pass_sample_every: u16,
     pub ct_tcp_s: u32,
     pub ct_udp_s: u32,
     pub ct_icmp_s: u32,
@@ -512,6 +513,7 @@ mod tests {
         field!("ma_config", ConfigValue, events_per_sec);
         field!("ma_config", ConfigValue, ipv6_mode);
         field!("ma_config", ConfigValue, allow_host);
+        field!("ma_config", ConfigValue, pass_sample_every);
         field!("ma_config", ConfigValue, ct_tcp_s);
         field!("ma_config", ConfigValue, ct_udp_s);
         field!("ma_config", ConfigValue, ct_icmp_s);

@@ -22,6 +22,8 @@ pub const EVENTS_PER_SEC: &str = "MESHAUTH_BPF_EVENTS_PER_SEC";
 pub const IPV6: &str = "MESHAUTH_BPF_IPV6";
 /// Environment variable of [`DatapathConfig::attach_mode`]: `auto`, `tcx` or `netlink`.
 pub const ATTACH_MODE: &str = "MESHAUTH_BPF_ATTACH_MODE";
+/// Environment variable of [`DatapathConfig::pass_sample_every`].
+pub const PASS_SAMPLE_EVERY: &str = "MESHAUTH_BPF_PASS_SAMPLE_EVERY";
 /// Environment variable of [`DatapathConfig::allow_host`]: `true` or `false`.
 pub const ALLOW_HOST: &str = "MESHAUTH_BPF_ALLOW_HOST";
 /// Environment variable of [`DatapathConfig::conntrack_timeouts`]' `tcp_s`.
@@ -118,6 +120,10 @@ pub struct DatapathConfig {
     /// Traffic from this node's own addresses to its pods passes, whatever the policy (the
     /// kubelet's probes). A hostNetwork process on the same node is the node.
     pub allow_host: bool,
+    /// 1 in this many new flows that pass (and are not reported otherwise) is reported as a
+    /// pass event, for `meshauthctl observe --verdict FORWARDED`; 0 (the default): none. The
+    /// events share the per-CPU event budget with drops.
+    pub pass_sample_every: u16,
     pub conntrack_timeouts: ConntrackTimeouts,
 }
 
@@ -137,6 +143,7 @@ impl Default for DatapathConfig {
             ipv6: Ipv6Mode::Drop,
             attach_mode: AttachMode::Auto,
             allow_host: DEFAULT_ALLOW_HOST,
+            pass_sample_every: 0,
             conntrack_timeouts: ConntrackTimeouts::default(),
         }
     }
@@ -188,6 +195,12 @@ impl DatapathConfig {
         c.policy_entries = number(POLICY_ENTRIES, c.policy_entries)?;
         c.conntrack_entries = number(CONNTRACK_ENTRIES, c.conntrack_entries)?;
         c.events_per_sec_per_cpu = number(EVENTS_PER_SEC, c.events_per_sec_per_cpu)?;
+        let every = number(PASS_SAMPLE_EVERY, u32::from(c.pass_sample_every))?;
+        c.pass_sample_every = u16::try_from(every).map_err(|_| ConfigError::Invalid {
+            var: PASS_SAMPLE_EVERY,
+            value: every.to_string(),
+            reason: "at most 65535 (1 in N new flows; 0: none)".into(),
+        })?;
         let t = &mut c.conntrack_timeouts;
         t.tcp_s = number(CT_TCP_TIMEOUT, t.tcp_s)?;
         t.udp_s = number(CT_UDP_TIMEOUT, t.udp_s)?;
@@ -298,5 +311,14 @@ mod tests {
         assert!(err.to_string().contains("MESHAUTH_BPF_IPV6"), "{err}");
         let c = DatapathConfig::from_lookup(|v| (v == IPV6).then(|| "pass".into())).unwrap();
         assert_eq!(c.ipv6, Ipv6Mode::Pass);
+    }
+
+    #[test]
+    fn passes_are_sampled_only_when_asked_and_the_rate_is_checked() {
+        assert_eq!(DatapathConfig::default().pass_sample_every, 0, "off by default");
+        let c = DatapathConfig::from_lookup(|v| (v == PASS_SAMPLE_EVERY).then(|| "100".into())).unwrap();
+        assert_eq!(c.pass_sample_every, 100);
+        let err = DatapathConfig::from_lookup(|v| (v == PASS_SAMPLE_EVERY).then(|| "70000".into())).unwrap_err();
+        assert!(err.to_string().contains("MESHAUTH_BPF_PASS_SAMPLE_EVERY") && err.to_string().contains("65535"), "{err}");
     }
 }

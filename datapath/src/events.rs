@@ -41,6 +41,9 @@ pub enum EventKind {
     /// (`auth` none), or the pair lacks the authentication such a rule requires (`auth`
     /// required; the agent should authenticate the pair).
     Audit = 8,
+    /// A sampled new flow that passed (`counter` says how): what `MESHAUTH_BPF_PASS_SAMPLE_EVERY`
+    /// asks for, within the same event budget as drops.
+    Pass = 9,
 }
 
 impl EventKind {
@@ -54,6 +57,7 @@ impl EventKind {
         EventKind::Unsupported,
         EventKind::Tag,
         EventKind::Audit,
+        EventKind::Pass,
     ];
 
     fn from_number(n: u8) -> Option<Self> {
@@ -71,6 +75,7 @@ impl EventKind {
             EventKind::Unsupported => "MA_EV_UNSUPPORTED",
             EventKind::Tag => "MA_EV_TAG",
             EventKind::Audit => "MA_EV_AUDIT",
+            EventKind::Pass => "MA_EV_PASS",
         }
     }
 }

@@ -639,6 +639,7 @@ impl Datapath {
         let mut v = self.maps.runtime_config()?;
         v.events_per_sec = self.config.events_per_sec_per_cpu;
         v.allow_host = u8::from(self.config.allow_host);
+        v.pass_sample_every = self.config.pass_sample_every;
         let t = self.config.conntrack_timeouts;
         (v.ct_tcp_s, v.ct_udp_s, v.ct_icmp_s, v.ct_closing_s) = (t.tcp_s, t.udp_s, t.icmp_s, t.closing_s);
         v.ipv6_mode = match self.config.ipv6 {

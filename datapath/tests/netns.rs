@@ -918,4 +918,32 @@ async fn an_audited_destination_passes_and_reports_what_enforcing_would_drop() {
     assert!(f.counted_above(Counter::DropDenied, dropped + 1), "both counted as denied");
     assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT), "enforced: the rule's authentication is required");
     assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "what the rules admit still passes");
+    assert!(drain(&mut events, EventKind::Pass).is_empty(), "passes sampled although sampling is off by default");
+}
+
+/// Asked to (`pass_sample_every`), the datapath reports a sample of new flows that pass, with
+/// how they passed; established packets and flows reported otherwise are not sampled.
+#[tokio::test]
+async fn new_flows_that_pass_are_sampled_when_asked() {
+    let mut f = Fixture::with_config("sample", |c| c.pass_sample_every = 1);
+    let t = tables(
+        vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None), endpoint(3, false, Auth::None)],
+        vec![rule(2, 1, P::Tcp, 8080, Auth::None)],
+    );
+    f.dp().apply_tables(&t).unwrap();
+    let mut events = f.events();
+    let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
+    let _open = tcp_echo_server(f.pod(3), 8080).unwrap();
+    let mut conn = tcp_connect(f.pod(1), f.ip(2), 8080, LONG).expect("allowed");
+    for _ in 0..5 {
+        assert!(tcp_roundtrip(&mut conn, b"meshauth"));
+    }
+    assert!(tcp_request(f.pod(1), f.ip(3), 8080, LONG), "a pod no policy selects");
+    assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "denied");
+    std::thread::sleep(SHORT);
+    let passes = drain(&mut events, EventKind::Pass);
+    let to = |ip| passes.iter().filter(|e| e.dst == ip && !e.dropped).map(|e| e.counter).collect::<Vec<_>>();
+    assert_eq!(to(f.ip(2)), [Counter::PassPolicy], "one sample per new flow, with its reason: {passes:?}");
+    assert_eq!(to(f.ip(3)), [Counter::PassNoPolicy], "{passes:?}");
+    assert!(passes.iter().all(|e| e.src != f.ip(3)), "a drop is no pass: {passes:?}");
 }

@@ -44,7 +44,8 @@ pub struct FlowRecord {
     pub time_unix_ms: u64,
     pub node: String,
     /// `DROPPED`; `PERMISSIVE` for what passed only because the mode is Permissive; `AUDIT`
-    /// for what passed only because the MeshPolicies that would drop it are audited.
+    /// for what passed only because the MeshPolicies that would drop it are audited;
+    /// `FORWARDED` for a sampled pass (`MESHAUTH_BPF_PASS_SAMPLE_EVERY`).
     pub verdict: String,
     /// The datapath counter it was counted under (`drop_auth_missing`, `drop_denied`, …).
     pub reason: String,
@@ -124,6 +125,7 @@ impl FlowNamer {
         };
         let verdict = match event.kind {
             EventKind::Audit => "AUDIT",
+            EventKind::Pass => "FORWARDED",
             _ if event.dropped => "DROPPED",
             _ => "PERMISSIVE",
         };
