@@ -567,6 +567,11 @@ static __always_inline int link_layer(struct __sk_buff *skb, const struct ma_con
 	return 1;
 }
 
+/* How authenticate() treats an audited rule's requirement. */
+#define MA_AUDIT_NONE 0
+#define MA_AUDIT_REPORT 1
+#define MA_AUDIT_COUNT 2
+
 /* How a SYN proves it comes from the pod its source address names. */
 #define MA_PROOF_NONE 0 /* not a SYN, or nothing to prove */
 #define MA_PROOF_LOCAL 1 /* a local pod's: its own veth sent it (syn_origin) */
@@ -629,7 +634,10 @@ static __always_inline void remember_fragment(const struct flow *f)
 }
 
 /* Authentication outcome for a requirement: PASS or DROP, counted and reported. `audit`: the
- * requirement is an audited rule's, made permissive, and a lack is reported as AUDIT. */
+ * requirement is an audited rule's, made permissive, and a lack is counted as pass_audit and
+ * reported (MA_AUDIT_REPORT, a new flow: an Audit event, or a Tag event when the pair is
+ * authenticated but the SYN proved nothing) or only counted (MA_AUDIT_COUNT, a later packet
+ * of a flow already reported). */
 static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_config *cfg,
 					const struct flow *f, __u8 req, __u32 src_identity,
 					__u32 dst_identity, __u32 src_spiffe, __u32 dst_spiffe,
@@ -657,8 +665,9 @@ static __always_inline int authenticate(struct __sk_buff *skb, const struct ma_c
 	 * authenticates the pair, and it passes. */
 	if (audit) {
 		count(MA_C_PASS_AUDIT, skb->len);
-		emit(cfg, skb->ifindex, MA_EV_AUDIT, MA_C_PASS_AUDIT, f, src_identity, dst_identity,
-		     src_spiffe, dst_spiffe, MA_AUTH_REQUIRED);
+		if (audit == MA_AUDIT_REPORT)
+			emit(cfg, skb->ifindex, unproven ? MA_EV_TAG : MA_EV_AUDIT, MA_C_PASS_AUDIT, f,
+			     src_identity, dst_identity, src_spiffe, dst_spiffe, MA_AUTH_REQUIRED);
 		return PASS;
 	}
 	failed = unproven ? MA_C_PASS_UNTAGGED_PERMISSIVE : MA_C_PASS_PERMISSIVE;
@@ -785,7 +794,8 @@ int to_pod(struct __sk_buff *skb)
 			} else {
 				verdict = authenticate(skb, cfg, &f, ct->auth, 0, 0, ct->src_spiffe_id,
 						       ct->dst_spiffe_id, MA_C_PASS_CT_ESTABLISHED, now,
-						       MA_PROOF_NONE, 0, ct->audit, &reported);
+						       MA_PROOF_NONE, 0,
+						       ct->audit ? MA_AUDIT_COUNT : MA_AUDIT_NONE, &reported);
 			}
 			if (verdict == PASS) {
 				ct_seen(ct, &f, now);
@@ -812,7 +822,8 @@ int to_pod(struct __sk_buff *skb)
 			.saddr = f.saddr, .daddr = f.daddr, .id = f.frag_id, .protocol = f.protocol,
 		};
 
-		if (!(dst->flags & (MA_EP_ISOLATED | MA_EP_AUDIT)) && dst->mutual_auth == MA_AUTH_NONE) {
+		/* An audited destination drops nothing for its policies: as an open one. */
+		if (!(dst->flags & MA_EP_ISOLATED) && dst->mutual_auth == MA_AUTH_NONE) {
 			count(MA_C_PASS_NO_POLICY, skb->len);
 			return PASS;
 		}
@@ -906,7 +917,8 @@ int to_pod(struct __sk_buff *skb)
 			now = boot_ns_coarse();
 		verdict = authenticate(skb, cfg, &f, req, src_identity, dst->security_identity,
 				       src_spiffe, dst->spiffe_id, MA_C_PASS_AUTHENTICATED, now, proof,
-				       src ? src->ifindex : 0, audit_auth, &reported);
+				       src ? src->ifindex : 0,
+				       audit_auth ? MA_AUDIT_REPORT : MA_AUDIT_NONE, &reported);
 		passed_as = MA_C_PASS_AUTHENTICATED;
 		if (verdict == PASS && audit_denied)
 			count(MA_C_PASS_AUDIT, skb->len);

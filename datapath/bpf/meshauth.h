@@ -266,9 +266,9 @@ struct ma_event_budget {
 #define MA_C_TAG_WRITTEN 28 /* uplink: a local pod's SYN tagged */
 #define MA_C_TAG_NO_KEY 29 /* uplink: a local pod's SYN to a mesh pod, no key for the pair */
 #define MA_C_TAG_NO_ROOM 30 /* uplink: no room for the option (or a SYN with data) */
-#define MA_C_PASS_AUDIT 31 /* an audited policy would deny it, or its rule's authentication is missing */
+#define MA_C_PASS_AUDIT 31 /* an audited policy would deny it, or its rule's authentication is missing (packets) */
 #define MA_C_COUNT 32
-#define MA_COUNTER_SLOTS 32 /* map size: room for new counters without a layout change */
+#define MA_COUNTER_SLOTS 32 /* map size; full: a new counter needs a bigger map (a layout change) */
 struct ma_counter {
 	__u64 packets;
 	__u64 bytes;
@@ -282,9 +282,9 @@ struct ma_counter {
 #define MA_EV_IPV6 5
 #define MA_EV_UNSUPPORTED 6
 #define MA_EV_TAG 7 /* a SYN's tag missing or wrong: src_* name the identity it claimed */
-#define MA_EV_PASS 9 /* a sampled new flow that passed (counter: how); within the event budget */
 #define MA_EV_AUDIT 8 /* passed, counted MA_C_PASS_AUDIT: auth is MA_AUTH_NONE when no audited
 		       * rule admits it, MA_AUTH_REQUIRED when the pair lacks what one requires */
+#define MA_EV_PASS 9 /* a sampled new flow that passed (counter: how); within the event budget */
 struct ma_event {
 	__u64 timestamp_ns; /* CLOCK_BOOTTIME */
 	__be32 saddr;

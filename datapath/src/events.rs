@@ -1,4 +1,5 @@
-//! The datapath's events: what it dropped (and, under Permissive, what it would have dropped),
+//! The datapath's events: what it dropped (and, under Permissive or an audited MeshPolicy,
+//! what it would have dropped; and, when asked, a sample of new flows that passed),
 //! read from the pinned ring buffer through tokio's `AsyncFd`.
 //!
 //! Only one reader may consume a ring buffer (the consumer position is shared), so the agent

@@ -370,7 +370,8 @@ pub struct ApplyStats {
     pub policy_epoch: u32,
     /// Destination security identities whose policy entries did not fit in the map (or could
     /// not be written): none of their entries is in the map and their pods are isolated, so
-    /// they accept nothing until the policy shrinks. Empty when the tables were applied whole.
+    /// they accept nothing until the policy shrinks (audited ones stay audited: they pass
+    /// everything and report all of it). Empty when the tables were applied whole.
     pub denied_destinations: Vec<u32>,
     /// Endpoints of other nodes (or their nodes, `endpoint_nodes`) left out because a map was
     /// full: their pods are sources without an identity (as the rest of the world), or

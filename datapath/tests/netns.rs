@@ -853,22 +853,31 @@ async fn a_flow_cached_on_a_pods_old_veth_is_checked_afresh_on_its_new_one() {
 
 /// An audited destination (only audited MeshPolicies select it) drops nothing: what no rule
 /// admits, and what lacks the authentication its rule requires, passes, is counted as
-/// `pass_audit` and reported as an Audit event (with the pair to authenticate). The same
-/// tables enforced drop both, established flows included, from the next packet on.
+/// `pass_audit` and reported as an Audit event (with the pair to authenticate). MutualAuth is
+/// not audited. The same tables enforced drop both, established flows included, from the next
+/// packet on.
 #[tokio::test]
 async fn an_audited_destination_passes_and_reports_what_enforcing_would_drop() {
     let mut f = Fixture::new("audit");
-    let audited = |isolated: bool| {
-        let mut dst = endpoint(2, isolated, Auth::None);
+    let audited = |isolated: bool, mutual_auth: Auth| {
+        let mut dst = endpoint(2, isolated, mutual_auth);
         dst.audit = !isolated;
         tables(
             vec![endpoint(1, false, Auth::None), dst, endpoint(3, false, Auth::None)],
             vec![rule(2, 1, P::Tcp, 8080, Auth::Required), rule(2, 1, P::Udp, 9090, Auth::None)],
         )
     };
-    f.dp().apply_tables(&audited(false)).unwrap();
+    f.dp().apply_tables(&audited(false, Auth::None)).unwrap();
     assert!(f.dp().maps().endpoints().unwrap().iter().any(|e| e.ip == f.ip(2) && e.audit && !e.isolated));
     let mut events = f.events();
+    // Every event of the test, to show at the end that none was a sampled pass.
+    let mut seen = Vec::new();
+    let mut take = |events: &mut meshauth_datapath::EventStream| {
+        std::thread::sleep(Duration::from_millis(100));
+        let new = drain_all(events);
+        seen.extend(new.iter().cloned());
+        new
+    };
     let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
     let _udp = udp_echo_server(f.pod(2), 9090).unwrap();
 
@@ -881,44 +890,55 @@ async fn an_audited_destination_passes_and_reports_what_enforcing_would_drop() {
     flow.send_to(b"meshauth", std::net::SocketAddrV4::new(f.ip(2), 9090)).unwrap();
     assert!(matches!(flow.recv_from(&mut buf), Ok((8, _))), "audited UDP passes");
     assert!(f.counted_above(Counter::PassAudit, audited_before + 1), "both would-be denials counted");
-    let denied = drain(&mut events, EventKind::Audit);
+    let denied = take(&mut events);
     assert!(
-        denied.iter().any(|e| e.src == f.ip(3) && e.protocol == 6 && !e.dropped && e.auth == Auth::None && e.counter == Counter::PassAudit),
+        denied.iter().any(|e| e.kind == EventKind::Audit && e.src == f.ip(3) && e.protocol == 6 && !e.dropped && e.auth == Auth::None && e.counter == Counter::PassAudit),
         "{denied:?}"
     );
     assert_eq!(f.counters().packets(Counter::DropDenied), 0);
 
     // Pod 1's rule requires authentication it does not have: passes, reported with the pair.
     assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG), "an audited rule's authentication was enforced");
-    let unauthenticated = drain(&mut events, EventKind::Audit);
-    assert!(
-        unauthenticated.iter().any(|e| e.src == f.ip(1) && e.auth == Auth::Required && (e.dst_spiffe_id, e.src_spiffe_id) == (2, 1)),
-        "{unauthenticated:?}"
-    );
+    let unauthenticated = take(&mut events);
+    let pod1 = f.ip(1);
+    let reports = move |list: &[meshauth_datapath::Event]| {
+        list.iter().filter(|e| e.kind == EventKind::Audit && e.src == pod1 && e.auth == Auth::Required && (e.dst_spiffe_id, e.src_spiffe_id) == (2, 1)).count()
+    };
+    assert_eq!(reports(&unauthenticated), 1, "reported once per connection, not per packet: {unauthenticated:?}");
     assert_eq!(f.counters().packets(Counter::DropAuthMissing), 0);
     // Authenticated, it passes as authenticated and reports nothing.
     f.dp().set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(60))).unwrap();
-    let authenticated = f.counters().packets(Counter::PassAuthenticated);
     // The first connection's last packets may still be on their way: only later ones count.
     std::thread::sleep(SHORT);
-    let since = BootTime::now();
+    take(&mut events);
+    let authenticated = f.counters().packets(Counter::PassAuthenticated);
     assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG));
     assert!(f.counted_above(Counter::PassAuthenticated, authenticated));
-    let reported: Vec<_> = drain(&mut events, EventKind::Audit).into_iter().filter(|e| e.timestamp >= since).collect();
-    assert!(reported.is_empty(), "an authenticated pair reported as audit: {reported:?}");
+    let later = take(&mut events);
+    assert_eq!(reports(&later), 0, "an authenticated pair reported as audit: {later:?}");
     f.dp().remove_auth(2, 1, meshauth_datapath::NodeId::This).unwrap();
 
+    // MutualAuth Strict on the audited destination is enforced: no rule or no proof, dropped.
+    f.dp().apply_tables(&audited(false, Auth::Required)).unwrap();
+    let (missing, audited_before) = (f.counters().packets(Counter::DropAuthMissing), f.counters().packets(Counter::PassAudit));
+    assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "Strict dropped nothing at an audited destination");
+    assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT), "Strict: the unauthenticated pair");
+    assert!(f.counted_above(Counter::DropAuthMissing, missing + 1), "both dropped for want of authentication");
+    assert_eq!(f.counters().packets(Counter::PassAudit), audited_before, "a Strict drop is no audit finding");
+    take(&mut events);
+
     // Enforced: the same rules drop pod 3, and the established UDP flow's next datagram.
-    f.dp().apply_tables(&audited(true)).unwrap();
+    f.dp().apply_tables(&audited(true, Auth::None)).unwrap();
     let dropped = f.counters().packets(Counter::DropDenied);
     assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "enforced: no rule admits pod 3");
     flow.set_read_timeout(Some(SHORT)).unwrap();
     flow.send_to(b"meshauth", std::net::SocketAddrV4::new(f.ip(2), 9090)).unwrap();
-    assert!(flow.recv_from(&mut buf).is_err(), "enforced: the audited flow goes on");
+    assert!(flow.recv_from(&mut buf).is_err(), "enforced: the audited flow's next datagram passed");
     assert!(f.counted_above(Counter::DropDenied, dropped + 1), "both counted as denied");
     assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT), "enforced: the rule's authentication is required");
     assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "what the rules admit still passes");
-    assert!(drain(&mut events, EventKind::Pass).is_empty(), "passes sampled although sampling is off by default");
+    take(&mut events);
+    assert!(seen.iter().all(|e| e.kind != EventKind::Pass), "passes sampled although sampling is off by default");
 }
 
 /// Asked to (`pass_sample_every`), the datapath reports a sample of new flows that pass, with
@@ -939,11 +959,18 @@ async fn new_flows_that_pass_are_sampled_when_asked() {
         assert!(tcp_roundtrip(&mut conn, b"meshauth"));
     }
     assert!(tcp_request(f.pod(1), f.ip(3), 8080, LONG), "a pod no policy selects");
+    // Pod 1 under Permissive: the unauthenticated connection has its own event, no sample.
+    let mut permissive = t.clone();
+    permissive.endpoints[0].mutual_auth = Auth::Permissive;
+    f.dp().apply_tables(&permissive).unwrap();
+    let _back = tcp_echo_server(f.pod(1), 8080).unwrap();
+    assert!(tcp_request(f.pod(3), f.ip(1), 8080, LONG), "Permissive passes");
     assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "denied");
     std::thread::sleep(SHORT);
     let passes = drain(&mut events, EventKind::Pass);
     let to = |ip| passes.iter().filter(|e| e.dst == ip && !e.dropped).map(|e| e.counter).collect::<Vec<_>>();
     assert_eq!(to(f.ip(2)), [Counter::PassPolicy], "one sample per new flow, with its reason: {passes:?}");
     assert_eq!(to(f.ip(3)), [Counter::PassNoPolicy], "{passes:?}");
-    assert!(passes.iter().all(|e| e.src != f.ip(3)), "a drop is no pass: {passes:?}");
+    assert!(passes.iter().all(|e| e.dst != f.ip(1)), "a flow with an event of its own sampled: {passes:?}");
+    assert!(passes.iter().all(|e| e.src != f.ip(3) || e.dst != f.ip(2)), "a drop is no pass: {passes:?}");
 }

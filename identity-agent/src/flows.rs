@@ -9,7 +9,7 @@
 //! datapath's own event budget limits how many events reach the agent per second. Never
 //! decides anything: the verdict is the datapath's.
 
-use meshauth_datapath::{BootTime, Event, EventKind};
+use meshauth_datapath::{BootTime, Counter, Event, EventKind};
 use meshauth_policy::model::{ObjectRef, PolicyModel, Source};
 use meshauth_policy::tables::{AuthRequirement, TableProtocol};
 use serde::{Deserialize, Serialize};
@@ -100,31 +100,34 @@ impl FlowNamer {
         let source = self.pods.get(&event.src).map_or(Source::World, |r| Source::Pod(r.clone()));
         let explanation =
             self.pods.get(&event.dst).and_then(|dst| self.model.explain(&source, dst, protocol, event.dst_port).ok());
-        // The strictest admitting rule: the one whose requirement the packet failed.
+        let audit = event.counter == Counter::PassAudit;
         let asked_authentication = match event.kind {
             EventKind::AuthRequired | EventKind::Tag => true,
             EventKind::Audit => event.auth != AuthRequirement::None,
             _ => false,
         };
+        // The strictest admitting rule: the one whose requirement the packet failed. A drop is
+        // never an audited rule's (at an audited destination MutualAuth made it), and an
+        // audit finding is only an audited rule's.
         let strictest = explanation
             .as_ref()
-            .and_then(|e| e.allowed_by.iter().max_by_key(|r| r.authentication))
+            .and_then(|e| e.allowed_by.iter().filter(|r| e.audited_by.contains(&r.mesh_policy) == audit).max_by_key(|r| r.authentication))
             .filter(|_| asked_authentication);
         let rule = strictest.map(|r| format!("{} {}", r.mesh_policy, r.rule));
-        let by_policies = match (event.kind, &explanation) {
-            (_, None) => Vec::new(),
+        let by_policies = match &explanation {
+            None => Vec::new(),
             // The rule counts when it asked for the authentication (else MutualAuth did).
-            (_, Some(_)) if asked_authentication => {
+            Some(_) if asked_authentication => {
                 strictest.filter(|r| r.authentication == AuthRequirement::Required).map(|r| r.mesh_policy.to_string()).into_iter().collect()
             }
-            (EventKind::Denied, Some(e)) => {
+            Some(e) if event.counter == Counter::DropDenied => {
                 e.selected_by.iter().filter(|p| !e.audited_by.contains(p)).map(ToString::to_string).collect()
             }
-            (EventKind::Audit, Some(e)) => e.audited_by.iter().map(ToString::to_string).collect(),
+            Some(e) if event.kind == EventKind::Audit => e.audited_by.iter().map(ToString::to_string).collect(),
             _ => Vec::new(),
         };
         let verdict = match event.kind {
-            EventKind::Audit => "AUDIT",
+            _ if audit => "AUDIT",
             EventKind::Pass => "FORWARDED",
             _ if event.dropped => "DROPPED",
             _ => "PERMISSIVE",
@@ -207,7 +210,7 @@ impl FlowLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshauth_datapath::{BootTime, Counter};
+    use meshauth_datapath::BootTime;
     use meshauth_policy::model::ModelConfig;
     use meshauth_policy::tables::AuthRequirement;
 

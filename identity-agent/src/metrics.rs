@@ -140,7 +140,7 @@ impl AgentMetrics {
             );
             r.register(
                 "policy_denied_destinations",
-                "Destination identities denied everything because their policy did not fit in the map",
+                "Destination identities whose policy did not fit in the map: denied everything (audited ones: everything reported)",
                 m.policy_denied_destinations.clone(),
             );
         }

@@ -66,7 +66,7 @@ impl std::fmt::Display for OverBudget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "compiles into {} policy-map entries, and the namespace's older policies already take {} of its budget of {} (limit NAMESPACE_POLICY_ENTRY_BUDGET); the pods it selects stay isolated without its rules",
+            "compiles into {} policy-map entries, and the namespace's older policies already take {} of its budget of {} (limit NAMESPACE_POLICY_ENTRY_BUDGET); the pods it selects stay isolated (audited: stay audited) without its rules",
             self.entries, self.namespace_entries, NAMESPACE_POLICY_ENTRY_BUDGET
         )
     }

@@ -155,6 +155,15 @@ pub fn tables(endpoints: Vec<EndpointEntry>, policy: Vec<PolicyEntry>) -> Compil
     }
 }
 
+/// Every event already written.
+pub fn drain_all(events: &mut EventStream) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(e) = events.try_next() {
+        out.push(e.expect("event parses"));
+    }
+    out
+}
+
 /// Every event already written, of the given kind.
 pub fn drain(events: &mut EventStream, kind: EventKind) -> Vec<Event> {
     let mut out = Vec::new();

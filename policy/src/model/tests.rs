@@ -345,11 +345,22 @@ fn an_audited_policy_isolates_nothing_and_says_what_it_would_deny() {
     assert_eq!(m.auditing_policies(m.pod(&ObjectRef::new("shop", "payment")).expect("pod")), [ObjectRef::new("shop", "pay-audit")]);
     assert_eq!(m.is_audited(&ObjectRef::new("shop", "pay-audit")), Some(true));
 
-    // MutualAuth is not audited: Strict still drops a source that cannot authenticate.
+    let full_in = |m: &PolicyModel, from: &str, port| {
+        let source = if from == "world" { Source::World } else { Source::Pod(ObjectRef::parse(from).expect("ns/pod")) };
+        m.decide(&source, &ObjectRef::new("shop", "payment"), Tcp, port).expect("known pods")
+    };
+    // MutualAuth is not audited: Strict still drops a source that cannot authenticate, and
+    // what Strict requires is no audit finding.
     let strict = mutual_auth("shop", "strict", T1, json!({"mode": "Strict"}));
     let m = model_with(vec![audited.clone()], vec![strict]);
-    assert_eq!(decide(&m, "world", "shop/payment", Tcp, 8080), (Verdict::Deny, Required));
-    assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 8080), (Verdict::Allow, Required));
+    assert_eq!(full_in(&m, "world", 8080), Decision { verdict: Verdict::Deny, authentication: Required, audit: None });
+    assert_eq!(full_in(&m, "shop/order", 8080), Decision { verdict: Verdict::Allow, authentication: Required, audit: None });
+    assert_eq!(full_in(&m, "shop/web", 8080), Decision { verdict: Verdict::Allow, authentication: Required, audit: Some(AuditFinding::Denied) });
+    // Permissive MutualAuth and an audited Required rule: permissive, reported when unauthenticated.
+    let permissive = mutual_auth("shop", "permissive", T1, json!({"mode": "Permissive"}));
+    let m = model_with(vec![audited.clone()], vec![permissive]);
+    assert_eq!(full_in(&m, "shop/order", 8080), pass(Permissive, Some(AuditFinding::AuthenticationRequired)));
+    assert_eq!(full_in(&m, "shop/web", 9090), pass(Permissive, None));
 
     // An enforced policy on the same pod isolates it alone; the audited one adds nothing.
     let enforced = mesh_policy("shop", "pay", T2, json!({
@@ -357,6 +368,7 @@ fn an_audited_policy_isolates_nothing_and_says_what_it_would_deny() {
         "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 9090}]}]
     }));
     let m = model_with(vec![audited, enforced], vec![]);
-    assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 8080), (Verdict::Deny, NoAuth), "the audited rule admits nothing");
-    assert_eq!(decide(&m, "shop/web", "shop/payment", Tcp, 9090), (Verdict::Allow, NoAuth));
+    let deny = Decision { verdict: Verdict::Deny, authentication: NoAuth, audit: None };
+    assert_eq!(full_in(&m, "shop/order", 8080), deny, "the audited rule admits nothing");
+    assert_eq!(full_in(&m, "shop/web", 9090), pass(NoAuth, None));
 }
