@@ -32,28 +32,19 @@ fn main() {
     let clang = env::var("MESHAUTH_CLANG").unwrap_or_else(|_| "clang".into());
     let clang_version = match Command::new(&clang).arg("--version").output() {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-        _ => fail(&format!(
-            "`{clang}` was not found or does not run: the TC programs are compiled with clang; {APT_HINT}"
-        )),
+        _ => fail(&format!("`{clang}` was not found or does not run: the TC programs are compiled with clang; {APT_HINT}")),
     };
 
     // The per-architecture include directory holds <asm/types.h>, which <linux/types.h> needs.
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
-    for (header, package) in [
-        ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
-        ("/usr/include/linux/bpf.h", "linux-libc-dev"),
-    ] {
+    for (header, package) in [("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"), ("/usr/include/linux/bpf.h", "linux-libc-dev")] {
         if !Path::new(header).exists() {
-            fail(&format!(
-                "{header} is missing (package {package}); {APT_HINT}"
-            ));
+            fail(&format!("{header} is missing (package {package}); {APT_HINT}"));
         }
     }
     if !Path::new(&multiarch).join("asm/types.h").exists() {
-        fail(&format!(
-            "{multiarch}/asm/types.h is missing (package linux-libc-dev); {APT_HINT}"
-        ));
+        fail(&format!("{multiarch}/asm/types.h is missing (package linux-libc-dev); {APT_HINT}"));
     }
 
     for name in ["meshauth", "empty"] {
@@ -78,12 +69,8 @@ fn main() {
     // The C side of the ABI test: a host program printing sizeof/offsetof of every shared
     // struct. Running it here means the test compares against the real compiler layout.
     let layout_exe = out.join("c_layout");
-    let status = Command::new(&clang)
-        .arg(format!("-I{}", bpf_dir.display()))
-        .arg(bpf_dir.join("layout.c"))
-        .arg("-o")
-        .arg(&layout_exe)
-        .status();
+    let status =
+        Command::new(&clang).arg(format!("-I{}", bpf_dir.display())).arg(bpf_dir.join("layout.c")).arg("-o").arg(&layout_exe).status();
     if !matches!(status, Ok(s) if s.success()) {
         fail("clang failed compiling bpf/layout.c for the host (is libc6-dev installed?)");
     }

@@ -130,7 +130,8 @@ fn measure(agent_bin: &Path, work: &Path, local_pods: usize, local_ids: usize, r
         let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pin_dir)).map_err(|e| BenchAgentError::Setup(e.to_string()))?;
         let expiry = BootTime::after(Duration::from_secs(3600));
         for pair in &node_plan.desired {
-            dp.set_auth(pair.dst_number, pair.src_number, meshauth_datapath::NodeId::This, expiry).map_err(|e| BenchAgentError::Setup(e.to_string()))?;
+            dp.set_auth(pair.dst_number, pair.src_number, meshauth_datapath::NodeId::This, expiry)
+                .map_err(|e| BenchAgentError::Setup(e.to_string()))?;
         }
     }
 
@@ -175,7 +176,8 @@ fn measure(agent_bin: &Path, work: &Path, local_pods: usize, local_ids: usize, r
     running.children.push(agent);
     // Settle: the first plan is applied, SVIDs fetched, the auth manager has adopted the map.
     std::thread::sleep(Duration::from_secs(6));
-    let rss = rss_bytes(pid).ok_or_else(|| BenchAgentError::Setup(format!("the agent exited; see {}", work.join("agent.log").display())))?;
+    let rss =
+        rss_bytes(pid).ok_or_else(|| BenchAgentError::Setup(format!("the agent exited; see {}", work.join("agent.log").display())))?;
     drop(running);
     let _ = std::fs::remove_dir_all(&pin_dir);
     Ok(MemoryPoint { local_pods, auth_entries: entries, rss_bytes: rss })
@@ -199,9 +201,18 @@ pub fn run(agent_bin: &Path, json: bool, out: &mut dyn Write) -> Result<MemoryRe
     } else {
         format!(
             "{:<28} {:>10} {:>12} {:>10}\n{:<28} {:>10} {:>12} {:>9.1}M\n{:<28} {:>10} {:>12} {:>9.1}M\nratio to baseline: {:.2}x\n",
-            "AGENT", "LOCAL PODS", "AUTH ENTRIES", "RSS",
-            "empty node (baseline)", report.baseline.local_pods, report.baseline.auth_entries, mib(report.baseline.rss_bytes),
-            "large node", report.loaded.local_pods, report.loaded.auth_entries, mib(report.loaded.rss_bytes),
+            "AGENT",
+            "LOCAL PODS",
+            "AUTH ENTRIES",
+            "RSS",
+            "empty node (baseline)",
+            report.baseline.local_pods,
+            report.baseline.auth_entries,
+            mib(report.baseline.rss_bytes),
+            "large node",
+            report.loaded.local_pods,
+            report.loaded.auth_entries,
+            mib(report.loaded.rss_bytes),
             report.ratio
         )
     };

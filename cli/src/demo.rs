@@ -163,9 +163,7 @@ fn observe_on(mesh: &MeshBox, node: &str, filter: crate::observe::Filter, format
         format,
     };
     let mut out = Vec::new();
-    n.ns.run(|| crate::observe::observe(&req, &mut out))
-        .map_err(|e| format!("entering {node}: {e}"))?
-        .map_err(|e| e.to_string())?;
+    n.ns.run(|| crate::observe::observe(&req, &mut out)).map_err(|e| format!("entering {node}: {e}"))?.map_err(|e| e.to_string())?;
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
@@ -203,7 +201,8 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     }
     let agent_bin = find_agent(options.agent_bin.clone())?;
     let manifests_dir = options.dir.join("manifests");
-    std::fs::create_dir_all(&manifests_dir).map_err(|error| DemoError::Io { what: format!("creating {}", manifests_dir.display()), error })?;
+    std::fs::create_dir_all(&manifests_dir)
+        .map_err(|error| DemoError::Io { what: format!("creating {}", manifests_dir.display()), error })?;
     let mut parsed = meshauth_cluster::manifests::Manifests::default();
     for (name, text) in EXAMPLES {
         std::fs::write(manifests_dir.join(name), text).map_err(|error| DemoError::Io { what: format!("writing {name}"), error })?;
@@ -232,11 +231,16 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     mesh.start_agent("node-2")?;
     mesh.start_agent("node-1")?;
     let node2_pins = mesh.node("node-2").map(|n| n.pin_dir.clone()).unwrap_or_default();
-    let maps = Maps::open(&node2_pins).map_err(|e| DemoError::Io { what: "opening node-2's maps".into(), error: std::io::Error::other(e.to_string()) })?;
+    let maps = Maps::open(&node2_pins)
+        .map_err(|e| DemoError::Io { what: "opening node-2's maps".into(), error: std::io::Error::other(e.to_string()) })?;
     let before = drops(&maps, Counter::DropAuthMissing);
     let ok = tcp_request(mesh.pod("shop/order-0"), payment, 8080, Duration::from_millis(700));
     let dropped = drops(&maps, Counter::DropAuthMissing) - before;
-    r.check("unauthenticated pair dropped under Strict", !ok && dropped > 0, format!("connect {}, {dropped} packet(s) counted as auth-missing on node-2", if ok { "succeeded" } else { "timed out" }));
+    r.check(
+        "unauthenticated pair dropped under Strict",
+        !ok && dropped > 0,
+        format!("connect {}, {dropped} packet(s) counted as auth-missing on node-2", if ok { "succeeded" } else { "timed out" }),
+    );
     // What node-2 saw, by name.
     let seen = observe_on(
         &mesh,
@@ -276,7 +280,9 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     r.check(
         "handshake wrote the pair into node-2's auth map",
         authenticated.is_some(),
-        authenticated.map_or("no entry within 15 s".into(), |d| format!("{} ms after node-1's issuer started (retries back off while the peer has no SVID)", d.as_millis())),
+        authenticated.map_or("no entry within 15 s".into(), |d| {
+            format!("{} ms after node-1's issuer started (retries back off while the peer has no SVID)", d.as_millis())
+        }),
     );
     let ok = tcp_request(mesh.pod("shop/order-0"), payment, 8080, Duration::from_secs(2));
     r.check("authenticated pair allowed", ok, format!("order-0 → payment-0:8080 {}", if ok { "answered" } else { "failed" }));
@@ -287,17 +293,26 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     let before = drops(&maps, Counter::DropDenied);
     let ok = tcp_request(mesh.pod("shop/frontend-0"), payment, 8080, Duration::from_millis(500));
     let denied = drops(&maps, Counter::DropDenied) - before;
-    r.check("pair outside the policy denied", !ok && denied > 0, format!("frontend-0 → payment-0:8080 {}, {denied} denied", if ok { "answered" } else { "dropped" }));
+    r.check(
+        "pair outside the policy denied",
+        !ok && denied > 0,
+        format!("frontend-0 → payment-0:8080 {}, {denied} denied", if ok { "answered" } else { "dropped" }),
+    );
 
     // 4. order-0 pretends to be frontend-0: node-1 drops it at order's own interface.
     let node1_pins = mesh.node("node-1").map(|n| n.pin_dir.clone()).unwrap_or_default();
-    let maps1 = Maps::open(&node1_pins).map_err(|e| DemoError::Io { what: "opening node-1's maps".into(), error: std::io::Error::other(e.to_string()) })?;
+    let maps1 = Maps::open(&node1_pins)
+        .map_err(|e| DemoError::Io { what: "opening node-1's maps".into(), error: std::io::Error::other(e.to_string()) })?;
     let before = drops(&maps1, Counter::DropSpoofed);
     let spoof = mesh.pod("shop/order-0").ns.exec(&["ip", "addr", "add", &format!("{frontend_ip}/32"), "dev", "eth0"]).is_ok();
     let ok = spoof && udp_request(mesh.pod("shop/order-0"), Some(frontend_ip), payment, 8080, Duration::from_millis(500));
     let spoofed = drops(&maps1, Counter::DropSpoofed) - before;
     let _ = mesh.pod("shop/order-0").ns.exec(&["ip", "addr", "del", &format!("{frontend_ip}/32"), "dev", "eth0"]);
-    r.check("spoofed source dropped", spoof && !ok && spoofed > 0, format!("order-0 sending as {frontend_ip}: {spoofed} dropped at node-1"));
+    r.check(
+        "spoofed source dropped",
+        spoof && !ok && spoofed > 0,
+        format!("order-0 sending as {frontend_ip}: {spoofed} dropped at node-1"),
+    );
 
     // 5. A new connection of a pre-authenticated pair: no drop, no SYN retransmission.
     r.say("\n== 4. pre-authenticated pairs: a new connection sees no drop");
@@ -308,17 +323,24 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     let connect_ms = t.elapsed().as_secs_f64() * 1000.0;
     let ok = conn.map(|mut c| tcp_roundtrip(&mut c, b"hello")).unwrap_or(false);
     let retrans = ns.tcp_retransmits().unwrap_or(u64::MAX).saturating_sub(retrans_before);
-    r.check("new connection, first packet through", ok && retrans == 0 && connect_ms < 500.0, format!("frontend-0 → order-0:8080 connected in {connect_ms:.2} ms, {retrans} retransmissions"));
+    r.check(
+        "new connection, first packet through",
+        ok && retrans == 0 && connect_ms < 500.0,
+        format!("frontend-0 → order-0:8080 connected in {connect_ms:.2} ms, {retrans} retransmissions"),
+    );
 
     // 6. A policy change reaches every node's maps.
     r.say("\n== 5. a new MeshPolicy for tools/debug: audited first, then enforced on every node");
     let debug_ip = mesh.pod("tools/debug").ip;
     let lockdown = |enforcement: &str| {
-        format!("apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: debug-lockdown, namespace: tools}}\nspec:\n  enforcement: {enforcement}\n  selector: {{matchLabels: {{app: debug}}}}\n")
+        format!(
+            "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: debug-lockdown, namespace: tools}}\nspec:\n  enforcement: {enforcement}\n  selector: {{matchLabels: {{app: debug}}}}\n"
+        )
     };
     let lockdown_file = options.dir.join("manifests").join("50-debug-lockdown.yaml");
     let write_lockdown = |enforcement: &str| {
-        std::fs::write(&lockdown_file, lockdown(enforcement)).map_err(|error| DemoError::Io { what: "writing the new policy".into(), error })
+        std::fs::write(&lockdown_file, lockdown(enforcement))
+            .map_err(|error| DemoError::Io { what: "writing the new policy".into(), error })
     };
     let flagged = |m: &Maps, audit: bool| {
         m.endpoints().map(|e| e.iter().any(|ep| ep.ip == debug_ip && if audit { ep.audit } else { ep.isolated })).unwrap_or(false)
@@ -335,8 +357,13 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     let mut shown = String::new();
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(3) && !shown.contains("tools/debug-lockdown") {
-        shown = observe_on(&mesh, "node-2", crate::observe::Filter { verdict: Some("AUDIT".into()), pod: Some("tools/debug".into()), ..Default::default() }, crate::observe::Format::Table)
-            .unwrap_or_else(|e| e);
+        shown = observe_on(
+            &mesh,
+            "node-2",
+            crate::observe::Filter { verdict: Some("AUDIT".into()), pod: Some("tools/debug".into()), ..Default::default() },
+            crate::observe::Format::Table,
+        )
+        .unwrap_or_else(|e| e);
         std::thread::sleep(Duration::from_millis(50));
     }
     let seen = shown.contains("AUDIT") && shown.contains("tools/metrics") && shown.contains("tools/debug-lockdown");
@@ -364,7 +391,9 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     r.check(
         "policy applied, enforced on every node",
         allowed_before && denied_after && enforced.is_some_and(|d| d < Duration::from_secs(1)),
-        enforced.map_or("not in the maps after 5 s".into(), |d| format!("in both nodes' maps {} ms after the file was written; metrics → debug now dropped: {denied_after}", d.as_millis())),
+        enforced.map_or("not in the maps after 5 s".into(), |d| {
+            format!("in both nodes' maps {} ms after the file was written; metrics → debug now dropped: {denied_after}", d.as_millis())
+        }),
     );
 
     // 7. Continuous traffic through an SVID rotation and an agent restart.
@@ -406,7 +435,11 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     mesh.pods.insert("shop/order-0".into(), order_pod);
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     r.check("SVIDs rotated and the pair re-authenticated", rotation_seen, format!("auth entry expiry moved forward: {rotation_seen}"));
-    r.check("zero failed requests across rotation and restart", failed == 0 && sent > 0 && restart_ok, format!("{sent} new connections, {failed} failed; agent restarted: {restart_ok}"));
+    r.check(
+        "zero failed requests across rotation and restart",
+        failed == 0 && sent > 0 && restart_ok,
+        format!("{sent} new connections, {failed} failed; agent restarted: {restart_ok}"),
+    );
     let log = mesh.agent_log("node-2");
     let adopted = log.lines().rfind(|l| l.contains("datapath ready")).is_some_and(|l| l.contains("adopted=true"));
     r.check("restarted agent adopted the pinned datapath", adopted, "programs, maps and links stayed pinned".into());
@@ -421,11 +454,23 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     r.check(
         "spoofed source from another node dropped",
         matches!(spoofed, Ok(false)) && tag_missing > 0,
-        format!("node-1 process as {order_ip} → payment-0:8080: {}, {tag_missing} SYN(s) dropped at node-2 for a missing tag", match &spoofed { Ok(true) => "connected".to_owned(), Ok(false) => "refused".to_owned(), Err(e) => e.to_string() }),
+        format!(
+            "node-1 process as {order_ip} → payment-0:8080: {}, {tag_missing} SYN(s) dropped at node-2 for a missing tag",
+            match &spoofed {
+                Ok(true) => "connected".to_owned(),
+                Ok(false) => "refused".to_owned(),
+                Err(e) => e.to_string(),
+            }
+        ),
     );
 
     r.say("\n  what node-2 dropped so far, by name: meshauthctl observe --verdict DROPPED --last 5   (on node-2)");
-    match observe_on(&mesh, "node-2", crate::observe::Filter { verdict: Some("DROPPED".into()), ..Default::default() }, crate::observe::Format::Table) {
+    match observe_on(
+        &mesh,
+        "node-2",
+        crate::observe::Filter { verdict: Some("DROPPED".into()), ..Default::default() },
+        crate::observe::Format::Table,
+    ) {
         Ok(table) => r.say(table.trim_end()),
         Err(e) => r.say(&format!("  observe: {e}")),
     }
@@ -473,7 +518,10 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
             let agent = format!("--agent 127.0.0.1:{}", n.metrics_port);
             r.say(&format!("  {} (network namespace {}):", n.name, n.ns.name));
             r.say(&format!("    ip netns exec {} meshauthctl observe {agent} --follow", n.ns.name));
-            r.say(&format!("    ip netns exec {} meshauthctl explain {agent} --from shop/order-0 --to shop/payment-0 --port 8080", n.ns.name));
+            r.say(&format!(
+                "    ip netns exec {} meshauthctl explain {agent} --from shop/order-0 --to shop/payment-0 --port 8080",
+                n.ns.name
+            ));
             r.say(&format!("    meshauthctl auth list --pin-dir {}", n.pin_dir.display()));
             r.say(&format!("    meshauthctl status --pin-dir {}", n.pin_dir.display()));
         }

@@ -24,7 +24,11 @@ pub enum ExplainError {
     #[error("the agent at {addr} answered {status}: {body}")]
     Refused { addr: SocketAddr, status: u16, body: String },
     #[error("the agent at {addr} sent no readable answer: {source}")]
-    Unreadable { addr: SocketAddr, #[source] source: UnreadableAnswer },
+    Unreadable {
+        addr: SocketAddr,
+        #[source]
+        source: UnreadableAnswer,
+    },
 }
 
 /// What was wrong with an agent's answer.
@@ -176,16 +180,20 @@ pub fn render_table(report: &Value) -> String {
     }
     match report["audit"].as_str() {
         Some("denied") => out.push_str("  AUDIT: passes, and is reported: enforced, the audited policies would drop it\n"),
-        Some("authenticationRequired") => {
-            out.push_str("  AUDIT: passes; reported while the pair is unauthenticated: enforced, an audited rule would require authentication\n")
-        }
+        Some("authenticationRequired") => out.push_str(
+            "  AUDIT: passes; reported while the pair is unauthenticated: enforced, an audited rule would require authentication\n",
+        ),
         _ => {}
     }
     match report["mutualAuth"].as_object() {
         Some(m) => out.push_str(&format!("  mode {} from MutualAuth {}\n", s(&m["mode"]), s(&m["name"]))),
         None => out.push_str("  no MutualAuth applies to the destination\n"),
     }
-    out.push_str(&format!("  source identity: {}\n  destination identity: {}\n", s(&report["sourceIdentity"]), s(&report["destinationIdentity"])));
+    out.push_str(&format!(
+        "  source identity: {}\n  destination identity: {}\n",
+        s(&report["sourceIdentity"]),
+        s(&report["destinationIdentity"])
+    ));
     if let Some(proofs) = report["proofs"].as_array() {
         let node = s(&report["node"]);
         if proofs.is_empty() {

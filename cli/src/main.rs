@@ -2,8 +2,8 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshauth_crds::TrustDomain;
-use meshauth_policy::tables::TableProtocol;
 use meshauth_datapath::cli::{self as datapath_cli, OutputFormat};
+use meshauth_policy::tables::TableProtocol;
 use meshauthctl::demo::{self, DemoOptions};
 use meshauthctl::explain;
 use meshauthctl::observe;
@@ -345,19 +345,23 @@ fn main() -> ExitCode {
             report("auth list", datapath_cli::auth_list(&pin_dir, output.into(), &mut std::io::stdout()))
         }
         Command::Status { pin_dir, output } => report("status", datapath_cli::status(&pin_dir, output.into(), &mut std::io::stdout())),
-        Command::Bench { command: BenchCommand::Datapath { output } } => report(
-            "bench datapath",
-            datapath_cli::bench_datapath(&Default::default(), output.into(), &mut std::io::stdout()).map(|_| ()),
-        ),
+        Command::Bench { command: BenchCommand::Datapath { output } } => {
+            report("bench datapath", datapath_cli::bench_datapath(&Default::default(), output.into(), &mut std::io::stdout()).map(|_| ()))
+        }
         Command::Bench { command: BenchCommand::AgentMemory { agent_bin, output } } => {
-            let result = demo::find_agent(agent_bin)
-                .map_err(|e| e.to_string())
-                .and_then(|bin| meshauthctl::bench_agent::run(&bin, matches!(output, OutputArg::Json), &mut std::io::stdout()).map_err(|e| e.to_string()));
+            let result = demo::find_agent(agent_bin).map_err(|e| e.to_string()).and_then(|bin| {
+                meshauthctl::bench_agent::run(&bin, matches!(output, OutputArg::Json), &mut std::io::stdout()).map_err(|e| e.to_string())
+            });
             report("bench agent-memory", result.map(|_| ()))
         }
         Command::Demo { action: Some(DemoAction::Down { dir }), .. } => match demo::mesh::take_down(&dir) {
             Ok(kept) => {
-                println!("took down the kept mesh: {} processes, {} network namespaces, {} pin directories", kept.processes.len(), kept.namespaces.len(), kept.pin_roots.len());
+                println!(
+                    "took down the kept mesh: {} processes, {} network namespaces, {} pin directories",
+                    kept.processes.len(),
+                    kept.namespaces.len(),
+                    kept.pin_roots.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

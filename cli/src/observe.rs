@@ -41,7 +41,10 @@ pub struct Filter {
 impl Filter {
     pub fn matches(&self, r: &FlowRecord, now: SystemTime) -> bool {
         let ends = [&r.source, &r.destination];
-        let reason_ok = self.reason.as_deref().is_none_or(|want| r.reason == want || r.reason.strip_prefix("drop_").or_else(|| r.reason.strip_prefix("pass_")) == Some(want));
+        let reason_ok = self
+            .reason
+            .as_deref()
+            .is_none_or(|want| r.reason == want || r.reason.strip_prefix("drop_").or_else(|| r.reason.strip_prefix("pass_")) == Some(want));
         let namespace_ok = self
             .namespace
             .as_deref()
@@ -92,7 +95,8 @@ pub struct Request {
 }
 
 /// The table header.
-pub const HEADER: &str = "TIME          VERDICT     REASON                 SOURCE                         DESTINATION                    RULE / MODE";
+pub const HEADER: &str =
+    "TIME          VERDICT     REASON                 SOURCE                         DESTINATION                    RULE / MODE";
 
 /// One record for people.
 pub fn render_row(r: &FlowRecord) -> String {
@@ -184,7 +188,12 @@ pub fn observe(req: &Request, out: &mut dyn Write) -> Result<usize, ObserveError
 /// Writes one record (the parsed one for the table, the raw line for JSON).
 type Emit<'a> = dyn Fn(&mut dyn Write, &FlowRecord, &str) -> Result<(), ObserveError> + 'a;
 
-fn flush_held(held: &mut Vec<(FlowRecord, String)>, last: Option<usize>, out: &mut dyn Write, emit: &Emit<'_>) -> Result<usize, ObserveError> {
+fn flush_held(
+    held: &mut Vec<(FlowRecord, String)>,
+    last: Option<usize>,
+    out: &mut dyn Write,
+    emit: &Emit<'_>,
+) -> Result<usize, ObserveError> {
     let skip = last.map_or(0, |n| held.len().saturating_sub(n));
     let shown = held.len() - skip;
     for (r, raw) in held.drain(..).skip(skip) {

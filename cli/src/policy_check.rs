@@ -2,8 +2,8 @@
 //! a directory of YAML manifests by the same model the agents compile into their maps.
 
 use meshauth_agent::inputs::InputError;
-use meshauth_crds::TrustDomain;
 use meshauth_cluster::manifests::Manifests;
+use meshauth_crds::TrustDomain;
 use meshauth_policy::model::{AuditFinding, Decision, Inputs, Kind, ModelConfig, ObjectRef, PolicyModel, Source, Verdict};
 use meshauth_policy::tables::{AuthRequirement, TableProtocol};
 use serde::Serialize;
@@ -22,7 +22,9 @@ pub enum CheckError {
     NoPodIp(ObjectRef),
     #[error("pod {0} is not a mesh endpoint: it {1}")]
     NotEndpoint(ObjectRef, meshauth_cluster::NotEndpoint),
-    #[error("pod {pod} is not a mesh endpoint: its IP {ip} is claimed by {claimants} too; the address is isolated and names no identity (it is a source without identity, and only the node reaches it)")]
+    #[error(
+        "pod {pod} is not a mesh endpoint: its IP {ip} is claimed by {claimants} too; the address is isolated and names no identity (it is a source without identity, and only the node reaches it)"
+    )]
     SharedAddress { pod: ObjectRef, ip: std::net::Ipv4Addr, claimants: String },
     #[error("{}", .0.join("\n"))]
     InvalidSpecs(Vec<String>),
@@ -116,9 +118,8 @@ pub fn check(req: &CheckRequest) -> Result<CheckResult, CheckError> {
     };
     let from = pod_with_ip(&req.from)?;
     let to = pod_with_ip(&req.to)?;
-    let Decision { verdict, authentication, audit } = model
-        .decide(&Source::Pod(from.clone()), &to, req.protocol, req.port)
-        .map_err(|e| match e {
+    let Decision { verdict, authentication, audit } =
+        model.decide(&Source::Pod(from.clone()), &to, req.protocol, req.port).map_err(|e| match e {
             meshauth_policy::model::ModelError::UnknownPod(r) => CheckError::UnknownPod(r),
         })?;
     let mut explanation = explain(&model, &from, &to);
@@ -187,16 +188,18 @@ pub fn render(req: &CheckRequest, result: &CheckResult, output: Output) -> Strin
                 AuthRequirement::Required => "required",
             };
             let meaning = match (result.audit, result.verdict, result.authentication) {
-                (Some(AuditFinding::Denied), _, _) => "passes, reported as AUDIT: an audited MeshPolicy would drop it (no rule of it matches)",
+                (Some(AuditFinding::Denied), _, _) => {
+                    "passes, reported as AUDIT: an audited MeshPolicy would drop it (no rule of it matches)"
+                }
                 (Some(AuditFinding::AuthenticationRequired), _, _) => {
                     "passes, reported as AUDIT while the pair is unauthenticated: an audited MeshPolicy rule requires authentication"
                 }
                 (None, verdict, authentication) => match (verdict, authentication) {
-                (Verdict::Allow, AuthRequirement::Required) => "passes once the pair is mutually authenticated",
-                (Verdict::Allow, AuthRequirement::Permissive) => "passes; handshakes happen and would-be drops are counted",
-                (Verdict::Allow, AuthRequirement::None) => "passes",
-                (Verdict::Deny, AuthRequirement::Required) => "dropped: authentication is required and the source has no identity",
-                (Verdict::Deny, _) => "dropped: no rule of the destination's MeshPolicies matches",
+                    (Verdict::Allow, AuthRequirement::Required) => "passes once the pair is mutually authenticated",
+                    (Verdict::Allow, AuthRequirement::Permissive) => "passes; handshakes happen and would-be drops are counted",
+                    (Verdict::Allow, AuthRequirement::None) => "passes",
+                    (Verdict::Deny, AuthRequirement::Required) => "dropped: authentication is required and the source has no identity",
+                    (Verdict::Deny, _) => "dropped: no rule of the destination's MeshPolicies matches",
                 },
             };
             let port = format!("{}/{proto}", req.port);

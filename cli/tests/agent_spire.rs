@@ -17,9 +17,7 @@ use kube::api::{Api, Patch, PatchParams};
 use meshauth_agent::handshake::{HandshakeClient, HostedIdentities};
 use meshauth_agent::svid::{StoreConfig, SvidStore, SystemClock, WorkloadApiSource};
 use meshauth_crds::SpiffeId;
-use meshauth_datapath::testing::{
-    Netns, Pod, Server, require_root, tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip,
-};
+use meshauth_datapath::testing::{Netns, Pod, Server, require_root, tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip};
 use meshauth_datapath::{BootTime, Counter, Counters, Maps};
 use meshauth_testenv::k8s::{self, TestPod};
 use meshauth_testenv::{EntrySpec, TestEnv, svid};
@@ -119,13 +117,8 @@ spec:
 /// SPIRE registrations: (service account in `shop`, node whose SPIRE agent is the parent).
 /// audit is registered under node-2, which hosts no audit pod: a node that could present an
 /// identity it does not host.
-const REGISTRATIONS: &[(&str, &str)] = &[
-    ("order", "node-1"),
-    ("refund", "node-1"),
-    ("checkout", "node-1"),
-    ("payment", "node-2"),
-    ("audit", "node-2"),
-];
+const REGISTRATIONS: &[(&str, &str)] =
+    &[("order", "node-1"), ("refund", "node-1"), ("checkout", "node-1"), ("payment", "node-2"), ("audit", "node-2")];
 
 // ---------------------------------------------------------------------------------------------
 // The shared fixture
@@ -163,9 +156,7 @@ static FIXTURE: Mutex<Slot> = Mutex::new(Slot::Empty);
 fn with_fixture<T>(f: impl FnOnce(&mut Fixture) -> T) -> T {
     let mut slot = FIXTURE.lock().unwrap_or_else(PoisonError::into_inner);
     if matches!(*slot, Slot::Empty) {
-        *slot = Slot::Failed(
-            "the fixture panicked while starting (see the first test's output)".into(),
-        );
+        *slot = Slot::Failed("the fixture panicked while starting (see the first test's output)".into());
         // SAFETY: registers a plain extern "C" function once; it runs at process exit.
         unsafe { libc::atexit(cleanup) };
         *slot = match Fixture::start() {
@@ -202,26 +193,17 @@ fn agent_bin() -> PathBuf {
 
 /// The API server's port, from the kubeconfig (`server: https://127.0.0.1:PORT`).
 fn api_port(kubeconfig: &Path) -> Result<u16, String> {
-    let text = std::fs::read_to_string(kubeconfig)
-        .map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
+    let text = std::fs::read_to_string(kubeconfig).map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
     let kc: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
-    let server = kc["clusters"][0]["cluster"]["server"]
-        .as_str()
-        .ok_or("no server in the kubeconfig")?;
-    server
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .ok_or_else(|| format!("no port in {server}"))
+    let server = kc["clusters"][0]["cluster"]["server"].as_str().ok_or("no server in the kubeconfig")?;
+    server.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).ok_or_else(|| format!("no port in {server}"))
 }
 
 /// The agents run inside their node's network namespace, where 127.0.0.1 is not the host's:
 /// forward the node's 127.0.0.1:`port` to the host's (TLS passes through untouched).
 fn forward_api_server(ns: &Netns, port: u16) -> Result<(), String> {
-    let listener = ns
-        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port)))
-        .and_then(|r| r)
-        .map_err(|e| format!("forwarder in {}: {e}", ns.name))?;
+    let listener =
+        ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port))).and_then(|r| r).map_err(|e| format!("forwarder in {}: {e}", ns.name))?;
     // Threads spawned here live in the host namespace: the outbound side dials the real server.
     std::thread::spawn(move || {
         for inbound in listener.incoming() {
@@ -230,8 +212,7 @@ fn forward_api_server(ns: &Netns, port: u16) -> Result<(), String> {
                 let Ok(outbound) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
                     return;
                 };
-                let (Ok(mut in_r), Ok(mut out_w)) = (inbound.try_clone(), outbound.try_clone())
-                else {
+                let (Ok(mut in_r), Ok(mut out_w)) = (inbound.try_clone(), outbound.try_clone()) else {
                     return;
                 };
                 let up = std::thread::spawn(move || {
@@ -267,89 +248,49 @@ impl Fixture {
             ));
         }
         let env = TestEnv::shared_blocking().map_err(|e| e.to_string())?;
-        eprintln!(
-            "agent_spire: test environment up in {:.1} s ({})",
-            t0.elapsed().as_secs_f64(),
-            env.dir().display()
-        );
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
+        eprintln!("agent_spire: test environment up in {:.1} s ({})", t0.elapsed().as_secs_f64(), env.dir().display());
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;
         let client = rt.block_on(env.client()).map_err(|e| e.to_string())?;
 
         // The cluster: CRDs, then every object of MESH.
         rt.block_on(async {
-            k8s::install_crds(&client, &k8s::crd_dir(), Duration::from_secs(60))
-                .await
-                .map_err(|e| e.to_string())?;
+            k8s::install_crds(&client, &k8s::crd_dir(), Duration::from_secs(60)).await.map_err(|e| e.to_string())?;
             for doc in docs(MESH) {
                 apply(&client, &doc).await?;
             }
             Ok::<_, String>(())
         })?;
 
-        let agent_ids: BTreeMap<String, String> = env
-            .nodes()
-            .iter()
-            .map(|n| (n.name.clone(), n.agent_id.clone()))
-            .collect();
+        let agent_ids: BTreeMap<String, String> = env.nodes().iter().map(|n| (n.name.clone(), n.agent_id.clone())).collect();
 
         // The box, from the same objects.
         let mut parsed = meshauth_cluster::manifests::Manifests::default();
-        parsed
-            .add_source("mesh.yaml", MESH)
-            .map_err(|e| e.to_string())?;
+        parsed.add_source("mesh.yaml", MESH).map_err(|e| e.to_string())?;
         let dir = env.dir().join("box");
         let manifests_dir = dir.join("manifests");
         std::fs::create_dir_all(&manifests_dir).map_err(|e| e.to_string())?;
         std::fs::write(manifests_dir.join("mesh.yaml"), MESH).map_err(|e| e.to_string())?;
         let tag = format!("as{}", std::process::id() % 100_000);
-        let mut mesh = MeshBox::build(
-            &tag,
-            dir,
-            manifests_dir,
-            &parsed,
-            agent_bin,
-            Duration::from_secs(u64::from(SVID_TTL)),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut mesh = MeshBox::build(&tag, dir, manifests_dir, &parsed, agent_bin, Duration::from_secs(u64::from(SVID_TTL)))
+            .map_err(|e| e.to_string())?;
         mesh.agent_inputs = AgentInputs::Kubeconfig(env.kubeconfig());
         let port = api_port(&env.kubeconfig())?;
         for node in env.nodes() {
             mesh.set_workload_socket(&node.name, node.agent_socket.clone());
-            let ns = &mesh
-                .node(&node.name)
-                .ok_or_else(|| format!("no box node {}", node.name))?
-                .ns;
+            let ns = &mesh.node(&node.name).ok_or_else(|| format!("no box node {}", node.name))?.ns;
             forward_api_server(ns, port)?;
         }
         let pods = std::mem::take(&mut mesh.pods);
-        let servers =
-            vec![tcp_echo_server(&pods["shop/payment-0"], PORT).map_err(|e| e.to_string())?];
+        let servers = vec![tcp_echo_server(&pods["shop/payment-0"], PORT).map_err(|e| e.to_string())?];
 
-        let mut fx = Fixture {
-            _servers: servers,
-            pods,
-            mesh,
-            env,
-            client,
-            rt,
-            agent_ids,
-            registered: Vec::new(),
-            spire_agents: Vec::new(),
-        };
+        let mut fx =
+            Fixture { _servers: servers, pods, mesh, env, client, rt, agent_ids, registered: Vec::new(), spire_agents: Vec::new() };
         for (sa, node) in REGISTRATIONS {
             fx.register(sa, node)?;
         }
         fx.mesh.start_agent("node-2").map_err(|e| e.to_string())?;
         fx.mesh.start_agent("node-1").map_err(|e| e.to_string())?;
-        eprintln!(
-            "agent_spire: fixture ready in {:.1} s (box logs under {})",
-            t0.elapsed().as_secs_f64(),
-            fx.mesh.dir.display()
-        );
+        eprintln!("agent_spire: fixture ready in {:.1} s (box logs under {})", t0.elapsed().as_secs_f64(), fx.mesh.dir.display());
         Ok(fx)
     }
 
@@ -364,29 +305,15 @@ impl Fixture {
     /// A node-scoped entry: `shop/<sa>` for the SPIRE agent of `node`, any root process
     /// (`unix:uid:0`: the meshauth agent runs as root), 30 s SVIDs.
     fn register(&mut self, service_account: &str, node: &str) -> Result<(), String> {
-        let spec = EntrySpec::new(self.id(service_account), &self.agent_ids[node])
-            .selector("unix:uid:0")
-            .x509_svid_ttl(SVID_TTL);
-        let entry = self
-            .rt
-            .block_on(self.env.spire().create_entry(&spec))
-            .map_err(|e| e.to_string())?;
-        self.registered.push(Registered {
-            service_account: service_account.into(),
-            node: node.into(),
-            entry_id: entry.id,
-        });
+        let spec = EntrySpec::new(self.id(service_account), &self.agent_ids[node]).selector("unix:uid:0").x509_svid_ttl(SVID_TTL);
+        let entry = self.rt.block_on(self.env.spire().create_entry(&spec)).map_err(|e| e.to_string())?;
+        self.registered.push(Registered { service_account: service_account.into(), node: node.into(), entry_id: entry.id });
         Ok(())
     }
 
     fn maps(&self, node: &str) -> Maps {
-        let pins = &self
-            .mesh
-            .node(node)
-            .unwrap_or_else(|| panic!("no node {node}"))
-            .pin_dir;
-        Maps::open(pins)
-            .unwrap_or_else(|e| panic!("opening {node}'s maps at {}: {e}", pins.display()))
+        let pins = &self.mesh.node(node).unwrap_or_else(|| panic!("no node {node}")).pin_dir;
+        Maps::open(pins).unwrap_or_else(|e| panic!("opening {node}'s maps at {}: {e}", pins.display()))
     }
 
     /// The auth entry (destination `shop/<dst>`, source `shop/<src>`) of `node`'s map, with
@@ -397,27 +324,18 @@ impl Fixture {
         let number = |id: String| names.iter().find(|(_, n)| **n == id).map(|(k, _)| *k);
         let (d, s) = (number(self.id(dst))?, number(self.id(src))?);
         let entries = maps.auth_entries().unwrap_or_else(|e| panic!("{e}"));
-        entries
-            .iter()
-            .find(|e| e.dst_spiffe_id == d && e.src_spiffe_id == s)
-            .map(|e| wall(e.expiry))
+        entries.iter().find(|e| e.dst_spiffe_id == d && e.src_spiffe_id == s).map(|e| wall(e.expiry))
     }
 
     /// Waits for a live auth entry; panics with the agent logs' tail after `timeout`.
     fn wait_entry(&self, node: &str, dst: &str, src: &str, timeout: Duration) -> SystemTime {
         let start = Instant::now();
         loop {
-            if let Some(expiry) = self
-                .entry(node, dst, src)
-                .filter(|e| *e > SystemTime::now())
-            {
+            if let Some(expiry) = self.entry(node, dst, src).filter(|e| *e > SystemTime::now()) {
                 return expiry;
             }
             if start.elapsed() > timeout {
-                panic!(
-                    "no live auth entry ({dst} <- {src}) in {node}'s map after {timeout:?}\n{}",
-                    self.logs()
-                );
+                panic!("no live auth entry ({dst} <- {src}) in {node}'s map after {timeout:?}\n{}", self.logs());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -429,21 +347,10 @@ impl Fixture {
 
     /// The SVID the node's SPIRE agent hands out for `shop/<sa>` now: its notAfter (unix s).
     fn svid_not_after(&self, node: &str, service_account: &str) -> (i64, String) {
-        let endpoint = format!(
-            "unix:{}",
-            self.env
-                .node(node)
-                .unwrap_or_else(|e| panic!("{e}"))
-                .agent_socket
-                .display()
-        );
+        let endpoint = format!("unix:{}", self.env.node(node).unwrap_or_else(|e| panic!("{e}")).agent_socket.display());
         let (got, bundle) = self
             .rt
-            .block_on(svid::wait_for_svid(
-                &endpoint,
-                &self.id(service_account),
-                Duration::from_secs(30),
-            ))
+            .block_on(svid::wait_for_svid(&endpoint, &self.id(service_account), Duration::from_secs(30)))
             .unwrap_or_else(|e| panic!("{node}'s SPIRE agent: {e}"));
         let v = svid::verify_svid(&got, &bundle).unwrap_or_else(|e| panic!("{e}"));
         (v.not_after, v.serial)
@@ -455,14 +362,7 @@ impl Fixture {
             .iter()
             .map(|n| {
                 let log = self.mesh.agent_log(n);
-                let tail: Vec<&str> = log
-                    .lines()
-                    .rev()
-                    .take(25)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
+                let tail: Vec<&str> = log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect();
                 format!("---- {n} agent log (tail)\n{}", tail.join("\n"))
             })
             .collect::<Vec<_>>()
@@ -472,10 +372,7 @@ impl Fixture {
     // -- the SPIRE agent of a node, stopped and started again
 
     fn spire_pid_file(&self, node: &str) -> PathBuf {
-        self.env
-            .dir()
-            .join("run")
-            .join(format!("spire-agent-{node}.pid"))
+        self.env.dir().join("run").join(format!("spire-agent-{node}.pid"))
     }
 
     /// SIGTERM to the node's SPIRE agent (its own process group, as `tests/testenv` starts it).
@@ -489,10 +386,7 @@ impl Fixture {
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let start = Instant::now();
         while alive(pid) {
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "SPIRE agent {pid} still runs 15 s after SIGTERM"
-            );
+            assert!(start.elapsed() < Duration::from_secs(15), "SPIRE agent {pid} still runs 15 s after SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
             for c in &mut self.spire_agents {
                 let _ = c.try_wait();
@@ -516,12 +410,7 @@ impl Fixture {
             .lines()
             .find_map(|l| l.strip_prefix("Token:"))
             .map(|t| t.trim().to_owned())
-            .unwrap_or_else(|| {
-                panic!(
-                    "no token in {text:?} {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            });
+            .unwrap_or_else(|| panic!("no token in {text:?} {}", String::from_utf8_lossy(&out.stderr)));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -543,11 +432,7 @@ impl Fixture {
         let pid_file = self.spire_pid_file(node);
         std::fs::write(&pid_file, format!("{}\n", child.id())).unwrap_or_else(|e| panic!("{e}"));
         self.spire_agents.push(child);
-        let socket = env
-            .node(node)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .agent_socket
-            .clone();
+        let socket = env.node(node).unwrap_or_else(|e| panic!("{e}")).agent_socket.clone();
         loop {
             let ok = Command::new(env.bin("spire-agent"))
                 .args(["healthcheck", "-socketPath"])
@@ -567,30 +452,20 @@ impl Fixture {
             std::thread::sleep(Duration::from_millis(200));
         }
         let healthy = started.elapsed();
-        let new_id = format!(
-            "spiffe://{}/spire/agent/join_token/{token}",
-            env.trust_domain()
-        );
+        let new_id = format!("spiffe://{}/spire/agent/join_token/{token}", env.trust_domain());
         self.agent_ids.insert(node.to_owned(), new_id.clone());
         let old: Vec<Registered> = {
-            let (mine, rest) = std::mem::take(&mut self.registered)
-                .into_iter()
-                .partition(|r| r.node == node);
+            let (mine, rest) = std::mem::take(&mut self.registered).into_iter().partition(|r| r.node == node);
             self.registered = rest;
             mine
         };
         for r in &old {
-            self.rt
-                .block_on(env.spire().delete_entry(&r.entry_id))
-                .unwrap_or_else(|e| panic!("{e}"));
-            self.register(&r.service_account, node)
-                .unwrap_or_else(|e| panic!("{e}"));
+            self.rt.block_on(env.spire().delete_entry(&r.entry_id)).unwrap_or_else(|e| panic!("{e}"));
+            self.register(&r.service_account, node).unwrap_or_else(|e| panic!("{e}"));
         }
         let nodes: Api<K8sNode> = Api::all(self.client.clone());
         let patch = json!({"metadata": {"annotations": {meshauth_testenv::NODE_AGENT_ID_ANNOTATION: new_id}}});
-        self.rt
-            .block_on(nodes.patch(node, &PatchParams::default(), &Patch::Merge(&patch)))
-            .unwrap_or_else(|e| panic!("{e}"));
+        self.rt.block_on(nodes.patch(node, &PatchParams::default(), &Patch::Merge(&patch))).unwrap_or_else(|e| panic!("{e}"));
         healthy
     }
 }
@@ -601,58 +476,32 @@ async fn apply(client: &kube::Client, doc: &Value) -> Result<(), String> {
     let kind = doc["kind"].as_str().unwrap_or_default();
     let name = doc["metadata"]["name"].as_str().unwrap_or_default();
     let ns = doc["metadata"]["namespace"].as_str().unwrap_or_default();
-    let labels: BTreeMap<String, String> =
-        serde_json::from_value(doc["metadata"]["labels"].clone()).unwrap_or_default();
+    let labels: BTreeMap<String, String> = serde_json::from_value(doc["metadata"]["labels"].clone()).unwrap_or_default();
     let e = |e: &dyn std::fmt::Display| format!("{kind} {ns}/{name}: {e}");
     match kind {
-        "Namespace" => k8s::label_namespace(client, name, &labels)
-            .await
-            .map_err(|x| e(&x)),
+        "Namespace" => k8s::label_namespace(client, name, &labels).await.map_err(|x| e(&x)),
         "Node" => {
-            let addr = doc["status"]["addresses"][0]["address"]
-                .as_str()
-                .unwrap_or_default();
+            let addr = doc["status"]["addresses"][0]["address"].as_str().unwrap_or_default();
             // The address is the node's own (as a kubelet reports it), so the agents take
             // the annotation naming it.
             let nodes = Api::<K8sNode>::all(client.clone());
             let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": addr}]}});
-            nodes
-                .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-                .await
-                .map_err(|x| e(&x))?;
+            nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.map_err(|x| e(&x))?;
             let patch = json!({"metadata": {"annotations": {"meshauth.io/agent-address": addr}}});
-            nodes
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map(|_| ())
-                .map_err(|x| e(&x))
+            nodes.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ()).map_err(|x| e(&x))
         }
         "Pod" => {
             let mut pod = TestPod::new(ns, name)
-                .service_account(
-                    doc["spec"]["serviceAccountName"]
-                        .as_str()
-                        .unwrap_or("default"),
-                )
+                .service_account(doc["spec"]["serviceAccountName"].as_str().unwrap_or("default"))
                 .node(doc["spec"]["nodeName"].as_str().unwrap_or_default());
             pod.labels = labels;
             k8s::create_pod(client, &pod).await.map_err(|x| e(&x))?;
-            k8s::set_pod_status(client, ns, name, "Running", doc["status"]["podIP"].as_str())
-                .await
-                .map(|_| ())
-                .map_err(|x| e(&x))
+            k8s::set_pod_status(client, ns, name, "Running", doc["status"]["podIP"].as_str()).await.map(|_| ()).map_err(|x| e(&x))
         }
         "MutualAuth" | "MeshPolicy" => {
-            let plural = if kind == "MutualAuth" {
-                "mutualauths"
-            } else {
-                "meshpolicies"
-            };
+            let plural = if kind == "MutualAuth" { "mutualauths" } else { "meshpolicies" };
             let api = k8s::dynamic_api(client, "meshauth.io", "v1alpha1", kind, plural, ns);
-            k8s::create_dynamic(&api, doc.clone())
-                .await
-                .map(|_| ())
-                .map_err(|x| e(&x))
+            k8s::create_dynamic(&api, doc.clone()).await.map(|_| ()).map_err(|x| e(&x))
         }
         other => Err(format!("MESH has an unexpected kind {other}")),
     }
@@ -660,23 +509,17 @@ async fn apply(client: &kube::Client, doc: &Value) -> Result<(), String> {
 
 fn alive(pid: i32) -> bool {
     // A zombie (exited, not yet reaped) counts as gone.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(") ").next().unwrap_or("").starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit(") ").next().unwrap_or("").starts_with('Z'))
 }
 
 /// A boot-clock instant of the maps as wall time.
 fn wall(b: BootTime) -> SystemTime {
     let (now_b, now) = (BootTime::now(), SystemTime::now());
-    if b >= now_b {
-        now + Duration::from_nanos(b.0 - now_b.0)
-    } else {
-        now - Duration::from_nanos(now_b.0 - b.0)
-    }
+    if b >= now_b { now + Duration::from_nanos(b.0 - now_b.0) } else { now - Duration::from_nanos(now_b.0 - b.0) }
 }
 
 fn unix(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn auth_drops(c: &Counters) -> u64 {
@@ -708,13 +551,7 @@ fn with_flow<T>(client: &Pod, every: Duration, during: impl FnOnce() -> T) -> (F
         stop.store(true, Ordering::Relaxed);
         out
     });
-    (
-        Flow {
-            sent: sent.into_inner(),
-            failed: failed.into_inner(),
-        },
-        out,
-    )
+    (Flow { sent: sent.into_inner(), failed: failed.into_inner() }, out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -744,23 +581,11 @@ fn agents_authenticate_the_pair_with_an_expiry_no_later_than_either_svid() {
             e <= order_na.min(payment_na) as f64 + 0.5,
             "entry expiry {e} later than an SVID's notAfter (order {order_na}, payment {payment_na})"
         );
-        assert!(
-            e - now <= f64::from(SVID_TTL) + 1.0,
-            "entry lives {} s, beyond the {SVID_TTL} s SVIDs",
-            e - now
-        );
+        assert!(e - now <= f64::from(SVID_TTL) + 1.0, "entry lives {} s, beyond the {SVID_TTL} s SVIDs", e - now);
         // The entry is what lets the pair through Strict.
-        assert!(
-            tcp_request(fx.pod("shop/order-0"), PAYMENT_IP, PORT, REQUEST_TIMEOUT),
-            "order-0 -> payment-0:8080 failed\n{}",
-            fx.logs()
-        );
+        assert!(tcp_request(fx.pod("shop/order-0"), PAYMENT_IP, PORT, REQUEST_TIMEOUT), "order-0 -> payment-0:8080 failed\n{}", fx.logs());
         // Enforcement is at the destination's node: node-1 hosts no Strict destination.
-        assert_eq!(
-            fx.entry("node-1", "payment", "order"),
-            None,
-            "node-1 holds an entry it does not enforce"
-        );
+        assert_eq!(fx.entry("node-1", "payment", "order"), None, "node-1 holds an entry it does not enforce");
     });
 }
 
@@ -772,36 +597,23 @@ fn svids_rotate_under_a_continuous_flow_with_zero_failed_requests() {
         fx.wait_entry("node-2", "payment", "order", Duration::from_secs(60));
         let (first_na, first_serial) = fx.svid_not_after("node-1", "order");
         let before = fx.counters("node-2");
-        let client = fx
-            .pod("shop/order-0")
-            .ns
-            .tcp_retransmits()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let client = fx.pod("shop/order-0").ns.tcp_retransmits().unwrap_or_else(|e| panic!("{e}"));
         let fx_ref = &*fx;
-        let (flow, expiries) = with_flow(
-            fx_ref.pod("shop/order-0"),
-            Duration::from_millis(50),
-            || {
-                let mut seen: Vec<f64> = Vec::new();
-                let start = Instant::now();
-                while start.elapsed() < Duration::from_secs(40) {
-                    if let Some(e) = fx_ref.entry("node-2", "payment", "order").map(unix)
-                        && seen.last().is_none_or(|l| (e - l).abs() > 0.5)
-                    {
-                        seen.push(e);
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
+        let (flow, expiries) = with_flow(fx_ref.pod("shop/order-0"), Duration::from_millis(50), || {
+            let mut seen: Vec<f64> = Vec::new();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(40) {
+                if let Some(e) = fx_ref.entry("node-2", "payment", "order").map(unix)
+                    && seen.last().is_none_or(|l| (e - l).abs() > 0.5)
+                {
+                    seen.push(e);
                 }
-                seen
-            },
-        );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            seen
+        });
         let after = fx.counters("node-2");
-        let retrans = fx
-            .pod("shop/order-0")
-            .ns
-            .tcp_retransmits()
-            .unwrap_or_else(|e| panic!("{e}"))
-            - client;
+        let retrans = fx.pod("shop/order-0").ns.tcp_retransmits().unwrap_or_else(|e| panic!("{e}")) - client;
         let (last_na, last_serial) = fx.svid_not_after("node-1", "order");
         let now = unix(SystemTime::now());
         eprintln!(
@@ -809,30 +621,13 @@ fn svids_rotate_under_a_continuous_flow_with_zero_failed_requests() {
             flow.sent,
             flow.failed,
             auth_drops(&after) - auth_drops(&before),
-            expiries
-                .iter()
-                .map(|e| (e - now).round())
-                .collect::<Vec<_>>()
+            expiries.iter().map(|e| (e - now).round()).collect::<Vec<_>>()
         );
         assert!(flow.sent >= 300, "only {} connections in 40 s", flow.sent);
-        assert_eq!(
-            flow.failed,
-            0,
-            "{} of {} connections failed across rotation\n{}",
-            flow.failed,
-            flow.sent,
-            fx.logs()
-        );
-        assert_eq!(
-            auth_drops(&after),
-            auth_drops(&before),
-            "node-2 dropped packets for lack of authentication"
-        );
+        assert_eq!(flow.failed, 0, "{} of {} connections failed across rotation\n{}", flow.failed, flow.sent, fx.logs());
+        assert_eq!(auth_drops(&after), auth_drops(&before), "node-2 dropped packets for lack of authentication");
         assert_eq!(retrans, 0, "TCP retransmissions in order-0");
-        assert_ne!(
-            first_serial, last_serial,
-            "the order SVID did not rotate in 40 s"
-        );
+        assert_ne!(first_serial, last_serial, "the order SVID did not rotate in 40 s");
         // Entries never outlive the SVIDs, so an expiry beyond the first SVID's notAfter
         // proves a re-handshake with a rotated SVID.
         let last = expiries.last().copied().unwrap_or(0.0);
@@ -840,10 +635,7 @@ fn svids_rotate_under_a_continuous_flow_with_zero_failed_requests() {
             expiries.len() >= 2 && last > first_na as f64 + 1.0,
             "the entry was not renewed past the first SVID ({first_na}): {expiries:?}"
         );
-        assert!(
-            last <= last_na as f64 + 0.5,
-            "entry expiry {last} beyond the current SVID's notAfter {last_na}"
-        );
+        assert!(last <= last_na as f64 + 0.5, "entry expiry {last} beyond the current SVID's notAfter {last_na}");
     });
 }
 
@@ -870,15 +662,10 @@ fn a_spire_agent_restart_keeps_entries_until_they_expire_and_handshakes_resume()
                 Some(e) if e > now => last_expiry = Some(last_expiry.map_or(e, |l| l.max(e))),
                 _ => break now,
             }
-            assert!(
-                now < stopped + Duration::from_secs(45),
-                "the entry outlived 45 s without SPIRE\n{}",
-                fx.logs()
-            );
+            assert!(now < stopped + Duration::from_secs(45), "the entry outlived 45 s without SPIRE\n{}", fx.logs());
             std::thread::sleep(Duration::from_millis(100));
         };
-        let last_expiry = last_expiry
-            .unwrap_or_else(|| panic!("no live entry right after the SPIRE agent stopped"));
+        let last_expiry = last_expiry.unwrap_or_else(|| panic!("no live entry right after the SPIRE agent stopped"));
         eprintln!(
             "SPIRE agent of node-1 down: entry kept {:.1} s, expired {:.2} s after its expiry",
             unix(gone_at) - unix(stopped),
@@ -894,10 +681,7 @@ fn a_spire_agent_restart_keeps_entries_until_they_expire_and_handshakes_resume()
             unix(last_expiry) - unix(gone_at)
         );
         // Fail closed: no valid SVID on node-1, no entry, no traffic.
-        assert!(
-            !tcp_request(fx.pod("shop/order-0"), PAYMENT_IP, PORT, REQUEST_TIMEOUT),
-            "the pair still passes with every SVID expired"
-        );
+        assert!(!tcp_request(fx.pod("shop/order-0"), PAYMENT_IP, PORT, REQUEST_TIMEOUT), "the pair still passes with every SVID expired");
 
         let restarted = Instant::now();
         let healthy = fx.start_spire_agent("node-1");
@@ -906,11 +690,7 @@ fn a_spire_agent_restart_keeps_entries_until_they_expire_and_handshakes_resume()
             if tcp_request(fx.pod("shop/order-0"), PAYMENT_IP, PORT, REQUEST_TIMEOUT) {
                 break restarted.elapsed();
             }
-            assert!(
-                restarted.elapsed() < Duration::from_secs(90),
-                "no handshake 90 s after the SPIRE agent restarted\n{}",
-                fx.logs()
-            );
+            assert!(restarted.elapsed() < Duration::from_secs(90), "no handshake 90 s after the SPIRE agent restarted\n{}", fx.logs());
             std::thread::sleep(Duration::from_millis(500));
         };
         let expiry = fx.wait_entry("node-2", "payment", "order", Duration::from_secs(5));
@@ -982,29 +762,12 @@ fn a_meshauth_agent_restart_keeps_authenticated_flows_going() {
         for (node, r) in &restarts {
             assert!(r.is_ok(), "{node}'s agent did not come back: {r:?}");
         }
-        assert_eq!(
-            flow.failed,
-            0,
-            "{} of {} connections failed across agent restarts\n{}",
-            flow.failed,
-            flow.sent,
-            fx.logs()
-        );
+        assert_eq!(flow.failed, 0, "{} of {} connections failed across agent restarts\n{}", flow.failed, flow.sent, fx.logs());
         assert!(flow.sent >= 50, "only {} connections", flow.sent);
-        assert_eq!(
-            auth_drops(&after),
-            auth_drops(&before),
-            "node-2 dropped packets for lack of authentication"
-        );
+        assert_eq!(auth_drops(&after), auth_drops(&before), "node-2 dropped packets for lack of authentication");
         let log = fx.mesh.agent_log("node-2");
-        let adopted = log
-            .lines()
-            .rfind(|l| l.contains("datapath ready"))
-            .is_some_and(|l| l.contains("adopted=true"));
-        assert!(
-            adopted,
-            "node-2's restarted agent did not adopt the pinned datapath"
-        );
+        let adopted = log.lines().rfind(|l| l.contains("datapath ready")).is_some_and(|l| l.contains("adopted=true"));
+        assert!(adopted, "node-2's restarted agent did not adopt the pinned datapath");
         fx.wait_entry("node-2", "payment", "order", Duration::from_secs(5));
     });
 }
@@ -1018,49 +781,20 @@ fn a_new_connection_of_a_pre_authenticated_pair_sees_no_drop_and_no_syn_retransm
         let expiry = fx.wait_entry("node-2", "payment", "refund", Duration::from_secs(90));
         assert!(expiry > SystemTime::now());
         let client = fx.pod("shop/refund-0");
-        let retrans_before = client
-            .ns
-            .tcp_retransmits()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let retrans_before = client.ns.tcp_retransmits().unwrap_or_else(|e| panic!("{e}"));
         let t = Instant::now();
         let conn = tcp_connect(client, PAYMENT_IP, PORT, Duration::from_secs(3));
         let connect = t.elapsed();
-        let answered = conn
-            .map(|mut c| tcp_roundtrip(&mut c, b"first"))
-            .unwrap_or(false);
-        let retrans = client
-            .ns
-            .tcp_retransmits()
-            .unwrap_or_else(|e| panic!("{e}"))
-            - retrans_before;
+        let answered = conn.map(|mut c| tcp_roundtrip(&mut c, b"first")).unwrap_or(false);
+        let retrans = client.ns.tcp_retransmits().unwrap_or_else(|e| panic!("{e}")) - retrans_before;
         let after = fx.counters("node-2");
-        eprintln!(
-            "refund-0 -> payment-0:8080: connected in {:.2} ms, {retrans} retransmissions",
-            connect.as_secs_f64() * 1000.0
-        );
-        assert!(
-            answered,
-            "the first connection of the pair failed\n{}",
-            fx.logs()
-        );
+        eprintln!("refund-0 -> payment-0:8080: connected in {:.2} ms, {retrans} retransmissions", connect.as_secs_f64() * 1000.0);
+        assert!(answered, "the first connection of the pair failed\n{}", fx.logs());
         assert_eq!(retrans, 0, "SYN (or data) retransmitted");
-        assert!(
-            connect < Duration::from_millis(200),
-            "connect took {connect:?}: a dropped SYN"
-        );
-        assert_eq!(
-            auth_drops(&after),
-            auth_drops(&before),
-            "node-2 dropped packets of a pre-authenticated pair"
-        );
-        assert_eq!(
-            after.packets(Counter::DropDenied),
-            before.packets(Counter::DropDenied)
-        );
-        assert!(
-            after.packets(Counter::PassAuthenticated) > before.packets(Counter::PassAuthenticated),
-            "not passed as authenticated"
-        );
+        assert!(connect < Duration::from_millis(200), "connect took {connect:?}: a dropped SYN");
+        assert_eq!(auth_drops(&after), auth_drops(&before), "node-2 dropped packets of a pre-authenticated pair");
+        assert_eq!(after.packets(Counter::DropDenied), before.packets(Counter::DropDenied));
+        assert!(after.packets(Counter::PassAuthenticated) > before.packets(Counter::PassAuthenticated), "not passed as authenticated");
     });
 }
 
@@ -1075,9 +809,7 @@ fn a_deleted_pods_pair_leaves_the_auth_map_and_its_traffic_is_dropped() {
             "checkout-0 cannot reach payment while authenticated\n{}",
             fx.logs()
         );
-        fx.rt
-            .block_on(k8s::delete_pod(&fx.client, "shop", "checkout-0"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        fx.rt.block_on(k8s::delete_pod(&fx.client, "shop", "checkout-0")).unwrap_or_else(|e| panic!("{e}"));
         let deleted = Instant::now();
         while fx.entry("node-2", "payment", "checkout").is_some() {
             assert!(
@@ -1091,15 +823,9 @@ fn a_deleted_pods_pair_leaves_the_auth_map_and_its_traffic_is_dropped() {
         let before = fx.counters("node-2");
         let ok = tcp_request(fx.pod("shop/checkout-0"), PAYMENT_IP, PORT, REQUEST_TIMEOUT);
         let after = fx.counters("node-2");
-        eprintln!(
-            "checkout-0 deleted: entry removed after {removed:?}; its address now {}",
-            if ok { "passes" } else { "is dropped" }
-        );
+        eprintln!("checkout-0 deleted: entry removed after {removed:?}; its address now {}", if ok { "passes" } else { "is dropped" });
         assert!(!ok, "a deleted pod's address still reaches payment");
-        assert!(
-            after.dropped() > before.dropped(),
-            "nothing counted as dropped at node-2"
-        );
+        assert!(after.dropped() > before.dropped(), "nothing counted as dropped at node-2");
     });
 }
 
@@ -1122,27 +848,14 @@ impl HostedIdentities for ClaimsEverything {
     }
 }
 
-fn handshakes_from(
-    ns: &Netns,
-    socket: &Path,
-    peer: SocketAddr,
-    attempts: &[(String, String)],
-) -> Vec<Result<(), String>> {
+fn handshakes_from(ns: &Netns, socket: &Path, peer: SocketAddr, attempts: &[(String, String)]) -> Vec<Result<(), String>> {
     let (socket, attempts) = (socket.display().to_string(), attempts.to_vec());
     ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("{e}"));
         // A current-thread runtime on this thread: the sockets are made in the node's namespace.
         rt.block_on(async move {
-            let (store, task) = SvidStore::spawn(
-                Arc::new(WorkloadApiSource::new(socket)),
-                StoreConfig::default(),
-                Arc::new(SystemClock),
-            );
-            let client = HandshakeClient::new(store.clone(), Arc::new(ClaimsEverything))
-                .with_timeout(Duration::from_secs(5));
+            let (store, task) = SvidStore::spawn(Arc::new(WorkloadApiSource::new(socket)), StoreConfig::default(), Arc::new(SystemClock));
+            let client = HandshakeClient::new(store.clone(), Arc::new(ClaimsEverything)).with_timeout(Duration::from_secs(5));
             let mut out = Vec::new();
             for (local, expected) in attempts {
                 let (local, expected) = (
@@ -1153,13 +866,7 @@ fn handshakes_from(
                     out.push(Err(format!("no SVID of our own: {e}")));
                     continue;
                 }
-                out.push(
-                    client
-                        .authenticate(peer, &local, &expected)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| format!("{}: {e}", e.reason())),
-                );
+                out.push(client.authenticate(peer, &local, &expected).await.map(|_| ()).map_err(|e| format!("{}: {e}", e.reason())));
             }
             task.abort();
             out
@@ -1184,30 +891,13 @@ fn a_node_that_does_not_host_an_identity_is_refused_and_no_entry_appears() {
         let ok = tcp_request(fx.pod("shop/audit-0"), PAYMENT_IP, PORT, REQUEST_TIMEOUT);
         std::thread::sleep(Duration::from_secs(3));
         let after = fx.counters("node-2");
-        assert!(
-            !ok,
-            "audit-0 reached payment without any node able to prove audit"
-        );
-        assert!(
-            after.packets(Counter::DropAuthMissing) > before.packets(Counter::DropAuthMissing),
-            "not dropped as auth-missing"
-        );
-        assert_eq!(
-            fx.entry("node-2", "payment", "audit"),
-            None,
-            "an entry for audit, which no hosting node can prove"
-        );
+        assert!(!ok, "audit-0 reached payment without any node able to prove audit");
+        assert!(after.packets(Counter::DropAuthMissing) > before.packets(Counter::DropAuthMissing), "not dropped as auth-missing");
+        assert_eq!(fx.entry("node-2", "payment", "audit"), None, "an entry for audit, which no hosting node can prove");
 
         // 2. A client on node-2 presents identities to node-1's agent.
-        let node2 = fx
-            .env
-            .node("node-2")
-            .unwrap_or_else(|e| panic!("{e}"))
-            .agent_socket
-            .clone();
-        let peer: SocketAddr = format!("{NODE1_ADDR}:4250")
-            .parse()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let node2 = fx.env.node("node-2").unwrap_or_else(|e| panic!("{e}")).agent_socket.clone();
+        let peer: SocketAddr = format!("{NODE1_ADDR}:4250").parse().unwrap_or_else(|e| panic!("{e}"));
         let attempts = vec![
             // Control: payment runs on node-2, order on node-1: accepted.
             (fx.id("payment"), fx.id("order")),
@@ -1218,42 +908,16 @@ fn a_node_that_does_not_host_an_identity_is_refused_and_no_entry_appears() {
             // Asking node-1 for an identity it does not host (node-1 has no payment SVID either).
             (fx.id("payment"), fx.id("payment")),
         ];
-        let results = handshakes_from(
-            &fx.mesh
-                .node("node-2")
-                .unwrap_or_else(|| panic!("node-2"))
-                .ns,
-            &node2,
-            peer,
-            &attempts,
-        );
+        let results = handshakes_from(&fx.mesh.node("node-2").unwrap_or_else(|| panic!("node-2")).ns, &node2, peer, &attempts);
         for ((local, expected), r) in attempts.iter().zip(&results) {
             eprintln!("node-2 presenting {local}, asking node-1 for {expected}: {r:?}");
         }
-        assert!(
-            results[0].is_ok(),
-            "control handshake refused: {:?}\n{}",
-            results[0],
-            fx.logs()
-        );
+        assert!(results[0].is_ok(), "control handshake refused: {:?}\n{}", results[0], fx.logs());
         for r in &results[1..] {
-            assert!(
-                r.is_err(),
-                "an impostor handshake was accepted: {results:?}"
-            );
+            assert!(r.is_err(), "an impostor handshake was accepted: {results:?}");
         }
         std::thread::sleep(Duration::from_secs(1));
-        assert_eq!(
-            fx.entry("node-2", "payment", "audit"),
-            None,
-            "an entry appeared for audit"
-        );
-        assert!(
-            fx.maps("node-1")
-                .auth_entries()
-                .unwrap_or_else(|e| panic!("{e}"))
-                .is_empty(),
-            "node-1 wrote auth entries"
-        );
+        assert_eq!(fx.entry("node-2", "payment", "audit"), None, "an entry appeared for audit");
+        assert!(fx.maps("node-1").auth_entries().unwrap_or_else(|e| panic!("{e}")).is_empty(), "node-1 wrote auth entries");
     });
 }

@@ -40,7 +40,10 @@ impl NodeUnderTest {
     fn start_with_env(tag: &str, manifests: &str, env: &[(&str, &str)]) -> Self {
         require_root();
         for plugin in ["bridge", "ptp", "host-local"] {
-            assert!(Path::new(CNI_BIN_DIR).join(plugin).exists(), "{CNI_BIN_DIR}/{plugin} is missing: apt-get install containernetworking-plugins");
+            assert!(
+                Path::new(CNI_BIN_DIR).join(plugin).exists(),
+                "{CNI_BIN_DIR}/{plugin} is missing: apt-get install containernetworking-plugins"
+            );
         }
         let ns = Netns::new(&format!("cc{}-{tag}", std::process::id() % 100_000)).expect("node netns");
         ns.sysctl("net/ipv4/ip_forward", "1").expect("forwarding");
@@ -71,7 +74,6 @@ impl NodeUnderTest {
         self.agent = spawn_agent(&self.ns, self.dir.path(), &self.pins, &self.env);
         self.wait_ready(2);
     }
-
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
@@ -134,7 +136,8 @@ impl NodeUnderTest {
     /// DEL through the chain in reverse order.
     fn del(&self, first: &serde_json::Value, container: &str, pod_ns: &str, pod: &str, ip: Ipv4Addr) {
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}");
-        let (ok, out) = self.cni(&meshauth_bin("meshauth-cni"), "DEL", container, pod_ns, &args, &self.meshauth_conf(Some(prev_result(pod_ns, ip))));
+        let (ok, out) =
+            self.cni(&meshauth_bin("meshauth-cni"), "DEL", container, pod_ns, &args, &self.meshauth_conf(Some(prev_result(pod_ns, ip))));
         assert!(ok, "meshauth-cni DEL failed: {out}");
         let plugin = Path::new(CNI_BIN_DIR).join(first["type"].as_str().expect("type"));
         let (ok, out) = self.cni(&plugin, "DEL", container, pod_ns, &args, first);
@@ -249,7 +252,8 @@ fn a_bridge_chain_guards_each_pod_from_its_first_packet_and_lets_the_node_probe(
     let bridge = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "type": "bridge", "bridge": "cni-ma", "isGateway": true, "ipMasq": false, "ipam": node.ipam("10.251.1.0/24")});
     let tag = std::process::id() % 100_000;
     let pods: Vec<Netns> = ["web", "client", "stranger"].iter().map(|p| Netns::new(&format!("cc{tag}-{p}")).expect("pod netns")).collect();
-    let ips: Vec<Ipv4Addr> = ["web", "client", "stranger"].iter().zip(&pods).map(|(p, ns)| node.add(&bridge, &format!("c-{p}"), &ns.name, p)).collect();
+    let ips: Vec<Ipv4Addr> =
+        ["web", "client", "stranger"].iter().zip(&pods).map(|(p, ns)| node.add(&bridge, &format!("c-{p}"), &ns.name, p)).collect();
     let interfaces = node.interfaces();
     assert_eq!(interfaces.len(), 3, "one entry per pod veth, none for the bridge: {interfaces:?}");
     assert!(interfaces.iter().all(|i| i.name.as_deref().is_some_and(|n| n.starts_with("veth"))), "{interfaces:?}");
@@ -312,14 +316,28 @@ fn an_interface_guarded_for_one_pod_is_refused_for_another_and_check_tells_guard
     let plugin = meshauth_bin("meshauth-cni");
 
     // CHECK: the guarded pod passes.
-    let (ok, out) = node.cni(&plugin, "CHECK", "c-client", &client.name, &args("client"), &node.meshauth_conf(Some(prev_result(&client.name, client_ip))));
+    let (ok, out) = node.cni(
+        &plugin,
+        "CHECK",
+        "c-client",
+        &client.name,
+        &args("client"),
+        &node.meshauth_conf(Some(prev_result(&client.name, client_ip))),
+    );
     assert!(ok, "CHECK of a guarded pod: {out}");
 
     // A second address on the client's interface, claimed for another pod: the client's veth
     // is already the client's, so the ADD is refused and the client's guard stays as it was.
     let stolen = Ipv4Addr::new(10, 251, 3, 200);
     client.exec(&["ip", "addr", "add", &format!("{stolen}/24"), "dev", "eth0"]).expect("second address");
-    let (ok, out) = node.cni(&plugin, "ADD", "c-stranger", &client.name, &args("stranger"), &node.meshauth_conf(Some(prev_result(&client.name, stolen))));
+    let (ok, out) = node.cni(
+        &plugin,
+        "ADD",
+        "c-stranger",
+        &client.name,
+        &args("stranger"),
+        &node.meshauth_conf(Some(prev_result(&client.name, stolen))),
+    );
     assert!(!ok, "an interface registered for one pod was registered for another address");
     assert!(out.contains("already registered for"), "{out}");
     let interfaces = node.interfaces();
@@ -331,12 +349,20 @@ fn an_interface_guarded_for_one_pod_is_refused_for_another_and_check_tells_guard
     // CHECK of the client's address from the web pod's namespace, which holds it too now:
     // guarded, but on the client's veth, not the web pod's.
     web.exec(&["ip", "addr", "add", &format!("{client_ip}/32"), "dev", "eth0"]).expect("client's address on web");
-    let (ok, out) = node.cni(&plugin, "CHECK", "c-web", &web.name, &args("web"), &node.meshauth_conf(Some(prev_result(&web.name, client_ip))));
+    let (ok, out) =
+        node.cni(&plugin, "CHECK", "c-web", &web.name, &args("web"), &node.meshauth_conf(Some(prev_result(&web.name, client_ip))));
     assert!(!ok && out.contains("not on this pod's interface"), "CHECK passed a pod for another pod's guarded address: {out}");
     web.exec(&["ip", "addr", "del", &format!("{client_ip}/32"), "dev", "eth0"]).expect("remove it again");
     // After DEL, CHECK says the pod is no longer guarded.
     node.del(&bridge, "c-client", &client.name, "client", client_ip);
-    let (ok, out) = node.cni(&plugin, "CHECK", "c-client", &client.name, &args("client"), &node.meshauth_conf(Some(prev_result(&client.name, client_ip))));
+    let (ok, out) = node.cni(
+        &plugin,
+        "CHECK",
+        "c-client",
+        &client.name,
+        &args("client"),
+        &node.meshauth_conf(Some(prev_result(&client.name, client_ip))),
+    );
     assert!(!ok && out.contains("not guarded"), "CHECK after DEL: {out}");
 
     // A pod whose veth goes without a DEL (a runtime that crashed, a namespace torn down):
@@ -370,7 +396,8 @@ spec: {nodeName: node-1, serviceAccountName: steady, containers: []}
 fn five_thousand_pods_through_the_ptp_chain_leave_the_maps_bounded_by_live_pods() {
     let pods: usize = std::env::var("MESHAUTH_CHURN_PODS").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000);
     let node = NodeUnderTest::start("ptp", CHURN_MESH);
-    let ptp = serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "type": "ptp", "ipMasq": false, "ipam": node.ipam("10.252.0.0/16")});
+    let ptp =
+        serde_json::json!({"cniVersion": "1.0.0", "name": "podnet", "type": "ptp", "ipMasq": false, "ipam": node.ipam("10.252.0.0/16")});
     let tag = std::process::id() % 100_000;
     let steady_ns = Netns::new(&format!("cc{tag}-steady")).expect("pod netns");
     let steady_ip = node.add(&ptp, "steady", &steady_ns.name, "steady");
@@ -382,7 +409,10 @@ fn five_thousand_pods_through_the_ptp_chain_leave_the_maps_bounded_by_live_pods(
         // Guarded when ADD returned: its entry and both link pins exist.
         let interfaces = node.interfaces();
         assert_eq!(interfaces.len(), 2, "pod {i}: the steady pod and this one, nothing left of earlier pods: {interfaces:?}");
-        assert!(interfaces.iter().any(|e| e.pod_ip == ip && e.attach != "none"), "pod {i} ({ip}) guarded when ADD returned: {interfaces:?}");
+        assert!(
+            interfaces.iter().any(|e| e.pod_ip == ip && e.attach != "none"),
+            "pod {i} ({ip}) guarded when ADD returned: {interfaces:?}"
+        );
         assert_eq!(node.link_pins(), 4, "pod {i}: two links per live pod");
         node.del(&ptp, &container, &churn_ns.name, "churn", ip);
     }
@@ -403,7 +433,11 @@ fn agent_http(node: &NodeUnderTest, path: &str) -> String {
     let addr = log
         .lines()
         .filter(|l| l.contains("serving /metrics"))
-        .find_map(|l| l.split("metrics_addr").nth(1).and_then(|rest| rest.trim_start_matches(['"', ':', '=', ' ']).split(['"', ' ', ',']).next().map(str::to_owned)))
+        .find_map(|l| {
+            l.split("metrics_addr")
+                .nth(1)
+                .and_then(|rest| rest.trim_start_matches(['"', ':', '=', ' ']).split(['"', ' ', ',']).next().map(str::to_owned))
+        })
         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
         .unwrap_or_else(|| panic!("no metrics address in the agent log:\n{log}"));
     node.ns

@@ -48,7 +48,8 @@ fn the_demo_passes_every_check_and_keeps_its_mesh_until_demo_down() {
     assert!(seen.status.success(), "{}", String::from_utf8_lossy(&seen.stderr));
     let kept = std::fs::read_to_string(dir.path().join("kept.json")).expect("kept.json");
     let kept: serde_json::Value = serde_json::from_str(&kept).expect("kept JSON");
-    let namespaces: Vec<String> = kept["namespaces"].as_array().expect("namespaces").iter().filter_map(|n| n.as_str().map(str::to_owned)).collect();
+    let namespaces: Vec<String> =
+        kept["namespaces"].as_array().expect("namespaces").iter().filter_map(|n| n.as_str().map(str::to_owned)).collect();
     assert!(namespaces.iter().all(|ns| std::path::Path::new("/run/netns").join(ns).exists()), "{namespaces:?}");
 
     // demo down: nothing of it is left.

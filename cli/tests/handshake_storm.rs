@@ -94,7 +94,9 @@ fn short_svids_cost_a_few_handshakes_per_pair_held_open_and_with_the_issuer_stop
     let held_for = held.elapsed();
     let handshakes = answered(&mesh.agent_log("node-1"), from, ORDER, PAYMENT);
     let used = cpu_time(agent).saturating_sub(cpu);
-    eprintln!("held open {held_for:?}: {handshakes} handshakes for (payment <- order), {failed} of {sent} requests failed, node-2's agent used {used:?} of CPU");
+    eprintln!(
+        "held open {held_for:?}: {handshakes} handshakes for (payment <- order), {failed} of {sent} requests failed, node-2's agent used {used:?} of CPU"
+    );
     assert!(handshakes >= 3, "the pair was not re-authenticated as its SVIDs rotated: {handshakes}\n{}", logs(&mesh));
     assert!(handshakes <= 40, "{handshakes} handshakes for one pair in {held_for:?}\n{}", logs(&mesh));
     assert_eq!(failed, 0, "requests of the authenticated pair failed across rotations\n{}", logs(&mesh));
@@ -115,7 +117,9 @@ fn short_svids_cost_a_few_handshakes_per_pair_held_open_and_with_the_issuer_stop
     let outage = stopped.elapsed();
     let handshakes = answered(&mesh.agent_log("node-1"), from, ORDER, PAYMENT);
     let used = cpu_time(agent).saturating_sub(cpu);
-    eprintln!("issuer of node-1 stopped for {outage:?}: {handshakes} handshakes for (payment <- order) until the entry ended, node-2's agent used {used:?} of CPU");
+    eprintln!(
+        "issuer of node-1 stopped for {outage:?}: {handshakes} handshakes for (payment <- order) until the entry ended, node-2's agent used {used:?} of CPU"
+    );
     assert!(handshakes <= 8, "{handshakes} handshakes for one pair with no SVID able to rotate, in {outage:?}\n{}", logs(&mesh));
     assert!(!tcp_request(mesh.pod("shop/order-0"), payment, PORT, Duration::from_millis(900)), "the pair passes with its SVIDs expired");
 }

@@ -69,7 +69,13 @@ fn assert_no_entry_passes_an_unproven_pair(maps: &Maps, proven: (&str, &str)) {
     let names = maps.spiffe_names().expect("names");
     for e in maps.auth_entries().expect("auth") {
         let pair = (names.get(&e.dst_spiffe_id).cloned(), names.get(&e.src_spiffe_id).cloned());
-        assert_eq!(pair, (Some(id(proven.0)), Some(id(proven.1))), "entry ({}, {}) passes a pair nobody proved", e.dst_spiffe_id, e.src_spiffe_id);
+        assert_eq!(
+            pair,
+            (Some(id(proven.0)), Some(id(proven.1))),
+            "entry ({}, {}) passes a pair nobody proved",
+            e.dst_spiffe_id,
+            e.src_spiffe_id
+        );
     }
 }
 
@@ -119,7 +125,9 @@ spec: {mode: Strict}
 ";
 
 fn pod_manifest(sa: &str, i: u8) -> String {
-    format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {sa}-0, namespace: shop}}\nspec: {{serviceAccountName: {sa}, nodeName: node-1, containers: []}}\nstatus: {{podIP: 10.244.1.{i}}}\n")
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {sa}-0, namespace: shop}}\nspec: {{serviceAccountName: {sa}, nodeName: node-1, containers: []}}\nstatus: {{podIP: 10.244.1.{i}}}\n"
+    )
 }
 
 /// The agent process, stopped (SIGTERM) when dropped, also when an assertion fails.
@@ -199,4 +207,3 @@ fn a_restarted_agent_with_a_garbage_numbering_adopts_no_entry_under_a_new_meanin
     drop(agent);
     assert!(agent_log().contains("rebuilt from the pinned SPIFFE names"), "{}", agent_log());
 }
-

@@ -15,11 +15,7 @@ fn run(manifests: &Path, from: &str, to: &str, port: &str, extra: &[&str]) -> (i
         .args(extra)
         .output()
         .expect("run meshauthctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn json(from: &str, to: &str, port: &str, extra: &[&str]) -> serde_json::Value {
@@ -72,13 +68,28 @@ const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\
 fn bad_input_exits_2_and_names_the_problem() {
     let missing = Path::new("/nonexistent/meshauth");
     let unknown_kind = dir_with(&[("k.yaml", "apiVersion: v1\nkind: Gadget\nmetadata: {name: g}\n")]);
-    let no_ip = dir_with(&[("p.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x}\nspec: {serviceAccountName: b, containers: []}\n"), ("a.yaml", POD)]);
-    let host_network = dir_with(&[("p.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: h, namespace: x}\nspec: {hostNetwork: true, containers: []}\nstatus: {podIP: 192.168.1.10}\n"), ("a.yaml", POD)]);
+    let no_ip = dir_with(&[
+        ("p.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x}\nspec: {serviceAccountName: b, containers: []}\n"),
+        ("a.yaml", POD),
+    ]);
+    let host_network = dir_with(&[
+        (
+            "p.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: h, namespace: x}\nspec: {hostNetwork: true, containers: []}\nstatus: {podIP: 192.168.1.10}\n",
+        ),
+        ("a.yaml", POD),
+    ]);
     let bad_spec = dir_with(&[
         ("a.yaml", POD),
-        ("mp.yaml", "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: bad, namespace: x}\nspec:\n  selector: {}\n  ingress:\n  - from: [{identity: 'spiffe://cluster.local/ns/x/sa/'}]\n"),
+        (
+            "mp.yaml",
+            "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: bad, namespace: x}\nspec:\n  selector: {}\n  ingress:\n  - from: [{identity: 'spiffe://cluster.local/ns/x/sa/'}]\n",
+        ),
     ]);
-    let bad_enum = dir_with(&[("a.yaml", POD), ("ma.yaml", "apiVersion: meshauth.io/v1alpha1\nkind: MutualAuth\nmetadata: {name: m, namespace: x}\nspec: {mode: Sometimes}\n")]);
+    let bad_enum = dir_with(&[
+        ("a.yaml", POD),
+        ("ma.yaml", "apiVersion: meshauth.io/v1alpha1\nkind: MutualAuth\nmetadata: {name: m, namespace: x}\nspec: {mode: Sometimes}\n"),
+    ]);
     let cases: [(&Path, &str, &str, &[&str]); 7] = [
         (missing, "x/a", "x/a", &["cannot read /nonexistent/meshauth"]),
         (unknown_kind.path(), "x/a", "x/a", &["k.yaml", "Gadget default/g", "unknown kind"]),

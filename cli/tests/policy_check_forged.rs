@@ -38,7 +38,9 @@ fn an_address_two_pods_claim_is_reported_with_its_claimants() {
     let twin = "apiVersion: v1\nkind: Pod\nmetadata: {name: static-web-node-1, namespace: kube-system, annotations: {kubernetes.io/config.mirror: x}}\nspec: {nodeName: node-1, containers: []}\nstatus: {podIP: 10.244.1.5}\n";
     let (code, stderr) = check(&[("mesh.yaml", MESH), ("nodes.yaml", NODES), ("twin.yaml", twin)], "shop/order-0", "shop/payment-0");
     assert_eq!(code, 2, "{stderr}");
-    for want in ["pod shop/payment-0 is not a mesh endpoint", "10.244.1.5", "kube-system/static-web-node-1", "isolated and names no identity"] {
+    for want in
+        ["pod shop/payment-0 is not a mesh endpoint", "10.244.1.5", "kube-system/static-web-node-1", "isolated and names no identity"]
+    {
         assert!(stderr.contains(want), "{stderr:?} lacks {want:?}");
     }
     let (code, stderr) = check(&[("mesh.yaml", MESH), ("nodes.yaml", NODES)], "shop/order-0", "shop/payment-0");

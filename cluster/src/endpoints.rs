@@ -113,13 +113,8 @@ impl NodeFacts {
             .into_iter()
             .filter_map(|n| {
                 let spec = n.spec.as_ref()?;
-                let cidrs: Vec<Ipv4Cidr> = spec
-                    .pod_cidrs
-                    .iter()
-                    .flatten()
-                    .chain(spec.pod_cidr.as_ref())
-                    .filter_map(|c| Ipv4Cidr::parse(c))
-                    .collect();
+                let cidrs: Vec<Ipv4Cidr> =
+                    spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.as_ref()).filter_map(|c| Ipv4Cidr::parse(c)).collect();
                 (!cidrs.is_empty()).then(|| (n.metadata.name.clone().unwrap_or_default(), cidrs))
             })
             .collect();
@@ -138,12 +133,7 @@ impl NodeFacts {
 
 /// Every address of every node (`status.addresses` that parse as IPs).
 pub fn node_addresses<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeSet<IpAddr> {
-    nodes
-        .into_iter()
-        .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
-        .flatten()
-        .filter_map(|a| a.address.parse().ok())
-        .collect()
+    nodes.into_iter().filter_map(|n| n.status.as_ref()?.addresses.as_ref()).flatten().filter_map(|a| a.address.parse().ok()).collect()
 }
 
 /// A service account name usable as a SPIFFE ID path segment: a DNS subdomain, as the API
@@ -182,9 +172,7 @@ pub fn classify(pod: &Pod, nodes: &NodeFacts, rules: &EndpointRules) -> Classifi
     let address = match info.ip {
         None => Err(NotEndpoint::NoAddress),
         Some(ip) if nodes.addresses.contains(&IpAddr::V4(ip)) => Err(NotEndpoint::NodeAddress),
-        Some(ip) if rules.check_node_pod_cidrs && !nodes.in_pod_cidrs(info.node.as_deref(), ip) => {
-            Err(NotEndpoint::OutsideNodePodCidrs)
-        }
+        Some(ip) if rules.check_node_pod_cidrs && !nodes.in_pod_cidrs(info.node.as_deref(), ip) => Err(NotEndpoint::OutsideNodePodCidrs),
         Some(ip) => Ok(ip),
     };
     let claim = address.ok();
@@ -224,10 +212,10 @@ pub fn classify_all<'a>(
     let mut claimants: BTreeMap<Ipv4Addr, Vec<ObjectRef>> = BTreeMap::new();
     for (pod, c) in &classified {
         if let Some(ip) = c.claim {
-            claimants.entry(ip).or_default().push(ObjectRef::new(
-                pod.metadata.namespace.clone().unwrap_or_default(),
-                pod.metadata.name.clone().unwrap_or_default(),
-            ));
+            claimants
+                .entry(ip)
+                .or_default()
+                .push(ObjectRef::new(pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default()));
         }
     }
     claimants.retain(|_, pods| pods.len() > 1);
@@ -281,7 +269,9 @@ mod tests {
     #[test]
     fn a_pod_network_pod_is_an_endpoint() {
         let nodes = facts(&[node("192.168.1.10")]);
-        let p = pod("metadata: {name: web, namespace: shop}\nspec: {containers: [], nodeName: node-1, serviceAccountName: web}\nstatus: {phase: Running, podIP: 10.244.1.5}");
+        let p = pod(
+            "metadata: {name: web, namespace: shop}\nspec: {containers: [], nodeName: node-1, serviceAccountName: web}\nstatus: {phase: Running, podIP: 10.244.1.5}",
+        );
         let info = endpoint(&p, &nodes).expect("endpoint");
         assert_eq!(info.ip, Some("10.244.1.5".parse().expect("ip")));
     }
@@ -289,7 +279,9 @@ mod tests {
     #[test]
     fn a_host_network_pod_is_not_an_endpoint() {
         let nodes = facts(&[node("192.168.1.10")]);
-        let p = pod("metadata: {name: kube-proxy-x, namespace: kube-system}\nspec: {hostNetwork: true, containers: [], nodeName: node-1, serviceAccountName: kube-proxy}\nstatus: {phase: Running, podIP: 192.168.1.10}");
+        let p = pod(
+            "metadata: {name: kube-proxy-x, namespace: kube-system}\nspec: {hostNetwork: true, containers: [], nodeName: node-1, serviceAccountName: kube-proxy}\nstatus: {phase: Running, podIP: 192.168.1.10}",
+        );
         assert_eq!(endpoint(&p, &nodes), Err(NotEndpoint::HostNetwork));
     }
 
@@ -297,31 +289,49 @@ mod tests {
     fn a_pod_using_a_node_address_is_not_an_endpoint() {
         let nodes = facts(&[node("192.168.1.10")]);
         // No hostNetwork flag, yet the node's own address (a CNI that hands pods the node IP).
-        let p = pod("metadata: {name: odd, namespace: shop}\nspec: {containers: [], nodeName: node-1, serviceAccountName: odd}\nstatus: {phase: Running, podIP: 192.168.1.10}");
+        let p = pod(
+            "metadata: {name: odd, namespace: shop}\nspec: {containers: [], nodeName: node-1, serviceAccountName: odd}\nstatus: {phase: Running, podIP: 192.168.1.10}",
+        );
         assert_eq!(endpoint(&p, &nodes), Err(NotEndpoint::NodeAddress));
     }
 
     #[test]
     fn finished_unaddressed_and_mirror_pods_are_not_endpoints() {
         let nodes = NodeFacts::default();
-        let done = pod("metadata: {name: job, namespace: shop}\nspec: {containers: [], serviceAccountName: job}\nstatus: {phase: Succeeded, podIP: 10.244.1.6}");
+        let done = pod(
+            "metadata: {name: job, namespace: shop}\nspec: {containers: [], serviceAccountName: job}\nstatus: {phase: Succeeded, podIP: 10.244.1.6}",
+        );
         assert_eq!(endpoint(&done, &nodes), Err(NotEndpoint::Finished));
-        let failed = pod("metadata: {name: job, namespace: shop}\nspec: {containers: [], serviceAccountName: job}\nstatus: {phase: Failed, podIP: 10.244.1.6}");
+        let failed = pod(
+            "metadata: {name: job, namespace: shop}\nspec: {containers: [], serviceAccountName: job}\nstatus: {phase: Failed, podIP: 10.244.1.6}",
+        );
         assert_eq!(endpoint(&failed, &nodes), Err(NotEndpoint::Finished));
-        let pending = pod("metadata: {name: new, namespace: shop}\nspec: {containers: [], serviceAccountName: new}\nstatus: {phase: Pending}");
+        let pending =
+            pod("metadata: {name: new, namespace: shop}\nspec: {containers: [], serviceAccountName: new}\nstatus: {phase: Pending}");
         assert_eq!(endpoint(&pending, &nodes), Err(NotEndpoint::NoAddress));
-        let v6 = pod("metadata: {name: v6, namespace: shop}\nspec: {containers: [], serviceAccountName: v6}\nstatus: {phase: Running, podIP: 'fd00::5'}");
+        let v6 = pod(
+            "metadata: {name: v6, namespace: shop}\nspec: {containers: [], serviceAccountName: v6}\nstatus: {phase: Running, podIP: 'fd00::5'}",
+        );
         assert_eq!(endpoint(&v6, &nodes), Err(NotEndpoint::NoAddress));
-        let mirror = pod("metadata: {name: etcd-node-1, namespace: kube-system, annotations: {kubernetes.io/config.mirror: abc}}\nspec: {containers: []}\nstatus: {phase: Running, podIP: 10.244.1.7}");
+        let mirror = pod(
+            "metadata: {name: etcd-node-1, namespace: kube-system, annotations: {kubernetes.io/config.mirror: abc}}\nspec: {containers: []}\nstatus: {phase: Running, podIP: 10.244.1.7}",
+        );
         assert_eq!(endpoint(&mirror, &nodes), Err(NotEndpoint::Mirror));
-        let starting = pod("metadata: {name: new, namespace: shop}\nspec: {containers: [], serviceAccountName: new}\nstatus: {phase: Pending, podIP: 10.244.1.8}");
+        let starting = pod(
+            "metadata: {name: new, namespace: shop}\nspec: {containers: [], serviceAccountName: new}\nstatus: {phase: Pending, podIP: 10.244.1.8}",
+        );
         assert!(endpoint(&starting, &nodes).is_ok(), "a pending pod with an address can already send");
     }
 
     #[test]
     fn a_pod_without_a_service_account_gets_no_spiffe_id() {
         let nodes = NodeFacts::default();
-        for spec in ["{containers: []}", "{containers: [], serviceAccountName: ''}", "{containers: [], serviceAccountName: 'a/b'}", "{containers: [], serviceAccountName: '..'}"] {
+        for spec in [
+            "{containers: []}",
+            "{containers: [], serviceAccountName: ''}",
+            "{containers: [], serviceAccountName: 'a/b'}",
+            "{containers: [], serviceAccountName: '..'}",
+        ] {
             let p = pod(&format!("metadata: {{name: anon, namespace: shop}}\nspec: {spec}\nstatus: {{phase: Running, podIP: 10.244.1.9}}"));
             assert_eq!(endpoint(&p, &nodes), Err(NotEndpoint::NoServiceAccount), "{spec}");
             // It still holds its address: another pod cannot take it by claiming it too.
@@ -336,7 +346,9 @@ mod tests {
     fn a_pod_ip_outside_its_nodes_pod_cidr_is_not_an_endpoint() {
         let nodes = facts(&[node_with_cidr("node-1", "10.244.1.0/24"), node_with_cidr("node-2", "10.244.2.0/24")]);
         let on = |node: &str, ip: &str| {
-            pod(&format!("metadata: {{name: p, namespace: shop}}\nspec: {{containers: [], nodeName: {node}, serviceAccountName: p}}\nstatus: {{phase: Running, podIP: {ip}}}"))
+            pod(&format!(
+                "metadata: {{name: p, namespace: shop}}\nspec: {{containers: [], nodeName: {node}, serviceAccountName: p}}\nstatus: {{phase: Running, podIP: {ip}}}"
+            ))
         };
         assert!(endpoint(&on("node-1", "10.244.1.5"), &nodes).is_ok());
         // node-2 (compromised) writes node-1's pod's address into its own pod's status.
@@ -355,31 +367,52 @@ mod tests {
     #[test]
     fn two_pods_claiming_one_ip_are_neither_an_endpoint() {
         let nodes = NodeFacts::default();
-        let owner = pod("metadata: {name: payment-0, namespace: shop}\nspec: {containers: [], nodeName: node-1, serviceAccountName: payment}\nstatus: {phase: Running, podIP: 10.244.1.5}");
+        let owner = pod(
+            "metadata: {name: payment-0, namespace: shop}\nspec: {containers: [], nodeName: node-1, serviceAccountName: payment}\nstatus: {phase: Running, podIP: 10.244.1.5}",
+        );
         // A compromised node-2 patches its mirror pod's status with the same address.
-        let mirror = pod("metadata: {name: static-node-2, namespace: kube-system, annotations: {kubernetes.io/config.mirror: x}}\nspec: {containers: [], nodeName: node-2}\nstatus: {phase: Running, podIP: 10.244.1.5}");
+        let mirror = pod(
+            "metadata: {name: static-node-2, namespace: kube-system, annotations: {kubernetes.io/config.mirror: x}}\nspec: {containers: [], nodeName: node-2}\nstatus: {phase: Running, podIP: 10.244.1.5}",
+        );
         // ... or a pod of its own.
-        let thief = pod("metadata: {name: thief, namespace: evil}\nspec: {containers: [], nodeName: node-2, serviceAccountName: payment}\nstatus: {phase: Running, podIP: 10.244.1.6}");
-        let twin = pod("metadata: {name: twin, namespace: shop}\nspec: {containers: [], nodeName: node-2, serviceAccountName: order}\nstatus: {phase: Running, podIP: 10.244.1.6}");
-        let bystander = pod("metadata: {name: web, namespace: shop}\nspec: {containers: [], nodeName: node-1, serviceAccountName: web}\nstatus: {phase: Running, podIP: 10.244.1.7}");
+        let thief = pod(
+            "metadata: {name: thief, namespace: evil}\nspec: {containers: [], nodeName: node-2, serviceAccountName: payment}\nstatus: {phase: Running, podIP: 10.244.1.6}",
+        );
+        let twin = pod(
+            "metadata: {name: twin, namespace: shop}\nspec: {containers: [], nodeName: node-2, serviceAccountName: order}\nstatus: {phase: Running, podIP: 10.244.1.6}",
+        );
+        let bystander = pod(
+            "metadata: {name: web, namespace: shop}\nspec: {containers: [], nodeName: node-1, serviceAccountName: web}\nstatus: {phase: Running, podIP: 10.244.1.7}",
+        );
         let (out, shared) = classify_all([&owner, &mirror, &thief, &twin, &bystander], &nodes, &EndpointRules::default());
         let verdicts: Vec<_> = out.iter().map(|(p, r)| (p.metadata.name.clone().unwrap_or_default(), r.as_ref().err().copied())).collect();
-        assert_eq!(verdicts, vec![
-            ("payment-0".into(), Some(NotEndpoint::SharedAddress)),
-            ("static-node-2".into(), Some(NotEndpoint::Mirror)),
-            ("thief".into(), Some(NotEndpoint::SharedAddress)),
-            ("twin".into(), Some(NotEndpoint::SharedAddress)),
-            ("web".into(), None),
-        ]);
-        assert_eq!(shared, vec![
-            SharedAddress {
-                ip: Ipv4Addr::new(10, 244, 1, 5),
-                pods: vec![ObjectRef::new("kube-system", "static-node-2"), ObjectRef::new("shop", "payment-0")],
-            },
-            SharedAddress { ip: Ipv4Addr::new(10, 244, 1, 6), pods: vec![ObjectRef::new("evil", "thief"), ObjectRef::new("shop", "twin")] },
-        ]);
+        assert_eq!(
+            verdicts,
+            vec![
+                ("payment-0".into(), Some(NotEndpoint::SharedAddress)),
+                ("static-node-2".into(), Some(NotEndpoint::Mirror)),
+                ("thief".into(), Some(NotEndpoint::SharedAddress)),
+                ("twin".into(), Some(NotEndpoint::SharedAddress)),
+                ("web".into(), None),
+            ]
+        );
+        assert_eq!(
+            shared,
+            vec![
+                SharedAddress {
+                    ip: Ipv4Addr::new(10, 244, 1, 5),
+                    pods: vec![ObjectRef::new("kube-system", "static-node-2"), ObjectRef::new("shop", "payment-0")],
+                },
+                SharedAddress {
+                    ip: Ipv4Addr::new(10, 244, 1, 6),
+                    pods: vec![ObjectRef::new("evil", "thief"), ObjectRef::new("shop", "twin")]
+                },
+            ]
+        );
         // A finished pod's old address is free for the next pod.
-        let done = pod("metadata: {name: job, namespace: shop}\nspec: {containers: [], serviceAccountName: job}\nstatus: {phase: Succeeded, podIP: 10.244.1.7}");
+        let done = pod(
+            "metadata: {name: job, namespace: shop}\nspec: {containers: [], serviceAccountName: job}\nstatus: {phase: Succeeded, podIP: 10.244.1.7}",
+        );
         let (out, shared) = classify_all([&bystander, &done], &nodes, &EndpointRules::default());
         assert!(out[0].1.is_ok() && shared.is_empty());
     }

@@ -80,8 +80,7 @@ impl Manifests {
         let str_at = |v: &serde_yaml::Value, path: &[&str]| -> Option<String> {
             path.iter().try_fold(v, |v, k| v.get(*k)).and_then(|v| v.as_str()).map(str::to_owned)
         };
-        let kind = str_at(&value, &["kind"])
-            .ok_or_else(|| ManifestError::MissingKind { source_name: source_name.to_owned(), document })?;
+        let kind = str_at(&value, &["kind"]).ok_or_else(|| ManifestError::MissingKind { source_name: source_name.to_owned(), document })?;
         if kind == "List" {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for item in items.clone() {
@@ -97,12 +96,7 @@ impl Manifests {
             "Namespace" | "Node" => name.clone(),
             _ => format!("{namespace}/{name}"),
         };
-        let ctx = |error| ManifestError::Invalid {
-            source_name: source_name.to_owned(),
-            kind: kind.clone(),
-            name: display.clone(),
-            error,
-        };
+        let ctx = |error| ManifestError::Invalid { source_name: source_name.to_owned(), kind: kind.clone(), name: display.clone(), error };
         let expect_version = |expected: &'static str| {
             if api_version == expected {
                 Ok(())
@@ -118,12 +112,7 @@ impl Manifests {
         };
         let key = (kind.clone(), display.clone());
         if let Some(first) = self.origins.get(&key) {
-            return Err(ManifestError::Duplicate {
-                source_name: source_name.to_owned(),
-                kind,
-                name: display,
-                first: first.clone(),
-            });
+            return Err(ManifestError::Duplicate { source_name: source_name.to_owned(), kind, name: display, first: first.clone() });
         }
         match kind.as_str() {
             "Namespace" => {

@@ -105,10 +105,8 @@ where
 {
     let (reader, writer) = reflector::store();
     let run = async move {
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .modify(|o: &mut K| o.managed_fields_mut().clear())
-            .reflect(writer);
+        let stream =
+            watcher(api, watcher::Config::default()).default_backoff().modify(|o: &mut K| o.managed_fields_mut().clear()).reflect(writer);
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
@@ -177,9 +175,15 @@ mod tests {
     fn the_control_plane_counts_pods_about_to_get_an_address_the_datapath_does_not() {
         let stores = Stores {
             pods: store_of(vec![
-                pod("metadata: {name: web, namespace: shop}\nspec: {nodeName: node-1, serviceAccountName: web, containers: []}\nstatus: {phase: Running, podIP: 10.244.1.5}"),
-                pod("metadata: {name: new, namespace: shop}\nspec: {nodeName: node-1, serviceAccountName: new, containers: []}\nstatus: {phase: Pending}"),
-                pod("metadata: {name: proxy, namespace: kube-system}\nspec: {hostNetwork: true, nodeName: node-1, containers: []}\nstatus: {phase: Running, podIP: 192.168.1.10}"),
+                pod(
+                    "metadata: {name: web, namespace: shop}\nspec: {nodeName: node-1, serviceAccountName: web, containers: []}\nstatus: {phase: Running, podIP: 10.244.1.5}",
+                ),
+                pod(
+                    "metadata: {name: new, namespace: shop}\nspec: {nodeName: node-1, serviceAccountName: new, containers: []}\nstatus: {phase: Pending}",
+                ),
+                pod(
+                    "metadata: {name: proxy, namespace: kube-system}\nspec: {hostNetwork: true, nodeName: node-1, containers: []}\nstatus: {phase: Running, podIP: 192.168.1.10}",
+                ),
             ]),
             namespaces: store_of(vec![]),
             nodes: store_of(vec![]),

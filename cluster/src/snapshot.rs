@@ -100,10 +100,8 @@ impl Snapshot {
                     if why == NotEndpoint::NoAddress {
                         snapshot.unaddressed.push(PodInfo::from_pod(pod));
                     }
-                    let pod_ref = ObjectRef::new(
-                        pod.metadata.namespace.clone().unwrap_or_default(),
-                        pod.metadata.name.clone().unwrap_or_default(),
-                    );
+                    let pod_ref =
+                        ObjectRef::new(pod.metadata.namespace.clone().unwrap_or_default(), pod.metadata.name.clone().unwrap_or_default());
                     snapshot.not_endpoints.push((pod_ref, why));
                 }
             }
@@ -161,9 +159,11 @@ impl Snapshot {
                             && o.annotations.get(AGENT_ADDRESS_ANNOTATION).and_then(|a| canonical_ip(a)) == Some(ip)))
             })
         };
-        let annotated = n.annotations.get(AGENT_ADDRESS_ANNOTATION).and_then(|a| canonical_ip(a)).filter(|ip| {
-            self.trust_agent_address_annotations || (reports(&n.addresses, *ip) && !claimed_elsewhere(*ip))
-        });
+        let annotated = n
+            .annotations
+            .get(AGENT_ADDRESS_ANNOTATION)
+            .and_then(|a| canonical_ip(a))
+            .filter(|ip| self.trust_agent_address_annotations || (reports(&n.addresses, *ip) && !claimed_elsewhere(*ip)));
         let ip = annotated.or_else(|| n.address.as_deref().and_then(canonical_ip))?;
         // Unspecified is the maps' name for this node, loopback is every node's own.
         (!ip.is_unspecified() && !ip.is_loopback() && !claimed_elsewhere(ip)).then(|| ip.to_string())
@@ -310,7 +310,12 @@ status: {addresses: [{type: InternalIP, address: '::ffff:127.0.0.1'}]}
         assert_eq!((entry.security_identity, entry.spiffe_id), (WORLD_IDENTITY, NO_SPIFFE_ID));
         assert!(!forged.spiffe_ids.iter().any(|(_, id)| id.ends_with("/sa/payment")), "no SPIFFE number for the contested pod");
         let model = PolicyModel::new(ModelConfig::default(), snapshot.inputs.clone());
-        assert!(auth_identity_pairs(&model, |_| true).iter().all(|p| !p.dst_spiffe_id.ends_with("/sa/payment") && !p.src_spiffe_id.ends_with("/sa/payment")), "no handshake, no SVID for it");
+        assert!(
+            auth_identity_pairs(&model, |_| true)
+                .iter()
+                .all(|p| !p.dst_spiffe_id.ends_with("/sa/payment") && !p.src_spiffe_id.ends_with("/sa/payment")),
+            "no handshake, no SVID for it"
+        );
         assert!(snapshot.node_identities("node-1", &TrustDomain::default()).iter().all(|id| !id.as_str().ends_with("/sa/payment")));
     }
 }

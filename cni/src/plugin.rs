@@ -65,7 +65,8 @@ impl Invocation {
         let config = if command == "VERSION" && stdin.trim().is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(stdin).map_err(|e| CniError::new(code::DECODE, "the network configuration on stdin is not JSON", e.to_string()))?
+            serde_json::from_str(stdin)
+                .map_err(|e| CniError::new(code::DECODE, "the network configuration on stdin is not JSON", e.to_string()))?
         };
         Ok(Self {
             command,
@@ -98,7 +99,11 @@ impl Invocation {
     /// The pod's IPv4 addresses and the interface they are on, from `prevResult`.
     fn pod_addresses(&self) -> Result<(String, Vec<Ipv4Addr>), CniError> {
         let prev = self.config.get("prevResult").ok_or_else(|| {
-            CniError::new(code::INVALID_CONFIG, "meshauth-cni is a chained plugin: it needs a prevResult", "put it last in a conflist after the plugin that creates the pod's interface")
+            CniError::new(
+                code::INVALID_CONFIG,
+                "meshauth-cni is a chained plugin: it needs a prevResult",
+                "put it last in a conflist after the plugin that creates the pod's interface",
+            )
         })?;
         let interfaces = prev.get("interfaces").and_then(Value::as_array).cloned().unwrap_or_default();
         let mut ifname = None;
@@ -183,13 +188,11 @@ fn ask(inv: &Invocation, request: &AgentRequest, netns: Option<&std::fs::File>) 
             None => Ok(()),
             Some(reason) => Err(CniError::new(code::REFUSED, format!("the meshauth agent refused {:?}: {reason}", request.command), "")),
         },
-        Err(e) => {
-            Err(CniError::new(
-                code::TRY_AGAIN_LATER,
-                format!("the meshauth agent is unreachable, so the pod cannot be guarded: {e}"),
-                format!("is the meshauth-agent DaemonSet pod running on this node? (socket {})", socket.display()),
-            ))
-        }
+        Err(e) => Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!("the meshauth agent is unreachable, so the pod cannot be guarded: {e}"),
+            format!("is the meshauth-agent DaemonSet pod running on this node? (socket {})", socket.display()),
+        )),
     }
 }
 

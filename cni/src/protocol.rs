@@ -71,7 +71,12 @@ pub enum ProtocolError {
 }
 
 /// Sends `request` (and `netns`) to the agent at `socket` and waits up to `timeout` for its answer.
-pub fn call(socket: &Path, request: &AgentRequest, netns: Option<BorrowedFd<'_>>, timeout: Duration) -> Result<AgentResponse, ProtocolError> {
+pub fn call(
+    socket: &Path,
+    request: &AgentRequest,
+    netns: Option<BorrowedFd<'_>>,
+    timeout: Duration,
+) -> Result<AgentResponse, ProtocolError> {
     let mut stream = UnixStream::connect(socket).map_err(|error| ProtocolError::Connect { path: socket.display().to_string(), error })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
@@ -160,14 +165,19 @@ mod tests {
 
     #[test]
     fn an_absent_agent_is_a_connect_error_naming_the_socket() {
-        let err = call(Path::new("/nonexistent/meshauth.sock"), &AgentRequest {
-            command: Command::Status,
-            container_id: String::new(),
-            ifname: String::new(),
-            pod_namespace: None,
-            pod_name: None,
-            ips: vec![],
-        }, None, Duration::from_secs(1))
+        let err = call(
+            Path::new("/nonexistent/meshauth.sock"),
+            &AgentRequest {
+                command: Command::Status,
+                container_id: String::new(),
+                ifname: String::new(),
+                pod_namespace: None,
+                pod_name: None,
+                ips: vec![],
+            },
+            None,
+            Duration::from_secs(1),
+        )
         .expect_err("no agent");
         assert!(err.to_string().contains("cannot reach the meshauth agent at /nonexistent/meshauth.sock"), "{err}");
     }

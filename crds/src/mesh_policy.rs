@@ -21,8 +21,18 @@ use serde::{Deserialize, Serialize};
     status = "MeshPolicyStatus",
     derive = "PartialEq",
     doc = "Ingress rules, optionally requiring authenticated peers, for the pods a selector picks.",
-    printcolumn(name = "Selector", type_ = "string", json_path = ".spec.selector.matchLabels", description = "labels of the selected pods"),
-    printcolumn(name = "Enforcement", type_ = "string", json_path = ".spec.enforcement", description = "Enforce, or Audit: what it would deny passes and is counted"),
+    printcolumn(
+        name = "Selector",
+        type_ = "string",
+        json_path = ".spec.selector.matchLabels",
+        description = "labels of the selected pods"
+    ),
+    printcolumn(
+        name = "Enforcement",
+        type_ = "string",
+        json_path = ".spec.enforcement",
+        description = "Enforce, or Audit: what it would deny passes and is counted"
+    ),
     printcolumn(name = "Selected", type_ = "integer", json_path = ".status.selectedPods", description = "pods selected"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")

@@ -22,7 +22,9 @@ pub enum SpiffeIdError {
     WrongScheme,
     #[error("has an empty trust domain")]
     EmptyTrustDomain,
-    #[error("trust domain has character {0:?}; only lower-case letters, digits, '.', '-' and '_' are allowed (no port, user info or upper case)")]
+    #[error(
+        "trust domain has character {0:?}; only lower-case letters, digits, '.', '-' and '_' are allowed (no port, user info or upper case)"
+    )]
     BadTrustDomainChar(char),
     #[error("path has an empty segment (\"//\")")]
     EmptySegment,
@@ -57,10 +59,7 @@ impl TrustDomain {
 
     /// The SPIFFE ID of a Kubernetes service account in this trust domain.
     pub fn service_account_id(&self, namespace: &str, service_account: &str) -> SpiffeId {
-        SpiffeId {
-            id: format!("{SCHEME}{}/ns/{namespace}/sa/{service_account}", self.0),
-            trust_domain_len: self.0.len(),
-        }
+        SpiffeId { id: format!("{SCHEME}{}/ns/{namespace}/sa/{service_account}", self.0), trust_domain_len: self.0.len() }
     }
 }
 
@@ -111,11 +110,7 @@ impl SpiffeId {
             for (i, segment) in segments.iter().enumerate() {
                 let segment = *segment;
                 if segment.is_empty() {
-                    return Err(if i + 1 == segments.len() {
-                        SpiffeIdError::TrailingSlash
-                    } else {
-                        SpiffeIdError::EmptySegment
-                    });
+                    return Err(if i + 1 == segments.len() { SpiffeIdError::TrailingSlash } else { SpiffeIdError::EmptySegment });
                 }
                 if segment == "." || segment == ".." {
                     return Err(SpiffeIdError::DotSegment);
@@ -180,12 +175,7 @@ mod tests {
 
     #[test]
     fn accepts_valid_ids() {
-        for id in [
-            "spiffe://cluster.local/ns/shop/sa/order",
-            "spiffe://example.org",
-            "spiffe://a_b-c.d/x/Y.z/-_",
-            "spiffe://td/..a/a..",
-        ] {
+        for id in ["spiffe://cluster.local/ns/shop/sa/order", "spiffe://example.org", "spiffe://a_b-c.d/x/Y.z/-_", "spiffe://td/..a/a.."] {
             let parsed = SpiffeId::parse(id).unwrap_or_else(|e| panic!("{id}: {e}"));
             assert_eq!(parsed.as_str(), id);
         }

@@ -26,9 +26,7 @@ use std::time::{Duration, Instant};
 
 use meshauth_datapath::testing::{Node, PinDir, link_nodes, require_root, tcp_connect, tcp_echo_server, tcp_request};
 use meshauth_datapath::{BootTime, ConnectionKey, Counter, Datapath, DatapathConfig, NodeId};
-use meshauth_policy::tables::{
-    AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol,
-};
+use meshauth_policy::tables::{AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol};
 
 const RR_PORT: u16 = 8080;
 const BULK_PORT: u16 = 8081;
@@ -68,10 +66,7 @@ fn endpoint(i: u8, isolated: bool, auth: AuthRequirement) -> EndpointEntry {
 
 fn no_policy() -> CompiledTables {
     CompiledTables {
-        endpoints: vec![
-            endpoint(1, false, AuthRequirement::None),
-            endpoint(2, false, AuthRequirement::None),
-        ],
+        endpoints: vec![endpoint(1, false, AuthRequirement::None), endpoint(2, false, AuthRequirement::None)],
         ..Default::default()
     }
 }
@@ -86,10 +81,7 @@ fn strict() -> CompiledTables {
         auth: AuthRequirement::Required,
     };
     CompiledTables {
-        endpoints: vec![
-            endpoint(1, false, AuthRequirement::None),
-            endpoint(2, true, AuthRequirement::Required),
-        ],
+        endpoints: vec![endpoint(1, false, AuthRequirement::None), endpoint(2, true, AuthRequirement::Required)],
         policy: vec![rule(RR_PORT), rule(BULK_PORT)],
         ..Default::default()
     }
@@ -207,14 +199,23 @@ fn across_nodes(settings: &Settings, json: bool) {
     if json {
         println!("{}", serde_json::json!({ "across_nodes": rows }));
     } else {
-        println!("\n{:<22} {:>7} {:>7} {:>7} {:>9} {:>6} {:>6} {:>6} {:>7}", "setup", "p50 us", "p99 us", "Gbit/s", "conn us", "p50 x", "p99 x", "tput x", "conn x");
+        println!(
+            "\n{:<22} {:>7} {:>7} {:>7} {:>9} {:>6} {:>6} {:>6} {:>7}",
+            "setup", "p50 us", "p99 us", "Gbit/s", "conn us", "p50 x", "p99 x", "tput x", "conn x"
+        );
         for r in &rows {
             let n = |k: &str| r[k].as_f64().unwrap_or(0.0);
             println!(
                 "{:<22} {:>7.1} {:>7.1} {:>7.2} {:>9.1} {:>6.3} {:>6.3} {:>6.3} {:>7.3}",
                 r["setup"].as_str().unwrap_or(""),
-                n("p50_us"), n("p99_us"), n("gbit_s"), n("new_connection_us"),
-                n("p50_ratio"), n("p99_ratio"), n("throughput_ratio"), n("new_connection_ratio"),
+                n("p50_us"),
+                n("p99_us"),
+                n("gbit_s"),
+                n("new_connection_us"),
+                n("p50_ratio"),
+                n("p99_ratio"),
+                n("throughput_ratio"),
+                n("new_connection_ratio"),
             );
         }
     }
@@ -236,8 +237,7 @@ fn median(v: &[f64]) -> f64 {
 /// Latency of `n` 64-byte request/responses on one connection from pod 1 to `dst`, after a
 /// warm-up.
 fn request_response(node: &Node, dst: SocketAddrV4, n: usize) -> (f64, f64) {
-    let mut conn =
-        tcp_connect(&node.pods[0], *dst.ip(), dst.port(), Duration::from_secs(3)).expect("connect");
+    let mut conn = tcp_connect(&node.pods[0], *dst.ip(), dst.port(), Duration::from_secs(3)).expect("connect");
     let msg = [0x5au8; 64];
     let mut buf = [0u8; 64];
     let mut rtt = Vec::with_capacity(n);
@@ -256,11 +256,7 @@ fn request_response(node: &Node, dst: SocketAddrV4, n: usize) -> (f64, f64) {
 /// Bulk TCP from pod 1 to `dst` (pod 2's server, or the local outbound proxy in front of it)
 /// for `d`; Gbit/s as pod 2's server counted it.
 fn bulk(node: &Node, listener: &TcpListener, dst: SocketAddrV4, d: Duration) -> f64 {
-    let sender = node.pods[0]
-        .ns
-        .run(|| TcpStream::connect(dst))
-        .expect("netns")
-        .expect("connect");
+    let sender = node.pods[0].ns.run(|| TcpStream::connect(dst)).expect("netns").expect("connect");
     let (mut conn, _) = listener.accept().expect("accept");
     let writer = std::thread::spawn(move || {
         let mut sender = sender;
@@ -294,10 +290,7 @@ struct MeshTls {
 }
 
 fn mesh_tls() -> MeshTls {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose, SanType,
-    };
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -305,18 +298,13 @@ fn mesh_tls() -> MeshTls {
     let mut ca = CertificateParams::default();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.distinguished_name
-        .push(DnType::CommonName, "meshauth bench mesh CA");
+    ca.distinguished_name.push(DnType::CommonName, "meshauth bench mesh CA");
     let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
     let issuer = Issuer::new(ca, ca_key);
     let leaf = |dns: &[&str], spiffe: &str, usage| {
         let key = KeyPair::generate().expect("leaf key");
-        let mut params =
-            CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
-                .expect("leaf params");
-        params
-            .subject_alt_names
-            .push(SanType::URI(spiffe.try_into().expect("SPIFFE URI")));
+        let mut params = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).expect("leaf params");
+        params.subject_alt_names.push(SanType::URI(spiffe.try_into().expect("SPIFFE URI")));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
         let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
@@ -324,22 +312,12 @@ fn mesh_tls() -> MeshTls {
         (vec![CertificateDer::from(cert.der().to_vec())], key)
     };
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(ca_cert.der().to_vec()))
-        .expect("CA root");
+    roots.add(CertificateDer::from(ca_cert.der().to_vec())).expect("CA root");
     let roots = Arc::new(roots);
 
-    let (chain, key) = leaf(
-        &[SERVER_DNS],
-        SERVER_SPIFFE,
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots.clone(),
-        provider.clone(),
-    )
-    .build()
-    .expect("client verifier");
+    let (chain, key) = leaf(&[SERVER_DNS], SERVER_SPIFFE, ExtendedKeyUsagePurpose::ServerAuth);
+    let client_verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build().expect("client verifier");
     let server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("server protocol versions")
@@ -354,23 +332,14 @@ fn mesh_tls() -> MeshTls {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .expect("client certificate");
-    MeshTls {
-        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-    }
+    MeshTls { connector: tokio_rustls::TlsConnector::from(Arc::new(client)), acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)) }
 }
 
 /// Connects to `dst` from inside `pod`'s namespace (a blocking connect on a namespace thread,
 /// off the runtime's workers), as a tokio stream with Nagle off.
-async fn connect_in(
-    node: Arc<Node>,
-    pod: usize,
-    dst: SocketAddrV4,
-) -> io::Result<tokio::net::TcpStream> {
+async fn connect_in(node: Arc<Node>, pod: usize, dst: SocketAddrV4) -> io::Result<tokio::net::TcpStream> {
     let conn =
-        tokio::task::spawn_blocking(move || node.pods[pod].ns.run(|| TcpStream::connect(dst)))
-            .await
-            .map_err(io::Error::other)???;
+        tokio::task::spawn_blocking(move || node.pods[pod].ns.run(|| TcpStream::connect(dst))).await.map_err(io::Error::other)???;
     conn.set_nodelay(true)?;
     conn.set_nonblocking(true)?;
     tokio::net::TcpStream::from_std(conn)
@@ -427,11 +396,7 @@ impl Sidecars {
             let backend = SocketAddrV4::new(node.pods[1].ip, app_port);
             let upstream = SocketAddrV4::new(node.pods[1].ip, inbound_port);
             let listen = |pod: usize, addr: SocketAddrV4| {
-                let l = node.pods[pod]
-                    .ns
-                    .run(|| TcpListener::bind(addr))
-                    .expect("netns")
-                    .expect("bind proxy");
+                let l = node.pods[pod].ns.run(|| TcpListener::bind(addr)).expect("netns").expect("bind proxy");
                 l.set_nonblocking(true).expect("nonblocking");
                 tokio::net::TcpListener::from_std(l).expect("proxy listener")
             };
@@ -476,39 +441,21 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
     let settings = if args.iter().any(|a| a == "--quick") {
-        Settings {
-            rounds: 1,
-            round_trips: 2_000,
-            bulk: Duration::from_millis(500),
-        }
+        Settings { rounds: 1, round_trips: 2_000, bulk: Duration::from_millis(500) }
     } else {
-        Settings {
-            rounds: 15,
-            round_trips: 10_000,
-            bulk: Duration::from_secs(1),
-        }
+        Settings { rounds: 15, round_trips: 10_000, bulk: Duration::from_secs(1) }
     };
     // Shared with the sidecar proxies, which create their upstream sockets in the pods.
     let node = Arc::new(Node::new("ma-bench", 2).expect("namespaces"));
     let _guard = node.ns.enter().expect("enter node namespace");
     let pins = PinDir::new("latency");
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).expect("load");
-    dp.set_auth(2, 1, NodeId::This, BootTime::after(Duration::from_secs(24 * 3600)))
-        .expect("auth");
+    dp.set_auth(2, 1, NodeId::This, BootTime::after(Duration::from_secs(24 * 3600))).expect("auth");
     let _echo = tcp_echo_server(&node.pods[1], RR_PORT).expect("echo server");
-    let bulk_listener = node.pods[1]
-        .ns
-        .run(|| TcpListener::bind((node.pods[1].ip, BULK_PORT)))
-        .expect("netns")
-        .expect("bind");
+    let bulk_listener = node.pods[1].ns.run(|| TcpListener::bind((node.pods[1].ip, BULK_PORT))).expect("netns").expect("bind");
     let sidecars = Sidecars::start(&node);
 
-    let setups = [
-        "no-program",
-        "program-no-policy",
-        "strict-authenticated",
-        "sidecar-mtls-proxies",
-    ];
+    let setups = ["no-program", "program-no-policy", "strict-authenticated", "sidecar-mtls-proxies"];
     let mut samples = vec![Sample::default(); setups.len()];
     for round in 0..settings.rounds {
         for (i, setup) in setups.iter().enumerate() {
@@ -544,9 +491,7 @@ fn main() {
             };
             let (p50, p99) = request_response(&node, dst(RR_PORT), settings.round_trips);
             let gbit = bulk(&node, &bulk_listener, dst(BULK_PORT), settings.bulk);
-            eprintln!(
-                "round {round} {setup:<22} p50 {p50:7.1} us  p99 {p99:7.1} us  {gbit:6.2} Gbit/s"
-            );
+            eprintln!("round {round} {setup:<22} p50 {p50:7.1} us  p99 {p99:7.1} us  {gbit:6.2} Gbit/s");
             samples[i].p50_us.push(p50);
             samples[i].p99_us.push(p99);
             samples[i].gbit_s.push(gbit);
@@ -556,11 +501,7 @@ fn main() {
     assert_eq!(c.dropped(), 0, "the benchmark's traffic was dropped: {c:?}");
 
     let base = &samples[0];
-    let (b50, b99, bg) = (
-        median(&base.p50_us),
-        median(&base.p99_us),
-        median(&base.gbit_s),
-    );
+    let (b50, b99, bg) = (median(&base.p50_us), median(&base.p99_us), median(&base.gbit_s));
     let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (b50best, b99best) = (best(&base.p50_us), best(&base.p99_us));
     let rows: Vec<serde_json::Value> = setups
@@ -580,24 +521,11 @@ fn main() {
         })
         .collect();
     if json {
-        println!(
-            "{}",
-            serde_json::json!({ "rounds": settings.rounds, "round_trips": settings.round_trips, "setups": rows })
-        );
+        println!("{}", serde_json::json!({ "rounds": settings.rounds, "round_trips": settings.round_trips, "setups": rows }));
     } else {
         println!(
             "{:<22} {:>7} {:>7} {:>8} {:>8} {:>7} {:>6} {:>6} {:>7} {:>7} {:>6}",
-            "setup",
-            "p50 us",
-            "p99 us",
-            "p50 best",
-            "p99 best",
-            "Gbit/s",
-            "p50 x",
-            "p99 x",
-            "p50b x",
-            "p99b x",
-            "tput x"
+            "setup", "p50 us", "p99 us", "p50 best", "p99 best", "Gbit/s", "p50 x", "p99 x", "p50b x", "p99b x", "tput x"
         );
         for r in &rows {
             let n = |k: &str| r[k].as_f64().unwrap_or(0.0);

@@ -287,10 +287,7 @@ impl SpiffeName {
         if bytes.len() > SPIFFE_ID_MAX {
             return None;
         }
-        let mut name = SpiffeName {
-            len: bytes.len() as u32,
-            id: [0; SPIFFE_ID_MAX],
-        };
+        let mut name = SpiffeName { len: bytes.len() as u32, id: [0; SPIFFE_ID_MAX] };
         name.id[..bytes.len()].copy_from_slice(bytes);
         Some(name)
     }
@@ -436,14 +433,7 @@ mod tests {
                 field!($c, $t, $f, 0)
             };
             ($c:literal, $t:ty, $f:ident, $shift:expr) => {
-                writeln!(
-                    s,
-                    "{}.{} {}",
-                    $c,
-                    stringify!($f),
-                    offset_of!($t, $f) + $shift
-                )
-                .unwrap()
+                writeln!(s, "{}.{} {}", $c, stringify!($f), offset_of!($t, $f) + $shift).unwrap()
             };
         }
         macro_rules! constant {
@@ -547,10 +537,7 @@ mod tests {
             writeln!(s, "{} {}", k.c_name(), *k as u8).unwrap();
         }
         constant!("MA_AUTH_NONE", auth_number(AuthRequirement::None));
-        constant!(
-            "MA_AUTH_PERMISSIVE",
-            auth_number(AuthRequirement::Permissive)
-        );
+        constant!("MA_AUTH_PERMISSIVE", auth_number(AuthRequirement::Permissive));
         constant!("MA_AUTH_REQUIRED", auth_number(AuthRequirement::Required));
         constant!("MA_CT_REPLY", CT_REPLY);
         constant!("MA_CT_ADMITTED", CT_ADMITTED);
@@ -582,11 +569,7 @@ mod tests {
         for (c, r) in C_LAYOUT.lines().zip(rust.lines()) {
             assert_eq!(c, r, "C layout (left) and Rust layout (right) differ");
         }
-        assert_eq!(
-            C_LAYOUT.lines().count(),
-            rust.lines().count(),
-            "C:\n{C_LAYOUT}\nRust:\n{rust}"
-        );
+        assert_eq!(C_LAYOUT.lines().count(), rust.lines().count(), "C:\n{C_LAYOUT}\nRust:\n{rust}");
     }
 
     #[test]

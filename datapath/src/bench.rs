@@ -17,9 +17,7 @@ use std::time::Duration;
 
 use aya::Ebpf;
 use aya::programs::SchedClassifier;
-use meshauth_policy::tables::{
-    ANY_IDENTITY, AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol,
-};
+use meshauth_policy::tables::{ANY_IDENTITY, AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol};
 use serde::Serialize;
 
 use crate::abi::Counter;
@@ -46,11 +44,7 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions {
-            repeat: 200_000,
-            rounds: 9,
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/meshauth-bench-{}", std::process::id())),
-        }
+        BenchOptions { repeat: 200_000, rounds: 9, pin_dir: PathBuf::from(format!("/sys/fs/bpf/meshauth-bench-{}", std::process::id())) }
     }
 }
 
@@ -79,11 +73,7 @@ pub enum BenchError {
     #[error("loading the empty baseline program: {0}")]
     Baseline(String),
     #[error("path {path} is not what it claims: expected {expected}, the program {got}")]
-    WrongPath {
-        path: &'static str,
-        expected: String,
-        got: String,
-    },
+    WrongPath { path: &'static str, expected: String, got: String },
 }
 
 /// A path: a packet and what the program must do with it.
@@ -128,20 +118,8 @@ fn endpoint(ip: [u8; 4], identity: u32, spiffe_id: u32, isolated: bool) -> Endpo
     }
 }
 
-fn rule(
-    src: u32,
-    protocol: TableProtocol,
-    ports: (u16, u16),
-    auth: AuthRequirement,
-) -> PolicyEntry {
-    PolicyEntry {
-        dst_identity: 301,
-        src_identity: src,
-        protocol,
-        port_start: ports.0,
-        port_end: ports.1,
-        auth,
-    }
+fn rule(src: u32, protocol: TableProtocol, ports: (u16, u16), auth: AuthRequirement) -> PolicyEntry {
+    PolicyEntry { dst_identity: 301, src_identity: src, protocol, port_start: ports.0, port_end: ports.1, auth }
 }
 
 fn tables() -> CompiledTables {
@@ -156,39 +134,14 @@ fn tables() -> CompiledTables {
             endpoint(IP_SRC_LOCAL, 404, SRC_LOCAL_SPIFFE, false),
         ],
         policy: vec![
-            rule(
-                400,
-                TableProtocol::Tcp,
-                (8080, 8080),
-                AuthRequirement::Required,
-            ),
-            rule(
-                401,
-                TableProtocol::Tcp,
-                (8080, 8080),
-                AuthRequirement::Required,
-            ),
+            rule(400, TableProtocol::Tcp, (8080, 8080), AuthRequirement::Required),
+            rule(401, TableProtocol::Tcp, (8080, 8080), AuthRequirement::Required),
             rule(403, TableProtocol::Tcp, (8080, 8080), AuthRequirement::None),
-            rule(
-                404,
-                TableProtocol::Tcp,
-                (8080, 8080),
-                AuthRequirement::Required,
-            ),
+            rule(404, TableProtocol::Tcp, (8080, 8080), AuthRequirement::Required),
             // A few more entries so the trie has the shape of a real one.
-            rule(
-                ANY_IDENTITY,
-                TableProtocol::Tcp,
-                (9000, 9999),
-                AuthRequirement::None,
-            ),
+            rule(ANY_IDENTITY, TableProtocol::Tcp, (9000, 9999), AuthRequirement::None),
             rule(400, TableProtocol::Udp, (1, 1023), AuthRequirement::None),
-            rule(
-                402,
-                TableProtocol::Tcp,
-                (10000, 10100),
-                AuthRequirement::None,
-            ),
+            rule(402, TableProtocol::Tcp, (10000, 10100), AuthRequirement::None),
         ],
         spiffe_ids: Vec::new(),
         security_identities: Vec::new(),
@@ -198,45 +151,14 @@ fn tables() -> CompiledTables {
 fn paths() -> Vec<Path> {
     // Mid-stream segments (ACK): they take the full check every time, where a SYN would be
     // cached in conntrack after the first run.
-    let ack =
-        |src: [u8; 4], dst: [u8; 4]| packet::tcp(src.into(), dst.into(), 40000, 8080, TCP_ACK);
+    let ack = |src: [u8; 4], dst: [u8; 4]| packet::tcp(src.into(), dst.into(), 40000, 8080, TCP_ACK);
     vec![
-        Path {
-            name: "no-policy",
-            packet: ack(IP_SRC_AUTH, IP_NO_POLICY),
-            passes: true,
-            counter: Counter::PassNoPolicy,
-        },
-        Path {
-            name: "conntrack-hit",
-            packet: ack(IP_SRC_CT, IP_DST),
-            passes: true,
-            counter: Counter::PassCtEstablished,
-        },
-        Path {
-            name: "auth-present",
-            packet: ack(IP_SRC_AUTH, IP_DST),
-            passes: true,
-            counter: Counter::PassAuthenticated,
-        },
-        Path {
-            name: "auth-missing",
-            packet: ack(IP_SRC_NOAUTH, IP_DST),
-            passes: false,
-            counter: Counter::DropAuthMissing,
-        },
-        Path {
-            name: "denied",
-            packet: ack(IP_SRC_DENIED, IP_DST),
-            passes: false,
-            counter: Counter::DropDenied,
-        },
-        Path {
-            name: "syn-tag-verified",
-            packet: tagged_syn(),
-            passes: true,
-            counter: Counter::PassAuthenticated,
-        },
+        Path { name: "no-policy", packet: ack(IP_SRC_AUTH, IP_NO_POLICY), passes: true, counter: Counter::PassNoPolicy },
+        Path { name: "conntrack-hit", packet: ack(IP_SRC_CT, IP_DST), passes: true, counter: Counter::PassCtEstablished },
+        Path { name: "auth-present", packet: ack(IP_SRC_AUTH, IP_DST), passes: true, counter: Counter::PassAuthenticated },
+        Path { name: "auth-missing", packet: ack(IP_SRC_NOAUTH, IP_DST), passes: false, counter: Counter::DropAuthMissing },
+        Path { name: "denied", packet: ack(IP_SRC_DENIED, IP_DST), passes: false, counter: Counter::DropDenied },
+        Path { name: "syn-tag-verified", packet: tagged_syn(), passes: true, counter: Counter::PassAuthenticated },
         Path {
             name: "syn-untagged-dropped",
             packet: packet::tcp_syn(IP_SRC_AUTH.into(), IP_DST.into(), 40001, 8080, 7, &packet::LINUX_SYN_OPTIONS),
@@ -250,7 +172,15 @@ fn paths() -> Vec<Path> {
 /// source port: the conntrack entry it leaves must not turn the ACK paths into hits.
 fn tagged_syn() -> Vec<u8> {
     let mut options = packet::LINUX_SYN_OPTIONS.to_vec();
-    options.extend_from_slice(&crate::abi::tag_option(BENCH_KEY.0, IP_SRC_AUTH.into(), IP_DST.into(), 40010, 8080, 7, crate::abi::tag_slot_now()));
+    options.extend_from_slice(&crate::abi::tag_option(
+        BENCH_KEY.0,
+        IP_SRC_AUTH.into(),
+        IP_DST.into(),
+        40010,
+        8080,
+        7,
+        crate::abi::tag_slot_now(),
+    ));
     packet::tcp_syn(IP_SRC_AUTH.into(), IP_DST.into(), 40010, 8080, 7, &options)
 }
 
@@ -300,9 +230,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         .ok_or_else(|| BenchError::Baseline("no program named empty".into()))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| BenchError::Baseline(e.to_string()))?;
-    empty
-        .load()
-        .map_err(|e| BenchError::Baseline(e.to_string()))?;
+    empty.load().map_err(|e| BenchError::Baseline(e.to_string()))?;
 
     let paths = paths();
     for p in &paths {
@@ -326,27 +254,17 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
                 single_baseline.push(loader::test_run(empty, "empty", &local, 1)?.ns_per_run);
             }
             // Interleaved, so drifts (frequency, other load) hit every path alike.
-            baseline
-                .push(loader::test_run(empty, "empty", &paths[0].packet, opts.repeat)?.ns_per_run);
+            baseline.push(loader::test_run(empty, "empty", &paths[0].packet, opts.repeat)?.ns_per_run);
             for (i, p) in paths.iter().enumerate() {
                 samples[i].push(dp.test_run(Hook::ToPod, &p.packet, opts.repeat)?.ns_per_run);
             }
         }
         for (p, s) in paths.iter().zip(samples) {
-            results.push(PathResult {
-                path: p.name,
-                entries,
-                ns_per_packet: median(s),
-            });
+            results.push(PathResult { path: p.name, entries, ns_per_packet: median(s) });
         }
-
     }
     dp.uninstall()?;
-    Ok(BenchReport {
-        baseline_ns: median(baseline),
-        baseline_single_run_ns: median(single_baseline),
-        paths: results,
-    })
+    Ok(BenchReport { baseline_ns: median(baseline), baseline_single_run_ns: median(single_baseline), paths: results })
 }
 
 /// Runs a path once and checks the verdict and the counter it moved.
@@ -357,11 +275,7 @@ fn check_path(dp: &Datapath, p: &Path) -> Result<(), BenchError> {
     if out.passed() != p.passes {
         return Err(BenchError::WrongPath {
             path: p.name,
-            expected: if p.passes {
-                "pass".into()
-            } else {
-                "drop".into()
-            },
+            expected: if p.passes { "pass".into() } else { "drop".into() },
             got: format!("returned {}", out.retval),
         });
     }
@@ -369,15 +283,7 @@ fn check_path(dp: &Datapath, p: &Path) -> Result<(), BenchError> {
         return Err(BenchError::WrongPath {
             path: p.name,
             expected: format!("counter {}", p.counter.name()),
-            got: format!(
-                "counted {:?}",
-                after
-                    .0
-                    .iter()
-                    .filter(|(k, v)| before.0.get(*k) != Some(*v))
-                    .map(|(k, _)| *k)
-                    .collect::<Vec<_>>()
-            ),
+            got: format!("counted {:?}", after.0.iter().filter(|(k, v)| before.0.get(*k) != Some(*v)).map(|(k, _)| *k).collect::<Vec<_>>()),
         });
     }
     Ok(())

@@ -25,13 +25,8 @@ pub enum OutputFormat {
 /// A subcommand failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error(
-        "reading the pinned datapath maps under {pin_dir} (is the agent running on this node, and are you root?): {source}"
-    )]
-    Maps {
-        pin_dir: String,
-        source: Box<DatapathError>,
-    },
+    #[error("reading the pinned datapath maps under {pin_dir} (is the agent running on this node, and are you root?): {source}")]
+    Maps { pin_dir: String, source: Box<DatapathError> },
     #[error(transparent)]
     Bench(#[from] Box<BenchError>),
     #[error("writing output: {0}")]
@@ -50,10 +45,7 @@ fn open(pin_dir: &Path) -> Result<Maps, CliError> {
 }
 
 fn maps_err(pin_dir: &Path) -> impl Fn(DatapathError) -> CliError + '_ {
-    move |source| CliError::Maps {
-        pin_dir: pin_dir.display().to_string(),
-        source: Box::new(source),
-    }
+    move |source| CliError::Maps { pin_dir: pin_dir.display().to_string(), source: Box::new(source) }
 }
 
 #[derive(Serialize)]
@@ -70,11 +62,7 @@ struct PairOut {
 }
 
 /// `meshauthctl auth list`: the authenticated pairs and their remaining lifetime.
-pub fn auth_list(
-    pin_dir: &Path,
-    format: OutputFormat,
-    out: &mut dyn Write,
-) -> Result<(), CliError> {
+pub fn auth_list(pin_dir: &Path, format: OutputFormat, out: &mut dyn Write) -> Result<(), CliError> {
     let maps = open(pin_dir)?;
     let names = maps.spiffe_names().map_err(maps_err(pin_dir))?;
     let pairs: Vec<PairOut> = maps
@@ -130,21 +118,19 @@ pub fn status(pin_dir: &Path, format: OutputFormat, out: &mut dyn Write) -> Resu
     let conntrack = maps.conntrack_entries().map_err(&e)?;
     let rc = maps.runtime_config().map_err(&e)?;
     let programs: Vec<String> = std::fs::read_dir(pin_dir.join("programs"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     match format {
         OutputFormat::Json => {
             let endpoints: Vec<_> = endpoints
                 .iter()
-                .map(|ep| json!({
-                    "ip": ep.ip, "security_identity": ep.security_identity, "spiffe_id": ep.spiffe_id,
-                    "spiffe": names.get(&ep.spiffe_id), "ifindex": ep.ifindex, "isolated": ep.isolated,
-                    "mutual_auth": ep.mutual_auth,
-                }))
+                .map(|ep| {
+                    json!({
+                        "ip": ep.ip, "security_identity": ep.security_identity, "spiffe_id": ep.spiffe_id,
+                        "spiffe": names.get(&ep.spiffe_id), "ifindex": ep.ifindex, "isolated": ep.isolated,
+                        "mutual_auth": ep.mutual_auth,
+                    })
+                })
                 .collect();
             let v = json!({
                 "pin_dir": pin_dir,
@@ -162,25 +148,14 @@ pub fn status(pin_dir: &Path, format: OutputFormat, out: &mut dyn Write) -> Resu
         }
         OutputFormat::Table => {
             writeln!(out, "pin dir:        {}", pin_dir.display())?;
-            writeln!(
-                out,
-                "programs:       {} (this tool: {PROGRAM_VERSION})",
-                programs.join(", ")
-            )?;
+            writeln!(out, "programs:       {} (this tool: {PROGRAM_VERSION})", programs.join(", "))?;
             writeln!(out, "policy epoch:   {}", rc.policy_epoch)?;
             writeln!(out, "auth pairs:     {} ({expired} expired)", auth.len())?;
             writeln!(out, "conntrack:      {conntrack} entries")?;
             writeln!(out, "\nINTERFACES")?;
             let rows: Vec<[String; 4]> = interfaces
                 .iter()
-                .map(|i| {
-                    [
-                        i.name.clone().unwrap_or_else(|| "(gone)".into()),
-                        i.ifindex.to_string(),
-                        i.pod_ip.to_string(),
-                        i.attach.into(),
-                    ]
-                })
+                .map(|i| [i.name.clone().unwrap_or_else(|| "(gone)".into()), i.ifindex.to_string(), i.pod_ip.to_string(), i.attach.into()])
                 .collect();
             table(out, ["NAME", "IFINDEX", "POD IP", "HOOK"], &rows)?;
             writeln!(out, "\nENDPOINTS")?;
@@ -190,30 +165,19 @@ pub fn status(pin_dir: &Path, format: OutputFormat, out: &mut dyn Write) -> Resu
                     [
                         ep.ip.to_string(),
                         ep.security_identity.to_string(),
-                        names
-                            .get(&ep.spiffe_id)
-                            .cloned()
-                            .unwrap_or_else(|| format!("#{}", ep.spiffe_id)),
+                        names.get(&ep.spiffe_id).cloned().unwrap_or_else(|| format!("#{}", ep.spiffe_id)),
                         if ep.isolated { "yes" } else { "no" }.into(),
                         format!("{:?}", ep.mutual_auth).to_lowercase(),
                     ]
                 })
                 .collect();
-            table(
-                out,
-                ["IP", "IDENTITY", "SPIFFE ID", "ISOLATED", "MUTUAL AUTH"],
-                &rows,
-            )?;
+            table(out, ["IP", "IDENTITY", "SPIFFE ID", "ISOLATED", "MUTUAL AUTH"], &rows)?;
             writeln!(out, "\nCOUNTERS")?;
             let rows: Vec<[String; 3]> = Counter::ALL
                 .iter()
                 .map(|c| {
                     let v = counters.0.get(c.name()).copied().unwrap_or_default();
-                    [
-                        c.name().to_string(),
-                        v.packets.to_string(),
-                        v.bytes.to_string(),
-                    ]
+                    [c.name().to_string(), v.packets.to_string(), v.bytes.to_string()]
                 })
                 .collect();
             table(out, ["COUNTER", "PACKETS", "BYTES"], &rows)?;
@@ -223,11 +187,7 @@ pub fn status(pin_dir: &Path, format: OutputFormat, out: &mut dyn Write) -> Resu
 }
 
 /// `meshauthctl bench datapath`.
-pub fn bench_datapath(
-    opts: &BenchOptions,
-    format: OutputFormat,
-    out: &mut dyn Write,
-) -> Result<BenchReport, CliError> {
+pub fn bench_datapath(opts: &BenchOptions, format: OutputFormat, out: &mut dyn Write) -> Result<BenchReport, CliError> {
     let report = bench::run(opts).map_err(Box::new)?;
     match format {
         OutputFormat::Json => {
@@ -235,11 +195,7 @@ pub fn bench_datapath(
             writeln!(out)?;
         }
         OutputFormat::Table => {
-            writeln!(
-                out,
-                "BPF_PROG_TEST_RUN, {} runs x {} rounds (median)",
-                opts.repeat, opts.rounds
-            )?;
+            writeln!(out, "BPF_PROG_TEST_RUN, {} runs x {} rounds (median)", opts.repeat, opts.rounds)?;
             writeln!(
                 out,
                 "baseline (empty TC program): {:.1} ns/packet; one run per call: {:.1} ns",
@@ -250,19 +206,10 @@ pub fn bench_datapath(
                 .iter()
                 .map(|p| {
                     let base = report.baseline_ns;
-                    [
-                        p.path.into(),
-                        p.entries.to_string(),
-                        format!("{:.1}", p.ns_per_packet),
-                        format!("{:+.1}", p.ns_per_packet - base),
-                    ]
+                    [p.path.into(), p.entries.to_string(), format!("{:.1}", p.ns_per_packet), format!("{:+.1}", p.ns_per_packet - base)]
                 })
                 .collect();
-            table(
-                out,
-                ["PATH", "AUTH ENTRIES", "NS/PACKET", "OVER BASELINE"],
-                &rows,
-            )?;
+            table(out, ["PATH", "AUTH ENTRIES", "NS/PACKET", "OVER BASELINE"], &rows)?;
         }
     }
     Ok(report)
@@ -277,11 +224,7 @@ fn human_seconds(s: f64) -> String {
     }
 }
 
-fn table<const N: usize>(
-    out: &mut dyn Write,
-    header: [&str; N],
-    rows: &[[String; N]],
-) -> io::Result<()> {
+fn table<const N: usize>(out: &mut dyn Write, header: [&str; N], rows: &[[String; N]]) -> io::Result<()> {
     let mut width = header.map(str::len);
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {

@@ -19,18 +19,11 @@ pub struct BootTime(pub u64);
 impl BootTime {
     /// Now.
     pub fn now() -> Self {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: `ts` is a valid out-pointer; CLOCK_BOOTTIME exists on every Linux this
         // crate runs on (2.6.39+), so the call cannot fail.
         unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-        BootTime(
-            (ts.tv_sec as u64)
-                .saturating_mul(1_000_000_000)
-                .saturating_add(ts.tv_nsec as u64),
-        )
+        BootTime((ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64))
     }
 
     /// `d` from now.

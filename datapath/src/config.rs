@@ -153,20 +153,13 @@ impl Default for DatapathConfig {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{var}={value:?}: {reason}")]
-    Invalid {
-        var: &'static str,
-        value: String,
-        reason: String,
-    },
+    Invalid { var: &'static str, value: String, reason: String },
 }
 
 impl DatapathConfig {
     /// The default configuration with a different pin directory (tests, benchmarks).
     pub fn with_pin_dir(pin_dir: impl Into<PathBuf>) -> Self {
-        DatapathConfig {
-            pin_dir: pin_dir.into(),
-            ..Self::default()
-        }
+        DatapathConfig { pin_dir: pin_dir.into(), ..Self::default() }
     }
 
     /// The defaults, overridden by the `MESHAUTH_BPF_*` environment variables that are set.
@@ -183,11 +176,9 @@ impl DatapathConfig {
         let number = |var: &'static str, default: u32| -> Result<u32, ConfigError> {
             match get(var) {
                 None => Ok(default),
-                Some(v) => v.trim().parse().map_err(|e| ConfigError::Invalid {
-                    var,
-                    value: v.clone(),
-                    reason: format!("not a number: {e}"),
-                }),
+                Some(v) => {
+                    v.trim().parse().map_err(|e| ConfigError::Invalid { var, value: v.clone(), reason: format!("not a number: {e}") })
+                }
             }
         };
         c.auth_entries = number(AUTH_ENTRIES, c.auth_entries)?;
@@ -211,11 +202,7 @@ impl DatapathConfig {
                 "drop" => Ipv6Mode::Drop,
                 "pass" => Ipv6Mode::Pass,
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        var: IPV6,
-                        value: v,
-                        reason: "expected drop or pass".into(),
-                    });
+                    return Err(ConfigError::Invalid { var: IPV6, value: v, reason: "expected drop or pass".into() });
                 }
             };
         }
@@ -225,11 +212,7 @@ impl DatapathConfig {
                 "tcx" => AttachMode::Tcx,
                 "netlink" => AttachMode::Netlink,
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        var: ATTACH_MODE,
-                        value: v,
-                        reason: "expected auto, tcx or netlink".into(),
-                    });
+                    return Err(ConfigError::Invalid { var: ATTACH_MODE, value: v, reason: "expected auto, tcx or netlink".into() });
                 }
             };
         }
@@ -238,11 +221,7 @@ impl DatapathConfig {
                 "true" => true,
                 "false" => false,
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        var: ALLOW_HOST,
-                        value: v,
-                        reason: "expected true or false".into(),
-                    });
+                    return Err(ConfigError::Invalid { var: ALLOW_HOST, value: v, reason: "expected true or false".into() });
                 }
             };
         }
@@ -269,11 +248,7 @@ impl DatapathConfig {
             (CT_CLOSING_TIMEOUT, self.conntrack_timeouts.closing_s),
         ] {
             if value == 0 {
-                return Err(ConfigError::Invalid {
-                    var,
-                    value: value.to_string(),
-                    reason: "must be at least 1".into(),
-                });
+                return Err(ConfigError::Invalid { var, value: value.to_string(), reason: "must be at least 1".into() });
             }
         }
         if !self.event_ring_bytes.is_power_of_two() || self.event_ring_bytes < 4096 {
@@ -300,13 +275,8 @@ mod tests {
 
     #[test]
     fn env_errors_name_the_variable_and_value() {
-        let err = DatapathConfig::from_lookup(|v| (v == AUTH_ENTRIES).then(|| "1000".into()))
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("MESHAUTH_BPF_AUTH_ENTRIES=\"1000\""),
-            "{err}"
-        );
+        let err = DatapathConfig::from_lookup(|v| (v == AUTH_ENTRIES).then(|| "1000".into())).unwrap_err();
+        assert!(err.to_string().contains("MESHAUTH_BPF_AUTH_ENTRIES=\"1000\""), "{err}");
         let err = DatapathConfig::from_lookup(|v| (v == IPV6).then(|| "maybe".into())).unwrap_err();
         assert!(err.to_string().contains("MESHAUTH_BPF_IPV6"), "{err}");
         let c = DatapathConfig::from_lookup(|v| (v == IPV6).then(|| "pass".into())).unwrap();

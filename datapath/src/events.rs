@@ -122,9 +122,7 @@ pub enum EventError {
     Wait(io::Error),
     #[error("event record of {0} bytes, expected {expected}", expected = std::mem::size_of::<RawEvent>())]
     Size(usize),
-    #[error(
-        "event of unknown kind {kind} or counter {counter}: is the loader older than the pinned program?"
-    )]
+    #[error("event of unknown kind {kind} or counter {counter}: is the loader older than the pinned program?")]
     Unknown { kind: u8, counter: u8 },
 }
 
@@ -137,10 +135,7 @@ impl Event {
         // SAFETY: the length is checked, RawEvent is plain integers (any bit pattern is
         // valid), and read_unaligned copes with the record's alignment.
         let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        let unknown = || EventError::Unknown {
-            kind: raw.kind,
-            counter: raw.counter,
-        };
+        let unknown = || EventError::Unknown { kind: raw.kind, counter: raw.counter };
         let kind = EventKind::from_number(raw.kind).ok_or_else(unknown)?;
         let counter = Counter::from_slot(u32::from(raw.counter)).ok_or_else(unknown)?;
         Ok(Event {
@@ -171,10 +166,7 @@ pub struct EventStream {
 impl EventStream {
     /// Opens the ring buffer pinned at `path`. Needs a tokio runtime with IO enabled.
     pub fn open(path: &Path) -> Result<Self, EventError> {
-        let open_err = |source| EventError::Open {
-            path: path.display().to_string(),
-            source,
-        };
+        let open_err = |source| EventError::Open { path: path.display().to_string(), source };
         let data = MapData::from_pin(path).map_err(open_err)?;
         let ring = RingBuf::try_from(Map::RingBuf(data)).map_err(open_err)?;
         // SAFETY: RingBuf owns its map descriptor for its whole life and always returns that

@@ -93,7 +93,7 @@ pub use abi::{Counter, tag_option, tag_slot_now};
 pub use clock::BootTime;
 pub use config::{AttachMode, DatapathConfig, Ipv6Mode};
 pub use events::{Event, EventKind, EventStream};
-pub use loader::{ConnectionKey, KEY_OVERLAP, KEY_SWITCH_DELAY, 
-    ApplyStats, AuthEntry, Counters, Datapath, DatapathError, Endpoint, Hook, Interface, Maps, NodeId,
-    PROGRAM_VERSION, TestRunOutcome,
+pub use loader::{
+    ApplyStats, AuthEntry, ConnectionKey, Counters, Datapath, DatapathError, Endpoint, Hook, Interface, KEY_OVERLAP, KEY_SWITCH_DELAY,
+    Maps, NodeId, PROGRAM_VERSION, TestRunOutcome,
 };

@@ -27,8 +27,8 @@ use meshauth_policy::tables::{AuthRequirement, CompiledTables};
 use serde::Serialize;
 
 use crate::abi::{
-    self, AuthKey, AuthValue, ConfigValue, Counter, CounterValue, CtKey, CtValue, EndpointValue,
-    IfaceValue, PolicyKeyData, PolicyValue, SpiffeName, TagKey, TagValue,
+    self, AuthKey, AuthValue, ConfigValue, Counter, CounterValue, CtKey, CtValue, EndpointValue, IfaceValue, PolicyKeyData, PolicyValue,
+    SpiffeName, TagKey, TagValue,
 };
 use crate::clock::BootTime;
 use crate::config::{AttachMode, BPFFS_ROOT, ConfigError, DatapathConfig, Ipv6Mode};
@@ -38,8 +38,7 @@ mod tags;
 pub use tags::{ConnectionKey, KEY_OVERLAP, KEY_SWITCH_DELAY};
 
 /// The program object compiled by build.rs.
-static PROGRAM_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshauth.bpf.o"));
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshauth.bpf.o"));
 /// Names the pinned programs of this build: a hash of the C sources and the compiler.
 pub const PROGRAM_VERSION: &str = env!("MESHAUTH_BPF_VERSION");
 
@@ -129,14 +128,7 @@ const MAPS: &[MapSpec] = &[
         entries: |c| c.conntrack_entries,
         rebuildable: true,
     },
-    MapSpec {
-        name: "fragments",
-        kind: MapType::LruHash,
-        key_size: 12,
-        value_size: 4,
-        entries: |c| c.fragment_entries,
-        rebuildable: true,
-    },
+    MapSpec { name: "fragments", kind: MapType::LruHash, key_size: 12, value_size: 4, entries: |c| c.fragment_entries, rebuildable: true },
     MapSpec {
         name: "interfaces",
         kind: MapType::Hash,
@@ -145,30 +137,9 @@ const MAPS: &[MapSpec] = &[
         entries: |c| c.interface_entries,
         rebuildable: false,
     },
-    MapSpec {
-        name: "config",
-        kind: MapType::Array,
-        key_size: 4,
-        value_size: size_of::<ConfigValue>(),
-        entries: |_| 1,
-        rebuildable: true,
-    },
-    MapSpec {
-        name: "clock",
-        kind: MapType::PerCpuArray,
-        key_size: 4,
-        value_size: 16,
-        entries: |_| 1,
-        rebuildable: true,
-    },
-    MapSpec {
-        name: "event_budget",
-        kind: MapType::PerCpuArray,
-        key_size: 4,
-        value_size: 16,
-        entries: |_| 1,
-        rebuildable: true,
-    },
+    MapSpec { name: "config", kind: MapType::Array, key_size: 4, value_size: size_of::<ConfigValue>(), entries: |_| 1, rebuildable: true },
+    MapSpec { name: "clock", kind: MapType::PerCpuArray, key_size: 4, value_size: 16, entries: |_| 1, rebuildable: true },
+    MapSpec { name: "event_budget", kind: MapType::PerCpuArray, key_size: 4, value_size: 16, entries: |_| 1, rebuildable: true },
     MapSpec {
         name: "counters",
         kind: MapType::PerCpuArray,
@@ -177,22 +148,8 @@ const MAPS: &[MapSpec] = &[
         entries: |_| abi::COUNTER_SLOTS,
         rebuildable: false,
     },
-    MapSpec {
-        name: "events",
-        kind: MapType::RingBuf,
-        key_size: 0,
-        value_size: 0,
-        entries: |c| c.event_ring_bytes,
-        rebuildable: false,
-    },
-    MapSpec {
-        name: "host_addrs",
-        kind: MapType::Hash,
-        key_size: 4,
-        value_size: 4,
-        entries: |_| HOST_ADDR_ENTRIES,
-        rebuildable: false,
-    },
+    MapSpec { name: "events", kind: MapType::RingBuf, key_size: 0, value_size: 0, entries: |c| c.event_ring_bytes, rebuildable: false },
+    MapSpec { name: "host_addrs", kind: MapType::Hash, key_size: 4, value_size: 4, entries: |_| HOST_ADDR_ENTRIES, rebuildable: false },
     MapSpec {
         name: "spiffe_names",
         kind: MapType::Hash,
@@ -215,33 +172,18 @@ pub enum DatapathError {
     #[error("loading the BPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
+    Program { name: &'static str, source: ProgramError },
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
+    Map { name: &'static str, source: MapError },
     #[error(
         "pinned map {name} is incompatible with this loader ({what}: pinned {pinned}, expected {expected}); \
              remove {path} to recreate it (its state is lost)"
     )]
-    IncompatibleMap {
-        name: &'static str,
-        what: &'static str,
-        pinned: String,
-        expected: String,
-        path: PathBuf,
-    },
+    IncompatibleMap { name: &'static str, what: &'static str, pinned: String, expected: String, path: PathBuf },
     #[error("link {path}: {source}")]
     Link { path: PathBuf, source: LinkError },
     #[error("pinning {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
+    Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("interface {name}: {source}")]
     Interface { name: String, source: io::Error },
     #[error("interface {name}: {source}")]
@@ -349,11 +291,7 @@ impl Counters {
 
     /// All packets dropped, whatever the reason.
     pub fn dropped(&self) -> u64 {
-        Counter::ALL
-            .iter()
-            .filter(|c| c.is_drop())
-            .map(|c| self.packets(*c))
-            .sum()
+        Counter::ALL.iter().filter(|c| c.is_drop()).map(|c| self.packets(*c)).sum()
     }
 }
 
@@ -413,13 +351,8 @@ fn open_pinned(maps_dir: &Path, name: &'static str) -> Result<MapData, DatapathE
 }
 
 /// Every key of a map, read before changing it (aya's key iterator borrows the map).
-fn keys_of<K: Pod, V: Pod>(
-    map: &HashMap<MapData, K, V>,
-    name: &'static str,
-) -> Result<Vec<K>, DatapathError> {
-    map.keys()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(map_err(name))
+fn keys_of<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, name: &'static str) -> Result<Vec<K>, DatapathError> {
+    map.keys().collect::<Result<Vec<_>, _>>().map_err(map_err(name))
 }
 
 impl Maps {
@@ -436,24 +369,17 @@ impl Maps {
             endpoint_node_capacity: capacity("endpoint_nodes")?,
             policy_capacity: capacity("policy")?,
             pin_dir: pin_dir.to_path_buf(),
-            endpoints: HashMap::try_from(Map::HashMap(hash("endpoints")?))
-                .map_err(map_err("endpoints"))?,
-            endpoint_nodes: HashMap::try_from(Map::HashMap(hash("endpoint_nodes")?))
-                .map_err(map_err("endpoint_nodes"))?,
+            endpoints: HashMap::try_from(Map::HashMap(hash("endpoints")?)).map_err(map_err("endpoints"))?,
+            endpoint_nodes: HashMap::try_from(Map::HashMap(hash("endpoint_nodes")?)).map_err(map_err("endpoint_nodes"))?,
             policy: LpmTrie::try_from(Map::LpmTrie(hash("policy")?)).map_err(map_err("policy"))?,
             auth: HashMap::try_from(Map::HashMap(hash("auth")?)).map_err(map_err("auth"))?,
             tag_keys: HashMap::try_from(Map::HashMap(hash("tag_keys")?)).map_err(map_err("tag_keys"))?,
-            conntrack: HashMap::try_from(Map::LruHashMap(hash("conntrack")?))
-                .map_err(map_err("conntrack"))?,
-            interfaces: HashMap::try_from(Map::HashMap(hash("interfaces")?))
-                .map_err(map_err("interfaces"))?,
+            conntrack: HashMap::try_from(Map::LruHashMap(hash("conntrack")?)).map_err(map_err("conntrack"))?,
+            interfaces: HashMap::try_from(Map::HashMap(hash("interfaces")?)).map_err(map_err("interfaces"))?,
             config: Array::try_from(Map::Array(hash("config")?)).map_err(map_err("config"))?,
-            counters: PerCpuArray::try_from(Map::PerCpuArray(hash("counters")?))
-                .map_err(map_err("counters"))?,
-            spiffe_names: HashMap::try_from(Map::HashMap(hash("spiffe_names")?))
-                .map_err(map_err("spiffe_names"))?,
-            host_addrs: HashMap::try_from(Map::HashMap(hash("host_addrs")?))
-                .map_err(map_err("host_addrs"))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(hash("counters")?)).map_err(map_err("counters"))?,
+            spiffe_names: HashMap::try_from(Map::HashMap(hash("spiffe_names")?)).map_err(map_err("spiffe_names"))?,
+            host_addrs: HashMap::try_from(Map::HashMap(hash("host_addrs")?)).map_err(map_err("host_addrs"))?,
         })
     }
 
@@ -526,10 +452,7 @@ impl Maps {
     pub fn counters(&self) -> Result<Counters, DatapathError> {
         let mut out = Counters::default();
         for c in Counter::ALL {
-            let per_cpu = self
-                .counters
-                .get(&(*c as u32), 0)
-                .map_err(map_err("counters"))?;
+            let per_cpu = self.counters.get(&(*c as u32), 0).map_err(map_err("counters"))?;
             let mut sum = CounterValue::default();
             for v in per_cpu.iter() {
                 sum.packets += v.packets;
@@ -604,15 +527,7 @@ impl Datapath {
             AttachMode::Tcx => true,
             AttachMode::Auto => kernel_has_tcx(),
         };
-        let mut dp = Datapath {
-            config,
-            to_pod,
-            from_pod,
-            tag_syn,
-            maps,
-            adopted,
-            tcx,
-        };
+        let mut dp = Datapath { config, to_pod, from_pod, tag_syn, maps, adopted, tcx };
         dp.write_runtime_config()?;
         // Vanished interfaces first: a pin of a deleted veth cannot be repointed.
         dp.forget_vanished_interfaces()?;
@@ -651,10 +566,7 @@ impl Datapath {
     }
 
     fn link_path(&self, ifindex: u32, direction: &str) -> PathBuf {
-        self.config
-            .pin_dir
-            .join("links")
-            .join(format!("{ifindex}-{direction}"))
+        self.config.pin_dir.join("links").join(format!("{ifindex}-{direction}"))
     }
 
     /// Guards `ifname`, the host side of the veth of the pod whose address is `pod_ip`:
@@ -664,34 +576,17 @@ impl Datapath {
         let ifindex = if_index(ifname)?;
         // The pod's address is registered before from_pod runs, which drops (as spoofed)
         // anything from an interface it does not know.
-        let mode = if self.tcx {
-            abi::ATTACH_TCX
-        } else {
-            abi::ATTACH_NETLINK
-        };
-        let value = IfaceValue {
-            pod_ip: abi::ip_key(pod_ip),
-            attach_mode: mode,
-            pad: [0; 3],
-        };
-        self.maps
-            .interfaces
-            .insert(ifindex, value, 0)
-            .map_err(map_err("interfaces"))?;
+        let mode = if self.tcx { abi::ATTACH_TCX } else { abi::ATTACH_NETLINK };
+        let value = IfaceValue { pod_ip: abi::ip_key(pod_ip), attach_mode: mode, pad: [0; 3] };
+        self.maps.interfaces.insert(ifindex, value, 0).map_err(map_err("interfaces"))?;
         if let Ok(mut ep) = self.maps.endpoints.get(&abi::ip_key(pod_ip), 0) {
             ep.ifindex = ifindex;
-            self.maps
-                .endpoints
-                .insert(abi::ip_key(pod_ip), ep, 0)
-                .map_err(map_err("endpoints"))?;
+            self.maps.endpoints.insert(abi::ip_key(pod_ip), ep, 0).map_err(map_err("endpoints"))?;
         }
         // Its pods' proofs are this node's from now on, not only from the next apply: a pod
         // whose veth comes after the tables would otherwise be checked against a proof of its
         // node's address, which no handshake writes.
-        self.maps
-            .endpoint_nodes
-            .insert(abi::ip_key(pod_ip), NodeId::This.key(), 0)
-            .map_err(map_err("endpoint_nodes"))?;
+        self.maps.endpoint_nodes.insert(abi::ip_key(pod_ip), NodeId::This.key(), 0).map_err(map_err("endpoint_nodes"))?;
         if self.tcx {
             self.attach_tcx(ifname, ifindex, TcAttachType::Ingress)?;
             self.attach_tcx(ifname, ifindex, TcAttachType::Egress)?;
@@ -710,12 +605,7 @@ impl Datapath {
         }
     }
 
-    fn attach_tcx(
-        &mut self,
-        ifname: &str,
-        ifindex: u32,
-        t: TcAttachType,
-    ) -> Result<(), DatapathError> {
+    fn attach_tcx(&mut self, ifname: &str, ifindex: u32, t: TcAttachType) -> Result<(), DatapathError> {
         let path = self.link_path(ifindex, direction_name(t));
         let (name, prog) = self.program(t);
         let prog_id = prog.info().map_err(prog_err(name))?.id();
@@ -726,55 +616,33 @@ impl Datapath {
             if attached.iter().any(|p| p.id() == prog_id) {
                 return Ok(());
             }
-            std::fs::remove_file(&path)
-                .map_err(io_err(format!("removing stale {}", path.display())))?;
+            std::fs::remove_file(&path).map_err(io_err(format!("removing stale {}", path.display())))?;
         }
         // First: meshauth decides before other tcx programs, and passes with TCX_NEXT so
         // they still run.
-        let id = prog
-            .attach_with_options(ifname, t, TcAttachOptions::TcxOrder(LinkOrder::first()))
-            .map_err(prog_err(name))?;
+        let id = prog.attach_with_options(ifname, t, TcAttachOptions::TcxOrder(LinkOrder::first())).map_err(prog_err(name))?;
         let link = prog.take_link(id).map_err(prog_err(name))?;
-        let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
-            path: path.clone(),
-            source,
-        })?;
+        let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::Link { path: path.clone(), source })?;
         // Dropping the returned PinnedLink closes our descriptor; the pin keeps it attached.
-        fd_link.pin(&path).map_err(|source| DatapathError::Pin {
-            path: path.clone(),
-            source,
-        })?;
+        fd_link.pin(&path).map_err(|source| DatapathError::Pin { path: path.clone(), source })?;
         Ok(())
     }
 
-    fn attach_netlink(
-        &mut self,
-        ifname: &str,
-        t: TcAttachType,
-        replace: bool,
-    ) -> Result<(), DatapathError> {
+    fn attach_netlink(&mut self, ifname: &str, t: TcAttachType, replace: bool) -> Result<(), DatapathError> {
         if let Err(e) = tc::qdisc_add_clsact(ifname) {
             // "Exists" is the normal case after the first attach.
             tracing::trace!(ifname, error = %e, "clsact qdisc not added");
         }
         let (name, prog) = self.program(t);
         let id = if replace {
-            let old =
-                SchedClassifierLink::attached(ifname, t, NETLINK_PRIORITY, NETLINK_HANDLE, None)
-                    .map_err(|source| DatapathError::Interface {
-                        name: ifname.into(),
-                        source,
-                    })?;
+            let old = SchedClassifierLink::attached(ifname, t, NETLINK_PRIORITY, NETLINK_HANDLE, None)
+                .map_err(|source| DatapathError::Interface { name: ifname.into(), source })?;
             prog.attach_to_link(old).map_err(prog_err(name))?
         } else {
             match prog.attach_with_options(
                 ifname,
                 t,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: NETLINK_PRIORITY,
-                    handle: NETLINK_HANDLE,
-                    classid: None,
-                }),
+                TcAttachOptions::Netlink(NlOptions { priority: NETLINK_PRIORITY, handle: NETLINK_HANDLE, classid: None }),
             ) {
                 Ok(id) => id,
                 // Already attached by us (an adopted loader): replace keeps it current.
@@ -796,10 +664,7 @@ impl Datapath {
         self.detach_links(ifindex, Some(ifname))?;
         if let Ok(mut v) = self.maps.interfaces.get(&ifindex, 0) {
             v.attach_mode = abi::ATTACH_NONE;
-            self.maps
-                .interfaces
-                .insert(ifindex, v, 0)
-                .map_err(map_err("interfaces"))?;
+            self.maps.interfaces.insert(ifindex, v, 0).map_err(map_err("interfaces"))?;
         }
         Ok(())
     }
@@ -810,13 +675,11 @@ impl Datapath {
             let path = self.link_path(ifindex, direction_name(t));
             if path.exists() {
                 // The pin was the link's last reference: removing it detaches.
-                std::fs::remove_file(&path)
-                    .map_err(io_err(format!("removing {}", path.display())))?;
+                std::fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
             }
             if let (Some(v), Some(name)) = (iface, ifname)
                 && v.attach_mode == abi::ATTACH_NETLINK
-                && let Ok(link) =
-                    SchedClassifierLink::attached(name, t, NETLINK_PRIORITY, NETLINK_HANDLE, None)
+                && let Ok(link) = SchedClassifierLink::attached(name, t, NETLINK_PRIORITY, NETLINK_HANDLE, None)
             {
                 // Dropping aya's handle of a clsact filter deletes the filter.
                 drop(link);
@@ -851,21 +714,15 @@ impl Datapath {
     /// Points every pinned link (and clsact filter) at this loader's programs.
     fn repoint_links(&mut self) -> Result<(), DatapathError> {
         let dir = self.config.pin_dir.join("links");
-        let entries =
-            std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?;
+        let entries = std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?;
         for entry in entries {
-            let path = entry
-                .map_err(io_err(format!("reading {}", dir.display())))?
-                .path();
+            let path = entry.map_err(io_err(format!("reading {}", dir.display())))?.path();
             let t = match path.file_name().and_then(|n| n.to_str()) {
                 Some(n) if n.ends_with("-ingress") => TcAttachType::Ingress,
                 Some(n) if n.ends_with("-egress") => TcAttachType::Egress,
                 _ => continue,
             };
-            let link_err = |source| DatapathError::Link {
-                path: path.clone(),
-                source,
-            };
+            let link_err = |source| DatapathError::Link { path: path.clone(), source };
             let pinned = PinnedLink::from_pin(&path).map_err(link_err)?;
             let fd_link = FdLink::from(pinned);
             let (name, prog) = self.program(t);
@@ -915,12 +772,7 @@ impl Datapath {
     /// failure to read or delete is an error.
     pub fn apply_tables(&mut self, tables: &CompiledTables) -> Result<ApplyStats, DatapathError> {
         let mut stats = ApplyStats::default();
-        let local: StdHashMap<u32, u32> = self
-            .maps
-            .interfaces()?
-            .into_iter()
-            .map(|i| (abi::ip_key(i.pod_ip), i.ifindex))
-            .collect();
+        let local: StdHashMap<u32, u32> = self.maps.interfaces()?.into_iter().map(|i| (abi::ip_key(i.pod_ip), i.ifindex)).collect();
 
         // Policy entries first (written after the endpoints), to know which destinations fit.
         let mut want_policy: BTreeMap<(u32, PolicyKeyData), u8> = BTreeMap::new();
@@ -934,9 +786,7 @@ impl Datapath {
                 };
                 // The compiler's ranges are disjoint; should two entries still land on one
                 // key, the stricter authentication wins.
-                let slot = want_policy
-                    .entry((abi::POLICY_FIXED_BITS + u32::from(bits), data))
-                    .or_insert(0);
+                let slot = want_policy.entry((abi::POLICY_FIXED_BITS + u32::from(bits), data)).or_insert(0);
                 *slot = (*slot).max(abi::auth_number(p.auth));
             }
         }
@@ -974,29 +824,19 @@ impl Datapath {
                 let key = abi::ip_key(e.ip);
                 // An unspecified address would be this node's key: a pod elsewhere must never
                 // count this node's proofs as its own.
-                let node = if local.contains_key(&key) {
-                    NodeId::This
-                } else {
-                    NodeId::At(e.node_address.filter(|a| !a.is_unspecified())?)
-                };
+                let node =
+                    if local.contains_key(&key) { NodeId::This } else { NodeId::At(e.node_address.filter(|a| !a.is_unspecified())?) };
                 Some((key, node.key()))
             })
             .collect();
         let (stale_nodes, nodes_left_out) = self.write_endpoint_nodes(&want_nodes)?;
         stats.endpoints_left_out += nodes_left_out;
-        let have_endpoints: StdHashMap<u32, EndpointValue> = self
-            .maps
-            .endpoints
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err("endpoints"))?;
+        let have_endpoints: StdHashMap<u32, EndpointValue> =
+            self.maps.endpoints.iter().collect::<Result<_, _>>().map_err(map_err("endpoints"))?;
         // Addresses that left, or now name another SPIFFE ID (a new pod on a reused address):
         // no flow cached for the old owner may carry on with the new one.
-        let moved: std::collections::BTreeSet<u32> = have_endpoints
-            .iter()
-            .filter(|(k, v)| want.get(k).is_none_or(|w| w.spiffe_id != v.spiffe_id))
-            .map(|(k, _)| *k)
-            .collect();
+        let moved: std::collections::BTreeSet<u32> =
+            have_endpoints.iter().filter(|(k, v)| want.get(k).is_none_or(|w| w.spiffe_id != v.spiffe_id)).map(|(k, _)| *k).collect();
         // Locals before the rest, and the stale ones out first when both would not fit.
         let mut order: Vec<(&u32, &EndpointValue)> = want.iter().collect();
         order.sort_by_key(|(k, v)| (v.ifindex == 0, **k));
@@ -1034,14 +874,8 @@ impl Datapath {
         }
 
         // Policy: one trie entry per port block.
-        let have: Vec<_> = self
-            .maps
-            .policy
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err("policy"))?;
-        let is_stale =
-            |k: &aya::maps::lpm_trie::Key<PolicyKeyData>| !want_policy.contains_key(&(k.prefix_len(), k.data()));
+        let have: Vec<_> = self.maps.policy.keys().collect::<Result<_, _>>().map_err(map_err("policy"))?;
+        let is_stale = |k: &aya::maps::lpm_trie::Key<PolicyKeyData>| !want_policy.contains_key(&(k.prefix_len(), k.data()));
         let union = have.len() + want_policy.len() - have.iter().filter(|k| !is_stale(k)).count();
         // Stale entries only ever allow: removing them first is stricter, never looser.
         let remove_stale_first = union > self.maps.policy_capacity;
@@ -1057,17 +891,10 @@ impl Datapath {
                 continue;
             }
             let key = aya::maps::lpm_trie::Key::new(*bits, *data);
-            let value = PolicyValue {
-                auth: *auth,
-                pad: [0; 3],
-            };
+            let value = PolicyValue { auth: *auth, pad: [0; 3] };
             // An exact-key get: the trie answers the longest match, so compare the value only
             // when the stored key is this one.
-            if self.maps.policy.get(&key, 0).ok() != Some(value)
-                || !have
-                    .iter()
-                    .any(|k| k.prefix_len() == *bits && k.data() == *data)
-            {
+            if self.maps.policy.get(&key, 0).ok() != Some(value) || !have.iter().any(|k| k.prefix_len() == *bits && k.data() == *data) {
                 match self.maps.policy.insert(&key, value, 0) {
                     Ok(()) => stats.policy_written += 1,
                     Err(error) => {
@@ -1089,16 +916,10 @@ impl Datapath {
             }
         }
         // A failed destination's entries written before the failure are not in `have`.
-        let have: Vec<_> = if failed.is_empty() {
-            have
-        } else {
-            self.maps.policy.keys().collect::<Result<_, _>>().map_err(map_err("policy"))?
-        };
+        let have: Vec<_> =
+            if failed.is_empty() { have } else { self.maps.policy.keys().collect::<Result<_, _>>().map_err(map_err("policy"))? };
         if !remove_stale_first || !failed.is_empty() {
-            for k in have
-                .iter()
-                .filter(|k| !want_policy.contains_key(&(k.prefix_len(), k.data())))
-            {
+            for k in have.iter().filter(|k| !want_policy.contains_key(&(k.prefix_len(), k.data()))) {
                 remove_ignoring_missing(self.maps.policy.remove(k), "policy")?;
                 stats.policy_removed += 1;
             }
@@ -1116,21 +937,9 @@ impl Datapath {
         }
         let have = keys_of(&self.maps.spiffe_names, "spiffe_names")?;
         for (n, id) in &want {
-            if self
-                .maps
-                .spiffe_names
-                .get(n, 0)
-                .ok()
-                .map(|v| v.as_string())
-                .as_deref()
-                != Some(*id)
-            {
-                let name =
-                    SpiffeName::new(id).ok_or(DatapathError::SpiffeIdTooLong { number: *n })?;
-                self.maps
-                    .spiffe_names
-                    .insert(*n, name, 0)
-                    .map_err(map_err("spiffe_names"))?;
+            if self.maps.spiffe_names.get(n, 0).ok().map(|v| v.as_string()).as_deref() != Some(*id) {
+                let name = SpiffeName::new(id).ok_or(DatapathError::SpiffeIdTooLong { number: *n })?;
+                self.maps.spiffe_names.insert(*n, name, 0).map_err(map_err("spiffe_names"))?;
                 stats.spiffe_names_written += 1;
             }
         }
@@ -1140,12 +949,7 @@ impl Datapath {
         }
 
         let mut cfg = self.maps.runtime_config()?;
-        if stats.endpoints_written
-            + stats.endpoints_removed
-            + stats.policy_written
-            + stats.policy_removed
-            > 0
-        {
+        if stats.endpoints_written + stats.endpoints_removed + stats.policy_written + stats.policy_removed > 0 {
             cfg.policy_epoch = cfg.policy_epoch.wrapping_add(1);
             self.maps.config.set(0, cfg, 0).map_err(map_err("config"))?;
         }
@@ -1157,12 +961,7 @@ impl Datapath {
     /// Writes the `endpoint_nodes` entries of `want` that differ; returns the keys to remove
     /// once the endpoints no longer name them, and how many entries did not fit.
     fn write_endpoint_nodes(&mut self, want: &StdHashMap<u32, u32>) -> Result<(Vec<u32>, usize), DatapathError> {
-        let have: StdHashMap<u32, u32> = self
-            .maps
-            .endpoint_nodes
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err("endpoint_nodes"))?;
+        let have: StdHashMap<u32, u32> = self.maps.endpoint_nodes.iter().collect::<Result<_, _>>().map_err(map_err("endpoint_nodes"))?;
         let stale: Vec<u32> = have.keys().filter(|k| !want.contains_key(k)).copied().collect();
         let mut left_out = 0;
         if have.len() + want.keys().filter(|k| !have.contains_key(k)).count() > self.maps.endpoint_node_capacity {
@@ -1187,13 +986,8 @@ impl Datapath {
     /// Deletes every conntrack entry to or from one of `ips` (keys as [`abi::ip_key`]):
     /// what a pod that left, or a new pod on its address, must not inherit. Returns how many.
     pub fn flush_conntrack(&mut self, ips: &std::collections::BTreeSet<u32>) -> Result<usize, DatapathError> {
-        let keys: Vec<CtKey> = self
-            .maps
-            .conntrack
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| ips.contains(&k.saddr) || ips.contains(&k.daddr))
-            .collect();
+        let keys: Vec<CtKey> =
+            self.maps.conntrack.keys().filter_map(Result::ok).filter(|k| ips.contains(&k.saddr) || ips.contains(&k.daddr)).collect();
         for k in &keys {
             remove_ignoring_missing(self.maps.conntrack.remove(k), "conntrack")?;
         }
@@ -1206,43 +1000,14 @@ impl Datapath {
     /// whose source address is on `src_node` (`endpoint_nodes`) count as authenticated by it.
     /// The program stops passing the pair [`abi::CLOCK_SLACK_NS`] (10 ms) before `expiry`: its
     /// clock may be one tick old, and a pair must never pass late.
-    pub fn set_auth(
-        &mut self,
-        dst_spiffe_id: u32,
-        src_spiffe_id: u32,
-        src_node: NodeId,
-        expiry: BootTime,
-    ) -> Result<(), DatapathError> {
-        let key = AuthKey {
-            dst_spiffe_id,
-            src_spiffe_id,
-            src_node: src_node.key(),
-        };
-        self.maps
-            .auth
-            .insert(
-                key,
-                AuthValue {
-                    expiry_ns: expiry.0,
-                    ..AuthValue::default()
-                },
-                0,
-            )
-            .map_err(map_err("auth"))
+    pub fn set_auth(&mut self, dst_spiffe_id: u32, src_spiffe_id: u32, src_node: NodeId, expiry: BootTime) -> Result<(), DatapathError> {
+        let key = AuthKey { dst_spiffe_id, src_spiffe_id, src_node: src_node.key() };
+        self.maps.auth.insert(key, AuthValue { expiry_ns: expiry.0, ..AuthValue::default() }, 0).map_err(map_err("auth"))
     }
 
     /// Forgets the proof of a pair by one node; `Ok(false)` when it was not there.
-    pub fn remove_auth(
-        &mut self,
-        dst_spiffe_id: u32,
-        src_spiffe_id: u32,
-        src_node: NodeId,
-    ) -> Result<bool, DatapathError> {
-        match self.maps.auth.remove(&AuthKey {
-            dst_spiffe_id,
-            src_spiffe_id,
-            src_node: src_node.key(),
-        }) {
+    pub fn remove_auth(&mut self, dst_spiffe_id: u32, src_spiffe_id: u32, src_node: NodeId) -> Result<bool, DatapathError> {
+        match self.maps.auth.remove(&AuthKey { dst_spiffe_id, src_spiffe_id, src_node: src_node.key() }) {
             Ok(()) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(map_err("auth")(e)),
@@ -1273,19 +1038,12 @@ impl Datapath {
 
     /// The event stream (one reader per node: the agent). Needs a tokio runtime.
     pub fn events(&self) -> Result<EventStream, DatapathError> {
-        Ok(EventStream::open(
-            &self.config.pin_dir.join("maps").join("events"),
-        )?)
+        Ok(EventStream::open(&self.config.pin_dir.join("maps").join("events"))?)
     }
 
     /// Runs a program on `packet` `repeat` times with `BPF_PROG_TEST_RUN`, against the live
     /// maps (the run counts and may write conntrack like real traffic).
-    pub fn test_run(
-        &self,
-        hook: Hook,
-        packet: &[u8],
-        repeat: u32,
-    ) -> Result<TestRunOutcome, DatapathError> {
+    pub fn test_run(&self, hook: Hook, packet: &[u8], repeat: u32) -> Result<TestRunOutcome, DatapathError> {
         let (name, prog) = match hook {
             Hook::ToPod => (TO_POD, &self.to_pod),
             Hook::FromPod => (FROM_POD, &self.from_pod),
@@ -1339,34 +1097,17 @@ impl TestRunOutcome {
     }
 }
 
-pub(crate) fn test_run(
-    prog: &SchedClassifier,
-    name: &'static str,
-    packet: &[u8],
-    repeat: u32,
-) -> Result<TestRunOutcome, DatapathError> {
+pub(crate) fn test_run(prog: &SchedClassifier, name: &'static str, packet: &[u8], repeat: u32) -> Result<TestRunOutcome, DatapathError> {
     use aya::programs::{TestRun as _, TestRunOptions};
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(packet),
-            repeat,
-            ..TestRunOptions::default()
-        })
-        .map_err(prog_err(name))?;
-    Ok(TestRunOutcome {
-        retval: r.return_value as i32,
-        ns_per_run: u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX),
-    })
+    let r = prog.test_run(TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::default() }).map_err(prog_err(name))?;
+    Ok(TestRunOutcome { retval: r.return_value as i32, ns_per_run: u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX) })
 }
 
 /// Keeps the policy entries of whole destinations, in identity order, while they fit in
 /// `capacity`; returns the destinations left out (their entries are removed from `want`).
 /// Fewer rules for a destination could allow what a missing stricter rule meant to guard,
 /// so a destination is in whole or not at all.
-fn fit_destinations(
-    want: &mut BTreeMap<(u32, PolicyKeyData), u8>,
-    capacity: usize,
-) -> std::collections::BTreeSet<u32> {
+fn fit_destinations(want: &mut BTreeMap<(u32, PolicyKeyData), u8>, capacity: usize) -> std::collections::BTreeSet<u32> {
     let mut per_destination: BTreeMap<u32, usize> = BTreeMap::new();
     for (_, data) in want.keys() {
         *per_destination.entry(data.dst_identity).or_default() += 1;
@@ -1403,10 +1144,7 @@ fn isolate(want: &mut StdHashMap<u32, EndpointValue>, identities: &std::collecti
     }
 }
 
-fn remove_ignoring_missing(
-    r: Result<(), MapError>,
-    name: &'static str,
-) -> Result<(), DatapathError> {
+fn remove_ignoring_missing(r: Result<(), MapError>, name: &'static str) -> Result<(), DatapathError> {
     match r {
         Err(e) if !is_not_found(&e) => Err(map_err(name)(e)),
         _ => Ok(()),
@@ -1460,46 +1198,34 @@ fn install_programs(config: &DatapathConfig, force: bool) -> Result<(Programs, b
         loader.map_pin_path(spec.name, maps_dir.join(spec.name));
         loader.map_max_entries(spec.name, (spec.entries)(config));
     }
-    let mut ebpf = loader
-        .load(PROGRAM_OBJECT)
-        .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    let mut ebpf = loader.load(PROGRAM_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
     // bpffs refuses names with a dot in them.
     let staging = programs.join(format!("staging-{}", std::process::id()));
     if staging.exists() {
-        std::fs::remove_dir_all(&staging)
-            .map_err(io_err(format!("removing {}", staging.display())))?;
+        std::fs::remove_dir_all(&staging).map_err(io_err(format!("removing {}", staging.display())))?;
     }
     std::fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
     for name in [TO_POD, FROM_POD, TAG_SYN] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
-            .ok_or(DatapathError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?
+            .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?
             .try_into()
             .map_err(prog_err(name))?;
         prog.load().map_err(prog_err(name))?;
         let path = staging.join(name);
-        prog.pin(&path)
-            .map_err(|source| DatapathError::Pin { path, source })?;
+        prog.pin(&path).map_err(|source| DatapathError::Pin { path, source })?;
     }
     drop(ebpf);
     // Older versions stay loaded as long as a link still points at them; the caller moves
     // the links, and then nothing holds them.
-    let entries =
-        std::fs::read_dir(&programs).map_err(io_err(format!("reading {}", programs.display())))?;
+    let entries = std::fs::read_dir(&programs).map_err(io_err(format!("reading {}", programs.display())))?;
     for entry in entries.flatten() {
         let p = entry.path();
         if p != staging {
             std::fs::remove_dir_all(&p).map_err(io_err(format!("removing {}", p.display())))?;
         }
     }
-    std::fs::rename(&staging, &current).map_err(io_err(format!(
-        "renaming {} to {}",
-        staging.display(),
-        current.display()
-    )))?;
+    std::fs::rename(&staging, &current).map_err(io_err(format!("renaming {} to {}", staging.display(), current.display())))?;
     Ok((open(&current)?, false))
 }
 
@@ -1512,33 +1238,20 @@ fn check_pinned_maps(config: &DatapathConfig) -> Result<(), DatapathError> {
             continue;
         }
         let info = MapInfo::from_pin(&path).map_err(map_err(spec.name))?;
-        let incompatible =
-            |what, pinned: String, expected: String| DatapathError::IncompatibleMap {
-                name: spec.name,
-                what,
-                pinned,
-                expected,
-                path: path.clone(),
-            };
+        let incompatible = |what, pinned: String, expected: String| DatapathError::IncompatibleMap {
+            name: spec.name,
+            what,
+            pinned,
+            expected,
+            path: path.clone(),
+        };
         let kind = info.map_type().map_err(map_err(spec.name))?;
         let mismatch = if kind != spec.kind {
-            Some(incompatible(
-                "type",
-                format!("{kind:?}"),
-                format!("{:?}", spec.kind),
-            ))
+            Some(incompatible("type", format!("{kind:?}"), format!("{:?}", spec.kind)))
         } else if spec.kind != MapType::RingBuf && info.key_size() as usize != spec.key_size {
-            Some(incompatible(
-                "key size",
-                info.key_size().to_string(),
-                spec.key_size.to_string(),
-            ))
+            Some(incompatible("key size", info.key_size().to_string(), spec.key_size.to_string()))
         } else if spec.kind != MapType::RingBuf && info.value_size() as usize != spec.value_size {
-            Some(incompatible(
-                "value size",
-                info.value_size().to_string(),
-                spec.value_size.to_string(),
-            ))
+            Some(incompatible("value size", info.value_size().to_string(), spec.value_size.to_string()))
         } else {
             None
         };
@@ -1586,20 +1299,9 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
         let src = c"bpf";
         let target = c"/sys/fs/bpf";
         // SAFETY: all pointers are valid C strings; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
         if rc != 0 {
-            return Err(DatapathError::Bpffs {
-                path: pin_dir.into(),
-                source: io::Error::last_os_error(),
-            });
+            return Err(DatapathError::Bpffs { path: pin_dir.into(), source: io::Error::last_os_error() });
         }
         tracing::info!("mounted bpffs on {BPFFS_ROOT}");
     }
@@ -1614,10 +1316,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     if statfs_type(probe) != Some(BPF_FS_MAGIC) {
         return Err(DatapathError::Bpffs {
             path: pin_dir.into(),
-            source: io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not on a bpffs", probe.display()),
-            ),
+            source: io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not on a bpffs", probe.display())),
         });
     }
     Ok(())
@@ -1636,10 +1335,7 @@ pub fn if_index(name: &str) -> Result<u32, DatapathError> {
     })?;
     // SAFETY: `c` is a valid C string.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(DatapathError::Interface {
-            name: name.into(),
-            source: io::Error::last_os_error(),
-        }),
+        0 => Err(DatapathError::Interface { name: name.into(), source: io::Error::last_os_error() }),
         i => Ok(i),
     }
 }
@@ -1653,9 +1349,5 @@ pub fn if_name(index: u32) -> Option<String> {
         return None;
     }
     // SAFETY: on success the buffer holds a NUL-terminated name.
-    Some(
-        unsafe { CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }

@@ -18,14 +18,7 @@ fn ethernet(ethertype: u16) -> Vec<u8> {
 }
 
 /// An IPv4 packet; `fragment` is `(more fragments, offset in 8-byte units)`.
-pub fn ipv4(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    protocol: u8,
-    id: u16,
-    fragment: (bool, u16),
-    payload: &[u8],
-) -> Vec<u8> {
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, id: u16, fragment: (bool, u16), payload: &[u8]) -> Vec<u8> {
     let mut p = ethernet(ETH_P_IP);
     let total = (20 + payload.len()) as u16;
     let frag = (u16::from(fragment.0) << 13) | (fragment.1 & 0x1fff);
@@ -63,14 +56,7 @@ pub fn udp_header(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
 
 /// An IPv4 TCP packet.
 pub fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    ipv4(
-        src,
-        dst,
-        6,
-        1,
-        (false, 0),
-        &tcp_header(sport, dport, flags, &[0; 32]),
-    )
+    ipv4(src, dst, 6, 1, (false, 0), &tcp_header(sport, dport, flags, &[0; 32]))
 }
 
 /// An IPv4 TCP SYN with sequence number `seq`, TCP `options` (a multiple of 4 bytes) and no
@@ -90,14 +76,7 @@ pub const LINUX_SYN_OPTIONS: [u8; 20] = [2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1,
 
 /// An IPv4 UDP packet.
 pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    ipv4(
-        src,
-        dst,
-        17,
-        1,
-        (false, 0),
-        &udp_header(sport, dport, &[0; 32]),
-    )
+    ipv4(src, dst, 17, 1, (false, 0), &udp_header(sport, dport, &[0; 32]))
 }
 
 /// An ICMP echo request.
@@ -128,12 +107,7 @@ pub fn ipv6(next_header: u8, payload: &[u8]) -> Vec<u8> {
 
 /// An ICMPv6 message of `icmp_type`.
 pub fn icmpv6(icmp_type: u8) -> Vec<u8> {
-    ipv6(
-        58,
-        &[
-            icmp_type, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        ],
-    )
+    ipv6(58, &[icmp_type, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
 }
 
 /// An ARP request.

@@ -21,11 +21,7 @@ use std::time::Duration;
 pub fn sh(args: &[&str]) -> io::Result<String> {
     let out = Command::new(args[0]).args(&args[1..]).output()?;
     if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(io::Error::other(format!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -33,11 +29,7 @@ pub fn sh(args: &[&str]) -> io::Result<String> {
 /// Fails the test early with a clear message when not root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests load BPF programs and create network namespaces: run them as root"
-    );
+    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests load BPF programs and create network namespaces: run them as root");
 }
 
 /// A named network namespace, deleted on drop.
@@ -162,83 +154,23 @@ impl Node {
         let ns = Netns::new(&format!("{prefix}-node"))?;
         ns.sysctl("net/ipv4/ip_forward", "1")?;
         // The pods' gateway: a node address, so the host sides answer ARP for it.
-        sh(&[
-            "ip",
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            "169.254.1.1/32",
-            "dev",
-            "lo",
-        ])?;
-        let mut node = Node {
-            pods: Vec::new(),
-            ns,
-        };
+        sh(&["ip", "-n", &ns.name, "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
+        let mut node = Node { pods: Vec::new(), ns };
         for i in 1..=pods {
             let pod_ns = Netns::new(&format!("{prefix}-p{i}"))?;
             let ip = Ipv4Addr::new(10, 77, subnet, i as u8);
             let host_if = format!("h{i}");
             let (n, p) = (node.ns.name.as_str(), pod_ns.name.as_str());
             let ip_s = ip.to_string();
-            sh(&[
-                "ip", "-n", n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-                "netns", p,
-            ])?;
-            sh(&[
-                "ip",
-                "-n",
-                p,
-                "addr",
-                "add",
-                &format!("{ip_s}/32"),
-                "dev",
-                "eth0",
-            ])?;
+            sh(&["ip", "-n", n, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", p])?;
+            sh(&["ip", "-n", p, "addr", "add", &format!("{ip_s}/32"), "dev", "eth0"])?;
             sh(&["ip", "-n", p, "link", "set", "eth0", "up"])?;
-            sh(&[
-                "ip",
-                "-n",
-                p,
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ])?;
-            sh(&[
-                "ip",
-                "-n",
-                p,
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ])?;
+            sh(&["ip", "-n", p, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+            sh(&["ip", "-n", p, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
             sh(&["ip", "-n", n, "link", "set", &host_if, "up"])?;
-            sh(&[
-                "ip",
-                "-n",
-                n,
-                "route",
-                "add",
-                &format!("{ip_s}/32"),
-                "dev",
-                &host_if,
-            ])?;
-            node.ns
-                .sysctl(&format!("net/ipv4/conf/{host_if}/proxy_arp"), "1")?;
-            node.pods.push(Pod {
-                ns: pod_ns,
-                ip,
-                host_if,
-            });
+            sh(&["ip", "-n", n, "route", "add", &format!("{ip_s}/32"), "dev", &host_if])?;
+            node.ns.sysctl(&format!("net/ipv4/conf/{host_if}/proxy_arp"), "1")?;
+            node.pods.push(Pod { ns: pod_ns, ip, host_if });
         }
         Ok(node)
     }
@@ -270,10 +202,7 @@ pub struct PinDir(pub PathBuf);
 
 impl PinDir {
     pub fn new(test: &str) -> Self {
-        let p = PathBuf::from(format!(
-            "/sys/fs/bpf/meshauth-test-{test}-{}",
-            std::process::id()
-        ));
+        let p = PathBuf::from(format!("/sys/fs/bpf/meshauth-test-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         PinDir(p)
     }
@@ -325,11 +254,7 @@ pub fn tcp_echo_server(pod: &Pod, port: u16) -> io::Result<Server> {
                                         break;
                                     }
                                 }
-                                Err(e)
-                                    if matches!(
-                                        e.kind(),
-                                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                                    ) => {}
+                                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                                 Err(_) => break,
                             }
                         }
@@ -339,10 +264,7 @@ pub fn tcp_echo_server(pod: &Pod, port: u16) -> io::Result<Server> {
             }
         }
     });
-    Ok(Server {
-        stop,
-        thread: Some(thread),
-    })
+    Ok(Server { stop, thread: Some(thread) })
 }
 
 /// A UDP echo server on `pod:port`.
@@ -360,23 +282,13 @@ pub fn udp_echo_server(pod: &Pod, port: u16) -> io::Result<Server> {
             }
         }
     });
-    Ok(Server {
-        stop,
-        thread: Some(thread),
-    })
+    Ok(Server { stop, thread: Some(thread) })
 }
 
 /// A TCP connection from `pod` to `dst:port`, or the connect error (a drop shows as a timeout).
-pub fn tcp_connect(
-    pod: &Pod,
-    dst: Ipv4Addr,
-    port: u16,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
+pub fn tcp_connect(pod: &Pod, dst: Ipv4Addr, port: u16, timeout: Duration) -> io::Result<TcpStream> {
     let addr = SocketAddr::V4(SocketAddrV4::new(dst, port));
-    let conn = pod
-        .ns
-        .run(|| TcpStream::connect_timeout(&addr, timeout))??;
+    let conn = pod.ns.run(|| TcpStream::connect_timeout(&addr, timeout))??;
     conn.set_read_timeout(Some(timeout))?;
     conn.set_nodelay(true)?;
     Ok(conn)
@@ -407,21 +319,11 @@ pub fn udp_socket(pod: &Pod, src: Option<Ipv4Addr>) -> io::Result<UdpSocket> {
 
 /// One datagram from `pod` (from `src`, when given) to `dst:port`: `true` when its echo came
 /// back within `timeout`.
-pub fn udp_request(
-    pod: &Pod,
-    src: Option<Ipv4Addr>,
-    dst: Ipv4Addr,
-    port: u16,
-    timeout: Duration,
-) -> bool {
+pub fn udp_request(pod: &Pod, src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16, timeout: Duration) -> bool {
     let Ok(sock) = udp_socket(pod, src) else {
         return false;
     };
-    if sock.set_read_timeout(Some(timeout)).is_err()
-        || sock
-            .send_to(b"meshauth", SocketAddrV4::new(dst, port))
-            .is_err()
-    {
+    if sock.set_read_timeout(Some(timeout)).is_err() || sock.send_to(b"meshauth", SocketAddrV4::new(dst, port)).is_err() {
         return false;
     }
     let mut buf = [0u8; 64];

@@ -18,18 +18,14 @@ fn auth_list_and_status_read_the_pinned_maps() {
     let pins = PinDir::new("cli");
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).unwrap();
     dp.apply_tables(&tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, true, Auth::Required),
-        ],
+        vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::Required)],
         vec![rule(2, 1, P::Tcp, 80, Auth::None)],
     ))
     .unwrap();
     // Proven by the agent of another node, with a connection key that must never be shown.
     let secret = meshauth_datapath::ConnectionKey([0x5ec2_e7ab_cdef_0123, 0x0fed_cba9_8765_4321]);
     let remote = meshauth_datapath::NodeId::At(std::net::Ipv4Addr::new(192, 0, 2, 7));
-    dp.set_auth_keyed(2, 1, remote, BootTime::after(Duration::from_secs(3600)), secret)
-        .unwrap();
+    dp.set_auth_keyed(2, 1, remote, BootTime::after(Duration::from_secs(3600)), secret).unwrap();
     dp.set_auth(1, 2, meshauth_datapath::NodeId::This, BootTime::now()).unwrap();
 
     let mut out = Vec::new();
@@ -37,11 +33,7 @@ fn auth_list_and_status_read_the_pinned_maps() {
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let pairs = v["pairs"].as_array().unwrap();
     assert_eq!(pairs.len(), 2);
-    assert_eq!(
-        pairs[0]["remaining_seconds"],
-        serde_json::Value::Null,
-        "expired pair"
-    );
+    assert_eq!(pairs[0]["remaining_seconds"], serde_json::Value::Null, "expired pair");
     assert_eq!(pairs[1]["dst"], "spiffe://cluster.local/ns/test/sa/pod-2");
     assert!(pairs[1]["remaining_seconds"].as_f64().unwrap() > 3590.0);
     assert_eq!(pairs[1]["src_node"], "192.0.2.7");
@@ -76,10 +68,7 @@ fn auth_list_and_status_read_the_pinned_maps() {
     let mut out = Vec::new();
     status(&pins.0, OutputFormat::Table, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(
-        text.contains("ENDPOINTS") && text.contains("10.77.0.2") && text.contains("drop_spoofed"),
-        "{text}"
-    );
+    assert!(text.contains("ENDPOINTS") && text.contains("10.77.0.2") && text.contains("drop_spoofed"), "{text}");
 
     let missing = std::path::Path::new("/sys/fs/bpf/meshauth-test-no-such-dir");
     let err = status(missing, OutputFormat::Table, &mut Vec::new()).unwrap_err();
@@ -90,33 +79,18 @@ fn auth_list_and_status_read_the_pinned_maps() {
 fn bench_reports_every_path_at_both_sizes_in_the_documented_shape() {
     require_root();
     let pins = PinDir::new("bench");
-    let opts = BenchOptions {
-        repeat: 1000,
-        rounds: 1,
-        pin_dir: pins.0.clone(),
-    };
+    let opts = BenchOptions { repeat: 1000, rounds: 1, pin_dir: pins.0.clone() };
     let mut out = Vec::new();
     bench_datapath(&opts, OutputFormat::Json, &mut out).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert!(v["baseline_ns"].is_number());
     assert!(v["baseline_single_run_ns"].is_number());
     let paths = v["paths"].as_array().unwrap();
-    let names = [
-        "no-policy",
-        "conntrack-hit",
-        "auth-present",
-        "auth-missing",
-        "denied",
-        "syn-tag-verified",
-        "syn-untagged-dropped",
-    ];
+    let names = ["no-policy", "conntrack-hit", "auth-present", "auth-missing", "denied", "syn-tag-verified", "syn-untagged-dropped"];
     assert_eq!(paths.len(), names.len() * ENTRY_COUNTS.len());
     for n in names {
         for e in ENTRY_COUNTS {
-            let p = paths
-                .iter()
-                .find(|p| p["path"] == n && p["entries"] == e)
-                .unwrap_or_else(|| panic!("{n} at {e}"));
+            let p = paths.iter().find(|p| p["path"] == n && p["entries"] == e).unwrap_or_else(|| panic!("{n} at {e}"));
             assert!(p["ns_per_packet"].as_f64().unwrap() > 0.0);
             assert_eq!(p.as_object().unwrap().len(), 3);
         }

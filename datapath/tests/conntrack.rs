@@ -134,12 +134,7 @@ fn connect_from_port(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, timeo
         return false;
     }
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
-    rt.block_on(async {
-        matches!(
-            tokio::time::timeout(timeout, socket.connect(SocketAddrV4::new(dst, dport).into())).await,
-            Ok(Ok(_))
-        )
-    })
+    rt.block_on(async { matches!(tokio::time::timeout(timeout, socket.connect(SocketAddrV4::new(dst, dport).into())).await, Ok(Ok(_))) })
 }
 
 /// Pod 2 requires authentication of pod 1 on TCP 8080 and UDP 9090 and is isolated: pod 1
@@ -170,15 +165,8 @@ fn a_pods_answer_to_a_stray_segment_does_not_let_the_client_in_after_revocation(
         .unwrap()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        f.counters().packets(Counter::PassFromPod) >= from_pods_before + 2,
-        "the stray segment left pod 1 and pod 2 answered it"
-    );
-    assert_eq!(
-        f.dp().maps().conntrack_entries().unwrap(),
-        entries_before,
-        "neither the stray segment nor pod 2's answer to it is cached"
-    );
+    assert!(f.counters().packets(Counter::PassFromPod) >= from_pods_before + 2, "the stray segment left pod 1 and pod 2 answered it");
+    assert_eq!(f.dp().maps().conntrack_entries().unwrap(), entries_before, "neither the stray segment nor pod 2's answer to it is cached");
 
     // The pair's authentication is revoked. A new connection from that very port must not
     // ride what pod 2's answer left behind.
@@ -202,10 +190,7 @@ fn a_reset_closes_the_entry_but_cannot_cut_the_connection_at_once() {
     // A RST with the connection's tuple (whoever sent it: the program cannot tell an
     // in-window one from a spoofed one) closes the entries instead of deleting them.
     let sport = conn.local_addr().unwrap().port();
-    f.ns(1)
-        .run(|| RawSocket::new(libc::IPPROTO_TCP)?.send_to(ip2, &tcp_segment(ip1, ip2, sport, SERVER_PORT, 0x04)))
-        .unwrap()
-        .unwrap();
+    f.ns(1).run(|| RawSocket::new(libc::IPPROTO_TCP)?.send_to(ip2, &tcp_segment(ip1, ip2, sport, SERVER_PORT, 0x04))).unwrap().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(f.dp().maps().conntrack_entries().unwrap(), 2, "a RST does not delete: closing");
     // Past the closing timeout the entries are gone: the next packets take the full check
@@ -219,10 +204,7 @@ fn a_reset_closes_the_entry_but_cannot_cut_the_connection_at_once() {
 fn a_pods_echo_reply_does_not_admit_echo_requests() {
     let mut f = Fixture::new("cticmp");
     // Pod 2 is isolated and no rule lets pod 1 ping it.
-    let t = tables(
-        vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)],
-        vec![rule(2, 1, P::Tcp, SERVER_PORT, Auth::None)],
-    );
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)], vec![rule(2, 1, P::Tcp, SERVER_PORT, Auth::None)]);
     f.dp().apply_tables(&t).unwrap();
     let (ip1, ip2) = (f.ip(1), f.ip(2));
     const ID: u16 = 0x4d41;

@@ -10,10 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
-use meshauth_datapath::testing::{
-    tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip, udp_echo_server, udp_request,
-    udp_socket,
-};
+use meshauth_datapath::testing::{tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip, udp_echo_server, udp_request, udp_socket};
 use meshauth_datapath::{BootTime, Counter, Datapath, EventKind};
 use meshauth_policy::tables::{AuthRequirement as Auth, TableProtocol as P};
 
@@ -22,15 +19,8 @@ async fn policy_allows_the_rule_and_denies_the_rest() {
     let mut f = Fixture::new("allow");
     // Pod 2 is isolated: pod 1 may reach TCP 8080 and UDP 9090; pod 3 nothing.
     let t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, true, Auth::None),
-            endpoint(3, false, Auth::None),
-        ],
-        vec![
-            rule(2, 1, P::Tcp, 8080, Auth::None),
-            rule(2, 1, P::Udp, 9090, Auth::None),
-        ],
+        vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None), endpoint(3, false, Auth::None)],
+        vec![rule(2, 1, P::Tcp, 8080, Auth::None), rule(2, 1, P::Udp, 9090, Auth::None)],
     );
     f.dp().apply_tables(&t).unwrap();
     let mut events = f.events();
@@ -39,22 +29,10 @@ async fn policy_allows_the_rule_and_denies_the_rest() {
     let _udp = udp_echo_server(f.pod(2), 9090).unwrap();
 
     assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG), "allowed TCP");
-    assert!(
-        udp_request(f.pod(1), None, f.ip(2), 9090, LONG),
-        "allowed UDP"
-    );
-    assert!(
-        !tcp_request(f.pod(3), f.ip(2), 8080, SHORT),
-        "TCP from a source no rule names"
-    );
-    assert!(
-        !udp_request(f.pod(3), None, f.ip(2), 9090, SHORT),
-        "UDP from a source no rule names"
-    );
-    assert!(
-        !tcp_request(f.pod(1), f.ip(2), 8081, SHORT),
-        "TCP to a port no rule names"
-    );
+    assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "allowed UDP");
+    assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "TCP from a source no rule names");
+    assert!(!udp_request(f.pod(3), None, f.ip(2), 9090, SHORT), "UDP from a source no rule names");
+    assert!(!tcp_request(f.pod(1), f.ip(2), 8081, SHORT), "TCP to a port no rule names");
     // Pod 1 is not isolated: anyone reaches it (a server there would answer; the SYN passes).
     let c = f.counters();
     assert!(c.packets(Counter::PassPolicy) >= 2, "{c:?}");
@@ -62,36 +40,21 @@ async fn policy_allows_the_rule_and_denies_the_rest() {
 
     let denied = drain(&mut events, EventKind::Denied);
     let seen = |src: Ipv4Addr, port: u16, proto: u8| {
-        denied.iter().any(|e| {
-            e.src == src
-                && e.dst == f.ip(2)
-                && e.dst_port == port
-                && e.protocol == proto
-                && e.dropped
-        })
+        denied.iter().any(|e| e.src == src && e.dst == f.ip(2) && e.dst_port == port && e.protocol == proto && e.dropped)
     };
     assert!(seen(f.ip(3), 8080, 6), "denied TCP event: {denied:?}");
     assert!(seen(f.ip(3), 9090, 17), "denied UDP event: {denied:?}");
     assert!(seen(f.ip(1), 8081, 6), "denied port event: {denied:?}");
     let e = denied.iter().find(|e| e.src == f.ip(3)).unwrap();
-    assert_eq!(
-        (e.src_identity, e.dst_identity, e.counter),
-        (identity(3), identity(2), Counter::DropDenied)
-    );
+    assert_eq!((e.src_identity, e.dst_identity, e.counter), (identity(3), identity(2), Counter::DropDenied));
 }
 
 #[tokio::test]
 async fn auth_required_drops_until_the_pair_is_authenticated_and_again_after_expiry() {
     let mut f = Fixture::new("auth");
     let t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, true, Auth::None),
-        ],
-        vec![
-            rule(2, 1, P::Tcp, 8080, Auth::Required),
-            rule(2, 1, P::Udp, 9090, Auth::Required),
-        ],
+        vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)],
+        vec![rule(2, 1, P::Tcp, 8080, Auth::Required), rule(2, 1, P::Udp, 9090, Auth::Required)],
     );
     f.dp().apply_tables(&t).unwrap();
     let mut events = f.events();
@@ -102,19 +65,10 @@ async fn auth_required_drops_until_the_pair_is_authenticated_and_again_after_exp
     assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT));
     assert!(!udp_request(f.pod(1), None, f.ip(2), 9090, SHORT));
     let missing = drain(&mut events, EventKind::AuthRequired);
-    assert!(
-        missing.iter().any(|e| e.protocol == 6 && e.dropped),
-        "{missing:?}"
-    );
-    assert!(
-        missing.iter().any(|e| e.protocol == 17 && e.dropped),
-        "{missing:?}"
-    );
+    assert!(missing.iter().any(|e| e.protocol == 6 && e.dropped), "{missing:?}");
+    assert!(missing.iter().any(|e| e.protocol == 17 && e.dropped), "{missing:?}");
     let e = &missing[0];
-    assert_eq!(
-        (e.dst_spiffe_id, e.src_spiffe_id, e.auth, e.counter),
-        (2, 1, Auth::Required, Counter::DropAuthMissing)
-    );
+    assert_eq!((e.dst_spiffe_id, e.src_spiffe_id, e.auth, e.counter), (2, 1, Auth::Required, Counter::DropAuthMissing));
     assert!(f.counters().packets(Counter::DropAuthMissing) >= 2);
 
     // Authenticated for a short while: new and established flows pass.
@@ -123,49 +77,21 @@ async fn auth_required_drops_until_the_pair_is_authenticated_and_again_after_exp
     assert_eq!(f.dp().auth_entries().unwrap().len(), 1);
     let mut conn = tcp_connect(f.pod(1), f.ip(2), 8080, LONG).expect("authenticated connect");
     assert!(tcp_roundtrip(&mut conn, b"one"), "authenticated TCP");
-    assert!(
-        udp_request(f.pod(1), None, f.ip(2), 9090, LONG),
-        "authenticated UDP"
-    );
-    assert!(
-        tcp_roundtrip(&mut conn, b"two"),
-        "established, authenticated"
-    );
+    assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "authenticated UDP");
+    assert!(tcp_roundtrip(&mut conn, b"two"), "established, authenticated");
     let c = f.counters();
-    assert!(
-        c.packets(Counter::PassAuthenticated) >= 2 && c.packets(Counter::PassCtEstablished) >= 1,
-        "{c:?}"
-    );
+    assert!(c.packets(Counter::PassAuthenticated) >= 2 && c.packets(Counter::PassCtEstablished) >= 1, "{c:?}");
 
     // Expired: the established connection and new ones are dropped again.
     std::thread::sleep(expiry.remaining().unwrap_or_default() + Duration::from_millis(100));
     conn.set_read_timeout(Some(SHORT)).unwrap();
-    assert!(
-        !tcp_roundtrip(&mut conn, b"three"),
-        "established flow after expiry"
-    );
-    assert!(
-        !tcp_request(f.pod(1), f.ip(2), 8080, SHORT),
-        "new connection after expiry"
-    );
-    assert!(
-        !udp_request(f.pod(1), None, f.ip(2), 9090, SHORT),
-        "UDP after expiry"
-    );
+    assert!(!tcp_roundtrip(&mut conn, b"three"), "established flow after expiry");
+    assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT), "new connection after expiry");
+    assert!(!udp_request(f.pod(1), None, f.ip(2), 9090, SHORT), "UDP after expiry");
     assert!(f.counters().packets(Counter::DropAuthExpired) >= 3);
     let expired = drain(&mut events, EventKind::AuthRequired);
-    assert!(
-        expired
-            .iter()
-            .any(|e| e.counter == Counter::DropAuthExpired && e.protocol == 6),
-        "{expired:?}"
-    );
-    assert!(
-        expired
-            .iter()
-            .any(|e| e.counter == Counter::DropAuthExpired && e.protocol == 17),
-        "{expired:?}"
-    );
+    assert!(expired.iter().any(|e| e.counter == Counter::DropAuthExpired && e.protocol == 6), "{expired:?}");
+    assert!(expired.iter().any(|e| e.counter == Counter::DropAuthExpired && e.protocol == 17), "{expired:?}");
 
     // And removing the pair is "missing" again.
     assert!(f.dp().remove_auth(2, 1, meshauth_datapath::NodeId::This).unwrap());
@@ -176,41 +102,19 @@ async fn auth_required_drops_until_the_pair_is_authenticated_and_again_after_exp
 async fn strict_mutual_auth_and_permissive() {
     let mut f = Fixture::new("mode");
     // Pod 2 Strict without any MeshPolicy; pod 3 Permissive.
-    let t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, false, Auth::Required),
-            endpoint(3, false, Auth::Permissive),
-        ],
-        vec![],
-    );
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, false, Auth::Required), endpoint(3, false, Auth::Permissive)], vec![]);
     f.dp().apply_tables(&t).unwrap();
     let mut events = f.events();
     let _s2 = tcp_echo_server(f.pod(2), 8080).unwrap();
     let _s3 = tcp_echo_server(f.pod(3), 8080).unwrap();
-    assert!(
-        !tcp_request(f.pod(1), f.ip(2), 8080, SHORT),
-        "Strict, unauthenticated"
-    );
-    assert!(
-        tcp_request(f.pod(1), f.ip(3), 8080, LONG),
-        "Permissive passes"
-    );
+    assert!(!tcp_request(f.pod(1), f.ip(2), 8080, SHORT), "Strict, unauthenticated");
+    assert!(tcp_request(f.pod(1), f.ip(3), 8080, LONG), "Permissive passes");
     let c = f.counters();
     assert!(c.packets(Counter::PassPermissive) >= 1, "{c:?}");
     let ev = drain(&mut events, EventKind::AuthRequired);
-    assert!(
-        ev.iter()
-            .any(|e| e.dst == f.ip(3) && !e.dropped && e.auth == Auth::Permissive),
-        "{ev:?}"
-    );
-    f.dp()
-        .set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(60)))
-        .unwrap();
-    assert!(
-        tcp_request(f.pod(1), f.ip(2), 8080, LONG),
-        "Strict, authenticated"
-    );
+    assert!(ev.iter().any(|e| e.dst == f.ip(3) && !e.dropped && e.auth == Auth::Permissive), "{ev:?}");
+    f.dp().set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(60))).unwrap();
+    assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG), "Strict, authenticated");
 }
 
 #[tokio::test]
@@ -218,31 +122,18 @@ async fn replies_of_allowed_connections_pass() {
     let mut f = Fixture::new("reply");
     // Pod 1 is isolated (no rule: accepts nothing) and Strict; it may still talk to pod 2 and
     // get answers.
-    let t = tables(
-        vec![
-            endpoint(1, true, Auth::Required),
-            endpoint(2, false, Auth::None),
-        ],
-        vec![],
-    );
+    let t = tables(vec![endpoint(1, true, Auth::Required), endpoint(2, false, Auth::None)], vec![]);
     f.dp().apply_tables(&t).unwrap();
     let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
     let _udp = udp_echo_server(f.pod(2), 9090).unwrap();
     let _back = tcp_echo_server(f.pod(1), 8080).unwrap();
 
-    let mut conn =
-        tcp_connect(f.pod(1), f.ip(2), 8080, LONG).expect("connect out of an isolated pod");
+    let mut conn = tcp_connect(f.pod(1), f.ip(2), 8080, LONG).expect("connect out of an isolated pod");
     for i in 0..20u8 {
         assert!(tcp_roundtrip(&mut conn, &[i; 100]), "TCP reply {i}");
     }
-    assert!(
-        udp_request(f.pod(1), None, f.ip(2), 9090, LONG),
-        "UDP reply"
-    );
-    assert!(
-        !tcp_request(f.pod(2), f.ip(1), 8080, SHORT),
-        "a new connection into pod 1 is still refused"
-    );
+    assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "UDP reply");
+    assert!(!tcp_request(f.pod(2), f.ip(1), 8080, SHORT), "a new connection into pod 1 is still refused");
     let c = f.counters();
     assert!(c.packets(Counter::PassCtReply) >= 21, "{c:?}");
     assert!(c.packets(Counter::DropDenied) >= 1, "{c:?}");
@@ -251,48 +142,27 @@ async fn replies_of_allowed_connections_pass() {
 #[tokio::test]
 async fn spoofed_sources_are_dropped() {
     let mut f = Fixture::new("spoof");
-    let t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, false, Auth::None),
-            endpoint(3, false, Auth::None),
-        ],
-        vec![],
-    );
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, false, Auth::None), endpoint(3, false, Auth::None)], vec![]);
     f.dp().apply_tables(&t).unwrap();
     let mut events = f.events();
     let _udp = udp_echo_server(f.pod(2), 9090).unwrap();
     let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
     // Pod 1 takes pod 3's address as a second one and sends with it.
     let spoofed = f.ip(3);
-    f.ns(1)
-        .exec(&["ip", "addr", "add", &format!("{spoofed}/32"), "dev", "eth0"])
-        .unwrap();
+    f.ns(1).exec(&["ip", "addr", "add", &format!("{spoofed}/32"), "dev", "eth0"]).unwrap();
 
-    assert!(
-        udp_request(f.pod(1), None, f.ip(2), 9090, LONG),
-        "own address passes"
-    );
+    assert!(udp_request(f.pod(1), None, f.ip(2), 9090, LONG), "own address passes");
     let sock = udp_socket(f.pod(1), Some(spoofed)).unwrap();
     for _ in 0..5 {
         sock.send_to(b"spoof", (f.ip(2), 9090)).unwrap();
     }
     sock.set_read_timeout(Some(SHORT)).unwrap();
     let mut buf = [0u8; 16];
-    assert!(
-        sock.recv_from(&mut buf).is_err(),
-        "a spoofed datagram got an answer"
-    );
+    assert!(sock.recv_from(&mut buf).is_err(), "a spoofed datagram got an answer");
     let c = f.counters();
     assert!(c.packets(Counter::DropSpoofed) >= 5, "{c:?}");
     let ev = drain(&mut events, EventKind::Spoofed);
-    assert!(
-        ev.iter()
-            .filter(|e| e.src == spoofed && e.dst == f.ip(2) && e.protocol == 17)
-            .count()
-            >= 5,
-        "{ev:?}"
-    );
+    assert!(ev.iter().filter(|e| e.src == spoofed && e.dst == f.ip(2) && e.protocol == 17).count() >= 5, "{ev:?}");
     assert_eq!(ev[0].counter, Counter::DropSpoofed);
 }
 
@@ -306,40 +176,22 @@ fn f_ip2() -> Ipv4Addr {
 async fn loader_restart_and_upgrade_mid_flow_lose_no_packet() {
     let mut f = Fixture::new("restart");
     let t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, true, Auth::Required),
-        ],
-        vec![
-            rule(2, 1, P::Tcp, 8080, Auth::Required),
-            rule(2, 1, P::Udp, 9090, Auth::Required),
-        ],
+        vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::Required)],
+        vec![rule(2, 1, P::Tcp, 8080, Auth::Required), rule(2, 1, P::Udp, 9090, Auth::Required)],
     );
     f.dp().apply_tables(&t).unwrap();
-    f.dp()
-        .set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600)))
-        .unwrap();
+    f.dp().set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600))).unwrap();
     let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
 
     // UDP receiver counts what arrives at pod 2; the sender counts what it sent.
-    let rx = f
-        .pod(2)
-        .ns
-        .run(|| std::net::UdpSocket::bind((f_ip2(), 9090)))
-        .unwrap()
-        .unwrap();
-    rx.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let rx = f.pod(2).ns.run(|| std::net::UdpSocket::bind((f_ip2(), 9090))).unwrap().unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let tx = udp_socket(f.pod(1), None).unwrap();
     let mut conn = tcp_connect(f.pod(1), f.ip(2), 8080, LONG).unwrap();
     let retrans_before = f.ns(1).tcp_retransmits().unwrap() + f.ns(2).tcp_retransmits().unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (sent, received, tcp_rounds) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
+    let (sent, received, tcp_rounds) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let receiver = {
         let received = received.clone();
         std::thread::spawn(move || {
@@ -385,13 +237,8 @@ async fn loader_restart_and_upgrade_mid_flow_lose_no_packet() {
         dp.attach(&pod.host_if, pod.ip).unwrap();
     }
     let stats = dp.apply_tables(&t).unwrap();
-    assert_eq!(
-        stats.endpoints_written + stats.policy_written,
-        0,
-        "nothing changed: {stats:?}"
-    );
-    dp.set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600)))
-        .unwrap();
+    assert_eq!(stats.endpoints_written + stats.policy_written, 0, "nothing changed: {stats:?}");
+    dp.set_auth(2, 1, meshauth_datapath::NodeId::This, BootTime::after(Duration::from_secs(600))).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // An upgrade: new programs, every link moved in one step.
     dp.reload_programs().unwrap();
@@ -403,28 +250,16 @@ async fn loader_restart_and_upgrade_mid_flow_lose_no_packet() {
     sender.join().unwrap();
     assert!(tcp.join().unwrap(), "the TCP stream stalled");
     receiver.join().unwrap();
-    let (sent, received) = (
-        sent.load(Ordering::Relaxed),
-        received.load(Ordering::Relaxed),
-    );
-    let retrans =
-        f.ns(1).tcp_retransmits().unwrap() + f.ns(2).tcp_retransmits().unwrap() - retrans_before;
+    let (sent, received) = (sent.load(Ordering::Relaxed), received.load(Ordering::Relaxed));
+    let retrans = f.ns(1).tcp_retransmits().unwrap() + f.ns(2).tcp_retransmits().unwrap() - retrans_before;
     let c = f.counters();
-    eprintln!(
-        "udp sent {sent} received {received}; tcp round trips {}; retransmits {retrans}",
-        tcp_rounds.load(Ordering::Relaxed)
-    );
+    eprintln!("udp sent {sent} received {received}; tcp round trips {}; retransmits {retrans}", tcp_rounds.load(Ordering::Relaxed));
     assert!(sent > 1000, "the stream ran ({sent})");
-    assert_eq!(
-        sent, received,
-        "UDP datagrams lost across restart and upgrade"
-    );
+    assert_eq!(sent, received, "UDP datagrams lost across restart and upgrade");
     assert_eq!(retrans, 0, "TCP retransmitted across restart and upgrade");
     assert_eq!(c.dropped(), 0, "{c:?}");
     // The programs on the interfaces are the pinned ones of this version, once per direction.
-    let pinned: Vec<_> = std::fs::read_dir(f.pins.0.join("programs"))
-        .unwrap()
-        .collect();
+    let pinned: Vec<_> = std::fs::read_dir(f.pins.0.join("programs")).unwrap().collect();
     assert_eq!(pinned.len(), 1);
 }
 
@@ -440,38 +275,20 @@ async fn a_new_version_replaces_the_pinned_one() {
     std::fs::rename(&current, programs.join("0000000000000000")).unwrap();
     let dp = Datapath::load_or_adopt(config).unwrap();
     assert!(!dp.adopted(), "an older version is replaced, not adopted");
-    let names: Vec<String> = std::fs::read_dir(&programs)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names: Vec<String> = std::fs::read_dir(&programs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(names, vec![meshauth_datapath::PROGRAM_VERSION.to_string()]);
     f.dp = Some(dp);
-    let t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, true, Auth::None),
-        ],
-        vec![rule(2, 1, P::Tcp, 8080, Auth::None)],
-    );
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)], vec![rule(2, 1, P::Tcp, 8080, Auth::None)]);
     f.dp().apply_tables(&t).unwrap();
     let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
     assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG));
-    assert!(
-        !tcp_request(f.pod(3), f.ip(2), 8080, SHORT),
-        "the new program enforces"
-    );
+    assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "the new program enforces");
 }
 
 #[tokio::test]
 async fn events_arrive_on_the_async_stream() {
     let mut f = Fixture::new("async");
-    let t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, true, Auth::None),
-        ],
-        vec![],
-    );
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)], vec![]);
     f.dp().apply_tables(&t).unwrap();
     let mut events = f.events();
     // The socket belongs to pod 1's namespace whichever thread sends on it; sending later
@@ -481,69 +298,38 @@ async fn events_arrive_on_the_async_stream() {
         std::thread::sleep(Duration::from_millis(200));
         sock.send_to(b"x", (f_ip2(), 5353)).unwrap();
     });
-    let e = tokio::time::timeout(Duration::from_secs(5), events.next())
-        .await
-        .expect("an event in time")
-        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), events.next()).await.expect("an event in time").unwrap();
     sender.join().unwrap();
-    assert_eq!(
-        (e.kind, e.src, e.dst, e.dst_port, e.protocol),
-        (EventKind::Denied, f.ip(1), f.ip(2), 5353, 17)
-    );
+    assert_eq!((e.kind, e.src, e.dst, e.dst_port, e.protocol), (EventKind::Denied, f.ip(1), f.ip(2), 5353, 17));
 }
 
 #[tokio::test]
 async fn detach_stops_enforcement_and_tables_sync_by_diff() {
     let mut f = Fixture::new("diff");
-    let mut t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, true, Auth::None),
-        ],
-        vec![rule(2, 1, P::Tcp, 8080, Auth::None)],
-    );
+    let mut t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)], vec![rule(2, 1, P::Tcp, 8080, Auth::None)]);
     let s = f.dp().apply_tables(&t).unwrap();
     assert_eq!((s.endpoints_written, s.policy_written), (2, 1));
     // Widen the rule to a range: new blocks written, the old one removed, epoch bumped.
     t.policy[0].port_start = 8000;
     t.policy[0].port_end = 8100;
     let s2 = f.dp().apply_tables(&t).unwrap();
-    assert!(
-        s2.policy_written > 1 && s2.policy_removed == 1 && s2.policy_epoch == s.policy_epoch + 1,
-        "{s2:?}"
-    );
-    assert_eq!(
-        f.dp().apply_tables(&t).unwrap().policy_epoch,
-        s2.policy_epoch,
-        "no change, no new epoch"
-    );
+    assert!(s2.policy_written > 1 && s2.policy_removed == 1 && s2.policy_epoch == s.policy_epoch + 1, "{s2:?}");
+    assert_eq!(f.dp().apply_tables(&t).unwrap().policy_epoch, s2.policy_epoch, "no change, no new epoch");
     let eps = f.dp().maps().endpoints().unwrap();
     assert_eq!(eps.len(), 2);
-    assert!(
-        eps.iter().all(|e| e.ifindex != 0),
-        "local pods carry their interface: {eps:?}"
-    );
+    assert!(eps.iter().all(|e| e.ifindex != 0), "local pods carry their interface: {eps:?}");
     let _tcp = tcp_echo_server(f.pod(2), 8050).unwrap();
     assert!(tcp_request(f.pod(1), f.ip(2), 8050, LONG));
     assert!(!tcp_request(f.pod(3), f.ip(2), 8050, SHORT));
     let host_if = f.pod(2).host_if.clone();
     f.dp().detach(&host_if).unwrap();
-    assert!(
-        tcp_request(f.pod(3), f.ip(2), 8050, LONG),
-        "detached: no enforcement"
-    );
+    assert!(tcp_request(f.pod(3), f.ip(2), 8050, LONG), "detached: no enforcement");
     let ifaces = f.dp().maps().interfaces().unwrap();
     let i2 = ifaces.iter().find(|i| i.pod_ip == f.ip(2)).unwrap();
-    assert_eq!(
-        i2.attach, "detached",
-        "the address stays registered: {ifaces:?}"
-    );
+    assert_eq!(i2.attach, "detached", "the address stays registered: {ifaces:?}");
     let ip2 = f.ip(2);
     f.dp().attach(&host_if, ip2).unwrap();
-    assert!(
-        !tcp_request(f.pod(3), f.ip(2), 8050, SHORT),
-        "attached again: enforced again"
-    );
+    assert!(!tcp_request(f.pod(3), f.ip(2), 8050, SHORT), "attached again: enforced again");
     assert!(tcp_request(f.pod(1), f.ip(2), 8050, LONG));
 }
 
@@ -565,7 +351,8 @@ async fn a_packet_routed_out_of_another_pods_veth_is_dropped() {
     assert!(matches!(flow.recv_from(&mut buf), Ok((8, _))), "the flow is established");
     let node = f.node.ns.name.clone();
     let route = |how: &str, dev: &str| {
-        let status = std::process::Command::new("ip").args(["-n", &node, "route", how, &format!("{}/32", f.ip(2)), "dev", dev]).status().unwrap();
+        let status =
+            std::process::Command::new("ip").args(["-n", &node, "route", how, &format!("{}/32", f.ip(2)), "dev", dev]).status().unwrap();
         assert!(status.success(), "ip route {how}");
     };
     let wrong = f.pod(3).host_if.clone();
@@ -629,63 +416,27 @@ async fn a_pod_attached_after_its_tables_is_proven_by_this_node_at_once() {
 /// that adopts, an upgrade that replaces the filters, and detaching.
 #[tokio::test]
 async fn clsact_fallback_attaches_survives_restarts_and_upgrades() {
-    let mut f = Fixture::with_config("nl", |c| {
-        c.attach_mode = meshauth_datapath::AttachMode::Netlink
-    });
-    let t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, true, Auth::None),
-        ],
-        vec![rule(2, 1, P::Tcp, 8080, Auth::None)],
-    );
+    let mut f = Fixture::with_config("nl", |c| c.attach_mode = meshauth_datapath::AttachMode::Netlink);
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None)], vec![rule(2, 1, P::Tcp, 8080, Auth::None)]);
     f.dp().apply_tables(&t).unwrap();
     let _tcp = tcp_echo_server(f.pod(2), 8080).unwrap();
     assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG));
-    assert!(
-        !tcp_request(f.pod(3), f.ip(2), 8080, SHORT),
-        "enforced through clsact"
-    );
-    let filters = f
-        .node
-        .ns
-        .exec(&["tc", "filter", "show", "dev", "h2", "egress"])
-        .unwrap();
+    assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "enforced through clsact");
+    let filters = f.node.ns.exec(&["tc", "filter", "show", "dev", "h2", "egress"]).unwrap();
     assert!(filters.contains("to_pod"), "{filters}");
-    assert!(
-        f.dp()
-            .maps()
-            .interfaces()
-            .unwrap()
-            .iter()
-            .all(|i| i.attach == "clsact")
-    );
+    assert!(f.dp().maps().interfaces().unwrap().iter().all(|i| i.attach == "clsact"));
 
     let config = f.dp().config().clone();
     drop(f.dp.take());
-    assert!(
-        !tcp_request(f.pod(3), f.ip(2), 8080, SHORT),
-        "no agent: still enforced"
-    );
+    assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "no agent: still enforced");
     let mut dp = Datapath::load_or_adopt(config).unwrap();
     assert!(dp.adopted());
     dp.reload_programs().unwrap();
-    let filters = f
-        .node
-        .ns
-        .exec(&["tc", "filter", "show", "dev", "h2", "egress"])
-        .unwrap();
-    assert_eq!(
-        filters.matches("name to_pod").count(),
-        1,
-        "replaced, not added: {filters}"
-    );
+    let filters = f.node.ns.exec(&["tc", "filter", "show", "dev", "h2", "egress"]).unwrap();
+    assert_eq!(filters.matches("name to_pod").count(), 1, "replaced, not added: {filters}");
     f.dp = Some(dp);
     assert!(tcp_request(f.pod(1), f.ip(2), 8080, LONG));
-    assert!(
-        !tcp_request(f.pod(3), f.ip(2), 8080, SHORT),
-        "enforced after the upgrade"
-    );
+    assert!(!tcp_request(f.pod(3), f.ip(2), 8080, SHORT), "enforced after the upgrade");
     let h2 = f.pod(2).host_if.clone();
     f.dp().detach(&h2).unwrap();
     assert!(tcp_request(f.pod(3), f.ip(2), 8080, LONG), "detached");
@@ -733,10 +484,7 @@ fn arp_claim(ip: Ipv4Addr) -> Vec<u8> {
 #[tokio::test]
 async fn arp_claiming_another_pods_address_is_dropped() {
     let mut f = Fixture::new("arp");
-    let t = tables(
-        vec![endpoint(1, false, Auth::None), endpoint(2, false, Auth::None), endpoint(3, false, Auth::None)],
-        vec![],
-    );
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, false, Auth::None), endpoint(3, false, Auth::None)], vec![]);
     f.dp().apply_tables(&t).unwrap();
     let before = f.counters();
     let (own, other) = (f.ip(1), f.ip(3));
@@ -892,7 +640,12 @@ async fn an_audited_destination_passes_and_reports_what_enforcing_would_drop() {
     assert!(f.counted_above(Counter::PassAudit, audited_before + 1), "both would-be denials counted");
     let denied = take(&mut events);
     assert!(
-        denied.iter().any(|e| e.kind == EventKind::Audit && e.src == f.ip(3) && e.protocol == 6 && !e.dropped && e.auth == Auth::None && e.counter == Counter::PassAudit),
+        denied.iter().any(|e| e.kind == EventKind::Audit
+            && e.src == f.ip(3)
+            && e.protocol == 6
+            && !e.dropped
+            && e.auth == Auth::None
+            && e.counter == Counter::PassAudit),
         "{denied:?}"
     );
     assert_eq!(f.counters().packets(Counter::DropDenied), 0);
@@ -902,7 +655,11 @@ async fn an_audited_destination_passes_and_reports_what_enforcing_would_drop() {
     let unauthenticated = take(&mut events);
     let pod1 = f.ip(1);
     let reports = move |list: &[meshauth_datapath::Event]| {
-        list.iter().filter(|e| e.kind == EventKind::Audit && e.src == pod1 && e.auth == Auth::Required && (e.dst_spiffe_id, e.src_spiffe_id) == (2, 1)).count()
+        list.iter()
+            .filter(|e| {
+                e.kind == EventKind::Audit && e.src == pod1 && e.auth == Auth::Required && (e.dst_spiffe_id, e.src_spiffe_id) == (2, 1)
+            })
+            .count()
     };
     assert_eq!(reports(&unauthenticated), 1, "reported once per connection, not per packet: {unauthenticated:?}");
     assert_eq!(f.counters().packets(Counter::DropAuthMissing), 0);

@@ -33,26 +33,15 @@ fn datapath(name: &str, ipv6: Ipv6Mode) -> (Datapath, PinDir) {
         auth: Auth::None,
     };
     let t = tables(
-        vec![
-            endpoint(1, false, Auth::None),
-            endpoint(2, true, Auth::None),
-            endpoint(3, false, Auth::None),
-        ],
-        vec![
-            rule(2, 1, P::Udp, 9090, Auth::None),
-            rule(2, 1, P::Tcp, 8080, Auth::None),
-            rule(2, 1, P::Icmp, 0, Auth::None),
-            any_other,
-        ],
+        vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None), endpoint(3, false, Auth::None)],
+        vec![rule(2, 1, P::Udp, 9090, Auth::None), rule(2, 1, P::Tcp, 8080, Auth::None), rule(2, 1, P::Icmp, 0, Auth::None), any_other],
     );
     dp.apply_tables(&t).expect("tables");
     (dp, pins)
 }
 
 fn passes(dp: &Datapath, hook: Hook, frame: &[u8]) -> bool {
-    dp.test_run(hook, frame, 1)
-        .unwrap_or_else(|e| panic!("test run of {frame:02x?}: {e}"))
-        .passed()
+    dp.test_run(hook, frame, 1).unwrap_or_else(|e| panic!("test run of {frame:02x?}: {e}")).passed()
 }
 
 #[test]
@@ -61,74 +50,32 @@ fn ipv6_is_dropped_except_neighbour_discovery_unless_set_to_pass() {
     let udp6 = packet::ipv6(17, &packet::udp_header(1000, 9090, &[0; 8]));
     for hook in [Hook::ToPod, Hook::FromPod] {
         assert!(!passes(&dp, hook, &udp6), "{hook:?}: IPv6 UDP");
-        assert!(
-            !passes(&dp, hook, &packet::icmpv6(128)),
-            "{hook:?}: ICMPv6 echo"
-        );
+        assert!(!passes(&dp, hook, &packet::icmpv6(128)), "{hook:?}: ICMPv6 echo");
         for nd in 133..=137 {
-            assert!(
-                passes(&dp, hook, &packet::icmpv6(nd)),
-                "{hook:?}: neighbour discovery {nd}"
-            );
+            assert!(passes(&dp, hook, &packet::icmpv6(nd)), "{hook:?}: neighbour discovery {nd}");
         }
     }
     let c = dp.counters().unwrap();
-    assert_eq!(
-        (c.packets(Counter::DropIpv6), c.packets(Counter::PassIpv6)),
-        (4, 10)
-    );
+    assert_eq!((c.packets(Counter::DropIpv6), c.packets(Counter::PassIpv6)), (4, 10));
 
     let (dp, _pins) = datapath("v6pass", Ipv6Mode::Pass);
-    assert!(
-        passes(&dp, Hook::ToPod, &udp6),
-        "IPv6 under the pass setting"
-    );
-    assert!(
-        passes(&dp, Hook::FromPod, &udp6),
-        "IPv6 under the pass setting"
-    );
+    assert!(passes(&dp, Hook::ToPod, &udp6), "IPv6 under the pass setting");
+    assert!(passes(&dp, Hook::FromPod, &udp6), "IPv6 under the pass setting");
     assert_eq!(dp.counters().unwrap().packets(Counter::PassIpv6), 2);
 }
 
 #[test]
 fn later_fragments_follow_their_first_fragment() {
     let (dp, _pins) = datapath("frag", Ipv6Mode::Drop);
-    let first = |id, port| {
-        packet::ipv4(
-            ip(1),
-            ip(2),
-            17,
-            id,
-            (true, 0),
-            &packet::udp_header(1000, port, &[0; 32]),
-        )
-    };
+    let first = |id, port| packet::ipv4(ip(1), ip(2), 17, id, (true, 0), &packet::udp_header(1000, port, &[0; 32]));
     let later = |id, dst| packet::ipv4(ip(1), dst, 17, id, (false, 5), &[0; 16]);
 
-    assert!(
-        passes(&dp, Hook::ToPod, &first(7, 9090)),
-        "allowed first fragment"
-    );
-    assert!(
-        passes(&dp, Hook::ToPod, &later(7, ip(2))),
-        "its later fragment"
-    );
-    assert!(
-        !passes(&dp, Hook::ToPod, &later(8, ip(2))),
-        "a later fragment without its first"
-    );
-    assert!(
-        !passes(&dp, Hook::ToPod, &first(9, 9999)),
-        "denied first fragment"
-    );
-    assert!(
-        !passes(&dp, Hook::ToPod, &later(9, ip(2))),
-        "the later fragment of a denied one"
-    );
-    assert!(
-        passes(&dp, Hook::ToPod, &later(10, ip(3))),
-        "towards a pod without policy: unchecked"
-    );
+    assert!(passes(&dp, Hook::ToPod, &first(7, 9090)), "allowed first fragment");
+    assert!(passes(&dp, Hook::ToPod, &later(7, ip(2))), "its later fragment");
+    assert!(!passes(&dp, Hook::ToPod, &later(8, ip(2))), "a later fragment without its first");
+    assert!(!passes(&dp, Hook::ToPod, &first(9, 9999)), "denied first fragment");
+    assert!(!passes(&dp, Hook::ToPod, &later(9, ip(2))), "the later fragment of a denied one");
+    assert!(passes(&dp, Hook::ToPod, &later(10, ip(3))), "towards a pod without policy: unchecked");
     let c = dp.counters().unwrap();
     assert_eq!(c.packets(Counter::PassFragment), 1);
     assert_eq!(c.packets(Counter::DropFragment), 2);
@@ -139,28 +86,12 @@ fn later_fragments_follow_their_first_fragment() {
 fn icmp_and_other_protocols_are_checked_with_their_table_protocol() {
     let (dp, _pins) = datapath("proto", Ipv6Mode::Drop);
     let gre = |src| packet::ipv4(src, ip(2), 47, 1, (false, 0), &[0; 24]);
-    assert!(
-        passes(&dp, Hook::ToPod, &gre(ip(1))),
-        "other protocol, allowed source"
-    );
-    assert!(
-        !passes(&dp, Hook::ToPod, &gre(ip(3))),
-        "other protocol, other source"
-    );
-    assert!(
-        passes(&dp, Hook::ToPod, &packet::icmp_echo(ip(1), ip(2), 42)),
-        "ICMP, allowed source"
-    );
-    assert!(
-        !passes(&dp, Hook::ToPod, &packet::icmp_echo(ip(3), ip(2), 42)),
-        "ICMP, other source"
-    );
+    assert!(passes(&dp, Hook::ToPod, &gre(ip(1))), "other protocol, allowed source");
+    assert!(!passes(&dp, Hook::ToPod, &gre(ip(3))), "other protocol, other source");
+    assert!(passes(&dp, Hook::ToPod, &packet::icmp_echo(ip(1), ip(2), 42)), "ICMP, allowed source");
+    assert!(!passes(&dp, Hook::ToPod, &packet::icmp_echo(ip(3), ip(2), 42)), "ICMP, other source");
     // World sources (not in endpoints) meet the policy as the world identity: denied here.
-    assert!(!passes(
-        &dp,
-        Hook::ToPod,
-        &packet::udp(Ipv4Addr::new(192, 0, 2, 1), ip(2), 1, 9090)
-    ));
+    assert!(!passes(&dp, Hook::ToPod, &packet::udp(Ipv4Addr::new(192, 0, 2, 1), ip(2), 1, 9090)));
     assert_eq!(dp.counters().unwrap().packets(Counter::DropDenied), 3);
 }
 
@@ -170,22 +101,10 @@ fn new_tcp_connections_are_cached_mid_stream_packets_are_not() {
     let ack = packet::tcp(ip(1), ip(2), 40000, 8080, TCP_ACK);
     assert!(passes(&dp, Hook::ToPod, &ack));
     assert!(passes(&dp, Hook::ToPod, &ack));
-    assert_eq!(
-        dp.counters().unwrap().packets(Counter::PassPolicy),
-        2,
-        "mid-stream: full check each time"
-    );
-    assert!(passes(
-        &dp,
-        Hook::ToPod,
-        &packet::tcp(ip(1), ip(2), 40000, 8080, TCP_SYN)
-    ));
+    assert_eq!(dp.counters().unwrap().packets(Counter::PassPolicy), 2, "mid-stream: full check each time");
+    assert!(passes(&dp, Hook::ToPod, &packet::tcp(ip(1), ip(2), 40000, 8080, TCP_SYN)));
     assert!(passes(&dp, Hook::ToPod, &ack));
-    assert_eq!(
-        dp.counters().unwrap().packets(Counter::PassCtEstablished),
-        1,
-        "after the SYN: conntrack"
-    );
+    assert_eq!(dp.counters().unwrap().packets(Counter::PassCtEstablished), 1, "after the SYN: conntrack");
 }
 
 #[test]
@@ -196,10 +115,7 @@ fn arp_passes_other_link_layers_and_truncated_packets_are_dropped() {
     // is no registered pod interface, so its ARP fails closed like its IPv4 does.
     assert!(!passes(&dp, Hook::FromPod, &packet::arp()), "ARP from an unregistered interface");
     for hook in [Hook::ToPod, Hook::FromPod] {
-        assert!(
-            !passes(&dp, hook, &packet::other_ethertype()),
-            "{hook:?}: LLDP"
-        );
+        assert!(!passes(&dp, hook, &packet::other_ethertype()), "{hook:?}: LLDP");
         // (The kernel's test runner itself refuses a truncated IPv4 header, so the truncation
         // is in the TCP header.)
         let mut short = packet::tcp(ip(1), ip(2), 1, 8080, TCP_SYN);
@@ -222,11 +138,7 @@ fn arp_passes_other_link_layers_and_truncated_packets_are_dropped() {
 fn from_pod_on_an_unregistered_interface_fails_closed() {
     // BPF_PROG_TEST_RUN runs on the loopback device, which attach() never registered.
     let (dp, _pins) = datapath("closed", Ipv6Mode::Drop);
-    assert!(!passes(
-        &dp,
-        Hook::FromPod,
-        &packet::udp(ip(1), ip(2), 1, 9090)
-    ));
+    assert!(!passes(&dp, Hook::FromPod, &packet::udp(ip(1), ip(2), 1, 9090)));
     assert_eq!(dp.counters().unwrap().packets(Counter::DropSpoofed), 1);
 }
 

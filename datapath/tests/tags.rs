@@ -6,8 +6,8 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use meshauth_datapath::testing::{Netns, Node, PinDir, link_nodes, require_root, tcp_echo_server, tcp_request};
 use meshauth_datapath::NodeId::At;
+use meshauth_datapath::testing::{Netns, Node, PinDir, link_nodes, require_root, tcp_echo_server, tcp_request};
 use meshauth_datapath::{BootTime, ConnectionKey, Counter, Datapath, DatapathConfig, EventKind, Hook, tag_option, tag_slot_now};
 use meshauth_policy::tables::{AuthRequirement, CompiledTables, EndpointEntry};
 
@@ -135,9 +135,7 @@ fn spoofed_connect(ns: &Netns, src: Ipv4Addr) -> bool {
     ns.run(|| {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
         socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into()).expect("bind");
-        socket
-            .connect_timeout(&SocketAddr::V4(SocketAddrV4::new(B_SERVER, PORT)).into(), Duration::from_millis(1500))
-            .is_ok()
+        socket.connect_timeout(&SocketAddr::V4(SocketAddrV4::new(B_SERVER, PORT)).into(), Duration::from_millis(1500)).is_ok()
     })
     .expect("attacker namespace")
 }

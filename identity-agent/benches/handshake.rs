@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use meshauth_agent::handshake::bench::{run_handshake_bench, BenchOptions};
+use meshauth_agent::handshake::bench::{BenchOptions, run_handshake_bench};
 
 fn main() -> std::process::ExitCode {
     // `cargo bench` passes `--bench`; positional numbers are ours.

@@ -612,8 +612,8 @@ fn next_wake(pairs: &BTreeMap<ProofKey, PairState>, can_start: bool, wall: Syste
     pairs
         .values()
         .flat_map(|s| {
-            let start = (can_start && s.desired.is_some() && !s.in_flight)
-                .then(|| s.refresh_at.map_or(s.next_attempt, |r| r.max(s.next_attempt)));
+            let start =
+                (can_start && s.desired.is_some() && !s.in_flight).then(|| s.refresh_at.map_or(s.next_attempt, |r| r.max(s.next_attempt)));
             let expire = s.expiry.map(|e| now + e.duration_since(wall).unwrap_or_default());
             [start, expire]
         })

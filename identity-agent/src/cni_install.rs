@@ -69,7 +69,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CniInstallError> {
 }
 
 fn write_conflist(path: &Path, conf: &Value) -> Result<(), CniInstallError> {
-    let text = serde_json::to_string_pretty(conf).map_err(|e| CniInstallError::Malformed { path: path.to_owned(), reason: e.to_string() })?;
+    let text =
+        serde_json::to_string_pretty(conf).map_err(|e| CniInstallError::Malformed { path: path.to_owned(), reason: e.to_string() })?;
     write_atomically(path, text.as_bytes())
 }
 
@@ -136,7 +137,8 @@ mod tests {
             assert_eq!(list, conf.join("10-bridge.conflist"), "the first conflist is the one the runtime uses");
         }
         let chained: Value = serde_json::from_str(&std::fs::read_to_string(conf.join("10-bridge.conflist")).expect("read")).expect("json");
-        let types: Vec<_> = chained["plugins"].as_array().expect("plugins").iter().map(|p| p["type"].as_str().expect("type").to_owned()).collect();
+        let types: Vec<_> =
+            chained["plugins"].as_array().expect("plugins").iter().map(|p| p["type"].as_str().expect("type").to_owned()).collect();
         assert_eq!(types, ["bridge", "portmap", "meshauth-cni"]);
         assert!(bin.join("meshauth-cni").exists());
         uninstall(&bin, &conf).expect("uninstall");

@@ -121,23 +121,22 @@ impl AgentConfig {
         };
         let count = |setting: &'static str, default: usize| match get(setting) {
             None => Ok(default),
-            Some(v) => v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| ConfigError { setting, value: v.clone(), reason: "expected a whole number above 0".into() }),
+            Some(v) => v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| ConfigError {
+                setting,
+                value: v.clone(),
+                reason: "expected a whole number above 0".into(),
+            }),
         };
         let max_concurrent_handshakes = count(MAX_CONCURRENT_HANDSHAKES, DEFAULT_MAX_CONCURRENT_HANDSHAKES)?;
         let handshake_server_max_concurrent = count(HANDSHAKE_SERVER_MAX_CONCURRENT, crate::handshake::DEFAULT_MAX_CONCURRENT)?;
         let handshake_max_per_source = count(HANDSHAKE_MAX_PER_SOURCE, crate::handshake::DEFAULT_MAX_PER_SOURCE)?;
         let handshake_timeout = match get(HANDSHAKE_TIMEOUT) {
             None => DEFAULT_HANDSHAKE_TIMEOUT,
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .map(Duration::from_millis)
-                .ok_or_else(|| ConfigError { setting: HANDSHAKE_TIMEOUT, value: v.clone(), reason: "expected milliseconds above 0".into() })?,
+            Some(v) => v.parse::<u64>().ok().filter(|n| *n > 0).map(Duration::from_millis).ok_or_else(|| ConfigError {
+                setting: HANDSHAKE_TIMEOUT,
+                value: v.clone(),
+                reason: "expected milliseconds above 0".into(),
+            })?,
         };
         let flag = |setting: &'static str, default: bool| match get(setting).as_deref() {
             None => Ok(default),

@@ -70,10 +70,7 @@ impl DevIssuerConfig {
             )));
         }
         if let Some(id) = self.identities.iter().find(|id| id.trust_domain() != self.trust_domain.as_str()) {
-            return Err(DevIssuerError::Config(format!(
-                "--identity {id} is not in trust domain {}",
-                self.trust_domain
-            )));
+            return Err(DevIssuerError::Config(format!("--identity {id} is not in trust domain {}", self.trust_domain)));
         }
         Ok(())
     }
@@ -127,12 +124,7 @@ impl DevIssuer {
         let (identities, _) = watch::channel(config.identities.clone());
         let initial = issue_all(&ca, &config.identities, &HashMap::new(), config.svid_ttl)?;
         let (snapshot, _) = watch::channel(Arc::new(initial));
-        let issuer = Self {
-            ca,
-            identities: Arc::new(identities),
-            snapshot: Arc::new(snapshot),
-            ttl: config.svid_ttl,
-        };
+        let issuer = Self { ca, identities: Arc::new(identities), snapshot: Arc::new(snapshot), ttl: config.svid_ttl };
         tokio::spawn(issuer.clone().rotate());
         Ok(issuer)
     }
@@ -145,10 +137,7 @@ impl DevIssuer {
     /// Replaces the identity set; new ones are issued at once, removed ones dropped.
     pub fn set_identities(&self, identities: Vec<SpiffeId>) -> Result<(), DevIssuerError> {
         if let Some(id) = identities.iter().find(|id| id.trust_domain() != self.ca.trust_domain().as_str()) {
-            return Err(DevIssuerError::Config(format!(
-                "identity {id} is not in trust domain {}",
-                self.ca.trust_domain()
-            )));
+            return Err(DevIssuerError::Config(format!("identity {id} is not in trust domain {}", self.ca.trust_domain())));
         }
         self.identities.send_replace(identities);
         Ok(())
@@ -181,14 +170,8 @@ impl DevIssuer {
         drop(self);
         loop {
             let current = snapshot.borrow().clone();
-            let due = current
-                .svids
-                .iter()
-                .map(|svid| svid.issued + (svid.not_after.duration_since(svid.issued).unwrap_or(ttl)) / 2)
-                .min();
-            let wait = due
-                .map(|due| due.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
-                .unwrap_or(Duration::from_secs(3600));
+            let due = current.svids.iter().map(|svid| svid.issued + (svid.not_after.duration_since(svid.issued).unwrap_or(ttl)) / 2).min();
+            let wait = due.map(|due| due.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)).unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 changed = identities.changed() => {
@@ -221,12 +204,7 @@ impl DevIssuer {
     }
 }
 
-fn issue_all(
-    ca: &DevCa,
-    identities: &[SpiffeId],
-    keep: &HashMap<SpiffeId, IssuedSvid>,
-    ttl: Duration,
-) -> Result<Snapshot, DevIssuerError> {
+fn issue_all(ca: &DevCa, identities: &[SpiffeId], keep: &HashMap<SpiffeId, IssuedSvid>, ttl: Duration) -> Result<Snapshot, DevIssuerError> {
     let now = SystemTime::now();
     let mut svids = Vec::with_capacity(identities.len());
     let mut seen = std::collections::HashSet::new();
@@ -239,11 +217,7 @@ fn issue_all(
             None => svids.push(ca.issue(id, ttl, now)?),
         }
     }
-    Ok(Snapshot {
-        svids,
-        bundle: ca.cert().as_ref().to_vec(),
-        trust_domain: ca.trust_domain().clone(),
-    })
+    Ok(Snapshot { svids, bundle: ca.cert().as_ref().to_vec(), trust_domain: ca.trust_domain().clone() })
 }
 
 /// Runs the dev issuer from `config` until the server fails (the caller handles signals by

@@ -155,7 +155,9 @@ impl Explainer {
         };
         let mut notes: Vec<String> = note.into_iter().collect();
         if let Some(reason) = self.metrics.not_ready_reason() {
-            notes.push(format!("the last policy apply did not fit this node's maps ({reason}): the datapath may deny more than this answer says"));
+            notes.push(format!(
+                "the last policy apply did not fit this node's maps ({reason}): the datapath may deny more than this answer says"
+            ));
         }
         Ok(ExplainReport {
             node: self.node_name.clone(),
@@ -199,7 +201,14 @@ mod tests {
     fn proofs_of_the_pair_only_with_their_time_left_and_last_failure() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let status = [
-            PairStatus { key: ProofKey { pair: (1, 2), node: NodeId::This }, desired: true, expiry: Some(now + Duration::from_secs(90)), failures: 0, last_error: None, next_attempt_in: Some(Duration::from_secs(60)) },
+            PairStatus {
+                key: ProofKey { pair: (1, 2), node: NodeId::This },
+                desired: true,
+                expiry: Some(now + Duration::from_secs(90)),
+                failures: 0,
+                last_error: None,
+                next_attempt_in: Some(Duration::from_secs(60)),
+            },
             PairStatus {
                 key: ProofKey { pair: (1, 2), node: NodeId::At("192.168.1.2".parse().expect("ip")) },
                 desired: true,
@@ -208,7 +217,14 @@ mod tests {
                 last_error: Some("peer_unreachable".into()),
                 next_attempt_in: Some(Duration::from_secs(4)),
             },
-            PairStatus { key: ProofKey { pair: (1, 3), node: NodeId::This }, desired: true, expiry: Some(now), failures: 0, last_error: None, next_attempt_in: None },
+            PairStatus {
+                key: ProofKey { pair: (1, 3), node: NodeId::This },
+                desired: true,
+                expiry: Some(now),
+                failures: 0,
+                last_error: None,
+                next_attempt_in: None,
+            },
         ];
         let proofs = proof_states((1, 2), &status, now);
         assert_eq!(proofs.len(), 2);

@@ -84,12 +84,7 @@ impl FlowNamer {
     pub fn record(&self, event: &Event, now_boot: BootTime, now: SystemTime) -> FlowRecord {
         let end = |ip: Ipv4Addr, port: u16| {
             let pod = self.pods.get(&ip).and_then(|r| self.model.pod(r));
-            FlowEnd {
-                ip,
-                port,
-                pod: pod.map(|p| p.object_ref().to_string()),
-                identity: pod.map(|p| self.model.spiffe_id(p).to_string()),
-            }
+            FlowEnd { ip, port, pod: pod.map(|p| p.object_ref().to_string()), identity: pod.map(|p| self.model.spiffe_id(p).to_string()) }
         };
         let protocol = match event.protocol {
             6 => TableProtocol::Tcp,
@@ -98,8 +93,7 @@ impl FlowNamer {
             _ => TableProtocol::Other,
         };
         let source = self.pods.get(&event.src).map_or(Source::World, |r| Source::Pod(r.clone()));
-        let explanation =
-            self.pods.get(&event.dst).and_then(|dst| self.model.explain(&source, dst, protocol, event.dst_port).ok());
+        let explanation = self.pods.get(&event.dst).and_then(|dst| self.model.explain(&source, dst, protocol, event.dst_port).ok());
         let audit = event.counter == Counter::PassAudit;
         let asked_authentication = match event.kind {
             EventKind::AuthRequired | EventKind::Tag => true,

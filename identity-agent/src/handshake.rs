@@ -49,17 +49,14 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{Acceptor, ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{
-    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig,
-    SignatureScheme,
-};
+use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use crate::svid::{SvidError, SvidStore};
-use meshauth_datapath::ConnectionKey;
 use crate::verify::{self, BundleSet, Usage, VerifyError};
+use meshauth_datapath::ConnectionKey;
 
 /// The port agents listen on for handshakes.
 pub const DEFAULT_PORT: u16 = 4250;
@@ -83,7 +80,11 @@ pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-meshauth-connection-key-v1";
 
 /// The connection key of the pair (`source` = the server's identity, whose pods' SYNs are
 /// tagged; `destination` = the client's) from a finished TLS session.
-fn connection_key<D>(conn: &rustls::ConnectionCommon<D>, source: &SpiffeId, destination: &SpiffeId) -> Result<ConnectionKey, HandshakeError> {
+fn connection_key<D>(
+    conn: &rustls::ConnectionCommon<D>,
+    source: &SpiffeId,
+    destination: &SpiffeId,
+) -> Result<ConnectionKey, HandshakeError> {
     let mut context = Vec::with_capacity(source.as_str().len() + destination.as_str().len() + 1);
     context.extend_from_slice(source.as_str().as_bytes());
     context.push(0);
@@ -99,7 +100,14 @@ fn connection_key<D>(conn: &rustls::ConnectionCommon<D>, source: &SpiffeId, dest
 /// `destination_node` proved it). Every node hosting the destination proves the pair on its
 /// own, so each has its own key.
 pub trait ConnectionKeySink: Send + Sync {
-    fn install(&self, source: &SpiffeId, destination: &SpiffeId, destination_node: IpAddr, key: ConnectionKey, expiry: SystemTime) -> Result<(), String>;
+    fn install(
+        &self,
+        source: &SpiffeId,
+        destination: &SpiffeId,
+        destination_node: IpAddr,
+        key: ConnectionKey,
+        expiry: SystemTime,
+    ) -> Result<(), String>;
 }
 
 /// The agent's one crypto provider (ring), shared by all handshakes and SVID key loading.
@@ -200,9 +208,7 @@ impl HandshakeError {
     /// may take an entry away before its expiry.
     pub fn is_refusal(&self) -> bool {
         match self {
-            Self::NoLocalSvid(SvidError::Unavailable { reason, .. }) => {
-                !matches!(reason, crate::svid::Unavailable::SourceUnreachable)
-            }
+            Self::NoLocalSvid(SvidError::Unavailable { reason, .. }) => !matches!(reason, crate::svid::Unavailable::SourceUnreachable),
             Self::NoLocalSvid(_) => false,
             Self::PeerNotHosted { .. }
             | Self::UnknownIdentity
@@ -292,10 +298,7 @@ fn accept_hosted(
     Ok(())
 }
 
-fn chain_of<'a>(
-    end_entity: &CertificateDer<'a>,
-    intermediates: &[CertificateDer<'a>],
-) -> Vec<CertificateDer<'a>> {
+fn chain_of<'a>(end_entity: &CertificateDer<'a>, intermediates: &[CertificateDer<'a>]) -> Vec<CertificateDer<'a>> {
     let mut chain = Vec::with_capacity(1 + intermediates.len());
     chain.push(end_entity.clone());
     chain.extend(intermediates.iter().cloned());
@@ -307,12 +310,7 @@ fn verify_signature(
     cert: &CertificateDer<'_>,
     dss: &DigitallySignedStruct,
 ) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls13_signature(
-        message,
-        cert,
-        dss,
-        &crypto_provider().signature_verification_algorithms,
-    )
+    rustls::crypto::verify_tls13_signature(message, cert, dss, &crypto_provider().signature_verification_algorithms)
 }
 
 fn supported_schemes() -> Vec<SignatureScheme> {
@@ -345,9 +343,8 @@ impl ServerCertVerifier for ServerVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let chain = chain_of(end_entity, intermediates);
-        let verified =
-            verify::verify_svid_for(&chain, &self.bundles, &self.expected, Usage::Server, self.now)
-                .map_err(|e| refused(&self.slot, e.into()))?;
+        let verified = verify::verify_svid_for(&chain, &self.bundles, &self.expected, Usage::Server, self.now)
+            .map_err(|e| refused(&self.slot, e.into()))?;
         accept_hosted(&self.slot, &*self.hosted, verified, chain, self.node)?;
         Ok(ServerCertVerified::assertion())
     }
@@ -408,8 +405,8 @@ impl ClientCertVerifier for ClientVerifier {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let chain = chain_of(end_entity, intermediates);
-        let verified = verify::verify_svid(&chain, &self.bundles, None, Usage::Client, self.now)
-            .map_err(|e| refused(&self.slot, e.into()))?;
+        let verified =
+            verify::verify_svid(&chain, &self.bundles, None, Usage::Client, self.now).map_err(|e| refused(&self.slot, e.into()))?;
         accept_hosted(&self.slot, &*self.hosted, verified, chain, self.node)?;
         Ok(ClientCertVerified::assertion())
     }
@@ -448,11 +445,7 @@ impl ResolvesServerCert for OneCert {
 }
 
 impl rustls::client::ResolvesClientCert for OneCert {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         self.0.clone()
     }
 
@@ -525,9 +518,7 @@ impl HandshakeClient {
         expected_peer: &SpiffeId,
     ) -> Result<Authenticated, HandshakeError> {
         let work = self.authenticate_inner(source, peer, local, expected_peer);
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .unwrap_or(Err(HandshakeError::Timeout(self.timeout)))
+        tokio::time::timeout(self.timeout, work).await.unwrap_or(Err(HandshakeError::Timeout(self.timeout)))
     }
 
     async fn authenticate_inner(
@@ -553,18 +544,12 @@ impl HandshakeClient {
             slot: slot.clone(),
         };
         let config = client_config(Arc::new(verifier), svid.certified_key().clone())?;
-        let server_name = ServerName::try_from(sni_for(expected_peer))
-            .map_err(|_| HandshakeError::Protocol("cannot encode the SNI"))?;
+        let server_name = ServerName::try_from(sni_for(expected_peer)).map_err(|_| HandshakeError::Protocol("cannot encode the SNI"))?;
 
-        let tcp = connect(source, peer)
-            .await
-            .map_err(|source| HandshakeError::Connect { addr: peer, source })?;
+        let tcp = connect(source, peer).await.map_err(|source| HandshakeError::Connect { addr: peer, source })?;
         // Small handshake records: do not let Nagle hold them back.
         let _ = tcp.set_nodelay(true);
-        let mut tls = TlsConnector::from(Arc::new(config))
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| tls_error(e, &slot))?;
+        let mut tls = TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await.map_err(|e| tls_error(e, &slot))?;
         if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
             return Err(HandshakeError::Protocol("the peer did not agree on the meshauth ALPN"));
         }
@@ -577,10 +562,8 @@ impl HandshakeClient {
         }
         // Best effort: the result is decided; a failing close_notify changes nothing.
         let _ = tls.shutdown().await;
-        let (peer_verified, peer_chain) = lock(&slot)
-            .verified
-            .take()
-            .ok_or(HandshakeError::Protocol("the peer certificate was not verified"))?;
+        let (peer_verified, peer_chain) =
+            lock(&slot).verified.take().ok_or(HandshakeError::Protocol("the peer certificate was not verified"))?;
         Ok(Authenticated {
             local: local.clone(),
             peer: peer_verified.id,
@@ -595,11 +578,7 @@ async fn connect(source: Option<IpAddr>, peer: SocketAddr) -> std::io::Result<Tc
     match source.filter(|ip| ip.is_ipv4() == peer.is_ipv4()) {
         None => TcpStream::connect(peer).await,
         Some(ip) => {
-            let socket = if ip.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
+            let socket = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
             bind_address_only(&socket);
             match socket.bind(SocketAddr::new(ip, 0)) {
                 Ok(()) => socket.connect(peer).await,
@@ -646,16 +625,10 @@ pub async fn authenticate(
     hosted: Arc<dyn HostedIdentities>,
     timeout: Duration,
 ) -> Result<Authenticated, HandshakeError> {
-    HandshakeClient::new(store.clone(), hosted)
-        .with_timeout(timeout)
-        .authenticate(peer, local, expected_peer)
-        .await
+    HandshakeClient::new(store.clone(), hosted).with_timeout(timeout).authenticate(peer, local, expected_peer).await
 }
 
-fn client_config(
-    verifier: Arc<ServerVerifier>,
-    key: Arc<CertifiedKey>,
-) -> Result<ClientConfig, HandshakeError> {
+fn client_config(verifier: Arc<ServerVerifier>, key: Arc<CertifiedKey>) -> Result<ClientConfig, HandshakeError> {
     let mut config = ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| HandshakeError::Tls(e.to_string()))?
@@ -667,10 +640,7 @@ fn client_config(
     Ok(config)
 }
 
-fn server_config(
-    verifier: Arc<dyn ClientCertVerifier>,
-    key: Option<Arc<CertifiedKey>>,
-) -> Result<ServerConfig, HandshakeError> {
+fn server_config(verifier: Arc<dyn ClientCertVerifier>, key: Option<Arc<CertifiedKey>>) -> Result<ServerConfig, HandshakeError> {
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| HandshakeError::Tls(e.to_string()))?
@@ -809,21 +779,11 @@ impl HandshakeServer {
     }
 
     /// Answers one connection.
-    pub async fn answer(
-        &self,
-        tcp: TcpStream,
-        peer: SocketAddr,
-    ) -> Result<Authenticated, HandshakeError> {
-        tokio::time::timeout(self.timeout, self.answer_inner(tcp, peer))
-            .await
-            .unwrap_or(Err(HandshakeError::Timeout(self.timeout)))
+    pub async fn answer(&self, tcp: TcpStream, peer: SocketAddr) -> Result<Authenticated, HandshakeError> {
+        tokio::time::timeout(self.timeout, self.answer_inner(tcp, peer)).await.unwrap_or(Err(HandshakeError::Timeout(self.timeout)))
     }
 
-    async fn answer_inner(
-        &self,
-        tcp: TcpStream,
-        peer: SocketAddr,
-    ) -> Result<Authenticated, HandshakeError> {
+    async fn answer_inner(&self, tcp: TcpStream, peer: SocketAddr) -> Result<Authenticated, HandshakeError> {
         let _ = tcp.set_nodelay(true);
         let node = canonical(peer.ip());
         let start = tokio::time::timeout(self.hello_timeout, LazyConfigAcceptor::new(Acceptor::default(), tcp))
@@ -853,9 +813,7 @@ impl HandshakeServer {
         } else {
             match wanted {
                 None => Err(HandshakeError::UnknownIdentity),
-                Some(id) if !self.hosted.is_hosted_here(&id) => {
-                    Err(HandshakeError::NotHostedHere(id.to_string()))
-                }
+                Some(id) if !self.hosted.is_hosted_here(&id) => Err(HandshakeError::NotHostedHere(id.to_string())),
                 Some(id) => match self.store.current(&id) {
                     Some(svid) => Ok((id, svid)),
                     // Known, hosted, but its SVID expired or was withdrawn: fail closed.
@@ -874,10 +832,8 @@ impl HandshakeServer {
         };
         let config = server_config(verifier, Some(svid.certified_key().clone()))?;
         let mut tls = start.into_stream(Arc::new(config)).await.map_err(|e| tls_error(e, &slot))?;
-        let (client, peer_chain) = lock(&slot)
-            .verified
-            .take()
-            .ok_or(HandshakeError::Protocol("the client certificate was not verified"))?;
+        let (client, peer_chain) =
+            lock(&slot).verified.take().ok_or(HandshakeError::Protocol("the client certificate was not verified"))?;
         let expiry = svid.not_after().min(client.not_after);
         let key = connection_key(tls.get_ref().1, &local, &client.id)?;
         // Kept before the confirmation: once the client's pair is authenticated, our pods'

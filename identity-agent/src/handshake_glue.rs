@@ -4,18 +4,18 @@
 
 use crate::auth_manager::{AuthFailure, AuthManagerHandle, Authenticator, BoxFuture, Evidence, Proof};
 use crate::handshake::{ConnectionKeySink, HandshakeClient, HandshakeServer, HostedIdentities};
-use meshauth_datapath::{BootTime, ConnectionKey};
-use std::time::SystemTime;
 use crate::metrics::AgentMetrics;
 use crate::node_agent::SharedView;
 use crate::svid::SvidStore;
 use crate::verify::{self, Usage};
 use meshauth_crds::SpiffeId;
+use meshauth_datapath::{BootTime, ConnectionKey};
 use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
+use std::time::SystemTime;
 use tokio::net::TcpListener;
 
 /// The agent's latest [`NodeView`](crate::plan::NodeView) as the handshake's oracle.
@@ -57,11 +57,21 @@ pub struct DatapathKeySink {
 }
 
 impl ConnectionKeySink for DatapathKeySink {
-    fn install(&self, source: &SpiffeId, destination: &SpiffeId, destination_node: IpAddr, key: ConnectionKey, expiry: SystemTime) -> Result<(), String> {
+    fn install(
+        &self,
+        source: &SpiffeId,
+        destination: &SpiffeId,
+        destination_node: IpAddr,
+        key: ConnectionKey,
+        expiry: SystemTime,
+    ) -> Result<(), String> {
         let (src, dst, node) = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
-            let number = |id: &SpiffeId| view.numbers.get(id.as_str()).copied().ok_or_else(|| format!("{id} has no number on this node yet"));
-            let node = view.node_id(destination_node).ok_or_else(|| format!("node address {destination_node} cannot key the datapath's maps (IPv4 only)"))?;
+            let number =
+                |id: &SpiffeId| view.numbers.get(id.as_str()).copied().ok_or_else(|| format!("{id} has no number on this node yet"));
+            let node = view
+                .node_id(destination_node)
+                .ok_or_else(|| format!("node address {destination_node} cannot key the datapath's maps (IPv4 only)"))?;
             (number(source)?, number(destination)?, node)
         };
         let mut dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
@@ -71,7 +81,14 @@ impl ConnectionKeySink for DatapathKeySink {
 
 /// Answers peers' handshakes until the listener fails, counting each in the metrics and
 /// keeping each pair's connection key in `keys`.
-pub async fn serve(listener: TcpListener, store: SvidStore, hosted: Arc<ViewHosted>, metrics: Arc<AgentMetrics>, limits: ServerLimits, keys: Arc<DatapathKeySink>) {
+pub async fn serve(
+    listener: TcpListener,
+    store: SvidStore,
+    hosted: Arc<ViewHosted>,
+    metrics: Arc<AgentMetrics>,
+    limits: ServerLimits,
+    keys: Arc<DatapathKeySink>,
+) {
     HandshakeServer::new(store, hosted)
         .with_observer(metrics)
         .with_key_sink(keys)
@@ -108,12 +125,7 @@ pub struct HandshakeAuthenticator {
 
 impl HandshakeAuthenticator {
     pub fn new(store: SvidStore, hosted: Arc<ViewHosted>, timeout: Duration) -> Self {
-        Self {
-            client: HandshakeClient::new(store.clone(), hosted.clone()).with_timeout(timeout),
-            store,
-            hosted,
-            chains: Mutex::default(),
-        }
+        Self { client: HandshakeClient::new(store.clone(), hosted.clone()).with_timeout(timeout), store, hosted, chains: Mutex::default() }
     }
 
     fn intern(&self, chain: Vec<CertificateDer<'static>>) -> Chain {
@@ -134,8 +146,7 @@ impl Authenticator for HandshakeAuthenticator {
     fn authenticate<'a>(&'a self, local: &'a str, peer: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<Proof, AuthFailure>> {
         Box::pin(async move {
             let parse = |id: &str| {
-                SpiffeId::parse(id)
-                    .map_err(|e| AuthFailure { reason: "bad_spiffe_id", message: format!("{id:?} {e}"), refused: true })
+                SpiffeId::parse(id).map_err(|e| AuthFailure { reason: "bad_spiffe_id", message: format!("{id:?} {e}"), refused: true })
             };
             let (local, peer) = (parse(local)?, parse(peer)?);
             // From the address the peers know this node by: the peer checks that our identity

@@ -6,9 +6,9 @@
 //! This module only observes; it must not write to the API server.
 
 use meshauth_cluster::EndpointRules;
+pub use meshauth_cluster::Snapshot;
 use meshauth_cluster::manifests::{ManifestError, Manifests};
 pub use meshauth_cluster::snapshot::{AGENT_ADDRESS_ANNOTATION, SPIRE_AGENT_ID_ANNOTATION};
-pub use meshauth_cluster::Snapshot;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,10 +2,10 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meshauth_agent::config::{self, AgentConfig};
-use meshauth_datapath::DatapathConfig;
 use meshauth_agent::dev_issuer::{DevIssuer, DevIssuerConfig};
 use meshauth_agent::inputs;
 use meshauth_crds::{SpiffeId, TrustDomain};
+use meshauth_datapath::DatapathConfig;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -102,13 +102,9 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -120,7 +116,17 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Run { node_name, manifests, listen, metrics_addr, workload_api_socket, state_dir, trust_domain, mesh_namespace, pin_dir } => {
+        Command::Run {
+            node_name,
+            manifests,
+            listen,
+            metrics_addr,
+            workload_api_socket,
+            state_dir,
+            trust_domain,
+            mesh_namespace,
+            pin_dir,
+        } => {
             // Flags win over the environment.
             let flags: HashMap<&str, String> = [
                 (config::MANIFESTS, manifests),

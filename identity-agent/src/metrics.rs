@@ -7,7 +7,6 @@
 use crate::auth_manager::{AuthFailure, AuthObserver};
 use crate::explain::{ExplainQuery, Explainer};
 use crate::flows::{DEFAULT_CAPACITY, FlowLog, FlowRecord};
-use serde::Deserialize;
 use axum::Router;
 use axum::extract::{ConnectInfo, Query};
 use axum::http::{StatusCode, header};
@@ -19,6 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -307,15 +307,22 @@ impl AgentMetrics {
                 get(move || {
                     let ok = health.healthy.load(Ordering::Relaxed);
                     async move {
-                        if ok { (StatusCode::OK, "ok").into_response() } else { (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response() }
+                        if ok {
+                            (StatusCode::OK, "ok").into_response()
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+                        }
                     }
                 }),
             );
-        Ok((bound, tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await {
-                tracing::error!(%error, "metrics server stopped");
-            }
-        })))
+        Ok((
+            bound,
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await {
+                    tracing::error!(%error, "metrics server stopped");
+                }
+            }),
+        ))
     }
 }
 
@@ -571,7 +578,8 @@ mod explain_tests {
         let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
         let snapshot = crate::inputs::snapshot_from_dir(&examples).expect("examples");
         let (_tx, snapshots) = tokio::sync::watch::channel(Arc::new(snapshot));
-        let manager = auth_manager::spawn(AuthManagerConfig::default(), Arc::new(NoHandshakes), Box::new(FakeTable::default()), Arc::new(NoObserver));
+        let manager =
+            auth_manager::spawn(AuthManagerConfig::default(), Arc::new(NoHandshakes), Box::new(FakeTable::default()), Arc::new(NoObserver));
         let local: Arc<LocalApi> = Arc::default();
         let m = AgentMetrics::new();
         let (bound, _server) = m.clone().serve("0.0.0.0:0".parse().expect("addr"), local.clone()).await.expect("serve");
@@ -592,7 +600,11 @@ mod explain_tests {
         assert_eq!(body["allowedBy"][0]["meshPolicy"], "shop/payment-ingress", "{body}");
         assert_eq!(body["proofs"], serde_json::json!([]), "payment runs on node-2, and the pair has no proof: {body}");
         assert!(get_from(here.ip(), here, "/explain?from=shop/nobody&to=shop/payment-0&port=80").await.starts_with("HTTP/1.1 404"));
-        assert!(get_from(here.ip(), here, "/explain?from=shop/order-0&to=shop/payment-0&port=80&protocol=sctp").await.starts_with("HTTP/1.1 400"));
+        assert!(
+            get_from(here.ip(), here, "/explain?from=shop/order-0&to=shop/payment-0&port=80&protocol=sctp")
+                .await
+                .starts_with("HTTP/1.1 400")
+        );
         // From another address of this machine (what another host's connection looks like):
         // refused, it names pods and policies.
         let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");

@@ -10,15 +10,15 @@ use crate::auth_manager::{self, AuthManagerConfig, AuthManagerHandle, AuthTable,
 use crate::config::{AgentConfig, InputMode};
 use crate::inputs::{self, Snapshot};
 use crate::metrics::{AgentMetrics, IdentityLabels};
+use crate::plan::LocalPod;
 use crate::plan::{self, NodeView};
+use crate::pod_net::{self, HostVeth};
 use crate::svid::{StoreConfig, SvidStore, SystemClock, WorkloadApiSource};
+use meshauth_cni::protocol::{AgentRequest, AgentResponse, Command as CniCommand};
 use meshauth_datapath::{BootTime, ConnectionKey, Datapath, DatapathConfig, DatapathError};
 use meshauth_policy::compile::NumberAllocator;
-use meshauth_policy::model::{ModelConfig, PolicyModel};
-use crate::plan::LocalPod;
-use crate::pod_net::{self, HostVeth};
-use meshauth_cni::protocol::{AgentRequest, AgentResponse, Command as CniCommand};
 use meshauth_policy::model::ObjectRef;
+use meshauth_policy::model::{ModelConfig, PolicyModel};
 use meshauth_policy::tables::{AuthRequirement, EndpointEntry, NO_SPIFFE_ID, WORLD_IDENTITY};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -170,12 +170,15 @@ impl Applier {
                 for i in interfaces {
                     if let Some(ifname) = i.name {
                         let known = details.get(&i.pod_ip).filter(|d| d.ifindex == i.ifindex);
-                        registry.insert(i.pod_ip, Registration {
-                            ifindex: i.ifindex,
-                            ifname,
-                            pod: known.and_then(|d| d.pod.clone()),
-                            container_id: known.and_then(|d| d.container_id.clone()),
-                        });
+                        registry.insert(
+                            i.pod_ip,
+                            Registration {
+                                ifindex: i.ifindex,
+                                ifname,
+                                pod: known.and_then(|d| d.pod.clone()),
+                                container_id: known.and_then(|d| d.container_id.clone()),
+                            },
+                        );
                     }
                 }
             }
@@ -209,9 +212,8 @@ impl Applier {
     /// The last snapshot with the addresses the CNI plugin reported for local pods whose
     /// address the API does not show yet.
     fn effective_snapshot(&self) -> Arc<Snapshot> {
-        let overlaid = |reg: &Registration| {
-            reg.pod.as_ref().is_some_and(|pod| self.last.unaddressed.iter().any(|p| &p.object_ref() == pod))
-        };
+        let overlaid =
+            |reg: &Registration| reg.pod.as_ref().is_some_and(|pod| self.last.unaddressed.iter().any(|p| &p.object_ref() == pod));
         // Copying the whole view costs memory at a thousand pods: only when a pod needs it.
         if !self.registry.values().any(overlaid) {
             return self.last.clone();
@@ -219,7 +221,8 @@ impl Applier {
         let mut s = (*self.last).clone();
         for (ip, reg) in &self.registry {
             let Some(pod) = &reg.pod else { continue };
-            if let Some(i) = s.unaddressed.iter().position(|p| &p.object_ref() == pod && p.node.as_deref() == Some(self.node_name.as_str())) {
+            if let Some(i) = s.unaddressed.iter().position(|p| &p.object_ref() == pod && p.node.as_deref() == Some(self.node_name.as_str()))
+            {
                 let mut info = s.unaddressed.swap_remove(i);
                 info.ip = Some(*ip);
                 s.inputs.pods.push(info);
@@ -404,7 +407,8 @@ impl Applier {
                 // The plugins before this one may just have given the node a new address (a
                 // bridge's or a ptp veth's gateway): probes from it must pass from the start.
                 self.sync_host_addresses();
-                let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(&netns), &request.ifname, ip).map_err(|e| CniRefusal::Final(e.to_string()))?;
+                let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(&netns), &request.ifname, ip)
+                    .map_err(|e| CniRefusal::Final(e.to_string()))?;
                 self.register(ip, veth.clone(), pod, Some(request.container_id.clone())).map_err(CniRefusal::Final)?;
                 self.reapply().map_err(|e| CniRefusal::Final(e.to_string()))?;
                 if self.failed.contains(&ip) {
@@ -436,13 +440,15 @@ impl Applier {
                 }
                 let netns = netns.ok_or_else(|| CniRefusal::Final("the request carries no network namespace".into()))?;
                 for ip in &request.ips {
-                    let registration = self.registry.get(ip).ok_or_else(|| CniRefusal::Final(format!("{ip} is not guarded on this node")))?;
+                    let registration =
+                        self.registry.get(ip).ok_or_else(|| CniRefusal::Final(format!("{ip} is not guarded on this node")))?;
                     if self.failed.contains(ip) {
                         return Err(CniRefusal::Final(format!("the datapath is not attached to {} ({ip})", registration.ifname)));
                     }
                     // The interface guarded for the address must be this pod's own veth, not
                     // one that a stale registration or another pod left.
-                    let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(&netns), &request.ifname, *ip).map_err(|e| CniRefusal::Final(e.to_string()))?;
+                    let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(&netns), &request.ifname, *ip)
+                        .map_err(|e| CniRefusal::Final(e.to_string()))?;
                     if veth.ifindex != registration.ifindex {
                         return Err(CniRefusal::Final(format!(
                             "{ip} is guarded on {}, not on this pod's interface {}",
@@ -675,9 +681,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     );
     let view: SharedView = Arc::new(RwLock::new(NodeView::default()));
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|error| AgentError::Listen { addr: config.listen, error })?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|error| AgentError::Listen { addr: config.listen, error })?;
     let hosted = Arc::new(crate::handshake_glue::ViewHosted(view.clone()));
     let limits = crate::handshake_glue::ServerLimits {
         max_concurrent: config.handshake_server_max_concurrent,
@@ -700,7 +704,9 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     };
     let mut snapshots: watch::Receiver<Arc<Snapshot>> = match &config.inputs {
         InputMode::Manifests(dir) => inputs::watch_dir_with(dir.clone(), Duration::from_millis(100), endpoint_rules)?,
-        InputMode::Kubernetes => inputs::watch_kubernetes(kube::Client::try_default().await?, Duration::from_millis(50), endpoint_rules).await,
+        InputMode::Kubernetes => {
+            inputs::watch_kubernetes(kube::Client::try_default().await?, Duration::from_millis(50), endpoint_rules).await
+        }
     };
     let model_config = ModelConfig { trust_domain: config.trust_domain.clone(), mesh_namespace: config.mesh_namespace.clone() };
     // Set once, before the first apply: `/explain` answers "starting" until then.
@@ -744,8 +750,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     let mut rotations = store.subscribe_rotations();
     let _svid_events = crate::handshake_glue::forward_svid_events(&store, manager.clone());
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(AgentError::Signal)?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AgentError::Signal)?;
     loop {
         tokio::select! {
             changed = snapshots.changed() => {

@@ -198,7 +198,10 @@ pub fn load(state_dir: &Path, datapath: &mut Datapath) -> Result<NumberAllocator
         datapath.remove_pair(dst, src).map_err(|error| NumberingError::RemoveAuth { dst, src, error })?;
     }
     if !restored.stale_auth.is_empty() {
-        tracing::warn!(removed = restored.stale_auth.len(), "auth entries whose numbers changed meaning removed; those pairs shake hands again");
+        tracing::warn!(
+            removed = restored.stale_auth.len(),
+            "auth entries whose numbers changed meaning removed; those pairs shake hands again"
+        );
     }
     Ok(restored.allocator)
 }

@@ -132,15 +132,12 @@ pub fn plan(snapshot: &Snapshot, config: &ModelConfig, node_name: &str, peer_por
         .pods
         .iter()
         .filter(|p| p.node.as_deref() == Some(node_name))
-        .filter_map(|p| {
-            Some(LocalPod { pod: p.object_ref().to_string(), ip: p.ip? })
-        })
+        .filter_map(|p| Some(LocalPod { pod: p.object_ref().to_string(), ip: p.ip? }))
         .collect();
 
     let mut desired: BTreeMap<(u32, u32), DesiredPair> = BTreeMap::new();
     for pair in compile::auth_identity_pairs(&model, |p| p.node.as_deref() == Some(node_name)) {
-        let (Some(&dst_number), Some(&src_number)) =
-            (numbers.get(pair.dst_spiffe_id.as_str()), numbers.get(pair.src_spiffe_id.as_str()))
+        let (Some(&dst_number), Some(&src_number)) = (numbers.get(pair.dst_spiffe_id.as_str()), numbers.get(pair.src_spiffe_id.as_str()))
         else {
             continue;
         };
@@ -169,19 +166,15 @@ pub fn plan(snapshot: &Snapshot, config: &ModelConfig, node_name: &str, peer_por
         });
     }
 
-    let mut problems: Vec<String> = model
-        .problems()
-        .iter()
-        .map(|p| format!("{:?} {}: {}: {}", p.kind, p.object, p.error.field, p.error.reason))
-        .collect();
+    let mut problems: Vec<String> =
+        model.problems().iter().map(|p| format!("{:?} {}: {}: {}", p.kind, p.object, p.error.field, p.error.reason)).collect();
     // A node that reports addresses but has none of its own: its pods' proofs count nowhere.
-    problems.extend(
-        snapshot
-            .nodes
-            .iter()
-            .filter(|n| !n.addresses.is_empty() && !node_addresses.contains_key(n.name.as_str()))
-            .map(|n| format!("Node {}: status.addresses: no address of its own (unspecified, or another node's too): its pods are proven by no node", n.name)),
-    );
+    problems.extend(snapshot.nodes.iter().filter(|n| !n.addresses.is_empty() && !node_addresses.contains_key(n.name.as_str())).map(|n| {
+        format!(
+            "Node {}: status.addresses: no address of its own (unspecified, or another node's too): its pods are proven by no node",
+            n.name
+        )
+    }));
     NodePlan { tables, local_pods, desired: desired.into_values().collect(), view, problems }
 }
 
@@ -200,10 +193,7 @@ mod tests {
         let pods: Vec<_> = plan.local_pods.iter().map(|p| p.pod.as_str()).collect();
         assert_eq!(pods, ["shop/payment-0", "tools/debug"]);
         let pairs: Vec<_> = plan.desired.iter().map(|d| (d.dst_id.as_str(), d.src_id.as_str())).collect();
-        assert!(
-            pairs.contains(&("spiffe://cluster.local/ns/shop/sa/payment", "spiffe://cluster.local/ns/shop/sa/order")),
-            "{pairs:?}"
-        );
+        assert!(pairs.contains(&("spiffe://cluster.local/ns/shop/sa/payment", "spiffe://cluster.local/ns/shop/sa/order")), "{pairs:?}");
         let order = plan.desired.iter().find(|d| d.src_id.ends_with("/sa/order")).expect("pair");
         let node_1 = Ipv4Addr::new(192, 168, 77, 1);
         assert_eq!(order.peers, vec![Peer { node: NodeId::At(node_1), addr: SocketAddr::new(node_1.into(), 4250) }]);

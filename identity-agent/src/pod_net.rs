@@ -199,8 +199,7 @@ fn view_of(netns: BorrowedFd<'_>) -> Result<NamespaceView, PodNetError> {
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
-                nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| PodNetError::Enter(e.into()))?;
+                nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| PodNetError::Enter(e.into()))?;
                 let sock = socket()?;
                 Ok(NamespaceView { links: links(&sock)?, addresses: addresses(&sock)?, agent_nsid: nsid_of(&sock, agent_ns.as_fd())? })
             })

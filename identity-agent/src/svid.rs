@@ -85,10 +85,7 @@ pub struct SvidMaterial {
 impl fmt::Debug for SvidMaterial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the key.
-        f.debug_struct("SvidMaterial")
-            .field("spiffe_id", &self.spiffe_id)
-            .field("chain_len", &self.chain.len())
-            .finish_non_exhaustive()
+        f.debug_struct("SvidMaterial").field("spiffe_id", &self.spiffe_id).field("chain_len", &self.chain.len()).finish_non_exhaustive()
     }
 }
 
@@ -177,15 +174,9 @@ impl fmt::Debug for Svid {
 impl Svid {
     /// Checks `material` against `bundles` at `now` (a valid X.509-SVID whose URI SAN is the
     /// SPIFFE ID it was delivered under) and loads its key with the agent's crypto provider.
-    pub fn from_material(
-        material: &SvidMaterial,
-        bundles: &BundleSet,
-        now: SystemTime,
-    ) -> Result<Self, SvidError> {
-        let id = SpiffeId::parse(&material.spiffe_id).map_err(|e| SvidError::BadId {
-            id: material.spiffe_id.clone(),
-            reason: e.to_string(),
-        })?;
+    pub fn from_material(material: &SvidMaterial, bundles: &BundleSet, now: SystemTime) -> Result<Self, SvidError> {
+        let id =
+            SpiffeId::parse(&material.spiffe_id).map_err(|e| SvidError::BadId { id: material.spiffe_id.clone(), reason: e.to_string() })?;
         let verified = verify::verify_svid_for(&material.chain, bundles, &id, Usage::Any, now)
             .map_err(|source| SvidError::Invalid { id: id.to_string(), source })?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(material.key_pkcs8.clone()));
@@ -195,16 +186,8 @@ impl Svid {
             .map_err(|e| SvidError::Key { id: id.to_string(), reason: e.to_string() })?;
         let certified = Arc::new(CertifiedKey::new(material.chain.clone(), signing_key));
         // The key must belong to the leaf: a mismatch would only show as failed handshakes.
-        certified
-            .keys_match()
-            .map_err(|e| SvidError::Key { id: id.to_string(), reason: e.to_string() })?;
-        Ok(Self {
-            id,
-            chain: material.chain.clone(),
-            not_after: verified.not_after,
-            hint: material.hint.clone(),
-            certified,
-        })
+        certified.keys_match().map_err(|e| SvidError::Key { id: id.to_string(), reason: e.to_string() })?;
+        Ok(Self { id, chain: material.chain.clone(), not_after: verified.not_after, hint: material.hint.clone(), certified })
     }
 
     pub fn id(&self) -> &SpiffeId {
@@ -356,11 +339,7 @@ impl fmt::Debug for SvidStore {
 
 impl SvidStore {
     /// Starts the worker that owns `source`. The worker runs until the returned task is aborted.
-    pub fn spawn(
-        source: Arc<dyn SvidSource>,
-        config: StoreConfig,
-        clock: Arc<dyn Clock>,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn spawn(source: Arc<dyn SvidSource>, config: StoreConfig, clock: Arc<dyn Clock>) -> (Self, tokio::task::JoinHandle<()>) {
         let (bundles, _) = watch::channel(Arc::new(BundleSet::new()));
         let (rotations, _) = broadcast::channel(ROTATION_CHANNEL_CAPACITY);
         let (withdrawals, _) = broadcast::channel(ROTATION_CHANNEL_CAPACITY);
@@ -404,11 +383,7 @@ impl SvidStore {
 
     /// Waits up to `timeout` for `id` to be available; fails at once when the store knows it
     /// is not (after the first sync: not issued, expired, invalid).
-    pub async fn wait_available(
-        &self,
-        id: &SpiffeId,
-        timeout: Duration,
-    ) -> Result<Arc<Svid>, SvidError> {
+    pub async fn wait_available(&self, id: &SpiffeId, timeout: Duration) -> Result<Arc<Svid>, SvidError> {
         let mut rx = self.watch(id);
         let wait = rx.wait_for(|state| !matches!(state, SvidState::Initializing));
         let state = match tokio::time::timeout(timeout, wait).await {
@@ -420,12 +395,8 @@ impl SvidStore {
         };
         match state {
             SvidState::Available(svid) if svid.not_after > self.inner.clock.now() => Ok(svid),
-            SvidState::Available(_) => {
-                Err(SvidError::Unavailable { id: id.to_string(), reason: Unavailable::Expired })
-            }
-            SvidState::Unavailable(reason) => {
-                Err(SvidError::Unavailable { id: id.to_string(), reason })
-            }
+            SvidState::Available(_) => Err(SvidError::Unavailable { id: id.to_string(), reason: Unavailable::Expired }),
+            SvidState::Unavailable(reason) => Err(SvidError::Unavailable { id: id.to_string(), reason }),
             SvidState::Initializing => Err(SvidError::Timeout { id: id.to_string(), timeout }),
         }
     }
@@ -454,8 +425,7 @@ impl SvidStore {
     /// Every identity the store has a state for (for metrics: seconds to expiry).
     pub fn identities(&self) -> Vec<(SpiffeId, SvidState)> {
         let states = self.inner.lock_states();
-        let mut all: Vec<_> =
-            states.iter().map(|(id, tx)| (id.clone(), tx.borrow().clone())).collect();
+        let mut all: Vec<_> = states.iter().map(|(id, tx)| (id.clone(), tx.borrow().clone())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
@@ -549,9 +519,7 @@ impl Worker {
                 Ok::<_, SourceError>((stream, first))
             };
             let attempt = async move {
-                tokio::time::timeout(sync_timeout, attempt)
-                    .await
-                    .unwrap_or(Err(SourceError::InitialSyncTimeout(sync_timeout)))
+                tokio::time::timeout(sync_timeout, attempt).await.unwrap_or(Err(SourceError::InitialSyncTimeout(sync_timeout)))
             };
             match self.drive(attempt).await {
                 Ok((mut stream, first)) => {
@@ -600,9 +568,8 @@ impl Worker {
     /// until the grace period ends (then the empty answer withdraws everything).
     fn no_identity_issued(&mut self) {
         let now = self.inner.clock.now();
-        let holding = self.inner.lock_states().values().any(
-            |tx| matches!(&*tx.borrow(), SvidState::Available(svid) if svid.not_after > now),
-        );
+        let holding =
+            self.inner.lock_states().values().any(|tx| matches!(&*tx.borrow(), SvidState::Available(svid) if svid.not_after > now));
         if !holding {
             self.no_identity_since = None;
             self.apply(X509Update::default());
@@ -630,9 +597,7 @@ impl Worker {
             .lock_states()
             .values()
             .filter_map(|tx| match &*tx.borrow() {
-                SvidState::Available(svid) => Some(
-                    now + svid.not_after.duration_since(now_wall).unwrap_or(Duration::ZERO),
-                ),
+                SvidState::Available(svid) => Some(now + svid.not_after.duration_since(now_wall).unwrap_or(Duration::ZERO)),
                 _ => None,
             })
             .min();
@@ -648,8 +613,7 @@ impl Worker {
             self.initial_deadline = None;
             tracing::warn!(timeout = ?self.config.initial_sync_timeout, "no SVIDs from the workload API in time");
             let unreachable = SvidState::Unavailable(Unavailable::SourceUnreachable);
-            *self.inner.default_state.lock().unwrap_or_else(PoisonError::into_inner) =
-                unreachable.clone();
+            *self.inner.default_state.lock().unwrap_or_else(PoisonError::into_inner) = unreachable.clone();
             for tx in self.inner.lock_states().values() {
                 tx.send_if_modified(|state| {
                     let waiting = matches!(state, SvidState::Initializing);
@@ -712,8 +676,7 @@ impl Worker {
             self.backoff.reset();
         }
         self.initial_deadline = None;
-        *self.inner.default_state.lock().unwrap_or_else(PoisonError::into_inner) =
-            SvidState::Unavailable(Unavailable::NotIssued);
+        *self.inner.default_state.lock().unwrap_or_else(PoisonError::into_inner) = SvidState::Unavailable(Unavailable::NotIssued);
 
         let mut rotated = Vec::new();
         let mut withdrawn = Vec::new();
@@ -774,8 +737,7 @@ fn transition(
 }
 
 fn same_bundles(a: &BundleSet, b: &BundleSet) -> bool {
-    a.len() == b.len()
-        && b.iter().all(|bundle| a.get(bundle.trust_domain()).is_some_and(|old| old.certs() == bundle.certs()))
+    a.len() == b.len() && b.iter().all(|bundle| a.get(bundle.trust_domain()).is_some_and(|old| old.certs() == bundle.certs()))
 }
 
 fn replace(state: &mut SvidState, next: SvidState) -> bool {

@@ -121,10 +121,7 @@ pub struct TrustBundle {
 
 impl TrustBundle {
     /// A bundle from DER authorities. Fails when one is not a usable trust anchor.
-    pub fn new(
-        trust_domain: &str,
-        certs: Vec<CertificateDer<'static>>,
-    ) -> Result<Self, VerifyError> {
+    pub fn new(trust_domain: &str, certs: Vec<CertificateDer<'static>>) -> Result<Self, VerifyError> {
         let anchors = certs
             .iter()
             .enumerate()
@@ -216,14 +213,9 @@ pub fn verify_svid(
     if let Some(expected) = trust_domain
         && leaf.id.trust_domain() != expected
     {
-        return Err(VerifyError::WrongTrustDomain {
-            id: leaf.id.to_string(),
-            expected: expected.to_owned(),
-        });
+        return Err(VerifyError::WrongTrustDomain { id: leaf.id.to_string(), expected: expected.to_owned() });
     }
-    let bundle = bundles
-        .get(leaf.id.trust_domain())
-        .ok_or_else(|| VerifyError::NoBundle(leaf.id.trust_domain().to_owned()))?;
+    let bundle = bundles.get(leaf.id.trust_domain()).ok_or_else(|| VerifyError::NoBundle(leaf.id.trust_domain().to_owned()))?;
     verify_path(chain, &bundle.anchors, usage, now)?;
     Ok(VerifiedSvid { id: leaf.id, not_after: leaf.not_after })
 }
@@ -238,10 +230,7 @@ pub fn verify_svid_for(
 ) -> Result<VerifiedSvid, VerifyError> {
     let verified = verify_svid(chain, bundles, Some(expected.trust_domain()), usage, now)?;
     if &verified.id != expected {
-        return Err(VerifyError::WrongSpiffeId {
-            got: verified.id.to_string(),
-            expected: expected.to_string(),
-        });
+        return Err(VerifyError::WrongSpiffeId { got: verified.id.to_string(), expected: expected.to_string() });
     }
     Ok(verified)
 }
@@ -258,8 +247,7 @@ fn check_structure(chain: &[CertificateDer<'_>]) -> Result<Leaf, VerifyError> {
     }
     let mut parsed = Vec::with_capacity(chain.len());
     for (index, der) in chain.iter().enumerate() {
-        let (rest, cert) = X509Certificate::from_der(der.as_ref())
-            .map_err(|e| VerifyError::Malformed { index, reason: e.to_string() })?;
+        let (rest, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| VerifyError::Malformed { index, reason: e.to_string() })?;
         if !rest.is_empty() {
             return Err(VerifyError::Malformed { index, reason: "trailing bytes".to_owned() });
         }
@@ -284,10 +272,7 @@ fn check_structure(chain: &[CertificateDer<'_>]) -> Result<Leaf, VerifyError> {
     }
 
     let leaf = &parsed[0];
-    let malformed = |index: usize| move |e: x509_parser::error::X509Error| VerifyError::Malformed {
-        index,
-        reason: e.to_string(),
-    };
+    let malformed = |index: usize| move |e: x509_parser::error::X509Error| VerifyError::Malformed { index, reason: e.to_string() };
     let uris: Vec<&str> = leaf
         .subject_alternative_name()
         .map_err(malformed(0))?
@@ -305,8 +290,7 @@ fn check_structure(chain: &[CertificateDer<'_>]) -> Result<Leaf, VerifyError> {
     let [uri] = uris.as_slice() else {
         return Err(VerifyError::UriSanCount(uris.len()));
     };
-    let id = SpiffeId::parse(uri)
-        .map_err(|reason| VerifyError::BadSpiffeId { uri: (*uri).to_owned(), reason })?;
+    let id = SpiffeId::parse(uri).map_err(|reason| VerifyError::BadSpiffeId { uri: (*uri).to_owned(), reason })?;
     if id.path().is_empty() {
         return Err(VerifyError::NoPath(id.to_string()));
     }
@@ -331,54 +315,23 @@ fn check_structure(chain: &[CertificateDer<'_>]) -> Result<Leaf, VerifyError> {
 
     // The earliest notAfter of what was presented: webpki checks every certificate of the path
     // at `now`, so the chain stops verifying at the first expiry.
-    let not_after = parsed
-        .iter()
-        .map(|cert| cert.validity().not_after.timestamp())
-        .min()
-        .map(unix_to_system_time)
-        .unwrap_or(UNIX_EPOCH);
+    let not_after = parsed.iter().map(|cert| cert.validity().not_after.timestamp()).min().map(unix_to_system_time).unwrap_or(UNIX_EPOCH);
     Ok(Leaf { id, not_after })
 }
 
-fn verify_path(
-    chain: &[CertificateDer<'_>],
-    anchors: &[TrustAnchor<'_>],
-    usage: Usage,
-    now: SystemTime,
-) -> Result<(), VerifyError> {
-    let leaf = webpki::EndEntityCert::try_from(&chain[0])
-        .map_err(|e| VerifyError::Malformed { index: 0, reason: e.to_string() })?;
+fn verify_path(chain: &[CertificateDer<'_>], anchors: &[TrustAnchor<'_>], usage: Usage, now: SystemTime) -> Result<(), VerifyError> {
+    let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| VerifyError::Malformed { index: 0, reason: e.to_string() })?;
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let time = UnixTime::since_unix_epoch(since_epoch);
     let intermediates = &chain[1..];
     let result = match usage {
-        Usage::Client => leaf.verify_for_usage(
-            signature_algorithms(),
-            anchors,
-            intermediates,
-            time,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        ),
-        Usage::Server => leaf.verify_for_usage(
-            signature_algorithms(),
-            anchors,
-            intermediates,
-            time,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        ),
-        Usage::Any => leaf.verify_for_usage(
-            signature_algorithms(),
-            anchors,
-            intermediates,
-            time,
-            AnyUsage,
-            None,
-            None,
-        ),
+        Usage::Client => {
+            leaf.verify_for_usage(signature_algorithms(), anchors, intermediates, time, webpki::KeyUsage::client_auth(), None, None)
+        }
+        Usage::Server => {
+            leaf.verify_for_usage(signature_algorithms(), anchors, intermediates, time, webpki::KeyUsage::server_auth(), None, None)
+        }
+        Usage::Any => leaf.verify_for_usage(signature_algorithms(), anchors, intermediates, time, AnyUsage, None, None),
     };
     result.map(|_| ()).map_err(map_webpki_error)
 }
@@ -394,12 +347,8 @@ impl webpki::ExtendedKeyUsageValidator for AnyUsage {
 
 fn map_webpki_error(error: webpki::Error) -> VerifyError {
     match error {
-        webpki::Error::CertExpired { not_after, .. } => {
-            VerifyError::Expired(not_after.as_secs())
-        }
-        webpki::Error::CertNotValidYet { not_before, .. } => {
-            VerifyError::NotYetValid(not_before.as_secs())
-        }
+        webpki::Error::CertExpired { not_after, .. } => VerifyError::Expired(not_after.as_secs()),
+        webpki::Error::CertNotValidYet { not_before, .. } => VerifyError::NotYetValid(not_before.as_secs()),
         webpki::Error::UnknownIssuer => VerifyError::UnknownIssuer,
         webpki::Error::InvalidSignatureForPublicKey
         | webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
@@ -446,8 +395,7 @@ impl VerifyFileError {
 
 /// Reads every PEM `CERTIFICATE` of a file, in order.
 pub fn read_pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, VerifyFileError> {
-    let bytes = std::fs::read(path)
-        .map_err(|source| VerifyFileError::Read { path: path.to_owned(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| VerifyFileError::Read { path: path.to_owned(), source })?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| VerifyFileError::Pem { path: path.to_owned(), reason: e.to_string() })?;
@@ -467,8 +415,7 @@ pub fn verify_svid_files(
     now: SystemTime,
 ) -> Result<VerifiedSvid, VerifyFileError> {
     if let Some(td) = trust_domain {
-        meshauth_crds::TrustDomain::new(td)
-            .map_err(|e| VerifyFileError::TrustDomain(td.to_owned(), e))?;
+        meshauth_crds::TrustDomain::new(td).map_err(|e| VerifyFileError::TrustDomain(td.to_owned(), e))?;
     }
     let authorities = read_pem_certificates(bundle_pem)?;
     let chain = read_pem_certificates(chain_pem)?;

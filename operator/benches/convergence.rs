@@ -31,15 +31,18 @@ fn app(a: &str) -> LabelSelector {
 }
 
 fn policy(ns: &str, k: usize) -> MeshPolicy {
-    let mut p = MeshPolicy::new(&format!("svc-{k}"), MeshPolicySpec {
-        selector: app(&format!("svc-{k}")),
-        ingress: vec![IngressRule {
-            from: vec![PeerSelector { pod_selector: Some(app(&format!("svc-{}", (k + 1) % APPS))), ..Default::default() }],
-            ports: vec![PortRule { port: 8080, end_port: None, protocol: Protocol::Tcp }],
-            authentication: Some(Authentication { mode: AuthenticationMode::Required }),
-        }],
-        ..Default::default()
-    });
+    let mut p = MeshPolicy::new(
+        &format!("svc-{k}"),
+        MeshPolicySpec {
+            selector: app(&format!("svc-{k}")),
+            ingress: vec![IngressRule {
+                from: vec![PeerSelector { pod_selector: Some(app(&format!("svc-{}", (k + 1) % APPS))), ..Default::default() }],
+                ports: vec![PortRule { port: 8080, end_port: None, protocol: Protocol::Tcp }],
+                authentication: Some(Authentication { mode: AuthenticationMode::Required }),
+            }],
+            ..Default::default()
+        },
+    );
     p.metadata.namespace = Some(ns.into());
     p
 }

@@ -76,8 +76,7 @@ pub async fn kube_client(config: &Config) -> Result<Client, AppError> {
     install_crypto_provider();
     let kc = match &config.kubeconfig {
         Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .map_err(|source| AppError::Kubeconfig { path: path.display().to_string(), source })?;
+            let kc = Kubeconfig::read_from(path).map_err(|source| AppError::Kubeconfig { path: path.display().to_string(), source })?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
                 .map_err(|source| AppError::Kubeconfig { path: path.display().to_string(), source })?
@@ -153,16 +152,18 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let (mut leading, lease_task) = manager.watch().await;
     info!(identity = %config.leader_id, lease = %config.lease_name, "waiting for the leader lease");
 
-    let ctx = Arc::new(Context::new(
-        client,
-        spire,
-        metrics.clone(),
-        Reporter { controller: "meshauth-operator".into(), instance: Some(config.leader_id.clone()) },
-        ModelConfig { trust_domain: config.entries.trust_domain.clone(), mesh_namespace: config.namespace.clone() },
-        config.entries.clone(),
-        config.resync_interval,
-    )
-    .with_node_checks(config.endpoint_rules, config.trust_node_agent_annotations));
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            spire,
+            metrics.clone(),
+            Reporter { controller: "meshauth-operator".into(), instance: Some(config.leader_id.clone()) },
+            ModelConfig { trust_domain: config.entries.trust_domain.clone(), mesh_namespace: config.namespace.clone() },
+            config.entries.clone(),
+            config.resync_interval,
+        )
+        .with_node_checks(config.endpoint_rules, config.trust_node_agent_annotations),
+    );
     let mut reconciler: Option<JoinHandle<ControllerError>> = None;
     let mut server = server;
     let outcome = loop {

@@ -121,8 +121,8 @@ fn invalid(setting: &'static str, value: impl ToString, reason: impl ToString) -
 impl Config {
     /// Validates parsed flags.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let trust_domain = TrustDomain::new(&args.trust_domain)
-            .map_err(|e| invalid("--trust-domain (MESHAUTH_TRUST_DOMAIN)", &args.trust_domain, e))?;
+        let trust_domain =
+            TrustDomain::new(&args.trust_domain).map_err(|e| invalid("--trust-domain (MESHAUTH_TRUST_DOMAIN)", &args.trust_domain, e))?;
         let selectors = args
             .spire_entry_selectors
             .iter()
@@ -139,12 +139,14 @@ impl Config {
         if !is_dns_label(&args.namespace) {
             return Err(invalid("--namespace (MESHAUTH_NAMESPACE)", &args.namespace, "must be a Kubernetes namespace name"));
         }
-        let metrics_addr: SocketAddr = args
-            .metrics_addr
-            .parse()
-            .map_err(|e| invalid("--metrics-addr (MESHAUTH_METRICS_ADDR)", &args.metrics_addr, e))?;
+        let metrics_addr: SocketAddr =
+            args.metrics_addr.parse().map_err(|e| invalid("--metrics-addr (MESHAUTH_METRICS_ADDR)", &args.metrics_addr, e))?;
         if args.spire_cluster_name.is_empty() || args.spire_cluster_name.contains('/') {
-            return Err(invalid("--spire-cluster-name (MESHAUTH_SPIRE_CLUSTER_NAME)", &args.spire_cluster_name, "must be a non-empty name without '/'"));
+            return Err(invalid(
+                "--spire-cluster-name (MESHAUTH_SPIRE_CLUSTER_NAME)",
+                &args.spire_cluster_name,
+                "must be a non-empty name without '/'",
+            ));
         }
         if args.lease_duration < 3 {
             return Err(invalid("--lease-duration (MESHAUTH_LEASE_DURATION)", args.lease_duration, "must be at least 3 seconds"));
@@ -224,8 +226,8 @@ mod tests {
 
     #[test]
     fn flags_repeat_and_errors_name_the_setting() {
-        let c = parse(&["--spire-entry-selector", "unix:uid:0", "--spire-entry-selector", "unix:gid:0", "--svid-ttl", "60"])
-            .expect("valid");
+        let c =
+            parse(&["--spire-entry-selector", "unix:uid:0", "--spire-entry-selector", "unix:gid:0", "--svid-ttl", "60"]).expect("valid");
         assert_eq!(c.entries.selectors.len(), 2);
         assert_eq!(c.entries.x509_svid_ttl, 60);
         let e = parse(&["--trust-domain", "Bad.Domain"]).expect_err("invalid");

@@ -291,12 +291,8 @@ async fn node_agents<S: EntryApi>(
         (Err(e), Some(cached)) => (Ok(cached.clone()), Some(e)),
         (Err(e), None) => (Err(e), None),
     };
-    let agents = registration::verified_node_agents(
-        nodes.iter().map(|n| n.as_ref()),
-        &ctx.entries,
-        &attested,
-        ctx.trust_node_agent_annotations,
-    );
+    let agents =
+        registration::verified_node_agents(nodes.iter().map(|n| n.as_ref()), &ctx.entries, &attested, ctx.trust_node_agent_annotations);
     let outcome = match (error, attested) {
         (Some(e), _) | (None, Err(e)) => Err(ControllerError::from(e)),
         (None, Ok(_)) => Ok(()),
@@ -306,12 +302,8 @@ async fn node_agents<S: EntryApi>(
 
 /// Keys whose entry exists as desired.
 fn in_place(desired: &Desired, state: &State) -> BTreeSet<EntryKey> {
-    let mut keys: BTreeSet<EntryKey> = state
-        .entries()
-        .iter()
-        .filter(|e| desired.entries.get(&e.spec.key()) == Some(&e.spec))
-        .map(|e| e.spec.key())
-        .collect();
+    let mut keys: BTreeSet<EntryKey> =
+        state.entries().iter().filter(|e| desired.entries.get(&e.spec.key()) == Some(&e.spec)).map(|e| e.spec.key()).collect();
     keys.extend(state.satisfied_elsewhere.iter().filter(|k| desired.entries.contains_key(*k)).cloned());
     keys
 }

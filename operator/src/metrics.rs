@@ -64,7 +64,11 @@ impl Metrics {
         let spire_entry_changes = Family::<OperationLabels, Counter>::default();
         registry.register("spire_entry_changes", "SPIRE entries created, updated and deleted", spire_entry_changes.clone());
         let spire_api_errors = Family::<OperationLabels, Counter>::default();
-        registry.register("spire_api_errors", "Failed SPIRE server API calls and refused batch items, by operation", spire_api_errors.clone());
+        registry.register(
+            "spire_api_errors",
+            "Failed SPIRE server API calls and refused batch items, by operation",
+            spire_api_errors.clone(),
+        );
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
         Self {

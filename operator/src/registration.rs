@@ -30,7 +30,9 @@ pub enum RegistrationError {
     UnknownNode { node: String },
     #[error("node {node} has annotation {NODE_AGENT_ID_ANNOTATION}={agent_id:?}, but SPIRE has attested no such agent (or banned it)")]
     UnattestedAgent { node: String, agent_id: String },
-    #[error("node {node} has annotation {NODE_AGENT_ID_ANNOTATION}={agent_id:?}, but SPIRE's attestation of that agent ({attestation}: {selectors}) does not name this node; --trust-node-agent-annotations accepts it anyway")]
+    #[error(
+        "node {node} has annotation {NODE_AGENT_ID_ANNOTATION}={agent_id:?}, but SPIRE's attestation of that agent ({attestation}: {selectors}) does not name this node; --trust-node-agent-annotations accepts it anyway"
+    )]
     AgentOfAnotherNode { node: String, agent_id: String, attestation: String, selectors: String },
     #[error("node {node} has annotation {NODE_AGENT_ID_ANNOTATION}={agent_id:?}, which nodes {nodes} all name: it serves none of them")]
     AgentOfSeveralNodes { node: String, agent_id: String, nodes: String },
@@ -63,9 +65,11 @@ pub fn node_agent_id(node: &Node, settings: &EntrySettings) -> Result<String, Re
     match node.metadata.uid.as_deref().filter(|u| !u.is_empty()) {
         Some(uid) => {
             let id = format!("spiffe://{}/spire/agent/k8s_psat/{}/{uid}", settings.trust_domain, settings.cluster_name);
-            SpiffeId::parse(&id)
-                .map(|id| id.to_string())
-                .map_err(|e| RegistrationError::BadAnnotation { node: name, value: id, reason: e.to_string() })
+            SpiffeId::parse(&id).map(|id| id.to_string()).map_err(|e| RegistrationError::BadAnnotation {
+                node: name,
+                value: id,
+                reason: e.to_string(),
+            })
         }
         None => Err(RegistrationError::NoAgentId { node: name }),
     }
@@ -193,11 +197,7 @@ pub fn identities_needing_auth(model: &PolicyModel) -> BTreeSet<String> {
 }
 
 /// The entries the model needs. `agents` maps node name to its agent ID (or why it has none).
-pub fn desired(
-    model: &PolicyModel,
-    agents: &BTreeMap<String, Result<String, RegistrationError>>,
-    settings: &EntrySettings,
-) -> Desired {
+pub fn desired(model: &PolicyModel, agents: &BTreeMap<String, Result<String, RegistrationError>>, settings: &EntrySettings) -> Desired {
     let needed = identities_needing_auth(model);
     let mut out = Desired::default();
     for pod in model.pods() {
@@ -355,7 +355,11 @@ mod tests {
         let agents = verified_node_agents(&nodes, &s, &attested, false);
         assert_eq!(agents["n1"], Ok(a1.to_owned()));
         assert!(matches!(&agents["n2"], Err(RegistrationError::AgentOfAnotherNode { node, .. }) if node == "n2"), "{:?}", agents["n2"]);
-        assert_eq!(agents["n3"], Ok("spiffe://cluster.local/spire/agent/k8s_psat/c1/u-3".to_owned()), "derived from the UID: no check needed");
+        assert_eq!(
+            agents["n3"],
+            Ok("spiffe://cluster.local/spire/agent/k8s_psat/c1/u-3".to_owned()),
+            "derived from the UID: no check needed"
+        );
         let inputs = Inputs {
             pods: vec![pod("shop", "a1", "a", Some("n1"), 1), pod("shop", "b1", "b", Some("n2"), 2)],
             mutual_auths: vec![strict("shop")],
@@ -411,12 +415,15 @@ mod tests {
         let model = PolicyModel::new(ModelConfig::default(), inputs);
         let d = desired(&model, &agents(&["n1", "n2", "n3"]), &settings());
         let keys: Vec<String> = d.entries.keys().map(ToString::to_string).collect();
-        assert_eq!(keys, vec![
-            "spiffe://cluster.local/ns/free/sa/c on spiffe://cluster.local/agent/n3",
-            "spiffe://cluster.local/ns/shop/sa/a on spiffe://cluster.local/agent/n1",
-            "spiffe://cluster.local/ns/shop/sa/a on spiffe://cluster.local/agent/n2",
-            "spiffe://cluster.local/ns/shop/sa/b on spiffe://cluster.local/agent/n2",
-        ]);
+        assert_eq!(
+            keys,
+            vec![
+                "spiffe://cluster.local/ns/free/sa/c on spiffe://cluster.local/agent/n3",
+                "spiffe://cluster.local/ns/shop/sa/a on spiffe://cluster.local/agent/n1",
+                "spiffe://cluster.local/ns/shop/sa/a on spiffe://cluster.local/agent/n2",
+                "spiffe://cluster.local/ns/shop/sa/b on spiffe://cluster.local/agent/n2",
+            ]
+        );
         assert!(d.entries.values().all(|e| e.x509_svid_ttl == 300 && e.selectors.len() == 1));
         assert_eq!(d.pods.len(), 5);
         assert!(d.problems().is_empty());
@@ -427,16 +434,10 @@ mod tests {
         let pods = vec![pod("shop", "a1", "a", Some("n1"), 1), pod("shop", "b1", "b", Some("gone"), 2)];
         let model = PolicyModel::new(ModelConfig::default(), Inputs { pods: pods.clone(), ..Default::default() });
         assert_eq!(desired(&model, &agents(&["n1"]), &settings()), Desired::default());
-        let model = PolicyModel::new(ModelConfig::default(), Inputs {
-            pods,
-            mutual_auths: vec![strict("shop")],
-            ..Default::default()
-        });
+        let model = PolicyModel::new(ModelConfig::default(), Inputs { pods, mutual_auths: vec![strict("shop")], ..Default::default() });
         let d = desired(&model, &agents(&["n1"]), &settings());
         assert_eq!(d.entries.len(), 1);
-        assert_eq!(d.problems().into_iter().collect::<Vec<_>>(), vec![RegistrationError::UnknownNode {
-            node: "gone".into()
-        }]);
+        assert_eq!(d.problems().into_iter().collect::<Vec<_>>(), vec![RegistrationError::UnknownNode { node: "gone".into() }]);
     }
 
     fn spec(id: &str, parent: &str, ttl: i32) -> EntrySpec {

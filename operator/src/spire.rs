@@ -79,9 +79,7 @@ impl Selector {
     /// Parses `TYPE:VALUE` (split at the first `:`).
     pub fn parse(s: &str) -> Result<Self, SpireError> {
         match s.split_once(':') {
-            Some((kind, value)) if !kind.is_empty() && !value.is_empty() => {
-                Ok(Self { kind: kind.to_owned(), value: value.to_owned() })
-            }
+            Some((kind, value)) if !kind.is_empty() && !value.is_empty() => Ok(Self { kind: kind.to_owned(), value: value.to_owned() }),
             _ => Err(SpireError::BadSelector(s.to_owned())),
         }
     }
@@ -207,8 +205,7 @@ pub trait EntryApi: Send + Sync + 'static {
 
 /// Splits a SPIFFE ID into the API's (trust domain, path).
 pub(crate) fn to_proto_id(id: &str) -> Result<proto::SpiffeId, SpireError> {
-    let parsed = meshauth_crds::SpiffeId::parse(id)
-        .map_err(|e| SpireError::BadSpiffeId { id: id.to_owned(), reason: e.to_string() })?;
+    let parsed = meshauth_crds::SpiffeId::parse(id).map_err(|e| SpireError::BadSpiffeId { id: id.to_owned(), reason: e.to_string() })?;
     Ok(proto::SpiffeId { trust_domain: parsed.trust_domain().to_owned(), path: parsed.path().to_owned() })
 }
 
@@ -222,11 +219,7 @@ pub(crate) fn to_proto_entry(id: &str, spec: &EntrySpec) -> Result<proto::Entry,
         id: id.to_owned(),
         spiffe_id: Some(to_proto_id(&spec.spiffe_id)?),
         parent_id: Some(to_proto_id(&spec.parent_id)?),
-        selectors: spec
-            .selectors
-            .iter()
-            .map(|s| proto::Selector { r#type: s.kind.clone(), value: s.value.clone() })
-            .collect(),
+        selectors: spec.selectors.iter().map(|s| proto::Selector { r#type: s.kind.clone(), value: s.value.clone() }).collect(),
         x509_svid_ttl: spec.x509_svid_ttl,
         admin: false,
         downstream: false,
@@ -242,12 +235,7 @@ pub(crate) fn from_proto_entry(e: &proto::Entry) -> Option<Registered> {
     let selectors = e.selectors.iter().map(|s| Selector { kind: s.r#type.clone(), value: s.value.clone() }).collect();
     Some(Registered {
         id: e.id.clone(),
-        spec: EntrySpec::new(
-            from_proto_id(e.spiffe_id.as_ref()),
-            from_proto_id(e.parent_id.as_ref()),
-            selectors,
-            e.x509_svid_ttl,
-        ),
+        spec: EntrySpec::new(from_proto_id(e.spiffe_id.as_ref()), from_proto_id(e.parent_id.as_ref()), selectors, e.x509_svid_ttl),
     })
 }
 

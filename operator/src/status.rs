@@ -132,8 +132,11 @@ fn finish(wants: Vec<Want>, generation: Option<i64>, current: &[Condition], now:
 
 /// Warnings for conditions that turned bad (or changed while bad).
 fn warnings(old: &[Condition], new: &[Condition]) -> Vec<EventSpec> {
-    let bad = |c: &Condition| (c.type_ == ACCEPTED && c.status == "False") || (c.type_ == CONFLICTED && c.status == "True")
-        || (c.type_ == READY && c.reason == reason::REGISTRATION_BLOCKED);
+    let bad = |c: &Condition| {
+        (c.type_ == ACCEPTED && c.status == "False")
+            || (c.type_ == CONFLICTED && c.status == "True")
+            || (c.type_ == READY && c.reason == reason::REGISTRATION_BLOCKED)
+    };
     new.iter()
         .filter(|c| bad(c))
         .filter(|c| !old.iter().any(|o| o.type_ == c.type_ && o.status == c.status && o.reason == c.reason && o.message == c.message))
@@ -194,7 +197,9 @@ pub fn mesh_policy(
     }
     let audited = model.is_audited(object) == Some(true);
     if audited && accepted.status {
-        accepted.message = "the spec is valid and audited: the selected pods drop nothing for it; what it would deny passes and is counted as pass_audit".into();
+        accepted.message =
+            "the spec is valid and audited: the selected pods drop nothing for it; what it would deny passes and is counted as pass_audit"
+                .into();
     }
     let ready = ready(&accepted, pods, reg);
     let old = current.map(|c| c.conditions.as_slice()).unwrap_or_default();
@@ -224,7 +229,12 @@ pub fn mutual_auth(
     let accepted = accepted(model, Kind::MutualAuth, object);
     let lost: Vec<&Conflict> = conflicts.iter().filter(|c| &c.loser == object).collect();
     let conflicted = if lost.is_empty() {
-        Want { type_: CONFLICTED, status: false, reason: reason::NO_CONFLICT, message: "no older MutualAuth at the same level disagrees".into() }
+        Want {
+            type_: CONFLICTED,
+            status: false,
+            reason: reason::NO_CONFLICT,
+            message: "no older MutualAuth at the same level disagrees".into(),
+        }
     } else {
         let parts: Vec<String> = lost
             .iter()
@@ -241,19 +251,14 @@ pub fn mutual_auth(
     let conditions = finish(vec![accepted, ready, conflicted], generation, old, now);
     let events = warnings(old, &conditions);
     let selected = i32::try_from(model.mutual_auth_selected_pods(object)).unwrap_or(i32::MAX);
-    Computed {
-        status: MutualAuthStatus { observed_generation: generation, selected_pods: Some(selected), conditions },
-        events,
-    }
+    Computed { status: MutualAuthStatus { observed_generation: generation, selected_pods: Some(selected), conditions }, events }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-    use meshauth_crds::{
-        Authentication, AuthenticationMode, IngressRule, MeshPolicySpec, MutualAuthMode, MutualAuthSpec, PeerSelector,
-    };
+    use meshauth_crds::{Authentication, AuthenticationMode, IngressRule, MeshPolicySpec, MutualAuthMode, MutualAuthSpec, PeerSelector};
     use meshauth_policy::model::{Inputs, ModelConfig, PodInfo, Resource};
 
     fn pod(ns: &str, name: &str, app: &str) -> PodInfo {
@@ -279,9 +284,7 @@ mod tests {
             spec: MeshPolicySpec {
                 selector: labels(app),
                 ingress: vec![IngressRule {
-                    from: identity
-                        .map(|i| vec![PeerSelector { identity: Some(i.into()), ..Default::default() }])
-                        .unwrap_or_default(),
+                    from: identity.map(|i| vec![PeerSelector { identity: Some(i.into()), ..Default::default() }]).unwrap_or_default(),
                     ports: vec![],
                     authentication: Some(Authentication { mode: AuthenticationMode::Required }),
                 }],
@@ -291,7 +294,12 @@ mod tests {
     }
 
     fn ma(name: &str, created: &str, mode: MutualAuthMode) -> Resource<MutualAuthSpec> {
-        Resource { namespace: "shop".into(), name: name.into(), created: Some(created.into()), spec: MutualAuthSpec { selector: None, mode } }
+        Resource {
+            namespace: "shop".into(),
+            name: name.into(),
+            created: Some(created.into()),
+            spec: MutualAuthSpec { selector: None, mode },
+        }
     }
 
     fn now() -> Time {
@@ -319,14 +327,17 @@ mod tests {
             "ingress": rules,
         }))
         .expect("spec");
-        let model = PolicyModel::new(ModelConfig::default(), Inputs {
-            pods,
-            mesh_policies: vec![
-                policy("pay", "api", None),
-                Resource { namespace: "shop".into(), name: "huge".into(), created: Some("2024-02-01T00:00:00Z".into()), spec: huge },
-            ],
-            ..Default::default()
-        });
+        let model = PolicyModel::new(
+            ModelConfig::default(),
+            Inputs {
+                pods,
+                mesh_policies: vec![
+                    policy("pay", "api", None),
+                    Resource { namespace: "shop".into(), name: "huge".into(), created: Some("2024-02-01T00:00:00Z".into()), spec: huge },
+                ],
+                ..Default::default()
+            },
+        );
         let sel = Selection::of(&model);
         let desired = crate::registration::Desired::default();
         let none = BTreeSet::new();
@@ -342,11 +353,14 @@ mod tests {
 
     #[test]
     fn a_valid_policy_is_accepted_and_ready_once_its_entries_are_in_place() {
-        let model = PolicyModel::new(ModelConfig::default(), Inputs {
-            pods: vec![pod("shop", "p1", "pay"), pod("shop", "p22", "pay"), pod("shop", "o1", "order")],
-            mesh_policies: vec![policy("pay", "pay", None)],
-            ..Default::default()
-        });
+        let model = PolicyModel::new(
+            ModelConfig::default(),
+            Inputs {
+                pods: vec![pod("shop", "p1", "pay"), pod("shop", "p22", "pay"), pod("shop", "o1", "order")],
+                mesh_policies: vec![policy("pay", "pay", None)],
+                ..Default::default()
+            },
+        );
         let settings = crate::registration::EntrySettings {
             trust_domain: Default::default(),
             cluster_name: "c".into(),
@@ -384,11 +398,14 @@ mod tests {
 
     #[test]
     fn an_invalid_spec_is_not_accepted_with_field_and_reason_and_a_warning() {
-        let model = PolicyModel::new(ModelConfig::default(), Inputs {
-            pods: vec![pod("shop", "p1", "pay")],
-            mesh_policies: vec![policy("pay", "pay", Some("spiffe://Bad/x"))],
-            ..Default::default()
-        });
+        let model = PolicyModel::new(
+            ModelConfig::default(),
+            Inputs {
+                pods: vec![pod("shop", "p1", "pay")],
+                mesh_policies: vec![policy("pay", "pay", Some("spiffe://Bad/x"))],
+                ..Default::default()
+            },
+        );
         let desired = Desired::default();
         let none = BTreeSet::new();
         let reg = RegistrationState { desired: &desired, in_place: &none, spire_error: None };
@@ -406,14 +423,17 @@ mod tests {
 
     #[test]
     fn the_younger_of_two_disagreeing_namespace_wide_mutual_auths_is_conflicted() {
-        let model = PolicyModel::new(ModelConfig::default(), Inputs {
-            pods: vec![pod("shop", "p1", "pay")],
-            mutual_auths: vec![
-                ma("old", "2024-01-01T00:00:00Z", MutualAuthMode::Strict),
-                ma("new", "2024-02-01T00:00:00Z", MutualAuthMode::Disabled),
-            ],
-            ..Default::default()
-        });
+        let model = PolicyModel::new(
+            ModelConfig::default(),
+            Inputs {
+                pods: vec![pod("shop", "p1", "pay")],
+                mutual_auths: vec![
+                    ma("old", "2024-01-01T00:00:00Z", MutualAuthMode::Strict),
+                    ma("new", "2024-02-01T00:00:00Z", MutualAuthMode::Disabled),
+                ],
+                ..Default::default()
+            },
+        );
         let sel = Selection::of(&model);
         let conflicts = model.conflicts();
         let desired = Desired::default();

@@ -13,10 +13,7 @@ use meshauth_crds::{MutualAuth, MutualAuthMode, MutualAuthSpec};
 use support::*;
 
 async fn holder(client: &kube::Client) -> Result<String, String> {
-    let lease = Api::<Lease>::namespaced(client.clone(), "meshauth-system")
-        .get("meshauth-operator")
-        .await
-        .map_err(|e| e.to_string())?;
+    let lease = Api::<Lease>::namespaced(client.clone(), "meshauth-system").get("meshauth-operator").await.map_err(|e| e.to_string())?;
     lease.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty()).ok_or_else(|| "no holder".to_owned())
 }
 

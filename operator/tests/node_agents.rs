@@ -75,7 +75,13 @@ async fn a_node_pointing_at_another_nodes_spire_agent_gets_no_entries_parented_t
             "trust {trust_annotations}: node-2's pod parented to node-1's agent: {:?}",
             d.entries.keys().collect::<Vec<_>>()
         );
-        assert!(matches!(&verified[&node2.name], Err(RegistrationError::AgentOfAnotherNode { .. } | RegistrationError::AgentOfSeveralNodes { .. })), "{verified:?}");
+        assert!(
+            matches!(
+                &verified[&node2.name],
+                Err(RegistrationError::AgentOfAnotherNode { .. } | RegistrationError::AgentOfSeveralNodes { .. })
+            ),
+            "{verified:?}"
+        );
     }
 
     // Named by node-2 alone again, with the opt-in for join tokens: node-2's own agent serves.
@@ -85,7 +91,11 @@ async fn a_node_pointing_at_another_nodes_spire_agent_gets_no_entries_parented_t
     let verified = verified_node_agents(&listed, &s, &attested, true);
     assert_eq!(verified[&node2.name], Ok(node2.agent_id.clone()));
     let d = desired(&model, &verified, &s);
-    assert!(d.entries.keys().any(|k| k.spiffe_id.ends_with("/sa/refund") && k.parent_id == node2.agent_id), "{:?}", d.entries.keys().collect::<Vec<_>>());
+    assert!(
+        d.entries.keys().any(|k| k.spiffe_id.ends_with("/sa/refund") && k.parent_id == node2.agent_id),
+        "{:?}",
+        d.entries.keys().collect::<Vec<_>>()
+    );
 
     // An agent SPIRE never attested is refused however far annotations are trusted.
     let patch = json!({"metadata": {"annotations": {NODE_AGENT_ID_ANNOTATION: format!("spiffe://{}/spire/agent/join_token/made-up", env.trust_domain())}}});

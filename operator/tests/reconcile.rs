@@ -16,8 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use meshauth_crds::{
-    Authentication, AuthenticationMode, IngressRule, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode,
-    MutualAuthSpec, PeerSelector,
+    Authentication, AuthenticationMode, IngressRule, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode, MutualAuthSpec, PeerSelector,
 };
 use meshauth_testenv::EntrySpec;
 use serde_json::json;
@@ -84,9 +83,7 @@ async fn status_follows_spec_changes_pod_labels_and_pod_deletion() {
 
     // Pod label change: w1 becomes a db.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
-    pods.patch("w1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "db"}}})))
-        .await
-        .or_panic("relabel");
+    pods.patch("w1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "db"}}}))).await.or_panic("relabel");
     wait_for("2 pods after relabel", T, || async {
         match mp_state(&client, ns, "web").await? {
             (_, _, 2, _, r) if r == "True" => Ok(()),
@@ -219,11 +216,7 @@ async fn svids_on(env: &meshauth_testenv::TestEnv, node: &str, ns: &str) -> Resu
         Err(e) => return Err(format!("{e}")),
     };
     let prefix = format!("spiffe://{}/ns/{ns}/sa/", env.trust_domain());
-    Ok(ctx
-        .svids()
-        .iter()
-        .filter_map(|s| s.spiffe_id().to_string().strip_prefix(&prefix).map(str::to_owned))
-        .collect())
+    Ok(ctx.svids().iter().filter_map(|s| s.spiffe_id().to_string().strip_prefix(&prefix).map(str::to_owned)).collect())
 }
 
 #[tokio::test]
@@ -328,18 +321,25 @@ async fn identity_peers_of_a_rule_are_registered_too() {
     pod(&client, ns, "cli", "cli", "cli", "node-1").await;
     pod(&client, ns, "other", "other", "other", "node-1").await;
     // Only cli -> srv needs authentication.
-    let mut p = MeshPolicy::new("srv", MeshPolicySpec {
-        selector: app("srv"),
-        ingress: vec![
-            IngressRule {
-                from: vec![PeerSelector { pod_selector: Some(app("cli")), ..Default::default() }],
-                ports: vec![],
-                authentication: Some(Authentication { mode: AuthenticationMode::Required }),
-            },
-            IngressRule { from: vec![PeerSelector { pod_selector: Some(app("other")), ..Default::default() }], ports: vec![], authentication: None },
-        ],
-        ..Default::default()
-    });
+    let mut p = MeshPolicy::new(
+        "srv",
+        MeshPolicySpec {
+            selector: app("srv"),
+            ingress: vec![
+                IngressRule {
+                    from: vec![PeerSelector { pod_selector: Some(app("cli")), ..Default::default() }],
+                    ports: vec![],
+                    authentication: Some(Authentication { mode: AuthenticationMode::Required }),
+                },
+                IngressRule {
+                    from: vec![PeerSelector { pod_selector: Some(app("other")), ..Default::default() }],
+                    ports: vec![],
+                    authentication: None,
+                },
+            ],
+            ..Default::default()
+        },
+    );
     p.metadata.namespace = Some(ns.into());
     create(&client, ns, &p).await;
     let want = expect_entries(&[("cli", &["node-1"]), ("srv", &["node-2"])]);

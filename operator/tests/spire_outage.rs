@@ -70,9 +70,11 @@ async fn entries_survive_a_spire_outage_and_catch_up_afterwards() {
     println!("while SPIRE is away: {message}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(entries_by_sa(env, ns).await.or_panic("entries"), before, "no entry dropped while SPIRE was away");
-    assert!(op.metric("meshauth_operator_spire_api_errors_total{operation=\"ListEntries\"}").await.unwrap_or(0.0)
-        + op.metric("meshauth_operator_spire_api_errors_total{operation=\"BatchCreateEntry\"}").await.unwrap_or(0.0)
-        >= 1.0);
+    assert!(
+        op.metric("meshauth_operator_spire_api_errors_total{operation=\"ListEntries\"}").await.unwrap_or(0.0)
+            + op.metric("meshauth_operator_spire_api_errors_total{operation=\"BatchCreateEntry\"}").await.unwrap_or(0.0)
+            >= 1.0
+    );
 
     // Back: the operator catches up by itself.
     let _up = relay(&sock, &env.spire_server_socket());

@@ -4,8 +4,8 @@
 
 use crate::model::{Decision, Isolation, ObjectRef, PodInfo, PolicyModel, RuleOutcome, SourceView, finish};
 use crate::tables::{
-    ANY_IDENTITY, AuthRequirement, CompiledTables, EndpointEntry, FIRST_ALLOCATED_IDENTITY,
-    NO_SPIFFE_ID, PolicyEntry, SecurityIdentityKey, TableProtocol, WORLD_IDENTITY,
+    ANY_IDENTITY, AuthRequirement, CompiledTables, EndpointEntry, FIRST_ALLOCATED_IDENTITY, NO_SPIFFE_ID, PolicyEntry, SecurityIdentityKey,
+    TableProtocol, WORLD_IDENTITY,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,10 +31,7 @@ struct Allocations {
 
 impl NumberAllocator {
     fn open(&self) -> Allocations {
-        Allocations {
-            security: self.security.iter().cloned().collect(),
-            spiffe: self.spiffe.iter().cloned().collect(),
-        }
+        Allocations { security: self.security.iter().cloned().collect(), spiffe: self.spiffe.iter().cloned().collect() }
     }
 
     fn next(counter: &mut u32, first: u32) -> u32 {
@@ -114,10 +111,7 @@ pub fn compile_with_budget(model: &PolicyModel, allocator: &mut NumberAllocator)
             .or_insert_with(|| NumberAllocator::next(&mut allocator.next_security, FIRST_ALLOCATED_IDENTITY));
         used_security.insert(sec, key);
         let spiffe_id = model.spiffe_id(pod).to_string();
-        let spiffe = *alloc
-            .spiffe
-            .entry(spiffe_id.clone())
-            .or_insert_with(|| NumberAllocator::next(&mut allocator.next_spiffe, 1));
+        let spiffe = *alloc.spiffe.entry(spiffe_id.clone()).or_insert_with(|| NumberAllocator::next(&mut allocator.next_spiffe, 1));
         used_spiffe.insert(spiffe, spiffe_id);
         representative.entry(sec).or_insert(pod);
         if let Some(ip) = pod.ip {
@@ -140,11 +134,14 @@ pub fn compile_with_budget(model: &PolicyModel, allocator: &mut NumberAllocator)
     let views: Vec<(u32, SourceView<'_>)> = representative
         .iter()
         .map(|(sec, pod)| {
-            (*sec, SourceView {
-                namespace: Some(&pod.namespace),
-                labels: Some(&pod.labels),
-                spiffe_id: Some(model.spiffe_id(pod).to_string()),
-            })
+            (
+                *sec,
+                SourceView {
+                    namespace: Some(&pod.namespace),
+                    labels: Some(&pod.labels),
+                    spiffe_id: Some(model.spiffe_id(pod).to_string()),
+                },
+            )
         })
         .collect();
 
@@ -239,11 +236,8 @@ fn disjoint(list: Vec<PortRange>) -> Vec<PortRange> {
 /// [`crate::tables`]). `None`: the destination is not a mesh pod, and the packet passes.
 pub fn evaluate(tables: &CompiledTables, src_ip: Ipv4Addr, dst_ip: Ipv4Addr, protocol: TableProtocol, port: u16) -> Option<Decision> {
     let dst = tables.endpoints.iter().find(|e| e.ip == dst_ip)?;
-    let (src_identity, src_spiffe) = tables
-        .endpoints
-        .iter()
-        .find(|e| e.ip == src_ip)
-        .map_or((WORLD_IDENTITY, NO_SPIFFE_ID), |e| (e.security_identity, e.spiffe_id));
+    let (src_identity, src_spiffe) =
+        tables.endpoints.iter().find(|e| e.ip == src_ip).map_or((WORLD_IDENTITY, NO_SPIFFE_ID), |e| (e.security_identity, e.spiffe_id));
     let port = if protocol.has_ports() { port } else { 0 };
     let lookup = |src: u32| {
         tables.policy.iter().find(|p| {

@@ -29,8 +29,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube_core::{Selector, SelectorExt};
 use meshauth_crds::{
-    AuthenticationMode, Enforcement, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode, MutualAuthSpec,
-    Protocol, SpiffeId, TrustDomain,
+    AuthenticationMode, Enforcement, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode, MutualAuthSpec, Protocol, SpiffeId,
+    TrustDomain,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -98,10 +98,7 @@ pub struct NamespaceInfo {
 
 impl NamespaceInfo {
     pub fn from_namespace(ns: &Namespace) -> Self {
-        Self {
-            name: ns.metadata.name.clone().unwrap_or_default(),
-            labels: ns.metadata.labels.clone().unwrap_or_default(),
-        }
+        Self { name: ns.metadata.name.clone().unwrap_or_default(), labels: ns.metadata.labels.clone().unwrap_or_default() }
     }
 }
 
@@ -132,9 +129,7 @@ impl PodInfo {
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
             name: pod.metadata.name.clone().unwrap_or_default(),
             labels: pod.metadata.labels.clone().unwrap_or_default(),
-            service_account: spec
-                .and_then(|s| s.service_account_name.clone())
-                .unwrap_or_else(|| "default".into()),
+            service_account: spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
             ip,
             node: spec.and_then(|s| s.node_name.clone()),
         }
@@ -341,18 +336,11 @@ impl PolicyModel {
         }
         let pods: BTreeMap<_, _> = inputs.pods.into_iter().map(|p| (p.object_ref(), p)).collect();
         for pod in pods.values() {
-            namespaces.entry(pod.namespace.clone()).or_insert_with(|| {
-                BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())])
-            });
+            namespaces
+                .entry(pod.namespace.clone())
+                .or_insert_with(|| BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())]));
         }
-        let mut model = Self {
-            config,
-            namespaces,
-            pods,
-            policies: Vec::new(),
-            mutual_auths: Vec::new(),
-            problems: Vec::new(),
-        };
+        let mut model = Self { config, namespaces, pods, policies: Vec::new(), mutual_auths: Vec::new(), problems: Vec::new() };
         let mut mesh_policies = inputs.mesh_policies;
         mesh_policies.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
         for p in &mesh_policies {
@@ -410,7 +398,11 @@ impl PolicyModel {
         };
         // Fields the validator rejects are dropped below: a rule keeps only what is valid,
         // so it can match less but never more than the author meant.
-        let bad = |field: &str| errors.iter().any(|e| e.field == field || e.field.starts_with(&format!("{field}.")) || e.field.starts_with(&format!("{field}[")));
+        let bad = |field: &str| {
+            errors
+                .iter()
+                .any(|e| e.field == field || e.field.starts_with(&format!("{field}.")) || e.field.starts_with(&format!("{field}[")))
+        };
         let mut rules = Vec::new();
         // A policy past the per-object limits (which only the webhook and the CRD would have
         // refused) keeps its selector and none of its rules: its pods are isolated and accept
@@ -463,9 +455,7 @@ impl PolicyModel {
 
     fn parse_peer(&self, peer: &meshauth_crds::PeerSelector, namespace: &str) -> Result<Peer, String> {
         match (&peer.identity, &peer.pod_selector, &peer.namespace_selector) {
-            (Some(id), None, None) => {
-                SpiffeId::parse(id).map(Peer::Identity).map_err(|e| format!("identity {e}"))
-            }
+            (Some(id), None, None) => SpiffeId::parse(id).map(Peer::Identity).map_err(|e| format!("identity {e}")),
             (None, None, None) => Err("names no podSelector, namespaceSelector or identity".into()),
             (Some(_), _, _) => Err("has both an identity and a selector".into()),
             (None, pods, namespaces) => Ok(Peer::Pods {
@@ -525,23 +515,19 @@ impl PolicyModel {
     }
 
     fn policies_for<'a>(&'a self, pod: &'a PodInfo) -> impl Iterator<Item = &'a Policy> + 'a {
-        self.policies
-            .iter()
-            .filter(move |p| p.object.namespace == pod.namespace && p.selector.matches(&pod.labels))
+        self.policies.iter().filter(move |p| p.object.namespace == pod.namespace && p.selector.matches(&pod.labels))
     }
 
     /// Candidates of the most specific level that has any, oldest first.
     fn mutual_auth_candidates(&self, pod: &PodInfo) -> Vec<&MutualAuthEntry> {
         let applies = |m: &&MutualAuthEntry| match m.level {
-            3 => m.resource.namespace == pod.namespace
-                && m.selector.as_ref().is_some_and(|s| s.matches(&pod.labels)),
+            3 => m.resource.namespace == pod.namespace && m.selector.as_ref().is_some_and(|s| s.matches(&pod.labels)),
             2 => m.resource.namespace == pod.namespace,
             _ => true,
         };
         // `mutual_auths` is sorted oldest first, so each level's candidates are too.
         for level in [3, 2, 1] {
-            let found: Vec<_> =
-                self.mutual_auths.iter().filter(|m| m.level == level).filter(applies).collect();
+            let found: Vec<_> = self.mutual_auths.iter().filter(|m| m.level == level).filter(applies).collect();
             if !found.is_empty() {
                 return found;
             }
@@ -551,9 +537,7 @@ impl PolicyModel {
 
     /// The MutualAuth that decides the pod's mode, if any.
     pub fn mutual_auth_for(&self, pod: &PodInfo) -> Option<(ObjectRef, MutualAuthMode)> {
-        self.mutual_auth_candidates(pod)
-            .first()
-            .map(|m| (m.resource.object_ref(), m.resource.spec.mode))
+        self.mutual_auth_candidates(pod).first().map(|m| (m.resource.object_ref(), m.resource.spec.mode))
     }
 
     /// The pod's MutualAuth requirement.
@@ -573,9 +557,7 @@ impl PolicyModel {
             let Some(winner) = candidates.first() else { continue };
             for loser in &candidates[1..] {
                 if loser.resource.spec.mode != winner.resource.spec.mode {
-                    lost.entry((loser.resource.object_ref(), winner.resource.object_ref()))
-                        .or_default()
-                        .push(pod.object_ref());
+                    lost.entry((loser.resource.object_ref(), winner.resource.object_ref())).or_default().push(pod.object_ref());
                 }
             }
         }
@@ -585,9 +567,7 @@ impl PolicyModel {
             if a.level == 3 {
                 continue;
             }
-            let same_scope = |b: &&MutualAuthEntry| {
-                b.level == a.level && (a.level == 1 || a.resource.namespace == b.resource.namespace)
-            };
+            let same_scope = |b: &&MutualAuthEntry| b.level == a.level && (a.level == 1 || a.resource.namespace == b.resource.namespace);
             if self.mutual_auths[..i].iter().any(|b| same_scope(&b)) {
                 continue;
             }
@@ -605,12 +585,7 @@ impl PolicyModel {
         self.policies
             .iter()
             .find(|p| &p.object == policy)
-            .map(|p| {
-                self.pods
-                    .values()
-                    .filter(|pod| pod.namespace == p.object.namespace && p.selector.matches(&pod.labels))
-                    .count()
-            })
+            .map(|p| self.pods.values().filter(|pod| pod.namespace == p.object.namespace && p.selector.matches(&pod.labels)).count())
             .unwrap_or(0)
     }
 
@@ -618,9 +593,7 @@ impl PolicyModel {
     pub fn mutual_auth_selected_pods(&self, mutual_auth: &ObjectRef) -> usize {
         self.pods
             .values()
-            .filter(|pod| {
-                self.mutual_auth_candidates(pod).first().is_some_and(|m| &m.resource.object_ref() == mutual_auth)
-            })
+            .filter(|pod| self.mutual_auth_candidates(pod).first().is_some_and(|m| &m.resource.object_ref() == mutual_auth))
             .count()
     }
 
@@ -628,11 +601,7 @@ impl PolicyModel {
         Ok(match source {
             Source::Pod(r) => {
                 let pod = self.pods.get(r).ok_or_else(|| ModelError::UnknownPod(r.clone()))?;
-                SourceView {
-                    namespace: Some(&pod.namespace),
-                    labels: Some(&pod.labels),
-                    spiffe_id: Some(self.spiffe_id(pod).to_string()),
-                }
+                SourceView { namespace: Some(&pod.namespace), labels: Some(&pod.labels), spiffe_id: Some(self.spiffe_id(pod).to_string()) }
             }
             Source::Identity(id) => SourceView { namespace: None, labels: None, spiffe_id: Some(id.to_string()) },
             Source::World => SourceView { namespace: None, labels: None, spiffe_id: None },
@@ -683,20 +652,14 @@ impl PolicyModel {
 
     /// The decision for traffic from `source` to `dst` on `protocol`/`port` (port ignored for
     /// ICMP and other protocols).
-    pub fn decide(
-        &self,
-        source: &Source,
-        dst: &ObjectRef,
-        protocol: TableProtocol,
-        port: u16,
-    ) -> Result<Decision, ModelError> {
+    pub fn decide(&self, source: &Source, dst: &ObjectRef, protocol: TableProtocol, port: u16) -> Result<Decision, ModelError> {
         let dst_pod = self.pods.get(dst).ok_or_else(|| ModelError::UnknownPod(dst.clone()))?;
         let src = self.source_view(source)?;
         let port = if protocol.has_ports() { port } else { 0 };
         let matched = |rules: Vec<&Rule>| {
-            let matching = rules.into_iter().filter(|r| {
-                self.rule_matches_source(r, &src) && Self::rule_ports(r, protocol).any(|(s, e)| s <= port && port <= e)
-            });
+            let matching = rules
+                .into_iter()
+                .filter(|r| self.rule_matches_source(r, &src) && Self::rule_ports(r, protocol).any(|(s, e)| s <= port && port <= e));
             matching.fold(None, |auth: Option<AuthRequirement>, r| Some(auth.unwrap_or_default().max(r.auth)))
         };
         let rules = match self.isolation(dst_pod) {
@@ -740,11 +703,9 @@ pub(crate) fn finish(rules: RuleOutcome, mutual_auth: AuthRequirement, src_has_i
             }
             match matched {
                 None => Decision { audit: Some(AuditFinding::Denied), ..enforced },
-                Some(AuthRequirement::Required) if mutual_auth < AuthRequirement::Required => Decision {
-                    authentication: AuthRequirement::Permissive,
-                    audit: Some(AuditFinding::AuthenticationRequired),
-                    ..enforced
-                },
+                Some(AuthRequirement::Required) if mutual_auth < AuthRequirement::Required => {
+                    Decision { authentication: AuthRequirement::Permissive, audit: Some(AuditFinding::AuthenticationRequired), ..enforced }
+                }
                 Some(_) => enforced,
             }
         }
@@ -759,10 +720,7 @@ fn parse_port(port: i32, end_port: Option<i32>, protocol: Protocol) -> Result<Po
     let start = u16::try_from(port).ok().filter(|p| *p >= 1).ok_or_else(|| format!("port {port} is not in 1-65535"))?;
     let end = match end_port {
         None => start,
-        Some(e) => u16::try_from(e)
-            .ok()
-            .filter(|e| *e >= start)
-            .ok_or_else(|| format!("endPort {e} is not in {start}-65535"))?,
+        Some(e) => u16::try_from(e).ok().filter(|e| *e >= start).ok_or_else(|| format!("endPort {e} is not in {start}-65535"))?,
     };
     let protocol = match protocol {
         Protocol::Tcp => TableProtocol::Tcp,

@@ -50,8 +50,7 @@ pub enum TableProtocol {
 
 impl TableProtocol {
     /// All protocols, in table order.
-    pub const ALL: [TableProtocol; 4] =
-        [TableProtocol::Other, TableProtocol::Icmp, TableProtocol::Tcp, TableProtocol::Udp];
+    pub const ALL: [TableProtocol; 4] = [TableProtocol::Other, TableProtocol::Icmp, TableProtocol::Tcp, TableProtocol::Udp];
 
     /// The table protocol of an IP protocol number.
     pub fn from_ip_protocol(number: u8) -> Self {

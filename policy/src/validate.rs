@@ -19,8 +19,7 @@ use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use meshauth_crds::{
-    AuthenticationMode, IngressRule, MeshPolicySpec, MutualAuthSpec, PeerSelector, PortRule,
-    Protocol, SpiffeId, TrustDomain,
+    AuthenticationMode, IngressRule, MeshPolicySpec, MutualAuthSpec, PeerSelector, PortRule, Protocol, SpiffeId, TrustDomain,
 };
 
 /// The longest label name (the part after an optional prefix) and label value.
@@ -270,17 +269,11 @@ pub fn validate_identity(identity: &str) -> Result<SpiffeId, String> {
 /// Problems of one port entry.
 pub fn validate_port(port: &PortRule, field: &str, errors: &mut Vec<FieldError>) {
     if !(MIN_PORT..=MAX_PORT).contains(&port.port) {
-        errors.push(FieldError::new(
-            format!("{field}.port"),
-            format!("must be between {MIN_PORT} and {MAX_PORT}, not {}", port.port),
-        ));
+        errors.push(FieldError::new(format!("{field}.port"), format!("must be between {MIN_PORT} and {MAX_PORT}, not {}", port.port)));
     }
     if let Some(end) = port.end_port {
         if !(MIN_PORT..=MAX_PORT).contains(&end) {
-            errors.push(FieldError::new(
-                format!("{field}.endPort"),
-                format!("must be between {MIN_PORT} and {MAX_PORT}, not {end}"),
-            ));
+            errors.push(FieldError::new(format!("{field}.endPort"), format!("must be between {MIN_PORT} and {MAX_PORT}, not {end}")));
         } else if end < port.port {
             errors.push(FieldError::new(
                 format!("{field}.endPort"),
@@ -298,10 +291,8 @@ fn validate_rules_distinct(rules: &[IngressRule], errors: &mut Vec<FieldError>) 
         let key = RuleKey::of(rule);
         let mode = rule_mode(rule);
         match seen.iter().find(|(k, _, _)| *k == key) {
-            Some((_, first_mode, first)) if *first_mode == mode => errors.push(FieldError::new(
-                format!("spec.ingress[{ri}]"),
-                format!("duplicates spec.ingress[{first}]: same sources and ports"),
-            )),
+            Some((_, first_mode, first)) if *first_mode == mode => errors
+                .push(FieldError::new(format!("spec.ingress[{ri}]"), format!("duplicates spec.ingress[{first}]: same sources and ports"))),
             Some((_, first_mode, first)) => errors.push(FieldError::new(
                 format!("spec.ingress[{ri}]"),
                 format!(
@@ -414,10 +405,7 @@ fn identity_never_matches(identity: &str, trust_domain: &TrustDomain) -> Option<
 
 /// Every problem of a MutualAuth spec.
 pub fn validate_mutual_auth(spec: &MutualAuthSpec) -> Vec<FieldError> {
-    spec.selector
-        .as_ref()
-        .map(|s| validate_label_selector(s, "spec.selector"))
-        .unwrap_or_default()
+    spec.selector.as_ref().map(|s| validate_label_selector(s, "spec.selector")).unwrap_or_default()
 }
 
 /// Legal but suspicious parts of a MutualAuth spec: an empty selector (it makes the MutualAuth
@@ -475,21 +463,16 @@ pub fn validate_label_selector(selector: &LabelSelector, field: &str) -> Vec<Fie
         }
         let values = req.values.as_deref().unwrap_or_default();
         match req.operator.as_str() {
-            "In" | "NotIn" if values.is_empty() => errors.push(FieldError::new(
-                format!("{req_field}.values"),
-                format!("must not be empty when operator is {}", req.operator),
-            )),
-            "Exists" | "DoesNotExist" if !values.is_empty() => errors.push(FieldError::new(
-                format!("{req_field}.values"),
-                format!("must be empty when operator is {}", req.operator),
-            )),
+            "In" | "NotIn" if values.is_empty() => {
+                errors.push(FieldError::new(format!("{req_field}.values"), format!("must not be empty when operator is {}", req.operator)))
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                errors.push(FieldError::new(format!("{req_field}.values"), format!("must be empty when operator is {}", req.operator)))
+            }
             "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
             other => errors.push(FieldError::new(
                 format!("{req_field}.operator"),
-                format!(
-                    "{:?} is not a label selector operator; use In, NotIn, Exists or DoesNotExist",
-                    truncate(other, 40)
-                ),
+                format!("{:?} is not a label selector operator; use In, NotIn, Exists or DoesNotExist", truncate(other, 40)),
             )),
         }
         for (j, value) in values.iter().enumerate() {
@@ -665,14 +648,12 @@ struct SelectorKey(BTreeSet<(String, String, BTreeSet<String>)>);
 
 impl SelectorKey {
     fn of(selector: &LabelSelector) -> Self {
-        let labels = selector
-            .match_labels
+        let labels = selector.match_labels.iter().flatten().map(|(k, v)| (k.clone(), "In".to_owned(), BTreeSet::from([v.clone()])));
+        let expressions = selector
+            .match_expressions
             .iter()
             .flatten()
-            .map(|(k, v)| (k.clone(), "In".to_owned(), BTreeSet::from([v.clone()])));
-        let expressions = selector.match_expressions.iter().flatten().map(|r| {
-            (r.key.clone(), r.operator.clone(), r.values.iter().flatten().cloned().collect())
-        });
+            .map(|r| (r.key.clone(), r.operator.clone(), r.values.iter().flatten().cloned().collect()));
         Self(labels.chain(expressions).collect())
     }
 
@@ -689,7 +670,10 @@ impl SelectorKey {
 enum PeerKey {
     Identity(String),
     /// Pods by labels; `namespaces` `None` means the policy's own namespace.
-    Pods { pods: SelectorKey, namespaces: Option<SelectorKey> },
+    Pods {
+        pods: SelectorKey,
+        namespaces: Option<SelectorKey>,
+    },
 }
 
 impl PeerKey {
@@ -722,10 +706,7 @@ struct RuleKey {
 
 impl RuleKey {
     fn of(rule: &IngressRule) -> Self {
-        Self {
-            from: rule.from.iter().map(PeerKey::of).collect(),
-            ports: rule.ports.iter().map(PortKey::of).collect(),
-        }
+        Self { from: rule.from.iter().map(PeerKey::of).collect(), ports: rule.ports.iter().map(PortKey::of).collect() }
     }
 }
 
@@ -752,10 +733,7 @@ mod tests {
     }
 
     fn labels(pairs: &[(&str, &str)]) -> LabelSelector {
-        LabelSelector {
-            match_labels: Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-            match_expressions: None,
-        }
+        LabelSelector { match_labels: Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()), match_expressions: None }
     }
 
     fn expr(key: &str, operator: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -870,19 +848,48 @@ mod tests {
             ("match labels", labels(&[("app", "a"), ("tier", "")]), vec![]),
             (
                 "every operator",
-                exprs(vec![expr("a", "In", &["x"]), expr("b", "NotIn", &["y", "z"]), expr("c", "Exists", &[]), expr("d", "DoesNotExist", &[])]),
+                exprs(vec![
+                    expr("a", "In", &["x"]),
+                    expr("b", "NotIn", &["y", "z"]),
+                    expr("c", "Exists", &[]),
+                    expr("d", "DoesNotExist", &[]),
+                ]),
                 vec![],
             ),
             ("bad key", labels(&[("bad key", "a")]), vec![("s.matchLabels", "key \"bad key\" is not a valid label key")]),
             ("bad value", labels(&[("app", "a b")]), vec![("s.matchLabels[\"app\"]", "\"a b\" is not a valid label value")]),
             ("bad expression key", exprs(vec![expr("-a", "Exists", &[])]), vec![("s.matchExpressions[0].key", "not a valid label key")]),
-            ("unknown operator", exprs(vec![expr("a", "Equals", &["x"])]), vec![("s.matchExpressions[0].operator", "\"Equals\" is not a label selector operator")]),
+            (
+                "unknown operator",
+                exprs(vec![expr("a", "Equals", &["x"])]),
+                vec![("s.matchExpressions[0].operator", "\"Equals\" is not a label selector operator")],
+            ),
             ("lower-case operator", exprs(vec![expr("a", "in", &["x"])]), vec![("s.matchExpressions[0].operator", "use In, NotIn")]),
-            ("In without values", exprs(vec![expr("a", "In", &[])]), vec![("s.matchExpressions[0].values", "must not be empty when operator is In")]),
-            ("NotIn without values", exprs(vec![expr("a", "NotIn", &[])]), vec![("s.matchExpressions[0].values", "must not be empty when operator is NotIn")]),
-            ("Exists with values", exprs(vec![expr("a", "Exists", &["x"])]), vec![("s.matchExpressions[0].values", "must be empty when operator is Exists")]),
-            ("DoesNotExist with values", exprs(vec![expr("a", "DoesNotExist", &["x"])]), vec![("s.matchExpressions[0].values", "must be empty when operator is DoesNotExist")]),
-            ("bad expression value", exprs(vec![expr("a", "In", &["ok", "not ok"])]), vec![("s.matchExpressions[0].values[1]", "not a valid label value")]),
+            (
+                "In without values",
+                exprs(vec![expr("a", "In", &[])]),
+                vec![("s.matchExpressions[0].values", "must not be empty when operator is In")],
+            ),
+            (
+                "NotIn without values",
+                exprs(vec![expr("a", "NotIn", &[])]),
+                vec![("s.matchExpressions[0].values", "must not be empty when operator is NotIn")],
+            ),
+            (
+                "Exists with values",
+                exprs(vec![expr("a", "Exists", &["x"])]),
+                vec![("s.matchExpressions[0].values", "must be empty when operator is Exists")],
+            ),
+            (
+                "DoesNotExist with values",
+                exprs(vec![expr("a", "DoesNotExist", &["x"])]),
+                vec![("s.matchExpressions[0].values", "must be empty when operator is DoesNotExist")],
+            ),
+            (
+                "bad expression value",
+                exprs(vec![expr("a", "In", &["ok", "not ok"])]),
+                vec![("s.matchExpressions[0].values[1]", "not a valid label value")],
+            ),
         ];
         for (name, selector, want) in cases {
             let errors = validate_label_selector(&selector, "s");
@@ -900,13 +907,24 @@ mod tests {
             ("labels", labels(&[("app", "a")]), None),
             ("In and NotIn overlap", exprs(vec![expr("a", "In", &["x", "y"]), expr("a", "NotIn", &["x"])]), None),
             ("NotIn and DoesNotExist", exprs(vec![expr("a", "NotIn", &["x"]), expr("a", "DoesNotExist", &[])]), None),
-            ("Exists and DoesNotExist", exprs(vec![expr("a", "Exists", &[]), expr("a", "DoesNotExist", &[])]), Some("must both exist and not exist")),
-            ("In and DoesNotExist", exprs(vec![expr("a", "In", &["x"]), expr("a", "DoesNotExist", &[])]), Some("must both exist and not exist")),
+            (
+                "Exists and DoesNotExist",
+                exprs(vec![expr("a", "Exists", &[]), expr("a", "DoesNotExist", &[])]),
+                Some("must both exist and not exist"),
+            ),
+            (
+                "In and DoesNotExist",
+                exprs(vec![expr("a", "In", &["x"]), expr("a", "DoesNotExist", &[])]),
+                Some("must both exist and not exist"),
+            ),
             ("In and NotIn the same", exprs(vec![expr("a", "In", &["x"]), expr("a", "NotIn", &["x"])]), Some("no value of label \"a\"")),
             ("disjoint In", exprs(vec![expr("a", "In", &["x"]), expr("a", "In", &["y"])]), Some("no value of label \"a\"")),
             (
                 "matchLabels against NotIn",
-                LabelSelector { match_labels: labels(&[("a", "x")]).match_labels, match_expressions: Some(vec![expr("a", "NotIn", &["x"])]) },
+                LabelSelector {
+                    match_labels: labels(&[("a", "x")]).match_labels,
+                    match_expressions: Some(vec![expr("a", "NotIn", &["x"])]),
+                },
                 Some("no value of label \"a\""),
             ),
         ];
@@ -934,7 +952,8 @@ mod tests {
     fn mesh_policy_rules() {
         let id = "spiffe://cluster.local/ns/shop/sa/order";
         let both = PeerSelector { pod_selector: Some(labels(&[("app", "a")])), identity: Some(id.into()), ..Default::default() };
-        let ns_and_id = PeerSelector { namespace_selector: Some(labels(&[("team", "a")])), identity: Some(id.into()), ..Default::default() };
+        let ns_and_id =
+            PeerSelector { namespace_selector: Some(labels(&[("team", "a")])), identity: Some(id.into()), ..Default::default() };
         let ns_only = PeerSelector { namespace_selector: Some(labels(&[("team", "shop")])), ..Default::default() };
         let ns_with_empty_pods = PeerSelector {
             namespace_selector: Some(labels(&[("team", "shop")])),
@@ -945,61 +964,198 @@ mod tests {
         let cases: Vec<(&str, MeshPolicySpec, Vec<(&str, &str)>)> = vec![
             ("no rules (deny all)", policy(vec![]), vec![]),
             ("any source any port", policy(vec![rule(vec![], vec![])]), vec![]),
-            ("the mission's example", policy(vec![required(rule(vec![pods(&[("app", "order")]), ns_only.clone(), identity(id)], vec![port(8080), udp.clone()]))]), vec![]),
-            ("bad policy selector", MeshPolicySpec { selector: labels(&[("app", "-x")]), ingress: vec![], ..Default::default() }, vec![("spec.selector.matchLabels[\"app\"]", "not a valid label value")]),
-            ("bad pod selector", policy(vec![rule(vec![pods(&[("a b", "x")])], vec![])]), vec![("spec.ingress[0].from[0].podSelector.matchLabels", "not a valid label key")]),
+            (
+                "the mission's example",
+                policy(vec![required(rule(vec![pods(&[("app", "order")]), ns_only.clone(), identity(id)], vec![port(8080), udp.clone()]))]),
+                vec![],
+            ),
+            (
+                "bad policy selector",
+                MeshPolicySpec { selector: labels(&[("app", "-x")]), ingress: vec![], ..Default::default() },
+                vec![("spec.selector.matchLabels[\"app\"]", "not a valid label value")],
+            ),
+            (
+                "bad pod selector",
+                policy(vec![rule(vec![pods(&[("a b", "x")])], vec![])]),
+                vec![("spec.ingress[0].from[0].podSelector.matchLabels", "not a valid label key")],
+            ),
             (
                 "bad namespace selector",
-                policy(vec![rule(vec![PeerSelector { namespace_selector: Some(exprs(vec![expr("team", "Has", &[])])), ..Default::default() }], vec![])]),
+                policy(vec![rule(
+                    vec![PeerSelector { namespace_selector: Some(exprs(vec![expr("team", "Has", &[])])), ..Default::default() }],
+                    vec![],
+                )]),
                 vec![("spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].operator", "not a label selector operator")],
             ),
-            ("selector and identity", policy(vec![rule(vec![both], vec![])]), vec![("spec.ingress[0].from[0]", "has both an identity and a podSelector/namespaceSelector")]),
+            (
+                "selector and identity",
+                policy(vec![rule(vec![both], vec![])]),
+                vec![("spec.ingress[0].from[0]", "has both an identity and a podSelector/namespaceSelector")],
+            ),
             ("namespace selector and identity", policy(vec![rule(vec![ns_and_id], vec![])]), vec![("spec.ingress[0].from[0]", "has both")]),
-            ("empty from entry", policy(vec![rule(vec![PeerSelector::default()], vec![])]), vec![("spec.ingress[0].from[0]", "names no podSelector, namespaceSelector or identity")]),
-            ("identity wrong scheme", policy(vec![rule(vec![identity("https://cluster.local/ns/a/sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "is not a valid SPIFFE ID: must start with the scheme")]),
-            ("identity upper-case trust domain", policy(vec![rule(vec![identity("spiffe://Cluster.local/ns/a/sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "trust domain has character 'C'")]),
-            ("identity with port", policy(vec![rule(vec![identity("spiffe://cluster.local:443/ns/a")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character ':'")]),
-            ("identity with user info", policy(vec![rule(vec![identity("spiffe://u@cluster.local/ns/a")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character '@'")]),
-            ("identity empty segment", policy(vec![rule(vec![identity("spiffe://cluster.local/ns//sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "empty segment")]),
-            ("identity dot segment", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/../sa/b")], vec![])]), vec![("spec.ingress[0].from[0].identity", "\".\" or \"..\" segment")]),
-            ("identity trailing slash", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a/sa/b/")], vec![])]), vec![("spec.ingress[0].from[0].identity", "ends with a slash")]),
-            ("identity query", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a/sa/b?x=1")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character '?'")]),
-            ("identity fragment", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a/sa/b#f")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character '#'")]),
-            ("identity percent-encoded", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a%2Fb")], vec![])]), vec![("spec.ingress[0].from[0].identity", "character '%'")]),
+            (
+                "empty from entry",
+                policy(vec![rule(vec![PeerSelector::default()], vec![])]),
+                vec![("spec.ingress[0].from[0]", "names no podSelector, namespaceSelector or identity")],
+            ),
+            (
+                "identity wrong scheme",
+                policy(vec![rule(vec![identity("https://cluster.local/ns/a/sa/b")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "is not a valid SPIFFE ID: must start with the scheme")],
+            ),
+            (
+                "identity upper-case trust domain",
+                policy(vec![rule(vec![identity("spiffe://Cluster.local/ns/a/sa/b")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "trust domain has character 'C'")],
+            ),
+            (
+                "identity with port",
+                policy(vec![rule(vec![identity("spiffe://cluster.local:443/ns/a")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "character ':'")],
+            ),
+            (
+                "identity with user info",
+                policy(vec![rule(vec![identity("spiffe://u@cluster.local/ns/a")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "character '@'")],
+            ),
+            (
+                "identity empty segment",
+                policy(vec![rule(vec![identity("spiffe://cluster.local/ns//sa/b")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "empty segment")],
+            ),
+            (
+                "identity dot segment",
+                policy(vec![rule(vec![identity("spiffe://cluster.local/ns/../sa/b")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "\".\" or \"..\" segment")],
+            ),
+            (
+                "identity trailing slash",
+                policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a/sa/b/")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "ends with a slash")],
+            ),
+            (
+                "identity query",
+                policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a/sa/b?x=1")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "character '?'")],
+            ),
+            (
+                "identity fragment",
+                policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a/sa/b#f")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "character '#'")],
+            ),
+            (
+                "identity percent-encoded",
+                policy(vec![rule(vec![identity("spiffe://cluster.local/ns/a%2Fb")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "character '%'")],
+            ),
             ("identity empty", policy(vec![rule(vec![identity("")], vec![])]), vec![("spec.ingress[0].from[0].identity", "is empty")]),
             (
                 "identity too long",
                 policy(vec![rule(vec![identity(&format!("spiffe://cluster.local/{}", "a".repeat(2048)))], vec![])]),
                 vec![("spec.ingress[0].from[0].identity", "more than the 2048")],
             ),
-            ("identity other trust domain is valid SPIFFE", policy(vec![rule(vec![identity("spiffe://example.org/ns/a/sa/b")], vec![])]), vec![]),
-            ("port zero", policy(vec![rule(vec![], vec![port(0)])]), vec![("spec.ingress[0].ports[0].port", "must be between 1 and 65535, not 0")]),
+            (
+                "identity other trust domain is valid SPIFFE",
+                policy(vec![rule(vec![identity("spiffe://example.org/ns/a/sa/b")], vec![])]),
+                vec![],
+            ),
+            (
+                "port zero",
+                policy(vec![rule(vec![], vec![port(0)])]),
+                vec![("spec.ingress[0].ports[0].port", "must be between 1 and 65535, not 0")],
+            ),
             ("port too high", policy(vec![rule(vec![], vec![port(65536)])]), vec![("spec.ingress[0].ports[0].port", "not 65536")]),
             ("port negative", policy(vec![rule(vec![], vec![port(-1)])]), vec![("spec.ingress[0].ports[0].port", "not -1")]),
             ("port bounds", policy(vec![rule(vec![], vec![port(1), port(65535), range(1, 65535)])]), vec![]),
-            ("endPort too high", policy(vec![rule(vec![], vec![range(80, 70000)])]), vec![("spec.ingress[0].ports[0].endPort", "not 70000")]),
-            ("endPort before port", policy(vec![rule(vec![], vec![range(8080, 80)])]), vec![("spec.ingress[0].ports[0].endPort", "greater than or equal to port (8080), not 80")]),
+            (
+                "endPort too high",
+                policy(vec![rule(vec![], vec![range(80, 70000)])]),
+                vec![("spec.ingress[0].ports[0].endPort", "not 70000")],
+            ),
+            (
+                "endPort before port",
+                policy(vec![rule(vec![], vec![range(8080, 80)])]),
+                vec![("spec.ingress[0].ports[0].endPort", "greater than or equal to port (8080), not 80")],
+            ),
             ("endPort equal to port", policy(vec![rule(vec![], vec![range(80, 80)])]), vec![]),
-            ("duplicate peer", policy(vec![rule(vec![pods(&[("app", "a")]), identity(id), pods(&[("app", "a")])], vec![])]), vec![("spec.ingress[0].from[2]", "duplicates spec.ingress[0].from[0]")]),
-            ("duplicate identity", policy(vec![rule(vec![identity(id), identity(id)], vec![])]), vec![("spec.ingress[0].from[1]", "duplicates spec.ingress[0].from[0]")]),
-            ("duplicate peer, other form", policy(vec![rule(vec![ns_only.clone(), ns_with_empty_pods], vec![])]), vec![("spec.ingress[0].from[1]", "duplicates spec.ingress[0].from[0]")]),
-            ("same labels, other namespaces", policy(vec![rule(vec![pods(&[("app", "a")]), PeerSelector { namespace_selector: Some(LabelSelector::default()), ..pods(&[("app", "a")]) }], vec![])]), vec![]),
-            ("duplicate port", policy(vec![rule(vec![], vec![port(80), port(443), port(80)])]), vec![("spec.ingress[0].ports[2]", "duplicates spec.ingress[0].ports[0]")]),
-            ("duplicate port, range form", policy(vec![rule(vec![], vec![port(80), range(80, 80)])]), vec![("spec.ingress[0].ports[1]", "duplicates spec.ingress[0].ports[0]")]),
-            ("same port, other protocol", policy(vec![rule(vec![], vec![port(53), PortRule { protocol: Protocol::Udp, ..port(53) }])]), vec![]),
-            ("duplicate rule", policy(vec![rule(vec![pods(&[("app", "a")])], vec![port(80)]), rule(vec![pods(&[("app", "a")])], vec![port(80)])]), vec![("spec.ingress[1]", "duplicates spec.ingress[0]: same sources and ports")]),
-            ("duplicate rule, any source", policy(vec![rule(vec![], vec![]), rule(vec![], vec![])]), vec![("spec.ingress[1]", "duplicates spec.ingress[0]")]),
+            (
+                "duplicate peer",
+                policy(vec![rule(vec![pods(&[("app", "a")]), identity(id), pods(&[("app", "a")])], vec![])]),
+                vec![("spec.ingress[0].from[2]", "duplicates spec.ingress[0].from[0]")],
+            ),
+            (
+                "duplicate identity",
+                policy(vec![rule(vec![identity(id), identity(id)], vec![])]),
+                vec![("spec.ingress[0].from[1]", "duplicates spec.ingress[0].from[0]")],
+            ),
+            (
+                "duplicate peer, other form",
+                policy(vec![rule(vec![ns_only.clone(), ns_with_empty_pods], vec![])]),
+                vec![("spec.ingress[0].from[1]", "duplicates spec.ingress[0].from[0]")],
+            ),
+            (
+                "same labels, other namespaces",
+                policy(vec![rule(
+                    vec![
+                        pods(&[("app", "a")]),
+                        PeerSelector { namespace_selector: Some(LabelSelector::default()), ..pods(&[("app", "a")]) },
+                    ],
+                    vec![],
+                )]),
+                vec![],
+            ),
+            (
+                "duplicate port",
+                policy(vec![rule(vec![], vec![port(80), port(443), port(80)])]),
+                vec![("spec.ingress[0].ports[2]", "duplicates spec.ingress[0].ports[0]")],
+            ),
+            (
+                "duplicate port, range form",
+                policy(vec![rule(vec![], vec![port(80), range(80, 80)])]),
+                vec![("spec.ingress[0].ports[1]", "duplicates spec.ingress[0].ports[0]")],
+            ),
+            (
+                "same port, other protocol",
+                policy(vec![rule(vec![], vec![port(53), PortRule { protocol: Protocol::Udp, ..port(53) }])]),
+                vec![],
+            ),
+            (
+                "duplicate rule",
+                policy(vec![rule(vec![pods(&[("app", "a")])], vec![port(80)]), rule(vec![pods(&[("app", "a")])], vec![port(80)])]),
+                vec![("spec.ingress[1]", "duplicates spec.ingress[0]: same sources and ports")],
+            ),
+            (
+                "duplicate rule, any source",
+                policy(vec![rule(vec![], vec![]), rule(vec![], vec![])]),
+                vec![("spec.ingress[1]", "duplicates spec.ingress[0]")],
+            ),
             (
                 "duplicate rule, other order",
-                policy(vec![rule(vec![pods(&[("app", "a")]), identity(id)], vec![port(80), port(81)]), rule(vec![identity(id), pods(&[("app", "a")])], vec![port(81), port(80)])]),
+                policy(vec![
+                    rule(vec![pods(&[("app", "a")]), identity(id)], vec![port(80), port(81)]),
+                    rule(vec![identity(id), pods(&[("app", "a")])], vec![port(81), port(80)]),
+                ]),
                 vec![("spec.ingress[1]", "duplicates spec.ingress[0]")],
             ),
             (
                 "contradictory rules",
-                policy(vec![rule(vec![pods(&[("app", "a")])], vec![port(80)]), required(rule(vec![pods(&[("app", "a")])], vec![port(80)]))]),
-                vec![("spec.ingress[1]", "contradicts spec.ingress[0]: same sources and ports, but authentication Required here and Disabled there")],
+                policy(vec![
+                    rule(vec![pods(&[("app", "a")])], vec![port(80)]),
+                    required(rule(vec![pods(&[("app", "a")])], vec![port(80)])),
+                ]),
+                vec![(
+                    "spec.ingress[1]",
+                    "contradicts spec.ingress[0]: same sources and ports, but authentication Required here and Disabled there",
+                )],
             ),
-            ("distinct rules", policy(vec![rule(vec![pods(&[("app", "a")])], vec![port(80)]), required(rule(vec![pods(&[("app", "a")])], vec![port(81)]))]), vec![]),
+            (
+                "distinct rules",
+                policy(vec![
+                    rule(vec![pods(&[("app", "a")])], vec![port(80)]),
+                    required(rule(vec![pods(&[("app", "a")])], vec![port(81)])),
+                ]),
+                vec![],
+            ),
             (
                 "several errors at once",
                 policy(vec![rule(vec![identity("spiffe://example.org/x/"), PeerSelector::default()], vec![port(0), range(10, 5)])]),
@@ -1047,16 +1203,22 @@ mod tests {
         let ports = |n: i32| (0..n).map(|i| port(1000 + i)).collect::<Vec<_>>();
         let peers = |n: usize| (0..n).map(|i| pods(&[("app", &format!("a{i}"))])).collect::<Vec<_>>();
         // Odd ranges split into many blocks: 1..=65534 is 30 blocks.
-        let odd_ranges = |n: i32| (0..n).map(|i| PortRule { protocol: if i % 2 == 0 { Protocol::Tcp } else { Protocol::Udp }, ..range(1 + i / 2, 65534 - i / 2) }).collect::<Vec<_>>();
-        let many_labels = LabelSelector {
-            match_labels: Some((0..65).map(|i| (format!("k{i}"), "v".to_owned())).collect()),
-            match_expressions: None,
+        let odd_ranges = |n: i32| {
+            (0..n)
+                .map(|i| PortRule { protocol: if i % 2 == 0 { Protocol::Tcp } else { Protocol::Udp }, ..range(1 + i / 2, 65534 - i / 2) })
+                .collect::<Vec<_>>()
         };
+        let many_labels =
+            LabelSelector { match_labels: Some((0..65).map(|i| (format!("k{i}"), "v".to_owned())).collect()), match_expressions: None };
         let many_values: Vec<String> = (0..257).map(|i| format!("v{i}")).collect();
         let many_values: Vec<&str> = many_values.iter().map(String::as_str).collect();
         let cases: Vec<(&str, MeshPolicySpec, Vec<(&str, &str)>)> = vec![
             ("at every per-rule limit", policy(vec![rule(peers(MAX_PEERS_PER_RULE), ports(MAX_PORTS_PER_RULE as i32))]), vec![]),
-            ("at the rule limit", policy((0..MAX_INGRESS_RULES as i32).map(|i| rule(vec![any_namespace()], vec![port(1 + i)])).collect()), vec![]),
+            (
+                "at the rule limit",
+                policy((0..MAX_INGRESS_RULES as i32).map(|i| rule(vec![any_namespace()], vec![port(1 + i)])).collect()),
+                vec![],
+            ),
             (
                 "one namespaced policy, every namespace, 10,000 ports",
                 policy(vec![rule(vec![any_namespace()], ports(10_000))]),
@@ -1066,8 +1228,16 @@ mod tests {
                     ("spec.ingress", "split into 10000 port blocks"),
                 ],
             ),
-            ("too many rules", policy((0..65).map(|i| rule(vec![], vec![port(1 + i)])).collect()), vec![("spec.ingress", "has 65 rules, more than the limit of 64 rules per MeshPolicy")]),
-            ("too many peers in a rule", policy(vec![rule(peers(65), vec![])]), vec![("spec.ingress[0].from", "has 65 entries, more than the limit of 64 entries per rule")]),
+            (
+                "too many rules",
+                policy((0..65).map(|i| rule(vec![], vec![port(1 + i)])).collect()),
+                vec![("spec.ingress", "has 65 rules, more than the limit of 64 rules per MeshPolicy")],
+            ),
+            (
+                "too many peers in a rule",
+                policy(vec![rule(peers(65), vec![])]),
+                vec![("spec.ingress[0].from", "has 65 entries, more than the limit of 64 entries per rule")],
+            ),
             (
                 "too many peers over the rules",
                 policy((0..5).map(|i| rule(peers(60), vec![port(1 + i)])).collect()),
@@ -1083,7 +1253,11 @@ mod tests {
                 policy((0..2).map(|i| rule(vec![pods(&[("app", &format!("a{i}"))])], odd_ranges(20))).collect()),
                 vec![("spec.ingress", "more than the limit of 1024 port blocks per MeshPolicy")],
             ),
-            ("too many selector requirements", MeshPolicySpec { selector: many_labels.clone(), ingress: vec![], ..Default::default() }, vec![("spec.selector", "has 65 requirements (matchLabels plus matchExpressions), more than the limit of 64")]),
+            (
+                "too many selector requirements",
+                MeshPolicySpec { selector: many_labels.clone(), ingress: vec![], ..Default::default() },
+                vec![("spec.selector", "has 65 requirements (matchLabels plus matchExpressions), more than the limit of 64")],
+            ),
             (
                 "too many peer selector requirements",
                 policy(vec![rule(vec![PeerSelector { namespace_selector: Some(many_labels), ..Default::default() }], vec![])]),
@@ -1091,8 +1265,14 @@ mod tests {
             ),
             (
                 "too many values",
-                policy(vec![rule(vec![PeerSelector { pod_selector: Some(exprs(vec![expr("app", "In", &many_values)])), ..Default::default() }], vec![])]),
-                vec![("spec.ingress[0].from[0].podSelector.matchExpressions[0].values", "has 257 values, more than the limit of 256 values per requirement")],
+                policy(vec![rule(
+                    vec![PeerSelector { pod_selector: Some(exprs(vec![expr("app", "In", &many_values)])), ..Default::default() }],
+                    vec![],
+                )]),
+                vec![(
+                    "spec.ingress[0].from[0].podSelector.matchExpressions[0].values",
+                    "has 257 values, more than the limit of 256 values per requirement",
+                )],
             ),
         ];
         for (name, spec, want) in cases {
@@ -1111,7 +1291,9 @@ mod tests {
             s.properties.as_ref().and_then(|p| p.get(name)).cloned().unwrap_or_else(|| panic!("no property {name}"))
         };
         let items = |s: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps| match &s.items {
-            Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(item)) => (**item).clone(),
+            Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(item)) => {
+                (**item).clone()
+            }
             other => panic!("not a list schema: {other:?}"),
         };
         let ingress = property(&property(schema, "spec"), "ingress");
@@ -1139,17 +1321,70 @@ mod tests {
     fn mesh_policy_warning_rules() {
         let never = exprs(vec![expr("app", "In", &["a"]), expr("app", "NotIn", &["a"])]);
         let cases: Vec<(&str, MeshPolicySpec, Vec<(&str, &str)>)> = vec![
-            ("clean", policy(vec![rule(vec![pods(&[("app", "a")]), identity("spiffe://cluster.local/ns/shop/sa/order")], vec![port(80), range(8000, 8100)])]), vec![]),
-            ("policy selector never selects", MeshPolicySpec { selector: never.clone(), ingress: vec![], ..Default::default() }, vec![("spec.selector", "can never select a pod: no value of label \"app\"")]),
-            ("pod selector never matches", policy(vec![rule(vec![PeerSelector { pod_selector: Some(never.clone()), ..Default::default() }], vec![])]), vec![("spec.ingress[0].from[0].podSelector", "can never match")]),
-            ("namespace selector never matches", policy(vec![rule(vec![PeerSelector { namespace_selector: Some(never.clone()), ..Default::default() }], vec![])]), vec![("spec.ingress[0].from[0].namespaceSelector", "can never match")]),
-            ("identity not a service account", policy(vec![rule(vec![identity("spiffe://cluster.local/workload/x")], vec![])]), vec![("spec.ingress[0].from[0].identity", "can never match: mesh workloads have identities spiffe://cluster.local/ns/<namespace>/sa/<service account>")]),
-            ("identity of the trust domain itself", policy(vec![rule(vec![identity("spiffe://cluster.local")], vec![])]), vec![("spec.ingress[0].from[0].identity", "can never match")]),
-            ("identity with a bad namespace", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/Shop/sa/order")], vec![])]), vec![("spec.ingress[0].from[0].identity", "\"Shop\" is not a valid namespace name")]),
-            ("identity with a bad service account", policy(vec![rule(vec![identity("spiffe://cluster.local/ns/shop/sa/Order_1")], vec![])]), vec![("spec.ingress[0].from[0].identity", "\"Order_1\" is not a valid service account name")]),
-            ("port inside a range", policy(vec![rule(vec![], vec![range(8000, 9000), port(8080)])]), vec![("spec.ingress[0].ports[1]", "is already covered by spec.ingress[0].ports[0]")]),
-            ("port inside a range of the other protocol", policy(vec![rule(vec![], vec![range(8000, 9000), PortRule { protocol: Protocol::Udp, ..port(8080) }])]), vec![]),
-            ("invalid parts get no warning", policy(vec![rule(vec![PeerSelector { pod_selector: Some(never), identity: Some("x".into()), ..Default::default() }], vec![port(0)])]), vec![]),
+            (
+                "clean",
+                policy(vec![rule(
+                    vec![pods(&[("app", "a")]), identity("spiffe://cluster.local/ns/shop/sa/order")],
+                    vec![port(80), range(8000, 8100)],
+                )]),
+                vec![],
+            ),
+            (
+                "policy selector never selects",
+                MeshPolicySpec { selector: never.clone(), ingress: vec![], ..Default::default() },
+                vec![("spec.selector", "can never select a pod: no value of label \"app\"")],
+            ),
+            (
+                "pod selector never matches",
+                policy(vec![rule(vec![PeerSelector { pod_selector: Some(never.clone()), ..Default::default() }], vec![])]),
+                vec![("spec.ingress[0].from[0].podSelector", "can never match")],
+            ),
+            (
+                "namespace selector never matches",
+                policy(vec![rule(vec![PeerSelector { namespace_selector: Some(never.clone()), ..Default::default() }], vec![])]),
+                vec![("spec.ingress[0].from[0].namespaceSelector", "can never match")],
+            ),
+            (
+                "identity not a service account",
+                policy(vec![rule(vec![identity("spiffe://cluster.local/workload/x")], vec![])]),
+                vec![(
+                    "spec.ingress[0].from[0].identity",
+                    "can never match: mesh workloads have identities spiffe://cluster.local/ns/<namespace>/sa/<service account>",
+                )],
+            ),
+            (
+                "identity of the trust domain itself",
+                policy(vec![rule(vec![identity("spiffe://cluster.local")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "can never match")],
+            ),
+            (
+                "identity with a bad namespace",
+                policy(vec![rule(vec![identity("spiffe://cluster.local/ns/Shop/sa/order")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "\"Shop\" is not a valid namespace name")],
+            ),
+            (
+                "identity with a bad service account",
+                policy(vec![rule(vec![identity("spiffe://cluster.local/ns/shop/sa/Order_1")], vec![])]),
+                vec![("spec.ingress[0].from[0].identity", "\"Order_1\" is not a valid service account name")],
+            ),
+            (
+                "port inside a range",
+                policy(vec![rule(vec![], vec![range(8000, 9000), port(8080)])]),
+                vec![("spec.ingress[0].ports[1]", "is already covered by spec.ingress[0].ports[0]")],
+            ),
+            (
+                "port inside a range of the other protocol",
+                policy(vec![rule(vec![], vec![range(8000, 9000), PortRule { protocol: Protocol::Udp, ..port(8080) }])]),
+                vec![],
+            ),
+            (
+                "invalid parts get no warning",
+                policy(vec![rule(
+                    vec![PeerSelector { pod_selector: Some(never), identity: Some("x".into()), ..Default::default() }],
+                    vec![port(0)],
+                )]),
+                vec![],
+            ),
         ];
         for (name, spec, want) in cases {
             let warnings = mesh_policy_warnings(&spec, &td());
@@ -1167,10 +1402,25 @@ mod tests {
             ("namespace-wide", spec(None), vec![], vec![]),
             ("selector", spec(Some(labels(&[("app", "payment")]))), vec![], vec![]),
             ("bad selector key", spec(Some(labels(&[("app!", "payment")]))), vec!["spec.selector.matchLabels"], vec![]),
-            ("bad operator", spec(Some(exprs(vec![expr("app", "Is", &["x"])]))), vec!["spec.selector.matchExpressions[0].operator"], vec![]),
+            (
+                "bad operator",
+                spec(Some(exprs(vec![expr("app", "Is", &["x"])]))),
+                vec!["spec.selector.matchExpressions[0].operator"],
+                vec![],
+            ),
             ("empty selector", spec(Some(LabelSelector::default())), vec![], vec!["spec.selector"]),
-            ("empty maps", spec(Some(LabelSelector { match_labels: Some(Default::default()), match_expressions: Some(vec![]) })), vec![], vec!["spec.selector"]),
-            ("never selects", spec(Some(exprs(vec![expr("app", "Exists", &[]), expr("app", "DoesNotExist", &[])]))), vec![], vec!["spec.selector"]),
+            (
+                "empty maps",
+                spec(Some(LabelSelector { match_labels: Some(Default::default()), match_expressions: Some(vec![]) })),
+                vec![],
+                vec!["spec.selector"],
+            ),
+            (
+                "never selects",
+                spec(Some(exprs(vec![expr("app", "Exists", &[]), expr("app", "DoesNotExist", &[])]))),
+                vec![],
+                vec!["spec.selector"],
+            ),
         ];
         for (name, spec, want_errors, want_warnings) in cases {
             assert_eq!(fields(&validate_mutual_auth(&spec)), want_errors, "{name}");

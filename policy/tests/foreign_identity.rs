@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use meshauth_crds::{Authentication, AuthenticationMode, IngressRule, MeshPolicySpec, PeerSelector, PortRule, Protocol};
 use meshauth_policy::compile::{NumberAllocator, auth_identity_pairs, compile};
 use meshauth_policy::model::{Inputs, ModelConfig, ObjectRef, PodInfo, PolicyModel, Resource, Source, Verdict};
 use meshauth_policy::tables::TableProtocol;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 const FOREIGN: &str = "spiffe://example.org/ns/shop/sa/order";
 

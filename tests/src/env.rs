@@ -42,18 +42,10 @@ pub enum EnvError {
          writable directory) and builds its pinned Go binaries on first use (about 10 minutes, \
          through the Go module proxy).\n--- output ---\n{output}"
     )]
-    Up {
-        dir: PathBuf,
-        status: String,
-        output: String,
-    },
+    Up { dir: PathBuf, status: String, output: String },
     /// `tests/testenv down` exited non-zero.
     #[error("`tests/testenv down --dir {dir}` failed ({status}):\n{output}")]
-    Down {
-        dir: PathBuf,
-        status: String,
-        output: String,
-    },
+    Down { dir: PathBuf, status: String, output: String },
     /// A temporary directory for the environment could not be created.
     #[error("cannot create a directory for the test environment under {parent}: {source}")]
     TempDir {
@@ -100,12 +92,7 @@ pub enum EnvError {
     NotKubelet,
     /// `tests/testenv load-image` failed.
     #[error("`tests/testenv load-image --dir {dir} {image}` failed ({status}):\n{output}")]
-    LoadImage {
-        dir: PathBuf,
-        image: PathBuf,
-        status: String,
-        output: String,
-    },
+    LoadImage { dir: PathBuf, image: PathBuf, status: String, output: String },
     /// A blocking task could not complete.
     #[error("the test environment task did not complete: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -131,12 +118,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            nodes: 2,
-            trust_domain: "cluster.local".to_owned(),
-            dir: None,
-            kubelet: false,
-        }
+        Self { nodes: 2, trust_domain: "cluster.local".to_owned(), dir: None, kubelet: false }
     }
 }
 
@@ -201,10 +183,7 @@ impl Kubelet {
     /// mounts; host PID namespace and cgroups).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg("-t")
-            .arg(self.pid.to_string())
-            .args(["-n", "-m", "--"])
-            .arg(program);
+        c.arg("-t").arg(self.pid.to_string()).args(["-n", "-m", "--"]).arg(program);
         c
     }
 }
@@ -282,11 +261,7 @@ impl TestEnv {
                 // Keep nothing but the message: `up` already stopped what it started.
                 let _ = std::fs::remove_dir_all(&dir);
             }
-            return Err(EnvError::Up {
-                dir,
-                status,
-                output,
-            });
+            return Err(EnvError::Up { dir, status, output });
         }
         let mut env = TestEnv {
             dir,
@@ -303,22 +278,10 @@ impl TestEnv {
             let ndir = env.dir.join("nodes").join(&name);
             let agent_id = read_trimmed(&ndir.join("agent-id"))?;
             if !agent_id.starts_with("spiffe://") {
-                return Err(EnvError::Layout {
-                    path: ndir.join("agent-id"),
-                    reason: format!("not a SPIFFE ID: {agent_id:?}"),
-                });
+                return Err(EnvError::Layout { path: ndir.join("agent-id"), reason: format!("not a SPIFFE ID: {agent_id:?}") });
             }
-            let kubelet = if opts.kubelet {
-                Some(read_kubelet(&ndir)?)
-            } else {
-                None
-            };
-            env.nodes.push(Node {
-                name,
-                agent_socket: ndir.join("agent.sock"),
-                agent_id,
-                kubelet,
-            });
+            let kubelet = if opts.kubelet { Some(read_kubelet(&ndir)?) } else { None };
+            env.nodes.push(Node { name, agent_socket: ndir.join("agent.sock"), agent_id, kubelet });
         }
         Ok(env)
     }
@@ -328,8 +291,7 @@ impl TestEnv {
     /// removes its directory when the test binary exits. A start failure is returned to
     /// every caller.
     pub fn shared_blocking() -> Result<&'static TestEnv, EnvError> {
-        let slot = SHARED
-            .get_or_init(|| TestEnv::start_blocking(Options::default()).map_err(|e| e.to_string()));
+        let slot = SHARED.get_or_init(|| TestEnv::start_blocking(Options::default()).map_err(|e| e.to_string()));
         match slot {
             Ok(env) => Ok(env),
             Err(msg) => Err(EnvError::Shared(msg.clone())),
@@ -346,16 +308,10 @@ impl TestEnv {
     pub async fn client(&self) -> Result<kube::Client, EnvError> {
         crate::install_crypto_provider();
         let path = self.kubeconfig();
-        let kc = Kubeconfig::read_from(&path).map_err(|source| EnvError::Kubeconfig {
-            path: path.clone(),
-            source,
-        })?;
+        let kc = Kubeconfig::read_from(&path).map_err(|source| EnvError::Kubeconfig { path: path.clone(), source })?;
         let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
-            .map_err(|source| EnvError::Kubeconfig {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| EnvError::Kubeconfig { path: path.clone(), source })?;
         kube::Client::try_from(config).map_err(|source| EnvError::Client { path, source })
     }
 
@@ -398,11 +354,7 @@ impl TestEnv {
 
     /// The SPIRE server's CLI, bound to this environment's socket.
     pub fn spire(&self) -> SpireServer {
-        SpireServer::new(
-            self.bin("spire-server"),
-            self.spire_server_socket(),
-            self.trust_domain.clone(),
-        )
+        SpireServer::new(self.bin("spire-server"), self.spire_server_socket(), self.trust_domain.clone())
     }
 
     /// The SPIFFE trust domain.
@@ -412,10 +364,7 @@ impl TestEnv {
 
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     pub fn workload_id(&self, namespace: &str, service_account: &str) -> String {
-        format!(
-            "spiffe://{}/ns/{namespace}/sa/{service_account}",
-            self.trust_domain
-        )
+        format!("spiffe://{}/ns/{namespace}/sa/{service_account}", self.trust_domain)
     }
 
     /// Every node, in order.
@@ -425,10 +374,7 @@ impl TestEnv {
 
     /// The node of that name.
     pub fn node(&self, name: &str) -> Result<&Node, EnvError> {
-        self.nodes
-            .iter()
-            .find(|n| n.name == name)
-            .ok_or_else(|| EnvError::NoSuchNode(name.to_owned()))
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| EnvError::NoSuchNode(name.to_owned()))
     }
 
     /// Runs this environment's `kubectl` (cluster-admin) with `stdin`; (success, stdout and
@@ -494,29 +440,16 @@ impl TestEnv {
             return Ok(());
         }
         let keep_dir = !self.temporary || keep() || std::thread::panicking();
-        let mut args = vec![
-            "down".to_owned(),
-            "--dir".to_owned(),
-            self.dir.display().to_string(),
-        ];
+        let mut args = vec!["down".to_owned(), "--dir".to_owned(), self.dir.display().to_string()];
         if !keep_dir {
             args.push("--purge".into());
         }
         let (ok, status, output) = run_script(&args)?;
         if !ok {
-            return Err(EnvError::Down {
-                dir: self.dir.clone(),
-                status,
-                output,
-            });
+            return Err(EnvError::Down { dir: self.dir.clone(), status, output });
         }
         if keep_dir && self.temporary {
-            let _ = writeln!(
-                std::io::stderr(),
-                "meshauth-testenv: kept {} (logs in {}/logs)",
-                self.dir.display(),
-                self.dir.display()
-            );
+            let _ = writeln!(std::io::stderr(), "meshauth-testenv: kept {} (logs in {}/logs)", self.dir.display(), self.dir.display());
         }
         Ok(())
     }
@@ -525,11 +458,7 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            let _ = writeln!(
-                std::io::stderr(),
-                "meshauth-testenv: stopping {}: {e}",
-                self.dir.display()
-            );
+            let _ = writeln!(std::io::stderr(), "meshauth-testenv: stopping {}: {e}", self.dir.display());
         }
     }
 }
@@ -553,20 +482,10 @@ fn temp_dir() -> Result<PathBuf, EnvError> {
 }
 
 fn load_image_into(dir: &Path, image: &Path) -> Result<(), EnvError> {
-    let args = vec![
-        "load-image".to_owned(),
-        "--dir".to_owned(),
-        dir.display().to_string(),
-        image.display().to_string(),
-    ];
+    let args = vec!["load-image".to_owned(), "--dir".to_owned(), dir.display().to_string(), image.display().to_string()];
     let (ok, status, output) = run_script(&args)?;
     if !ok {
-        return Err(EnvError::LoadImage {
-            dir: dir.to_owned(),
-            image: image.to_owned(),
-            status,
-            output,
-        });
+        return Err(EnvError::LoadImage { dir: dir.to_owned(), image: image.to_owned(), status, output });
     }
     Ok(())
 }
@@ -574,12 +493,8 @@ fn load_image_into(dir: &Path, image: &Path) -> Result<(), EnvError> {
 /// The kubelet-mode files `up` writes in `DIR/nodes/<node>/`.
 fn read_kubelet(ndir: &Path) -> Result<Kubelet, EnvError> {
     let pid_path = ndir.join("pid");
-    let pid: u32 = read_trimmed(&pid_path)?
-        .parse()
-        .map_err(|e| EnvError::Layout {
-            path: pid_path,
-            reason: format!("not a process id: {e}"),
-        })?;
+    let pid: u32 =
+        read_trimmed(&pid_path)?.parse().map_err(|e| EnvError::Layout { path: pid_path, reason: format!("not a process id: {e}") })?;
     Ok(Kubelet {
         pid,
         netns: PathBuf::from(format!("/proc/{pid}/ns/net")),
@@ -593,16 +508,10 @@ fn read_kubelet(ndir: &Path) -> Result<Kubelet, EnvError> {
 }
 
 fn read_trimmed(path: &Path) -> Result<String, EnvError> {
-    let s = std::fs::read_to_string(path).map_err(|source| EnvError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let s = std::fs::read_to_string(path).map_err(|source| EnvError::Read { path: path.to_owned(), source })?;
     let s = s.trim().to_owned();
     if s.is_empty() {
-        return Err(EnvError::Layout {
-            path: path.to_owned(),
-            reason: "empty".into(),
-        });
+        return Err(EnvError::Layout { path: path.to_owned(), reason: "empty".into() });
     }
     Ok(s)
 }
@@ -610,17 +519,9 @@ fn read_trimmed(path: &Path) -> Result<String, EnvError> {
 /// Runs the script; its stderr is passed through live (build progress, errors) and also
 /// collected. Returns (success, exit status text, stdout + stderr).
 fn run_script(args: &[String]) -> Result<(bool, String, String), EnvError> {
-    let spawn_err = |source| EnvError::Spawn {
-        script: PathBuf::from(SCRIPT),
-        source,
-    };
-    let mut child = Command::new(SCRIPT)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_err)?;
+    let spawn_err = |source| EnvError::Spawn { script: PathBuf::from(SCRIPT), source };
+    let mut child =
+        Command::new(SCRIPT).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(spawn_err)?;
     let stdout = child.stdout.take();
     let out_thread = std::thread::spawn(move || {
         let mut s = String::new();
@@ -642,10 +543,6 @@ fn run_script(args: &[String]) -> Result<(bool, String, String), EnvError> {
     }
     let status = child.wait().map_err(spawn_err)?;
     let stdout = out_thread.join().unwrap_or_default();
-    let output = if stdout.is_empty() {
-        collected
-    } else {
-        format!("{stdout}{collected}")
-    };
+    let output = if stdout.is_empty() { collected } else { format!("{stdout}{collected}") };
     Ok((status.success(), status.to_string(), output))
 }

@@ -41,11 +41,7 @@ pub enum K8sError {
     Manifest { path: PathBuf, reason: String },
     /// A CRD did not become Established in time.
     #[error("CRD {name} not Established after {waited:?} (last conditions: {conditions})")]
-    NotEstablished {
-        name: String,
-        waited: Duration,
-        conditions: String,
-    },
+    NotEstablished { name: String, waited: Duration, conditions: String },
     /// A request could not be built.
     #[error("cannot build the request for {path}: {source}")]
     Request {
@@ -75,22 +71,13 @@ pub fn is_not_found(e: &kube::Error) -> bool {
 
 /// The repository's `config/crds/` directory.
 pub fn crd_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("config")
-        .join("crds")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("config").join("crds")
 }
 
 /// Creates the namespace unless it exists.
 pub async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), K8sError> {
     let api: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let ns = Namespace { metadata: ObjectMeta { name: Some(name.to_owned()), ..Default::default() }, ..Default::default() };
     match api.create(&PostParams::default(), &ns).await {
         Ok(_) => Ok(()),
         Err(e) if is_already_exists(&e) => Ok(()),
@@ -99,40 +86,22 @@ pub async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), K
 }
 
 /// Creates the namespace with these labels, or sets the labels on the existing one.
-pub async fn label_namespace(
-    client: &kube::Client,
-    name: &str,
-    labels: &BTreeMap<String, String>,
-) -> Result<(), K8sError> {
+pub async fn label_namespace(client: &kube::Client, name: &str, labels: &BTreeMap<String, String>) -> Result<(), K8sError> {
     ensure_namespace(client, name).await?;
     let api: Api<Namespace> = Api::all(client.clone());
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"labels": labels}})),
-    )
-    .await
-    .map_err(api_err(format!("label Namespace {name}")))?;
+    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": labels}})))
+        .await
+        .map_err(api_err(format!("label Namespace {name}")))?;
     Ok(())
 }
 
 /// Creates the service account (and its namespace) unless it exists. Without a
 /// controller-manager nothing creates `default` accounts, and the ServiceAccount admission
 /// plugin refuses pods whose account is missing.
-pub async fn ensure_service_account(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-) -> Result<(), K8sError> {
+pub async fn ensure_service_account(client: &kube::Client, namespace: &str, name: &str) -> Result<(), K8sError> {
     ensure_namespace(client, namespace).await?;
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let sa = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let sa = ServiceAccount { metadata: ObjectMeta { name: Some(name.to_owned()), ..Default::default() }, ..Default::default() };
     match api.create(&PostParams::default(), &sa).await {
         Ok(_) => Ok(()),
         Err(e) if is_already_exists(&e) => Ok(()),
@@ -158,11 +127,7 @@ pub struct TestPod {
 impl TestPod {
     /// A pod `namespace/name` with no labels, service account `default`, unscheduled.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-            ..Default::default()
-        }
+        Self { namespace: namespace.into(), name: name.into(), ..Default::default() }
     }
 
     /// Adds a label.
@@ -187,11 +152,7 @@ impl TestPod {
 /// Creates the pod (and its namespace and service account). It never runs: set its IP and
 /// phase with [`set_pod_status`].
 pub async fn create_pod(client: &kube::Client, pod: &TestPod) -> Result<Pod, K8sError> {
-    let sa = if pod.service_account.is_empty() {
-        "default"
-    } else {
-        pod.service_account.as_str()
-    };
+    let sa = if pod.service_account.is_empty() { "default" } else { pod.service_account.as_str() };
     ensure_service_account(client, &pod.namespace, sa).await?;
     let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
     let object = Pod {
@@ -205,32 +166,17 @@ pub async fn create_pod(client: &kube::Client, pod: &TestPod) -> Result<Pod, K8s
             service_account_name: Some(sa.to_owned()),
             automount_service_account_token: Some(false),
             node_name: pod.node.clone(),
-            containers: vec![Container {
-                name: "main".into(),
-                image: Some("meshauth.invalid/never-runs:0".into()),
-                ..Default::default()
-            }],
+            containers: vec![Container { name: "main".into(), image: Some("meshauth.invalid/never-runs:0".into()), ..Default::default() }],
             ..Default::default()
         }),
         ..Default::default()
     };
-    api.create(&PostParams::default(), &object)
-        .await
-        .map_err(api_err(format!(
-            "create Pod {}/{}",
-            pod.namespace, pod.name
-        )))
+    api.create(&PostParams::default(), &object).await.map_err(api_err(format!("create Pod {}/{}", pod.namespace, pod.name)))
 }
 
 /// Sets a pod's `status.phase` and (when given) `status.podIP`/`podIPs` through the status
 /// subresource, as a kubelet would.
-pub async fn set_pod_status(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-    phase: &str,
-    ip: Option<&str>,
-) -> Result<Pod, K8sError> {
+pub async fn set_pod_status(client: &kube::Client, namespace: &str, name: &str, phase: &str, ip: Option<&str>) -> Result<Pod, K8sError> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let mut status = json!({"phase": phase});
     if let Some(ip) = ip {
@@ -242,27 +188,16 @@ pub async fn set_pod_status(
     if phase == "Running" {
         status["conditions"] = json!([{"type": "Ready", "status": "True"}]);
     }
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": status})),
-    )
-    .await
-    .map_err(api_err(format!("set status of Pod {namespace}/{name}")))
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+        .await
+        .map_err(api_err(format!("set status of Pod {namespace}/{name}")))
 }
 
 /// Deletes a pod at once (`gracePeriodSeconds=0`: no kubelet would ever confirm a graceful
 /// delete). A missing pod is not an error.
-pub async fn delete_pod(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-) -> Result<(), K8sError> {
+pub async fn delete_pod(client: &kube::Client, namespace: &str, name: &str) -> Result<(), K8sError> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    match api
-        .delete(name, &DeleteParams::default().grace_period(0))
-        .await
-    {
+    match api.delete(name, &DeleteParams::default().grace_period(0)).await {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(api_err(format!("delete Pod {namespace}/{name}"))(e)),
@@ -272,10 +207,7 @@ pub async fn delete_pod(
 /// Reads every CustomResourceDefinition in the `*.yaml`/`*.yml` files of `dir` (multi-document
 /// files allowed), sorted by file name.
 pub fn read_crds(dir: &Path) -> Result<Vec<CustomResourceDefinition>, K8sError> {
-    let read_err = |source| K8sError::Read {
-        path: dir.to_owned(),
-        source,
-    };
+    let read_err = |source| K8sError::Read { path: dir.to_owned(), source };
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(read_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -284,48 +216,29 @@ pub fn read_crds(dir: &Path) -> Result<Vec<CustomResourceDefinition>, K8sError> 
     files.sort();
     let mut crds = Vec::new();
     for path in files {
-        let text = std::fs::read_to_string(&path).map_err(|source| K8sError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| K8sError::Read { path: path.clone(), source })?;
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = Value::deserialize(doc).map_err(|e| K8sError::Manifest {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            let value = Value::deserialize(doc).map_err(|e| K8sError::Manifest { path: path.clone(), reason: e.to_string() })?;
             if value.is_null() {
                 continue;
             }
             if value.get("kind").and_then(Value::as_str) != Some("CustomResourceDefinition") {
-                return Err(K8sError::Manifest {
-                    path: path.clone(),
-                    reason: format!("kind is {}", value["kind"]),
-                });
+                return Err(K8sError::Manifest { path: path.clone(), reason: format!("kind is {}", value["kind"]) });
             }
             let crd: CustomResourceDefinition =
-                serde_json::from_value(value).map_err(|e| K8sError::Manifest {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+                serde_json::from_value(value).map_err(|e| K8sError::Manifest { path: path.clone(), reason: e.to_string() })?;
             crds.push(crd);
         }
     }
     if crds.is_empty() {
-        return Err(K8sError::Manifest {
-            path: dir.to_owned(),
-            reason: "no CustomResourceDefinition found".into(),
-        });
+        return Err(K8sError::Manifest { path: dir.to_owned(), reason: "no CustomResourceDefinition found".into() });
     }
     Ok(crds)
 }
 
 /// Installs (server-side apply) every CRD of `dir` and waits until each is Established.
 /// Returns their names.
-pub async fn install_crds(
-    client: &kube::Client,
-    dir: &Path,
-    timeout: Duration,
-) -> Result<Vec<String>, K8sError> {
+pub async fn install_crds(client: &kube::Client, dir: &Path, timeout: Duration) -> Result<Vec<String>, K8sError> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let mut names = Vec::new();
     for crd in read_crds(dir)? {
@@ -333,17 +246,10 @@ pub async fn install_crds(
             .metadata
             .name
             .clone()
-            .ok_or_else(|| K8sError::Manifest {
-                path: dir.to_owned(),
-                reason: "a CRD without metadata.name".into(),
-            })?;
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .map_err(api_err(format!("apply CRD {name}")))?;
+            .ok_or_else(|| K8sError::Manifest { path: dir.to_owned(), reason: "a CRD without metadata.name".into() })?;
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .map_err(api_err(format!("apply CRD {name}")))?;
         names.push(name);
     }
     for name in &names {
@@ -353,61 +259,29 @@ pub async fn install_crds(
 }
 
 /// Waits until the CRD has condition `Established=True`.
-pub async fn wait_crd_established(
-    client: &kube::Client,
-    name: &str,
-    timeout: Duration,
-) -> Result<(), K8sError> {
+pub async fn wait_crd_established(client: &kube::Client, name: &str, timeout: Duration) -> Result<(), K8sError> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let start = Instant::now();
     loop {
-        let crd = api
-            .get(name)
-            .await
-            .map_err(api_err(format!("get CRD {name}")))?;
-        let conditions = crd
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.clone())
-            .unwrap_or_default();
-        if conditions
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-        {
+        let crd = api.get(name).await.map_err(api_err(format!("get CRD {name}")))?;
+        let conditions = crd.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
+        if conditions.iter().any(|c| c.type_ == "Established" && c.status == "True") {
             return Ok(());
         }
         if start.elapsed() >= timeout {
             let conditions = conditions
                 .iter()
-                .map(|c| {
-                    format!(
-                        "{}={} ({})",
-                        c.type_,
-                        c.status,
-                        c.message.clone().unwrap_or_default()
-                    )
-                })
+                .map(|c| format!("{}={} ({})", c.type_, c.status, c.message.clone().unwrap_or_default()))
                 .collect::<Vec<_>>()
                 .join(", ");
-            return Err(K8sError::NotEstablished {
-                name: name.to_owned(),
-                waited: start.elapsed(),
-                conditions,
-            });
+            return Err(K8sError::NotEstablished { name: name.to_owned(), waited: start.elapsed(), conditions });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// A dynamic API for a namespaced custom resource, so tests need no Rust types for it.
-pub fn dynamic_api(
-    client: &kube::Client,
-    group: &str,
-    version: &str,
-    kind: &str,
-    plural: &str,
-    namespace: &str,
-) -> Api<DynamicObject> {
+pub fn dynamic_api(client: &kube::Client, group: &str, version: &str, kind: &str, plural: &str, namespace: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk(group, version, kind);
     let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
     Api::namespaced_with(client.clone(), namespace, &ar)
@@ -415,10 +289,7 @@ pub fn dynamic_api(
 
 /// Creates a custom resource from its JSON manifest (`apiVersion`, `kind`, `metadata`, …)
 /// through `api`.
-pub async fn create_dynamic(
-    api: &Api<DynamicObject>,
-    manifest: Value,
-) -> Result<DynamicObject, kube::Error> {
+pub async fn create_dynamic(api: &Api<DynamicObject>, manifest: Value) -> Result<DynamicObject, kube::Error> {
     let obj: DynamicObject = serde_json::from_value(manifest).map_err(kube::Error::SerdeError)?;
     api.create(&PostParams::default(), &obj).await
 }
@@ -444,23 +315,11 @@ impl Table {
 /// the way `kubectl get` asks, so the printer columns come back.
 pub async fn get_table(client: &kube::Client, path: &str) -> Result<Table, K8sError> {
     let req = http::Request::get(path)
-        .header(
-            http::header::ACCEPT,
-            "application/json;as=Table;v=v1;g=meta.k8s.io",
-        )
+        .header(http::header::ACCEPT, "application/json;as=Table;v=v1;g=meta.k8s.io")
         .body(Vec::new())
-        .map_err(|source| K8sError::Request {
-            path: path.to_owned(),
-            source,
-        })?;
-    let v: Value = client
-        .request(req)
-        .await
-        .map_err(api_err(format!("GET {path} as Table")))?;
-    let answer = |reason: &str| K8sError::Answer {
-        path: path.to_owned(),
-        reason: reason.to_owned(),
-    };
+        .map_err(|source| K8sError::Request { path: path.to_owned(), source })?;
+    let v: Value = client.request(req).await.map_err(api_err(format!("GET {path} as Table")))?;
+    let answer = |reason: &str| K8sError::Answer { path: path.to_owned(), reason: reason.to_owned() };
     if v.get("kind").and_then(Value::as_str) != Some("Table") {
         return Err(answer(&format!("kind is {}, not Table", v["kind"])));
     }
@@ -469,12 +328,7 @@ pub async fn get_table(client: &kube::Client, path: &str) -> Result<Table, K8sEr
         .and_then(Value::as_array)
         .ok_or_else(|| answer("no columnDefinitions"))?
         .iter()
-        .map(|c| {
-            c.get("name")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(|| answer("a column without a name"))
-        })
+        .map(|c| c.get("name").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| answer("a column without a name")))
         .collect::<Result<Vec<_>, _>>()?;
     let rows = v
         .get("rows")
@@ -483,11 +337,7 @@ pub async fn get_table(client: &kube::Client, path: &str) -> Result<Table, K8sEr
         .unwrap_or_default()
         .iter()
         .map(|r| {
-            let cells = r
-                .get("cells")
-                .and_then(Value::as_array)
-                .cloned()
-                .ok_or_else(|| answer("a row without cells"))?;
+            let cells = r.get("cells").and_then(Value::as_array).cloned().ok_or_else(|| answer("a row without cells"))?;
             // Without includeObject the row carries PartialObjectMetadata; the Name column is
             // the first cell either way.
             let name = r

@@ -21,25 +21,13 @@ pub enum SpireError {
     },
     /// The CLI exited non-zero.
     #[error("`spire-server {args}` failed ({status}): {output}")]
-    Failed {
-        args: String,
-        status: String,
-        output: String,
-    },
+    Failed { args: String, status: String, output: String },
     /// The CLI printed something that is not the expected JSON.
     #[error("`spire-server {args}` printed unexpected output ({reason}): {output}")]
-    Output {
-        args: String,
-        reason: String,
-        output: String,
-    },
+    Output { args: String, reason: String, output: String },
     /// The server refused the request (a per-entry status in the JSON answer).
     #[error("SPIRE server refused `{args}`: code {code}: {message}")]
-    Refused {
-        args: String,
-        code: i64,
-        message: String,
-    },
+    Refused { args: String, code: i64, message: String },
 }
 
 /// A registration entry to create.
@@ -60,13 +48,7 @@ pub struct EntrySpec {
 impl EntrySpec {
     /// An entry for `spiffe_id` under `parent_id` with no selectors yet.
     pub fn new(spiffe_id: impl Into<String>, parent_id: impl Into<String>) -> Self {
-        Self {
-            spiffe_id: spiffe_id.into(),
-            parent_id: parent_id.into(),
-            selectors: Vec::new(),
-            x509_svid_ttl: None,
-            hint: None,
-        }
+        Self { spiffe_id: spiffe_id.into(), parent_id: parent_id.into(), selectors: Vec::new(), x509_svid_ttl: None, hint: None }
     }
 
     /// Adds a selector (`type:value`, e.g. `unix:uid:0`).
@@ -114,11 +96,7 @@ pub struct SpireServer {
 impl SpireServer {
     /// A CLI handle; [`crate::TestEnv::spire`] makes the one of an environment.
     pub fn new(bin: PathBuf, socket: PathBuf, trust_domain: String) -> Self {
-        Self {
-            bin,
-            socket,
-            trust_domain,
-        }
+        Self { bin, socket, trust_domain }
     }
 
     /// The server API socket.
@@ -133,14 +111,8 @@ impl SpireServer {
 
     /// Creates an entry and returns it with its ID.
     pub async fn create_entry(&self, spec: &EntrySpec) -> Result<Entry, SpireError> {
-        let mut args: Vec<String> = vec![
-            "entry".into(),
-            "create".into(),
-            "-spiffeID".into(),
-            spec.spiffe_id.clone(),
-            "-parentID".into(),
-            spec.parent_id.clone(),
-        ];
+        let mut args: Vec<String> =
+            vec!["entry".into(), "create".into(), "-spiffeID".into(), spec.spiffe_id.clone(), "-parentID".into(), spec.parent_id.clone()];
         for s in &spec.selectors {
             args.push("-selector".into());
             args.push(s.clone());
@@ -156,9 +128,7 @@ impl SpireServer {
         let v = self.run_json(&args).await?;
         let result = first_result(&args, &v)?;
         check_status(&args, result)?;
-        let entry = result
-            .get("entry")
-            .ok_or_else(|| output_err(&args, "no `entry` in the result", &v))?;
+        let entry = result.get("entry").ok_or_else(|| output_err(&args, "no `entry` in the result", &v))?;
         parse_entry(&args, entry, &v)
     }
 
@@ -170,20 +140,13 @@ impl SpireServer {
             // An empty server answers `{}`.
             return Ok(Vec::new());
         };
-        let entries = entries
-            .as_array()
-            .ok_or_else(|| output_err(&args, "`entries` is not a list", &v))?;
+        let entries = entries.as_array().ok_or_else(|| output_err(&args, "`entries` is not a list", &v))?;
         entries.iter().map(|e| parse_entry(&args, e, &v)).collect()
     }
 
     /// Deletes an entry by ID.
     pub async fn delete_entry(&self, id: &str) -> Result<(), SpireError> {
-        let args: Vec<String> = vec![
-            "entry".into(),
-            "delete".into(),
-            "-entryID".into(),
-            id.into(),
-        ];
+        let args: Vec<String> = vec!["entry".into(), "delete".into(), "-entryID".into(), id.into()];
         let v = self.run_json(&args).await?;
         let result = first_result(&args, &v)?;
         check_status(&args, result)
@@ -196,13 +159,7 @@ impl SpireServer {
         let Some(agents) = v.get("agents").and_then(Value::as_array) else {
             return Ok(Vec::new());
         };
-        agents
-            .iter()
-            .map(|a| {
-                spiffe_id_of(a.get("id"))
-                    .ok_or_else(|| output_err(&args, "an agent without an id", &v))
-            })
-            .collect()
+        agents.iter().map(|a| spiffe_id_of(a.get("id")).ok_or_else(|| output_err(&args, "an agent without an id", &v))).collect()
     }
 
     async fn run_json(&self, args: &[String]) -> Result<Value, SpireError> {
@@ -215,10 +172,7 @@ impl SpireServer {
             .stdin(std::process::Stdio::null())
             .output()
             .await
-            .map_err(|source| SpireError::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
+            .map_err(|source| SpireError::Spawn { bin: self.bin.clone(), source })?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
@@ -228,45 +182,23 @@ impl SpireServer {
                 output: format!("{stdout}{stderr}").trim().to_owned(),
             });
         }
-        serde_json::from_str(stdout.trim()).map_err(|e| SpireError::Output {
-            args: args.join(" "),
-            reason: e.to_string(),
-            output: stdout,
-        })
+        serde_json::from_str(stdout.trim()).map_err(|e| SpireError::Output { args: args.join(" "), reason: e.to_string(), output: stdout })
     }
 }
 
 fn output_err(args: &[String], reason: &str, v: &Value) -> SpireError {
-    SpireError::Output {
-        args: args.join(" "),
-        reason: reason.to_owned(),
-        output: v.to_string(),
-    }
+    SpireError::Output { args: args.join(" "), reason: reason.to_owned(), output: v.to_string() }
 }
 
 fn first_result<'a>(args: &[String], v: &'a Value) -> Result<&'a Value, SpireError> {
-    v.get("results")
-        .and_then(Value::as_array)
-        .and_then(|r| r.first())
-        .ok_or_else(|| output_err(args, "no `results`", v))
+    v.get("results").and_then(Value::as_array).and_then(|r| r.first()).ok_or_else(|| output_err(args, "no `results`", v))
 }
 
 fn check_status(args: &[String], result: &Value) -> Result<(), SpireError> {
-    let code = result
-        .pointer("/status/code")
-        .and_then(Value::as_i64)
-        .unwrap_or(0);
+    let code = result.pointer("/status/code").and_then(Value::as_i64).unwrap_or(0);
     if code != 0 {
-        let message = result
-            .pointer("/status/message")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        return Err(SpireError::Refused {
-            args: args.join(" "),
-            code,
-            message,
-        });
+        let message = result.pointer("/status/message").and_then(Value::as_str).unwrap_or("").to_owned();
+        return Err(SpireError::Refused { args: args.join(" "), code, message });
     }
     Ok(())
 }
@@ -280,38 +212,16 @@ fn spiffe_id_of(v: Option<&Value>) -> Option<String> {
 }
 
 fn parse_entry(args: &[String], e: &Value, whole: &Value) -> Result<Entry, SpireError> {
-    let id = e
-        .get("id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| output_err(args, "an entry without an id", whole))?
-        .to_owned();
-    let spiffe_id = spiffe_id_of(e.get("spiffe_id"))
-        .ok_or_else(|| output_err(args, "an entry without a spiffe_id", whole))?;
-    let parent_id = spiffe_id_of(e.get("parent_id"))
-        .ok_or_else(|| output_err(args, "an entry without a parent_id", whole))?;
+    let id = e.get("id").and_then(Value::as_str).ok_or_else(|| output_err(args, "an entry without an id", whole))?.to_owned();
+    let spiffe_id = spiffe_id_of(e.get("spiffe_id")).ok_or_else(|| output_err(args, "an entry without a spiffe_id", whole))?;
+    let parent_id = spiffe_id_of(e.get("parent_id")).ok_or_else(|| output_err(args, "an entry without a parent_id", whole))?;
     let selectors = e
         .get("selectors")
         .and_then(Value::as_array)
-        .map(|list| {
-            list.iter()
-                .filter_map(|s| {
-                    Some(format!(
-                        "{}:{}",
-                        s.get("type")?.as_str()?,
-                        s.get("value")?.as_str()?
-                    ))
-                })
-                .collect()
-        })
+        .map(|list| list.iter().filter_map(|s| Some(format!("{}:{}", s.get("type")?.as_str()?, s.get("value")?.as_str()?))).collect())
         .unwrap_or_default();
     let x509_svid_ttl = e.get("x509_svid_ttl").and_then(Value::as_i64).unwrap_or(0);
-    Ok(Entry {
-        id,
-        spiffe_id,
-        parent_id,
-        selectors,
-        x509_svid_ttl,
-    })
+    Ok(Entry { id, spiffe_id, parent_id, selectors, x509_svid_ttl })
 }
 
 #[cfg(test)]
@@ -341,9 +251,6 @@ mod tests {
         let args = vec!["entry".to_owned()];
         let r = first_result(&args, &v).expect("result");
         let err = check_status(&args, r).expect_err("refused");
-        assert!(
-            err.to_string().contains("similar entry already exists"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("similar entry already exists"), "{err}");
     }
 }

@@ -16,15 +16,8 @@ use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 #[derive(Debug, thiserror::Error)]
 pub enum SvidError {
     /// No SVID for the SPIFFE ID arrived in time.
-    #[error(
-        "no X.509-SVID for {spiffe_id} from {endpoint} within {waited:?} (last Workload API answer: {last})"
-    )]
-    Timeout {
-        spiffe_id: String,
-        endpoint: String,
-        waited: Duration,
-        last: String,
-    },
+    #[error("no X.509-SVID for {spiffe_id} from {endpoint} within {waited:?} (last Workload API answer: {last})")]
+    Timeout { spiffe_id: String, endpoint: String, waited: Duration, last: String },
     /// The Workload API returned an error that retrying will not fix.
     #[error("Workload API {endpoint}: {source}")]
     WorkloadApi {
@@ -58,9 +51,7 @@ pub struct VerifiedSvid {
 
 /// The effective uid of this process (the `unix` workload attestor's `uid` selector).
 pub fn current_uid() -> u32 {
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0)
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
 }
 
 /// `unix:uid:<uid of this process>`, the selector that makes SPIRE issue an entry to it.
@@ -71,11 +62,7 @@ pub fn uid_selector() -> String {
 /// Waits until the Workload API at `endpoint` (`unix:/path`) delivers an SVID for
 /// `spiffe_id`; returns it with the bundle of its trust domain. Errors the agent gives while
 /// no entry matches yet (`PermissionDenied: no identity issued`) are retried until `timeout`.
-pub async fn wait_for_svid(
-    endpoint: &str,
-    spiffe_id: &str,
-    timeout: Duration,
-) -> Result<(X509Svid, X509Bundle), SvidError> {
+pub async fn wait_for_svid(endpoint: &str, spiffe_id: &str, timeout: Duration) -> Result<(X509Svid, X509Bundle), SvidError> {
     let mut watch = SvidWatch::new(endpoint, spiffe_id);
     watch.next(timeout).await
 }
@@ -132,19 +119,9 @@ impl SvidWatch {
             };
             match item {
                 Ok(ctx) => {
-                    self.last_answer = format!(
-                        "SVIDs for [{}]",
-                        ctx.svids()
-                            .iter()
-                            .map(|s| s.spiffe_id().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                    let Some(svid) = ctx
-                        .svids()
-                        .iter()
-                        .find(|s| s.spiffe_id().to_string() == self.spiffe_id)
-                    else {
+                    self.last_answer =
+                        format!("SVIDs for [{}]", ctx.svids().iter().map(|s| s.spiffe_id().to_string()).collect::<Vec<_>>().join(", "));
+                    let Some(svid) = ctx.svids().iter().find(|s| s.spiffe_id().to_string() == self.spiffe_id) else {
                         continue;
                     };
                     let leaf = svid.leaf().as_bytes().to_vec();
@@ -152,27 +129,17 @@ impl SvidWatch {
                         continue;
                     }
                     let td = svid.spiffe_id().trust_domain();
-                    let bundle = ctx
-                        .bundle_set()
-                        .get(td)
-                        .ok_or_else(|| SvidError::NoBundle(td.to_string()))?;
+                    let bundle = ctx.bundle_set().get(td).ok_or_else(|| SvidError::NoBundle(td.to_string()))?;
                     self.last_leaf = Some(leaf);
                     return Ok(((**svid).clone(), (*bundle).clone()));
                 }
                 Err(e) => {
                     if !retryable(&e) {
-                        return Err(SvidError::WorkloadApi {
-                            endpoint: self.endpoint.clone(),
-                            source: e,
-                        });
+                        return Err(SvidError::WorkloadApi { endpoint: self.endpoint.clone(), source: e });
                     }
                     self.last_answer = e.to_string();
                     self.stream = None;
-                    tokio::time::sleep(
-                        Duration::from_millis(300)
-                            .min(deadline.saturating_duration_since(Instant::now())),
-                    )
-                    .await;
+                    tokio::time::sleep(Duration::from_millis(300).min(deadline.saturating_duration_since(Instant::now()))).await;
                 }
             }
         }
@@ -198,23 +165,13 @@ impl SvidWatch {
 fn retryable(e: &WorkloadApiError) -> bool {
     // Connection failures, "no identity issued" (PermissionDenied), stream ends: all transient
     // here. Only a malformed answer is final.
-    !matches!(
-        e,
-        WorkloadApiError::MissingRequiredField { .. }
-            | WorkloadApiError::InvalidResponseField { .. }
-    )
+    !matches!(e, WorkloadApiError::MissingRequiredField { .. } | WorkloadApiError::InvalidResponseField { .. })
 }
 
 fn parse<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, SvidError> {
-    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| SvidError::Parse {
-        what: what.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| SvidError::Parse { what: what.to_owned(), reason: e.to_string() })?;
     if !rest.is_empty() {
-        return Err(SvidError::Parse {
-            what: what.to_owned(),
-            reason: "trailing bytes".into(),
-        });
+        return Err(SvidError::Parse { what: what.to_owned(), reason: "trailing bytes".into() });
     }
     Ok(cert)
 }
@@ -224,27 +181,16 @@ fn parse<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, SvidError
 /// now; each is signed by the next, and the last by an authority of the bundle.
 pub fn verify_svid(svid: &X509Svid, bundle: &X509Bundle) -> Result<VerifiedSvid, SvidError> {
     let id = svid.spiffe_id().to_string();
-    let invalid = |reason: String| SvidError::Invalid {
-        spiffe_id: id.clone(),
-        reason,
-    };
+    let invalid = |reason: String| SvidError::Invalid { spiffe_id: id.clone(), reason };
 
     if svid.spiffe_id().trust_domain() != bundle.trust_domain() {
-        return Err(invalid(format!(
-            "not in the bundle's trust domain {}",
-            bundle.trust_domain()
-        )));
+        return Err(invalid(format!("not in the bundle's trust domain {}", bundle.trust_domain())));
     }
     let chain: Vec<X509Certificate<'_>> = svid
         .cert_chain()
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            parse(
-                c.as_bytes(),
-                &format!("certificate {i} of the chain of {id}"),
-            )
-        })
+        .map(|(i, c)| parse(c.as_bytes(), &format!("certificate {i} of the chain of {id}")))
         .collect::<Result<_, _>>()?;
     let leaf = chain.first().ok_or_else(|| invalid("empty chain".into()))?;
 
@@ -252,22 +198,10 @@ pub fn verify_svid(svid: &X509Svid, bundle: &X509Bundle) -> Result<VerifiedSvid,
         .subject_alternative_name()
         .map_err(|e| invalid(format!("bad subjectAltName: {e}")))?
         .ok_or_else(|| invalid("the leaf has no subjectAltName".into()))?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| {
-            if let GeneralName::URI(u) = n {
-                Some(*u)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let uris: Vec<&str> =
+        san.value.general_names.iter().filter_map(|n| if let GeneralName::URI(u) = n { Some(*u) } else { None }).collect();
     if uris != [id.as_str()] {
-        return Err(invalid(format!(
-            "the leaf's URI SANs are {uris:?}, expected exactly [{id}]"
-        )));
+        return Err(invalid(format!("the leaf's URI SANs are {uris:?}, expected exactly [{id}]")));
     }
     if leaf.is_ca() {
         return Err(invalid("the leaf is a CA certificate".into()));
@@ -283,18 +217,10 @@ pub fn verify_svid(svid: &X509Svid, bundle: &X509Bundle) -> Result<VerifiedSvid,
         }
         if let Some(issuer) = chain.get(i + 1) {
             if !issuer.is_ca() {
-                return Err(invalid(format!(
-                    "certificate {} signs but is not a CA",
-                    i + 1
-                )));
+                return Err(invalid(format!("certificate {} signs but is not a CA", i + 1)));
             }
             cert.verify_signature(Some(issuer.public_key()))
-                .map_err(|e| {
-                    invalid(format!(
-                        "certificate {i} is not signed by certificate {}: {e}",
-                        i + 1
-                    ))
-                })?;
+                .map_err(|e| invalid(format!("certificate {i} is not signed by certificate {}: {e}", i + 1)))?;
         }
     }
     let top = chain.last().ok_or_else(|| invalid("empty chain".into()))?;
@@ -304,14 +230,9 @@ pub fn verify_svid(svid: &X509Svid, bundle: &X509Bundle) -> Result<VerifiedSvid,
         .enumerate()
         .map(|(i, c)| parse(c.as_bytes(), &format!("authority {i} of the bundle")))
         .collect::<Result<_, _>>()?;
-    let signed = authorities
-        .iter()
-        .any(|a| a.validity().is_valid() && top.verify_signature(Some(a.public_key())).is_ok());
+    let signed = authorities.iter().any(|a| a.validity().is_valid() && top.verify_signature(Some(a.public_key())).is_ok());
     if !signed {
-        return Err(invalid(format!(
-            "the chain does not end at any of the bundle's {} authorities",
-            authorities.len()
-        )));
+        return Err(invalid(format!("the chain does not end at any of the bundle's {} authorities", authorities.len())));
     }
     Ok(VerifiedSvid {
         spiffe_id: id.clone(),

@@ -12,10 +12,7 @@ fn repo() -> PathBuf {
 
 /// The cached helm binary (built by scripts/testenv-build with the other test binaries).
 fn helm() -> PathBuf {
-    let out = Command::new(repo().join("scripts/testenv-build"))
-        .arg("--print-bin-dirs")
-        .output()
-        .expect("run scripts/testenv-build");
+    let out = Command::new(repo().join("scripts/testenv-build")).arg("--print-bin-dirs").output().expect("run scripts/testenv-build");
     assert!(out.status.success(), "scripts/testenv-build failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -41,9 +38,17 @@ fn the_api_server_accepts_everything_the_chart_renders() {
     let env = TestEnv::shared_blocking().expect("test environment");
     let (ok, out) = env.kubectl(&["create", "namespace", "meshauth-system"], "");
     assert!(ok || out.contains("AlreadyExists"), "{out}");
-    for (mode, extra) in [("self-managed certificates", vec![]), ("certificates from a Secret", vec!["--set", "webhook.existingSecret=my-tls"])] {
+    for (mode, extra) in
+        [("self-managed certificates", vec![]), ("certificates from a Secret", vec!["--set", "webhook.existingSecret=my-tls"])]
+    {
         let manifests = render(&extra);
-        for kind in ["kind: DaemonSet", "kind: Deployment", "kind: ValidatingWebhookConfiguration", "kind: CustomResourceDefinition", "kind: ClusterRole"] {
+        for kind in [
+            "kind: DaemonSet",
+            "kind: Deployment",
+            "kind: ValidatingWebhookConfiguration",
+            "kind: CustomResourceDefinition",
+            "kind: ClusterRole",
+        ] {
             assert!(manifests.contains(kind), "{mode}: no {kind} rendered");
         }
         let (ok, out) = env.kubectl(&["apply", "--dry-run=server", "-f", "-"], &manifests);
@@ -59,10 +64,7 @@ fn the_api_server_accepts_everything_the_chart_renders() {
 fn the_grafana_dashboard_renders_only_when_asked_and_is_valid_json() {
     assert!(!render(&[]).contains("meshauth-grafana-dashboard"), "the dashboard is off by default");
     let manifests = render(&["--set", "grafana.dashboard.enabled=true", "--set", "grafana.dashboard.namespace=monitoring"]);
-    let doc = manifests
-        .split("\n---")
-        .find(|d| d.contains("name: meshauth-grafana-dashboard"))
-        .expect("the dashboard ConfigMap");
+    let doc = manifests.split("\n---").find(|d| d.contains("name: meshauth-grafana-dashboard")).expect("the dashboard ConfigMap");
     let config_map: serde_json::Value = serde_yaml::from_str(doc).expect("a YAML object");
     assert_eq!(config_map["metadata"]["namespace"], "monitoring");
     assert_eq!(config_map["metadata"]["labels"]["grafana_dashboard"], "1", "the sidecar's label");

@@ -55,7 +55,15 @@ impl Cluster {
     fn describe(&self) -> String {
         let (_, pods) = self.kubectl(&["get", "pods", "-A", "-o", "wide"]);
         let (_, events) = self.kubectl(&["get", "events", "-A", "--sort-by=.lastTimestamp"]);
-        let (_, logs) = self.kubectl(&["logs", "-n", "meshauth-system", "-l", "app.kubernetes.io/name=meshauth-agent", "--tail=40", "--all-containers"]);
+        let (_, logs) = self.kubectl(&[
+            "logs",
+            "-n",
+            "meshauth-system",
+            "-l",
+            "app.kubernetes.io/name=meshauth-agent",
+            "--tail=40",
+            "--all-containers",
+        ]);
         format!("pods:\n{pods}\nevents:\n{}\nagent logs:\n{logs}", events.lines().rev().take(40).collect::<Vec<_>>().join("\n"))
     }
 
@@ -103,8 +111,16 @@ impl Cluster {
     /// pods' own neighbour and multicast chatter is dropped whatever meshauth authenticates.)
     fn drops(&self, agent: &str) -> std::collections::BTreeMap<&'static str, u64> {
         const IPV4_DROPS: [&str; 10] = [
-            "drop_denied", "drop_auth_missing", "drop_auth_expired", "drop_spoofed", "drop_fragment",
-            "drop_malformed", "drop_wrong_interface", "drop_tag_missing", "drop_tag_invalid", "drop_syn_not_from_pod",
+            "drop_denied",
+            "drop_auth_missing",
+            "drop_auth_expired",
+            "drop_spoofed",
+            "drop_fragment",
+            "drop_malformed",
+            "drop_wrong_interface",
+            "drop_tag_missing",
+            "drop_tag_invalid",
+            "drop_syn_not_from_pod",
         ];
         let counters = self.counters(agent);
         IPV4_DROPS.into_iter().map(|name| (name, counters[name]["packets"].as_u64().unwrap_or(0))).collect()
@@ -265,7 +281,14 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     ]);
     assert!(ok, "helm install: {out}");
     c.wait("every meshauth pod Running and Ready", Duration::from_secs(240), || {
-        let (ok, out) = c.kubectl(&["get", "pods", "-n", "meshauth-system", "-o", "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"]);
+        let (ok, out) = c.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "meshauth-system",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        ]);
         let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
         // 2 agents, 2 operators, 2 webhooks.
         ok && lines.len() == 6 && lines.iter().all(|l| l.ends_with(" True"))
@@ -273,7 +296,8 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     for node in ["node-1", "node-2"] {
         assert!(c.conflist(node).contains("meshauth-cni"), "{node}: meshauth-cni chained into the conflist");
     }
-    let (ok, out) = c.kubectl(&["get", "nodes", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"]);
+    let (ok, out) =
+        c.kubectl(&["get", "nodes", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"]);
     assert!(ok && out.lines().filter(|l| *l == "True").count() == 2, "both nodes still Ready and reachable: {out}");
 
     let apps = APPS.replace("IMAGE", Kubelet::TEST_IMAGE);
@@ -281,7 +305,8 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     assert!(ok, "apply the apps: {out}");
     // The readiness probe comes from node-2's own address: the policed pod still goes Ready.
     c.wait("the policed server Ready through its probe", Duration::from_secs(120), || {
-        let (_, out) = c.kubectl(&["get", "pod", "-n", "shop", "server", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
+        let (_, out) =
+            c.kubectl(&["get", "pod", "-n", "shop", "server", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
         out.trim() == "True"
     });
     c.wait("client and stranger Running", Duration::from_secs(120), || {
@@ -292,12 +317,24 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
 
     // Pre-authentication: node-2's agent writes the pair before the client sends anything.
     let agent_on_node_2 = {
-        let (ok, out) = c.kubectl(&["get", "pods", "-n", "meshauth-system", "-l", "app.kubernetes.io/name=meshauth-agent", "--field-selector", "spec.nodeName=node-2", "-o", "jsonpath={.items[0].metadata.name}"]);
+        let (ok, out) = c.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "meshauth-system",
+            "-l",
+            "app.kubernetes.io/name=meshauth-agent",
+            "--field-selector",
+            "spec.nodeName=node-2",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ]);
         assert!(ok && !out.is_empty(), "the agent pod on node-2: {out}");
         out.trim().to_owned()
     };
     c.wait("the pair (server ← client) authenticated on node-2", Duration::from_secs(120), || {
-        let (ok, out) = c.kubectl(&["exec", "-n", "meshauth-system", &agent_on_node_2, "--", "meshauthctl", "auth", "list", "--output", "json"]);
+        let (ok, out) =
+            c.kubectl(&["exec", "-n", "meshauth-system", &agent_on_node_2, "--", "meshauthctl", "auth", "list", "--output", "json"]);
         ok && out.contains("spiffe://cluster.local/ns/shop/sa/server") && out.contains("spiffe://cluster.local/ns/shop/sa/client")
     });
     // First time means no drop and no SYN retransmitted (`nc -w 3` alone would hide one).
@@ -308,7 +345,11 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     assert!(!c.http_from("stranger", &server, 8080), "a pod of another service account is dropped");
     let (ok, cluster_ip) = c.kubectl(&["get", "service", "-n", "shop", "server", "-o", "jsonpath={.spec.clusterIP}"]);
     assert!(ok && !cluster_ip.trim().is_empty(), "the Service's ClusterIP: {cluster_ip}");
-    assert!(c.http_from("client", cluster_ip.trim(), 80), "the client reaches the server through its ClusterIP first time\n{}", c.describe());
+    assert!(
+        c.http_from("client", cluster_ip.trim(), 80),
+        "the client reaches the server through its ClusterIP first time\n{}",
+        c.describe()
+    );
 
     // A process on node-1 (root, as a hostNetwork pod can be) writes the client's address
     // into a SYN: node-1's tagger gives it no tag (the client's veth never sent it) and node-2
@@ -332,7 +373,10 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     let (ok, out) = c.kubectl_stdin(&["apply", "-f", "-"], bad);
     // The CRD's own rules cannot read a SPIFFE ID; this reason is the webhook's (a 422 with
     // field causes, which kubectl prints as "is invalid").
-    assert!(!ok && out.contains("is not a valid SPIFFE ID: trust domain has character 'C'"), "the webhook refuses an invalid MeshPolicy: {out}");
+    assert!(
+        !ok && out.contains("is not a valid SPIFFE ID: trust domain has character 'C'"),
+        "the webhook refuses an invalid MeshPolicy: {out}"
+    );
 
     let (ok, out) = c.kubectl(&["delete", "namespace", "shop", "--wait=true", "--timeout=120s"]);
     assert!(ok, "delete the apps: {out}");

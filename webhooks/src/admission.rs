@@ -2,9 +2,9 @@
 //! accepts, never panicking on what it gets — it is fuzzed), the static checks of the shared
 //! policy crate, and the response with a denial message that names each bad field and why.
 
+use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::core::response::{StatusCause, StatusDetails, StatusSummary};
-use kube::core::DynamicObject;
 use meshauth_crds::{MeshPolicy, MutualAuth};
 use meshauth_policy::model::{Inputs, ModelConfig, PolicyModel, Resource};
 use meshauth_policy::validate::{self, FieldError};
@@ -31,9 +31,7 @@ pub enum DecodeError {
     Json(serde_json::Error),
     #[error("the body is not a JSON object")]
     NotAnObject,
-    #[error(
-        "expected kind {ADMISSION_KIND:?} of apiVersion {ADMISSION_API_VERSION:?}, got kind {kind:?} of apiVersion {api_version:?}"
-    )]
+    #[error("expected kind {ADMISSION_KIND:?} of apiVersion {ADMISSION_API_VERSION:?}, got kind {kind:?} of apiVersion {api_version:?}")]
     WrongType { kind: String, api_version: String },
     #[error("malformed AdmissionReview: {0}")]
     Review(String),
@@ -134,10 +132,7 @@ pub fn operation_label(op: &Operation) -> OperationLabel {
 
 /// Whether a Content-Type header value is JSON (`application/json`, any parameters).
 pub fn is_json(content_type: &str) -> bool {
-    content_type
-        .split(';')
-        .next()
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+    content_type.split(';').next().is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Decodes an AdmissionReview v1 request body.
@@ -156,8 +151,8 @@ pub fn decode(content_type: Option<&str>, body: &[u8]) -> Result<Review, DecodeE
     if kind != ADMISSION_KIND || api_version != ADMISSION_API_VERSION {
         return Err(DecodeError::WrongType { kind: truncate(kind, 100), api_version: truncate(api_version, 100) });
     }
-    let review: AdmissionReview<DynamicObject> = serde_path_to_error::deserialize(value)
-        .map_err(|e| DecodeError::Review(truncate(&e.to_string(), 300)))?;
+    let review: AdmissionReview<DynamicObject> =
+        serde_path_to_error::deserialize(value).map_err(|e| DecodeError::Review(truncate(&e.to_string(), 300)))?;
     let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|_| DecodeError::NoRequest)?;
     if request.uid.is_empty() {
         return Err(DecodeError::NoUid);
@@ -194,12 +189,12 @@ fn typed(kind: ResourceKind, object: &DynamicObject) -> Subject {
         Subject::Unreadable(FieldError::new(field, truncate(&e.into_inner().to_string(), 200)))
     };
     match kind {
-        ResourceKind::MeshPolicy => serde_path_to_error::deserialize::<_, MeshPolicy>(value)
-            .map(|p| Subject::MeshPolicy(Box::new(p)))
-            .unwrap_or_else(unreadable),
-        ResourceKind::MutualAuth => serde_path_to_error::deserialize::<_, MutualAuth>(value)
-            .map(|m| Subject::MutualAuth(Box::new(m)))
-            .unwrap_or_else(unreadable),
+        ResourceKind::MeshPolicy => {
+            serde_path_to_error::deserialize::<_, MeshPolicy>(value).map(|p| Subject::MeshPolicy(Box::new(p))).unwrap_or_else(unreadable)
+        }
+        ResourceKind::MutualAuth => {
+            serde_path_to_error::deserialize::<_, MutualAuth>(value).map(|m| Subject::MutualAuth(Box::new(m))).unwrap_or_else(unreadable)
+        }
     }
 }
 
@@ -215,10 +210,9 @@ pub struct Findings {
 pub fn check(subject: &Subject, mesh: &ModelConfig) -> Findings {
     match subject {
         Subject::Skip(_) => Findings::default(),
-        Subject::Unreadable(e) => Findings {
-            errors: vec![FieldError::new(e.field.clone(), format!("cannot be read: {}", e.reason))],
-            warnings: Vec::new(),
-        },
+        Subject::Unreadable(e) => {
+            Findings { errors: vec![FieldError::new(e.field.clone(), format!("cannot be read: {}", e.reason))], warnings: Vec::new() }
+        }
         Subject::MeshPolicy(p) => {
             let limits = validate::mesh_policy_limits(&p.spec);
             if !limits.is_empty() {
@@ -243,11 +237,9 @@ pub fn check(subject: &Subject, mesh: &ModelConfig) -> Findings {
 fn add_model_problems(errors: &mut Vec<FieldError>, mesh: &ModelConfig, inputs: Inputs) {
     let model = PolicyModel::new(mesh.clone(), inputs);
     for problem in model.problems() {
-        let covered = errors.iter().any(|e| {
-            e == &problem.error
-                || e.field.starts_with(&problem.error.field)
-                || problem.error.field.starts_with(&e.field)
-        });
+        let covered = errors
+            .iter()
+            .any(|e| e == &problem.error || e.field.starts_with(&problem.error.field) || problem.error.field.starts_with(&e.field));
         if !covered {
             errors.push(problem.error.clone());
         }
@@ -276,18 +268,13 @@ pub fn respond(review: &Review, findings: &Findings) -> AdmissionResponse {
                 .errors
                 .iter()
                 .take(MAX_ERRORS)
-                .map(|e| StatusCause {
-                    reason: "FieldValueInvalid".into(),
-                    message: e.reason.clone(),
-                    field: e.field.clone(),
-                })
+                .map(|e| StatusCause { reason: "FieldValueInvalid".into(), message: e.reason.clone(), field: e.field.clone() })
                 .collect(),
             retry_after_seconds: 0,
         });
     }
     if !findings.warnings.is_empty() {
-        let mut warnings: Vec<String> =
-            findings.warnings.iter().take(MAX_WARNINGS).map(|w| truncate(&w.to_string(), 250)).collect();
+        let mut warnings: Vec<String> = findings.warnings.iter().take(MAX_WARNINGS).map(|w| truncate(&w.to_string(), 250)).collect();
         if findings.warnings.len() > MAX_WARNINGS {
             warnings.push(format!("and {} more warnings", findings.warnings.len() - MAX_WARNINGS));
         }
@@ -455,7 +442,10 @@ mod tests {
         let response = run(&body(&review("CREATE", audited)));
         assert!(response.allowed, "{response:?}");
         let warnings = response.warnings.unwrap_or_default();
-        assert!(warnings.iter().any(|w| w.contains("spec.enforcement") && w.contains("drop nothing") && w.contains("AUDIT")), "{warnings:?}");
+        assert!(
+            warnings.iter().any(|w| w.contains("spec.enforcement") && w.contains("drop nothing") && w.contains("AUDIT")),
+            "{warnings:?}"
+        );
         let mut bad = valid_policy();
         bad["spec"]["enforcement"] = json!("DryRun");
         let response = run(&body(&review("CREATE", bad)));
@@ -482,7 +472,11 @@ mod tests {
         let ma = mutual_auth("x", json!({"mode": "Strict", "selector": {"matchExpressions": [{"key": "app", "operator": "Is"}]}}));
         let response = run(&body(&review("UPDATE", ma)));
         assert!(!response.allowed);
-        assert!(response.result.message.contains("spec.selector.matchExpressions[0].operator: \"Is\" is not a label selector operator"), "{}", response.result.message);
+        assert!(
+            response.result.message.contains("spec.selector.matchExpressions[0].operator: \"Is\" is not a label selector operator"),
+            "{}",
+            response.result.message
+        );
     }
 
     /// A tenant's one namespaced policy that would multiply into more entries than the policy

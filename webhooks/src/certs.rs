@@ -149,17 +149,9 @@ impl CertState {
             (Some(ca), None) => Some((ca, UNIX_EPOCH)),
             (None, _) => None,
         };
-        let dns_names = annotations
-            .get(DNS_NAMES)
-            .map(|n| n.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
-            .unwrap_or_default();
-        Ok(Self {
-            active,
-            next_published_at: next.as_ref().and(time(NEXT_PUBLISHED_AT)?),
-            next,
-            previous_ca,
-            dns_names,
-        })
+        let dns_names =
+            annotations.get(DNS_NAMES).map(|n| n.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()).unwrap_or_default();
+        Ok(Self { active, next_published_at: next.as_ref().and(time(NEXT_PUBLISHED_AT)?), next, previous_ca, dns_names })
     }
 }
 

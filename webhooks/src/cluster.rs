@@ -95,7 +95,13 @@ impl Cluster {
 
     /// Pods of `namespace` that `selector` picks and that are or will be meshauth endpoints
     /// ([`policy_pods`]), out of at most `limit` listed, and whether more were left unlisted.
-    async fn pods(&self, client: &Client, namespace: &str, selector: &LabelSelector, limit: u32) -> Result<(Vec<PodInfo>, bool), LookupError> {
+    async fn pods(
+        &self,
+        client: &Client,
+        namespace: &str,
+        selector: &LabelSelector,
+        limit: u32,
+    ) -> Result<(Vec<PodInfo>, bool), LookupError> {
         let selector = selector_string(selector)?;
         let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let params = ListParams::default().labels(&selector).limit(limit);
@@ -112,10 +118,9 @@ impl Cluster {
             // Not the first pod alone: it may be one no policy acts on (a hostNetwork pod).
             match self.pods(client, &namespace, &policy.spec.selector, MAX_PODS).await {
                 // Pods past the first page may be workloads: no warning rather than a false one.
-                Ok((pods, more)) if pods.is_empty() && !more => warnings.push(FieldError::new(
-                    "spec.selector",
-                    format!("selects no pod in namespace {namespace} right now"),
-                )),
+                Ok((pods, more)) if pods.is_empty() && !more => {
+                    warnings.push(FieldError::new("spec.selector", format!("selects no pod in namespace {namespace} right now")))
+                }
                 Ok(_) => {}
                 Err(err) => warn!(error = %err, "lookup for a warning failed; warning skipped"),
             }
@@ -131,10 +136,7 @@ impl Cluster {
             Some(s) if usable(s) => match self.pods(client, &namespace, s, MAX_PODS).await {
                 Ok((pods, more)) => {
                     if pods.is_empty() && !more {
-                        warnings.push(FieldError::new(
-                            "spec.selector",
-                            format!("selects no pod in namespace {namespace} right now"),
-                        ));
+                        warnings.push(FieldError::new("spec.selector", format!("selects no pod in namespace {namespace} right now")));
                     }
                     pods
                 }
@@ -173,9 +175,7 @@ pub fn policy_pods(pods: &[Pod]) -> Vec<PodInfo> {
 }
 
 fn selector_string(selector: &LabelSelector) -> Result<String, LookupError> {
-    Selector::try_from(selector.clone())
-        .map(|s| s.to_string())
-        .map_err(|e| LookupError::Selector(e.to_string()))
+    Selector::try_from(selector.clone()).map(|s| s.to_string()).map_err(|e| LookupError::Selector(e.to_string()))
 }
 
 /// A selector worth asking the API about: valid and satisfiable.
@@ -224,10 +224,8 @@ fn mode_name(mode: MutualAuthMode) -> &'static str {
 pub fn tie_warnings(me: &MutualAuth, existing: &[MutualAuth], pods: &[PodInfo], mesh: &ModelConfig) -> Vec<FieldError> {
     let me_res = Resource::from_mutual_auth(me);
     let me_ref = me_res.object_ref();
-    let others: Vec<&MutualAuth> = existing
-        .iter()
-        .filter(|o| ObjectRef::new(o.namespace().unwrap_or_default(), o.name_any()) != me_ref)
-        .collect();
+    let others: Vec<&MutualAuth> =
+        existing.iter().filter(|o| ObjectRef::new(o.namespace().unwrap_or_default(), o.name_any()) != me_ref).collect();
     let mode_of = |r: &ObjectRef| {
         others
             .iter()
@@ -374,7 +372,13 @@ mod tests {
                 &[],
                 vec!["this one will be Conflicted"],
             ),
-            ("namespace-wide and selector do not tie", ma("prod", "new", None, Some(app_a), Strict), vec![ma("prod", "old", T1, None, Permissive)], &pods, vec![]),
+            (
+                "namespace-wide and selector do not tie",
+                ma("prod", "new", None, Some(app_a), Strict),
+                vec![ma("prod", "old", T1, None, Permissive)],
+                &pods,
+                vec![],
+            ),
             (
                 "same selector, no pods yet",
                 ma("prod", "new", None, Some(app_a), Strict),
@@ -389,7 +393,13 @@ mod tests {
                 &pods,
                 vec!["ties with the older MutualAuth prod/old (mode Disabled) at the same level on pods a-1: this one will be Conflicted"],
             ),
-            ("overlapping selectors, same mode", ma("prod", "new", None, Some(app_a), Strict), vec![ma("prod", "old", T1, Some(team), Strict)], &pods, vec![]),
+            (
+                "overlapping selectors, same mode",
+                ma("prod", "new", None, Some(app_a), Strict),
+                vec![ma("prod", "old", T1, Some(team), Strict)],
+                &pods,
+                vec![],
+            ),
             (
                 "same scope and mode",
                 ma("prod", "new", None, None, Strict),
@@ -430,10 +440,7 @@ mod tests {
 
     #[test]
     fn selectors_become_api_strings() {
-        let s = LabelSelector {
-            match_labels: Some([("app".to_string(), "a".to_string())].into()),
-            match_expressions: None,
-        };
+        let s = LabelSelector { match_labels: Some([("app".to_string(), "a".to_string())].into()), match_expressions: None };
         assert_eq!(selector_string(&s).expect("valid"), "app=a");
     }
 }

@@ -339,35 +339,27 @@ pub struct Args {
 impl Args {
     /// Checks and converts the flags.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let addr = |setting: &'static str, value: &str| {
-            value.parse::<SocketAddr>().map_err(|e| invalid(setting, value, e.to_string()))
-        };
+        let addr = |setting: &'static str, value: &str| value.parse::<SocketAddr>().map_err(|e| invalid(setting, value, e.to_string()));
         let certs = match (self.tls_cert, self.tls_key, self.cert_secret) {
             (Some(_), Some(_), Some(_)) | (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {
                 return Err(ConfigError::TwoCertSources);
             }
-            (Some(cert), Some(key), None) => CertSource::Files(FileCerts {
-                cert,
-                key,
-                reload_interval: positive("--tls-reload-interval", &self.tls_reload_interval)?,
-            }),
+            (Some(cert), Some(key), None) => {
+                CertSource::Files(FileCerts { cert, key, reload_interval: positive("--tls-reload-interval", &self.tls_reload_interval)? })
+            }
             (Some(_), None, None) => return Err(ConfigError::HalfKeyPair("--tls-key")),
             (None, Some(_), None) => return Err(ConfigError::HalfKeyPair("--tls-cert")),
             (None, None, Some(secret)) => {
                 if self.kube_api == KubeApi::Off {
                     return Err(ConfigError::SelfManagedWithoutApi);
                 }
-                let (ns, name) = parse_secret_ref(&secret)
-                    .ok_or_else(|| invalid("--cert-secret", &secret, "must be NAME or NAMESPACE/NAME"))?;
+                let (ns, name) =
+                    parse_secret_ref(&secret).ok_or_else(|| invalid("--cert-secret", &secret, "must be NAME or NAMESPACE/NAME"))?;
                 let managed = SelfManagedCerts {
                     secret_namespace: ns.map(str::to_owned),
                     secret_name: name.into(),
                     webhook_configuration: non_empty("--webhook-configuration", &self.webhook_configuration)?,
-                    dns_names: if self.cert_dns_names.is_empty() {
-                        vec![DEFAULT_CERT_DNS_NAME.into()]
-                    } else {
-                        self.cert_dns_names
-                    },
+                    dns_names: if self.cert_dns_names.is_empty() { vec![DEFAULT_CERT_DNS_NAME.into()] } else { self.cert_dns_names },
                     validity: positive("--cert-validity", &self.cert_validity)?,
                     renew_before: positive("--cert-renew-before", &self.cert_renew_before)?,
                     overlap: parse_duration("--ca-overlap", &self.ca_overlap)?,
@@ -390,8 +382,7 @@ impl Args {
             listen: addr("--listen", &self.listen)?,
             metrics_listen: self.metrics_listen.as_deref().map(|a| addr("--metrics-listen", a)).transpose()?,
             certs,
-            trust_domain: TrustDomain::new(&self.trust_domain)
-                .map_err(|e| invalid("--trust-domain", &self.trust_domain, e.to_string()))?,
+            trust_domain: TrustDomain::new(&self.trust_domain).map_err(|e| invalid("--trust-domain", &self.trust_domain, e.to_string()))?,
             mesh_namespace: {
                 meshauth_policy::validate::check_dns_label(&self.mesh_namespace)
                     .map_err(|why| invalid("--mesh-namespace", &self.mesh_namespace, format!("it {why}")))?;
@@ -401,8 +392,7 @@ impl Args {
             lookup_timeout: positive("--lookup-timeout", &self.lookup_timeout)?,
             max_body_bytes,
             handshake_timeout: positive("--handshake-timeout", &self.handshake_timeout)?,
-            max_connection_age: Some(parse_duration("--max-connection-age", &self.max_connection_age)?)
-                .filter(|d| !d.is_zero()),
+            max_connection_age: Some(parse_duration("--max-connection-age", &self.max_connection_age)?).filter(|d| !d.is_zero()),
             max_connections,
             header_timeout: positive("--header-timeout", &self.header_timeout)?,
             body_timeout: positive("--body-timeout", &self.body_timeout)?,
@@ -444,9 +434,7 @@ fn positive(setting: &'static str, value: &str) -> Result<Duration, ConfigError>
 pub fn parse_duration(setting: &'static str, value: &str) -> Result<Duration, ConfigError> {
     let digits = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (number, unit) = value.split_at(digits);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| invalid(setting, value, "must be a whole number followed by ms, s, m, h or d, e.g. 30s"))?;
+    let n: u64 = number.parse().map_err(|_| invalid(setting, value, "must be a whole number followed by ms, s, m, h or d, e.g. 30s"))?;
     let unit_ms: u64 = match unit {
         "ms" => 1,
         "s" => 1_000,
@@ -455,9 +443,7 @@ pub fn parse_duration(setting: &'static str, value: &str) -> Result<Duration, Co
         "d" => 86_400_000,
         _ => return Err(invalid(setting, value, "unit must be ms, s, m, h or d, e.g. 30s")),
     };
-    n.checked_mul(unit_ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| invalid(setting, value, "is too long"))
+    n.checked_mul(unit_ms).map(Duration::from_millis).ok_or_else(|| invalid(setting, value, "is too long"))
 }
 
 #[cfg(test)]

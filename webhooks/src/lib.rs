@@ -90,7 +90,9 @@ impl Webhook {
     pub async fn start(config: Config) -> Result<Self, Error> {
         let client = match config.kube_api {
             KubeApi::Off => {
-                info!("Kubernetes API off (--kube-api off): warnings that need it (MutualAuth ties, selectors that select nothing) are skipped");
+                info!(
+                    "Kubernetes API off (--kube-api off): warnings that need it (MutualAuth ties, selectors that select nothing) are skipped"
+                );
                 None
             }
             KubeApi::Auto => {
@@ -178,9 +180,7 @@ impl Webhook {
         )));
         let metrics_addr = match config.metrics_listen {
             Some(metrics_listen) => {
-                let listener = TcpListener::bind(metrics_listen)
-                    .await
-                    .map_err(|source| Error::Bind { addr: metrics_listen, source })?;
+                let listener = TcpListener::bind(metrics_listen).await.map_err(|source| Error::Bind { addr: metrics_listen, source })?;
                 let bound = listener.local_addr().map_err(|source| Error::Bind { addr: metrics_listen, source })?;
                 tasks.push(tokio::spawn(server::serve_plain(listener, server::ops_router(app), shutdown_rx.clone())));
                 Some(bound)

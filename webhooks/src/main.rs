@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use meshauth_webhook::config::{Args, LogFormat};
 use meshauth_webhook::Webhook;
+use meshauth_webhook::config::{Args, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -23,8 +23,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     tokio::select! {
         result = tokio::signal::ctrl_c() => result.context("cannot listen for Ctrl-C")?,
         _ = term.recv() => {}

@@ -102,11 +102,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meshauth_webhook");
         let admissions = Family::<AdmissionLabels, Counter>::default();
-        registry.register(
-            "admissions",
-            "Admission reviews answered, by kind, operation and result",
-            admissions.clone(),
-        );
+        registry.register("admissions", "Admission reviews answered, by kind, operation and result", admissions.clone());
         let admission_duration: HistogramFamily<KindLabels> = Family::new_with_constructor(latency_histogram);
         registry.register(
             "admission_duration_seconds",
@@ -120,11 +116,7 @@ impl Metrics {
             bad_requests.clone(),
         );
         let cert_loads = Family::<ReloadLabels, Counter>::default();
-        registry.register(
-            "certificate_loads",
-            "Serving certificate loads (from files or the Secret), by result",
-            cert_loads.clone(),
-        );
+        registry.register("certificate_loads", "Serving certificate loads (from files or the Secret), by result", cert_loads.clone());
         let cert_expiry = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "certificate_expiry_timestamp_seconds",
@@ -132,11 +124,7 @@ impl Metrics {
             cert_expiry.clone(),
         );
         let cert_rotations = Counter::default();
-        registry.register(
-            "certificate_rotations",
-            "Self-managed CA and serving certificate rotations completed",
-            cert_rotations.clone(),
-        );
+        registry.register("certificate_rotations", "Self-managed CA and serving certificate rotations completed", cert_rotations.clone());
         let connections_evicted = Counter::default();
         registry.register(
             "connections_evicted",
@@ -211,10 +199,7 @@ mod tests {
         m.admission(KindLabel::MeshPolicy, OperationLabel::CREATE, ResultLabel::Denied, Duration::from_millis(3));
         m.bad_request(415);
         let text = m.encode().expect("encode");
-        assert!(
-            text.contains(r#"meshauth_webhook_admissions_total{kind="MeshPolicy",operation="CREATE",result="Denied"} 1"#),
-            "{text}"
-        );
+        assert!(text.contains(r#"meshauth_webhook_admissions_total{kind="MeshPolicy",operation="CREATE",result="Denied"} 1"#), "{text}");
         assert!(text.contains(r#"meshauth_webhook_bad_requests_total{status="415"} 1"#), "{text}");
         assert!(text.contains("meshauth_webhook_admission_duration_seconds_bucket"), "{text}");
     }

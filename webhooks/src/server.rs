@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::Extension;
+use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::Extension;
-use axum::middleware::Next;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -48,11 +48,7 @@ pub struct App {
 
 /// Every route of the HTTPS listener.
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/validate", post(validate).fallback(post_only))
-        .merge(ops_routes())
-        .fallback(not_found)
-        .with_state(app)
+    Router::new().route("/validate", post(validate).fallback(post_only)).merge(ops_routes()).fallback(not_found).with_state(app)
 }
 
 /// `/healthz` and `/metrics` only, for the optional plain-HTTP listener.
@@ -61,9 +57,7 @@ pub fn ops_router(app: Arc<App>) -> Router {
 }
 
 fn ops_routes() -> Router<Arc<App>> {
-    Router::new()
-        .route("/healthz", get(healthz).fallback(get_only))
-        .route("/metrics", get(metrics).fallback(get_only))
+    Router::new().route("/healthz", get(healthz).fallback(get_only)).route("/metrics", get(metrics).fallback(get_only))
 }
 
 fn text(status: StatusCode, message: impl Into<String>) -> Response {
@@ -81,19 +75,18 @@ impl App {
     }
 }
 
-async fn validate(
-    State(app): State<Arc<App>>,
-    activity: Option<Extension<Arc<Activity>>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn validate(State(app): State<Arc<App>>, activity: Option<Extension<Arc<Activity>>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     // Refuse what is not JSON, or too big, before reading the body.
     let content_type = match headers.get(header::CONTENT_TYPE).map(HeaderValue::to_str) {
         None => None,
         Some(Ok(ct)) => Some(ct),
         Some(Err(_)) => {
-            return app.refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the Content-Type header is not text; send application/json".into(), started);
+            return app.refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the Content-Type header is not text; send application/json".into(),
+                started,
+            );
         }
     };
     let wrong_type = match content_type {
@@ -105,10 +98,7 @@ async fn validate(
         return app.refuse(err.status(), err.to_string(), started);
     }
     let too_big = || format!("the request body is larger than the limit of {} bytes", app.max_body_bytes);
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > app.max_body_bytes as u64) {
         return app.refuse(StatusCode::PAYLOAD_TOO_LARGE, too_big(), started);
     }
@@ -192,12 +182,9 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     match app.metrics.encode() {
-        Ok(body) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-            body,
-        )
-            .into_response(),
+        Ok(body) => {
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+        }
         Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics"),
     }
 }
@@ -245,7 +232,12 @@ pub struct Activity {
 
 impl Activity {
     fn new() -> Self {
-        Self { requests: AtomicUsize::new(0), answering: AtomicUsize::new(0), served: AtomicBool::new(false), idle_since: Mutex::new(Instant::now()) }
+        Self {
+            requests: AtomicUsize::new(0),
+            answering: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+        }
     }
 
     /// How long no request has been in progress; zero while one is.
@@ -481,9 +473,7 @@ async fn serve_connection(
 
 /// Serves `router` over plain HTTP until `shutdown`.
 pub async fn serve_plain(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>) {
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { crate::wait_for_shutdown(&mut shutdown).await })
-        .await;
+    let result = axum::serve(listener, router).with_graceful_shutdown(async move { crate::wait_for_shutdown(&mut shutdown).await }).await;
     if let Err(err) = result {
         warn!(error = %err, "metrics listener failed");
     }

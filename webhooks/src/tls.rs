@@ -50,10 +50,7 @@ pub struct ServingCert {
 
 impl fmt::Debug for ServingCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServingCert")
-            .field("not_before", &self.not_before)
-            .field("not_after", &self.not_after)
-            .finish_non_exhaustive()
+        f.debug_struct("ServingCert").field("not_before", &self.not_before).field("not_after", &self.not_after).finish_non_exhaustive()
     }
 }
 
@@ -68,8 +65,7 @@ impl ServingCert {
             return Err(TlsError::NoCertificate(what.to_owned()));
         };
         let (not_before, not_after) = validity(leaf)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|source| TlsError::KeyPem { what: what.to_owned(), source })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::KeyPem { what: what.to_owned(), source })?;
         let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(TlsError::Key)?;
         Ok(Self { key: Arc::new(certified), not_before, not_after })
     }
@@ -146,9 +142,8 @@ pub fn read_client_ca(path: &std::path::Path) -> Result<Vec<CertificateDer<'stat
 /// (the API server's, set up through its admission configuration): then nobody else can send
 /// the webhook reviews, forged ones included.
 pub fn server_config(store: Arc<CertStore>, client_ca: Option<&[CertificateDer<'static>]>) -> Result<rustls::ServerConfig, TlsError> {
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(TlsError::Config)?;
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(TlsError::Config)?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(cas) => {
@@ -181,8 +176,7 @@ pub(crate) mod testing {
         let ca = ca_params.self_signed(&ca_key).expect("ca");
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let key = rcgen::KeyPair::generate().expect("key");
-        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .expect("params");
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
         let leaf = params.signed_by(&key, &issuer).expect("leaf");
         (ca.pem(), leaf.pem(), key.serialize_pem())
     }

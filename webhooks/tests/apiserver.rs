@@ -112,9 +112,7 @@ async fn kubectl(env: &TestEnv, args: &[&str], manifest: &Value) -> (bool, Strin
 async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     let env = TestEnv::shared().await.unwrap_or_else(|e| fail("test environment", e));
     let client = env.client().await.unwrap_or_else(|e| fail("client", e));
-    k8s::install_crds(&client, &k8s::crd_dir(), Duration::from_secs(60))
-        .await
-        .unwrap_or_else(|e| fail("installing CRDs", e));
+    k8s::install_crds(&client, &k8s::crd_dir(), Duration::from_secs(60)).await.unwrap_or_else(|e| fail("installing CRDs", e));
     for ns in [NS, MESH_NS] {
         k8s::ensure_namespace(&client, ns).await.unwrap_or_else(|e| fail("namespace", e));
     }
@@ -139,9 +137,7 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     // Only this test's API server reaches the loopback port, so the API-based warnings may be
     // given without client certificates.
     config.api_warnings = ApiWarnings::Always;
-    let webhook = Webhook::start_with_client(config, Some(client.clone()))
-        .await
-        .unwrap_or_else(|e| fail("webhook start", e));
+    let webhook = Webhook::start_with_client(config, Some(client.clone())).await.unwrap_or_else(|e| fail("webhook start", e));
 
     let configurations: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     let _ = configurations.delete(CONFIGURATION, &DeleteParams::default()).await;
@@ -225,7 +221,10 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     long_list.spec.ingress[0].ports = (0..65).map(|p| port(1000 + p, None)).collect();
     let message = api_message(&policies.create(&dry_run, &long_list).await.expect_err("65 ports"));
     assert!(message.contains("must have at most 64 items"), "{message}");
-    let bad_selector = mutual_auth("bad-selector", json!({"mode": "Strict", "selector": {"matchExpressions": [{"key": "app", "operator": "Is", "values": ["x"]}]}}));
+    let bad_selector = mutual_auth(
+        "bad-selector",
+        json!({"mode": "Strict", "selector": {"matchExpressions": [{"key": "app", "operator": "Is", "values": ["x"]}]}}),
+    );
     let message = api_message(&mutual_auths.create(&PostParams::default(), &bad_selector).await.expect_err("bad operator"));
     assert!(message.contains("MutualAuth webhook-test/bad-selector is invalid: spec.selector.matchExpressions[0].operator"), "{message}");
 
@@ -233,10 +232,8 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     let created = policies.create(&PostParams::default(), &valid).await.unwrap_or_else(|e| fail("valid MeshPolicy", api_message(&e)));
     let mut updated = created.clone();
     updated.spec.ingress[0].ports[0].port = 8443;
-    let updated = policies
-        .replace("valid", &PostParams::default(), &updated)
-        .await
-        .unwrap_or_else(|e| fail("valid update", api_message(&e)));
+    let updated =
+        policies.replace("valid", &PostParams::default(), &updated).await.unwrap_or_else(|e| fail("valid update", api_message(&e)));
     let mut broken = updated.clone();
     // (endPort < port is CEL's to refuse; a duplicate port is the webhook's.)
     let port = broken.spec.ingress[0].ports[0].clone();
@@ -271,7 +268,12 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
         let (ok, _, stderr) = kubectl(env, &["apply", "-f", "-"], &pod).await;
         assert!(ok, "{stderr}");
     }
-    let (ok, _, stderr) = kubectl(env, &["patch", "pod", "batch-done", "-n", NS, "--subresource=status", "--type=merge", "-p", r#"{"status":{"phase":"Succeeded"}}"#], &json!({})).await;
+    let (ok, _, stderr) = kubectl(
+        env,
+        &["patch", "pod", "batch-done", "-n", NS, "--subresource=status", "--type=merge", "-p", r#"{"status":{"phase":"Succeeded"}}"#],
+        &json!({}),
+    )
+    .await;
     assert!(ok, "{stderr}");
     let not_workloads = json!({"apiVersion": "meshauth.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "not-workloads", "namespace": NS}, "spec": {
         "selector": {"matchLabels": {"app": "not-a-workload"}},
@@ -279,7 +281,10 @@ async fn apiserver_uses_the_webhook_and_rotation_fails_no_admission() {
     }});
     let (ok, _, stderr) = kubectl(env, &["apply", "--dry-run=server", "-f", "-"], &not_workloads).await;
     assert!(ok, "{stderr}");
-    assert!(stderr.contains("Warning: spec.selector: selects no pod in namespace webhook-test right now"), "hostNetwork and finished pods counted: {stderr}");
+    assert!(
+        stderr.contains("Warning: spec.selector: selects no pod in namespace webhook-test right now"),
+        "hostNetwork and finished pods counted: {stderr}"
+    );
     let never = json!({"apiVersion": "meshauth.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "never", "namespace": NS}, "spec": {
         "selector": {"matchLabels": {"app": "payment-service"}},
         "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["a"]}, {"key": "app", "operator": "NotIn", "values": ["a"]}]}}]}]

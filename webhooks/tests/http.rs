@@ -181,7 +181,15 @@ async fn answers_reviews_and_refuses_bad_requests_with_a_clear_4xx() {
         ("no content type", "POST", "/validate", None, good.clone(), 415, "Content-Type header is missing"),
         ("text/plain", "POST", "/validate", Some("text/plain"), good.clone(), 415, "\"text/plain\" is not supported"),
         ("malformed JSON", "POST", "/validate", JSON, b"{\"kind\":".to_vec(), 400, "not valid JSON"),
-        ("wrong envelope", "POST", "/validate", JSON, br#"{"kind":"Pod","apiVersion":"v1"}"#.to_vec(), 400, "expected kind \"AdmissionReview\""),
+        (
+            "wrong envelope",
+            "POST",
+            "/validate",
+            JSON,
+            br#"{"kind":"Pod","apiVersion":"v1"}"#.to_vec(),
+            400,
+            "expected kind \"AdmissionReview\"",
+        ),
         ("v1beta1", "POST", "/validate", JSON, serde_json::to_vec(&v1beta1).expect("json"), 400, "admission.k8s.io/v1beta1"),
         ("wrong kind", "POST", "/validate", JSON, serde_json::to_vec(&pod).expect("json"), 400, "not Pod of /v1"),
         ("missing object", "POST", "/validate", JSON, serde_json::to_vec(&no_object).expect("json"), 400, "must carry request.object"),
@@ -198,7 +206,9 @@ async fn answers_reviews_and_refuses_bad_requests_with_a_clear_4xx() {
     assert!(reply.headers.contains("allow: post"), "{}", reply.headers);
 
     // An oversized chunked body (no Content-Length) is cut off at the limit too.
-    let mut chunked = b"POST /validate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut chunked =
+        b"POST /validate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
     for _ in 0..20 {
         chunked.extend_from_slice(format!("{:x}\r\n", 8192).as_bytes());
         chunked.extend_from_slice(&[b' '; 8192]);
@@ -337,14 +347,19 @@ async fn with_a_client_ca_only_clients_with_its_certificates_are_served() {
     let server = start_with(|config| config.client_ca = Some(ca_file.path().to_owned())).await;
     let (addr, ca) = (server.webhook.addr, server.ca.as_str());
     let good = serde_json::to_vec(&review("CREATE", policy("spiffe://cluster.local/ns/shop/sa/order"))).expect("json");
-    let mut req = format!("POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", good.len()).into_bytes();
+    let mut req = format!(
+        "POST /validate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        good.len()
+    )
+    .into_bytes();
     req.extend_from_slice(&good);
 
     let send = |config: Arc<rustls::ClientConfig>| {
         let req = req.clone();
         async move {
             let tcp = TcpStream::connect(addr).await.expect("connect");
-            let mut tls = tokio_rustls::TlsConnector::from(config).connect(ServerName::try_from("127.0.0.1").expect("name"), tcp).await.ok()?;
+            let mut tls =
+                tokio_rustls::TlsConnector::from(config).connect(ServerName::try_from("127.0.0.1").expect("name"), tcp).await.ok()?;
             tls.write_all(&req).await.ok()?;
             let mut out = Vec::new();
             tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await.ok()?.ok()?;
@@ -422,9 +437,7 @@ async fn a_connection_flood_does_not_keep_a_review_from_being_answered() {
     // Each wave runs at once with short bounds, so the whole attack takes seconds, far less
     // than the server's minute-long timeouts.
     let bounded = Duration::from_secs(2);
-    let connect_many = |n: usize| {
-        futures::future::join_all((0..n).map(|_| tokio::time::timeout(bounded, TcpStream::connect(addr))))
-    };
+    let connect_many = |n: usize| futures::future::join_all((0..n).map(|_| tokio::time::timeout(bounded, TcpStream::connect(addr))));
     let mut held: Vec<TcpStream> = connect_many(300).await.into_iter().filter_map(|c| c.ok()?.ok()).collect();
     let slow = futures::future::join_all((0..60).map(|i| {
         let ca = ca.clone();

@@ -2,8 +2,8 @@
 //! do it (a /32 route and proxy ARP per pod on its node, node-to-node routes over an underlay
 //! veth), with a development issuer and a real meshauth agent per node.
 
-use meshauth_datapath::testing::{Netns, Pod, sh};
 use meshauth_cluster::manifests::Manifests;
+use meshauth_datapath::testing::{Netns, Pod, sh};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
@@ -76,7 +76,8 @@ impl MeshBox {
         let kept = Kept { processes, namespaces, pin_roots };
         let path = self.dir.join(KEPT_FILE);
         // Plain data: serialization cannot fail.
-        std::fs::write(&path, serde_json::to_vec_pretty(&kept).unwrap_or_default()).map_err(io_err(format!("writing {}", path.display())))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&kept).unwrap_or_default())
+            .map_err(io_err(format!("writing {}", path.display())))?;
         // Nothing of it may go with this process: no drop runs.
         std::mem::forget(self);
         Ok(kept)
@@ -131,7 +132,10 @@ pub fn take_down(dir: &Path) -> Result<Kept, MeshError> {
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         if std::os::unix::fs::MetadataExt::uid(&meta) != me || std::os::unix::fs::MetadataExt::mode(&meta) & 0o022 != 0 {
-            return Err(MeshError::DamagedKept { path: p.to_path_buf(), reason: format!("the {what} is not this user's alone (owner or group/other write)") });
+            return Err(MeshError::DamagedKept {
+                path: p.to_path_buf(),
+                reason: format!("the {what} is not this user's alone (owner or group/other write)"),
+            });
         }
     }
     let kept: Kept = serde_json::from_slice(&text).map_err(|e| MeshError::DamagedKept { path: path.clone(), reason: e.to_string() })?;
@@ -206,7 +210,14 @@ pub struct MeshBox {
 impl MeshBox {
     /// Builds the namespaces of every node and pod of `manifests` (Nodes need an address,
     /// Pods a node and an IP). `tag` keeps names unique when several boxes run at once.
-    pub fn build(tag: &str, dir: PathBuf, manifests_dir: PathBuf, parsed: &Manifests, agent_bin: PathBuf, svid_ttl: Duration) -> Result<Self, MeshError> {
+    pub fn build(
+        tag: &str,
+        dir: PathBuf,
+        manifests_dir: PathBuf,
+        parsed: &Manifests,
+        agent_bin: PathBuf,
+        svid_ttl: Duration,
+    ) -> Result<Self, MeshError> {
         std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let snapshot = parsed.snapshot();
         let mut nodes = Vec::new();
@@ -243,7 +254,8 @@ impl MeshBox {
                 sh(&["ip", "-n", &underlay, "addr", "add", &addr, "dev", &bridge]).map_err(io_err("underlay address"))?;
                 continue;
             }
-            sh(&["ip", "-n", &underlay, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.ns.name]).map_err(io_err("underlay veth"))?;
+            sh(&["ip", "-n", &underlay, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.ns.name])
+                .map_err(io_err("underlay veth"))?;
             sh(&["ip", "-n", &underlay, "link", "set", &port, "master", &bridge, "up"]).map_err(io_err("underlay port"))?;
             sh(&["ip", "-n", &n.ns.name, "addr", "add", &addr, "dev", "eth0"]).map_err(io_err("underlay address"))?;
             sh(&["ip", "-n", &n.ns.name, "link", "set", "eth0", "up"]).map_err(io_err("underlay link"))?;
@@ -273,7 +285,8 @@ impl MeshBox {
             node.ns.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]).map_err(io_err(what.clone()))?;
             // Pods on other nodes: routed through that node's underlay address.
             for other in nodes.iter().filter(|o| o.name != node_name) {
-                sh(&["ip", "-n", &other.ns.name, "route", "add", &format!("{ip_s}/32"), "via", &node.address.to_string()]).map_err(io_err(what.clone()))?;
+                sh(&["ip", "-n", &other.ns.name, "route", "add", &format!("{ip_s}/32"), "via", &node.address.to_string()])
+                    .map_err(io_err(what.clone()))?;
             }
             pods.insert(format!("{}/{}", p.namespace, p.name), Pod { ns: pod_ns, ip, host_if });
         }
@@ -388,11 +401,7 @@ impl Drop for MeshBox {
 
 fn spawn_logged(mut cmd: Command, log: &Path, netns: Option<File>) -> Result<Child, MeshError> {
     // Appended: a restarted process's log follows the previous one's.
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(io_err(format!("creating {}", log.display())))?;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(io_err(format!("creating {}", log.display())))?;
     let err = out.try_clone().map_err(io_err("log file"))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     if let Some(ns) = netns {

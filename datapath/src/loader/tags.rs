@@ -7,14 +7,13 @@
 
 use std::time::Duration;
 
+use aya::programs::LinkOrder;
 use aya::programs::TcAttachType;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::LinkOrder;
 
 use super::{
-    Datapath, DatapathError, NodeId, TAG_SYN, if_index, io_err, is_not_found,
-    keys_of, map_err, prog_err, remove_ignoring_missing,
+    Datapath, DatapathError, NodeId, TAG_SYN, if_index, io_err, is_not_found, keys_of, map_err, prog_err, remove_ignoring_missing,
 };
 use crate::abi::{AuthKey, AuthValue, TagKey, TagValue};
 use crate::clock::BootTime;

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use meshauth_datapath::testing::{Netns, NetnsGuard, Node, PinDir, require_root};
 use meshauth_datapath::{Counter, Counters, Datapath, DatapathConfig, Event, EventKind, EventStream};
-use meshauth_policy::tables::{
-    AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol,
-};
+use meshauth_policy::tables::{AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol};
 
 pub const SHORT: Duration = Duration::from_millis(700);
 pub const LONG: Duration = Duration::from_secs(3);
@@ -43,12 +41,7 @@ impl Fixture {
         for pod in &node.pods {
             dp.attach(&pod.host_if, pod.ip).expect("attaching");
         }
-        Fixture {
-            dp: Some(dp),
-            pins,
-            _guard: guard,
-            node,
-        }
+        Fixture { dp: Some(dp), pins, _guard: guard, node }
     }
 
     pub fn dp(&mut self) -> &mut Datapath {
@@ -68,11 +61,7 @@ impl Fixture {
     }
 
     pub fn counters(&self) -> Counters {
-        self.dp
-            .as_ref()
-            .expect("datapath")
-            .counters()
-            .expect("counters")
+        self.dp.as_ref().expect("datapath").counters().expect("counters")
     }
 
     /// Whether `counter` rises above `before` within `LONG`. A refused client gives up after its
@@ -92,11 +81,7 @@ impl Fixture {
     }
 
     pub fn events(&self) -> EventStream {
-        self.dp
-            .as_ref()
-            .expect("datapath")
-            .events()
-            .expect("event stream")
+        self.dp.as_ref().expect("datapath").events().expect("event stream")
     }
 }
 
@@ -120,39 +105,13 @@ pub fn identity(i: usize) -> u32 {
 }
 
 /// A rule: traffic from pod `src` to pod `dst` on `protocol`/`port`.
-pub fn rule(
-    dst: usize,
-    src: usize,
-    protocol: TableProtocol,
-    port: u16,
-    auth: AuthRequirement,
-) -> PolicyEntry {
-    PolicyEntry {
-        dst_identity: identity(dst),
-        src_identity: identity(src),
-        protocol,
-        port_start: port,
-        port_end: port,
-        auth,
-    }
+pub fn rule(dst: usize, src: usize, protocol: TableProtocol, port: u16, auth: AuthRequirement) -> PolicyEntry {
+    PolicyEntry { dst_identity: identity(dst), src_identity: identity(src), protocol, port_start: port, port_end: port, auth }
 }
 
 pub fn tables(endpoints: Vec<EndpointEntry>, policy: Vec<PolicyEntry>) -> CompiledTables {
-    let spiffe_ids = endpoints
-        .iter()
-        .map(|e| {
-            (
-                e.spiffe_id,
-                format!("spiffe://cluster.local/ns/test/sa/pod-{}", e.spiffe_id),
-            )
-        })
-        .collect();
-    CompiledTables {
-        endpoints,
-        policy,
-        spiffe_ids,
-        security_identities: Vec::new(),
-    }
+    let spiffe_ids = endpoints.iter().map(|e| (e.spiffe_id, format!("spiffe://cluster.local/ns/test/sa/pod-{}", e.spiffe_id))).collect();
+    CompiledTables { endpoints, policy, spiffe_ids, security_identities: Vec::new() }
 }
 
 /// Every event already written.

@@ -1,8 +1,8 @@
 //! The manager against in-process doubles of the handshake and the map: on the real clock with
 //! short lifetimes, and on tokio's paused clock where the test counts handshakes over time.
 
-use super::*;
 use super::fake::{FakeTable, NoObserver};
+use super::*;
 use crate::svid::TokioClock;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -86,7 +86,11 @@ impl Authenticator for FakeAuth {
                 Some(_) => return Err(AuthFailure { reason: "expired", message: "every SVID expired".into(), refused: true }),
                 None => self.clock.now() + Duration::from_millis(self.lifetime_ms),
             };
-            let proof = Proof { expiry, evidence: Arc::new(FakeEvidence(self.trust_of(peer))), connection_key: meshauth_datapath::ConnectionKey([call, call]) };
+            let proof = Proof {
+                expiry,
+                evidence: Arc::new(FakeEvidence(self.trust_of(peer))),
+                connection_key: meshauth_datapath::ConnectionKey([call, call]),
+            };
             // Taken out first: the lock must not be held across the wait.
             let hold = self.hold.lock().expect("lock").take();
             if let Some(gate) = hold {
@@ -540,6 +544,10 @@ async fn a_handshake_overtaken_by_a_bundle_change_still_leaves_its_key_while_the
     gate.notify_one();
     tokio::time::sleep(Duration::from_millis(1)).await;
     let key = proof(1, 2, 2);
-    assert_eq!(table.key(key), Some(meshauth_datapath::ConnectionKey([2, 2])), "the overtaken handshake's key was thrown away: the source's SYNs would be refused");
+    assert_eq!(
+        table.key(key),
+        Some(meshauth_datapath::ConnectionKey([2, 2])),
+        "the overtaken handshake's key was thrown away: the source's SYNs would be refused"
+    );
     assert_eq!(entry(&table, (1, 2)), proven, "an overtaken handshake extended the entry");
 }

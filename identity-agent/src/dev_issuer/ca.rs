@@ -10,11 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use meshauth_crds::{SpiffeId, TrustDomain};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType, SerialNumber,
 };
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 
 use super::DevIssuerError;
 
@@ -39,10 +39,7 @@ pub struct IssuedSvid {
 
 impl std::fmt::Debug for IssuedSvid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedSvid")
-            .field("id", &self.id.as_str())
-            .field("not_after", &self.not_after)
-            .finish_non_exhaustive()
+        f.debug_struct("IssuedSvid").field("id", &self.id.as_str()).field("not_after", &self.not_after).finish_non_exhaustive()
     }
 }
 
@@ -66,8 +63,7 @@ fn ca_params(trust_domain: &TrustDomain, now: SystemTime) -> Result<CertificateP
     dn.push(DnType::CommonName, format!("meshauth dev CA {}", trust_domain.as_str()));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.subject_alt_names = vec![uri_san(&format!("spiffe://{}", trust_domain.as_str()))?];
     params.serial_number = Some(random_serial());
     params.not_before = (now - BACKDATE).into();
@@ -98,21 +94,13 @@ impl DevCa {
         let key = KeyPair::generate().map_err(rcgen_error("generating the CA key"))?;
         let params = ca_params(trust_domain, now)?;
         let cert = params.self_signed(&key).map_err(rcgen_error("self-signing the CA"))?;
-        Ok(Self {
-            trust_domain: trust_domain.clone(),
-            cert: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        })
+        Ok(Self { trust_domain: trust_domain.clone(), cert: cert.der().clone(), issuer: Issuer::new(params, key) })
     }
 
     /// Loads the CA from `dir`, or creates and saves one when there is none. A stored CA of
     /// another trust domain, or one that has expired, is an error rather than silently replaced:
     /// replacing it would invalidate every SVID peers hold.
-    pub fn load_or_create(
-        dir: &Path,
-        trust_domain: &TrustDomain,
-        now: SystemTime,
-    ) -> Result<Self, DevIssuerError> {
+    pub fn load_or_create(dir: &Path, trust_domain: &TrustDomain, now: SystemTime) -> Result<Self, DevIssuerError> {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         if cert_path.exists() || key_path.exists() {
@@ -130,29 +118,17 @@ impl DevCa {
         Ok(Self { trust_domain: trust_domain.clone(), cert: cert.der().clone(), issuer: Issuer::new(params, key) })
     }
 
-    fn load(
-        cert_path: &Path,
-        key_path: &Path,
-        trust_domain: &TrustDomain,
-        now: SystemTime,
-    ) -> Result<Self, DevIssuerError> {
+    fn load(cert_path: &Path, key_path: &Path, trust_domain: &TrustDomain, now: SystemTime) -> Result<Self, DevIssuerError> {
         let key_pem = fs::read_to_string(key_path).map_err(io_error(key_path))?;
         let key = KeyPair::from_pem(&key_pem).map_err(rcgen_error("reading the CA key"))?;
         let cert_pem = fs::read(cert_path).map_err(io_error(cert_path))?;
-        let cert = CertificateDer::from_pem_slice(&cert_pem)
-            .map_err(|e| DevIssuerError::Ca(format!("{}: {e}", cert_path.display())))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-            .map_err(|e| DevIssuerError::Ca(format!("{}: {e}", cert_path.display())))?;
+        let cert = CertificateDer::from_pem_slice(&cert_pem).map_err(|e| DevIssuerError::Ca(format!("{}: {e}", cert_path.display())))?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| DevIssuerError::Ca(format!("{}: {e}", cert_path.display())))?;
         let want = format!("spiffe://{}", trust_domain.as_str());
-        let has_td = parsed
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .is_some_and(|san| {
-                san.value.general_names.iter().any(
-                    |n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == want),
-                )
-            });
+        let has_td = parsed.subject_alternative_name().ok().flatten().is_some_and(|san| {
+            san.value.general_names.iter().any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == want))
+        });
         if !has_td {
             return Err(DevIssuerError::Ca(format!(
                 "the CA in {} is not for trust domain {trust_domain}; use another --state-dir",
@@ -165,11 +141,7 @@ impl DevCa {
             return Err(DevIssuerError::Ca(format!("the CA in {} has expired", cert_path.display())));
         }
         if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
-            return Err(DevIssuerError::Ca(format!(
-                "{} does not hold the key of {}",
-                key_path.display(),
-                cert_path.display()
-            )));
+            return Err(DevIssuerError::Ca(format!("{} does not hold the key of {}", key_path.display(), cert_path.display())));
         }
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(rcgen_error("loading the CA"))?;
         Ok(Self { trust_domain: trust_domain.clone(), cert: cert.into_owned(), issuer })
@@ -187,10 +159,7 @@ impl DevCa {
     /// Issues an X.509-SVID for `id` valid for `ttl` from `now`, with a fresh key.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> Result<IssuedSvid, DevIssuerError> {
         if id.trust_domain() != self.trust_domain.as_str() {
-            return Err(DevIssuerError::Ca(format!(
-                "{id} is not in this CA's trust domain {}",
-                self.trust_domain
-            )));
+            return Err(DevIssuerError::Ca(format!("{id} is not in this CA's trust domain {}", self.trust_domain)));
         }
         let key = KeyPair::generate().map_err(rcgen_error("generating an SVID key"))?;
         let mut params = CertificateParams::default();
@@ -199,8 +168,7 @@ impl DevCa {
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.subject_alt_names = vec![uri_san(id.as_str())?];
         params.serial_number = Some(random_serial());
         params.not_before = (now - BACKDATE).into();
@@ -209,16 +177,8 @@ impl DevCa {
         let cert = params.signed_by(&key, &self.issuer).map_err(rcgen_error("signing an SVID"))?;
         // notAfter is stored with one-second precision: report what peers will see.
         let not_after = SystemTime::UNIX_EPOCH
-            + Duration::from_secs(
-                not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            );
-        Ok(IssuedSvid {
-            id: id.clone(),
-            chain: vec![cert.der().clone()],
-            key_pkcs8: key.serialize_der(),
-            issued: now,
-            not_after,
-        })
+            + Duration::from_secs(not_after.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+        Ok(IssuedSvid { id: id.clone(), chain: vec![cert.der().clone()], key_pkcs8: key.serialize_der(), issued: now, not_after })
     }
 }
 
@@ -230,12 +190,7 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> DevIssuerError {
 /// Writes a file readable by its owner only.
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), DevIssuerError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_error(path))?;
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_error(path))?;
     file.write_all(contents).map_err(io_error(path))?;
     file.sync_all().map_err(io_error(path))
 }

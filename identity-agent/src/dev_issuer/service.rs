@@ -88,15 +88,13 @@ impl ServerStreamingService<X509SvidRequest> for FetchX509Svid {
             x509_response(&rx.borrow())?;
             // A response per change; an identity set that became empty ends the stream with
             // PermissionDenied, and the client reconnects.
-            let stream = snapshots(rx)
-                .map(|snapshot| x509_response(&snapshot))
-                .scan(false, |ended, item| {
-                    let out = if *ended { None } else { Some(item) };
-                    if matches!(out, Some(Err(_))) {
-                        *ended = true;
-                    }
-                    futures::future::ready(out)
-                });
+            let stream = snapshots(rx).map(|snapshot| x509_response(&snapshot)).scan(false, |ended, item| {
+                let out = if *ended { None } else { Some(item) };
+                if matches!(out, Some(Err(_))) {
+                    *ended = true;
+                }
+                futures::future::ready(out)
+            });
             let stream: Self::ResponseStream = Box::pin(stream);
             Ok(Response::new(stream))
         })
@@ -155,8 +153,7 @@ impl tonic::codegen::Service<http::Request<Body>> for WorkloadApi {
                         .await
                 }
                 "/FetchJWTSVID" | "/FetchJWTBundles" | "/ValidateJWTSVID" => {
-                    Status::unimplemented("the meshauth dev issuer issues X.509-SVIDs only")
-                        .into_http()
+                    Status::unimplemented("the meshauth dev issuer issues X.509-SVIDs only").into_http()
                 }
                 _ => Status::unimplemented(format!("unknown method {path}")).into_http(),
             };
@@ -166,10 +163,7 @@ impl tonic::codegen::Service<http::Request<Body>> for WorkloadApi {
 }
 
 /// Serves the Workload API on `socket` with the snapshots of `rx`.
-pub(super) async fn serve(
-    socket: &Path,
-    rx: watch::Receiver<Arc<Snapshot>>,
-) -> Result<(), DevIssuerError> {
+pub(super) async fn serve(socket: &Path, rx: watch::Receiver<Arc<Snapshot>>) -> Result<(), DevIssuerError> {
     let io = |source: std::io::Error| DevIssuerError::Io { path: socket.to_owned(), reason: source.to_string() };
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;

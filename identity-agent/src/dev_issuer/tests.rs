@@ -55,11 +55,8 @@ async fn the_spiffe_client_receives_svids_and_bundle_and_sees_rotations() {
 
     let client = spiffe::WorkloadApiClient::connect_to(endpoint(&config.socket)).await.expect("connect");
     let mut stream = client.stream_x509_contexts().await.expect("stream");
-    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("first in time")
-        .expect("an item")
-        .expect("valid context");
+    let first =
+        tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("first in time").expect("an item").expect("valid context");
     let ids: Vec<String> = first.svids().iter().map(|s| s.spiffe_id().to_string()).collect();
     assert_eq!(ids, vec![ORDER.to_owned(), PAYMENT.to_owned()]);
     let td = spiffe::TrustDomain::new("cluster.local").expect("td");
@@ -72,11 +69,7 @@ async fn the_spiffe_client_receives_svids_and_bundle_and_sees_rotations() {
         .expect("rotation in time")
         .expect("an item")
         .expect("valid context");
-    assert_ne!(
-        first.svids()[0].leaf().as_bytes(),
-        second.svids()[0].leaf().as_bytes(),
-        "rotated certificate"
-    );
+    assert_ne!(first.svids()[0].leaf().as_bytes(), second.svids()[0].leaf().as_bytes(), "rotated certificate");
     assert_ne!(first.svids()[0].private_key().as_bytes(), second.svids()[0].private_key().as_bytes());
 
     // The bundle API answers too.
@@ -98,10 +91,7 @@ async fn the_agent_store_tracks_the_dev_issuer() {
     let mut rotations = store.subscribe_rotations();
     let svid = store.wait_available(&id(ORDER), Duration::from_secs(5)).await.expect("available");
     assert_eq!(rotations.recv().await.expect("issued"), id(ORDER));
-    let rotated = tokio::time::timeout(Duration::from_secs(5), rotations.recv())
-        .await
-        .expect("rotation in time")
-        .expect("rotation");
+    let rotated = tokio::time::timeout(Duration::from_secs(5), rotations.recv()).await.expect("rotation in time").expect("rotation");
     assert_eq!(rotated, id(ORDER));
     let next = store.current(&id(ORDER)).expect("current");
     assert_ne!(next.chain()[0], svid.chain()[0]);
@@ -167,8 +157,8 @@ fn issued_svids_follow_the_x509_svid_profile() {
     let mut bundles = crate::verify::BundleSet::new();
     bundles.insert(crate::verify::TrustBundle::new("cluster.local", vec![ca.cert().clone()]).expect("bundle"));
     for usage in [crate::verify::Usage::Client, crate::verify::Usage::Server] {
-        let verified = crate::verify::verify_svid_for(&svid.chain, &bundles, &id(ORDER), usage, std::time::SystemTime::now())
-            .expect("a valid SVID");
+        let verified =
+            crate::verify::verify_svid_for(&svid.chain, &bundles, &id(ORDER), usage, std::time::SystemTime::now()).expect("a valid SVID");
         assert_eq!(verified.not_after, svid.not_after);
     }
     let (_, leaf) = x509_parser::parse_x509_certificate(svid.chain[0].as_ref()).expect("parse");
@@ -181,10 +171,7 @@ fn issued_svids_follow_the_x509_svid_profile() {
 fn spire_agent() -> Option<PathBuf> {
     let base = Path::new("/var/cache/meshauth-testenv");
     let entries = std::fs::read_dir(base).ok()?;
-    entries
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("bin/spire-agent"))
-        .find(|p| p.is_file())
+    entries.filter_map(Result::ok).map(|e| e.path().join("bin/spire-agent")).find(|p| p.is_file())
 }
 
 /// SPIRE's own client cannot tell the dev issuer from SPIRE. Skipped (with a note) where the

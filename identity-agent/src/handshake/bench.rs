@@ -136,10 +136,7 @@ impl HostedIdentities for Loopback {
 
 /// Runs both benchmarks on a fresh current-thread runtime (one core).
 pub fn run_handshake_bench(options: BenchOptions) -> Result<BenchReport, BenchError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(setup("runtime"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(setup("runtime"))?;
     runtime.block_on(async move {
         let meshauth = meshauth_bench(&options).await?;
         let plain = plain_bench(&options).await?;
@@ -150,19 +147,10 @@ pub fn run_handshake_bench(options: BenchOptions) -> Result<BenchReport, BenchEr
 async fn store_with(ca: &DevCa, id: &SpiffeId) -> Result<SvidStore, BenchError> {
     let issued = ca.issue(id, Duration::from_secs(3600), SystemTime::now()).map_err(setup("issue"))?;
     let update = X509Update {
-        svids: vec![SvidMaterial {
-            spiffe_id: id.to_string(),
-            chain: issued.chain,
-            key_pkcs8: issued.key_pkcs8,
-            hint: None,
-        }],
+        svids: vec![SvidMaterial { spiffe_id: id.to_string(), chain: issued.chain, key_pkcs8: issued.key_pkcs8, hint: None }],
         bundles: vec![(ca.trust_domain().to_string(), vec![ca.cert().clone()])],
     };
-    let (store, _task) = SvidStore::spawn(
-        Arc::new(StaticSource::new(update)),
-        StoreConfig::default(),
-        Arc::new(SystemClock),
-    );
+    let (store, _task) = SvidStore::spawn(Arc::new(StaticSource::new(update)), StoreConfig::default(), Arc::new(SystemClock));
     store.wait_available(id, Duration::from_secs(5)).await.map_err(setup("store"))?;
     Ok(store)
 }
@@ -246,13 +234,7 @@ where
             total
         })
         .await;
-    BenchResult {
-        name,
-        handshakes: counts.0,
-        failures: failures + counts.1,
-        elapsed: started.elapsed(),
-        latencies,
-    }
+    BenchResult { name, handshakes: counts.0, failures: failures + counts.1, elapsed: started.elapsed(), latencies }
 }
 
 /// A plain rustls mutual handshake: webpki verifiers, DNS-name certificates from one CA.
@@ -269,8 +251,7 @@ async fn plain_bench(options: &BenchOptions) -> Result<BenchResult, BenchError> 
         let key = KeyPair::generate().map_err(setup("key"))?;
         let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(setup("params"))?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &issuer).map_err(setup("leaf"))?;
         Ok((vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))))
     };
@@ -279,10 +260,9 @@ async fn plain_bench(options: &BenchOptions) -> Result<BenchResult, BenchError> 
     let roots = Arc::new(roots);
 
     let (server_chain, server_key) = leaf("server.bench")?;
-    let client_verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(setup("client verifier"))?;
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(setup("client verifier"))?;
     let mut server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(setup("server config"))?

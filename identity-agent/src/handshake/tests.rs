@@ -8,7 +8,7 @@ use tokio::io::AsyncReadExt;
 
 use super::*;
 use crate::svid::{Clock, StaticSource, StoreConfig, SvidStore, SystemClock, X509Update};
-use crate::verify::test_certs::{leaf_params, TestCa, TestSvid};
+use crate::verify::test_certs::{TestCa, TestSvid, leaf_params};
 
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order"; // the source
 const PAYMENT: &str = "spiffe://cluster.local/ns/shop/sa/payment"; // the destination
@@ -27,10 +27,7 @@ struct Hosted {
 
 impl Hosted {
     fn new(here: &[&str], at: &[(&str, IpAddr)]) -> Arc<Self> {
-        Arc::new(Self {
-            here: here.iter().map(|s| id(s)).collect(),
-            at: at.iter().map(|(s, ip)| (id(s), *ip)).collect(),
-        })
+        Arc::new(Self { here: here.iter().map(|s| id(s)).collect(), at: at.iter().map(|(s, ip)| (id(s), *ip)).collect() })
     }
 }
 
@@ -57,14 +54,9 @@ impl Clock for PastClock {
     }
 }
 
-async fn store_of(
-    svids: &[(&str, &TestSvid)],
-    bundles: Vec<(String, Vec<CertificateDer<'static>>)>,
-    clock: Arc<dyn Clock>,
-) -> SvidStore {
+async fn store_of(svids: &[(&str, &TestSvid)], bundles: Vec<(String, Vec<CertificateDer<'static>>)>, clock: Arc<dyn Clock>) -> SvidStore {
     let update = X509Update { svids: crate::svid::fake::materials(svids), bundles };
-    let (store, _task) =
-        SvidStore::spawn(Arc::new(StaticSource::new(update)), StoreConfig::default(), clock);
+    let (store, _task) = SvidStore::spawn(Arc::new(StaticSource::new(update)), StoreConfig::default(), clock);
     for (s, _) in svids {
         store.wait_available(&id(s), Duration::from_secs(5)).await.expect("test SVID accepted");
     }
@@ -105,16 +97,11 @@ impl Recorder {
     }
 }
 
-async fn start_server(
-    store: SvidStore,
-    hosted: Arc<dyn HostedIdentities>,
-) -> (SocketAddr, Arc<Recorder>, tokio::task::JoinHandle<()>) {
+async fn start_server(store: SvidStore, hosted: Arc<dyn HostedIdentities>) -> (SocketAddr, Arc<Recorder>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let recorder = Arc::new(Recorder::default());
-    let server = HandshakeServer::new(store, hosted)
-        .with_observer(recorder.clone())
-        .with_timeout(Duration::from_secs(5));
+    let server = HandshakeServer::new(store, hosted).with_observer(recorder.clone()).with_timeout(Duration::from_secs(5));
     (addr, recorder, tokio::spawn(server.serve(listener)))
 }
 
@@ -160,7 +147,14 @@ async fn honest_agents_authenticate_the_pair_with_the_earliest_expiry() {
 struct KeptKeys(std::sync::Mutex<Vec<(SpiffeId, SpiffeId, IpAddr, meshauth_datapath::ConnectionKey)>>);
 
 impl ConnectionKeySink for KeptKeys {
-    fn install(&self, source: &SpiffeId, destination: &SpiffeId, node: IpAddr, key: meshauth_datapath::ConnectionKey, _expiry: SystemTime) -> Result<(), String> {
+    fn install(
+        &self,
+        source: &SpiffeId,
+        destination: &SpiffeId,
+        node: IpAddr,
+        key: meshauth_datapath::ConnectionKey,
+        _expiry: SystemTime,
+    ) -> Result<(), String> {
         self.0.lock().expect("lock").push((source.clone(), destination.clone(), node, key));
         Ok(())
     }
@@ -188,7 +182,10 @@ async fn both_sides_derive_the_same_connection_key_new_with_every_handshake_and_
     assert_eq!(kept.0.lock().expect("lock").last().map(|k| k.3), Some(second.connection_key));
     assert_eq!(format!("{:?}", first.connection_key), "ConnectionKey(..)", "never printed");
     let printed = format!("{first:?}");
-    assert!(!printed.contains(&first.connection_key.0[0].to_string()) && !printed.contains(&format!("{:x}", first.connection_key.0[0])), "never printed");
+    assert!(
+        !printed.contains(&first.connection_key.0[0].to_string()) && !printed.contains(&format!("{:x}", first.connection_key.0[0])),
+        "never printed"
+    );
     task.abort();
 }
 
@@ -219,12 +216,7 @@ async fn a_server_that_cannot_keep_the_key_does_not_confirm() {
 // ---- impostor clients, refused by the server ----
 
 /// A client that presents any chain and accepts any server (the attacker's side).
-async fn raw_client(
-    addr: SocketAddr,
-    chain: Vec<CertificateDer<'static>>,
-    key_der: Vec<u8>,
-    ask_for: &str,
-) -> Result<(), String> {
+async fn raw_client(addr: SocketAddr, chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>, ask_for: &str) -> Result<(), String> {
     let key = crypto_provider()
         .key_provider
         .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into()))
@@ -323,15 +315,10 @@ async fn the_server_refuses_every_impostor_client() {
     let inter = pair.ca.intermediate();
     let mine = inter.svid("spiffe://cluster.local/ns/evil/sa/evil");
     let victim = inter.svid(PAYMENT);
-    let two_leaves = TestSvid {
-        chain: vec![mine.chain[0].clone(), victim.chain[0].clone(), victim.chain[1].clone()],
-        key_der: mine.key_der.clone(),
-    };
+    let two_leaves =
+        TestSvid { chain: vec![mine.chain[0].clone(), victim.chain[0].clone(), victim.chain[1].clone()], key_der: mine.key_der.clone() };
     server_refuses(&pair, &two_leaves, ORDER, "multiple_leaves").await;
-    let leaf_not_first = TestSvid {
-        chain: vec![victim.chain[1].clone(), victim.chain[0].clone()],
-        key_der: victim.key_der.clone(),
-    };
+    let leaf_not_first = TestSvid { chain: vec![victim.chain[1].clone(), victim.chain[0].clone()], key_der: victim.key_der.clone() };
     // rustls checks the CertificateVerify against the FIRST certificate (the CA), so this fails
     // either on our structure check or on the signature; both refuse.
     let before = pair.recorder.0.lock().unwrap_or_else(PoisonError::into_inner).len();
@@ -355,12 +342,7 @@ async fn a_client_with_an_expired_svid_is_refused_by_the_server() {
     params.not_before = time::OffsetDateTime::from(SystemTime::now() - Duration::from_secs(7200));
     params.not_after = time::OffsetDateTime::from(SystemTime::now() - Duration::from_secs(60));
     let expired = pair.ca.svid_with(params);
-    let store = store_of(
-        &[(PAYMENT, &expired)],
-        vec![bundle_of(&pair.ca)],
-        Arc::new(PastClock(Duration::from_secs(1800))),
-    )
-    .await;
+    let store = store_of(&[(PAYMENT, &expired)], vec![bundle_of(&pair.ca)], Arc::new(PastClock(Duration::from_secs(1800)))).await;
     let client = HandshakeClient::new(store, Hosted::new(&[PAYMENT], &[(ORDER, LOOPBACK)]));
     let err = client.authenticate(pair.server_addr, &id(PAYMENT), &id(ORDER)).await.expect_err("refused");
     assert_eq!(err.reason(), "peer_refused", "{err}");
@@ -372,10 +354,7 @@ async fn a_client_with_an_expired_svid_is_refused_by_the_server() {
 
 /// A server that presents any chain, asks no client certificate and confirms (the attacker's side).
 pub(crate) async fn raw_server(chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let key = crypto_provider()
-        .key_provider
-        .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into()))
-        .expect("key");
+    let key = crypto_provider().key_provider.load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.into())).expect("key");
     let certified = Arc::new(CertifiedKey::new(chain, key));
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -430,10 +409,8 @@ async fn the_client_refuses_every_impostor_server() {
     let inter = ca.intermediate();
     let mine = inter.svid("spiffe://cluster.local/ns/evil/sa/evil");
     let victim = inter.svid(ORDER);
-    let two_leaves = TestSvid {
-        chain: vec![mine.chain[0].clone(), victim.chain[0].clone(), victim.chain[1].clone()],
-        key_der: mine.key_der.clone(),
-    };
+    let two_leaves =
+        TestSvid { chain: vec![mine.chain[0].clone(), victim.chain[0].clone(), victim.chain[1].clone()], key_der: mine.key_der.clone() };
     client_refuses(&client, &two_leaves, "multiple_leaves").await;
     // The victim's leaf after its CA, signed with the victim's key we do not have: refused.
     let (addr, task) = raw_server(vec![victim.chain[1].clone(), victim.chain[0].clone()], mine.key_der.clone()).await;

@@ -75,10 +75,7 @@ impl SvidSource for FakeSource {
             let mut state = self.lock();
             state.connects += 1;
             if state.down {
-                return Err(SourceError::Connect {
-                    endpoint: "fake".to_owned(),
-                    reason: "down".to_owned(),
-                });
+                return Err(SourceError::Connect { endpoint: "fake".to_owned(), reason: "down".to_owned() });
             }
             if state.no_identity {
                 return Err(SourceError::NoIdentityIssued);
@@ -89,9 +86,7 @@ impl SvidSource for FakeSource {
             }
             state.stream = Some(tx);
             let stream: UpdateStream =
-                Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-                    rx.recv().await.map(|item| (item, rx))
-                }).boxed());
+                Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }).boxed());
             Ok(stream)
         })
     }

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use super::fake::{update, FakeSource};
+use super::fake::{FakeSource, update};
 use super::*;
 use crate::verify::test_certs::TestCa;
 

@@ -32,12 +32,8 @@ impl WorkloadApiSource {
 impl SvidSource for WorkloadApiSource {
     fn connect(&self) -> BoxFuture<'_, Result<UpdateStream, SourceError>> {
         Box::pin(async move {
-            let connect_error = |e: WorkloadApiError| SourceError::Connect {
-                endpoint: self.endpoint.clone(),
-                reason: e.to_string(),
-            };
-            let client =
-                WorkloadApiClient::connect_to(&self.endpoint).await.map_err(connect_error)?;
+            let connect_error = |e: WorkloadApiError| SourceError::Connect { endpoint: self.endpoint.clone(), reason: e.to_string() };
+            let client = WorkloadApiClient::connect_to(&self.endpoint).await.map_err(connect_error)?;
             match client.stream_x509_contexts().await {
                 Ok(stream) => {
                     let stream: UpdateStream = Box::pin(stream.map(|item| match item {
@@ -67,11 +63,7 @@ fn from_context(context: &X509Context) -> X509Update {
         .iter()
         .map(|svid| SvidMaterial {
             spiffe_id: svid.spiffe_id().to_string(),
-            chain: svid
-                .cert_chain()
-                .iter()
-                .map(|cert| CertificateDer::from(cert.as_bytes().to_vec()))
-                .collect(),
+            chain: svid.cert_chain().iter().map(|cert| CertificateDer::from(cert.as_bytes().to_vec())).collect(),
             key_pkcs8: svid.private_key().as_bytes().to_vec(),
             hint: svid.hint().map(str::to_owned),
         })
@@ -80,11 +72,7 @@ fn from_context(context: &X509Context) -> X509Update {
         .bundle_set()
         .iter()
         .map(|(td, bundle)| {
-            let certs = bundle
-                .authorities()
-                .iter()
-                .map(|cert| CertificateDer::from(cert.as_bytes().to_vec()))
-                .collect();
+            let certs = bundle.authorities().iter().map(|cert| CertificateDer::from(cert.as_bytes().to_vec())).collect();
             (td.to_string(), certs)
         })
         .collect();

@@ -3,8 +3,8 @@
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls_pki_types::CertificateDer;
 
@@ -25,7 +25,6 @@ pub struct TestSvid {
     pub chain: Vec<CertificateDer<'static>>,
     pub key_der: Vec<u8>,
 }
-
 
 pub fn now() -> SystemTime {
     SystemTime::now()
@@ -62,8 +61,7 @@ pub fn leaf_params(id: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.subject_alt_names = vec![uri(id)];
     params.not_before = offset(now() - Duration::from_secs(3600));
     params.not_after = offset(now() + Duration::from_secs(3600));
@@ -75,12 +73,7 @@ impl TestCa {
         let key = KeyPair::generate().expect("generate CA key");
         let params = ca_params(trust_domain, "root");
         let cert = params.self_signed(&key).expect("self-sign CA").der().clone();
-        Self {
-            trust_domain: trust_domain.to_owned(),
-            cert,
-            issuer: Issuer::new(params, key),
-            chain_above: Vec::new(),
-        }
+        Self { trust_domain: trust_domain.to_owned(), cert, issuer: Issuer::new(params, key), chain_above: Vec::new() }
     }
 
     /// An intermediate CA signed by this one.
@@ -90,12 +83,7 @@ impl TestCa {
         let cert = params.signed_by(&key, &self.issuer).expect("sign intermediate").der().clone();
         let mut chain_above = vec![self.cert.clone()];
         chain_above.extend(self.chain_above.iter().cloned());
-        Self {
-            trust_domain: self.trust_domain.clone(),
-            cert,
-            issuer: Issuer::new(params, key),
-            chain_above,
-        }
+        Self { trust_domain: self.trust_domain.clone(), cert, issuer: Issuer::new(params, key), chain_above }
     }
 
     /// A valid SVID for `id`.

@@ -1,8 +1,8 @@
 use std::time::Duration;
 
-use rcgen::{IsCa, BasicConstraints, KeyUsagePurpose};
+use rcgen::{BasicConstraints, IsCa, KeyUsagePurpose};
 
-use super::test_certs::{leaf_params, now, pem_certs, TestCa};
+use super::test_certs::{TestCa, leaf_params, now, pem_certs};
 use super::*;
 
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
@@ -15,9 +15,7 @@ fn id(s: &str) -> SpiffeId {
 fn accepts_a_valid_svid_signed_by_the_root() {
     let ca = TestCa::new("cluster.local");
     let svid = ca.svid(ORDER);
-    let verified =
-        verify_svid_for(&svid.chain, &ca.bundle_set(), &id(ORDER), Usage::Client, now())
-            .expect("valid");
+    let verified = verify_svid_for(&svid.chain, &ca.bundle_set(), &id(ORDER), Usage::Client, now()).expect("valid");
     assert_eq!(verified.id, id(ORDER));
     let left = verified.not_after.duration_since(now()).expect("in the future");
     assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600), "{left:?}");
@@ -29,8 +27,7 @@ fn accepts_a_chain_through_intermediates() {
     let inter = root.intermediate().intermediate();
     let svid = inter.svid(ORDER);
     assert_eq!(svid.chain.len(), 3);
-    let verified = verify_svid(&svid.chain, &root.bundle_set(), None, Usage::Server, now())
-        .expect("valid");
+    let verified = verify_svid(&svid.chain, &root.bundle_set(), None, Usage::Server, now()).expect("valid");
     assert_eq!(verified.id, id(ORDER));
 }
 
@@ -42,11 +39,9 @@ fn refuses_another_trust_domain() {
     let mut bundles = ours.bundle_set();
     // Even with their bundle at hand, a peer expected in our trust domain is refused.
     bundles.insert(theirs.bundle());
-    let err = verify_svid_for(&svid.chain, &bundles, &id(ORDER), Usage::Client, now())
-        .expect_err("other trust domain");
+    let err = verify_svid_for(&svid.chain, &bundles, &id(ORDER), Usage::Client, now()).expect_err("other trust domain");
     assert_eq!(err.reason(), "wrong_trust_domain", "{err}");
-    let err = verify_svid(&svid.chain, &ours.bundle_set(), None, Usage::Client, now())
-        .expect_err("no bundle");
+    let err = verify_svid(&svid.chain, &ours.bundle_set(), None, Usage::Client, now()).expect_err("no bundle");
     assert_eq!(err.reason(), "unknown_trust_domain", "{err}");
 }
 
@@ -59,8 +54,7 @@ fn refuses_a_wrong_spiffe_id_even_by_prefix() {
         "spiffe://cluster.local/ns/shop/sa/order/x",
     ] {
         let svid = ca.svid(other);
-        let err = verify_svid_for(&svid.chain, &ca.bundle_set(), &id(ORDER), Usage::Client, now())
-            .expect_err(other);
+        let err = verify_svid_for(&svid.chain, &ca.bundle_set(), &id(ORDER), Usage::Client, now()).expect_err(other);
         assert_eq!(err.reason(), "wrong_spiffe_id", "{err}");
     }
 }
@@ -72,19 +66,16 @@ fn refuses_expired_and_not_yet_valid() {
     params.not_before = time::OffsetDateTime::from(now() - Duration::from_secs(7200));
     params.not_after = time::OffsetDateTime::from(now() - Duration::from_secs(60));
     let expired = ca.svid_with(params);
-    let err = verify_svid(&expired.chain, &ca.bundle_set(), None, Usage::Client, now())
-        .expect_err("expired");
+    let err = verify_svid(&expired.chain, &ca.bundle_set(), None, Usage::Client, now()).expect_err("expired");
     assert_eq!(err.reason(), "expired", "{err}");
 
     // A valid SVID checked at a later instant expires too: the caller's clock rules.
     let svid = ca.svid(ORDER);
     let later = now() + Duration::from_secs(7200);
-    let err = verify_svid(&svid.chain, &ca.bundle_set(), None, Usage::Client, later)
-        .expect_err("expired later");
+    let err = verify_svid(&svid.chain, &ca.bundle_set(), None, Usage::Client, later).expect_err("expired later");
     assert_eq!(err.reason(), "expired");
     let earlier = now() - Duration::from_secs(7200);
-    let err = verify_svid(&svid.chain, &ca.bundle_set(), None, Usage::Client, earlier)
-        .expect_err("not yet valid");
+    let err = verify_svid(&svid.chain, &ca.bundle_set(), None, Usage::Client, earlier).expect_err("not yet valid");
     assert_eq!(err.reason(), "not_yet_valid");
 }
 
@@ -93,8 +84,7 @@ fn refuses_an_unknown_ca_of_the_same_trust_domain() {
     let ours = TestCa::new("cluster.local");
     let rogue = TestCa::new("cluster.local");
     let svid = rogue.svid(ORDER);
-    let err = verify_svid_for(&svid.chain, &ours.bundle_set(), &id(ORDER), Usage::Client, now())
-        .expect_err("unknown CA");
+    let err = verify_svid_for(&svid.chain, &ours.bundle_set(), &id(ORDER), Usage::Client, now()).expect_err("unknown CA");
     assert_eq!(err.reason(), "unknown_ca", "{err}");
 }
 
@@ -108,19 +98,16 @@ fn refuses_substituted_chains() {
     // Two leaves: the victim's leaf appended to a valid chain of mine.
     let mut two_leaves = mine.chain.clone();
     two_leaves.push(victim.chain[0].clone());
-    let err = verify_svid(&two_leaves, &ca.bundle_set(), None, Usage::Client, now())
-        .expect_err("two leaves");
+    let err = verify_svid(&two_leaves, &ca.bundle_set(), None, Usage::Client, now()).expect_err("two leaves");
     assert_eq!(err.reason(), "multiple_leaves", "{err}");
 
     // The leaf not first: intermediate, then leaf.
     let swapped = vec![victim.chain[1].clone(), victim.chain[0].clone()];
-    let err = verify_svid(&swapped, &ca.bundle_set(), None, Usage::Client, now())
-        .expect_err("leaf not first");
+    let err = verify_svid(&swapped, &ca.bundle_set(), None, Usage::Client, now()).expect_err("leaf not first");
     assert_eq!(err.reason(), "leaf_not_first", "{err}");
 
     // Only CAs.
-    let err = verify_svid(std::slice::from_ref(&inter.cert), &ca.bundle_set(), None, Usage::Client, now())
-        .expect_err("no leaf");
+    let err = verify_svid(std::slice::from_ref(&inter.cert), &ca.bundle_set(), None, Usage::Client, now()).expect_err("no leaf");
     assert_eq!(err.reason(), "no_leaf", "{err}");
 
     let err = verify_svid(&[], &ca.bundle_set(), None, Usage::Client, now()).expect_err("empty");
@@ -133,8 +120,7 @@ fn refuses_leaves_that_break_the_svid_profile() {
     let bundles = ca.bundle_set();
     let check = |params: rcgen::CertificateParams, reason: &str| {
         let svid = ca.svid_with(params);
-        let err = verify_svid(&svid.chain, &bundles, None, Usage::Client, now())
-            .expect_err(reason);
+        let err = verify_svid(&svid.chain, &bundles, None, Usage::Client, now()).expect_err(reason);
         assert_eq!(err.reason(), reason, "{err}");
     };
 
@@ -143,19 +129,15 @@ fn refuses_leaves_that_break_the_svid_profile() {
     check(no_san, "bad_spiffe_id");
 
     let mut two_sans = leaf_params(ORDER);
-    two_sans.subject_alt_names.push(rcgen::SanType::URI(
-        "spiffe://cluster.local/ns/a/sa/b".try_into().expect("uri"),
-    ));
+    two_sans.subject_alt_names.push(rcgen::SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().expect("uri")));
     check(two_sans, "bad_spiffe_id");
 
     let mut not_spiffe = leaf_params(ORDER);
-    not_spiffe.subject_alt_names =
-        vec![rcgen::SanType::URI("https://cluster.local/x".try_into().expect("uri"))];
+    not_spiffe.subject_alt_names = vec![rcgen::SanType::URI("https://cluster.local/x".try_into().expect("uri"))];
     check(not_spiffe, "bad_spiffe_id");
 
     let mut upper = leaf_params(ORDER);
-    upper.subject_alt_names =
-        vec![rcgen::SanType::URI("spiffe://Cluster.local/x".try_into().expect("uri"))];
+    upper.subject_alt_names = vec![rcgen::SanType::URI("spiffe://Cluster.local/x".try_into().expect("uri"))];
     check(upper, "bad_spiffe_id");
 
     let mut no_ds = leaf_params(ORDER);
@@ -180,8 +162,7 @@ fn refuses_leaves_that_break_the_svid_profile() {
     client_only.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let svid = ca.svid_with(client_only);
     verify_svid(&svid.chain, &bundles, None, Usage::Client, now()).expect("client use is fine");
-    let err = verify_svid(&svid.chain, &bundles, None, Usage::Server, now())
-        .expect_err("server use");
+    let err = verify_svid(&svid.chain, &bundles, None, Usage::Server, now()).expect_err("server use");
     assert_eq!(err.reason(), "invalid_chain", "{err}");
 }
 
@@ -201,8 +182,7 @@ fn refuses_a_leaf_whose_spiffe_id_has_no_path_on_both_sides() {
     }
     // The side that expects an exact ID refuses it even when told to expect that very ID.
     let expected = id("spiffe://cluster.local");
-    let err = verify_svid_for(&pathless.chain, &bundles, &expected, Usage::Server, now())
-        .expect_err("no path, expected");
+    let err = verify_svid_for(&pathless.chain, &bundles, &expected, Usage::Server, now()).expect_err("no path, expected");
     assert_eq!(err.reason(), "bad_spiffe_id", "{err}");
     // The same CA's leaf with a path still verifies: it is the path that is refused.
     verify_svid(&ca.svid(ORDER).chain, &bundles, None, Usage::Server, now()).expect("with a path");
@@ -212,8 +192,7 @@ fn refuses_a_leaf_whose_spiffe_id_has_no_path_on_both_sides() {
 fn not_after_is_the_earliest_of_the_chain() {
     let ca = TestCa::new("cluster.local");
     let svid = ca.svid(ORDER);
-    let verified = verify_svid(&svid.chain, &ca.bundle_set(), None, Usage::Any, now())
-        .expect("valid");
+    let verified = verify_svid(&svid.chain, &ca.bundle_set(), None, Usage::Any, now()).expect("valid");
     let leaf_after = now() + Duration::from_secs(3600);
     assert!(verified.not_after <= leaf_after);
 }
@@ -245,7 +224,6 @@ fn svid_files_verify_like_the_handshake() {
     std::fs::write(&chain, "not pem").expect("write");
     let err = verify_svid_files(&bundle, &chain, None, now()).expect_err("garbage");
     assert_eq!(err.reason(), "unreadable_input");
-    let err = verify_svid_files(&bundle, &dir.path().join("missing.pem"), None, now())
-        .expect_err("missing");
+    let err = verify_svid_files(&bundle, &dir.path().join("missing.pem"), None, now()).expect_err("missing");
     assert_eq!(err.reason(), "unreadable_input");
 }

@@ -13,8 +13,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use meshauth_crds::{
-    Authentication, AuthenticationMode, IngressRule, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode,
-    MutualAuthSpec, PeerSelector,
+    Authentication, AuthenticationMode, IngressRule, MeshPolicy, MeshPolicySpec, MutualAuth, MutualAuthMode, MutualAuthSpec, PeerSelector,
 };
 use meshauth_policy::model::ModelConfig;
 use serde_json::Value;
@@ -125,15 +124,18 @@ fn node(name: &str) -> Node {
 }
 
 fn policy(identity: Option<&str>) -> MeshPolicy {
-    let mut p = MeshPolicy::new("pay", MeshPolicySpec {
-        selector: LabelSelector { match_labels: Some([("app".to_owned(), "pay".to_owned())].into()), ..Default::default() },
-        ingress: vec![IngressRule {
-            from: identity.map(|i| vec![PeerSelector { identity: Some(i.into()), ..Default::default() }]).unwrap_or_default(),
-            ports: vec![],
-            authentication: Some(Authentication { mode: AuthenticationMode::Required }),
-        }],
-        ..Default::default()
-    });
+    let mut p = MeshPolicy::new(
+        "pay",
+        MeshPolicySpec {
+            selector: LabelSelector { match_labels: Some([("app".to_owned(), "pay".to_owned())].into()), ..Default::default() },
+            ingress: vec![IngressRule {
+                from: identity.map(|i| vec![PeerSelector { identity: Some(i.into()), ..Default::default() }]).unwrap_or_default(),
+                ports: vec![],
+                authentication: Some(Authentication { mode: AuthenticationMode::Required }),
+            }],
+            ..Default::default()
+        },
+    );
     p.metadata = meta(Some("shop"), "pay");
     p
 }
@@ -339,8 +341,7 @@ async fn a_node_annotated_with_an_agent_attested_elsewhere_gets_no_entries_from_
         banned: false,
     });
     let mut forged = node("n2");
-    forged.metadata.annotations =
-        Some([(NODE_AGENT_ID_ANNOTATION.to_owned(), "spiffe://cluster.local/agent/x".to_owned())].into());
+    forged.metadata.annotations = Some([(NODE_AGENT_ID_ANNOTATION.to_owned(), "spiffe://cluster.local/agent/x".to_owned())].into());
     let s = Stores { nodes: store_of(vec![node("n1"), forged]), ..stores(vec![policy(None)], vec![]) };
     let mut state = State::default();
     let (r, body) = tokio::join!(

@@ -79,9 +79,7 @@ impl SpireClient {
     {
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         let call_err = |status: tonic::Status| SpireError::Call { operation: method, status: Box::new(status) };
-        grpc.ready()
-            .await
-            .map_err(|e| call_err(tonic::Status::unavailable(format!("connecting to {}: {e}", self.socket.display()))))?;
+        grpc.ready().await.map_err(|e| call_err(tonic::Status::unavailable(format!("connecting to {}: {e}", self.socket.display()))))?;
         let path = PathAndQuery::try_from(format!("{service}/{method}"))
             .map_err(|e| SpireError::Answer { operation: method, reason: e.to_string() })?;
         let codec: ProstCodec<Req, Resp> = ProstCodec::default();
@@ -91,11 +89,7 @@ impl SpireClient {
 }
 
 fn check_count(operation: &'static str, sent: usize, got: usize) -> Result<(), SpireError> {
-    if sent == got {
-        Ok(())
-    } else {
-        Err(SpireError::Answer { operation, reason: format!("{got} results for {sent} items") })
-    }
+    if sent == got { Ok(()) } else { Err(SpireError::Answer { operation, reason: format!("{got} results for {sent} items") }) }
 }
 
 impl EntryApi for SpireClient {
@@ -105,12 +99,7 @@ impl EntryApi for SpireClient {
         loop {
             // Hints are per SPIFFE ID, so the server cannot filter on them (it matches hints
             // exactly): list everything and keep the marked ones.
-            let req = proto::ListEntriesRequest {
-                filter: None,
-                output_mask: None,
-                page_size: PAGE,
-                page_token,
-            };
+            let req = proto::ListEntriesRequest { filter: None, output_mask: None, page_size: PAGE, page_token };
             let resp: proto::ListEntriesResponse = self.call("ListEntries", req).await?;
             out.extend(resp.entries.iter().filter_map(super::from_proto_entry));
             if resp.next_page_token.is_empty() {
@@ -127,9 +116,11 @@ impl EntryApi for SpireClient {
             let req = proto::BatchCreateEntryRequest { entries, output_mask: None };
             let resp: proto::BatchCreateEntryResponse = self.call("BatchCreateEntry", req).await?;
             check_count("BatchCreateEntry", chunk.len(), resp.results.len())?;
-            out.extend(resp.results.iter().map(|r| {
-                ItemResult::from_status(r.status.as_ref(), || r.entry.as_ref().and_then(super::from_proto_entry))
-            }));
+            out.extend(
+                resp.results
+                    .iter()
+                    .map(|r| ItemResult::from_status(r.status.as_ref(), || r.entry.as_ref().and_then(super::from_proto_entry))),
+            );
         }
         Ok(out)
     }
@@ -143,9 +134,11 @@ impl EntryApi for SpireClient {
             let req = proto::BatchUpdateEntryRequest { entries: protos, input_mask: Some(mask), output_mask: None };
             let resp: proto::BatchUpdateEntryResponse = self.call("BatchUpdateEntry", req).await?;
             check_count("BatchUpdateEntry", chunk.len(), resp.results.len())?;
-            out.extend(resp.results.iter().map(|r| {
-                ItemResult::from_status(r.status.as_ref(), || r.entry.as_ref().and_then(super::from_proto_entry))
-            }));
+            out.extend(
+                resp.results
+                    .iter()
+                    .map(|r| ItemResult::from_status(r.status.as_ref(), || r.entry.as_ref().and_then(super::from_proto_entry))),
+            );
         }
         Ok(out)
     }

@@ -72,10 +72,7 @@ impl FakeSpire {
     fn enter(&self, operation: &'static str) -> Result<(), SpireError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
-            return Err(SpireError::Call {
-                operation,
-                status: Box::new(tonic::Status::unavailable("fake SPIRE server is down")),
-            });
+            return Err(SpireError::Call { operation, status: Box::new(tonic::Status::unavailable("fake SPIRE server is down")) });
         }
         Ok(())
     }
@@ -84,12 +81,7 @@ impl FakeSpire {
 impl EntryApi for FakeSpire {
     async fn list_owned(&self) -> Result<Vec<Registered>, SpireError> {
         self.enter("ListEntries")?;
-        Ok(self
-            .lock()
-            .iter()
-            .filter(|(_, s)| s.owned)
-            .map(|(id, s)| Registered { id: id.clone(), spec: s.spec.clone() })
-            .collect())
+        Ok(self.lock().iter().filter(|(_, s)| s.owned).map(|(id, s)| Registered { id: id.clone(), spec: s.spec.clone() }).collect())
     }
 
     async fn create(&self, specs: Vec<EntrySpec>) -> Result<Vec<ItemResult<Registered>>, SpireError> {
@@ -99,9 +91,7 @@ impl EntryApi for FakeSpire {
             .into_iter()
             .map(|spec| {
                 let similar = entries.values().any(|s| {
-                    s.spec.spiffe_id == spec.spiffe_id
-                        && s.spec.parent_id == spec.parent_id
-                        && s.spec.selectors == spec.selectors
+                    s.spec.spiffe_id == spec.spiffe_id && s.spec.parent_id == spec.parent_id && s.spec.selectors == spec.selectors
                 });
                 if similar {
                     return ItemResult::AlreadyExists;

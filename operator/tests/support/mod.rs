@@ -204,7 +204,11 @@ pub async fn delete_pod(client: &kube::Client, ns: &str, name: &str) {
 
 pub async fn create<K>(client: &kube::Client, ns: &str, obj: &K) -> K
 where
-    K: kube::Resource<Scope = kube::core::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
     K::DynamicType: Default,
 {
     Api::<K>::namespaced(client.clone(), ns).create(&PostParams::default(), obj).await.or_panic("create")

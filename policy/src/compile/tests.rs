@@ -20,8 +20,8 @@ const NAMESPACES: [&str; 3] = ["a", "b", "meshauth-system"];
 const PORTS: [u16; 9] = [0, 1, 79, 80, 81, 443, 8080, 8081, 65535];
 
 fn label_set() -> impl Strategy<Value = Vec<(String, String)>> {
-    (prop::option::of(prop::sample::select(vec!["x", "y", "z"])), prop::option::of(prop::sample::select(vec!["1", "2"])))
-        .prop_map(|(app, tier)| {
+    (prop::option::of(prop::sample::select(vec!["x", "y", "z"])), prop::option::of(prop::sample::select(vec!["1", "2"]))).prop_map(
+        |(app, tier)| {
             let mut l = Vec::new();
             if let Some(a) = app {
                 l.push(("app".to_owned(), a.to_owned()));
@@ -30,14 +30,16 @@ fn label_set() -> impl Strategy<Value = Vec<(String, String)>> {
                 l.push(("tier".to_owned(), t.to_owned()));
             }
             l
-        })
+        },
+    )
 }
 
 fn selector() -> impl Strategy<Value = Value> {
     prop_oneof![
         Just(json!({})),
         label_set().prop_map(|l| json!({"matchLabels": l.into_iter().collect::<BTreeMap<_, _>>()})),
-        prop::sample::select(vec!["x", "y"]).prop_map(|v| json!({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": [v]}]})),
+        prop::sample::select(vec!["x", "y"])
+            .prop_map(|v| json!({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": [v]}]})),
         Just(json!({"matchExpressions": [{"key": "tier", "operator": "Exists"}]})),
     ]
 }
@@ -53,7 +55,11 @@ fn peer() -> impl Strategy<Value = Value> {
 }
 
 fn port() -> impl Strategy<Value = Value> {
-    (prop::sample::select(vec![1, 80, 443, 8080]), prop::option::of(prop::sample::select(vec![0, 1, 400, 65454])), prop::sample::select(vec!["TCP", "UDP"]))
+    (
+        prop::sample::select(vec![1, 80, 443, 8080]),
+        prop::option::of(prop::sample::select(vec![0, 1, 400, 65454])),
+        prop::sample::select(vec!["TCP", "UDP"]),
+    )
         .prop_map(|(p, extra, proto)| match extra {
             Some(e) => json!({"port": p, "endPort": p + e, "protocol": proto}),
             None => json!({"port": p, "protocol": proto}),
@@ -74,26 +80,37 @@ fn inputs() -> impl Strategy<Value = Inputs> {
             .map(|(n, l)| NamespaceInfo { name: n.to_string(), labels: l.into_iter().collect() })
             .collect::<Vec<_>>()
     });
-    let pods = prop::collection::vec((prop::sample::select(NAMESPACES.to_vec()), label_set(), prop::sample::select(vec!["s1", "s2"])), 1..7)
-        .prop_map(|pods| {
-            pods.into_iter()
-                .enumerate()
-                .map(|(i, (ns, labels, sa))| PodInfo {
-                    namespace: ns.into(),
-                    name: format!("p{i}"),
-                    labels: labels.into_iter().collect(),
-                    service_account: sa.into(),
-                    ip: Some(Ipv4Addr::new(10, 0, 0, i as u8 + 1)),
-                    node: None,
-                })
-                .collect::<Vec<_>>()
-        });
+    let pods =
+        prop::collection::vec((prop::sample::select(NAMESPACES.to_vec()), label_set(), prop::sample::select(vec!["s1", "s2"])), 1..7)
+            .prop_map(|pods| {
+                pods.into_iter()
+                    .enumerate()
+                    .map(|(i, (ns, labels, sa))| PodInfo {
+                        namespace: ns.into(),
+                        name: format!("p{i}"),
+                        labels: labels.into_iter().collect(),
+                        service_account: sa.into(),
+                        ip: Some(Ipv4Addr::new(10, 0, 0, i as u8 + 1)),
+                        node: None,
+                    })
+                    .collect::<Vec<_>>()
+            });
     let policies = prop::collection::vec(
-        (prop::sample::select(NAMESPACES.to_vec()), selector(), prop::collection::vec(rule(), 0..3), prop::sample::select(vec!["Enforce", "Audit"])),
+        (
+            prop::sample::select(NAMESPACES.to_vec()),
+            selector(),
+            prop::collection::vec(rule(), 0..3),
+            prop::sample::select(vec!["Enforce", "Audit"]),
+        ),
         0..4,
     );
     let auths = prop::collection::vec(
-        (prop::sample::select(NAMESPACES.to_vec()), prop::option::of(selector()), prop::sample::select(vec!["Strict", "Permissive", "Disabled"]), 0u8..4),
+        (
+            prop::sample::select(NAMESPACES.to_vec()),
+            prop::option::of(selector()),
+            prop::sample::select(vec!["Strict", "Permissive", "Disabled"]),
+            0u8..4,
+        ),
         0..4,
     );
     (namespaces, pods, policies, auths).prop_map(|(namespaces, pods, policies, auths)| Inputs {
@@ -106,7 +123,8 @@ fn inputs() -> impl Strategy<Value = Inputs> {
                 namespace: ns.into(),
                 name: format!("mp{i}"),
                 created: Some(format!("2026-01-0{}T00:00:00Z", i + 1)),
-                spec: serde_json::from_value(json!({"selector": sel, "ingress": rules, "enforcement": enforcement})).expect("generated spec"),
+                spec: serde_json::from_value(json!({"selector": sel, "ingress": rules, "enforcement": enforcement}))
+                    .expect("generated spec"),
             })
             .collect(),
         mutual_auths: auths
@@ -187,11 +205,26 @@ proptest! {
 }
 
 fn shop_inputs(extra_pod: bool) -> Inputs {
-    let mut pods = vec![
-        PodInfo { namespace: "a".into(), name: "one".into(), labels: BTreeMap::new(), service_account: "s1".into(), ip: Some(Ipv4Addr::new(10, 0, 0, 1)), node: None },
-    ];
+    let mut pods = vec![PodInfo {
+        namespace: "a".into(),
+        name: "one".into(),
+        labels: BTreeMap::new(),
+        service_account: "s1".into(),
+        ip: Some(Ipv4Addr::new(10, 0, 0, 1)),
+        node: None,
+    }];
     if extra_pod {
-        pods.insert(0, PodInfo { namespace: "a".into(), name: "zero".into(), labels: [("app".to_owned(), "new".to_owned())].into(), service_account: "s0".into(), ip: Some(Ipv4Addr::new(10, 0, 0, 2)), node: None });
+        pods.insert(
+            0,
+            PodInfo {
+                namespace: "a".into(),
+                name: "zero".into(),
+                labels: [("app".to_owned(), "new".to_owned())].into(),
+                service_account: "s0".into(),
+                ip: Some(Ipv4Addr::new(10, 0, 0, 2)),
+                node: None,
+            },
+        );
     }
     Inputs { pods, ..Inputs::default() }
 }
@@ -255,7 +288,12 @@ fn a_policy_past_its_namespaces_budget_is_left_out_whole_and_its_pods_stay_isola
         mesh_policies: vec![
             mesh_policy("tenant", "small", 1, json!({"selector": {"matchLabels": {"app": "api"}}, "ingress": [{"ports": [{"port": 80}]}]})),
             mesh_policy("tenant", "huge", 2, json!({"selector": {"matchLabels": {"app": "api"}}, "ingress": rules})),
-            mesh_policy("other", "web", 3, json!({"selector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 443}]}]})),
+            mesh_policy(
+                "other",
+                "web",
+                3,
+                json!({"selector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 443}]}]}),
+            ),
         ],
         ..Inputs::default()
     };

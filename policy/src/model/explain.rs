@@ -66,7 +66,11 @@ impl PolicyModel {
             .policy_rules_for(dst_pod)
             .flat_map(|(policy, rules)| rules.iter().map(move |r| (policy, r)))
             .filter(|(_, r)| self.rule_matches_source(r, &src) && Self::rule_ports(r, protocol).any(|(s, e)| s <= port && port <= e))
-            .map(|(policy, r)| RuleRef { mesh_policy: policy.clone(), rule: format!("spec.ingress[{}]", r.ingress), authentication: r.auth })
+            .map(|(policy, r)| RuleRef {
+                mesh_policy: policy.clone(),
+                rule: format!("spec.ingress[{}]", r.ingress),
+                authentication: r.auth,
+            })
             .collect();
         Ok(Explanation {
             decision,
@@ -125,14 +129,19 @@ mod tests {
     #[test]
     fn names_the_rule_that_admits_and_the_mutual_auth_that_sets_the_mode() {
         let model = model();
-        let (order, payment, web) = (ObjectRef::new("shop", "order-0"), ObjectRef::new("shop", "payment-0"), ObjectRef::new("shop", "web-0"));
+        let (order, payment, web) =
+            (ObjectRef::new("shop", "order-0"), ObjectRef::new("shop", "payment-0"), ObjectRef::new("shop", "web-0"));
         let e = model.explain(&Source::Pod(order.clone()), &payment, TableProtocol::Tcp, 8080).expect("explain");
         assert_eq!(e.decision, model.decide(&Source::Pod(order.clone()), &payment, TableProtocol::Tcp, 8080).expect("decide"));
         assert_eq!(e.decision.authentication, AuthRequirement::Required);
         assert_eq!(e.selected_by, [ObjectRef::new("shop", "payment-ingress")]);
         assert_eq!(
             e.allowed_by,
-            [RuleRef { mesh_policy: ObjectRef::new("shop", "payment-ingress"), rule: "spec.ingress[1]".into(), authentication: AuthRequirement::Required }]
+            [RuleRef {
+                mesh_policy: ObjectRef::new("shop", "payment-ingress"),
+                rule: "spec.ingress[1]".into(),
+                authentication: AuthRequirement::Required
+            }]
         );
         assert_eq!(e.mutual_auth, Some(ModeFrom { name: ObjectRef::new("shop", "shop-strict"), mode: MutualAuthMode::Strict }));
         let json = serde_json::to_value(&e).expect("json");

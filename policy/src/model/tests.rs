@@ -10,14 +10,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 fn pod(ns: &str, name: &str, sa: &str, l: &[(&str, &str)]) -> PodInfo {
-    PodInfo {
-        namespace: ns.into(),
-        name: name.into(),
-        labels: labels(l),
-        service_account: sa.into(),
-        ip: None,
-        node: None,
-    }
+    PodInfo { namespace: ns.into(), name: name.into(), labels: labels(l), service_account: sa.into(), ip: None, node: None }
 }
 
 fn mesh_policy(ns: &str, name: &str, created: &str, spec: serde_json::Value) -> Resource<MeshPolicySpec> {
@@ -61,9 +54,7 @@ fn decide(model: &PolicyModel, from: &str, to: &str, protocol: TableProtocol, po
         id if id.starts_with("spiffe://") => Source::Identity(SpiffeId::parse(id).expect("id")),
         pod => Source::Pod(ObjectRef::parse(pod).expect("ns/pod")),
     };
-    let d = model
-        .decide(&source, &ObjectRef::parse(to).expect("ns/pod"), protocol, port)
-        .expect("known pods");
+    let d = model.decide(&source, &ObjectRef::parse(to).expect("ns/pod"), protocol, port).expect("known pods");
     (d.verdict, d.authentication)
 }
 
@@ -86,10 +77,15 @@ fn a_pod_selected_by_no_policy_accepts_every_source() {
 
 #[test]
 fn a_selected_pod_accepts_only_what_a_rule_matches() {
-    let p = mesh_policy("shop", "pay", T1, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "order"}}}], "ports": [{"port": 8080}]}]
-    }));
+    let p = mesh_policy(
+        "shop",
+        "pay",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "order"}}}], "ports": [{"port": 8080}]}]
+        }),
+    );
     let m = model_with(vec![p], vec![]);
     assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 8080), (Verdict::Allow, NoAuth));
     assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 8081), (Verdict::Deny, NoAuth), "other port");
@@ -119,10 +115,15 @@ fn a_policy_past_the_per_object_limits_isolates_its_pods_and_allows_nothing() {
     // What the webhook and the CRD refuse, should it reach the model anyway (a webhook that
     // was down with failurePolicy Ignore): every source on 10,000 ports.
     let ports: Vec<_> = (0..10_000).map(|i| json!({"port": 1 + i})).collect();
-    let p = mesh_policy("shop", "huge", T1, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [{"from": [{"namespaceSelector": {}}], "ports": ports}]
-    }));
+    let p = mesh_policy(
+        "shop",
+        "huge",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [{"from": [{"namespaceSelector": {}}], "ports": ports}]
+        }),
+    );
     let m = model_with(vec![p], vec![]);
     assert!(m.problems().iter().any(|p| p.error.reason.contains("limit")), "{:?}", m.problems());
     assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 1), (Verdict::Deny, NoAuth), "isolated, no rule kept");
@@ -140,10 +141,15 @@ fn omitted_from_and_ports_mean_any_source_and_every_port_and_protocol() {
 
 #[test]
 fn port_ranges_include_both_ends_and_udp_is_separate() {
-    let p = mesh_policy("shop", "range", T1, json!({
-        "selector": {"matchLabels": {"app": "web"}},
-        "ingress": [{"ports": [{"port": 8000, "endPort": 8010, "protocol": "UDP"}]}]
-    }));
+    let p = mesh_policy(
+        "shop",
+        "range",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"ports": [{"port": 8000, "endPort": 8010, "protocol": "UDP"}]}]
+        }),
+    );
     let m = model_with(vec![p], vec![]);
     assert_eq!(decide(&m, "shop/order", "shop/web", Udp, 8000).0, Verdict::Allow);
     assert_eq!(decide(&m, "shop/order", "shop/web", Udp, 8010).0, Verdict::Allow);
@@ -154,13 +160,18 @@ fn port_ranges_include_both_ends_and_udp_is_separate() {
 
 #[test]
 fn namespace_selector_alone_and_with_pod_selector() {
-    let p = mesh_policy("shop", "ns", T1, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [
-            {"from": [{"namespaceSelector": {"matchLabels": {"team": "other"}}}], "ports": [{"port": 1}]},
-            {"from": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}, "podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 2}]}
-        ]
-    }));
+    let p = mesh_policy(
+        "shop",
+        "ns",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [
+                {"from": [{"namespaceSelector": {"matchLabels": {"team": "other"}}}], "ports": [{"port": 1}]},
+                {"from": [{"namespaceSelector": {"matchLabels": {"team": "shop"}}, "podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 2}]}
+            ]
+        }),
+    );
     let m = model_with(vec![p], vec![]);
     assert_eq!(decide(&m, "other/client", "shop/payment", Tcp, 1).0, Verdict::Allow);
     assert_eq!(decide(&m, "shop/web", "shop/payment", Tcp, 1).0, Verdict::Deny);
@@ -171,10 +182,15 @@ fn namespace_selector_alone_and_with_pod_selector() {
 
 #[test]
 fn an_identity_peer_matches_exactly_that_spiffe_id() {
-    let p = mesh_policy("shop", "id", T1, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [{"from": [{"identity": "spiffe://cluster.local/ns/other/sa/client"}]}]
-    }));
+    let p = mesh_policy(
+        "shop",
+        "id",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [{"from": [{"identity": "spiffe://cluster.local/ns/other/sa/client"}]}]
+        }),
+    );
     let m = model_with(vec![p], vec![]);
     assert_eq!(decide(&m, "other/client", "shop/payment", Tcp, 9).0, Verdict::Allow);
     assert_eq!(decide(&m, "spiffe://cluster.local/ns/other/sa/client", "shop/payment", Tcp, 9).0, Verdict::Allow);
@@ -184,14 +200,24 @@ fn an_identity_peer_matches_exactly_that_spiffe_id() {
 
 #[test]
 fn the_strictest_matching_rule_wins_and_rules_of_several_policies_add_up() {
-    let open = mesh_policy("shop", "open", T1, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [{"ports": [{"port": 8080}, {"port": 9000}]}]
-    }));
-    let strict = mesh_policy("shop", "strict", T2, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "order"}}}], "ports": [{"port": 8080}], "authentication": {"mode": "Required"}}]
-    }));
+    let open = mesh_policy(
+        "shop",
+        "open",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [{"ports": [{"port": 8080}, {"port": 9000}]}]
+        }),
+    );
+    let strict = mesh_policy(
+        "shop",
+        "strict",
+        T2,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "order"}}}], "ports": [{"port": 8080}], "authentication": {"mode": "Required"}}]
+        }),
+    );
     let m = model_with(vec![open, strict], vec![]);
     assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 8080), (Verdict::Allow, Required));
     assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 9000), (Verdict::Allow, NoAuth));
@@ -201,10 +227,15 @@ fn the_strictest_matching_rule_wins_and_rules_of_several_policies_add_up() {
 
 #[test]
 fn required_authentication_denies_sources_without_identity() {
-    let p = mesh_policy("shop", "auth", T1, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [{"authentication": {"mode": "Required"}}]
-    }));
+    let p = mesh_policy(
+        "shop",
+        "auth",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [{"authentication": {"mode": "Required"}}]
+        }),
+    );
     let m = model_with(vec![p], vec![]);
     assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 1), (Verdict::Allow, Required));
     assert_eq!(decide(&m, "world", "shop/payment", Tcp, 1), (Verdict::Deny, Required));
@@ -230,10 +261,15 @@ fn mutual_auth_modes_set_the_requirement_whatever_the_policy_says() {
 
 #[test]
 fn disabled_mutual_auth_does_not_relax_a_required_rule() {
-    let p = mesh_policy("shop", "auth", T1, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [{"authentication": {"mode": "Required"}}]
-    }));
+    let p = mesh_policy(
+        "shop",
+        "auth",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [{"authentication": {"mode": "Required"}}]
+        }),
+    );
     let off = mutual_auth("shop", "default", T1, json!({"mode": "Disabled"}));
     let m = model_with(vec![p], vec![off]);
     assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 1), (Verdict::Allow, Required));
@@ -255,7 +291,8 @@ fn the_most_specific_mutual_auth_wins() {
 
 #[test]
 fn a_selector_mutual_auth_outside_the_mesh_namespace_is_not_mesh_wide() {
-    let mesh_selector = mutual_auth(DEFAULT_MESH_NAMESPACE, "x", T1, json!({"selector": {"matchLabels": {"app": "order"}}, "mode": "Strict"}));
+    let mesh_selector =
+        mutual_auth(DEFAULT_MESH_NAMESPACE, "x", T1, json!({"selector": {"matchLabels": {"app": "order"}}, "mode": "Strict"}));
     let m = model_with(vec![], vec![mesh_selector]);
     assert_eq!(decide(&m, "world", "other/client", Tcp, 1), (Verdict::Allow, NoAuth));
 }
@@ -276,7 +313,12 @@ fn the_oldest_wins_a_tie_and_the_others_are_conflicted() {
     assert_eq!(m.mutual_auth_selected_pods(&ObjectRef::new("shop", "newer")), 0);
 
     let a = mutual_auth("shop", "a", T1, json!({"selector": {"matchLabels": {"app": "web"}}, "mode": "Strict"}));
-    let b = mutual_auth("shop", "b", T2, json!({"selector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web", "order"]}]}, "mode": "Disabled"}));
+    let b = mutual_auth(
+        "shop",
+        "b",
+        T2,
+        json!({"selector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web", "order"]}]}, "mode": "Disabled"}),
+    );
     let m = model_with(vec![], vec![b, a]);
     assert_eq!(decide(&m, "world", "shop/web", Tcp, 1).1, Required, "older selector wins");
     assert_eq!(decide(&m, "world", "shop/order", Tcp, 1).1, NoAuth, "only b selects order");
@@ -287,13 +329,18 @@ fn the_oldest_wins_a_tie_and_the_others_are_conflicted() {
 
 #[test]
 fn invalid_parts_fail_closed_and_are_reported() {
-    let p = mesh_policy("shop", "bad", T1, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [
-            {"from": [{"identity": "spiffe://cluster.local/ns/shop/sa/web/"}]},
-            {"from": [{"podSelector": {"matchLabels": {"app": "order"}}}], "ports": [{"port": 70000}]}
-        ]
-    }));
+    let p = mesh_policy(
+        "shop",
+        "bad",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [
+                {"from": [{"identity": "spiffe://cluster.local/ns/shop/sa/web/"}]},
+                {"from": [{"podSelector": {"matchLabels": {"app": "order"}}}], "ports": [{"port": 70000}]}
+            ]
+        }),
+    );
     let m = model_with(vec![p], vec![]);
     assert_eq!(decide(&m, "shop/web", "shop/payment", Tcp, 1).0, Verdict::Deny, "bad identity matches nobody");
     assert_eq!(decide(&m, "shop/order", "shop/payment", Tcp, 4464).0, Verdict::Deny, "bad port matches nothing");
@@ -301,9 +348,14 @@ fn invalid_parts_fail_closed_and_are_reported() {
     assert!(fields.iter().any(|f| f.starts_with("spec.ingress[0].from[0]")), "{fields:?}");
     assert!(fields.iter().any(|f| f.starts_with("spec.ingress[1].ports[0]")), "{fields:?}");
 
-    let bad_selector = mesh_policy("shop", "sel", T1, json!({
-        "selector": {"matchExpressions": [{"key": "app", "operator": "Near", "values": ["x"]}]}
-    }));
+    let bad_selector = mesh_policy(
+        "shop",
+        "sel",
+        T1,
+        json!({
+            "selector": {"matchExpressions": [{"key": "app", "operator": "Near", "values": ["x"]}]}
+        }),
+    );
     let m = model_with(vec![bad_selector], vec![]);
     assert!(m.problems().iter().any(|p| p.error.field == "spec.selector"));
 }
@@ -324,14 +376,19 @@ fn selected_pod_counts() {
 
 #[test]
 fn an_audited_policy_isolates_nothing_and_says_what_it_would_deny() {
-    let audited = mesh_policy("shop", "pay-audit", T1, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "enforcement": "Audit",
-        "ingress": [
-            {"from": [{"podSelector": {"matchLabels": {"app": "order"}}}], "ports": [{"port": 8080}], "authentication": {"mode": "Required"}},
-            {"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 9090}]}
-        ]
-    }));
+    let audited = mesh_policy(
+        "shop",
+        "pay-audit",
+        T1,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "enforcement": "Audit",
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "order"}}}], "ports": [{"port": 8080}], "authentication": {"mode": "Required"}},
+                {"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 9090}]}
+            ]
+        }),
+    );
     let m = model_with(vec![audited.clone()], vec![]);
     let full = |from: &str, port| {
         let source = if from == "world" { Source::World } else { Source::Pod(ObjectRef::parse(from).expect("ns/pod")) };
@@ -355,7 +412,10 @@ fn an_audited_policy_isolates_nothing_and_says_what_it_would_deny() {
     let m = model_with(vec![audited.clone()], vec![strict]);
     assert_eq!(full_in(&m, "world", 8080), Decision { verdict: Verdict::Deny, authentication: Required, audit: None });
     assert_eq!(full_in(&m, "shop/order", 8080), Decision { verdict: Verdict::Allow, authentication: Required, audit: None });
-    assert_eq!(full_in(&m, "shop/web", 8080), Decision { verdict: Verdict::Allow, authentication: Required, audit: Some(AuditFinding::Denied) });
+    assert_eq!(
+        full_in(&m, "shop/web", 8080),
+        Decision { verdict: Verdict::Allow, authentication: Required, audit: Some(AuditFinding::Denied) }
+    );
     // Permissive MutualAuth and an audited Required rule: permissive, reported when unauthenticated.
     let permissive = mutual_auth("shop", "permissive", T1, json!({"mode": "Permissive"}));
     let m = model_with(vec![audited.clone()], vec![permissive]);
@@ -363,10 +423,15 @@ fn an_audited_policy_isolates_nothing_and_says_what_it_would_deny() {
     assert_eq!(full_in(&m, "shop/web", 9090), pass(Permissive, None));
 
     // An enforced policy on the same pod isolates it alone; the audited one adds nothing.
-    let enforced = mesh_policy("shop", "pay", T2, json!({
-        "selector": {"matchLabels": {"app": "payment"}},
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 9090}]}]
-    }));
+    let enforced = mesh_policy(
+        "shop",
+        "pay",
+        T2,
+        json!({
+            "selector": {"matchLabels": {"app": "payment"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 9090}]}]
+        }),
+    );
     let m = model_with(vec![audited, enforced], vec![]);
     let deny = Decision { verdict: Verdict::Deny, authentication: NoAuth, audit: None };
     assert_eq!(full_in(&m, "shop/order", 8080), deny, "the audited rule admits nothing");

@@ -2,10 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
 use rustls::pki_types::pem::PemObject;
 
@@ -65,13 +62,7 @@ impl Generation {
         leaf.not_after = not_after.into();
         let tls_cert = leaf.signed_by(&key, &issuer)?;
 
-        Ok(Self {
-            ca_cert: ca_cert.pem(),
-            ca_key: ca_key_pem,
-            tls_cert: tls_cert.pem(),
-            tls_key: key.serialize_pem(),
-            not_after,
-        })
+        Ok(Self { ca_cert: ca_cert.pem(), ca_key: ca_key_pem, tls_cert: tls_cert.pem(), tls_key: key.serialize_pem(), not_after })
     }
 
     /// Reads a stored generation, checking that the serving certificate and key fit.
@@ -85,7 +76,6 @@ impl Generation {
         Ok(Self { ca_cert, ca_key, tls_cert, tls_key, not_after: serving.not_after.min(ca_not_after) })
     }
 }
-
 
 /// 64 bits from a fresh key's public key: enough to tell generations made in one second apart.
 fn rand_u64(key: &KeyPair) -> u64 {

@@ -30,9 +30,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
 
 /// Reads and checks the pair.
 pub fn load(files: &FileCerts) -> Result<ServingCert, TlsError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
-    };
+    let read = |path: &Path| std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source });
     let cert = read(&files.cert)?;
     let key = read(&files.key)?;
     let what = format!("{} and {}", files.cert.display(), files.key.display());
@@ -154,9 +152,7 @@ mod tests {
     fn a_bad_start_is_an_error_that_names_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = FileCerts::new(dir.path().join("missing.crt"), dir.path().join("missing.key"));
-        let err = FileWatcher::start(files, Arc::new(CertStore::new()), Arc::new(Metrics::new()))
-            .err()
-            .expect("fails");
+        let err = FileWatcher::start(files, Arc::new(CertStore::new()), Arc::new(Metrics::new())).err().expect("fails");
         assert!(err.to_string().contains("missing.crt"), "{err}");
     }
 }
