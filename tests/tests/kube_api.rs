@@ -213,7 +213,8 @@ async fn printer_columns_come_back_in_a_table() {
 
     let t =
         k8s::get_table(&client, &format!("/apis/{GROUP}/{VERSION}/namespaces/{ns}/meshpolicies")).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(t.columns, ["Name", "Selector", "Selected", "Ready", "Age"], "MeshPolicy columns");
+    assert_eq!(t.columns, ["Name", "Selector", "Enforcement", "Selected", "Ready", "Age"], "MeshPolicy columns");
+    assert_eq!(t.cell("payment-ingress", "Enforcement"), Some(&json!("Enforce")), "the CRD's default: {t:?}");
     let selector = t.cell("payment-ingress", "Selector").unwrap_or_else(|| panic!("no Selector cell: {t:?}"));
     assert!(selector.to_string().contains("payment-service"), "Selector cell {selector}");
 }
