@@ -165,7 +165,12 @@ fn with_fixture<T>(f: impl FnOnce(&mut Fixture) -> T) -> T {
         };
     }
     match &mut *slot {
-        Slot::Ready(fx) => f(fx),
+        Slot::Ready(fx) => {
+            // A test that failed with a SPIRE agent stopped leaves it stopped: the next test
+            // starts from a whole environment, so one failure is not taken for several.
+            fx.restart_stopped_spire_agents();
+            f(fx)
+        }
         Slot::Failed(e) => panic!("fixture unavailable: {e}"),
         Slot::Empty => unreachable!(),
     }
@@ -373,6 +378,17 @@ impl Fixture {
 
     fn spire_pid_file(&self, node: &str) -> PathBuf {
         self.env.dir().join("run").join(format!("spire-agent-{node}.pid"))
+    }
+
+    /// Starts again each node's SPIRE agent that is not running.
+    fn restart_stopped_spire_agents(&mut self) {
+        for node in ["node-1", "node-2"] {
+            let pid: Option<i32> = std::fs::read_to_string(self.spire_pid_file(node)).ok().and_then(|s| s.trim().parse().ok());
+            if !pid.is_some_and(alive) {
+                eprintln!("the SPIRE agent of {node} is not running (an earlier test stopped it): starting it");
+                self.start_spire_agent(node);
+            }
+        }
     }
 
     /// SIGTERM to the node's SPIRE agent (its own process group, as `tests/testenv` starts it).

@@ -179,6 +179,7 @@ enum Command {
     BundlesChanged,
     Done { key: ProofKey, generation: u64, started: SystemTime, result: Result<Proof, AuthFailure>, took: Duration },
     Snapshot(tokio::sync::oneshot::Sender<Vec<PairStatus>>),
+    Drain(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What the manager knows of one proof of a pair.
@@ -219,6 +220,18 @@ impl AuthManagerHandle {
     /// The trust bundles changed: entries whose proof no longer verifies go.
     pub fn bundles_changed(&self) {
         let _ = self.tx.send(Command::BundlesChanged);
+    }
+
+    /// Starts no new handshake and waits (at most `timeout`) for those under way to finish
+    /// and write their entries: the answering agent installed each one's key before it
+    /// confirmed, and its pods tag with that key after the switch delay, so an agent that
+    /// stopped between the two would leave the pair refusing those SYNs until its next proof.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        if self.tx.send(Command::Drain(reply)).is_err() {
+            return true;
+        }
+        matches!(tokio::time::timeout(timeout, done).await, Ok(Ok(())))
     }
 
     /// The datapath dropped a packet of this pair for lack of authentication (every node's
@@ -357,8 +370,11 @@ pub fn spawn_with_clock(
         // Adopted entries stay until the first desired set says whether they are still needed.
         let mut have_desired = false;
         let mut in_flight = 0usize;
+        // Set once the agent stops: no new handshake, and the reply once none is under way.
+        let mut draining: Option<Option<tokio::sync::oneshot::Sender<()>>> = None;
         loop {
-            let wake = next_wake(&pairs, in_flight < config.max_concurrent, clock.now());
+            // Draining, only the handshakes under way can bring something: no timer.
+            let wake = if draining.is_some() { None } else { next_wake(&pairs, in_flight < config.max_concurrent, clock.now()) };
             let command = tokio::select! {
                 c = rx.recv() => match c { Some(c) => Some(c), None => return },
                 _ = sleep_until(wake) => None,
@@ -526,7 +542,16 @@ pub fn spawn_with_clock(
                         .collect();
                     let _ = reply.send(status);
                 }
+                Some(Command::Drain(reply)) => draining = Some(Some(reply)),
                 None => {}
+            }
+            if let Some(waiting) = draining.as_mut() {
+                if in_flight == 0
+                    && let Some(reply) = waiting.take()
+                {
+                    let _ = reply.send(());
+                }
+                continue;
             }
 
             // Garbage-collect: pairs no longer wanted, and entries that expired.

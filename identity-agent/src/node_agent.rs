@@ -826,6 +826,9 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
             _ = terminate.recv() => break,
         }
     }
+    if !manager.drain(Duration::from_secs(5)).await {
+        tracing::warn!("handshakes still under way after 5 s; stopping anyway");
+    }
     if let (InputMode::Kubernetes, Some(daemonset)) = (&config.inputs, &config.daemonset) {
         uninstall_if_removed(&config, daemonset).await;
     }

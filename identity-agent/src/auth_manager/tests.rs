@@ -551,3 +551,30 @@ async fn a_handshake_overtaken_by_a_bundle_change_still_leaves_its_key_while_the
     );
     assert_eq!(entry(&table, (1, 2)), proven, "an overtaken handshake extended the entry");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stopping_agent_lets_the_handshakes_under_way_write_their_keys_and_starts_no_other() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
+    let gate = Arc::new(Notify::new());
+    *auth.hold.lock().expect("lock") = Some(gate.clone());
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
+    // The peer has installed this handshake's key and holds its answer.
+    eventually("handshake under way", || auth.calls() == 1).await;
+    let draining = tokio::spawn({
+        let m = m.clone();
+        async move { m.drain(Duration::from_secs(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!draining.is_finished(), "the drain returned with a handshake under way");
+    gate.notify_one();
+    assert!(draining.await.expect("drain task"), "the drain timed out");
+    assert!(entry(&table, (1, 2)).is_some(), "the finished handshake's entry (and key) was not written");
+    // Stopping, nothing new starts, whatever asks for it.
+    m.set_desired(vec![pair(1, 2, vec![addr(2)]), pair(3, 2, vec![addr(2)])]);
+    m.auth_required((3, 2));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(auth.calls(), 1, "a handshake started while the agent stops");
+}
