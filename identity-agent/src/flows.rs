@@ -86,12 +86,7 @@ impl FlowNamer {
             let pod = self.pods.get(&ip).and_then(|r| self.model.pod(r));
             FlowEnd { ip, port, pod: pod.map(|p| p.object_ref().to_string()), identity: pod.map(|p| self.model.spiffe_id(p).to_string()) }
         };
-        let protocol = match event.protocol {
-            6 => TableProtocol::Tcp,
-            17 => TableProtocol::Udp,
-            1 => TableProtocol::Icmp,
-            _ => TableProtocol::Other,
-        };
+        let protocol = TableProtocol::from_ip_protocol(event.protocol);
         let source = self.pods.get(&event.src).map_or(Source::World, |r| Source::Pod(r.clone()));
         let explanation = self.pods.get(&event.dst).and_then(|dst| self.model.explain(&source, dst, protocol, event.dst_port).ok());
         let audit = event.counter == Counter::PassAudit;

@@ -115,12 +115,13 @@ pub fn compile_with_budget(model: &PolicyModel, allocator: &mut NumberAllocator)
         used_spiffe.insert(spiffe, spiffe_id);
         representative.entry(sec).or_insert(pod);
         if let Some(ip) = pod.ip {
+            let isolation = model.isolation(pod);
             endpoints.push(EndpointEntry {
                 ip,
                 security_identity: sec,
                 spiffe_id: spiffe,
-                isolated: matches!(model.isolation(pod), Isolation::Enforced(_)),
-                audit: matches!(model.isolation(pod), Isolation::Audited(_)),
+                isolated: matches!(isolation, Isolation::Enforced(_)),
+                audit: matches!(isolation, Isolation::Audited(_)),
                 mutual_auth: model.mutual_auth_requirement(pod),
                 pod: pod.object_ref().to_string(),
                 node: pod.node.clone(),

@@ -294,6 +294,13 @@ async fn auth_required_for_a_pair_the_policy_does_not_want_does_nothing() {
 // ---- on tokio's paused clock: handshakes counted over time ----
 
 /// A fake whose proofs all expire at `now + until` (neither SVID rotates), on the paused clock.
+/// From now on each handshake's peer holds its answer until the returned gate is notified.
+fn hold_answers(auth: &FakeAuth) -> Arc<Notify> {
+    let gate = Arc::new(Notify::new());
+    *auth.hold.lock().expect("lock") = Some(gate.clone());
+    gate
+}
+
 fn frozen_svids(until: Duration) -> Arc<FakeAuth> {
     let clock = Arc::new(TokioClock::new());
     let auth = FakeAuth { clock: clock.clone(), ..FakeAuth::default() };
@@ -477,8 +484,7 @@ async fn a_handshake_in_flight_when_the_local_svid_is_withdrawn_does_not_bring_t
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     eventually("entry", || entry(&table, (1, 2)).is_some()).await;
     // A re-authentication proves the pair on the SVID of now, and its peer holds it open.
-    let gate = Arc::new(Notify::new());
-    *auth.hold.lock().expect("lock") = Some(gate.clone());
+    let gate = hold_answers(&auth);
     m.rotated("spiffe://td/d1".into());
     eventually("re-authentication proven, its answer held", || auth.calls() == 2).await;
     // Meanwhile SPIRE stops issuing d1 here: from now on its handshakes are refused.
@@ -502,8 +508,7 @@ async fn a_handshake_in_flight_when_the_local_svid_is_withdrawn_does_not_bring_t
 async fn a_handshake_in_flight_when_the_bundles_change_does_not_prove_the_pair() {
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
-    let gate = Arc::new(Notify::new());
-    *auth.hold.lock().expect("lock") = Some(gate.clone());
+    let gate = hold_answers(&auth);
     let table = FakeTable::default();
     let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
     // The first handshake (no entry yet) verifies s2 against the bundles of now, and its peer
@@ -535,8 +540,7 @@ async fn a_handshake_overtaken_by_a_bundle_change_still_leaves_its_key_while_the
     let proven = entry(&table, (1, 2));
     // A re-authentication whose answering agent installed its key (that node's pods tag with
     // it soon), held open while a CA that did not sign s2 leaves the bundles.
-    let gate = Arc::new(Notify::new());
-    *auth.hold.lock().expect("lock") = Some(gate.clone());
+    let gate = hold_answers(&auth);
     m.rotated("spiffe://td/d1".into());
     eventually("re-authentication proven, its answer held", || auth.calls() == 2).await;
     m.bundles_changed();
@@ -556,8 +560,7 @@ async fn a_handshake_overtaken_by_a_bundle_change_still_leaves_its_key_while_the
 async fn a_stopping_agent_lets_the_handshakes_under_way_write_their_keys_and_starts_no_other() {
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
-    let gate = Arc::new(Notify::new());
-    *auth.hold.lock().expect("lock") = Some(gate.clone());
+    let gate = hold_answers(&auth);
     let table = FakeTable::default();
     let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);

@@ -48,13 +48,18 @@ fn base() -> Inputs {
     }
 }
 
-fn decide(model: &PolicyModel, from: &str, to: &str, protocol: TableProtocol, port: u16) -> (Verdict, AuthRequirement) {
+/// The whole decision for traffic from `from` (`world`, a SPIFFE ID or `ns/pod`) to `to`.
+fn decision(model: &PolicyModel, from: &str, to: &str, protocol: TableProtocol, port: u16) -> Decision {
     let source = match from {
         "world" => Source::World,
         id if id.starts_with("spiffe://") => Source::Identity(SpiffeId::parse(id).expect("id")),
         pod => Source::Pod(ObjectRef::parse(pod).expect("ns/pod")),
     };
-    let d = model.decide(&source, &ObjectRef::parse(to).expect("ns/pod"), protocol, port).expect("known pods");
+    model.decide(&source, &ObjectRef::parse(to).expect("ns/pod"), protocol, port).expect("known pods")
+}
+
+fn decide(model: &PolicyModel, from: &str, to: &str, protocol: TableProtocol, port: u16) -> (Verdict, AuthRequirement) {
+    let d = decision(model, from, to, protocol, port);
     (d.verdict, d.authentication)
 }
 
@@ -390,10 +395,7 @@ fn an_audited_policy_isolates_nothing_and_says_what_it_would_deny() {
         }),
     );
     let m = model_with(vec![audited.clone()], vec![]);
-    let full = |from: &str, port| {
-        let source = if from == "world" { Source::World } else { Source::Pod(ObjectRef::parse(from).expect("ns/pod")) };
-        m.decide(&source, &ObjectRef::new("shop", "payment"), Tcp, port).expect("known pods")
-    };
+    let full = |from: &str, port| decision(&m, from, "shop/payment", Tcp, port);
     let pass = |authentication, audit| Decision { verdict: Verdict::Allow, authentication, audit };
     assert_eq!(full("shop/web", 9090), pass(NoAuth, None), "what a rule admits passes unreported");
     assert_eq!(full("shop/web", 8080), pass(NoAuth, Some(AuditFinding::Denied)), "what no rule admits passes, reported");
@@ -402,10 +404,7 @@ fn an_audited_policy_isolates_nothing_and_says_what_it_would_deny() {
     assert_eq!(m.auditing_policies(m.pod(&ObjectRef::new("shop", "payment")).expect("pod")), [ObjectRef::new("shop", "pay-audit")]);
     assert_eq!(m.is_audited(&ObjectRef::new("shop", "pay-audit")), Some(true));
 
-    let full_in = |m: &PolicyModel, from: &str, port| {
-        let source = if from == "world" { Source::World } else { Source::Pod(ObjectRef::parse(from).expect("ns/pod")) };
-        m.decide(&source, &ObjectRef::new("shop", "payment"), Tcp, port).expect("known pods")
-    };
+    let full_in = |m: &PolicyModel, from: &str, port| decision(m, from, "shop/payment", Tcp, port);
     // MutualAuth is not audited: Strict still drops a source that cannot authenticate, and
     // what Strict requires is no audit finding.
     let strict = mutual_auth("shop", "strict", T1, json!({"mode": "Strict"}));
