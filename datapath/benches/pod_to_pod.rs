@@ -13,9 +13,10 @@
 //!
 //! Then, across two node namespaces joined by an underlay veth (client pod on one, server on
 //! the other): no program against Strict with connection tags (the tagger on the client node's
-//! uplink, the tag verified at the server's veth), the same latency and throughput plus the time
-//! to open a new connection (connect + one round trip + close), which is where a tag costs:
-//! every SYN is tagged and verified, later packets ride conntrack.
+//! uplink, the tag verified at the server's veth) and against the same sidecar-style proxy
+//! pair, the same latency and throughput plus the time to open a new connection (connect + one
+//! round trip + close), which is where a tag costs: every SYN is tagged and verified, later
+//! packets ride conntrack (and where a sidecar pair costs a TLS handshake).
 //!
 //! `cargo bench -p meshauth-datapath --bench pod_to_pod [-- --json] [-- --quick]` (root).
 
@@ -133,8 +134,8 @@ fn new_connections(node: &Node, dst: Ipv4Addr, n: usize) -> f64 {
 
 /// The across-nodes setups, after the one-node table.
 fn across_nodes(settings: &Settings, json: bool) {
-    let node_a = Node::new_in("ma-bx-a", 1, 1).expect("node a");
-    let node_b = Node::new_in("ma-bx-b", 1, 2).expect("node b");
+    let node_a = Arc::new(Node::new_in("ma-bx-a", 1, 1).expect("node a"));
+    let node_b = Arc::new(Node::new_in("ma-bx-b", 1, 2).expect("node b"));
     link_nodes(&node_a.ns, 1, &node_b.ns, 2, 88, "up0").expect("underlay");
     let (pins_a, pins_b) = (PinDir::new("across-a"), PinDir::new("across-b"));
     let load = |node: &Node, pins: &PinDir| {
@@ -149,14 +150,18 @@ fn across_nodes(settings: &Settings, json: bool) {
     let server = node_b.pods[0].ip;
     let _echo = tcp_echo_server(&node_b.pods[0], RR_PORT).expect("echo server");
     let bulk_listener = node_b.pods[0].ns.run(|| TcpListener::bind((server, BULK_PORT))).expect("netns").expect("bind");
-    let setups = ["across-no-program", "across-strict-tagged"];
-    let mut samples = vec![Sample::default(); 2];
-    let mut connects: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let sidecars = Sidecars::start(&PodRef(node_a.clone(), 0), &PodRef(node_b.clone(), 0));
+    let setups = ["across-no-program", "across-strict-tagged", "across-sidecar-mtls-proxies"];
+    let mut samples = vec![Sample::default(); setups.len()];
+    let mut connects: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     for round in 0..settings.rounds {
         for (i, setup) in setups.iter().enumerate() {
             for (dp, node, uplink) in [(&mut a, &node_a, true), (&mut b, &node_b, false)] {
                 let _in = node.ns.enter().expect("enter");
-                if i == 0 {
+                if i != 1 {
+                    // As in the one-node table: the Strict tables go before the programs do, so
+                    // a detach still under way cannot deny the proxies' own port.
+                    dp.apply_tables(&CompiledTables::default()).expect("tables");
                     let _ = dp.detach(&node.pods[0].host_if);
                     if let Ok(index) = meshauth_datapath::loader::if_index("up0") {
                         let _ = dp.detach_uplink(index);
@@ -169,9 +174,11 @@ fn across_nodes(settings: &Settings, json: bool) {
                     dp.apply_tables(&across_strict()).expect("tables");
                 }
             }
-            let (p50, p99) = request_response(&node_a, SocketAddrV4::new(server, RR_PORT), settings.round_trips);
-            let gbit = bulk(&node_a, &bulk_listener, SocketAddrV4::new(server, BULK_PORT), settings.bulk);
-            let connect = new_connections(&node_a, server, 200);
+            // The sidecar setup talks to its local outbound proxy; the others to the pod.
+            let dst = if i == 2 { Ipv4Addr::LOCALHOST } else { server };
+            let (p50, p99) = request_response(&node_a, SocketAddrV4::new(dst, RR_PORT), settings.round_trips);
+            let gbit = bulk(&node_a, &bulk_listener, SocketAddrV4::new(dst, BULK_PORT), settings.bulk);
+            let connect = new_connections(&node_a, dst, 200);
             eprintln!("round {round} {setup:<22} p50 {p50:7.1} us  p99 {p99:7.1} us  {gbit:6.2} Gbit/s  new connection {connect:7.1} us");
             samples[i].p50_us.push(p50);
             samples[i].p99_us.push(p99);
@@ -179,6 +186,7 @@ fn across_nodes(settings: &Settings, json: bool) {
             connects[i].push(connect);
         }
     }
+    drop(sidecars.runtime);
     let drops = b.counters().expect("counters").dropped();
     assert_eq!(drops, 0, "the across-nodes traffic was dropped");
     assert!(a.counters().expect("counters").packets(Counter::TagWritten) > 0, "no SYN was tagged");
@@ -345,15 +353,25 @@ async fn connect_in(node: Arc<Node>, pod: usize, dst: SocketAddrV4) -> io::Resul
     tokio::net::TcpStream::from_std(conn)
 }
 
+/// A pod of a node, for the proxies: its node and its index there.
+#[derive(Clone)]
+struct PodRef(Arc<Node>, usize);
+
+impl PodRef {
+    fn pod(&self) -> &meshauth_datapath::testing::Pod {
+        &self.0.pods[self.1]
+    }
+}
+
 /// One connection through the outbound proxy: TLS to the inbound proxy, then bytes both ways.
 async fn outbound_conn(
     mut app: tokio::net::TcpStream,
-    node: Arc<Node>,
+    client: PodRef,
     upstream: SocketAddrV4,
     connector: tokio_rustls::TlsConnector,
 ) -> io::Result<()> {
     app.set_nodelay(true)?;
-    let tcp = connect_in(node, 0, upstream).await?;
+    let tcp = connect_in(client.0, client.1, upstream).await?;
     let name = rustls_pki_types::ServerName::try_from(SERVER_DNS).map_err(io::Error::other)?;
     let mut tls = connector.connect(name, tcp).await?;
     // Errors once both sides are up are the peers closing (resets at teardown), not failures.
@@ -364,13 +382,13 @@ async fn outbound_conn(
 /// One connection through the inbound proxy: the TLS handshake, then plaintext to the server.
 async fn inbound_conn(
     tcp: tokio::net::TcpStream,
-    node: Arc<Node>,
+    server: PodRef,
     backend: SocketAddrV4,
     acceptor: tokio_rustls::TlsAcceptor,
 ) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut tls = acceptor.accept(tcp).await?;
-    let mut app = connect_in(node, 1, backend).await?;
+    let mut app = connect_in(server.0, server.1, backend).await?;
     let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
     Ok(())
 }
@@ -382,7 +400,8 @@ struct Sidecars {
 }
 
 impl Sidecars {
-    fn start(node: &Arc<Node>) -> Self {
+    /// The outbound proxy in `client`, the inbound one in `server`.
+    fn start(client: &PodRef, server: &PodRef) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("sidecar")
@@ -393,16 +412,16 @@ impl Sidecars {
         // `from_std` registers the sockets with this runtime's reactor.
         let entered = runtime.enter();
         for (app_port, inbound_port) in SIDECAR_PORTS {
-            let backend = SocketAddrV4::new(node.pods[1].ip, app_port);
-            let upstream = SocketAddrV4::new(node.pods[1].ip, inbound_port);
-            let listen = |pod: usize, addr: SocketAddrV4| {
-                let l = node.pods[pod].ns.run(|| TcpListener::bind(addr)).expect("netns").expect("bind proxy");
+            let backend = SocketAddrV4::new(server.pod().ip, app_port);
+            let upstream = SocketAddrV4::new(server.pod().ip, inbound_port);
+            let listen = |pod: &PodRef, addr: SocketAddrV4| {
+                let l = pod.pod().ns.run(|| TcpListener::bind(addr)).expect("netns").expect("bind proxy");
                 l.set_nonblocking(true).expect("nonblocking");
                 tokio::net::TcpListener::from_std(l).expect("proxy listener")
             };
-            let outbound = listen(0, SocketAddrV4::new(Ipv4Addr::LOCALHOST, app_port));
-            let inbound = listen(1, upstream);
-            let (n, connector) = (node.clone(), tls.connector.clone());
+            let outbound = listen(client, SocketAddrV4::new(Ipv4Addr::LOCALHOST, app_port));
+            let inbound = listen(server, upstream);
+            let (n, connector) = (client.clone(), tls.connector.clone());
             runtime.spawn(async move {
                 loop {
                     let Ok((app, _)) = outbound.accept().await else {
@@ -416,7 +435,7 @@ impl Sidecars {
                     });
                 }
             });
-            let (n, acceptor) = (node.clone(), tls.acceptor.clone());
+            let (n, acceptor) = (server.clone(), tls.acceptor.clone());
             runtime.spawn(async move {
                 loop {
                     let Ok((tcp, _)) = inbound.accept().await else {
@@ -453,7 +472,7 @@ fn main() {
     dp.set_auth(2, 1, NodeId::This, BootTime::after(Duration::from_secs(24 * 3600))).expect("auth");
     let _echo = tcp_echo_server(&node.pods[1], RR_PORT).expect("echo server");
     let bulk_listener = node.pods[1].ns.run(|| TcpListener::bind((node.pods[1].ip, BULK_PORT))).expect("netns").expect("bind");
-    let sidecars = Sidecars::start(&node);
+    let sidecars = Sidecars::start(&PodRef(node.clone(), 0), &PodRef(node.clone(), 1));
 
     let setups = ["no-program", "program-no-policy", "strict-authenticated", "sidecar-mtls-proxies"];
     let mut samples = vec![Sample::default(); setups.len()];

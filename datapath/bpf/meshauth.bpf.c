@@ -1141,6 +1141,10 @@ int tag_syn(struct __sk_buff *skb)
 		__builtin_memcpy(&opt[5], &h, MA_TAG_MAC_LEN);
 	}
 
+	/* Read before the segment grows: a failure after it would send a SYN whose lengths were
+	 * already rewritten. */
+	if (bpf_skb_load_bytes(skb, f.l4_off + 12, &old_word, 2) < 0)
+		return PASS;
 	if (bpf_skb_change_tail(skb, skb->len + MA_TAG_OPT_LEN, 0) < 0) {
 		count(MA_C_TAG_NO_ROOM, skb->len);
 		return PASS;
@@ -1156,8 +1160,6 @@ int tag_syn(struct __sk_buff *skb)
 	tcp_len = f.tcp_hlen;
 	bpf_l4_csum_replace(skb, csum_off, bpf_htons(tcp_len), bpf_htons(tcp_len + MA_TAG_OPT_LEN),
 			    BPF_F_PSEUDO_HDR | 2);
-	if (bpf_skb_load_bytes(skb, f.l4_off + 12, &old_word, 2) < 0)
-		return PASS;
 	new_word = bpf_htons((bpf_ntohs(old_word) & 0x0fff) |
 			     (((__u16)(tcp_len + MA_TAG_OPT_LEN) / 4) << 12));
 	bpf_l4_csum_replace(skb, csum_off, old_word, new_word, 2);

@@ -5,8 +5,8 @@
 //! A new connection's SYN from another node has rows of its own: its tag verified, and no tag.
 //! The local proof and the uplink's tagger cannot be timed here: `BPF_PROG_TEST_RUN` gives
 //! every packet a socket, and a SYN with a socket is one the node itself sent, which neither
-//! admits as a pod's. `baseline_single_run_ns` stays in the report's shape (the empty program
-//! timed one run per call).
+//! admits as a pod's. Those are timed on real packets between namespaces (`live`, the
+//! `new_connections` rows), against an empty program on the same hook.
 //!
 //! It loads its own datapath in a private pin directory (never the node's maps), fills it,
 //! and removes it afterwards. Every path is checked once (verdict and counter) before it is
@@ -26,6 +26,11 @@ use crate::config::DatapathConfig;
 use crate::loader::{self, Datapath, DatapathError, Hook};
 use crate::packet::{self, TCP_ACK, TCP_SYN};
 
+#[cfg(feature = "testing")]
+mod live;
+#[cfg(feature = "testing")]
+pub use live::LivePathResult;
+
 static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty.bpf.o"));
 
 /// The auth-map sizes every path is measured at.
@@ -40,11 +45,18 @@ pub struct BenchOptions {
     pub rounds: u32,
     /// Private pin directory, removed afterwards.
     pub pin_dir: PathBuf,
+    /// New connections per path timed on real packets (the `new_connections` rows).
+    pub connections: u32,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { repeat: 200_000, rounds: 9, pin_dir: PathBuf::from(format!("/sys/fs/bpf/meshauth-bench-{}", std::process::id())) }
+        BenchOptions {
+            repeat: 200_000,
+            rounds: 9,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/meshauth-bench-{}", std::process::id())),
+            connections: 5000,
+        }
     }
 }
 
@@ -52,9 +64,10 @@ impl Default for BenchOptions {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BenchReport {
     pub baseline_ns: f64,
-    /// The empty program timed one run per call, as the tagger is.
-    pub baseline_single_run_ns: f64,
     pub paths: Vec<PathResult>,
+    /// A new connection's SYN on the paths `BPF_PROG_TEST_RUN` cannot time, on real packets.
+    #[cfg(feature = "testing")]
+    pub new_connections: Vec<LivePathResult>,
 }
 
 /// One path at one auth-map size.
@@ -90,17 +103,11 @@ const IP_SRC_AUTH: [u8; 4] = [10, 0, 1, 1];
 const IP_SRC_NOAUTH: [u8; 4] = [10, 0, 1, 2];
 const IP_SRC_DENIED: [u8; 4] = [10, 0, 1, 3];
 const IP_SRC_CT: [u8; 4] = [10, 0, 1, 4];
-const IP_SRC_LOCAL: [u8; 4] = [10, 0, 1, 5];
 const DST_SPIFFE: u32 = 2;
 const SRC_AUTH_SPIFFE: u32 = 10;
 /// The node of the benchmark's other pods.
 const BENCH_NODE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 1);
-const SRC_LOCAL_SPIFFE: u32 = 14;
-/// `BPF_PROG_TEST_RUN` runs TC programs on the loopback's index: the benchmark's local pod.
-const TEST_RUN_IFINDEX: u32 = 1;
 const BENCH_KEY: crate::loader::ConnectionKey = crate::loader::ConnectionKey([0x1111_2222_3333_4444, 0x5555_6666_7777_8888]);
-/// Single runs of the tagger per measurement round.
-const SINGLE_RUNS: u32 = 2000;
 
 fn endpoint(ip: [u8; 4], identity: u32, spiffe_id: u32, isolated: bool) -> EndpointEntry {
     EndpointEntry {
@@ -131,13 +138,11 @@ fn tables() -> CompiledTables {
             endpoint(IP_SRC_NOAUTH, 401, 11, false),
             endpoint(IP_SRC_DENIED, 402, 12, false),
             endpoint(IP_SRC_CT, 403, 13, false),
-            endpoint(IP_SRC_LOCAL, 404, SRC_LOCAL_SPIFFE, false),
         ],
         policy: vec![
             rule(400, TableProtocol::Tcp, (8080, 8080), AuthRequirement::Required),
             rule(401, TableProtocol::Tcp, (8080, 8080), AuthRequirement::Required),
             rule(403, TableProtocol::Tcp, (8080, 8080), AuthRequirement::None),
-            rule(404, TableProtocol::Tcp, (8080, 8080), AuthRequirement::Required),
             // A few more entries so the trie has the shape of a real one.
             rule(ANY_IDENTITY, TableProtocol::Tcp, (9000, 9999), AuthRequirement::None),
             rule(400, TableProtocol::Udp, (1, 1023), AuthRequirement::None),
@@ -184,11 +189,6 @@ fn tagged_syn() -> Vec<u8> {
     packet::tcp_syn(IP_SRC_AUTH.into(), IP_DST.into(), 40010, 8080, 7, &options)
 }
 
-/// A Linux SYN from this node's pod, untagged (what the tagger and local destinations see).
-fn local_syn() -> Vec<u8> {
-    packet::tcp_syn(IP_SRC_LOCAL.into(), IP_DST.into(), 40002, 8080, 9, &packet::LINUX_SYN_OPTIONS)
-}
-
 /// Removes the private pin directory however the benchmark ends.
 struct Cleanup(PathBuf);
 
@@ -211,15 +211,9 @@ fn median(mut v: Vec<u64>) -> f64 {
 pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let _cleanup = Cleanup(opts.pin_dir.clone());
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&opts.pin_dir))?;
-    dp.register_interface_only(TEST_RUN_IFINDEX, IP_SRC_LOCAL.into())?;
     dp.apply_tables(&tables())?;
     let day = BootTime::after(Duration::from_secs(24 * 3600));
     dp.set_auth_keyed(DST_SPIFFE, SRC_AUTH_SPIFFE, crate::NodeId::At(BENCH_NODE), day, BENCH_KEY)?;
-    dp.set_auth(DST_SPIFFE, SRC_LOCAL_SPIFFE, crate::NodeId::This, day)?;
-    dp.set_tag_key(SRC_LOCAL_SPIFFE, DST_SPIFFE, crate::NodeId::At(BENCH_NODE), day, BENCH_KEY)?;
-    // The local pod's SYN leaves through its veth first: from_pod records it.
-    let local = local_syn();
-    dp.test_run(Hook::FromPod, &local, 1)?;
     // The conntrack-hit flow starts with a SYN, as a real one does.
     let syn = packet::tcp(IP_SRC_CT.into(), IP_DST.into(), 40000, 8080, TCP_SYN);
     dp.test_run(Hook::ToPod, &syn, 1)?;
@@ -236,7 +230,6 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     for p in &paths {
         check_path(&dp, p)?;
     }
-    let mut single_baseline = Vec::new();
     let mut baseline = Vec::new();
     let mut results = Vec::new();
     let mut filled = 1u32; // the authenticated pair
@@ -250,9 +243,6 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         }
         let mut samples: Vec<Vec<u64>> = vec![Vec::new(); paths.len()];
         for _ in 0..opts.rounds {
-            for _ in 0..SINGLE_RUNS {
-                single_baseline.push(loader::test_run(empty, "empty", &local, 1)?.ns_per_run);
-            }
             // Interleaved, so drifts (frequency, other load) hit every path alike.
             baseline.push(loader::test_run(empty, "empty", &paths[0].packet, opts.repeat)?.ns_per_run);
             for (i, p) in paths.iter().enumerate() {
@@ -264,7 +254,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         }
     }
     dp.uninstall()?;
-    Ok(BenchReport { baseline_ns: median(baseline), baseline_single_run_ns: median(single_baseline), paths: results })
+    Ok(BenchReport {
+        baseline_ns: median(baseline),
+        paths: results,
+        #[cfg(feature = "testing")]
+        new_connections: live::run(opts.connections)?,
+    })
 }
 
 /// Runs a path once and checks the verdict and the counter it moved.

@@ -1052,11 +1052,15 @@ impl Datapath {
         test_run(prog, name, packet, repeat)
     }
 
-    /// Lists `ifindex` as the interface of the pod at `pod_ip` without attaching anything: the
-    /// benchmark's way to have a local pod (`BPF_PROG_TEST_RUN` runs on the loopback's index).
-    pub(crate) fn register_interface_only(&mut self, ifindex: u32, pod_ip: Ipv4Addr) -> Result<(), DatapathError> {
-        let value = IfaceValue { pod_ip: abi::ip_key(pod_ip), attach_mode: abi::ATTACH_NONE, pad: [0; 3] };
-        self.maps.interfaces.insert(ifindex, value, 0).map_err(map_err("interfaces"))
+    /// The kernel's record of one of the programs: its run count and run time, which the
+    /// kernel keeps while BPF statistics are on (`aya::sys::enable_stats`).
+    pub fn program_info(&self, hook: Hook) -> Result<aya::programs::ProgramInfo, DatapathError> {
+        let (name, prog) = match hook {
+            Hook::ToPod => (TO_POD, &self.to_pod),
+            Hook::FromPod => (FROM_POD, &self.from_pod),
+            Hook::TagSyn => (TAG_SYN, &self.tag_syn),
+        };
+        prog.info().map_err(prog_err(name))
     }
 
     /// Detaches everything and removes every pin: the datapath is gone from the node.

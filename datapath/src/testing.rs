@@ -329,3 +329,26 @@ pub fn udp_request(pod: &Pod, src: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16, t
     let mut buf = [0u8; 64];
     matches!(sock.recv_from(&mut buf), Ok((8, _)))
 }
+
+/// An endpoint of the tables, not isolated, with `auth` as its MutualAuth; `node`: the address
+/// of the node the pod runs on as the node loading the tables reaches it (none for its own
+/// pods: their veths say where they are).
+pub fn endpoint(
+    ip: Ipv4Addr,
+    identity: u32,
+    spiffe_id: u32,
+    auth: meshauth_policy::tables::AuthRequirement,
+    node: Option<Ipv4Addr>,
+) -> meshauth_policy::tables::EndpointEntry {
+    meshauth_policy::tables::EndpointEntry {
+        ip,
+        security_identity: identity,
+        spiffe_id,
+        isolated: false,
+        audit: false,
+        mutual_auth: auth,
+        pod: format!("test/{ip}"),
+        node: None,
+        node_address: node,
+    }
+}

@@ -3,12 +3,17 @@
 //! only when it proves its source, by a tag the source node's uplink writes with the pair's
 //! key. Each node numbers SPIFFE IDs its own way, as real agents do. Run as root.
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
+use common::{Capture, LONG, RawIpSender, SHORT, TcpSeen, await_event, parse_tcp, rises_above, tcp_syn_packet, with_source_port};
 use meshauth_datapath::NodeId::At;
-use meshauth_datapath::testing::{Netns, Node, PinDir, link_nodes, require_root, tcp_echo_server, tcp_request};
-use meshauth_datapath::{BootTime, ConnectionKey, Counter, Datapath, DatapathConfig, EventKind, Hook, tag_option, tag_slot_now};
+use meshauth_datapath::testing::{Netns, Node, PinDir, endpoint, link_nodes, require_root, tcp_echo_server, tcp_request};
+use meshauth_datapath::{
+    BootTime, ConnectionKey, Counter, Datapath, DatapathConfig, EventKind, EventStream, Hook, tag_option, tag_slot_now,
+};
 use meshauth_policy::tables::{AuthRequirement, CompiledTables, EndpointEntry};
 
 const PORT: u16 = 8080;
@@ -22,22 +27,6 @@ const KEY: ConnectionKey = ConnectionKey([0x0123_4567_89ab_cdef, 0x0fed_cba9_876
 /// Node a's address on the underlay to b, and b's.
 const A_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 78, 1);
 const B_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 78, 2);
-
-/// `node`: the address of the node the pod runs on, as the node loading the tables reaches
-/// it (none for its own pods: their veths say where they are).
-fn endpoint(ip: Ipv4Addr, identity: u32, spiffe_id: u32, auth: AuthRequirement, node: Option<Ipv4Addr>) -> EndpointEntry {
-    EndpointEntry {
-        ip,
-        security_identity: identity,
-        spiffe_id,
-        isolated: false,
-        audit: false,
-        mutual_auth: auth,
-        pod: format!("test/{ip}"),
-        node: None,
-        node_address: node,
-    }
-}
 
 fn tables(endpoints: Vec<EndpointEntry>) -> CompiledTables {
     let spiffe_ids = endpoints.iter().map(|e| (e.spiffe_id, format!("spiffe://cluster.local/ns/test/sa/{}", e.spiffe_id))).collect();
@@ -54,10 +43,15 @@ fn tables_a(client_spiffe: u32) -> CompiledTables {
 }
 
 fn tables_b() -> CompiledTables {
+    tables_b_with(AuthRequirement::Required)
+}
+
+/// Node B's view with the server's MutualAuth mode `server`.
+fn tables_b_with(server: AuthRequirement) -> CompiledTables {
     tables(vec![
         endpoint(A_CLIENT, 301, 1, AuthRequirement::None, Some(A_NODE)),
         endpoint(A_OTHER, 303, 3, AuthRequirement::None, Some(A_NODE)),
-        endpoint(B_SERVER, 302, 2, AuthRequirement::Required, None),
+        endpoint(B_SERVER, 302, 2, server, None),
     ])
 }
 
@@ -128,6 +122,40 @@ impl Mesh {
     fn connects(&self) -> bool {
         tcp_request(self.client(), B_SERVER, PORT, Duration::from_secs(2))
     }
+
+    /// A connection from node a's other pod (10.77.1.2: 13 on node a, 3 on node b).
+    fn other_connects(&self) -> bool {
+        tcp_request(&self.node_a.pods[1], B_SERVER, PORT, Duration::from_secs(2))
+    }
+
+    /// Whether node a's counter `c` rises above `before` (bounded wait).
+    fn a_counted_above(&self, c: Counter, before: u64) -> bool {
+        rises_above(before, || self.count_a(c))
+    }
+
+    fn b_counted_above(&self, c: Counter, before: u64) -> bool {
+        rises_above(before, || self.count_b(c))
+    }
+
+    /// Node b's events; `runtime` (the stream registers with its reactor) must outlive them.
+    fn events_b(&self, runtime: &tokio::runtime::Runtime) -> EventStream {
+        let _in_runtime = runtime.enter();
+        self.b.as_ref().expect("node b").events().expect("events")
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// Whether `packet` is a SYN (not a SYN-ACK) from `src` to the server's port.
+fn syn_from(packet: &[u8], src: Ipv4Addr) -> Option<TcpSeen> {
+    parse_tcp(packet).filter(|t| t.is_syn() && t.src == src && t.dst == B_SERVER && t.dport == PORT)
+}
+
+/// Whether `packet` is the server's SYN-ACK to port `dport`.
+fn syn_ack_to(packet: &[u8], dport: u16) -> bool {
+    parse_tcp(packet).is_some_and(|t| t.is_syn_ack() && t.src == B_SERVER && t.sport == PORT && t.dport == dport)
 }
 
 /// A TCP connection from `src` (bound on the attacker's own loopback) to the server.
@@ -177,18 +205,9 @@ fn the_genuine_pod_connects_first_time_and_a_spoofed_source_from_another_node_is
 
 /// A SYN frame from the client to the server with the given TCP options.
 fn syn_frame(sport: u16, seq: u32, options: &[u8]) -> Vec<u8> {
-    let tcp_len = 20 + options.len();
     let mut f = vec![0u8; 12];
     f.extend_from_slice(&[0x08, 0x00]);
-    let total = (20 + tcp_len) as u16;
-    f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 6, 0, 0]);
-    f.extend_from_slice(&A_CLIENT.octets());
-    f.extend_from_slice(&B_SERVER.octets());
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&PORT.to_be_bytes());
-    f.extend_from_slice(&seq.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0, 0, ((tcp_len / 4) as u8) << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    f.extend_from_slice(options);
+    f.extend_from_slice(&tcp_syn_packet(A_CLIENT, B_SERVER, sport, PORT, seq, options));
     f
 }
 
@@ -248,6 +267,146 @@ fn a_pod_on_a_reused_address_with_another_identity_cannot_connect() {
     let invalid = mesh.count_b(Counter::DropTagInvalid);
     assert!(!mesh.connects(), "tagged with another pair's key: dropped");
     assert!(mesh.count_b(Counter::DropTagInvalid) > invalid);
+}
+
+#[test]
+fn a_wrong_tag_is_dropped_and_reported_under_the_identity_it_claimed() {
+    let mut mesh = Mesh::new("tg6");
+    let _server = tcp_echo_server(&mesh.node_b.pods[0], PORT).expect("server");
+    assert!(mesh.connects(), "the genuine client connects");
+    let runtime = runtime();
+    let mut events = mesh.events_b(&runtime);
+    // A pod of another identity (14 on node a) got the client's address, and a key of its own
+    // pair: node a tags its SYNs with that key, node b (not told yet) checks them with the
+    // client's.
+    assert!(mesh.a().apply_tables(&tables_a(14)).expect("tables").complete());
+    mesh.a().set_tag_key(14, 12, At(B_NODE), BootTime::after(Duration::from_secs(600)), ConnectionKey([0x5555, 0xaaaa])).expect("key");
+    let written = mesh.count_a(Counter::TagWritten);
+    let (invalid, missing) = (mesh.count_b(Counter::DropTagInvalid), mesh.count_b(Counter::DropTagMissing));
+    assert!(!mesh.connects(), "tagged with another pair's key: must not connect");
+    assert!(mesh.a_counted_above(Counter::TagWritten, written), "node a tagged the SYN");
+    assert!(mesh.b_counted_above(Counter::DropTagInvalid, invalid), "dropped for its wrong tag");
+    assert_eq!(mesh.count_b(Counter::DropTagMissing), missing, "the SYN did carry a tag");
+    let e = await_event(&mut events, |e| e.kind == EventKind::Tag && e.counter == Counter::DropTagInvalid)
+        .unwrap_or_else(|seen| panic!("no event for the wrong tag: {seen:?}"));
+    assert!(e.dropped, "{e:?}");
+    assert_eq!((e.src, e.dst, e.dst_port, e.protocol), (A_CLIENT, B_SERVER, PORT, 6), "{e:?}");
+    // Node b's numbers: the identity the address claims (the client's, 1), and the server's.
+    assert_eq!((e.src_spiffe_id, e.dst_spiffe_id, e.src_identity, e.dst_identity), (1, 2, 301, 302), "{e:?}");
+    assert_eq!(e.auth, AuthRequirement::Required, "{e:?}");
+}
+
+#[test]
+fn a_tag_captured_on_the_wire_and_replayed_from_another_port_is_dropped() {
+    let mesh = Mesh::new("tg7");
+    let _server = tcp_echo_server(&mesh.node_b.pods[0], PORT).expect("server");
+    // Watching from before the genuine connection: node b's underlay, where the SYN arrives
+    // (before routing, and before to_pod on the server's veth), and the server pod itself.
+    let underlay = Capture::open(&mesh.node_b.ns, "up0").expect("capture on node b's underlay");
+    let at_server = Capture::open(&mesh.node_b.pods[0].ns, "eth0").expect("capture in the server pod");
+    let runtime = runtime();
+    let mut events = mesh.events_b(&runtime);
+    let (invalid, missing) = (mesh.count_b(Counter::DropTagInvalid), mesh.count_b(Counter::DropTagMissing));
+    assert!(mesh.connects(), "the genuine client connects");
+    assert_eq!(
+        (mesh.count_b(Counter::DropTagInvalid), mesh.count_b(Counter::DropTagMissing)),
+        (invalid, missing),
+        "the genuine SYN was not dropped"
+    );
+    let captured = underlay
+        .find(LONG, |p| syn_from(p, A_CLIENT).is_some_and(|t| t.tag().is_some()))
+        .expect("the client's tagged SYN crossed the underlay");
+    let genuine = parse_tcp(&captured).expect("a TCP packet");
+    assert!(at_server.find(LONG, |p| syn_from(p, A_CLIENT).is_some_and(|t| t.sport == genuine.sport)).is_some(), "it reached the server");
+
+    // The attacker (behind node b on another underlay) sends it again with the client's
+    // address, tag and sequence number, from another port.
+    let sport = genuine.sport.wrapping_add(1);
+    let replay = with_source_port(&captured, sport);
+    let replayed = parse_tcp(&replay).expect("a TCP packet");
+    assert_eq!((replayed.sport, replayed.seq, replayed.tag()), (sport, genuine.seq, genuine.tag()), "the captured tag, resent");
+    RawIpSender::open(&mesh.attacker).expect("raw socket in the attacker namespace").send(&replay).expect("sending the replay");
+    assert!(mesh.b_counted_above(Counter::DropTagInvalid, invalid), "a replayed tag must not verify for another port");
+    let e = await_event(&mut events, |e| e.kind == EventKind::Tag && e.src_port == sport)
+        .unwrap_or_else(|seen| panic!("no event for the replay: {seen:?}"));
+    assert_eq!((e.counter, e.dropped, e.src, e.src_spiffe_id, e.dst_spiffe_id), (Counter::DropTagInvalid, true, A_CLIENT, 1, 2), "{e:?}");
+    assert!(at_server.find(SHORT, |p| syn_from(p, A_CLIENT).is_some_and(|t| t.sport == sport)).is_none(), "the replay reached the server");
+    assert_eq!(mesh.count_b(Counter::DropTagMissing), missing);
+    assert!(mesh.connects(), "the genuine client is unaffected");
+}
+
+#[test]
+fn a_syn_its_node_has_no_key_for_leaves_untagged_and_passes_only_under_permissive() {
+    let mut mesh = Mesh::new("tg8");
+    let _server = tcp_echo_server(&mesh.node_b.pods[0], PORT).expect("server");
+    // Node b proved the other pod's pair (3 to 2 there) with a key; node a holds no tag key for
+    // it (13 to 12): a source node whose agent does not (yet) tag.
+    mesh.b().set_auth_keyed(2, 3, At(A_NODE), BootTime::after(Duration::from_secs(600)), ConnectionKey([0x3333, 0x4444])).expect("key");
+    let underlay = Capture::open(&mesh.node_b.ns, "up0").expect("capture on node b's underlay");
+    let runtime = runtime();
+    let mut events = mesh.events_b(&runtime);
+
+    // Strict.
+    let (no_key, written, missing) =
+        (mesh.count_a(Counter::TagNoKey), mesh.count_a(Counter::TagWritten), mesh.count_b(Counter::DropTagMissing));
+    assert!(!mesh.other_connects(), "an untagged SYN must not connect under Strict");
+    assert!(mesh.a_counted_above(Counter::TagNoKey, no_key), "node a counted the SYN it had no key for");
+    assert!(mesh.b_counted_above(Counter::DropTagMissing, missing), "node b dropped it for its missing tag");
+    assert_eq!(mesh.count_a(Counter::TagWritten), written, "nothing was tagged");
+    let syn = underlay.find(LONG, |p| syn_from(p, A_OTHER).is_some()).expect("the SYN crossed the underlay");
+    assert_eq!(parse_tcp(&syn).expect("a TCP packet").tag(), None, "it left node a untagged");
+    let e = await_event(&mut events, |e| e.kind == EventKind::Tag && e.counter == Counter::DropTagMissing)
+        .unwrap_or_else(|seen| panic!("no event for the untagged SYN: {seen:?}"));
+    assert_eq!((e.dropped, e.src, e.src_spiffe_id, e.dst_spiffe_id, e.auth), (true, A_OTHER, 3, 2, AuthRequirement::Required), "{e:?}");
+
+    // Permissive: the same SYN passes, counted and reported as untagged (the pair is proved:
+    // an unproved one would be pass_permissive_unauthenticated).
+    assert!(mesh.b().apply_tables(&tables_b_with(AuthRequirement::Permissive)).expect("tables").complete());
+    let (no_key, untagged, missing) =
+        (mesh.count_a(Counter::TagNoKey), mesh.count_b(Counter::PassUntaggedPermissive), mesh.count_b(Counter::DropTagMissing));
+    assert!(mesh.other_connects(), "an untagged SYN connects under Permissive");
+    assert!(mesh.a_counted_above(Counter::TagNoKey, no_key), "still untagged");
+    assert!(mesh.b_counted_above(Counter::PassUntaggedPermissive, untagged), "passed as untagged under Permissive");
+    assert_eq!(mesh.count_b(Counter::DropTagMissing), missing, "nothing dropped");
+    let e = await_event(&mut events, |e| e.kind == EventKind::Tag && e.counter == Counter::PassUntaggedPermissive)
+        .unwrap_or_else(|seen| panic!("no event for the permitted SYN: {seen:?}"));
+    assert_eq!((e.dropped, e.src, e.src_spiffe_id, e.dst_spiffe_id, e.auth), (false, A_OTHER, 3, 2, AuthRequirement::Permissive), "{e:?}");
+}
+
+#[test]
+fn a_syn_without_room_for_the_tag_leaves_untagged_and_is_dropped_under_strict() {
+    let mesh = Mesh::new("tg9");
+    let _server = tcp_echo_server(&mesh.node_b.pods[0], PORT).expect("server");
+    let underlay = Capture::open(&mesh.node_b.ns, "up0").expect("capture on node b's underlay");
+    let at_client = Capture::open(&mesh.client().ns, "eth0").expect("capture in the client pod");
+    let raw = RawIpSender::open(&mesh.client().ns).expect("raw socket in the client pod");
+    let runtime = runtime();
+    let mut events = mesh.events_b(&runtime);
+    let (roomy, full) = (61_001, 61_002);
+    let mss: [u8; 4] = [2, 4, 0x05, 0xb4];
+
+    // The same raw SYN with room (its header 24 bytes, 36 tagged) is tagged and answered.
+    let written = mesh.count_a(Counter::TagWritten);
+    raw.send(&tcp_syn_packet(A_CLIENT, B_SERVER, roomy, PORT, 0x1000_0001, &mss)).expect("sending");
+    assert!(mesh.a_counted_above(Counter::TagWritten, written), "a raw SYN with room is tagged");
+    assert!(at_client.find(LONG, |p| syn_ack_to(p, roomy)).is_some(), "and admitted: the server answered");
+
+    // 28 NOPs and the MSS: a 52-byte header, which 12 more bytes would take past 60.
+    let mut options = vec![1u8; 28];
+    options.extend_from_slice(&mss);
+    let (written, no_room, missing) =
+        (mesh.count_a(Counter::TagWritten), mesh.count_a(Counter::TagNoRoom), mesh.count_b(Counter::DropTagMissing));
+    raw.send(&tcp_syn_packet(A_CLIENT, B_SERVER, full, PORT, 0x2000_0002, &options)).expect("sending");
+    assert!(mesh.a_counted_above(Counter::TagNoRoom, no_room), "node a counted the SYN it had no room to tag");
+    assert!(mesh.b_counted_above(Counter::DropTagMissing, missing), "node b dropped it for its missing tag");
+    assert_eq!(mesh.count_a(Counter::TagWritten), written, "not tagged");
+    let syn = underlay.find(LONG, |p| syn_from(p, A_CLIENT).is_some_and(|t| t.sport == full)).expect("the SYN crossed the underlay");
+    let syn = parse_tcp(&syn).expect("a TCP packet");
+    assert_eq!((&syn.options, syn.tag()), (&options, None), "it arrived as sent, untagged");
+    let e = await_event(&mut events, |e| e.kind == EventKind::Tag && e.src_port == full)
+        .unwrap_or_else(|seen| panic!("no event for the untagged SYN: {seen:?}"));
+    assert_eq!((e.counter, e.dropped, e.src, e.src_spiffe_id, e.dst_spiffe_id), (Counter::DropTagMissing, true, A_CLIENT, 1, 2), "{e:?}");
+    assert!(at_client.find(SHORT, |p| syn_ack_to(p, full)).is_none(), "the server answered a SYN it should never have seen");
 }
 
 #[test]

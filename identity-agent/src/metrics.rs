@@ -92,6 +92,10 @@ pub struct AgentMetrics {
     healthy: AtomicBool,
     /// Why the agent is not ready although healthy (the last apply was not complete).
     not_ready: Mutex<Option<String>>,
+    /// Why the connection tagger is not on every uplink (a kernel without tcx links): this
+    /// node's pods cannot prove their connections to other nodes, so the agent says it is not
+    /// ready to enforce Strict rather than pass for ready.
+    tagger_problem: Mutex<Option<String>>,
     /// The label values of `svid_expiry_seconds` in use.
     identities: Mutex<std::collections::BTreeSet<String>>,
 }
@@ -116,6 +120,7 @@ impl AgentMetrics {
             last_datapath: Mutex::new(BTreeMap::new()),
             healthy: AtomicBool::new(false),
             not_ready: Mutex::new(None),
+            tagger_problem: Mutex::new(None),
             identities: Mutex::new(std::collections::BTreeSet::new()),
         };
         if let Ok(mut r) = m.registry.lock() {
@@ -221,9 +226,22 @@ impl AgentMetrics {
         }
     }
 
-    /// Why the agent is not ready although alive (the last apply did not fit the maps).
+    /// Records why the connection tagger is missing from an uplink (`None`: it is on all).
+    pub fn set_tagger_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.tagger_problem.lock() {
+            *p = problem;
+        }
+    }
+
+    /// Why the agent is not ready although alive: the last apply did not fit the maps, or the
+    /// connection tagger could not be attached.
     pub fn not_ready_reason(&self) -> Option<String> {
-        self.not_ready.lock().ok().and_then(|r| r.clone())
+        let apply = self.not_ready.lock().ok().and_then(|r| r.clone());
+        let tagger = self.tagger_problem.lock().ok().and_then(|r| r.clone());
+        match (apply, tagger) {
+            (Some(a), Some(t)) => Some(format!("{a}; {t}")),
+            (a, t) => a.or(t),
+        }
     }
 
     /// Text exposition of every metric.
@@ -262,7 +280,7 @@ impl AgentMetrics {
                 "/readyz",
                 get(move || {
                     let healthy = readiness.healthy.load(Ordering::Relaxed);
-                    let reason = readiness.not_ready.lock().ok().and_then(|r| r.clone());
+                    let reason = readiness.not_ready_reason();
                     async move {
                         match (healthy, reason) {
                             (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting".to_owned()).into_response(),
@@ -483,6 +501,23 @@ mod tests {
         m.observe_apply(Ok((0, 0)));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         assert_eq!(m.policy_denied_destinations.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tagger_missing_from_an_uplink_fails_readiness_naming_the_kernel_feature() {
+        let m = AgentMetrics::new();
+        m.set_healthy(true);
+        let (addr, _server) = m.clone().serve("127.0.0.1:0".parse().expect("addr"), Arc::default()).await.expect("serve");
+        let missing = meshauth_datapath::loader::DatapathError::UplinkNeedsTcx { name: "eth0".into() };
+        m.set_tagger_problem(Some(format!("connection tagger not on uplink eth0: {missing}")));
+        let ready = get(addr, "/readyz").await;
+        assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("needs tcx links (Linux 6.6 or later"), "{ready}");
+        m.observe_apply(Ok((1, 0)));
+        let both = get(addr, "/readyz").await;
+        assert!(both.contains("1 destinations deny everything") && both.contains("tcx"), "both reasons named: {both}");
+        m.observe_apply(Ok((0, 0)));
+        m.set_tagger_problem(None);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
     }
 
     #[test]

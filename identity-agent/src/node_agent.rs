@@ -480,11 +480,18 @@ impl Applier {
             },
         };
         let mut dp = lock(&self.datapath);
+        let mut problems = Vec::new();
         for ifindex in &wanted {
             let Some(name) = meshauth_datapath::loader::if_name(*ifindex) else { continue };
             if let Err(error) = dp.attach_uplink(&name) {
-                tracing::warn!(uplink = %name, %error, "cannot attach the connection tagger: this node's pods' connections to other nodes carry no tag");
+                tracing::error!(uplink = %name, %error, "cannot attach the connection tagger: this node's pods' connections to other nodes carry no tag and fail closed under Strict");
+                problems.push(format!("connection tagger not on uplink {name}: {error}"));
             }
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.set_tagger_problem((!problems.is_empty()).then(|| {
+                format!("{}: Strict MutualAuth cannot be enforced for this node's connections to other nodes", problems.join("; "))
+            }));
         }
         match dp.uplinks() {
             Ok(attached) => {

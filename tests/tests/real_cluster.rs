@@ -83,6 +83,21 @@ impl Cluster {
         ok && out.contains("HTTP/1")
     }
 
+    /// Whether the server pod is Ready, and since when (the condition's lastTransitionTime).
+    fn server_ready(&self) -> (bool, String) {
+        let (_, out) = self.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            "shop",
+            "server",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
+        ]);
+        let (status, since) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
+        (status == "True", since.to_owned())
+    }
+
     fn pod_ip(&self, pod: &str) -> String {
         let (ok, out) = self.kubectl(&["get", "pod", "-n", "shop", pod, "-o", "jsonpath={.status.podIP}"]);
         assert!(ok && !out.is_empty(), "{pod} has no IP: {out}");
@@ -304,11 +319,8 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     let (ok, out) = c.kubectl_stdin(&["apply", "-f", "-"], &apps);
     assert!(ok, "apply the apps: {out}");
     // The readiness probe comes from node-2's own address: the policed pod still goes Ready.
-    c.wait("the policed server Ready through its probe", Duration::from_secs(120), || {
-        let (_, out) =
-            c.kubectl(&["get", "pod", "-n", "shop", "server", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
-        out.trim() == "True"
-    });
+    c.wait("the policed server Ready through its probe", Duration::from_secs(120), || c.server_ready().0);
+    let (_, ready_since) = c.server_ready();
     c.wait("client and stranger Running", Duration::from_secs(120), || {
         let (_, out) = c.kubectl(&["get", "pods", "-n", "shop", "-o", "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}"]);
         out.lines().filter(|l| *l == "Running").count() == 3
@@ -337,19 +349,25 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
             c.kubectl(&["exec", "-n", "meshauth-system", &agent_on_node_2, "--", "meshauthctl", "auth", "list", "--output", "json"]);
         ok && out.contains("spiffe://cluster.local/ns/shop/sa/server") && out.contains("spiffe://cluster.local/ns/shop/sa/client")
     });
+    let enforced_at = Instant::now();
     // First time means no drop and no SYN retransmitted (`nc -w 3` alone would hide one).
     let (drops, retransmits) = (c.drops(&agent_on_node_2), c.retransmits("client"));
     assert!(c.http_from("client", &server, 8080), "the permitted, pre-authenticated pair connects first time\n{}", c.describe());
     assert_eq!(c.drops(&agent_on_node_2), drops, "node-2 dropped a packet of the pre-authenticated pair");
     assert_eq!(c.retransmits("client"), retransmits, "the client retransmitted a segment");
+    let denied = c.counter(&agent_on_node_2, "drop_denied");
     assert!(!c.http_from("stranger", &server, 8080), "a pod of another service account is dropped");
+    assert!(c.counter(&agent_on_node_2, "drop_denied") > denied, "node-2 counted the stranger's SYN as denied by the policy");
     let (ok, cluster_ip) = c.kubectl(&["get", "service", "-n", "shop", "server", "-o", "jsonpath={.spec.clusterIP}"]);
     assert!(ok && !cluster_ip.trim().is_empty(), "the Service's ClusterIP: {cluster_ip}");
+    let (drops, retransmits) = (c.drops(&agent_on_node_2), c.retransmits("client"));
     assert!(
         c.http_from("client", cluster_ip.trim(), 80),
         "the client reaches the server through its ClusterIP first time\n{}",
         c.describe()
     );
+    assert_eq!(c.drops(&agent_on_node_2), drops, "node-2 dropped a packet of the connection through the ClusterIP");
+    assert_eq!(c.retransmits("client"), retransmits, "the client retransmitted a segment through the ClusterIP");
 
     // A process on node-1 (root, as a hostNetwork pod can be) writes the client's address
     // into a SYN: node-1's tagger gives it no tag (the client's veth never sent it) and node-2
@@ -364,9 +382,17 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     // node-1 itself (a hostNetwork pod there, the kubelet) is no source the server's policy
     // names: only node-2's own addresses pass as the host, so node-1's is dropped.
     let node_1_ip: std::net::Ipv4Addr = c.env.kubelet_node("node-1").expect("node-1").ip.parse().expect("node-1 IP");
+    let denied = c.counter(&agent_on_node_2, "drop_denied");
     assert!(!connect_as(&node_1, node_1_ip, server_ip, 8080), "another node's own address passed the server's policy");
-    let (_, status) = c.kubectl(&["exec", "-n", "meshauth-system", &agent_on_node_2, "--", "meshauthctl", "status", "--output", "json"]);
-    assert!(status.contains("drop_denied") || status.contains("drop_auth_missing"), "{status}");
+    assert!(c.counter(&agent_on_node_2, "drop_denied") > denied, "node-2 counted node-1's own SYN as denied by the policy");
+
+    // The probe kept the server Ready all along under enforcement: at least five probe
+    // periods (2 s; three failures turn it NotReady) after node-2 enforced the pair, Ready
+    // has not changed since it first became so.
+    if let Some(rest) = Duration::from_secs(10).checked_sub(enforced_at.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    assert_eq!(c.server_ready(), (true, ready_since.clone()), "the policed server left Ready under enforcement\n{}", c.describe());
 
     // The webhook, called by the API server through its Service.
     let bad = "apiVersion: meshauth.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: bad, namespace: shop}\nspec:\n  selector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{identity: 'spiffe://Cluster.Local/ns/shop/sa/x'}]\n";
@@ -382,10 +408,11 @@ fn the_chart_runs_on_real_kubelets_and_enforces_a_strict_mesh() {
     assert!(ok, "delete the apps: {out}");
     let (ok, out) = c.helm(&["uninstall", "meshauth", "-n", "meshauth-system", "--wait", "--timeout", "120s"]);
     assert!(ok, "helm uninstall: {out}");
-    c.wait("each node's CNI configuration as it was", Duration::from_secs(60), || {
-        ["node-1", "node-2"].iter().zip(&before).all(|(n, b)| {
-            let now = c.conflist(n);
-            serde_json::from_str::<serde_json::Value>(&now).ok() == serde_json::from_str::<serde_json::Value>(b).ok()
-        })
+    c.wait("each node's CNI configuration as it was, byte for byte", Duration::from_secs(60), || {
+        ["node-1", "node-2"].iter().zip(&before).all(|(n, b)| c.conflist(n) == *b)
     });
+    for node in ["node-1", "node-2"] {
+        let plugin = c.env.kubelet_node(node).expect("kubelet node").cni_bin_dir.join("meshauth-cni");
+        assert!(!plugin.exists(), "{node}: {} left behind", plugin.display());
+    }
 }
