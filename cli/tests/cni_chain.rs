@@ -390,6 +390,15 @@ apiVersion: v1
 kind: Pod
 metadata: {name: steady, namespace: shop, labels: {app: steady}}
 spec: {nodeName: node-1, serviceAccountName: steady, containers: []}
+---
+apiVersion: meshauth.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: churn-isolated, namespace: shop}
+spec:
+  selector: {matchLabels: {app: churn}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: nobody}}}]
+    ports: [{port: 8080}]
 "#;
 
 #[test]
@@ -414,6 +423,14 @@ fn five_thousand_pods_through_the_ptp_chain_leave_the_maps_bounded_by_live_pods(
             "pod {i} ({ip}) guarded when ADD returned: {interfaces:?}"
         );
         assert_eq!(node.link_pins(), 4, "pod {i}: two links per live pod");
+        // Enforced from its first packet (sampled: a refused connection waits out its
+        // timeout): the policy isolating it drops the steady pod's SYN at its veth.
+        if i % 250 == 0 {
+            let denied = node.maps().counters().expect("counters").packets(meshauth_datapath::Counter::DropDenied);
+            assert!(!connects(&steady_ns, ip, 8080), "pod {i} ({ip}): its policy did not hold right after ADD");
+            let now = node.maps().counters().expect("counters").packets(meshauth_datapath::Counter::DropDenied);
+            assert!(now > denied, "pod {i} ({ip}): the SYN was not dropped by its policy ({denied} → {now})");
+        }
         node.del(&ptp, &container, &churn_ns.name, "churn", ip);
     }
     eprintln!("{pods} pods added and deleted through ptp + meshauth-cni in {:.1} s", start.elapsed().as_secs_f64());
@@ -497,4 +514,67 @@ fn an_agent_fed_a_policy_larger_than_its_map_still_guards_every_pod() {
     assert!(metrics.contains("meshauth_agent_policy_applies_total{result=\"degraded\"}"), "{metrics}");
     assert!(metrics.contains("meshauth_agent_policy_denied_destinations 1"), "{metrics}");
     assert!(node.log().contains("does not fit in the maps"), "the agent says so in its log");
+}
+
+/// The primary CNI's conflist as Calico's installer writes it (its own spacing, which
+/// uninstalling must give back byte for byte).
+const PRIMARY_CONFLIST: &str = "{\n  \"cniVersion\": \"1.0.0\",\n  \"name\": \"podnet\",\n  \"plugins\": [\n    {\"type\": \"ptp\", \"ipMasq\": false, \"ipam\": {\"type\": \"host-local\", \"subnet\": \"10.253.0.0/24\"}}\n  ]\n}\n";
+
+#[test]
+fn the_agent_chains_meshauth_cni_back_when_the_primary_rewrites_its_config_and_uninstall_gives_its_bytes_back() {
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (conf, bin, socket) = (dir.path().join("net.d"), dir.path().join("bin"), dir.path().join("cni.sock"));
+    std::fs::create_dir_all(&conf).expect("conf dir");
+    let list = conf.join("10-calico.conflist");
+    std::fs::write(&list, PRIMARY_CONFLIST).expect("primary conflist");
+    let agent = |args: &[&str]| {
+        let out = Command::new(meshauth_bin("meshauth-agent"))
+            .args(args)
+            .arg("--bin-dir")
+            .arg(&bin)
+            .arg("--conf-dir")
+            .arg(&conf)
+            .env("MESHAUTH_CNI_SOCKET", &socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("meshauth-agent");
+        assert!(out.status.success(), "meshauth-agent {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let chained = || {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&list).expect("read conflist")).expect("conflist JSON");
+        v["plugins"].as_array().and_then(|p| p.last()).is_some_and(|p| p["type"] == "meshauth-cni")
+    };
+    // As the chart's init container does, then the agent.
+    let plugin = meshauth_bin("meshauth-cni");
+    agent(&["cni-install", "--plugin", plugin.to_str().expect("path")]);
+    assert!(chained() && bin.join("meshauth-cni").exists(), "installed and chained last");
+    let s = |p: &Path| p.to_str().expect("path").to_owned();
+    let node = NodeUnderTest::start_with_env(
+        "rc",
+        BRIDGE_MESH,
+        &[("MESHAUTH_CNI_CONF_DIR", &s(&conf)), ("MESHAUTH_CNI_BIN_DIR", &s(&bin)), ("MESHAUTH_CNI_SOCKET", &s(&socket))],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!node.log().contains("chained again"), "an agent whose entry is in place writes nothing:\n{}", node.log());
+
+    // The primary's installer restarts and writes its conflist anew (another subnet), without
+    // meshauth's entry: new pods would start unguarded.
+    let rewritten = PRIMARY_CONFLIST.replace("10.253.0.0/24", "10.253.1.0/24");
+    std::fs::write(&list, &rewritten).expect("primary rewrites");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !chained() {
+        assert!(Instant::now() < deadline, "meshauth-cni not chained back:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(std::fs::read_to_string(&list).expect("read").contains("10.253.1.0/24"), "the primary's new config kept");
+    assert!(node.log().contains("chained again"), "the repair is logged:\n{}", node.log());
+    drop(node);
+
+    agent(&["cni-uninstall"]);
+    assert_eq!(std::fs::read_to_string(&list).expect("read"), rewritten, "the primary's own bytes are back");
+    let left: Vec<String> =
+        std::fs::read_dir(&conf).expect("conf dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, ["10-calico.conflist"], "nothing of meshauth's is left in the CNI config directory");
+    assert!(!bin.join("meshauth-cni").exists(), "the plugin binary is removed");
 }

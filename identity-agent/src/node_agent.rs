@@ -140,6 +140,10 @@ pub struct Applier {
     pub netns_dirs: Vec<PathBuf>,
     /// Configured uplinks for the connection tagger; `None`: found.
     pub uplinks: Option<Vec<String>>,
+    /// The CNI config directory and the agent's socket, when meshauth-cni was chained there at
+    /// start: the primary CNI may rewrite its config (flannel, Calico do on restart) and drop the
+    /// entry, and new pods would then start unguarded; housekeeping chains it back.
+    pub cni_chaining: Option<(PathBuf, String)>,
     registry: BTreeMap<Ipv4Addr, Registration>,
     last: Arc<Snapshot>,
     last_scan: Option<Instant>,
@@ -195,6 +199,7 @@ impl Applier {
             manager,
             netns_dirs,
             uplinks: None,
+            cni_chaining: None,
             registry,
             last: Arc::new(Snapshot::default()),
             last_scan: None,
@@ -461,6 +466,18 @@ impl Applier {
         }
     }
 
+    /// Chains meshauth-cni back into the config the runtime uses if it is no longer there.
+    fn keep_cni_chained(&self) {
+        let Some((conf_dir, socket)) = &self.cni_chaining else { return };
+        match crate::cni_install::ensure_chained(conf_dir, socket) {
+            Ok(Some(config)) => {
+                tracing::warn!(config = %config.display(), "meshauth-cni was no longer chained (the primary CNI rewrote its config?): chained again")
+            }
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "meshauth-cni is not chained and cannot be: new pods may start unguarded"),
+        }
+    }
+
     /// The connection tagger on every uplink, and off interfaces that stopped being one.
     pub fn sync_uplinks(&mut self) {
         let pods: BTreeSet<u32> = self.registry.values().map(|r| r.ifindex).collect();
@@ -560,6 +577,7 @@ impl Applier {
         self.sync_host_addresses();
         self.sync_uplinks();
         self.sweep_tag_keys();
+        self.keep_cni_chained();
         // Local pods still unguarded: only a scan that finds their veths is worth a new apply
         // (a pod whose veth cannot be found costs a scan every SCAN_INTERVAL, not a compile).
         let waiting: BTreeSet<Ipv4Addr> = self
@@ -738,6 +756,11 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     );
     applier.metrics = Some(metrics.clone());
     applier.uplinks = config.uplinks.clone();
+    // Kept chained only where the chart chained it (its init container runs before the agent):
+    // an agent beside another runtime's CNI config, or none, leaves the directory alone.
+    if crate::cni_install::is_chained(&config.cni_conf_dir) {
+        applier.cni_chaining = Some((config.cni_conf_dir.clone(), config.cni_socket.to_string_lossy().into_owned()));
+    }
     let mut removed_links = pod_net::watch_removed_links()?;
     let first = snapshots.borrow_and_update().clone();
     let namer_of = |snapshot: &Snapshot| {
