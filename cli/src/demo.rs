@@ -397,7 +397,7 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
     );
 
     // 7. Continuous traffic through an SVID rotation and an agent restart.
-    r.say(&format!("\n== 6. continuous traffic across SVID rotation (TTL {} s) and an agent restart", options.svid_ttl.as_secs()));
+    r.say(&format!("\n== 6. continuous traffic across SVID rotation (TTL {} s) and agent restarts", options.svid_ttl.as_secs()));
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     // The client pod leaves the box while the flow runs, so the box can restart agents.
@@ -425,24 +425,31 @@ pub fn run(options: DemoOptions, out: &mut dyn Write) -> Result<Vec<Check>, Demo
         }
         let expiry_now = maps.auth_entries().ok().and_then(|e| e.first().map(|a| a.expiry));
         rotation_seen = matches!((first_expiry, expiry_now), (Some(a), Some(b)) if b > a);
-        r.say("  restarting node-2's agent (SIGTERM, then start again) while traffic flows");
-        mesh.stop_agent("node-2");
-        std::thread::sleep(Duration::from_secs(1));
-        restart_ok = mesh.start_agent("node-2").is_ok();
-        std::thread::sleep(Duration::from_secs(2));
+        // The destination's agent (it holds the auth entries and verifies the tags), then the
+        // source's (it holds the tag keys the uplink's tagger writes every SYN with).
+        restart_ok = true;
+        for node in ["node-2", "node-1"] {
+            r.say(&format!("  restarting {node}'s agent (SIGTERM, then start again) while traffic flows"));
+            mesh.stop_agent(node);
+            std::thread::sleep(Duration::from_secs(1));
+            restart_ok &= mesh.start_agent(node).is_ok();
+            std::thread::sleep(Duration::from_secs(2));
+        }
         stop.store(true, Ordering::Relaxed);
     });
     mesh.pods.insert("shop/order-0".into(), order_pod);
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     r.check("SVIDs rotated and the pair re-authenticated", rotation_seen, format!("auth entry expiry moved forward: {rotation_seen}"));
     r.check(
-        "zero failed requests across rotation and restart",
+        "zero failed requests across rotation and restarts",
         failed == 0 && sent > 0 && restart_ok,
-        format!("{sent} new connections, {failed} failed; agent restarted: {restart_ok}"),
+        format!("{sent} new connections, {failed} failed; both agents restarted: {restart_ok}"),
     );
-    let log = mesh.agent_log("node-2");
-    let adopted = log.lines().rfind(|l| l.contains("datapath ready")).is_some_and(|l| l.contains("adopted=true"));
-    r.check("restarted agent adopted the pinned datapath", adopted, "programs, maps and links stayed pinned".into());
+    let adopted = ["node-1", "node-2"].iter().all(|node| {
+        let log = mesh.agent_log(node);
+        log.lines().rfind(|l| l.contains("datapath ready")).is_some_and(|l| l.contains("adopted=true"))
+    });
+    r.check("restarted agents adopted the pinned datapath", adopted, "programs, maps and links stayed pinned".into());
 
     // 8. Connections are bound to identities, not addresses.
     r.say("\n== 7. a connection proves its source: an address alone is not an identity");

@@ -31,7 +31,9 @@ fn the_demo_passes_every_check_and_keeps_its_mesh_until_demo_down() {
         "explain shows the pair's proof and its expiry",
         "audit passes and names what a policy would deny; Enforce drops it",
         "spoofed source dropped",
-        "zero failed requests across rotation and restart",
+        "zero failed requests across rotation and restarts",
+        "spoofed source from another node dropped",
+        "reused pod IP with another identity dropped",
     ] {
         assert!(stdout.contains(&format!("[PASS] {check}")), "{check} did not pass:\n{stdout}");
     }

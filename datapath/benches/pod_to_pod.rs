@@ -188,7 +188,8 @@ fn across_nodes(settings: &Settings, json: bool) {
     }
     drop(sidecars.runtime);
     let c = b.counters().expect("counters");
-    let drops: Vec<(&str, u64)> = Counter::ALL.iter().filter(|k| k.is_drop() && c.packets(**k) > 0).map(|k| (k.name(), c.packets(*k))).collect();
+    let drops: Vec<(&str, u64)> =
+        Counter::ALL.iter().filter(|k| k.is_drop() && c.packets(**k) > 0).map(|k| (k.name(), c.packets(*k))).collect();
     assert!(drops.is_empty(), "the across-nodes traffic was dropped: {drops:?}");
     assert!(a.counters().expect("counters").packets(Counter::TagWritten) > 0, "no SYN was tagged");
     let base = (median(&samples[0].p50_us), median(&samples[0].p99_us), median(&samples[0].gbit_s), median(&connects[0]));
