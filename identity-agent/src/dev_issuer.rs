@@ -14,11 +14,8 @@
 //! configured identity, so the socket's file permissions are the only access control; it is a
 //! development tool, never a production identity provider.
 
-#[path = "dev_issuer/ca.rs"]
 pub mod ca;
-#[path = "dev_issuer/proto.rs"]
 pub mod proto;
-#[path = "dev_issuer/service.rs"]
 mod service;
 
 use std::collections::HashMap;
@@ -236,5 +233,4 @@ pub async fn run_dev_issuer(config: DevIssuerConfig) -> Result<(), DevIssuerErro
 }
 
 #[cfg(test)]
-#[path = "dev_issuer/tests.rs"]
 mod tests;

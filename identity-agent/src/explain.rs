@@ -9,7 +9,7 @@
 
 use crate::auth_manager::{AuthManagerHandle, PairStatus};
 use crate::inputs::Snapshot;
-use crate::node_agent::SharedView;
+use crate::plan::SharedView;
 use meshauth_cluster::NotEndpoint;
 use meshauth_policy::model::{Explanation, ModelConfig, ObjectRef, PolicyModel, Source};
 use meshauth_policy::tables::{AuthRequirement, TableProtocol};

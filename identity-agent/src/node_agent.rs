@@ -5,8 +5,28 @@
 //! auth-required events and the SVID store's rotations → the auth manager. The maps and links
 //! stay pinned when the agent stops, so traffic keeps flowing while it restarts; the restarted
 //! agent adopts them (and the auth entries in them) without a gap.
+//!
+//! Here: the applier and [`run`], the wiring. The submodules hold the adapters between the
+//! pieces (the datapath's maps, the node view, the handshake client and server, the SVID store's
+//! events, the metrics as observers) and the applier's CNI requests and housekeeping.
 
-use crate::auth_manager::{self, AuthManagerConfig, AuthManagerHandle, AuthTable, ProofKey};
+mod auth_table;
+mod authenticator;
+mod cni;
+mod handshake_server;
+mod housekeeping;
+mod node_view;
+mod observers;
+mod svid_events;
+
+pub use auth_table::{DatapathAuthTable, DatapathKeySink};
+pub use authenticator::HandshakeAuthenticator;
+pub use cni::{CniCall, CniRefusal, serve_cni};
+pub use handshake_server::{ServerLimits, serve};
+pub use node_view::ViewHosted;
+pub use svid_events::forward_svid_events;
+
+use crate::auth_manager::{self, AuthManagerConfig, AuthManagerHandle};
 use crate::config::{AgentConfig, InputMode};
 use crate::inputs::{self, Snapshot};
 use crate::metrics::{AgentMetrics, IdentityLabels};
@@ -14,15 +34,13 @@ use crate::plan::LocalPod;
 use crate::plan::{self, NodeView};
 use crate::pod_net::{self, HostVeth};
 use crate::svid::{StoreConfig, SvidStore, SystemClock, WorkloadApiSource};
-use meshauth_cni::protocol::{AgentRequest, AgentResponse, Command as CniCommand};
-use meshauth_datapath::{BootTime, ConnectionKey, Datapath, DatapathConfig, DatapathError};
+use meshauth_datapath::{Datapath, DatapathConfig, DatapathError};
 use meshauth_policy::compile::NumberAllocator;
 use meshauth_policy::model::ObjectRef;
 use meshauth_policy::model::{ModelConfig, PolicyModel};
 use meshauth_policy::tables::{AuthRequirement, EndpointEntry, NO_SPIFFE_ID, WORLD_IDENTITY};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,7 +56,7 @@ pub enum AgentError {
     #[error("kubernetes client: {0}")]
     Kube(#[from] kube::Error),
     #[error("metrics: {0}")]
-    Metrics(#[from] crate::metrics::MetricsError),
+    Metrics(#[from] crate::status_port::StatusPortError),
     #[error("cannot listen for handshakes on {addr}: {error}")]
     Listen { addr: std::net::SocketAddr, error: std::io::Error },
     #[error("state directory {path}: {error}")]
@@ -59,33 +77,7 @@ fn lock(dp: &SharedDatapath) -> std::sync::MutexGuard<'_, Datapath> {
     dp.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The auth map of the datapath as the auth manager's table.
-pub struct DatapathAuthTable(pub SharedDatapath);
-
-impl AuthTable for DatapathAuthTable {
-    fn set(&mut self, ProofKey { pair: (dst, src), node }: ProofKey, expiry: SystemTime, key: ConnectionKey) -> Result<(), String> {
-        lock(&self.0).set_auth_keyed(dst, src, node, BootTime::from_system_time(expiry), key).map_err(|e| e.to_string())
-    }
-
-    fn remove(&mut self, ProofKey { pair: (dst, src), node }: ProofKey) -> Result<(), String> {
-        lock(&self.0).remove_auth(dst, src, node).map(|_| ()).map_err(|e| e.to_string())
-    }
-
-    fn list(&self) -> Result<Vec<(ProofKey, SystemTime)>, String> {
-        let entries = lock(&self.0).auth_entries().map_err(|e| e.to_string())?;
-        let now = SystemTime::now();
-        Ok(entries
-            .into_iter()
-            .filter_map(|e| {
-                let key = ProofKey { pair: (e.dst_spiffe_id, e.src_spiffe_id), node: e.src_node };
-                Some((key, now + e.expiry.remaining()?))
-            })
-            .collect())
-    }
-}
-
-/// The latest view of which identity lives where, shared with the handshake server.
-pub type SharedView = Arc<RwLock<NodeView>>;
+pub use crate::plan::SharedView;
 
 /// A pod interface this agent guards: the host side of the pod's veth.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -386,302 +378,6 @@ impl Applier {
             tracing::warn!(ifindex, %error, "cannot release interface");
         }
     }
-
-    fn knows_local_pod(&self, pod: &ObjectRef) -> bool {
-        let here = |p: &meshauth_policy::model::PodInfo| &p.object_ref() == pod && p.node.as_deref() == Some(self.node_name.as_str());
-        self.last.inputs.pods.iter().any(here) || self.last.unaddressed.iter().any(here)
-    }
-
-    /// Carries out one request of the CNI plugin. `Err(Retry)` means "not yet": the caller
-    /// asks again for a while before it gives up.
-    pub fn cni(&mut self, request: &AgentRequest, netns: Option<OwnedFd>) -> Result<(), CniRefusal> {
-        match request.command {
-            CniCommand::Status => Ok(()),
-            CniCommand::Add => {
-                let ip = *request.ips.first().ok_or_else(|| CniRefusal::Final("the request has no IPv4 address".into()))?;
-                let netns = netns.ok_or_else(|| CniRefusal::Final("the request carries no network namespace".into()))?;
-                let pod = match (&request.pod_namespace, &request.pod_name) {
-                    (Some(ns), Some(name)) => Some(ObjectRef::new(ns.clone(), name.clone())),
-                    _ => None,
-                };
-                if let Some(pod) = &pod
-                    && !self.knows_local_pod(pod)
-                {
-                    return Err(CniRefusal::Retry(format!("pod {pod} is not known to the agent of {} yet", self.node_name)));
-                }
-                // The plugins before this one may just have given the node a new address (a
-                // bridge's or a ptp veth's gateway): probes from it must pass from the start.
-                self.sync_host_addresses();
-                let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(&netns), &request.ifname, ip)
-                    .map_err(|e| CniRefusal::Final(e.to_string()))?;
-                self.register(ip, veth.clone(), pod, Some(request.container_id.clone())).map_err(CniRefusal::Final)?;
-                self.reapply().map_err(|e| CniRefusal::Final(e.to_string()))?;
-                if self.failed.contains(&ip) {
-                    self.release(veth.ifindex);
-                    return Err(CniRefusal::Final(format!("cannot attach the datapath to {}", veth.name)));
-                }
-                tracing::info!(%ip, iface = %veth.name, container = %request.container_id, "guarding pod interface (CNI ADD)");
-                Ok(())
-            }
-            CniCommand::Del => {
-                let gone: Vec<u32> = self
-                    .registry
-                    .iter()
-                    .filter(|(ip, r)| r.container_id.as_deref() == Some(request.container_id.as_str()) || request.ips.contains(ip))
-                    .map(|(_, r)| r.ifindex)
-                    .collect();
-                for ifindex in &gone {
-                    self.release(*ifindex);
-                }
-                if !gone.is_empty() {
-                    tracing::info!(container = %request.container_id, interfaces = ?gone, "pod interface released (CNI DEL)");
-                    self.reapply().map_err(|e| CniRefusal::Final(e.to_string()))?;
-                }
-                Ok(())
-            }
-            CniCommand::Check => {
-                if request.ips.is_empty() {
-                    return Err(CniRefusal::Final("the request has no IPv4 address".into()));
-                }
-                let netns = netns.ok_or_else(|| CniRefusal::Final("the request carries no network namespace".into()))?;
-                for ip in &request.ips {
-                    let registration =
-                        self.registry.get(ip).ok_or_else(|| CniRefusal::Final(format!("{ip} is not guarded on this node")))?;
-                    if self.failed.contains(ip) {
-                        return Err(CniRefusal::Final(format!("the datapath is not attached to {} ({ip})", registration.ifname)));
-                    }
-                    // The interface guarded for the address must be this pod's own veth, not
-                    // one that a stale registration or another pod left.
-                    let veth = pod_net::find_pod_veth(std::os::fd::AsFd::as_fd(&netns), &request.ifname, *ip)
-                        .map_err(|e| CniRefusal::Final(e.to_string()))?;
-                    if veth.ifindex != registration.ifindex {
-                        return Err(CniRefusal::Final(format!(
-                            "{ip} is guarded on {}, not on this pod's interface {}",
-                            registration.ifname, veth.name
-                        )));
-                    }
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Chains meshauth-cni back into the config the runtime uses if it is no longer there.
-    fn keep_cni_chained(&self) {
-        let Some((conf_dir, socket)) = &self.cni_chaining else { return };
-        match crate::cni_install::ensure_chained(conf_dir, socket) {
-            Ok(Some(config)) => {
-                tracing::warn!(config = %config.display(), "meshauth-cni was no longer chained (the primary CNI rewrote its config?): chained again")
-            }
-            Ok(None) => {}
-            Err(error) => tracing::error!(%error, "meshauth-cni is not chained and cannot be: new pods may start unguarded"),
-        }
-    }
-
-    /// The connection tagger on every uplink, and off interfaces that stopped being one.
-    pub fn sync_uplinks(&mut self) {
-        let pods: BTreeSet<u32> = self.registry.values().map(|r| r.ifindex).collect();
-        let destinations = self.remote_destinations();
-        if self.uplinks.is_none() && destinations.is_empty() {
-            // No other node known yet (a first snapshot still empty): keep the pinned taggers.
-            return;
-        }
-        let wanted: BTreeSet<u32> = match &self.uplinks {
-            Some(names) => names.iter().filter_map(|n| meshauth_datapath::loader::if_index(n).ok()).collect(),
-            None => match pod_net::uplinks_toward(&destinations, &pods) {
-                Ok(found) => found,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot list the node's interfaces; the tagger stays where it is");
-                    return;
-                }
-            },
-        };
-        let mut dp = lock(&self.datapath);
-        let mut problems = Vec::new();
-        for ifindex in &wanted {
-            let Some(name) = meshauth_datapath::loader::if_name(*ifindex) else { continue };
-            if let Err(error) = dp.attach_uplink(&name) {
-                tracing::error!(uplink = %name, %error, "cannot attach the connection tagger: this node's pods' connections to other nodes carry no tag and fail closed under Strict");
-                problems.push(format!("connection tagger not on uplink {name}: {error}"));
-            }
-        }
-        if let Some(metrics) = &self.metrics {
-            metrics.set_tagger_problem((!problems.is_empty()).then(|| {
-                format!("{}: Strict MutualAuth cannot be enforced for this node's connections to other nodes", problems.join("; "))
-            }));
-        }
-        match dp.uplinks() {
-            Ok(attached) => {
-                for (ifindex, _) in attached.into_iter().filter(|(i, _)| !wanted.contains(i)) {
-                    if let Err(error) = dp.detach_uplink(ifindex) {
-                        tracing::warn!(ifindex, %error, "cannot detach the connection tagger");
-                    }
-                }
-            }
-            Err(error) => tracing::warn!(%error, "cannot list the tagger's uplinks"),
-        }
-    }
-
-    /// Other nodes' addresses and one pod address per other node: where this node's pods'
-    /// connections to other nodes go (the pod address covers an overlay device).
-    fn remote_destinations(&self) -> BTreeSet<Ipv4Addr> {
-        let snapshot = &self.last;
-        let mut out = BTreeSet::new();
-        for node in snapshot.nodes.iter().filter(|n| n.name != self.node_name) {
-            if let Some(ip) = snapshot.node_address(&node.name).and_then(|a| a.parse().ok()) {
-                out.insert(ip);
-            }
-            if let Some(ip) = snapshot.inputs.pods.iter().find(|p| p.node.as_deref() == Some(node.name.as_str())).and_then(|p| p.ip) {
-                out.insert(ip);
-            }
-        }
-        out
-    }
-
-    /// Connection keys of pairs that expired go.
-    fn sweep_tag_keys(&self) {
-        if let Err(error) = lock(&self.datapath).sweep_tag_keys() {
-            tracing::warn!(%error, "cannot sweep the connection keys");
-        }
-    }
-
-    fn sync_host_addresses(&self) {
-        match pod_net::host_addresses() {
-            Ok(addrs) => {
-                if let Err(error) = lock(&self.datapath).set_host_addresses(&addrs) {
-                    tracing::warn!(%error, "cannot write the node's addresses");
-                }
-            }
-            Err(error) => tracing::warn!(%error, "cannot list the node's addresses"),
-        }
-    }
-
-    /// An interface vanished: forget it.
-    pub fn link_removed(&mut self, ifindex: u32) -> Result<(), AgentError> {
-        let registered = self.registry.values().any(|r| r.ifindex == ifindex);
-        self.release(ifindex);
-        if registered {
-            tracing::info!(ifindex, "pod interface vanished; released");
-            self.reapply()?;
-        }
-        Ok(())
-    }
-
-    /// Periodic work: interfaces that vanished unnoticed, the node's own addresses, and pods
-    /// still waiting to be found.
-    pub fn housekeeping(&mut self) -> Result<(), AgentError> {
-        let vanished: Vec<u32> = self.registry.values().map(|r| r.ifindex).filter(|i| !pod_net::link_exists(*i)).collect();
-        for ifindex in &vanished {
-            self.release(*ifindex);
-        }
-        self.sync_host_addresses();
-        self.sync_uplinks();
-        self.sweep_tag_keys();
-        self.keep_cni_chained();
-        // Local pods still unguarded: only a scan that finds their veths is worth a new apply
-        // (a pod whose veth cannot be found costs a scan every SCAN_INTERVAL, not a compile).
-        let waiting: BTreeSet<Ipv4Addr> = self
-            .last
-            .inputs
-            .pods
-            .iter()
-            .filter(|p| p.node.as_deref() == Some(self.node_name.as_str()))
-            .filter_map(|p| p.ip)
-            .filter(|ip| !self.registry.contains_key(ip))
-            .collect();
-        let found = !waiting.is_empty() && self.last_scan.is_none_or(|t| t.elapsed() >= SCAN_INTERVAL) && self.scan(&waiting) > 0;
-        if !vanished.is_empty() || found || !self.failed.is_empty() {
-            self.reapply()?;
-        }
-        Ok(())
-    }
-}
-
-/// Why the agent did not carry out a CNI request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CniRefusal {
-    /// Not yet (the pod is not in the agent's view): ask again shortly.
-    Retry(String),
-    Final(String),
-}
-
-/// One CNI request on its way to the apply loop.
-pub struct CniCall {
-    pub request: AgentRequest,
-    pub netns: Option<OwnedFd>,
-    pub reply: tokio::sync::oneshot::Sender<Result<(), CniRefusal>>,
-}
-
-/// How long ADD waits for the pod to appear in the agent's view before it fails.
-const CNI_RETRY_FOR: Duration = Duration::from_secs(15);
-
-/// Serves the CNI plugin on `path`: every request goes to the apply loop through `calls`.
-pub fn serve_cni(path: &Path, calls: tokio::sync::mpsc::Sender<CniCall>) -> Result<tokio::task::JoinHandle<()>, AgentError> {
-    let state_err = |error| AgentError::State { path: path.to_owned(), error };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(state_err)?;
-    }
-    // A socket left by an agent that died: nobody listens on it any more.
-    let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path).map_err(state_err)?;
-    // Root only: the plugin runs as root, and a request can guard or release any interface.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(state_err)?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(error) => {
-                    // Out of descriptors, say: wait rather than spin; the plugin retries.
-                    tracing::warn!(%error, "cannot accept a CNI connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let calls = calls.clone();
-            tokio::spawn(async move {
-                let Ok(std_stream) = stream.into_std() else { return };
-                if std_stream.set_nonblocking(false).is_err() {
-                    return;
-                }
-                let _ = std_stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let Ok(Ok((std_stream, request, netns))) = tokio::task::spawn_blocking(move || {
-                    meshauth_cni::protocol::read_request(&std_stream).map(|(r, fd)| (std_stream, r, fd))
-                })
-                .await
-                else {
-                    return;
-                };
-                let answer = call_with_retry(&calls, request, netns).await;
-                let _ = tokio::task::spawn_blocking(move || meshauth_cni::protocol::write_response(&std_stream, &answer)).await;
-            });
-        }
-    }))
-}
-
-async fn call_with_retry(calls: &tokio::sync::mpsc::Sender<CniCall>, request: AgentRequest, netns: Option<OwnedFd>) -> AgentResponse {
-    let deadline = Instant::now() + CNI_RETRY_FOR;
-    loop {
-        let fd = match &netns {
-            Some(fd) => match fd.try_clone() {
-                Ok(c) => Some(c),
-                Err(e) => return AgentResponse::failed(format!("cannot keep the namespace descriptor: {e}")),
-            },
-            None => None,
-        };
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        if calls.send(CniCall { request: request.clone(), netns: fd, reply }).await.is_err() {
-            return AgentResponse::failed("the agent is stopping");
-        }
-        match answer.await {
-            Ok(Ok(())) => return AgentResponse::ok(),
-            Ok(Err(CniRefusal::Retry(reason))) if Instant::now() < deadline => {
-                tracing::debug!(%reason, "CNI request waits");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Ok(Err(CniRefusal::Retry(reason) | CniRefusal::Final(reason))) => return AgentResponse::failed(reason),
-            Err(_) => return AgentResponse::failed("the agent is stopping"),
-        }
-    }
 }
 
 /// Runs the agent until ctrl-c / SIGTERM. The maps and links stay pinned afterwards.
@@ -689,8 +385,8 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "meshauth-agent starting");
     std::fs::create_dir_all(&config.state_dir).map_err(|error| AgentError::State { path: config.state_dir.clone(), error })?;
     let metrics = AgentMetrics::new();
-    let local_api: Arc<crate::metrics::LocalApi> = Arc::default();
-    let (metrics_addr, _metrics_task) = metrics.clone().serve(config.metrics_addr, local_api.clone()).await?;
+    let local_api: Arc<crate::status_port::LocalApi> = Arc::default();
+    let (metrics_addr, _metrics_task) = crate::status_port::serve(metrics.clone(), config.metrics_addr, local_api.clone()).await?;
     tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz, and /explain and /flows (local)");
 
     let datapath: SharedDatapath = Arc::new(Mutex::new(Datapath::load_or_adopt(datapath_config)?));
@@ -707,15 +403,12 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     let view: SharedView = Arc::new(RwLock::new(NodeView::default()));
 
     let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|error| AgentError::Listen { addr: config.listen, error })?;
-    let hosted = Arc::new(crate::handshake_glue::ViewHosted(view.clone()));
-    let limits = crate::handshake_glue::ServerLimits {
-        max_concurrent: config.handshake_server_max_concurrent,
-        max_per_source: config.handshake_max_per_source,
-    };
-    let keys = Arc::new(crate::handshake_glue::DatapathKeySink { view: view.clone(), datapath: datapath.clone() });
-    tokio::spawn(crate::handshake_glue::serve(listener, store.clone(), hosted.clone(), metrics.clone(), limits, keys));
+    let hosted = Arc::new(ViewHosted(view.clone()));
+    let limits = ServerLimits { max_concurrent: config.handshake_server_max_concurrent, max_per_source: config.handshake_max_per_source };
+    let keys = Arc::new(DatapathKeySink { view: view.clone(), datapath: datapath.clone() });
+    tokio::spawn(serve(listener, store.clone(), hosted.clone(), metrics.clone(), limits, keys));
 
-    let authenticator = Arc::new(crate::handshake_glue::HandshakeAuthenticator::new(store.clone(), hosted, config.handshake_timeout));
+    let authenticator = Arc::new(HandshakeAuthenticator::new(store.clone(), hosted, config.handshake_timeout));
     let manager = auth_manager::spawn(
         AuthManagerConfig { max_concurrent: config.max_concurrent_handshakes, ..AuthManagerConfig::default() },
         authenticator,
@@ -778,7 +471,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     tracing::info!(node = %config.node_name, "meshauth-agent ready");
 
     let mut rotations = store.subscribe_rotations();
-    let _svid_events = crate::handshake_glue::forward_svid_events(&store, manager.clone());
+    let _svid_events = forward_svid_events(&store, manager.clone());
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(AgentError::Signal)?;
     loop {

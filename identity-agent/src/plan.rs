@@ -12,6 +12,11 @@ use meshauth_policy::model::{ModelConfig, PolicyModel};
 use meshauth_policy::tables::CompiledTables;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+/// The latest view of which identity lives where, shared by the agent's loop (which writes it),
+/// the handshake server and the explainer (which read it).
+pub type SharedView = Arc<RwLock<NodeView>>;
 
 /// Which identities are hosted where, as this agent sees the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -454,11 +454,9 @@ pub mod cli {
 }
 
 #[cfg(test)]
-#[path = "verify/tests.rs"]
 mod tests;
 
 /// rcgen-made CAs and SVIDs, good and malformed (feature `testing`, shared with other crates'
 /// tests).
 #[cfg(any(test, feature = "testing"))]
-#[path = "verify/test_certs.rs"]
 pub mod test_certs;

@@ -1,5 +1,5 @@
 //! In-process doubles of the auth map and the observer, for the manager's tests and the
-//! handshake glue's.
+//! node agent's authenticator tests.
 
 use super::{AuthFailure, AuthObserver, AuthTable, PairKey, ProofKey};
 use meshauth_datapath::ConnectionKey;

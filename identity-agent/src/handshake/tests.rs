@@ -1,13 +1,19 @@
 use std::collections::HashSet;
-use std::sync::Mutex as StdMutex;
+use std::sync::{Mutex as StdMutex, PoisonError};
 
 use rcgen::CertificateParams;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
-use tokio::io::AsyncReadExt;
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
 
+use super::verifier::{supported_schemes, verify_signature};
 use super::*;
 use crate::svid::{Clock, StaticSource, StoreConfig, SvidStore, SystemClock, X509Update};
+use crate::tls::crypto_provider;
 use crate::verify::test_certs::{TestCa, TestSvid, leaf_params};
 
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order"; // the source

@@ -6,12 +6,16 @@
 use super::*;
 use crate::auth_manager::fake::{FakeTable, NoObserver};
 use crate::auth_manager::{self, AuthManagerConfig, DesiredPair};
+use crate::handshake::HandshakeServer;
+use crate::node_agent::forward_svid_events;
 use crate::plan::NodeView;
 use crate::svid::fake::{FakeSource, materials};
 use crate::svid::{StaticSource, StoreConfig, SystemClock, X509Update};
 use crate::verify::test_certs::{TestCa, TestSvid};
+use std::net::IpAddr;
 use std::sync::RwLock;
 use std::time::{Instant, SystemTime};
+use tokio::net::TcpListener;
 
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order"; // the source, served by the peer
 const PAYMENT: &str = "spiffe://cluster.local/ns/shop/sa/payment"; // the destination, ours

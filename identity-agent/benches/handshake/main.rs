@@ -1,9 +1,11 @@
 //! `cargo bench -p meshauth-agent --bench handshake [-- SECONDS [CONCURRENCY [SAMPLES]]]`:
 //! meshauth's mutual handshake beside a plain rustls TLS 1.3 mutual handshake, one core.
 
+mod bench;
+
 use std::time::Duration;
 
-use meshauth_agent::handshake::bench::{BenchOptions, run_handshake_bench};
+use bench::{BenchOptions, run_handshake_bench};
 
 fn main() -> std::process::ExitCode {
     // `cargo bench` passes `--bench`; positional numbers are ours.

@@ -1,7 +1,7 @@
-//! The handshake benchmark (`cargo bench -p meshauth-agent --bench handshake`, or
-//! `meshauthctl bench handshake`): meshauth's mutual handshake (SVIDs from the dev CA, both
-//! SPIFFE verifiers, the confirmation byte) beside a plain rustls TLS 1.3 mutual handshake
-//! (webpki verifiers, same key type, same provider, same confirmation byte) in the same run.
+//! The handshake benchmark (`cargo bench -p meshauth-agent --bench handshake`): meshauth's
+//! mutual handshake (SVIDs from the dev CA, both SPIFFE verifiers, the confirmation byte) beside
+//! a plain rustls TLS 1.3 mutual handshake (webpki verifiers, same key type, same provider, same
+//! confirmation byte) in the same run.
 //!
 //! Everything runs on one current-thread runtime, so one core does BOTH sides of every
 //! handshake: the reported rate is "handshakes per core with client and server on it"; a node
@@ -12,15 +12,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use meshauth_agent::dev_issuer::DevCa;
+use meshauth_agent::handshake::{HandshakeClient, HandshakeServer, HostedIdentities};
+use meshauth_agent::svid::{StaticSource, StoreConfig, SvidMaterial, SvidStore, SystemClock, X509Update};
 use meshauth_crds::{SpiffeId, TrustDomain};
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-use super::{HandshakeClient, HandshakeServer, HostedIdentities};
-use crate::dev_issuer::DevCa;
-use crate::svid::{StaticSource, StoreConfig, SvidMaterial, SvidStore, SystemClock, X509Update};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -239,7 +238,7 @@ where
 
 /// A plain rustls mutual handshake: webpki verifiers, DNS-name certificates from one CA.
 async fn plain_bench(options: &BenchOptions) -> Result<BenchResult, BenchError> {
-    let provider = super::crypto_provider();
+    let provider = meshauth_agent::tls::crypto_provider();
     let ca_key = KeyPair::generate().map_err(setup("key"))?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(setup("params"))?;
     ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
