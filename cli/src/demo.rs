@@ -10,7 +10,7 @@
 pub mod mesh;
 
 use mesh::{MeshBox, MeshError};
-use meshauth_datapath::testing::{Server, tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip, udp_echo_server, udp_request};
+use meshauth_datapath::netns::{Server, tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip, udp_echo_server, udp_request};
 use meshauth_datapath::{Counter, Maps};
 use std::io::Write;
 use std::path::PathBuf;

@@ -6,7 +6,9 @@
 //! It must not hold policy logic of its own: decisions come from `meshauth-policy`.
 
 pub mod bench_agent;
+pub mod datapath;
 pub mod demo;
 pub mod explain;
 pub mod observe;
 pub mod policy_check;
+pub mod svid_verify;

@@ -2,8 +2,8 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meshauth_crds::TrustDomain;
-use meshauth_datapath::cli::{self as datapath_cli, OutputFormat};
 use meshauth_policy::tables::TableProtocol;
+use meshauthctl::datapath::{self as datapath_cli, OutputFormat};
 use meshauthctl::demo::{self, DemoOptions};
 use meshauthctl::explain;
 use meshauthctl::observe;
@@ -339,7 +339,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Svid { command: SvidCommand::Verify { bundle, trust_domain, chain } } => {
-            ExitCode::from(meshauth_agent::verify::cli::svid_verify(&bundle, &chain, trust_domain.as_deref()))
+            ExitCode::from(meshauthctl::svid_verify::svid_verify(&bundle, &chain, trust_domain.as_deref()))
         }
         Command::Auth { command: AuthCommand::List { pin_dir, output } } => {
             report("auth list", datapath_cli::auth_list(&pin_dir, output.into(), &mut std::io::stdout()))

@@ -17,7 +17,7 @@ use kube::api::{Api, Patch, PatchParams};
 use meshauth_agent::handshake::{HandshakeClient, HostedIdentities};
 use meshauth_agent::svid::{StoreConfig, SvidStore, SystemClock, WorkloadApiSource};
 use meshauth_crds::SpiffeId;
-use meshauth_datapath::testing::{Netns, Pod, Server, require_root, tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip};
+use meshauth_datapath::netns::{Netns, Pod, Server, require_root, tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip};
 use meshauth_datapath::{BootTime, Counter, Counters, Maps};
 use meshauth_testenv::k8s::{self, TestPod};
 use meshauth_testenv::{EntrySpec, TestEnv, svid};

@@ -6,7 +6,7 @@
 //! Root only; the plugins come from Debian's `containernetworking-plugins`.
 
 use meshauth_datapath::Maps;
-use meshauth_datapath::testing::{Netns, PinDir, require_root};
+use meshauth_datapath::netns::{Netns, PinDir, require_root};
 use std::fs::File;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};

@@ -11,7 +11,7 @@ mod agent_load;
 
 use agent_load::{answered, cpu_time};
 use meshauth_datapath::Maps;
-use meshauth_datapath::testing::{require_root, tcp_echo_server, tcp_request};
+use meshauth_datapath::netns::{require_root, tcp_echo_server, tcp_request};
 use meshauthctl::demo::mesh::MeshBox;
 use std::path::{Path, PathBuf};
 use std::process::Child;

@@ -3,7 +3,7 @@
 //! real agent binary restarted on them; run as root.
 
 use meshauth_agent::numbering::{self, ALLOCATOR_FILE};
-use meshauth_datapath::testing::{Netns, PinDir, require_root};
+use meshauth_datapath::netns::{Netns, PinDir, require_root};
 use meshauth_datapath::{BootTime, Datapath, DatapathConfig, Maps};
 use meshauth_policy::compile::{NumberAllocator, compile};
 use meshauth_policy::model::{Inputs, ModelConfig, PodInfo, PolicyModel};

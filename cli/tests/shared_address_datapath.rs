@@ -3,8 +3,8 @@
 //! maps that still hold the honest pair's authentication. Run as root.
 
 use meshauth_cluster::manifests::Manifests;
+use meshauth_datapath::netns::{PinDir, require_root};
 use meshauth_datapath::packet::{self, TCP_ACK};
-use meshauth_datapath::testing::{PinDir, require_root};
 use meshauth_datapath::{BootTime, Datapath, DatapathConfig, Hook};
 use meshauth_policy::compile::{NumberAllocator, compile};
 use meshauth_policy::model::{ModelConfig, PolicyModel};

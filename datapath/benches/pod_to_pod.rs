@@ -25,7 +25,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshauth_datapath::testing::{Node, PinDir, link_nodes, require_root, tcp_connect, tcp_echo_server, tcp_request};
+use meshauth_datapath::netns::{Node, PinDir, link_nodes, require_root, tcp_connect, tcp_echo_server, tcp_request};
 use meshauth_datapath::{BootTime, ConnectionKey, Counter, Datapath, DatapathConfig, NodeId};
 use meshauth_policy::tables::{AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol};
 
@@ -360,7 +360,7 @@ async fn connect_in(node: Arc<Node>, pod: usize, dst: SocketAddrV4) -> io::Resul
 struct PodRef(Arc<Node>, usize);
 
 impl PodRef {
-    fn pod(&self) -> &meshauth_datapath::testing::Pod {
+    fn pod(&self) -> &meshauth_datapath::netns::Pod {
         &self.0.pods[self.1]
     }
 }

@@ -26,9 +26,9 @@ use crate::config::DatapathConfig;
 use crate::loader::{self, Datapath, DatapathError, Hook};
 use crate::packet::{self, TCP_ACK, TCP_SYN};
 
-#[cfg(feature = "testing")]
+#[cfg(feature = "netns")]
 mod live;
-#[cfg(feature = "testing")]
+#[cfg(feature = "netns")]
 pub use live::LivePathResult;
 
 static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty.bpf.o"));
@@ -66,7 +66,7 @@ pub struct BenchReport {
     pub baseline_ns: f64,
     pub paths: Vec<PathResult>,
     /// A new connection's SYN on the paths `BPF_PROG_TEST_RUN` cannot time, on real packets.
-    #[cfg(feature = "testing")]
+    #[cfg(feature = "netns")]
     pub new_connections: Vec<LivePathResult>,
 }
 
@@ -257,7 +257,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         baseline_ns: median(baseline),
         paths: results,
-        #[cfg(feature = "testing")]
+        #[cfg(feature = "netns")]
         new_connections: live::run(opts.connections)?,
     })
 }

@@ -80,14 +80,13 @@
 
 pub mod abi;
 pub mod bench;
-pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod events;
 pub mod loader;
+#[cfg(feature = "netns")]
+pub mod netns;
 pub mod packet;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use abi::{Counter, tag_option, tag_slot_now};
 pub use clock::BootTime;

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use meshauth_datapath::testing::{tcp_echo_server, tcp_request};
+use meshauth_datapath::netns::{tcp_echo_server, tcp_request};
 use meshauth_policy::tables::{AuthRequirement as Auth, TableProtocol as P};
 
 #[test]

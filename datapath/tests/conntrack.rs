@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
 use common::*;
-use meshauth_datapath::testing::{tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip, udp_socket};
+use meshauth_datapath::netns::{tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip, udp_socket};
 use meshauth_datapath::{BootTime, Counter};
 use meshauth_policy::tables::{AuthRequirement as Auth, TableProtocol as P};
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
-use meshauth_datapath::testing::{tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip, udp_echo_server, udp_request, udp_socket};
+use meshauth_datapath::netns::{tcp_connect, tcp_echo_server, tcp_request, tcp_roundtrip, udp_echo_server, udp_request, udp_socket};
 use meshauth_datapath::{BootTime, Counter, Datapath, EventKind};
 use meshauth_policy::tables::{AuthRequirement as Auth, TableProtocol as P};
 
@@ -506,7 +506,7 @@ async fn an_upgrade_after_a_pods_veth_vanished_forgets_it_and_moves_the_rest() {
     drop(f.dp.take());
     // Pod 3 is deleted while no loader runs: its veth goes, its pins stay.
     let gone = f.pod(3).host_if.clone();
-    meshauth_datapath::testing::sh(&["ip", "link", "del", &gone]).unwrap();
+    meshauth_datapath::netns::sh(&["ip", "link", "del", &gone]).unwrap();
     let programs = f.pins.0.join("programs");
     std::fs::rename(programs.join(meshauth_datapath::PROGRAM_VERSION), programs.join("0000000000000000")).unwrap();
     let dp = Datapath::load_or_adopt(config).expect("the upgrade is not stopped by a vanished veth");

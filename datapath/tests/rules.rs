@@ -7,8 +7,8 @@ mod common;
 use std::net::Ipv4Addr;
 
 use common::{endpoint, identity, rule, tables};
+use meshauth_datapath::netns::{PinDir, require_root};
 use meshauth_datapath::packet::{self, TCP_ACK, TCP_SYN};
-use meshauth_datapath::testing::{PinDir, require_root};
 use meshauth_datapath::{Counter, Datapath, DatapathConfig, Hook, Ipv6Mode};
 use meshauth_policy::tables::{AuthRequirement as Auth, PolicyEntry, TableProtocol as P};
 

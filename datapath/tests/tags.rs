@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Capture, LONG, RawIpSender, SHORT, TcpSeen, await_event, parse_tcp, rises_above, tcp_syn_packet, with_source_port};
 use meshauth_datapath::NodeId::At;
-use meshauth_datapath::testing::{Netns, Node, PinDir, endpoint, link_nodes, require_root, tcp_echo_server, tcp_request};
+use meshauth_datapath::netns::{Netns, Node, PinDir, endpoint, link_nodes, require_root, tcp_echo_server, tcp_request};
 use meshauth_datapath::{
     BootTime, ConnectionKey, Counter, Datapath, DatapathConfig, EventKind, EventStream, Hook, tag_option, tag_slot_now,
 };
@@ -115,7 +115,7 @@ impl Mesh {
         self.a.as_ref().expect("node a").counters().expect("counters").packets(c)
     }
 
-    fn client(&self) -> &meshauth_datapath::testing::Pod {
+    fn client(&self) -> &meshauth_datapath::netns::Pod {
         &self.node_a.pods[0]
     }
 

@@ -430,29 +430,6 @@ pub fn verify_svid_files(
     Ok(verify_svid(&chain, &bundles, Some(&td), Usage::Any, now)?)
 }
 
-/// The `svid verify` command, ready to wire into `meshauthctl`: prints the SPIFFE ID on stdout
-/// and returns 0 when valid, prints the reason on stderr and returns 1 when not.
-pub mod cli {
-    use std::io::Write;
-    use std::path::Path;
-    use std::time::SystemTime;
-
-    /// Runs `svid verify` and returns the process exit code.
-    pub fn svid_verify(bundle: &Path, chain: &Path, trust_domain: Option<&str>) -> u8 {
-        match super::verify_svid_files(bundle, chain, trust_domain, SystemTime::now()) {
-            Ok(verified) => {
-                // A closed stdout (e.g. `| head -c0`) must not turn a valid SVID into a panic.
-                let _ = writeln!(std::io::stdout(), "{}", verified.id);
-                0
-            }
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "invalid X.509-SVID ({}): {e}", e.reason());
-                1
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests;
 

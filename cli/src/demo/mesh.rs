@@ -3,7 +3,7 @@
 //! veth), with a development issuer and a real meshauth agent per node.
 
 use meshauth_cluster::manifests::Manifests;
-use meshauth_datapath::testing::{Netns, Pod, sh};
+use meshauth_datapath::netns::{Netns, Pod, sh};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;

@@ -22,7 +22,7 @@ use crate::NodeId;
 use crate::clock::BootTime;
 use crate::config::DatapathConfig;
 use crate::loader::{ConnectionKey, Datapath, Hook};
-use crate::testing::{Node, PinDir, endpoint, link_nodes};
+use crate::netns::{Node, PinDir, endpoint, link_nodes};
 
 const PORT: u16 = 8079;
 const A_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 93, 1);
@@ -81,7 +81,7 @@ fn stats(info: &ProgramInfo) -> (u128, u64) {
 
 /// `connections` SYNs from `pod` to the server; each must be answered (refused), never
 /// dropped: a drop would mean the path is not the one measured.
-fn refused_connects(pod: &crate::testing::Pod, connections: u32, path: &'static str) -> Result<(), BenchError> {
+fn refused_connects(pod: &crate::netns::Pod, connections: u32, path: &'static str) -> Result<(), BenchError> {
     let addr = std::net::SocketAddr::V4(std::net::SocketAddrV4::new(B_SERVER, PORT));
     let answered = pod
         .ns

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use meshauth_datapath::abi::{TAG_EXID, TAG_OPT_KIND, TAG_OPT_LEN};
-use meshauth_datapath::testing::{Netns, NetnsGuard, Node, PinDir, require_root};
+use meshauth_datapath::netns::{Netns, NetnsGuard, Node, PinDir, require_root};
 use meshauth_datapath::{Counter, Counters, Datapath, DatapathConfig, Event, EventKind, EventStream};
 use meshauth_policy::tables::{AuthRequirement, CompiledTables, EndpointEntry, PolicyEntry, TableProtocol};
 
@@ -51,7 +51,7 @@ impl Fixture {
         self.dp.as_mut().expect("datapath loaded")
     }
 
-    pub fn pod(&self, i: usize) -> &meshauth_datapath::testing::Pod {
+    pub fn pod(&self, i: usize) -> &meshauth_datapath::netns::Pod {
         &self.node.pods[i - 1]
     }
 

@@ -1,4 +1,4 @@
-//! Test and benchmark fixtures (feature `testing`): a "node" as a network namespace with pods
+//! Nodes and pods on this machine (feature `netns`; the demo, the benchmarks, tests): a "node" as a network namespace with pods
 //! as namespaces behind veths, routed the way CNIs do it (a /32 route per pod on the node,
 //! proxy ARP on the host side, the pod's default route via 169.254.1.1).
 //!

@@ -1,27 +1,32 @@
-//! The `meshauthctl` subcommands of the datapath, on a datapath loaded in the test's own pin
-//! directory. Run as root.
+//! `meshauthctl auth list`, `status` and `bench datapath` on a datapath loaded in the test's
+//! own pin directory. Run as root.
 
-mod common;
-
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::{endpoint, rule, tables};
 use meshauth_datapath::bench::{BenchOptions, ENTRY_COUNTS};
-use meshauth_datapath::cli::{OutputFormat, auth_list, bench_datapath, status};
-use meshauth_datapath::testing::{PinDir, require_root};
+use meshauth_datapath::netns::{PinDir, endpoint, require_root};
 use meshauth_datapath::{BootTime, Datapath, DatapathConfig};
-use meshauth_policy::tables::{AuthRequirement as Auth, TableProtocol as P};
+use meshauth_policy::tables::{AuthRequirement as Auth, CompiledTables, PolicyEntry, TableProtocol as P};
+use meshauthctl::datapath::{OutputFormat, auth_list, bench_datapath, status};
+
+/// Pod 1 may reach the isolated pod 2, which requires authentication, on TCP port 80.
+fn two_pods() -> CompiledTables {
+    let pod = |i: u8, auth| endpoint(Ipv4Addr::new(10, 77, 0, i), 255 + u32::from(i), u32::from(i), auth, None);
+    let mut server = pod(2, Auth::Required);
+    server.isolated = true;
+    let endpoints = vec![pod(1, Auth::None), server];
+    let spiffe_ids = endpoints.iter().map(|e| (e.spiffe_id, format!("spiffe://cluster.local/ns/test/sa/pod-{}", e.spiffe_id))).collect();
+    let rule = PolicyEntry { dst_identity: 257, src_identity: 256, protocol: P::Tcp, port_start: 80, port_end: 80, auth: Auth::None };
+    CompiledTables { endpoints, policy: vec![rule], spiffe_ids, security_identities: Vec::new() }
+}
 
 #[test]
 fn auth_list_and_status_read_the_pinned_maps() {
     require_root();
     let pins = PinDir::new("cli");
     let mut dp = Datapath::load_or_adopt(DatapathConfig::with_pin_dir(&pins.0)).unwrap();
-    dp.apply_tables(&tables(
-        vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::Required)],
-        vec![rule(2, 1, P::Tcp, 80, Auth::None)],
-    ))
-    .unwrap();
+    dp.apply_tables(&two_pods()).unwrap();
     // Proven by the agent of another node, with a connection key that must never be shown.
     let secret = meshauth_datapath::ConnectionKey([0x5ec2_e7ab_cdef_0123, 0x0fed_cba9_8765_4321]);
     let remote = meshauth_datapath::NodeId::At(std::net::Ipv4Addr::new(192, 0, 2, 7));

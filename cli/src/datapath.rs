@@ -1,6 +1,6 @@
-//! The datapath's `meshauthctl` subcommands: `auth list`, `status` and `bench datapath`.
-//! Each takes its arguments and a writer, and prints a table or JSON; `meshauthctl`'s main only
-//! parses flags and calls them.
+//! `meshauthctl auth list`, `status` and `bench datapath`: this node's datapath as a user reads
+//! it. The datapath library returns the maps and the benchmark's figures; this prints them as a
+//! table or JSON, to the writer it is given.
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -8,11 +8,10 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::abi::Counter;
-use crate::bench::{self, BenchError, BenchOptions, BenchReport};
-use crate::clock::BootTime;
-use crate::config::DEFAULT_PIN_DIR;
-use crate::loader::{DatapathError, Maps, PROGRAM_VERSION};
+use meshauth_datapath::bench::{self, BenchError, BenchOptions, BenchReport};
+use meshauth_datapath::config::DEFAULT_PIN_DIR;
+use meshauth_datapath::loader::{DatapathError, Maps, PROGRAM_VERSION};
+use meshauth_datapath::{BootTime, Counter};
 
 /// Table for people, JSON for programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -137,7 +136,7 @@ pub fn status(pin_dir: &Path, format: OutputFormat, out: &mut dyn Write) -> Resu
                 "loader_version": PROGRAM_VERSION,
                 "pinned_programs": programs,
                 "policy_epoch": rc.policy_epoch,
-                "ipv6": if rc.ipv6_mode == crate::abi::IPV6_PASS { "pass" } else { "drop" },
+                "ipv6": if rc.ipv6_mode == meshauth_datapath::abi::IPV6_PASS { "pass" } else { "drop" },
                 "interfaces": interfaces,
                 "endpoints": endpoints,
                 "maps": { "auth_entries": auth.len(), "auth_expired": expired, "conntrack_entries": conntrack, "endpoints": endpoints.len() },
@@ -206,7 +205,6 @@ pub fn bench_datapath(opts: &BenchOptions, format: OutputFormat, out: &mut dyn W
                 })
                 .collect();
             table(out, ["PATH", "AUTH ENTRIES", "NS/PACKET", "OVER BASELINE"], &rows)?;
-            #[cfg(feature = "testing")]
             {
                 writeln!(
                     out,
