@@ -57,7 +57,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputArg::Table)]
         output: OutputArg,
         /// The mesh's trust domain (offline).
-        #[arg(long, default_value = "cluster.local", value_parser = parse_trust_domain)]
+        #[arg(long, default_value = meshauth_crds::DEFAULT_TRUST_DOMAIN, value_parser = parse_trust_domain)]
         trust_domain: TrustDomain,
         /// Where mesh-wide MutualAuths live (offline).
         #[arg(long, default_value = meshauth_policy::model::DEFAULT_MESH_NAMESPACE)]
@@ -190,7 +190,7 @@ enum PolicyCommand {
         #[arg(long, value_enum, default_value_t = OutputArg::Table)]
         output: OutputArg,
         /// The mesh's trust domain.
-        #[arg(long, default_value = "cluster.local", value_parser = parse_trust_domain)]
+        #[arg(long, default_value = meshauth_crds::DEFAULT_TRUST_DOMAIN, value_parser = parse_trust_domain)]
         trust_domain: TrustDomain,
         /// Where mesh-wide MutualAuths live.
         #[arg(long, default_value = meshauth_policy::model::DEFAULT_MESH_NAMESPACE)]

@@ -1,4 +1,4 @@
-//! Issue 6's "Done when", against the REAL SPIRE and kube-apiserver of the test environment
+//! The agent against the REAL SPIRE and kube-apiserver of the test environment
 //! (`meshauth-testenv`): two nodes as network namespaces (the demo's `MeshBox`), a real
 //! `meshauth-agent` per node reading the API server (`KUBECONFIG`) and its node's real SPIRE
 //! agent Workload API socket, the real eBPF datapath, node-scoped SPIRE registration entries
@@ -573,8 +573,8 @@ fn with_flow<T>(client: &Pod, every: Duration, during: impl FnOnce() -> T) -> (F
 // ---------------------------------------------------------------------------------------------
 // The tests
 
-/// Done when: "two nodes' agents authenticate a pair and the auth entry appears with the right
-/// expiry" — no later than either SVID's notAfter, and within the 30 s TTL.
+/// Two nodes' agents authenticate a pair and the auth entry appears with the right
+/// expiry: no later than either SVID's notAfter, and within the 30 s TTL.
 #[test]
 fn agents_authenticate_the_pair_with_an_expiry_no_later_than_either_svid() {
     with_fixture(|fx| {
@@ -605,8 +605,8 @@ fn agents_authenticate_the_pair_with_an_expiry_no_later_than_either_svid() {
     });
 }
 
-/// Done when: "SVIDs with a 30 s TTL rotate under a continuous flow through the datapath with
-/// zero dropped packets" — a new connection every ~50 ms for 40 s.
+/// SVIDs with a 30 s TTL rotate under a continuous flow through the datapath with
+/// zero dropped packets: a new connection every ~50 ms for 40 s.
 #[test]
 fn svids_rotate_under_a_continuous_flow_with_zero_failed_requests() {
     with_fixture(|fx| {
@@ -655,8 +655,8 @@ fn svids_rotate_under_a_continuous_flow_with_zero_failed_requests() {
     });
 }
 
-/// Done when: "the SPIRE agent restarting leaves existing entries until they expire and new
-/// handshakes resume after".
+/// The SPIRE agent restarting leaves existing entries until they expire and new
+/// handshakes resume after.
 #[test]
 fn a_spire_agent_restart_keeps_entries_until_they_expire_and_handshakes_resume() {
     with_fixture(|fx| {
@@ -717,7 +717,7 @@ fn a_spire_agent_restart_keeps_entries_until_they_expire_and_handshakes_resume()
     });
 }
 
-/// Issue 11 item 8: with the source node's SPIRE agent stopped no SVID of its can rotate, so
+/// With the source node's SPIRE agent stopped no SVID of its can rotate, so
 /// no re-authentication can extend the pair's entry. The destination's agent used to
 /// handshake for it hundreds of times a second once less than the 5 s margin was left; now a
 /// handful of handshakes until the entry ends.
@@ -749,8 +749,8 @@ fn with_spire_stopped_a_pair_costs_a_handful_of_handshakes_until_its_entry_ends(
     });
 }
 
-/// Done when: "the meshauth agent restarting keeps the flows of authenticated pairs going
-/// (zero drops)" — both nodes' agents, one after the other, under a connection every 50 ms.
+/// The meshauth agent restarting keeps the flows of authenticated pairs going
+/// (zero drops): both nodes' agents, one after the other, under a connection every 50 ms.
 #[test]
 fn a_meshauth_agent_restart_keeps_authenticated_flows_going() {
     with_fixture(|fx| {
@@ -788,8 +788,8 @@ fn a_meshauth_agent_restart_keeps_authenticated_flows_going() {
     });
 }
 
-/// Done when: "a new connection of a pre-authenticated pair sees no drop and no SYN
-/// retransmission" — refund-0 never sent a packet before: its pair was authenticated ahead.
+/// A new connection of a pre-authenticated pair sees no drop and no SYN
+/// retransmission; refund-0 never sent a packet before, its pair was authenticated ahead.
 #[test]
 fn a_new_connection_of_a_pre_authenticated_pair_sees_no_drop_and_no_syn_retransmission() {
     with_fixture(|fx| {
@@ -891,8 +891,8 @@ fn handshakes_from(ns: &Netns, socket: &Path, peer: SocketAddr, attempts: &[(Str
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Done when: "impostors (... a node that does not host the identity) are refused on either side
-/// and no entry appears". SPIRE (mis)registers audit under node-2, which hosts no audit pod;
+/// Impostors (... a node that does not host the identity) are refused on either side
+/// and no entry appears. SPIRE (mis)registers audit under node-2, which hosts no audit pod;
 /// audit-0 runs on node-1, which has no audit SVID.
 #[test]
 fn a_node_that_does_not_host_an_identity_is_refused_and_no_entry_appears() {

@@ -1,4 +1,4 @@
-//! Issue 11 item 8 with real agents, the real datapath and the demo's 8 s SVIDs from the
+//! A pair whose entry cannot be extended does not storm handshakes, with real agents, the real datapath and the demo's 8 s SVIDs from the
 //! development issuer (the demo's box and example mesh): once less than the 5 s refresh
 //! margin of an entry is left, every success used to schedule the next handshake at once,
 //! about 700 a second for one pair. Here the pair order-0 → payment-0:8080 is held open for

@@ -17,7 +17,7 @@ pub use mesh_policy::{
     Protocol,
 };
 pub use mutual_auth::{MutualAuth, MutualAuthMode, MutualAuthSpec, MutualAuthStatus};
-pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
+pub use spiffe_id::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError, TrustDomain};
 
 /// The API group of every meshauth resource.
 pub const GROUP: &str = "meshauth.io";

@@ -165,6 +165,16 @@ pub enum AuthenticationMode {
     Disabled,
 }
 
+impl AuthenticationMode {
+    /// The spelling in the resource.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Required => "Required",
+            Self::Disabled => "Disabled",
+        }
+    }
+}
+
 /// What the operator observed of a `MeshPolicy`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]

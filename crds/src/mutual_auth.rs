@@ -47,6 +47,17 @@ pub enum MutualAuthMode {
     Disabled,
 }
 
+impl MutualAuthMode {
+    /// The spelling in the resource.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "Strict",
+            Self::Permissive => "Permissive",
+            Self::Disabled => "Disabled",
+        }
+    }
+}
+
 /// What the operator observed of a `MutualAuth`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -63,9 +63,13 @@ impl TrustDomain {
     }
 }
 
+/// The trust domain of a cluster that names none: the Kubernetes cluster domain, as SPIRE's
+/// and Istio's defaults. Every component's default comes from here.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 impl Default for TrustDomain {
     fn default() -> Self {
-        Self("cluster.local".to_owned())
+        Self(DEFAULT_TRUST_DOMAIN.to_owned())
     }
 }
 

@@ -29,9 +29,7 @@
 //! `initial_backoff` after the last attempt: spoofed drops cannot drive back-to-back handshakes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
@@ -114,7 +112,7 @@ impl std::fmt::Debug for Proof {
 }
 
 /// A boxed future, so the traits stay object safe.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use futures::future::BoxFuture;
 
 /// Proves a pair by a mutual handshake with the peer's agent.
 pub trait Authenticator: Send + Sync + 'static {

@@ -247,10 +247,5 @@ impl rustls::client::ResolvesClientCert for OneCert {
     }
 }
 
-/// IPv4-mapped IPv6 addresses (a dual-stack listener) compare as the IPv4 address they are.
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
-}
-
 #[cfg(test)]
 pub(crate) mod tests;

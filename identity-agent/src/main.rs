@@ -84,7 +84,7 @@ enum Command {
         /// Keeps the CA across restarts.
         #[arg(long)]
         state_dir: PathBuf,
-        #[arg(long, default_value = "cluster.local")]
+        #[arg(long, default_value = meshauth_crds::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
         /// SVID lifetime in seconds; SVIDs rotate at half of it.
         #[arg(long, default_value_t = 3600)]

@@ -43,7 +43,7 @@ impl NodeView {
     /// pods over loopback then. With an address, loopback is refused: a port-forward into a
     /// hostNetwork pod also arrives from it.
     pub fn is_hosted_at(&self, spiffe_id: &str, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        let ip = ip.to_canonical();
         (self.is_unaddressed_loopback(ip) && self.is_hosted_here(spiffe_id)) || self.hosts.get(spiffe_id).is_some_and(|h| h.contains(&ip))
     }
 
@@ -54,14 +54,14 @@ impl NodeView {
     /// Whether `ip` is the agent address of a node hosting some identity (loopback: this node,
     /// when it hosts any and has no address).
     pub fn is_node(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        let ip = ip.to_canonical();
         (self.is_unaddressed_loopback(ip) && !self.local_identities.is_empty()) || self.hosts.values().any(|nodes| nodes.contains(&ip))
     }
 
     /// How the datapath's maps name the node whose agent has address `ip`: this node's own
     /// address is this node. `None` for what they cannot name (IPv6: the datapath is IPv4).
     pub fn node_id(&self, ip: IpAddr) -> Option<NodeId> {
-        node_id(canonical(ip), self.own_address)
+        node_id(ip.to_canonical(), self.own_address)
     }
 }
 
@@ -71,11 +71,6 @@ fn node_id(ip: IpAddr, own: Option<IpAddr>) -> Option<NodeId> {
         IpAddr::V4(v4) if !v4.is_unspecified() => Some(NodeId::At(v4)),
         _ => None,
     }
-}
-
-/// IPv4-mapped IPv6 peers (dual-stack sockets) compare as IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
 
 /// A pod of this node with an address: the datapath guards its interface.
@@ -106,7 +101,7 @@ pub fn plan(snapshot: &Snapshot, config: &ModelConfig, node_name: &str, peer_por
     let node_addresses: BTreeMap<&str, IpAddr> = snapshot
         .nodes
         .iter()
-        .filter_map(|n| Some((n.name.as_str(), canonical(snapshot.node_address(&n.name)?.parse::<IpAddr>().ok()?))))
+        .filter_map(|n| Some((n.name.as_str(), snapshot.node_address(&n.name)?.parse::<IpAddr>().ok()?.to_canonical())))
         .collect();
     let mut view = NodeView {
         numbers: numbers.iter().map(|(id, n)| ((*id).to_owned(), *n)).collect(),

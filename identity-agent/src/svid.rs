@@ -36,12 +36,10 @@ pub use workload_api::WorkloadApiSource;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use meshauth_crds::SpiffeId;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -62,9 +60,9 @@ pub const DEFAULT_NO_IDENTITY_GRACE: Duration = Duration::from_secs(15);
 const ROTATION_CHANNEL_CAPACITY: usize = 1024;
 
 /// A boxed future, so [`SvidSource`] stays object safe.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use futures::future::BoxFuture;
 /// The update stream of one connection to a source.
-pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<X509Update, SourceError>> + Send>>;
+pub type UpdateStream = futures::stream::BoxStream<'static, Result<X509Update, SourceError>>;
 
 /// One message of the Workload API's X.509 stream, in our own types.
 #[derive(Debug, Clone, Default)]

@@ -14,10 +14,11 @@ use crate::registration::EntrySettings;
 use crate::spire::Selector;
 
 pub const DEFAULT_SPIRE_SERVER_SOCKET: &str = "/tmp/spire-server/private/api.sock";
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub use meshauth_crds::DEFAULT_TRUST_DOMAIN;
 pub const DEFAULT_ENTRY_SELECTORS: &[&str] = &["k8s:ns:meshauth-system", "k8s:sa:meshauth-agent"];
 pub const DEFAULT_SVID_TTL_SECONDS: u32 = 3600;
-pub const DEFAULT_NAMESPACE: &str = "meshauth-system";
+/// The operator runs in the mesh namespace.
+pub const DEFAULT_NAMESPACE: &str = meshauth_policy::model::DEFAULT_MESH_NAMESPACE;
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
 pub const DEFAULT_CLUSTER_NAME: &str = "kubernetes";
 pub const DEFAULT_LEASE_NAME: &str = "meshauth-operator";

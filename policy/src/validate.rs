@@ -298,8 +298,8 @@ fn validate_rules_distinct(rules: &[IngressRule], errors: &mut Vec<FieldError>) 
                 format!(
                     "contradicts spec.ingress[{first}]: same sources and ports, but authentication \
                      {} here and {} there; keep one rule",
-                    mode_name(mode),
-                    mode_name(*first_mode)
+                    mode.as_str(),
+                    first_mode.as_str()
                 ),
             )),
             None => seen.push((key, mode, ri)),
@@ -712,13 +712,6 @@ impl RuleKey {
 
 fn rule_mode(rule: &IngressRule) -> AuthenticationMode {
     rule.authentication.as_ref().map(|a| a.mode).unwrap_or_default()
-}
-
-fn mode_name(mode: AuthenticationMode) -> &'static str {
-    match mode {
-        AuthenticationMode::Required => "Required",
-        AuthenticationMode::Disabled => "Disabled",
-    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use kube::api::{Api, ListParams};
 use kube::core::Selector;
 use kube::{Client, ResourceExt};
 use meshauth_cluster::endpoints::{self, EndpointRules, NodeFacts, NotEndpoint};
-use meshauth_crds::{MeshPolicy, MutualAuth, MutualAuthMode};
+use meshauth_crds::{MeshPolicy, MutualAuth};
 use meshauth_policy::model::{Inputs, ModelConfig, ObjectRef, PodInfo, PolicyModel, Resource};
 use meshauth_policy::validate::{self, FieldError};
 use tracing::{debug, warn};
@@ -210,14 +210,6 @@ fn same_scope(a: &Scope<'_>, b: &Scope<'_>) -> bool {
     }
 }
 
-fn mode_name(mode: MutualAuthMode) -> &'static str {
-    match mode {
-        MutualAuthMode::Strict => "Strict",
-        MutualAuthMode::Permissive => "Permissive",
-        MutualAuthMode::Disabled => "Disabled",
-    }
-}
-
 /// Warnings for a MutualAuth `me` (being created or updated) against the `existing` ones of its
 /// namespace and the `pods` its selector picks: ties that make it or another `Conflicted`
 /// (decided by the policy model), and same-scope duplicates.
@@ -230,7 +222,7 @@ pub fn tie_warnings(me: &MutualAuth, existing: &[MutualAuth], pods: &[PodInfo], 
         others
             .iter()
             .find(|o| o.name_any() == r.name && o.namespace().unwrap_or_default() == r.namespace)
-            .map(|o| mode_name(o.spec.mode))
+            .map(|o| o.spec.mode.as_str())
             .unwrap_or("?")
     };
     let mut inputs = Inputs { pods: pods.to_vec(), ..Default::default() };
@@ -275,7 +267,7 @@ pub fn tie_warnings(me: &MutualAuth, existing: &[MutualAuth], pods: &[PodInfo], 
         if reported.contains(&other_ref) || !same_scope(&my_scope, &scope(other, mesh)) {
             continue;
         }
-        let other_mode = mode_name(other.spec.mode);
+        let other_mode = other.spec.mode.as_str();
         let reason = if other.spec.mode == me.spec.mode {
             format!("has the same scope and mode ({other_mode}) as MutualAuth {other_ref}: one of them is redundant")
         } else if older(&me_res, &Resource::from_mutual_auth(other)) {
@@ -302,7 +294,7 @@ fn older<S>(a: &Resource<S>, b: &Resource<S>) -> bool {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use meshauth_crds::MutualAuthSpec;
+    use meshauth_crds::{MutualAuthMode, MutualAuthSpec};
     use std::collections::BTreeMap;
 
     fn ma(ns: &str, name: &str, created: Option<&str>, selector: Option<&[(&str, &str)]>, mode: MutualAuthMode) -> MutualAuth {

@@ -9,8 +9,8 @@ use clap::{Parser, ValueEnum};
 use meshauth_crds::TrustDomain;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-pub const DEFAULT_MESH_NAMESPACE: &str = "meshauth-system";
+pub use meshauth_crds::DEFAULT_TRUST_DOMAIN;
+pub use meshauth_policy::model::DEFAULT_MESH_NAMESPACE;
 pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_CERT_SECRET: &str = "meshauth-system/meshauth-webhook-tls";
 pub const DEFAULT_WEBHOOK_CONFIGURATION: &str = "meshauth-webhook";

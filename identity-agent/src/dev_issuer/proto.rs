@@ -1,7 +1,7 @@
-//! The messages of the SPIFFE Workload API (`workload.proto` of spiffe/go-spiffe, the one SPIRE
-//! serves), declared by hand because there is no `protoc` at build time. Field numbers and
-//! types follow the proto exactly; JWT messages are absent because the dev issuer answers those
-//! methods with `Unimplemented`.
+//! The messages of the SPIFFE Workload API, declared by hand because there is no `protoc` at
+//! build time. Source: `v2/proto/spiffe/workload/workload.proto` of github.com/spiffe/go-spiffe
+//! at v2.6.0 (the one SPIRE serves); field numbers and types follow it exactly. JWT messages
+//! are absent because the dev issuer answers those methods with `Unimplemented`.
 
 use std::collections::HashMap;
 

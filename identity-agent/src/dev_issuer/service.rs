@@ -21,7 +21,7 @@ use super::{DevIssuerError, Snapshot};
 const SECURITY_HEADER: &str = "workload.spiffe.io";
 const SERVICE: &str = "SpiffeWorkloadAPI";
 
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+type BoxFuture<T> = futures::future::BoxFuture<'static, T>;
 type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[derive(Clone)]

@@ -16,8 +16,7 @@ use tokio_rustls::TlsConnector;
 
 use super::verifier::{OutcomeSlot, ServerVerifier, lock, tls_error};
 use super::{
-    ACCEPTED, ALPN, Authenticated, DEFAULT_TIMEOUT, HandshakeError, HostedIdentities, OneCert, canonical, connection_key, no_local_svid,
-    sni_for,
+    ACCEPTED, ALPN, Authenticated, DEFAULT_TIMEOUT, HandshakeError, HostedIdentities, OneCert, connection_key, no_local_svid, sni_for,
 };
 use crate::svid::SvidStore;
 use crate::tls::crypto_provider;
@@ -86,7 +85,8 @@ impl HandshakeClient {
     ) -> Result<Authenticated, HandshakeError> {
         // Fail closed before any I/O: no SVID of ours, or a peer we would refuse anyway.
         let svid = self.store.current(local).ok_or_else(|| no_local_svid(&self.store, local))?;
-        let node = canonical(peer.ip());
+        // IPv4-mapped IPv6 peers (a dual-stack listener) compare as the IPv4 address they are.
+        let node = peer.ip().to_canonical();
         if !self.hosted.identity_hosted_at(expected_peer, node) {
             return Err(HandshakeError::PeerNotHosted { id: expected_peer.to_string(), node });
         }

@@ -19,8 +19,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::verifier::{ClientVerifier, OutcomeSlot, lock, tls_error};
 use super::{
     ACCEPTED, ALPN, Authenticated, ConnectionKeySink, DEFAULT_HELLO_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_PER_SOURCE,
-    DEFAULT_TIMEOUT, HandshakeError, HandshakeObserver, HostedIdentities, OneCert, SNI_SUFFIX, canonical, connection_key, no_local_svid,
-    sni_for,
+    DEFAULT_TIMEOUT, HandshakeError, HandshakeObserver, HostedIdentities, OneCert, SNI_SUFFIX, connection_key, no_local_svid, sni_for,
 };
 use crate::svid::SvidStore;
 use crate::tls::crypto_provider;
@@ -129,7 +128,8 @@ impl HandshakeServer {
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
-                    let node = canonical(peer.ip());
+                    // IPv4-mapped IPv6 peers (a dual-stack listener) compare as the IPv4 address they are.
+                    let node = peer.ip().to_canonical();
                     if !self.hosted.is_node(node) {
                         self.turned_away("not_a_node");
                         continue;
@@ -170,7 +170,8 @@ impl HandshakeServer {
 
     async fn answer_inner(&self, tcp: TcpStream, peer: SocketAddr) -> Result<Authenticated, HandshakeError> {
         let _ = tcp.set_nodelay(true);
-        let node = canonical(peer.ip());
+        // IPv4-mapped IPv6 peers (a dual-stack listener) compare as the IPv4 address they are.
+        let node = peer.ip().to_canonical();
         let start = tokio::time::timeout(self.hello_timeout, LazyConfigAcceptor::new(Acceptor::default(), tcp))
             .await
             .map_err(|_| HandshakeError::Timeout(self.hello_timeout))?

@@ -1,7 +1,11 @@
-//! The few messages of SPIRE's server API (`spire.api.server.entry.v1` and `spire.api.types`)
-//! the operator uses, declared by hand with prost: the field numbers are those of SPIRE's
-//! public API reference. Fields the operator never reads or writes are left out; protobuf
-//! skips unknown fields when decoding, so answers from newer servers still decode.
+//! The few messages of SPIRE's server API (`spire.api.server.entry.v1`,
+//! `spire.api.server.agent.v1` and `spire.api.types`) the operator uses, declared by hand with
+//! prost. Source: `proto/spire/api/server/{entry,agent}/v1/*.proto` and
+//! `proto/spire/api/types/{entry,agent,spiffeid,selector,status}.proto` of
+//! github.com/spiffe/spire-api-sdk at commit 101d5e7de758 (the one SPIRE v1.13.3 builds with);
+//! every field number checked against them.
+//! Fields the operator never reads or writes are left out; protobuf skips unknown fields when
+//! decoding, so answers from newer servers still decode.
 
 /// `spire.api.types.SPIFFEID`.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
