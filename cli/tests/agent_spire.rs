@@ -21,11 +21,11 @@ use meshauth_datapath::netns::{Netns, Pod, Server, require_root, tcp_connect, tc
 use meshauth_datapath::{BootTime, Counter, Counters, Maps};
 use meshauth_testenv::k8s::{self, TestPod};
 use meshauth_testenv::{EntrySpec, TestEnv, svid};
-use meshauthctl::demo::mesh::{AgentInputs, MeshBox};
+use meshauthctl::demo::mesh::MeshBox;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -196,44 +196,6 @@ fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshauthctl")).with_file_name("meshauth-agent")
 }
 
-/// The API server's port, from the kubeconfig (`server: https://127.0.0.1:PORT`).
-fn api_port(kubeconfig: &Path) -> Result<u16, String> {
-    let text = std::fs::read_to_string(kubeconfig).map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
-    let kc: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
-    let server = kc["clusters"][0]["cluster"]["server"].as_str().ok_or("no server in the kubeconfig")?;
-    server.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).ok_or_else(|| format!("no port in {server}"))
-}
-
-/// The agents run inside their node's network namespace, where 127.0.0.1 is not the host's:
-/// forward the node's 127.0.0.1:`port` to the host's (TLS passes through untouched).
-fn forward_api_server(ns: &Netns, port: u16) -> Result<(), String> {
-    let listener =
-        ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port))).and_then(|r| r).map_err(|e| format!("forwarder in {}: {e}", ns.name))?;
-    // Threads spawned here live in the host namespace: the outbound side dials the real server.
-    std::thread::spawn(move || {
-        for inbound in listener.incoming() {
-            let Ok(inbound) = inbound else { continue };
-            std::thread::spawn(move || {
-                let Ok(outbound) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
-                    return;
-                };
-                let (Ok(mut in_r), Ok(mut out_w)) = (inbound.try_clone(), outbound.try_clone()) else {
-                    return;
-                };
-                let up = std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut in_r, &mut out_w);
-                    let _ = out_w.shutdown(Shutdown::Write);
-                });
-                let (mut out_r, mut in_w) = (outbound, inbound);
-                let _ = std::io::copy(&mut out_r, &mut in_w);
-                let _ = in_w.shutdown(Shutdown::Write);
-                let _ = up.join();
-            });
-        }
-    });
-    Ok(())
-}
-
 fn docs(text: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(text)
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("MESH: {e}")))
@@ -278,12 +240,10 @@ impl Fixture {
         let tag = format!("as{}", std::process::id() % 100_000);
         let mut mesh = MeshBox::build(&tag, dir, manifests_dir, &parsed, agent_bin, Duration::from_secs(u64::from(SVID_TTL)))
             .map_err(|e| e.to_string())?;
-        mesh.agent_inputs = AgentInputs::Kubeconfig(env.kubeconfig());
-        let port = api_port(&env.kubeconfig())?;
+        let port = env.api_port().ok_or("no port in the kubeconfig's server")?;
+        mesh.use_api_server(env.kubeconfig(), port).map_err(|e| e.to_string())?;
         for node in env.nodes() {
             mesh.set_workload_socket(&node.name, node.agent_socket.clone());
-            let ns = &mesh.node(&node.name).ok_or_else(|| format!("no box node {}", node.name))?.ns;
-            forward_api_server(ns, port)?;
         }
         let pods = std::mem::take(&mut mesh.pods);
         let servers = vec![tcp_echo_server(&pods["shop/payment-0"], PORT).map_err(|e| e.to_string())?];

@@ -325,6 +325,14 @@ impl TestEnv {
         self.dir.join("kubeconfig")
     }
 
+    /// The API server's port, from the kubeconfig's server URL (`None` if it names none).
+    pub fn api_port(&self) -> Option<u16> {
+        let text = std::fs::read_to_string(self.kubeconfig()).ok()?;
+        let kc: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+        let server = kc["clusters"][0]["cluster"]["server"].as_str()?;
+        server.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+    }
+
     /// `DIR/env`: shell exports of the environment.
     pub fn env_file(&self) -> PathBuf {
         self.dir.join("env")

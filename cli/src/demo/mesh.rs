@@ -7,7 +7,7 @@ use meshauth_datapath::netns::{Netns, Pod, sh};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -307,6 +307,17 @@ impl MeshBox {
         self.nodes.iter_mut().find(|n| n.name == name)
     }
 
+    /// Makes every node's agent read a real API server (`kubeconfig`, whose server is the
+    /// host's 127.0.0.1:`port`). Inside a node's namespace 127.0.0.1 is not the host's, so each
+    /// node forwards its own 127.0.0.1:`port` to the host's; TLS passes through untouched.
+    pub fn use_api_server(&mut self, kubeconfig: PathBuf, port: u16) -> Result<(), MeshError> {
+        for node in &self.nodes {
+            forward_to_host(&node.ns, port).map_err(io_err(format!("forwarding the API server port into {}", node.name)))?;
+        }
+        self.agent_inputs = AgentInputs::Kubeconfig(kubeconfig);
+        Ok(())
+    }
+
     /// Points a node's agent at another Workload API (e.g. a real SPIRE agent's socket).
     pub fn set_workload_socket(&mut self, node: &str, socket: PathBuf) {
         if let Some(n) = self.node_mut(node) {
@@ -446,6 +457,34 @@ fn wait_for(what: &str, log: &Path, timeout: Duration, ready: impl Fn() -> bool)
 
 fn free_port() -> io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Forwards `ns`'s 127.0.0.1:`port` to the host's, one pair of copying threads per connection.
+fn forward_to_host(ns: &Netns, port: u16) -> io::Result<()> {
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, port)))??;
+    // Threads spawned here live in the host namespace: the outbound side dials the host.
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { continue };
+            std::thread::spawn(move || {
+                let Ok(outbound) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
+                    return;
+                };
+                let (Ok(mut in_r), Ok(mut out_w)) = (inbound.try_clone(), outbound.try_clone()) else {
+                    return;
+                };
+                let up = std::thread::spawn(move || {
+                    let _ = io::copy(&mut in_r, &mut out_w);
+                    let _ = out_w.shutdown(Shutdown::Write);
+                });
+                let (mut out_r, mut in_w) = (outbound, inbound);
+                let _ = io::copy(&mut out_r, &mut in_w);
+                let _ = in_w.shutdown(Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+    Ok(())
 }
 
 #[cfg(test)]

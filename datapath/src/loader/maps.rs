@@ -187,6 +187,20 @@ pub struct Endpoint {
     pub mutual_auth: AuthRequirement,
 }
 
+impl Endpoint {
+    fn from_map(key: u32, v: &abi::EndpointValue) -> Self {
+        Endpoint {
+            ip: abi::key_ip(key),
+            security_identity: v.security_identity,
+            spiffe_id: v.spiffe_id,
+            ifindex: v.ifindex,
+            isolated: v.flags & abi::EP_ISOLATED != 0,
+            audit: v.flags & abi::EP_AUDIT != 0,
+            mutual_auth: abi::auth_requirement(v.mutual_auth),
+        }
+    }
+}
+
 /// A pod interface the programs are attached to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Interface {
@@ -291,18 +305,20 @@ impl Maps {
         let mut out = Vec::new();
         for item in self.endpoints.iter() {
             let (k, v) = item.map_err(map_err("endpoints"))?;
-            out.push(Endpoint {
-                ip: abi::key_ip(k),
-                security_identity: v.security_identity,
-                spiffe_id: v.spiffe_id,
-                ifindex: v.ifindex,
-                isolated: v.flags & abi::EP_ISOLATED != 0,
-                audit: v.flags & abi::EP_AUDIT != 0,
-                mutual_auth: abi::auth_requirement(v.mutual_auth),
-            });
+            out.push(Endpoint::from_map(k, &v));
         }
         out.sort_by_key(|e| e.ip);
         Ok(out)
+    }
+
+    /// One address's endpoint, by a single lookup (`None` when the datapath does not know it).
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<Endpoint>, DatapathError> {
+        let key = abi::ip_key(ip);
+        match self.endpoints.get(&key, 0) {
+            Ok(v) => Ok(Some(Endpoint::from_map(key, &v))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err("endpoints")(e)),
+        }
     }
 
     /// The interfaces the programs guard.
