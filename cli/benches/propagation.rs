@@ -1,6 +1,6 @@
 //! `cargo build --release -p meshauth-agent && cargo bench -p meshauthctl --bench propagation
-//! [-- --quick] [-- --json]` (root): how fast a MeshPolicy or pod change reaches every node's
-//! maps at cluster size, beside the API server's own write latency in the same run, quiet and
+//! [-- --quick] [-- --json] [-- --namespaces N --changes N]` (root): how fast a MeshPolicy or
+//! pod change reaches every node's maps at cluster size, beside the API server's own write latency in the same run, quiet and
 //! under 50 pod creations and deletions a second; and an idle agent's CPU. See
 //! `tests/support/propagation.rs` for what is measured and how.
 
@@ -48,11 +48,29 @@ fn json(r: &Report) -> serde_json::Value {
 fn main() -> std::process::ExitCode {
     meshauth_datapath::netns::require_root();
     let args: Vec<String> = std::env::args().collect();
-    let scale = if args.iter().any(|a| a == "--quick") {
-        Scale { nodes: 4, namespaces: 50, pods_per_namespace: 10, policies: 50, changes: 20, churn_per_second: 20 }
+    let timeout = std::time::Duration::from_secs(120);
+    let mut scale = if args.iter().any(|a| a == "--quick") {
+        Scale { nodes: 4, namespaces: 50, pods_per_namespace: 10, policies: 50, changes: 20, churn_per_second: 20, change_timeout: timeout }
     } else {
-        Scale { nodes: 10, namespaces: 500, pods_per_namespace: 10, policies: 500, changes: 50, churn_per_second: 50 }
+        Scale {
+            nodes: 10,
+            namespaces: 500,
+            pods_per_namespace: 10,
+            policies: 500,
+            changes: 50,
+            churn_per_second: 50,
+            change_timeout: timeout,
+        }
     };
+    // `--namespaces N` and `--changes N` scale a run down (or up) from the chosen size.
+    let number = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = number("--namespaces") {
+        scale.namespaces = n;
+        scale.policies = n;
+    }
+    if let Some(n) = number("--changes") {
+        scale.changes = n;
+    }
     match propagation::run(&scale) {
         Ok(report) if args.iter().any(|a| a == "--json") => {
             println!("{}", json(&report));

@@ -9,12 +9,23 @@ mod agent_load;
 #[path = "support/propagation.rs"]
 mod propagation;
 
+use std::time::Duration;
+
 use propagation::Scale;
 
 #[test]
 fn every_change_reaches_every_node_and_nothing_is_left_behind() {
     meshauth_datapath::netns::require_root();
-    let scale = Scale { nodes: 3, namespaces: 12, pods_per_namespace: 6, policies: 12, changes: 6, churn_per_second: 10 };
+    let scale = Scale {
+        nodes: 3,
+        namespaces: 12,
+        pods_per_namespace: 6,
+        policies: 12,
+        changes: 6,
+        churn_per_second: 10,
+        // A correctness bound, far above any latency worth reporting.
+        change_timeout: Duration::from_secs(20),
+    };
     // run() fails naming the change and the nodes it did not reach, or a stray endpoint.
     let report = propagation::run(&scale).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{}", propagation::table(&report));

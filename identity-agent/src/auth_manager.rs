@@ -85,6 +85,10 @@ pub struct AuthFailure {
     pub message: String,
     /// The peer was reached and the proof failed (not an outage): the pair's entry goes at once.
     pub refused: bool,
+    /// Nothing can change until the local identity is issued an SVID: the pair waits at the
+    /// longest backoff, and the identity's issuance ([`AuthManagerHandle::rotated`]) cuts it
+    /// short. A node whose SPIRE agent has issued nothing yet must not spin on every pair.
+    pub until_local_svid: bool,
 }
 
 /// What a proof rested on, checked again when the trust bundles change.
@@ -513,11 +517,20 @@ pub fn spawn_with_clock(
                             }
                             Ok(_) => {}
                             Err(failure) => {
-                                tracing::warn!(?key, reason = failure.reason, refused = failure.refused, error = %failure.message, "handshake failed");
+                                // The same failure again is news only at debug level: thousands of
+                                // pairs failing alike must not flood the log.
+                                if state.last_error.as_deref() == Some(failure.message.as_str()) {
+                                    tracing::debug!(?key, reason = failure.reason, refused = failure.refused, error = %failure.message, "handshake failed again");
+                                } else {
+                                    tracing::warn!(?key, reason = failure.reason, refused = failure.refused, error = %failure.message, "handshake failed");
+                                }
                                 if failure.refused {
                                     state.revoke(key, &mut *table, &config, now, failure.reason);
                                 }
                                 state.last_error = Some(failure.message);
+                                if failure.until_local_svid {
+                                    state.failures = state.failures.max(LONGEST_BACKOFF_FAILURES);
+                                }
                                 backoff(&config, state, now);
                             }
                         }
@@ -620,6 +633,10 @@ fn refresh_instant(config: &AuthManagerConfig, started: SystemTime, expiry: Syst
     let by_margin = lifetime.saturating_sub(config.refresh_margin);
     now + by_fraction.min(by_margin)
 }
+
+/// Failures after which [`backoff`] waits `max_backoff` whatever the settings (2^16 times the
+/// initial delay).
+const LONGEST_BACKOFF_FAILURES: u32 = 17;
 
 fn backoff(config: &AuthManagerConfig, state: &mut PairState, now: Instant) {
     state.failures = state.failures.saturating_add(1);

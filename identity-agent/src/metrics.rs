@@ -255,7 +255,10 @@ mod tests {
     async fn serves_the_metrics_a_user_looks_for() {
         let m = AgentMetrics::new();
         m.handshake(Ok(()), Duration::from_millis(2));
-        m.handshake(Err(&AuthFailure { reason: "wrong_identity", message: "x".into(), refused: true }), Duration::from_millis(1));
+        m.handshake(
+            Err(&AuthFailure { reason: "wrong_identity", message: "x".into(), refused: true, until_local_svid: false }),
+            Duration::from_millis(1),
+        );
         m.entries(3);
         m.observe_datapath_counters([("drop_auth_missing".to_owned(), 5)]);
         m.observe_datapath_counters([("drop_auth_missing".to_owned(), 7)]);

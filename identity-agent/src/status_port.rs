@@ -170,7 +170,9 @@ mod tests {
 
     impl Authenticator for NoHandshakes {
         fn authenticate<'a>(&'a self, _: &'a str, _: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<Proof, AuthFailure>> {
-            Box::pin(async move { Err(AuthFailure { reason: "unreachable", message: format!("{addr}"), refused: false }) })
+            Box::pin(async move {
+                Err(AuthFailure { reason: "unreachable", message: format!("{addr}"), refused: false, until_local_svid: false })
+            })
         }
     }
 

@@ -27,6 +27,8 @@ struct FakeAuth {
     fail_all: Mutex<bool>,
     /// Failures are refusals (the peer was reached and said no), not outages.
     refuse: AtomicBool,
+    /// Failures say that the local identity has no SVID yet.
+    no_local_svid: AtomicBool,
     /// Evidence per peer identity (all trusted unless a test says otherwise).
     trusted: Mutex<BTreeMap<String, Arc<AtomicBool>>>,
     clock: Arc<dyn Clock>,
@@ -46,6 +48,7 @@ impl Default for FakeAuth {
             fail_addrs: Mutex::default(),
             fail_all: Mutex::default(),
             refuse: AtomicBool::new(false),
+            no_local_svid: AtomicBool::new(false),
             trusted: Mutex::default(),
             clock: Arc::new(SystemClock),
             concurrent: AtomicUsize::new(0),
@@ -79,11 +82,19 @@ impl Authenticator for FakeAuth {
             };
             if *self.fail_all.lock().expect("lock") || self.fail_addrs.lock().expect("lock").contains(&addr) {
                 let refused = self.refuse.load(Ordering::SeqCst);
-                return Err(AuthFailure { reason: "refused", message: format!("{addr} refused"), refused });
+                let until_local_svid = self.no_local_svid.load(Ordering::SeqCst);
+                return Err(AuthFailure { reason: "refused", message: format!("{addr} refused"), refused, until_local_svid });
             }
             let expiry = match *self.until.lock().expect("lock") {
                 Some(until) if until > self.clock.now() => until,
-                Some(_) => return Err(AuthFailure { reason: "expired", message: "every SVID expired".into(), refused: true }),
+                Some(_) => {
+                    return Err(AuthFailure {
+                        reason: "expired",
+                        message: "every SVID expired".into(),
+                        refused: true,
+                        until_local_svid: false,
+                    });
+                }
                 None => self.clock.now() + Duration::from_millis(self.lifetime_ms),
             };
             let proof = Proof {
@@ -310,6 +321,28 @@ fn frozen_svids(until: Duration) -> Arc<FakeAuth> {
 
 fn entry(table: &FakeTable, key: PairKey) -> Option<SystemTime> {
     table.get(key)
+}
+
+#[tokio::test(start_paused = true)]
+async fn pairs_of_an_identity_without_an_svid_wait_for_its_issuance_not_spin() {
+    // A node whose SPIRE agent has issued nothing yet: every pair fails the same way, locally.
+    let auth = Arc::new(FakeAuth { clock: Arc::new(TokioClock::default()), ..FakeAuth::default() });
+    *auth.fail_all.lock().expect("lock") = true;
+    auth.refuse.store(true, Ordering::SeqCst);
+    auth.no_local_svid.store(true, Ordering::SeqCst);
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let pairs: Vec<DesiredPair> = (0..50).map(|i| pair(1, 10 + i, vec![addr(2)])).collect();
+    m.set_desired(pairs);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // At most one attempt per pair per max_backoff (5 s), not the doubling from 200 ms.
+    let calls = auth.calls();
+    assert!(calls <= 50 * 8, "{calls} handshakes for 50 pairs in 30 s without an SVID");
+    // The identity is issued: its pairs are proven at once, not after the backoff.
+    *auth.fail_all.lock().expect("lock") = false;
+    m.rotated("spiffe://td/d1".into());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(table.0.lock().expect("lock").len(), 50, "every pair proven soon after the issuance");
 }
 
 #[tokio::test(start_paused = true)]

@@ -3,7 +3,7 @@
 
 use super::node_view::ViewHosted;
 use crate::auth_manager::{AuthFailure, Authenticator, BoxFuture, Evidence, Proof};
-use crate::handshake::HandshakeClient;
+use crate::handshake::{HandshakeClient, HandshakeError};
 use crate::svid::SvidStore;
 use crate::verify::{self, Usage};
 use meshauth_crds::SpiffeId;
@@ -61,7 +61,12 @@ impl Authenticator for HandshakeAuthenticator {
     fn authenticate<'a>(&'a self, local: &'a str, peer: &'a str, addr: SocketAddr) -> BoxFuture<'a, Result<Proof, AuthFailure>> {
         Box::pin(async move {
             let parse = |id: &str| {
-                SpiffeId::parse(id).map_err(|e| AuthFailure { reason: "bad_spiffe_id", message: format!("{id:?} {e}"), refused: true })
+                SpiffeId::parse(id).map_err(|e| AuthFailure {
+                    reason: "bad_spiffe_id",
+                    message: format!("{id:?} {e}"),
+                    refused: true,
+                    until_local_svid: false,
+                })
             };
             let (local, peer) = (parse(local)?, parse(peer)?);
             // From the address the peers know this node by: the peer checks that our identity
@@ -73,6 +78,7 @@ impl Authenticator for HandshakeAuthenticator {
                 reason: e.reason(),
                 message: format!("{local} <- {peer} at {addr}: {e}"),
                 refused: e.is_refusal(),
+                until_local_svid: matches!(e, HandshakeError::NoLocalSvid(_)),
             })?;
             let chain = self.intern(auth.peer_chain);
             Ok(Proof {
