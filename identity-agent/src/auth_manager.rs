@@ -85,9 +85,9 @@ pub struct AuthFailure {
     pub message: String,
     /// The peer was reached and the proof failed (not an outage): the pair's entry goes at once.
     pub refused: bool,
-    /// Nothing can change until the local identity is issued an SVID: the pair waits at the
-    /// longest backoff, and the identity's issuance ([`AuthManagerHandle::rotated`]) cuts it
-    /// short. A node whose SPIRE agent has issued nothing yet must not spin on every pair.
+    /// Nothing can change until the local identity is issued an SVID: the pair waits for the
+    /// identity's issuance ([`AuthManagerHandle::rotated`]), retrying only once a minute. A node
+    /// whose SPIRE agent has issued nothing yet must not spin on every pair.
     pub until_local_svid: bool,
 }
 
@@ -528,10 +528,10 @@ pub fn spawn_with_clock(
                                     state.revoke(key, &mut *table, &config, now, failure.reason);
                                 }
                                 state.last_error = Some(failure.message);
-                                if failure.until_local_svid {
-                                    state.failures = state.failures.max(LONGEST_BACKOFF_FAILURES);
-                                }
                                 backoff(&config, state, now);
+                                if failure.until_local_svid {
+                                    state.next_attempt = state.next_attempt.max(now + UNTIL_LOCAL_SVID_RETRY);
+                                }
                             }
                         }
                     }
@@ -634,9 +634,9 @@ fn refresh_instant(config: &AuthManagerConfig, started: SystemTime, expiry: Syst
     now + by_fraction.min(by_margin)
 }
 
-/// Failures after which [`backoff`] waits `max_backoff` whatever the settings (2^16 times the
-/// initial delay).
-const LONGEST_BACKOFF_FAILURES: u32 = 17;
+/// The next attempt of a pair whose local identity has no SVID: the identity's issuance starts
+/// it at once ([`Command::Rotated`]), so this only guards against a missed announcement.
+const UNTIL_LOCAL_SVID_RETRY: Duration = Duration::from_secs(60);
 
 fn backoff(config: &AuthManagerConfig, state: &mut PairState, now: Instant) {
     state.failures = state.failures.saturating_add(1);

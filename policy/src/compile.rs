@@ -320,18 +320,27 @@ pub fn auth_identity_pairs(model: &PolicyModel, dst_filter: impl Fn(&PodInfo) ->
     for p in model.pods().filter(|p| p.ip.is_some()) {
         srcs.entry(security_identity_key(p)).or_insert((p, 0)).1 += 1;
     }
-    let mut evaluator = PairEvaluator::new(model);
+    // Per source once, not per pair: its view and SPIFFE ID.
+    let sources: Vec<(&SecurityIdentityKey, usize, SourceView, String)> =
+        srcs.iter().map(|(key, (src, count))| (key, *count, source_view(model, src), model.spiffe_id(src).to_string())).collect();
     let mut out: BTreeMap<(String, String), AuthRequirement> = BTreeMap::new();
     for (dst_key, (dst, _)) in &dsts {
-        for (src_key, (src, src_count)) in &srcs {
+        // Per destination once: which rules admit it and its MutualAuth. At thousands of
+        // identities this is what keeps an apply in milliseconds: the policies that select a
+        // pod are looked up once, not once per source.
+        let target = Target::of(model, dst);
+        if target.needs_nothing() {
+            continue;
+        }
+        let dst_spiffe_id = model.spiffe_id(dst).to_string();
+        for (src_key, src_count, view, src_spiffe_id) in &sources {
             // A lone pod is not its own peer (its traffic to itself never leaves it).
-            if dst_key == src_key && *src_count == 1 {
+            if dst_key == *src_key && *src_count == 1 {
                 continue;
             }
-            let requirement = evaluator.requirement(dst, src);
+            let requirement = target.requirement(model, view);
             if requirement != AuthRequirement::None {
-                let key = (model.spiffe_id(dst).to_string(), model.spiffe_id(src).to_string());
-                let slot = out.entry(key).or_default();
+                let slot = out.entry((dst_spiffe_id.clone(), src_spiffe_id.clone())).or_default();
                 *slot = (*slot).max(requirement);
             }
         }
@@ -355,30 +364,53 @@ impl<'a> PairEvaluator<'a> {
 
     fn requirement(&mut self, dst: &PodInfo, src: &PodInfo) -> AuthRequirement {
         let model = self.model;
-        *self.cache.entry((security_identity_key(dst), security_identity_key(src))).or_insert_with(|| {
-            let mutual_auth = model.mutual_auth_requirement(dst);
-            let view = SourceView {
-                namespace: Some(&src.namespace),
-                labels: Some(&src.labels),
-                spiffe_id: Some(model.spiffe_id(src).to_string()),
-            };
-            match model.isolation(dst) {
-                Isolation::Open => mutual_auth,
-                Isolation::Enforced(rules) => rules
-                    .iter()
-                    .filter(|r| model.rule_matches_source(r, &view))
-                    .map(|r| r.auth.max(mutual_auth))
-                    .max()
-                    .unwrap_or(AuthRequirement::None),
-                // Everything passes; an audited rule that requires authentication still has
-                // the pair authenticated, permissively.
-                Isolation::Audited(rules) => rules
-                    .iter()
-                    .filter(|r| model.rule_matches_source(r, &view))
-                    .map(|r| r.auth.min(AuthRequirement::Permissive))
-                    .fold(mutual_auth, AuthRequirement::max),
-            }
-        })
+        *self
+            .cache
+            .entry((security_identity_key(dst), security_identity_key(src)))
+            .or_insert_with(|| Target::of(model, dst).requirement(model, &source_view(model, src)))
+    }
+}
+
+fn source_view<'a>(model: &PolicyModel, src: &'a PodInfo) -> SourceView<'a> {
+    SourceView { namespace: Some(&src.namespace), labels: Some(&src.labels), spiffe_id: Some(model.spiffe_id(src).to_string()) }
+}
+
+/// What a destination pod admits, read from the model once: the rules of the MeshPolicies
+/// that select it and its MutualAuth requirement.
+struct Target<'a> {
+    mutual_auth: AuthRequirement,
+    isolation: Isolation<'a>,
+}
+
+impl<'a> Target<'a> {
+    fn of(model: &'a PolicyModel, dst: &'a PodInfo) -> Self {
+        Self { mutual_auth: model.mutual_auth_requirement(dst), isolation: model.isolation(dst) }
+    }
+
+    /// No source needs authentication to reach it: nothing selects it and no MutualAuth asks.
+    fn needs_nothing(&self) -> bool {
+        matches!(self.isolation, Isolation::Open) && self.mutual_auth == AuthRequirement::None
+    }
+
+    /// The strongest requirement of any allowed traffic from `view`.
+    fn requirement(&self, model: &PolicyModel, view: &SourceView) -> AuthRequirement {
+        let mutual_auth = self.mutual_auth;
+        match &self.isolation {
+            Isolation::Open => mutual_auth,
+            Isolation::Enforced(rules) => rules
+                .iter()
+                .filter(|r| model.rule_matches_source(r, view))
+                .map(|r| r.auth.max(mutual_auth))
+                .max()
+                .unwrap_or(AuthRequirement::None),
+            // Everything passes; an audited rule that requires authentication still has the
+            // pair authenticated, permissively.
+            Isolation::Audited(rules) => rules
+                .iter()
+                .filter(|r| model.rule_matches_source(r, view))
+                .map(|r| r.auth.min(AuthRequirement::Permissive))
+                .fold(mutual_auth, AuthRequirement::max),
+        }
     }
 }
 
