@@ -318,15 +318,16 @@ fn across_nodes(settings: &Settings, json: bool) {
         }
     }
     drop(sidecars.runtime);
+    let table = report("across two nodes", &setups, &rounds, true, "across-strict-tagged", json);
+    if json {
+        println!("{}", serde_json::json!({ "across_nodes": table }));
+    }
+    // After the table, so a failed run still shows what it measured.
     let c = b.counters().expect("counters");
     let drops: Vec<(&str, u64)> =
         Counter::ALL.iter().filter(|k| k.is_drop() && c.packets(**k) > 0).map(|k| (k.name(), c.packets(*k))).collect();
     assert!(drops.is_empty(), "the across-nodes traffic was dropped: {drops:?}");
     assert!(a.counters().expect("counters").packets(Counter::TagWritten) > 0, "no SYN was tagged");
-    let table = report("across two nodes", &setups, &rounds, true, "across-strict-tagged", json);
-    if json {
-        println!("{}", serde_json::json!({ "across_nodes": table }));
-    }
     a.uninstall().expect("uninstall a");
     b.uninstall().expect("uninstall b");
 }
