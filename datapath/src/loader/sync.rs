@@ -169,10 +169,6 @@ impl Datapath {
             }
         }
 
-        for k in &stale_nodes {
-            remove_ignoring_missing(self.maps.endpoint_nodes.remove(k), "endpoint_nodes")?;
-        }
-
         // Policy: one trie entry per port block.
         let have: Vec<_> = self.maps.policy.keys().collect::<Result<_, _>>().map_err(map_err("policy"))?;
         let is_stale = |k: &aya::maps::lpm_trie::Key<PolicyKeyData>| !want_policy.contains_key(&(k.prefix_len(), k.data()));
@@ -254,6 +250,12 @@ impl Datapath {
             self.maps.config.set(0, cfg, 0).map_err(map_err("config"))?;
         }
         stats.policy_epoch = cfg.policy_epoch;
+        // The nodes of departed sources go last, after the epoch moved: until then, flows
+        // admitted under the old tables are re-checked against these very entries on their
+        // established path, and a source's node missing there drops them as unauthenticated.
+        for k in &stale_nodes {
+            remove_ignoring_missing(self.maps.endpoint_nodes.remove(k), "endpoint_nodes")?;
+        }
         tracing::debug!(?stats, "tables applied");
         Ok(stats)
     }
