@@ -5,7 +5,7 @@
 //! `tests/support/propagation.rs` for what is measured and how.
 
 #[path = "../tests/support/agent_load.rs"]
-#[allow(dead_code)] // only its CPU reader is used here
+#[allow(dead_code)] // the handshake log reader is the end-to-end tests'
 mod agent_load;
 #[path = "../tests/support/propagation.rs"]
 mod propagation;

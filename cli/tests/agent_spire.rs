@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[path = "support/agent_load.rs"]
 mod agent_load;
-use agent_load::{answered, cpu_time};
+use agent_load::{agent_bin, answered, cpu_time};
 
 const NODE1_ADDR: &str = "192.168.78.1";
 const PAYMENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
@@ -187,13 +187,6 @@ extern "C" fn cleanup() {
     if let Slot::Ready(fx) = std::mem::replace(&mut *slot, Slot::Empty) {
         drop(fx);
     }
-}
-
-fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESHAUTH_AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(env!("CARGO_BIN_EXE_meshauthctl")).with_file_name("meshauth-agent")
 }
 
 fn docs(text: &str) -> Vec<Value> {
@@ -458,13 +451,7 @@ async fn apply(client: &kube::Client, doc: &Value) -> Result<(), String> {
         "Namespace" => k8s::label_namespace(client, name, &labels).await.map_err(|x| e(&x)),
         "Node" => {
             let addr = doc["status"]["addresses"][0]["address"].as_str().unwrap_or_default();
-            // The address is the node's own (as a kubelet reports it), so the agents take
-            // the annotation naming it.
-            let nodes = Api::<K8sNode>::all(client.clone());
-            let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": addr}]}});
-            nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.map_err(|x| e(&x))?;
-            let patch = json!({"metadata": {"annotations": {"meshauth.io/agent-address": addr}}});
-            nodes.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ()).map_err(|x| e(&x))
+            k8s::set_node_address(client, name, addr).await.map_err(|x| e(&x))
         }
         "Pod" => {
             let mut pod = TestPod::new(ns, name)

@@ -9,7 +9,7 @@
 #[path = "support/agent_load.rs"]
 mod agent_load;
 
-use agent_load::{answered, cpu_time};
+use agent_load::{agent_bin, answered, cpu_time};
 use meshauth_datapath::Maps;
 use meshauth_datapath::netns::{require_root, tcp_echo_server, tcp_request};
 use meshauthctl::demo::mesh::MeshBox;
@@ -21,12 +21,6 @@ const SVID_TTL: Duration = Duration::from_secs(8);
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
 const PAYMENT: &str = "spiffe://cluster.local/ns/shop/sa/payment";
 const PORT: u16 = 8080;
-
-fn agent_bin() -> PathBuf {
-    std::env::var_os("MESHAUTH_AGENT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_meshauthctl")).with_file_name("meshauth-agent"))
-}
 
 /// The demo's box: config/examples, both issuers and agents running.
 fn example_box(dir: &Path) -> MeshBox {

@@ -4,7 +4,7 @@
 //! (`cargo bench -p meshauthctl --bench propagation`), not asserted here. Root.
 
 #[path = "support/agent_load.rs"]
-#[allow(dead_code)] // only its CPU reader is used here
+#[allow(dead_code)] // the handshake log reader is the end-to-end tests'
 mod agent_load;
 #[path = "support/propagation.rs"]
 mod propagation;

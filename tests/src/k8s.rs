@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind, ObjectMeta};
@@ -83,6 +83,21 @@ pub async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), K
         Err(e) if is_already_exists(&e) => Ok(()),
         Err(e) => Err(api_err(format!("create Namespace {name}"))(e)),
     }
+}
+
+/// Gives the Node object `name` the InternalIP `address`, as its kubelet reports it, and the
+/// `meshauth.io/agent-address` annotation naming the same address (as the chart sets it), so
+/// agents take it for that node's own.
+pub async fn set_node_address(client: &kube::Client, name: &str, address: &str) -> Result<(), K8sError> {
+    let nodes = Api::<Node>::all(client.clone());
+    let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": address}]}});
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .map_err(api_err(format!("set the address of Node {name}")))?;
+    let annotation = json!({"metadata": {"annotations": {"meshauth.io/agent-address": address}}});
+    nodes.patch(name, &PatchParams::default(), &Patch::Merge(&annotation)).await.map_err(api_err(format!("annotate Node {name}")))?;
+    Ok(())
 }
 
 /// Creates the namespace with these labels, or sets the labels on the existing one.

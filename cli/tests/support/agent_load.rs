@@ -1,7 +1,16 @@
-//! What a real agent process costs, read from outside: the handshakes it answered for one pair
-//! (its debug log) and the CPU time it used (`/proc`). Shared by the end-to-end tests.
+//! A real agent process from outside: which binary the tests run, the handshakes it answered
+//! for one pair (its debug log) and the CPU time it used (`/proc`). Shared by the end-to-end
+//! tests and the propagation bench.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// The `meshauth-agent` beside this build's `meshauthctl` (`MESHAUTH_AGENT_BIN` overrides it).
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("MESHAUTH_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_meshauthctl")).with_file_name("meshauth-agent"))
+}
 
 /// Handshakes an agent answered (server side) for the pair (`local` presented by it, `peer`
 /// proven to it) in the part of its log after `from` bytes.

@@ -20,7 +20,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -33,7 +32,7 @@ use meshauth_testenv::k8s::{self, TestPod};
 use meshauthctl::demo::mesh::MeshBox;
 use serde_json::json;
 
-use crate::agent_load::cpu_time;
+use crate::agent_load::{agent_bin, cpu_time};
 
 /// How big the cluster is and how much is measured.
 #[derive(Debug, Clone)]
@@ -156,13 +155,6 @@ struct Cluster {
     change_wait: (Duration, Duration),
 }
 
-fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESHAUTH_AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(env!("CARGO_BIN_EXE_meshauthctl")).with_file_name("meshauth-agent")
-}
-
 fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
@@ -244,10 +236,7 @@ impl Cluster {
                 let (name, addr) = (node_name(i), node_address(i).to_string());
                 let node: K8sNode = serde_json::from_value(json!({"metadata": {"name": name}})).map_err(|e| e.to_string())?;
                 nodes.create(&PostParams::default(), &node).await.map_err(|e| err(&name)(&e))?;
-                let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": addr}]}});
-                nodes.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.map_err(|e| err(&name)(&e))?;
-                let annotation = json!({"metadata": {"annotations": {"meshauth.io/agent-address": addr}}});
-                nodes.patch(&name, &PatchParams::default(), &Patch::Merge(&annotation)).await.map_err(|e| err(&name)(&e))?;
+                k8s::set_node_address(&client, &name, &addr).await.map_err(|e| e.to_string())?;
             }
             Ok::<_, String>(())
         })?;
