@@ -7,6 +7,8 @@
 #[path = "../tests/support/agent_load.rs"]
 #[allow(dead_code)] // the handshake log reader is the end-to-end tests'
 mod agent_load;
+#[path = "../tests/support/api_box.rs"]
+mod api_box;
 #[path = "../tests/support/propagation.rs"]
 mod propagation;
 

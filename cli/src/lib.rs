@@ -5,7 +5,6 @@
 //!
 //! It must not hold policy logic of its own: decisions come from `meshauth-policy`.
 
-pub mod bench_agent;
 pub mod datapath;
 pub mod demo;
 pub mod explain;

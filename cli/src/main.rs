@@ -167,15 +167,6 @@ enum BenchCommand {
         #[arg(long, value_enum, default_value_t = OutputArg::Table)]
         output: OutputArg,
     },
-    /// Resident memory of a real agent with 1,000 local pods and 10,000 auth entries, against
-    /// an agent on an empty node (root).
-    AgentMemory {
-        /// The meshauth-agent binary (default: next to meshauthctl, else on PATH).
-        #[arg(long)]
-        agent_bin: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = OutputArg::Table)]
-        output: OutputArg,
-    },
 }
 
 #[derive(Subcommand)]
@@ -347,12 +338,6 @@ fn main() -> ExitCode {
         Command::Status { pin_dir, output } => report("status", datapath_cli::status(&pin_dir, output.into(), &mut std::io::stdout())),
         Command::Bench { command: BenchCommand::Datapath { output } } => {
             report("bench datapath", datapath_cli::bench_datapath(&Default::default(), output.into(), &mut std::io::stdout()).map(|_| ()))
-        }
-        Command::Bench { command: BenchCommand::AgentMemory { agent_bin, output } } => {
-            let result = demo::find_agent(agent_bin).map_err(|e| e.to_string()).and_then(|bin| {
-                meshauthctl::bench_agent::run(&bin, matches!(output, OutputArg::Json), &mut std::io::stdout()).map_err(|e| e.to_string())
-            });
-            report("bench agent-memory", result.map(|_| ()))
         }
         Command::Demo { action: Some(DemoAction::Down { dir }), .. } => match demo::mesh::take_down(&dir) {
             Ok(kept) => {

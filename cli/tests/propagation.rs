@@ -6,6 +6,8 @@
 #[path = "support/agent_load.rs"]
 #[allow(dead_code)] // the handshake log reader is the end-to-end tests'
 mod agent_load;
+#[path = "support/api_box.rs"]
+mod api_box;
 #[path = "support/propagation.rs"]
 mod propagation;
 

@@ -1,11 +1,14 @@
 //! The Kubernetes side: one reflector per kind the model reads, the caches they fill, and the
 //! [`Snapshot`] built from those caches. Objects are cached without their managed fields, which
-//! nothing here reads and which are often the larger half of an object.
+//! nothing here reads and which are often the larger half of an object; Pods and Nodes keep
+//! only the fields the model, the agents and the operator read (a real Pod's containers and
+//! statuses, a real Node's image list, are kilobytes each that nothing here looks at).
 
-use crate::endpoints::EndpointRules;
+use crate::endpoints::{EndpointRules, MIRROR_POD_ANNOTATION};
 use crate::snapshot::Snapshot;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt as _};
@@ -79,9 +82,9 @@ impl Stores {
 /// Starts the reflectors of every kind. The returned future runs them and ends only when one
 /// of them ends, with the name of its kind. Every change notifies `notify`.
 pub fn watch_all(client: &Client, notify: Arc<Notify>) -> (Stores, impl Future<Output = &'static str> + Send + 'static) {
-    let (pods, pods_w) = watch::<Pod>(Api::all(client.clone()), notify.clone(), "pods");
+    let (pods, pods_w) = watch_trimmed::<Pod>(Api::all(client.clone()), notify.clone(), "pods", pod_as_read);
     let (namespaces, ns_w) = watch::<Namespace>(Api::all(client.clone()), notify.clone(), "namespaces");
-    let (nodes, nodes_w) = watch::<Node>(Api::all(client.clone()), notify.clone(), "nodes");
+    let (nodes, nodes_w) = watch_trimmed::<Node>(Api::all(client.clone()), notify.clone(), "nodes", node_as_read);
     let (mesh_policies, mp_w) = watch::<MeshPolicy>(Api::all(client.clone()), notify.clone(), "meshpolicies");
     let (mutual_auths, ma_w) = watch::<MutualAuth>(Api::all(client.clone()), notify, "mutualauths");
     let stores = Stores { pods, namespaces, nodes, mesh_policies, mutual_auths };
@@ -97,16 +100,68 @@ pub fn watch_all(client: &Client, notify: Arc<Notify>) -> (Stores, impl Future<O
     (stores, all)
 }
 
+/// Only what is read of a Pod: its name, labels and the mirror-pod annotation; its node,
+/// service account and host networking; its phase and addresses.
+pub fn pod_as_read(pod: &mut Pod) {
+    let meta = std::mem::take(&mut pod.metadata);
+    let annotations = meta.annotations.and_then(|a| a.get_key_value(MIRROR_POD_ANNOTATION).map(|(k, v)| [(k.clone(), v.clone())].into()));
+    pod.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        labels: meta.labels,
+        annotations,
+        ..ObjectMeta::default()
+    };
+    pod.spec = pod.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        service_account_name: s.service_account_name,
+        host_network: s.host_network,
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|s| PodStatus { phase: s.phase, pod_ip: s.pod_ip, pod_ips: s.pod_ips, ..PodStatus::default() });
+}
+
+/// Only what is read of a Node: its name, UID (SPIRE's k8s_psat agent IDs), labels and
+/// annotations (agent address and agent ID), pod CIDRs and addresses.
+pub fn node_as_read(node: &mut Node) {
+    let meta = std::mem::take(&mut node.metadata);
+    node.metadata = ObjectMeta {
+        name: meta.name,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        labels: meta.labels,
+        annotations: meta.annotations,
+        ..ObjectMeta::default()
+    };
+    node.spec = node.spec.take().map(|s| NodeSpec { pod_cidr: s.pod_cidr, pod_cidrs: s.pod_cidrs, ..NodeSpec::default() });
+    node.status = node.status.take().map(|s| NodeStatus { addresses: s.addresses, ..NodeStatus::default() });
+}
+
 /// One reflector: its cache and the future that keeps it current (retrying with backoff).
 pub fn watch<K>(api: Api<K>, notify: Arc<Notify>, what: &'static str) -> (Store<K>, impl Future<Output = &'static str> + Send + 'static)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
+    watch_trimmed(api, notify, what, |o: &mut K| o.managed_fields_mut().clear())
+}
+
+/// [`watch`] caching each object as `trim` leaves it.
+pub fn watch_trimmed<K>(
+    api: Api<K>,
+    notify: Arc<Notify>,
+    what: &'static str,
+    trim: fn(&mut K),
+) -> (Store<K>, impl Future<Output = &'static str> + Send + 'static)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
     let (reader, writer) = reflector::store();
     let run = async move {
-        let stream =
-            watcher(api, watcher::Config::default()).default_backoff().modify(|o: &mut K| o.managed_fields_mut().clear()).reflect(writer);
+        let stream = watcher(api, watcher::Config::default()).default_backoff().modify(trim).reflect(writer);
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
@@ -169,6 +224,73 @@ mod tests {
 
     fn pod(yaml: &str) -> Pod {
         serde_yaml::from_str(yaml).expect("pod")
+    }
+
+    #[test]
+    fn trimmed_pods_and_nodes_read_as_the_full_objects_do() {
+        let pods = vec![
+            pod(r#"
+metadata:
+  name: web
+  namespace: shop
+  uid: 5f1c
+  labels: {app: web}
+  annotations: {kubectl.kubernetes.io/last-applied-configuration: '{"big": "blob"}'}
+  managedFields: [{manager: kubectl, operation: Apply}]
+spec:
+  nodeName: node-1
+  serviceAccountName: web
+  containers: [{name: web, image: nginx, env: [{name: A, value: b}]}]
+  volumes: [{name: tmp, emptyDir: {}}]
+status: {phase: Running, podIP: 10.244.1.5, podIPs: [{ip: 10.244.1.5}, {ip: "fd00::5"}], conditions: [{type: Ready, status: "True"}]}
+"#),
+            pod(
+                "metadata: {name: static, namespace: kube-system, annotations: {kubernetes.io/config.mirror: abc, other: x}}\nspec: {nodeName: node-1, serviceAccountName: s, containers: []}\nstatus: {phase: Running, podIP: 10.244.1.6}",
+            ),
+            pod(
+                "metadata: {name: proxy, namespace: kube-system}\nspec: {hostNetwork: true, nodeName: node-1, serviceAccountName: p, containers: []}\nstatus: {phase: Running, podIP: 10.244.1.7}",
+            ),
+            pod(
+                "metadata: {name: done, namespace: shop}\nspec: {nodeName: node-1, serviceAccountName: web, containers: []}\nstatus: {phase: Succeeded, podIP: 10.244.1.8}",
+            ),
+        ];
+        let node: Node = serde_yaml::from_str(
+            "metadata: {name: node-1, uid: n1, annotations: {meshauth.io/agent-address: 192.168.1.10}}\n\
+             spec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24], providerID: x}\n\
+             status: {addresses: [{type: InternalIP, address: 192.168.1.10}], images: [{names: [nginx], sizeBytes: 1}]}",
+        )
+        .expect("node");
+        let mut trimmed_pods = pods.clone();
+        trimmed_pods.iter_mut().for_each(pod_as_read);
+        let mut trimmed_node = node.clone();
+        node_as_read(&mut trimmed_node);
+        let stores = |pods: Vec<Pod>, node: Node| Stores {
+            pods: store_of(pods),
+            namespaces: store_of(vec![]),
+            nodes: store_of(vec![node]),
+            mesh_policies: store_of(vec![]),
+            mutual_auths: store_of(vec![]),
+        };
+        let (full, trimmed) = (stores(pods, node).snapshot(), stores(trimmed_pods.clone(), trimmed_node.clone()).snapshot());
+        // A store lists in no particular order.
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let read = |s: &Snapshot| {
+            (
+                sorted(s.inputs.pods.iter().map(|p| format!("{p:?}")).collect()),
+                sorted(s.not_endpoints.iter().map(|p| format!("{p:?}")).collect()),
+            )
+        };
+        assert_eq!(read(&full), read(&trimmed));
+        assert_eq!(full.not_endpoints.len(), 3, "mirror, host network, finished");
+        assert_eq!(format!("{:?}", full.nodes), format!("{:?}", trimmed.nodes));
+        assert!(trimmed_pods[0].spec.as_ref().is_some_and(|s| s.containers.is_empty() && s.volumes.is_none()), "the containers are gone");
+        assert!(trimmed_pods[0].metadata.annotations.is_none() && trimmed_pods[0].metadata.managed_fields.is_none());
+        assert_eq!(trimmed_pods[0].metadata.uid.as_deref(), Some("5f1c"));
+        assert!(trimmed_node.status.as_ref().is_some_and(|s| s.images.is_none()), "the image list is gone");
+        assert_eq!(trimmed_node.metadata.uid.as_deref(), Some("n1"), "k8s_psat agent IDs are made of it");
     }
 
     #[test]

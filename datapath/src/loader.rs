@@ -231,6 +231,9 @@ fn install_programs(config: &DatapathConfig, force: bool) -> Result<(Programs, b
 
     let maps_dir = config.pin_dir.join("maps");
     let mut loader = EbpfLoader::new();
+    // No kernel BTF: the programs use no CO-RE relocations, and aya would otherwise read and
+    // parse all of /sys/kernel/btf/vmlinux (~8 MB of heap at start, the agent's memory peak).
+    loader.btf(None);
     for spec in MAPS {
         // Pinned maps are reused as they are: the traffic's state (conntrack, auth pairs)
         // survives upgrades. New maps are created at the configured size.

@@ -156,6 +156,11 @@ pub struct AuthManagerConfig {
     /// No re-authentication of a pair sooner than this after its last success; also the first
     /// delay of the probes for a peer's rotation when a success could not extend the entry.
     pub min_reauth_interval: Duration,
+    /// After an SVID rotates, the re-authentications of its pairs that still hold a valid
+    /// entry are spread at random over this long (at most half the time their entries have
+    /// left before the refresh margin): an identity with thousands of pairs would otherwise
+    /// bring thousands of handshakes in the same second. Pairs without an entry go at once.
+    pub rotation_spread: Duration,
 }
 
 impl Default for AuthManagerConfig {
@@ -168,6 +173,7 @@ impl Default for AuthManagerConfig {
             // Short: a pair waiting here is unproven and, under Strict, dropped.
             max_backoff: Duration::from_secs(5),
             min_reauth_interval: Duration::from_secs(1),
+            rotation_spread: Duration::from_secs(30),
         }
     }
 }
@@ -403,10 +409,12 @@ pub fn spawn_with_clock(
                     }
                 }
                 Some(Command::Rotated(id)) => {
+                    let wall = clock.now();
                     for state in pairs.values_mut() {
                         if state.desired.as_ref().is_some_and(|d| d.dst_id == id || d.src_id == id) {
                             state.probe_delay = config.min_reauth_interval;
-                            state.refresh_at = Some(state.reauth_floor(&config, now));
+                            let spread = state.expiry.map_or(Duration::ZERO, |e| rotation_window(&config, wall, e));
+                            state.refresh_at = Some(state.reauth_floor(&config, now).max(now + spread.mul_f64(fastrand::f64())));
                             state.next_attempt = state.attempt_floor(&config, now);
                         }
                     }
@@ -631,7 +639,19 @@ fn refresh_instant(config: &AuthManagerConfig, started: SystemTime, expiry: Syst
     let lifetime = expiry.duration_since(started).unwrap_or_default();
     let by_fraction = lifetime.mul_f64(config.refresh_fraction.clamp(0.0, 1.0));
     let by_margin = lifetime.saturating_sub(config.refresh_margin);
-    now + by_fraction.min(by_margin)
+    // Pairs proven together (a scale-up, a restart) would all come due together, every
+    // lifetime again: each refreshes up to REFRESH_JITTER earlier, at random.
+    now + by_fraction.min(by_margin).mul_f64(1.0 - REFRESH_JITTER * fastrand::f64())
+}
+
+/// The share of the time until a refresh by which it may come earlier.
+const REFRESH_JITTER: f64 = 0.1;
+
+/// How long the re-authentication of a pair whose entry expires at `expiry` may wait after a
+/// rotation: never into the refresh margin, so the entry cannot lapse meanwhile.
+fn rotation_window(config: &AuthManagerConfig, wall: SystemTime, expiry: SystemTime) -> Duration {
+    let left = expiry.duration_since(wall).unwrap_or_default().saturating_sub(config.refresh_margin);
+    config.rotation_spread.min(left / 2)
 }
 
 /// The next attempt of a pair whose local identity has no SVID: the identity's issuance starts

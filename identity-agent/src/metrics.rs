@@ -72,6 +72,8 @@ pub struct AgentMetrics {
     policies: Mutex<std::collections::BTreeSet<String>>,
     pub policy_applies: Family<ApplyLabels, Counter>,
     pub policy_denied_destinations: Gauge,
+    /// Pods of this node with an address in the last applied plan, guarded or not yet.
+    pub local_pods: Gauge,
     last_datapath: Mutex<BTreeMap<String, u64>>,
     healthy: AtomicBool,
     /// Why the agent is not ready although healthy (the last apply was not complete).
@@ -101,6 +103,7 @@ impl AgentMetrics {
             policies: Mutex::new(std::collections::BTreeSet::new()),
             policy_applies: Family::default(),
             policy_denied_destinations: Gauge::default(),
+            local_pods: Gauge::default(),
             last_datapath: Mutex::new(BTreeMap::new()),
             healthy: AtomicBool::new(false),
             not_ready: Mutex::new(None),
@@ -132,6 +135,7 @@ impl AgentMetrics {
                 "Destination identities whose policy did not fit in the map: denied everything (audited ones: everything reported)",
                 m.policy_denied_destinations.clone(),
             );
+            r.register("local_pods", "Pods of this node with an address in the last applied policy", m.local_pods.clone());
         }
         Arc::new(m)
     }

@@ -285,6 +285,7 @@ impl Applier {
                 Err(error) => tracing::error!(%error, "cannot write the policy tables"),
             }
             if let Some(metrics) = &self.metrics {
+                metrics.local_pods.set(i64::try_from(plan.local_pods.len()).unwrap_or(i64::MAX));
                 match &applied {
                     Ok(s) => metrics.observe_apply(Ok((s.denied_destinations.len(), s.endpoints_left_out))),
                     Err(e) => metrics.observe_apply(Err(&e.to_string())),

@@ -203,6 +203,8 @@ pub struct MeshBox {
     pub agent_inputs: AgentInputs,
     pub agent_bin: PathBuf,
     pub svid_ttl: Duration,
+    /// The agents' `RUST_LOG` (the demo's agents log at debug: its checks read those lines).
+    pub agent_log_filter: String,
     pub nodes: Vec<BoxNode>,
     pub pods: BTreeMap<String, Pod>,
 }
@@ -291,7 +293,8 @@ impl MeshBox {
             pods.insert(format!("{}/{}", p.namespace, p.name), Pod { ns: pod_ns, ip, host_if });
         }
         let agent_inputs = AgentInputs::Manifests(manifests_dir.clone());
-        Ok(Self { dir, manifests: manifests_dir, agent_inputs, agent_bin, svid_ttl, nodes, pods })
+        let agent_log_filter = "info,meshauth_agent=debug".to_owned();
+        Ok(Self { dir, manifests: manifests_dir, agent_inputs, agent_bin, svid_ttl, agent_log_filter, nodes, pods })
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -348,7 +351,8 @@ impl MeshBox {
     /// Starts the agent of one node inside the node's network namespace (its own mount
     /// namespace, so the pinned maps under /sys/fs/bpf stay visible to later agents).
     pub fn start_agent(&mut self, node: &str) -> Result<(), MeshError> {
-        let (bin, dir, inputs) = (self.agent_bin.clone(), self.dir.clone(), self.agent_inputs.clone());
+        let (bin, dir, inputs, log_filter) =
+            (self.agent_bin.clone(), self.dir.clone(), self.agent_inputs.clone(), self.agent_log_filter.clone());
         let Some(n) = self.node_mut(node) else { return Err(MeshError::Manifests(format!("no node {node}"))) };
         let node_dir = dir.join(&n.name);
         std::fs::create_dir_all(&node_dir).map_err(io_err("node dir"))?;
@@ -371,7 +375,7 @@ impl MeshBox {
             .arg("--pin-dir")
             .arg(&n.pin_dir)
             .env("MESHAUTH_CNI_SOCKET", node_dir.join("cni.sock"))
-            .env("RUST_LOG", "info,meshauth_agent=debug");
+            .env("RUST_LOG", &log_filter);
         let netns = File::open(format!("/run/netns/{}", n.ns.name)).map_err(io_err("opening the node namespace"))?;
         let readies = || std::fs::read_to_string(&log).map_or(0, |l| l.matches("meshauth-agent ready").count());
         let before = readies();

@@ -24,15 +24,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node as K8sNode;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use meshauth_datapath::Maps;
 use meshauth_testenv::TestEnv;
 use meshauth_testenv::k8s::{self, TestPod};
 use meshauthctl::demo::mesh::MeshBox;
 use serde_json::json;
 
-use crate::agent_load::{agent_bin, cpu_time};
+use crate::agent_load::cpu_time;
+use crate::api_box::{self, err};
 
 /// How big the cluster is and how much is measured.
 #[derive(Debug, Clone)]
@@ -155,10 +155,6 @@ struct Cluster {
     change_wait: (Duration, Duration),
 }
 
-fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
-
 /// API clients writing at once while the cluster is filled.
 const PARALLEL: usize = 16;
 
@@ -211,45 +207,10 @@ fn policy(ns: &str, name: &str, selects: &str) -> serde_json::Value {
 
 impl Cluster {
     fn start(scale: &Scale) -> Result<Self, String> {
-        let bin = agent_bin();
-        if !bin.exists() {
-            return Err(format!("{} is missing: build it first (`cargo build [--release] -p meshauth-agent`)", bin.display()));
-        }
-        let env = TestEnv::start_blocking(meshauth_testenv::Options::default()).map_err(|e| e.to_string())?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;
-        let client = rt.block_on(env.client()).map_err(|e| e.to_string())?;
-        rt.block_on(k8s::install_crds(&client, &k8s::crd_dir(), Duration::from_secs(60))).map_err(|e| e.to_string())?;
+        let (env, rt, client) = api_box::start_env()?;
 
-        // The nodes: API objects (address and agent annotation, as a kubelet and the chart
-        // would set them) and the box's namespaces, from the same list.
-        let mut manifest = String::new();
-        for i in 0..scale.nodes {
-            manifest.push_str(&format!(
-                "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus: {{addresses: [{{type: InternalIP, address: {}}}]}}\n---\n",
-                node_name(i),
-                node_address(i)
-            ));
-        }
-        rt.block_on(async {
-            let nodes = Api::<K8sNode>::all(client.clone());
-            for i in 0..scale.nodes {
-                let (name, addr) = (node_name(i), node_address(i).to_string());
-                let node: K8sNode = serde_json::from_value(json!({"metadata": {"name": name}})).map_err(|e| e.to_string())?;
-                nodes.create(&PostParams::default(), &node).await.map_err(|e| err(&name)(&e))?;
-                k8s::set_node_address(&client, &name, &addr).await.map_err(|e| e.to_string())?;
-            }
-            Ok::<_, String>(())
-        })?;
-        let mut parsed = meshauth_cluster::manifests::Manifests::default();
-        parsed.add_source("nodes.yaml", &manifest).map_err(|e| e.to_string())?;
-        let dir = env.dir().join("box");
-        let manifests_dir = dir.join("manifests");
-        std::fs::create_dir_all(&manifests_dir).map_err(|e| e.to_string())?;
-        std::fs::write(manifests_dir.join("nodes.yaml"), &manifest).map_err(|e| e.to_string())?;
-        let tag = format!("pr{}", std::process::id() % 100_000);
-        let mut mesh = MeshBox::build(&tag, dir, manifests_dir, &parsed, bin, Duration::from_secs(3600)).map_err(|e| e.to_string())?;
-        let port = env.api_port().ok_or("no port in the kubeconfig's server")?;
-        mesh.use_api_server(env.kubeconfig(), port).map_err(|e| e.to_string())?;
+        let nodes: Vec<(String, Ipv4Addr)> = (0..scale.nodes).map(|i| (node_name(i), node_address(i))).collect();
+        let mesh = api_box::build(&env, &rt, &client, &format!("pr{}", std::process::id() % 100_000), &nodes)?;
 
         // Namespaces, their pods spread over the nodes, a MeshPolicy per namespace.
         let mut pods = Vec::new();

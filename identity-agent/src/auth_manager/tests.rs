@@ -146,8 +146,14 @@ fn fast() -> AuthManagerConfig {
         refresh_margin: Duration::from_millis(50),
         initial_backoff: Duration::from_millis(30),
         min_reauth_interval: Duration::from_millis(50),
-        ..AuthManagerConfig::default()
+        ..unspread()
     }
+}
+
+/// The defaults, rotations bringing their re-authentications at once (what most tests here
+/// look at); the spread has its own test.
+fn unspread() -> AuthManagerConfig {
+    AuthManagerConfig { rotation_spread: Duration::ZERO, ..AuthManagerConfig::default() }
 }
 
 async fn eventually(what: &str, f: impl Fn() -> bool) {
@@ -331,7 +337,7 @@ async fn pairs_of_an_identity_without_an_svid_wait_for_its_issuance_not_spin() {
     auth.refuse.store(true, Ordering::SeqCst);
     auth.no_local_svid.store(true, Ordering::SeqCst);
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     let pairs: Vec<DesiredPair> = (0..50).map(|i| pair(1, 10 + i, vec![addr(2)])).collect();
     m.set_desired(pairs);
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -352,7 +358,7 @@ async fn short_svids_that_cannot_rotate_yet_do_not_drive_a_handshake_storm() {
     // handshake at once.
     let auth = frozen_svids(Duration::from_secs(8));
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     tokio::time::sleep(Duration::from_millis(7_900)).await;
     assert!(entry(&table, (1, 2)).is_some(), "the entry is kept to its end");
@@ -364,7 +370,7 @@ async fn short_svids_that_cannot_rotate_yet_do_not_drive_a_handshake_storm() {
 async fn a_spire_outage_keeps_the_entry_to_its_end_with_a_handful_of_handshakes() {
     let auth = frozen_svids(Duration::from_secs(30));
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     tokio::time::sleep(Duration::from_millis(29_900)).await;
     assert!(entry(&table, (1, 2)).is_some(), "the entry is kept until every SVID expires");
@@ -378,7 +384,7 @@ async fn a_spire_outage_keeps_the_entry_to_its_end_with_a_handful_of_handshakes(
 async fn rotations_bring_the_next_handshake_but_never_within_the_floor() {
     let auth = frozen_svids(Duration::from_secs(60));
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     eventually("entry", || entry(&table, (1, 2)).is_some()).await;
     assert_eq!(auth.calls(), 1);
@@ -396,7 +402,7 @@ async fn auth_required_events_cannot_drive_back_to_back_handshakes() {
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
     *auth.fail_all.lock().expect("lock") = true;
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     // A pod sending (or spoofing) packets of the pair: 200 drops in 2 s.
     for _ in 0..200 {
@@ -414,7 +420,7 @@ async fn syns_refused_for_their_tag_bring_a_new_handshake_at_most_once_per_inter
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     eventually("entry", || entry(&table, (1, 2)).is_some()).await;
     let first = auth.calls();
@@ -439,7 +445,7 @@ async fn a_refused_re_authentication_removes_the_entry_at_once() {
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     eventually("entry", || entry(&table, (1, 2)).is_some()).await;
     // The peer now presents another identity: the next handshake is refused.
@@ -456,7 +462,7 @@ async fn an_unreachable_peer_keeps_the_entry_until_its_expiry() {
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, lifetime_ms: 20_000, ..FakeAuth::default() });
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     eventually("entry", || entry(&table, (1, 2)).is_some()).await;
     // The peer's agent restarts (an outage, not a refusal).
@@ -474,7 +480,7 @@ async fn a_withdrawn_local_svid_removes_its_pairs_at_once() {
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)]), pair(5, 2, vec![addr(3)])]);
     eventually("entries", || table.0.lock().expect("lock").len() == 2).await;
     // SPIRE no longer issues d1 here: re-authenticating it fails from now on.
@@ -493,7 +499,7 @@ async fn a_bundle_change_removes_the_pairs_whose_proof_no_longer_verifies() {
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)]), pair(1, 3, vec![addr(3)])]);
     eventually("entries", || table.0.lock().expect("lock").len() == 2).await;
     // The CA that signed s2's SVID leaves the bundle: its chain no longer verifies, and its
@@ -514,7 +520,7 @@ async fn a_handshake_in_flight_when_the_local_svid_is_withdrawn_does_not_bring_t
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     eventually("entry", || entry(&table, (1, 2)).is_some()).await;
     // A re-authentication proves the pair on the SVID of now, and its peer holds it open.
@@ -544,7 +550,7 @@ async fn a_handshake_in_flight_when_the_bundles_change_does_not_prove_the_pair()
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
     let gate = hold_answers(&auth);
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     // The first handshake (no entry yet) verifies s2 against the bundles of now, and its peer
     // holds it open.
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
@@ -568,7 +574,7 @@ async fn a_handshake_overtaken_by_a_bundle_change_still_leaves_its_key_while_the
     let clock = Arc::new(TokioClock::new());
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     eventually("entry", || entry(&table, (1, 2)).is_some()).await;
     let proven = entry(&table, (1, 2));
@@ -596,7 +602,7 @@ async fn a_stopping_agent_lets_the_handshakes_under_way_write_their_keys_and_sta
     let auth = Arc::new(FakeAuth { clock, ..FakeAuth::default() });
     let gate = hold_answers(&auth);
     let table = FakeTable::default();
-    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    let m = start(auth.clone(), table.clone(), unspread());
     m.set_desired(vec![pair(1, 2, vec![addr(2)])]);
     // The peer has installed this handshake's key and holds its answer.
     eventually("handshake under way", || auth.calls() == 1).await;
@@ -614,4 +620,52 @@ async fn a_stopping_agent_lets_the_handshakes_under_way_write_their_keys_and_sta
     m.auth_required((3, 2));
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(auth.calls(), 1, "a handshake started while the agent stops");
+}
+
+/// Handshakes per second over `seconds`, sampled on the (paused) clock.
+async fn per_second(auth: &FakeAuth, seconds: usize) -> Vec<usize> {
+    let mut counts = Vec::new();
+    let mut last = auth.calls();
+    for _ in 0..seconds {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = auth.calls();
+        counts.push(now - last);
+        last = now;
+    }
+    counts
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rotation_spreads_the_re_authentications_of_its_pairs_and_no_entry_lapses() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { lifetime_ms: 600_000, clock, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired((2..202).map(|src| pair(1, src, vec![addr(2)])).collect());
+    eventually("200 entries", || table.0.lock().expect("lock").len() == 200).await;
+    let before = auth.calls();
+    m.rotated("spiffe://td/d1".into());
+    let rates = per_second(&auth, 32).await;
+    assert_eq!(auth.calls(), before + 200, "every pair re-authenticated within the spread: {rates:?}");
+    let busiest = rates.iter().copied().max().unwrap_or(0);
+    assert!(busiest <= 30, "a rotation of 200 pairs brought {busiest} handshakes in one second: {rates:?}");
+    assert_eq!(table.0.lock().expect("lock").len(), 200, "an entry lapsed while its re-authentication waited");
+}
+
+#[tokio::test(start_paused = true)]
+async fn pairs_proven_together_refresh_spread_out_not_in_one_burst() {
+    let clock = Arc::new(TokioClock::new());
+    let auth = Arc::new(FakeAuth { lifetime_ms: 100_000, clock, ..FakeAuth::default() });
+    let table = FakeTable::default();
+    let m = start(auth.clone(), table.clone(), AuthManagerConfig::default());
+    m.set_desired((2..202).map(|src| pair(1, src, vec![addr(2)])).collect());
+    eventually("200 entries", || table.0.lock().expect("lock").len() == 200).await;
+    // Refreshes come due at half the 100 s lifetime, up to a tenth of that earlier.
+    let before = auth.calls();
+    let rates = per_second(&auth, 52).await;
+    assert_eq!(auth.calls(), before + 200, "every pair refreshed once: {rates:?}");
+    assert_eq!(rates[..43].iter().sum::<usize>(), 0, "no refresh before 45 s: {rates:?}");
+    let busiest = rates.iter().copied().max().unwrap_or(0);
+    assert!(busiest <= 80, "{busiest} of 200 refreshes in one second: {rates:?}");
+    assert_eq!(table.0.lock().expect("lock").len(), 200);
 }
