@@ -167,7 +167,10 @@ impl Default for AuthManagerConfig {
     fn default() -> Self {
         Self {
             max_concurrent: 64,
-            refresh_fraction: 0.5,
+            // Later than the half-life at which SPIRE rotates an SVID: the rotation, spread
+            // over `rotation_spread`, renews the pairs; the timer is for what no rotation
+            // renews (a peer's rotation, an entry bounded by the peer's SVID).
+            refresh_fraction: 0.7,
             refresh_margin: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(200),
             // Short: a pair waiting here is unproven and, under Strict, dropped.

@@ -59,7 +59,12 @@ impl DestinationNode {
         store.wait_available(&SpiffeId::parse(PAYMENT).expect("id"), Duration::from_secs(5)).await.expect("PAYMENT's SVID");
         let table = FakeTable::default();
         let authenticator = HandshakeAuthenticator::new(store.clone(), view(PAYMENT, &[ORDER]), Duration::from_secs(5));
-        let config = AuthManagerConfig { min_reauth_interval: Duration::from_millis(100), ..AuthManagerConfig::default() };
+        // A rotation re-authenticates at once here: these tests look at what a proof does.
+        let config = AuthManagerConfig {
+            min_reauth_interval: Duration::from_millis(100),
+            rotation_spread: Duration::ZERO,
+            ..AuthManagerConfig::default()
+        };
         let manager = auth_manager::spawn(config, Arc::new(authenticator), Box::new(table.clone()), Arc::new(NoObserver));
         let events = forward_svid_events(&store, manager.clone());
         let node = Self { store, table, manager, tasks: vec![store_task, events] };
