@@ -24,7 +24,8 @@ fn json(r: &MemoryReport) -> serde_json::Value {
         "peak_rss_bytes": r.peak,
         "churned_pods": r.after_batches.len() * r.scale.churn_batch,
         "rss_after_each_batch": r.after_batches,
-        "churn_largest_deviation": r.churn_spread(),
+        "after_churn_rss_bytes": r.after_churn.total,
+        "churn_drift": r.churn_drift(),
         "goals": {"steady_mib": 30, "peak_over_steady": 1.2, "churn_deviation": 0.05},
     })
 }

@@ -12,6 +12,7 @@ pub mod dev_issuer;
 pub mod explain;
 pub mod flows;
 pub mod handshake;
+pub mod heap;
 pub mod inputs;
 pub mod metrics;
 pub mod node_agent;

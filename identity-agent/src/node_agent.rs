@@ -310,6 +310,7 @@ impl Applier {
         }
         *self.view.write().unwrap_or_else(PoisonError::into_inner) = plan.view;
         self.manager.set_desired(plan.desired);
+        crate::heap::release_free_memory();
         Ok(())
     }
 

@@ -381,7 +381,7 @@ impl MeshBox {
         let before = readies();
         let child = spawn_logged(cmd, &log, Some(netns))?;
         n.agent = Some(child);
-        wait_for(&format!("{node} agent"), &log, Duration::from_secs(20), || readies() > before)
+        wait_for(&format!("{node} agent"), &log, Duration::from_secs(60), || readies() > before)
     }
 
     /// Stops a node's agent with SIGTERM, as a rolling update does.
