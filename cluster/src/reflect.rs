@@ -13,14 +13,15 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt as _};
 use meshauth_crds::{MeshPolicy, MutualAuth};
-use meshauth_policy::model::Inputs;
+use meshauth_policy::model::{Inputs, ObjectRef, PodInfo};
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 /// The caches of every kind the model reads.
 #[derive(Clone)]
@@ -82,7 +83,31 @@ impl Stores {
 /// Starts the reflectors of every kind. The returned future runs them and ends only when one
 /// of them ends, with the name of its kind. Every change notifies `notify`.
 pub fn watch_all(client: &Client, notify: Arc<Notify>) -> (Stores, impl Future<Output = &'static str> + Send + 'static) {
-    let (pods, pods_w) = watch_trimmed::<Pod>(Api::all(client.clone()), notify.clone(), "pods", pod_as_read);
+    let (deleted, _) = broadcast::channel(1);
+    watch_all_with_deletions(client, notify, deleted)
+}
+
+/// A pod the API server said was deleted, with the addresses it had: the agents forget
+/// another node's pod's address at once rather than at their next apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedPod {
+    pub pod: ObjectRef,
+    pub ips: Vec<Ipv4Addr>,
+}
+
+/// [`watch_all`], also sending every pod deletion the watch reports on `deleted` (a re-list
+/// that finds a pod gone reports none: the next snapshot drops it).
+pub fn watch_all_with_deletions(
+    client: &Client,
+    notify: Arc<Notify>,
+    deleted: broadcast::Sender<DeletedPod>,
+) -> (Stores, impl Future<Output = &'static str> + Send + 'static) {
+    let on_delete = move |pod: &Pod| {
+        let info = PodInfo::from_pod(pod);
+        // Nobody listening (no agent) is no error.
+        let _ = deleted.send(DeletedPod { pod: info.object_ref(), ips: info.ip.into_iter().collect() });
+    };
+    let (pods, pods_w) = watch_with::<Pod>(Api::all(client.clone()), notify.clone(), "pods", pod_as_read, on_delete);
     let (namespaces, ns_w) = watch::<Namespace>(Api::all(client.clone()), notify.clone(), "namespaces");
     let (nodes, nodes_w) = watch_trimmed::<Node>(Api::all(client.clone()), notify.clone(), "nodes", node_as_read);
     let (mesh_policies, mp_w) = watch::<MeshPolicy>(Api::all(client.clone()), notify.clone(), "meshpolicies");
@@ -159,12 +184,31 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
+    watch_with(api, notify, what, trim, |_: &K| {})
+}
+
+/// [`watch_trimmed`], calling `on_delete` with each object the watch reports deleted.
+fn watch_with<K>(
+    api: Api<K>,
+    notify: Arc<Notify>,
+    what: &'static str,
+    trim: fn(&mut K),
+    on_delete: impl Fn(&K) + Send + 'static,
+) -> (Store<K>, impl Future<Output = &'static str> + Send + 'static)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
     let (reader, writer) = reflector::store();
     let run = async move {
         let stream = watcher(api, watcher::Config::default()).default_backoff().modify(trim).reflect(writer);
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
+                Ok(watcher::Event::Delete(object)) => {
+                    on_delete(&object);
+                    notify.notify_one();
+                }
                 Ok(_) => notify.notify_one(),
                 Err(error) => tracing::warn!(%error, resource = what, "watch failed; retrying"),
             }
@@ -183,8 +227,20 @@ pub async fn watch_snapshots(client: Client, debounce: Duration) -> watch::Recei
 
 /// [`watch_snapshots`] with the given endpoint rules.
 pub async fn watch_snapshots_with(client: Client, debounce: Duration, rules: EndpointRules) -> watch::Receiver<Arc<Snapshot>> {
+    watch_snapshots_and_deletions(client, debounce, rules).await.0
+}
+
+/// [`watch_snapshots_with`], and every pod deletion as the watch reports it, ahead of the
+/// snapshot that no longer has the pod.
+pub async fn watch_snapshots_and_deletions(
+    client: Client,
+    debounce: Duration,
+    rules: EndpointRules,
+) -> (watch::Receiver<Arc<Snapshot>>, broadcast::Receiver<DeletedPod>) {
     let changed = Arc::new(Notify::new());
-    let (stores, reflectors) = watch_all(&client, changed.clone());
+    // A burst of deletions larger than this is told as "lagged": the snapshots still drop them.
+    let (deleted_tx, deleted) = broadcast::channel(4096);
+    let (stores, reflectors) = watch_all_with_deletions(&client, changed.clone(), deleted_tx);
     tokio::spawn(async move {
         let kind = reflectors.await;
         tracing::error!(kind, "a reflector ended; the snapshot stops following the cluster");
@@ -202,7 +258,7 @@ pub async fn watch_snapshots_with(client: Client, debounce: Duration, rules: End
             }
         }
     });
-    rx
+    (rx, deleted)
 }
 
 #[cfg(test)]

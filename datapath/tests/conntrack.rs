@@ -285,3 +285,23 @@ fn entries_of_an_address_that_changes_hands_are_flushed() {
     assert!(stats.conntrack_flushed >= 1, "{stats:?}");
     assert!(!answer_arrives(&client, &peer, to), "the new pod accepted traffic of the old pod's flow");
 }
+
+#[test]
+fn a_deleted_remote_pods_address_is_forgotten_at_once_and_a_local_pods_is_left_to_the_apply() {
+    let mut f = Fixture::new("ctforget");
+    // Pod 4 is another node's: no interface here.
+    let t = tables(vec![endpoint(1, false, Auth::None), endpoint(2, true, Auth::None), endpoint(4, false, Auth::None)], vec![]);
+    f.dp().apply_tables(&t).unwrap();
+    let remote = endpoint(4, false, Auth::None).ip;
+    let maps = meshauth_datapath::Maps::open(&f.pins.0).unwrap();
+    assert!(maps.endpoint(remote).unwrap().is_some());
+    assert!(f.dp().forget_remote_endpoint(remote).unwrap(), "the remote pod's entry was there");
+    assert_eq!(maps.endpoint(remote).unwrap(), None, "its address still names its identity");
+    assert!(!f.dp().forget_remote_endpoint(remote).unwrap(), "nothing left to forget");
+    // A pod of this node keeps its entry (and its guard) until the apply: its flow still works.
+    let local = f.ip(2);
+    assert!(!f.dp().forget_remote_endpoint(local).unwrap());
+    assert!(maps.endpoint(f.ip(2)).unwrap().is_some_and(|e| e.isolated));
+    let (client, peer) = pod2_starts_a_udp_flow(&f);
+    assert!(answer_arrives(&client, &peer, SocketAddrV4::new(f.ip(2), 5353)));
+}

@@ -8,6 +8,7 @@
 use meshauth_cluster::EndpointRules;
 pub use meshauth_cluster::Snapshot;
 use meshauth_cluster::manifests::{ManifestError, Manifests};
+pub use meshauth_cluster::reflect::DeletedPod;
 pub use meshauth_cluster::snapshot::{AGENT_ADDRESS_ANNOTATION, SPIRE_AGENT_ID_ANNOTATION};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,9 +114,13 @@ fn dir_stamp(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
 }
 
 /// Follows the Kubernetes API: a snapshot after each burst of changes (see
-/// [`meshauth_cluster::reflect::watch_snapshots`]).
-pub async fn watch_kubernetes(client: kube::Client, debounce: Duration, rules: EndpointRules) -> watch::Receiver<Arc<Snapshot>> {
-    meshauth_cluster::reflect::watch_snapshots_with(client, debounce, rules).await
+/// [`meshauth_cluster::reflect::watch_snapshots`]), and each pod deletion as it is reported.
+pub async fn watch_kubernetes(
+    client: kube::Client,
+    debounce: Duration,
+    rules: EndpointRules,
+) -> (watch::Receiver<Arc<Snapshot>>, tokio::sync::broadcast::Receiver<DeletedPod>) {
+    meshauth_cluster::reflect::watch_snapshots_and_deletions(client, debounce, rules).await
 }
 
 /// The example manifests (`config/examples`) copied into `dir`, plus `extra` files (name,

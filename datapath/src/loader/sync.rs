@@ -285,6 +285,24 @@ impl Datapath {
         Ok((stale, left_out))
     }
 
+    /// Removes the entry of another node's pod at `ip` and the conntrack entries to or from
+    /// it, at once, ahead of the next apply (which would remove them too): from then on a
+    /// packet from the address names no identity and is dropped where authentication is
+    /// required. An entry of a pod of this node (it has an interface) is left to the apply,
+    /// which also looks after the interface. `Ok(false)` when there was no such entry.
+    pub fn forget_remote_endpoint(&mut self, ip: Ipv4Addr) -> Result<bool, DatapathError> {
+        let key = abi::ip_key(ip);
+        match self.maps.endpoints.get(&key, 0) {
+            Ok(v) if v.ifindex == 0 => {}
+            Ok(_) => return Ok(false),
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(map_err("endpoints")(e)),
+        }
+        remove_ignoring_missing(self.maps.endpoints.remove(&key), "endpoints")?;
+        self.flush_conntrack(&std::collections::BTreeSet::from([key]))?;
+        Ok(true)
+    }
+
     /// Deletes every conntrack entry to or from one of `ips` (keys as [`abi::ip_key`]):
     /// what a pod that left, or a new pod on its address, must not inherit. Returns how many.
     pub fn flush_conntrack(&mut self, ips: &std::collections::BTreeSet<u32>) -> Result<usize, DatapathError> {
