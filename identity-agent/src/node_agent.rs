@@ -13,6 +13,7 @@
 mod auth_table;
 mod authenticator;
 mod cni;
+mod deletions;
 mod handshake_server;
 mod housekeeping;
 mod node_view;
@@ -142,6 +143,9 @@ pub struct Applier {
     /// Addresses whose interface the last apply could not attach to.
     failed: BTreeSet<Ipv4Addr>,
     metrics: Option<Arc<AgentMetrics>>,
+    /// Other nodes' pods' addresses forgotten on their deletion, until a snapshot without
+    /// the pod is applied (an apply of an older one must not bring them back).
+    pub forgotten: deletions::Forgotten,
 }
 
 impl Applier {
@@ -197,22 +201,7 @@ impl Applier {
             last_scan: None,
             failed: BTreeSet::new(),
             metrics: None,
-        }
-    }
-
-    /// A pod the API server deleted: another node's pod's address is forgotten now (its
-    /// entry and connections), ahead of the apply the next snapshot brings. Not when the last
-    /// snapshot already has another pod on the address (the deletion was told after it).
-    pub fn pod_deleted(&mut self, deleted: &inputs::DeletedPod) {
-        for ip in &deleted.ips {
-            if address_taken_by_another(&self.last, &deleted.pod, *ip) {
-                continue;
-            }
-            match lock(&self.datapath).forget_remote_endpoint(*ip) {
-                Ok(true) => tracing::debug!(%ip, pod = %deleted.pod, "deleted pod's address forgotten ahead of the apply"),
-                Ok(false) => {}
-                Err(error) => tracing::warn!(%error, %ip, "cannot forget a deleted pod's address; the next apply removes it"),
-            }
+            forgotten: deletions::Forgotten::default(),
         }
     }
 
@@ -288,6 +277,7 @@ impl Applier {
         }
         {
             let mut dp = lock(&self.datapath);
+            deletions::leave_out_forgotten(&self.forgotten, &snapshot, &mut plan.tables.endpoints);
             // Attached whatever the apply did: a policy that does not fit (or a map that
             // cannot be written) must never leave a new pod unguarded.
             let applied = dp.apply_tables(&plan.tables);
@@ -439,15 +429,15 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
         trust_agent_address_annotations: config.trust_agent_address_annotations,
     };
     // Manifests tell no deletions apart: their snapshots are all there is.
-    let (mut snapshots, mut deletions): (watch::Receiver<Arc<Snapshot>>, Option<broadcast::Receiver<inputs::DeletedPod>>) =
-        match &config.inputs {
-            InputMode::Manifests(dir) => (inputs::watch_dir_with(dir.clone(), Duration::from_millis(100), endpoint_rules)?, None),
-            InputMode::Kubernetes => {
-                let (snapshots, deletions) =
-                    inputs::watch_kubernetes(kube::Client::try_default().await?, Duration::from_millis(50), endpoint_rules).await;
-                (snapshots, Some(deletions))
-            }
-        };
+    let (mut snapshots, deletions): (watch::Receiver<Arc<Snapshot>>, Option<broadcast::Receiver<inputs::DeletedPod>>) = match &config.inputs
+    {
+        InputMode::Manifests(dir) => (inputs::watch_dir_with(dir.clone(), Duration::from_millis(100), endpoint_rules)?, None),
+        InputMode::Kubernetes => {
+            let (snapshots, deletions) =
+                inputs::watch_kubernetes(kube::Client::try_default().await?, Duration::from_millis(50), endpoint_rules).await;
+            (snapshots, Some(deletions))
+        }
+    };
     let model_config = ModelConfig { trust_domain: config.trust_domain.clone(), mesh_namespace: config.mesh_namespace.clone() };
     // Set once, before the first apply: `/explain` answers "starting" until then.
     let _ = local_api.explainer.set(crate::explain::Explainer {
@@ -471,6 +461,7 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
     );
     applier.metrics = Some(metrics.clone());
     applier.uplinks = config.uplinks.clone();
+    let _deletions = deletions.map(|d| deletions::follow(d, snapshots.clone(), datapath.clone(), applier.forgotten.clone()));
     // Kept chained only where the chart chained it (its init container runs before the agent):
     // an agent beside another runtime's CNI config, or none, leaves the directory alone.
     if crate::cni_install::is_chained(&config.cni_conf_dir) {
@@ -506,13 +497,6 @@ pub async fn run(config: AgentConfig, datapath_config: DatapathConfig) -> Result
                     tracing::error!(%error, "cannot apply the new cluster state; keeping the previous maps");
                 }
             }
-            deleted = next_deletion(&mut deletions) => match deleted {
-                Ok(deleted) => applier.pod_deleted(&deleted),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::debug!(missed = n, "pod deletions told too fast to follow one by one; the next apply removes them");
-                }
-                Err(broadcast::error::RecvError::Closed) => deletions = None,
-            },
             event = events.next() => match event {
                 Ok(event) => {
                     let record = namer.record(&event, meshauth_datapath::BootTime::now(), std::time::SystemTime::now());
@@ -619,53 +603,5 @@ async fn uninstall_if_removed(config: &AgentConfig, daemonset: &str) {
             Ok(changed) => tracing::info!(?changed, "DaemonSet removed: meshauth-cni taken out of the CNI configuration"),
             Err(error) => tracing::error!(%error, "cannot take meshauth-cni out of the CNI configuration"),
         }
-    }
-}
-
-/// Whether `snapshot` names a pod other than `deleted` at `ip`: then the address is that pod's.
-fn address_taken_by_another(snapshot: &Snapshot, deleted: &ObjectRef, ip: Ipv4Addr) -> bool {
-    snapshot.inputs.pods.iter().any(|p| p.ip == Some(ip) && &p.object_ref() != deleted)
-}
-
-/// The next pod deletion; never, without a source of them.
-async fn next_deletion(
-    deletions: &mut Option<broadcast::Receiver<inputs::DeletedPod>>,
-) -> Result<inputs::DeletedPod, broadcast::error::RecvError> {
-    match deletions {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use meshauth_policy::model::PodInfo;
-
-    fn pod(name: &str, ip: [u8; 4]) -> PodInfo {
-        PodInfo {
-            namespace: "shop".into(),
-            name: name.into(),
-            labels: BTreeMap::new(),
-            service_account: name.into(),
-            ip: Some(Ipv4Addr::from(ip)),
-            node: Some("node-2".into()),
-        }
-    }
-
-    #[test]
-    fn a_deletion_told_after_the_snapshot_that_gave_its_address_away_forgets_nothing() {
-        let mut snapshot = Snapshot::default();
-        snapshot.inputs.pods.push(pod("web", [10, 0, 2, 5]));
-        let web = ObjectRef::new("shop", "web");
-        let deleted_ip = Ipv4Addr::new(10, 0, 2, 5);
-        // The snapshot still has the deleted pod (the deletion came first): forget it now.
-        assert!(!address_taken_by_another(&snapshot, &web, deleted_ip));
-        // The snapshot has dropped it: forget whatever is left.
-        assert!(!address_taken_by_another(&Snapshot::default(), &web, deleted_ip));
-        // A new pod already holds the address in the snapshot: its entry stays.
-        let mut reused = Snapshot::default();
-        reused.inputs.pods.push(pod("api", [10, 0, 2, 5]));
-        assert!(address_taken_by_another(&reused, &web, deleted_ip));
     }
 }
