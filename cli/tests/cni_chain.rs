@@ -568,7 +568,11 @@ fn the_agent_chains_meshauth_cni_back_when_the_primary_rewrites_its_config_and_u
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(std::fs::read_to_string(&list).expect("read").contains("10.253.1.0/24"), "the primary's new config kept");
-    assert!(node.log().contains("chained again"), "the repair is logged:\n{}", node.log());
+    // The agent logs the repair after it wrote the file: the line may come a moment later.
+    while !node.log().contains("chained again") {
+        assert!(Instant::now() < deadline, "the repair is not logged:\n{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(node);
 
     agent(&["cni-uninstall"]);
