@@ -149,12 +149,12 @@ impl Node {
     /// (Re)starts the node's issuer (it reads the identities to issue from the box's
     /// manifests once, at start) and agent.
     fn start_agent(&mut self) -> Result<(), String> {
-        if let Some(n) = self.mesh.nodes.iter_mut().find(|n| n.name == NODE) {
-            if let Some(mut issuer) = n.issuer.take() {
-                let _ = issuer.kill();
-                let _ = issuer.wait();
-                let _ = std::fs::remove_file(&n.socket);
-            }
+        if let Some(n) = self.mesh.nodes.iter_mut().find(|n| n.name == NODE)
+            && let Some(mut issuer) = n.issuer.take()
+        {
+            let _ = issuer.kill();
+            let _ = issuer.wait();
+            let _ = std::fs::remove_file(&n.socket);
         }
         self.mesh.start_issuer(NODE).map_err(|e| e.to_string())?;
         self.mesh.start_agent(NODE).map_err(|e| e.to_string())
