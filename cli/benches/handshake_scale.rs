@@ -110,7 +110,7 @@ impl TwoNodes {
     /// The destination agent's successful handshakes so far (it dials for its pods).
     fn handshakes(&self) -> usize {
         let Some(node) = self.mesh.node(DST_NODE) else { return 0 };
-        let body = node.ns.run(|| http_get(node.metrics_port, "/metrics")).ok().and_then(Result::ok).unwrap_or_default();
+        let body = agent_load::box_metrics(node).unwrap_or_default();
         body.lines()
             .filter(|l| {
                 l.starts_with("meshauth_agent_handshakes_total{") && l.contains("side=\"client\"") && l.contains("result=\"success\"")
@@ -146,16 +146,6 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(|e| e.to_string())?;
     std::fs::rename(&tmp, path).map_err(|e| e.to_string())
-}
-
-fn http_get(port: u16, path: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
 }
 
 struct ScaleUp {

@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[path = "support/agent_load.rs"]
+#[allow(dead_code)] // the box metrics reader is the benches'
 mod agent_load;
 use agent_load::{agent_bin, answered, cpu_time};
 

@@ -7,6 +7,7 @@
 //! (those it answered for the pair) and node-2's agent CPU time is reported. Root only.
 
 #[path = "support/agent_load.rs"]
+#[allow(dead_code)] // the box metrics reader is the benches'
 mod agent_load;
 
 use agent_load::{agent_bin, answered, cpu_time};

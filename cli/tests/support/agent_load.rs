@@ -1,5 +1,5 @@
 //! A real agent process from outside: which binary the tests run, the handshakes it answered
-//! for one pair (its debug log) and the CPU time it used (`/proc`). Shared by the end-to-end
+//! for one pair (its debug log), the CPU time it used (`/proc`) and its `/metrics` in a box. Shared by the end-to-end
 //! tests and the propagation bench.
 
 use std::path::PathBuf;
@@ -32,4 +32,19 @@ pub fn cpu_time(pid: u32) -> Duration {
     let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
     let used: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
     Duration::from_millis(used * 1000 / ticks)
+}
+
+/// The `/metrics` page of a box node's agent, which listens on the node namespace's loopback.
+pub fn box_metrics(node: &meshauthctl::demo::mesh::BoxNode) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    node.ns
+        .run(|| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", node.metrics_port))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })
+        .and_then(|r| r)
 }

@@ -163,9 +163,7 @@ impl Node {
     /// A metric of the agent's /metrics (0 while it is not there yet).
     fn metric(&self, name: &str) -> Result<usize, String> {
         let node = self.mesh.node(NODE).ok_or("no node")?;
-        // The agent listens on the node namespace's loopback.
-        let body =
-            node.ns.run(|| http_get(node.metrics_port, "/metrics")).and_then(|r| r).map_err(|e| err("reading the agent's metrics")(&e))?;
+        let body = crate::agent_load::box_metrics(node).map_err(|e| err("reading the agent's metrics")(&e))?;
         Ok(body
             .lines()
             .find(|l| l.split_whitespace().next() == Some(name))
@@ -310,16 +308,6 @@ async fn create_running(client: &kube::Client, pod: &TestPod, ip: Ipv4Addr) -> R
     k8s::create_pod(client, pod).await.map_err(|e| err(&what)(&e))?;
     k8s::set_pod_status(client, &pod.namespace, &pod.name, "Running", Some(&ip.to_string())).await.map_err(|e| err(&what)(&e))?;
     Ok(())
-}
-
-fn http_get(port: u16, path: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
 }
 
 fn tail(log: &str) -> String {
